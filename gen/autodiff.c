@@ -1,0 +1,197 @@
+/* Reverse-mode autodiff over the IR. Each primitive's gradient rule emits more IR; this file
+ * only routes gradients: it sums contributions, seeds the loss, and makes gradients of
+ * zero-copy views land directly in slices of their base's gradient (so the backward of a
+ * split needs no concatenation kernel). */
+#include "ir.h"
+#include "op.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef struct {
+    int *v;
+    int n, cap;
+} ilist;
+
+typedef struct {
+    ir_graph *g;
+    int nt0;                 /* tensors that existed before autodiff (forward tensors) */
+    ilist *contrib;          /* per forward tensor: gradient contributions */
+    int *uses;               /* per tensor: times used as a contribution (grows) */
+    int cap_uses;
+} ad_state;
+
+static void push(ilist *l, int x) {
+    if (l->n == l->cap) {
+        l->cap = l->cap ? l->cap * 2 : 4;
+        l->v = realloc(l->v, sizeof(int) * (size_t)l->cap);
+    }
+    l->v[l->n++] = x;
+}
+
+static void count_use(ad_state *s, int t) {
+    if (t >= s->cap_uses) {
+        int c = s->cap_uses ? s->cap_uses : 256;
+        while (c <= t) c *= 2;
+        s->uses = realloc(s->uses, sizeof(int) * (size_t)c);
+        memset(s->uses + s->cap_uses, 0, sizeof(int) * (size_t)(c - s->cap_uses));
+        s->cap_uses = c;
+    }
+    s->uses[t]++;
+}
+
+static int sum_list(ad_state *s, const ilist *l) {
+    if (l->n == 0) return -1;
+    int acc = l->v[0];
+    for (int i = 1; i < l->n; i++) {
+        int in[2] = {acc, l->v[i]}, out;
+        if (ir_emit(s->g, "add", in, 2, NULL, NULL, &out) < 0) return -2;
+        acc = out;
+    }
+    return acc;
+}
+
+static int fill_zero(ir_graph *g, const ir_shape *sh) {
+    long ia[IR_MAX_IATTR] = {sh->ndim};
+    for (int i = 0; i < sh->ndim; i++) ia[1 + i] = sh->d[i];
+    double fa[IR_MAX_FATTR] = {0};
+    int out;
+    return ir_emit(g, "fill", NULL, 0, ia, fa, &out) < 0 ? -2 : out;
+}
+
+/* A gradient tensor can be made to live inside another buffer if nothing else aliases it. */
+static int retargetable(const ad_state *s, int t) {
+    const ir_tensor *x = &s->g->t[t];
+    return x->base == t && x->role == ROLE_GRAD && t >= s->nt0 && s->uses[t] == 1;
+}
+
+/* Total gradient of owner tensor b, including what flowed into its views. */
+static int gather(ad_state *s, int b) {
+    ir_graph *g = s->g;
+    int direct = sum_list(s, &s->contrib[b]);
+    if (direct == -2) return -2;
+    int views[256], nv = 0;
+    for (int v = 0; v < s->nt0; v++)
+        if (v != b && g->t[v].base == b && s->contrib[v].n > 0) {
+            if (nv == 256) {
+                snprintf(g->err, sizeof g->err, "too many views of '%s'", g->t[b].name);
+                return -2;
+            }
+            views[nv++] = v;
+        }
+    if (nv == 0) return direct;
+
+    /* Views must tile disjoint feature ranges of the base row. */
+    long feat = ir_feat(&g->t[b].shape);
+    char *covered = calloc((size_t)feat, 1);
+    for (int i = 0; i < nv; i++) {
+        const ir_tensor *v = &g->t[views[i]];
+        for (long f = v->offset; f < v->offset + ir_feat(&v->shape); f++) {
+            if (covered[f]) {
+                free(covered);
+                snprintf(g->err, sizeof g->err, "overlapping views of '%s' both receive gradients", g->t[b].name);
+                return -2;
+            }
+            covered[f] = 1;
+        }
+    }
+    char name[160];
+    snprintf(name, sizeof name, "grad(%s)", g->t[b].name);
+    int G = ir_tensor_new(g, name, g->t[b].shape, DT_F32, ROLE_GRAD);
+    for (int i = 0; i < nv; i++) {
+        int v = views[i];
+        int gv = sum_list(s, &s->contrib[v]);
+        if (gv == -2) { free(covered); return -2; }
+        if (!retargetable(s, gv)) {
+            int out;
+            if (ir_emit(g, "copy", &gv, 1, NULL, NULL, &out) < 0) { free(covered); return -2; }
+            gv = out;
+        }
+        ir_retarget(g, gv, G, g->t[v].offset);
+    }
+    /* Feature ranges no view covers receive zeros. */
+    int ntd = ir_ntok_dims(&g->t[b].shape);
+    for (long f = 0; f < feat;) {
+        if (covered[f]) { f++; continue; }
+        long e = f;
+        while (e < feat && !covered[e]) e++;
+        ir_shape sh = {.ndim = ntd + 1};
+        for (int k = 0; k < ntd; k++) sh.d[k] = g->t[b].shape.d[k];
+        sh.d[ntd] = (int)(e - f);
+        int z = fill_zero(g, &sh);
+        if (z == -2) { free(covered); return -2; }
+        ir_retarget(g, z, G, f);
+        f = e;
+    }
+    free(covered);
+    if (direct < 0) return G;
+    int in[2] = {G, direct}, out;
+    return ir_emit(g, "add", in, 2, NULL, NULL, &out) < 0 ? -2 : out;
+}
+
+static int needs_grad(const ir_graph *g, int t) {
+    return g->t[t].role != ROLE_INPUT && g->t[t].dtype != DT_I32;
+}
+
+int ir_autodiff(ir_graph *g) {
+    if (g->loss < 0) {
+        snprintf(g->err, sizeof g->err, "the model has no loss");
+        return -1;
+    }
+    ad_state s = {.g = g, .nt0 = g->nt};
+    s.contrib = calloc((size_t)g->nt, sizeof *s.contrib);
+    int rc = -1;
+    int nfwd = g->nn;
+    g->backward_start = nfwd;
+    int seed_scope = g->t[g->loss].scope;
+    ir_scope_set(g, seed_scope);
+    {
+        long ia[IR_MAX_IATTR] = {g->t[g->loss].shape.ndim};
+        for (int i = 0; i < g->t[g->loss].shape.ndim; i++) ia[1 + i] = g->t[g->loss].shape.d[i];
+        double fa[IR_MAX_FATTR] = {1.0};
+        int seed;
+        if (ir_emit(g, "fill", NULL, 0, ia, fa, &seed) < 0) goto done;
+        push(&s.contrib[g->loss], seed);
+        count_use(&s, seed);
+    }
+    for (int i = nfwd - 1; i >= 0; i--) {
+        const ir_node n = g->n[i];
+        const op_def *d = op_get(n.op);
+        int dout[IR_MAX_IO], any = 0;
+        for (int k = 0; k < n.nout; k++) {
+            dout[k] = gather(&s, n.out[k]);
+            if (dout[k] == -2) goto done;
+            any |= dout[k] >= 0;
+        }
+        if (!any) continue;
+        if (!d->grad) {
+            snprintf(g->err, sizeof g->err, "primitive '%s' has no gradient", d->name);
+            goto done;
+        }
+        ir_scope_set(g, n.scope);
+        int din[IR_MAX_IO];
+        for (int k = 0; k < IR_MAX_IO; k++) din[k] = -1;
+        if (d->grad(g, i, dout, din) < 0) goto done;
+        for (int k = 0; k < n.nin; k++) {
+            if (din[k] < 0 || !needs_grad(g, n.in[k])) continue;
+            push(&s.contrib[n.in[k]], din[k]);
+            count_use(&s, din[k]);
+        }
+    }
+    for (int p = 0; p < s.nt0; p++) {
+        if (g->t[p].role != ROLE_PARAM || g->t[p].base != p) continue;
+        ir_scope_set(g, g->t[p].scope);
+        int gp = gather(&s, p);
+        if (gp == -2) goto done;
+        if (gp < 0 && (gp = fill_zero(g, &g->t[p].shape)) == -2) goto done;  /* unused parameter */
+        g->t[p].grad = gp;
+    }
+    ir_scope_set(g, 0);
+    rc = 0;
+done:
+    for (int i = 0; i < s.nt0; i++) free(s.contrib[i].v);
+    free(s.contrib);
+    free(s.uses);
+    return rc;
+}

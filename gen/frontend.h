@@ -1,0 +1,31 @@
+/* The Lua front end: runs a model file in a sandbox and builds the training graph
+ * (forward, loss) from it. Lua runs only here, at compile time. */
+#ifndef REALM_FRONTEND_H
+#define REALM_FRONTEND_H
+
+#include "ir.h"
+
+typedef struct {
+    double lr, min_lr_frac, weight_decay, beta1, beta2, adam_eps, grad_clip;
+    long warmup, steps, batch, seq, eval_every, save_every;
+    char schedule[16];                 /* "cosine" | "wsd" | "constant" */
+} train_config;
+
+typedef struct {
+    char path[512];
+    char name[64];
+    int vocab, d_model, n_layers;
+    train_config train;
+    ir_graph g;
+    int tokens, targets, logits, loss; /* tensor ids */
+} realm_model;
+
+/* Load `path` and build the forward graph and loss. On failure returns -1 and writes one line
+ * "path:LINE: message" into err. */
+int model_load(const char *path, realm_model *m, char *err, size_t errlen);
+/* Same, from a string (tests). `chunkname` is the path shown in messages. */
+int model_load_string(const char *src, size_t len, const char *chunkname, realm_model *m, char *err,
+                      size_t errlen);
+void model_free(realm_model *m);
+
+#endif

@@ -1,0 +1,2 @@
+-- expect: 2: model file ran too long
+while true do end

@@ -1,0 +1,2 @@
+-- expect: 2: module 'os' not found
+local os = require "os"

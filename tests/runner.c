@@ -1,0 +1,129 @@
+#include "test.h"
+
+#include <math.h>
+#include <stdarg.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <time.h>
+
+#define X(name) void test_##name(tctx *t);
+#include "tests_list.h"
+#undef X
+
+typedef struct { const char *name; void (*fn)(tctx *); } test_entry;
+static const test_entry all_tests[] = {
+#define X(name) {#name, test_##name},
+#include "tests_list.h"
+#undef X
+};
+
+void t_fail(tctx *t, const char *file, int line, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    int k = snprintf(t->msg, sizeof t->msg, "%s:%d: ", file, line);
+    vsnprintf(t->msg + k, sizeof t->msg - (size_t)k, fmt, ap);
+    va_end(ap);
+    t->failed = 1;
+}
+
+uint64_t t_next(tctx *t) {   /* splitmix64 */
+    uint64_t z = (t->rng += 0x9E3779B97F4A7C15ull);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+double t_uniform(tctx *t) { return (double)(t_next(t) >> 11) * (1.0 / 9007199254740992.0); }
+double t_normal(tctx *t) {
+    double u = t_uniform(t), v = t_uniform(t);
+    if (u < 1e-300) u = 1e-300;
+    return sqrt(-2.0 * log(u)) * cos(2.0 * M_PI * v);
+}
+long t_randint(tctx *t, long lo, long hi) { return lo + (long)(t_next(t) % (uint64_t)(hi - lo + 1)); }
+
+double t_relerr(const double *a, const double *b, long n) {
+    double num = 0, den = 0;
+    for (long i = 0; i < n; i++) {
+        if (isnan(a[i]) || isnan(b[i])) return INFINITY;
+        num += (a[i] - b[i]) * (a[i] - b[i]);
+        den += b[i] * b[i];
+    }
+    if (den == 0) return num == 0 ? 0 : INFINITY;
+    return sqrt(num / den);
+}
+double t_maxabs(const double *a, const double *b, long n) {
+    double m = 0;
+    for (long i = 0; i < n; i++) {
+        if (isnan(a[i]) || isnan(b[i])) return INFINITY;
+        double d = fabs(a[i] - b[i]);
+        if (d > m) m = d;
+    }
+    return m;
+}
+
+int t_run(const char *cmd, char *out, size_t outlen) {
+    char full[4096];
+    snprintf(full, sizeof full, "%s 2>&1", cmd);
+    FILE *p = popen(full, "r");
+    if (!p) return -1;
+    size_t k = 0;
+    if (outlen) out[0] = 0;
+    char buf[4096];
+    size_t r;
+    while ((r = fread(buf, 1, sizeof buf, p)) > 0) {
+        if (outlen && k + 1 < outlen) {
+            size_t c = r < outlen - 1 - k ? r : outlen - 1 - k;
+            memcpy(out + k, buf, c);
+            k += c;
+            out[k] = 0;
+        }
+    }
+    int st = pclose(p);
+    return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+}
+
+const char *t_realm_bin(void) {
+    const char *b = getenv("REALM_BIN");
+    return b && *b ? b : "build/realm";
+}
+
+const char *t_shared_dir(void) {
+    struct stat st;
+    const char *e = getenv("REALM_SHARED");
+    if (e && stat(e, &st) == 0) return e;
+    if (stat("../shared/data/tinyshakespeare.txt", &st) == 0) return "../shared";
+    return NULL;
+}
+
+int main(int argc, char **argv) {
+    int npass = 0, nfail = 0;
+    const char *seed_env = getenv("REALM_TEST_SEED");
+    uint64_t seed0 = seed_env ? strtoull(seed_env, NULL, 0) : (uint64_t)time(NULL) * 2654435761u;
+    printf("test seed %llu (set REALM_TEST_SEED to repeat)\n", (unsigned long long)seed0);
+    size_t ntests = sizeof all_tests / sizeof all_tests[0];
+    for (size_t i = 0; i < ntests; i++) {
+        if (argc > 1) {
+            int match = 0;
+            for (int a = 1; a < argc; a++)
+                if (strstr(all_tests[i].name, argv[a])) match = 1;
+            if (!match) continue;
+        }
+        tctx t = {.name = all_tests[i].name, .rng = seed0 ^ (0x9E3779B97F4A7C15ull * (i + 1))};
+        struct timespec t0, t1;
+        clock_gettime(CLOCK_MONOTONIC, &t0);
+        all_tests[i].fn(&t);
+        clock_gettime(CLOCK_MONOTONIC, &t1);
+        double dt = (double)(t1.tv_sec - t0.tv_sec) + 1e-9 * (double)(t1.tv_nsec - t0.tv_nsec);
+        if (t.failed) {
+            nfail++;
+            printf("FAIL %s (%.2fs): %s\n", t.name, dt, t.msg);
+        } else {
+            npass++;
+            printf("ok   %s (%.2fs)\n", t.name, dt);
+        }
+        fflush(stdout);
+    }
+    printf("%d passed, %d failed\n", npass, nfail);
+    return nfail ? 1 : 0;
+}

@@ -1,0 +1,91 @@
+/* The command line as a user meets it: help, bad usage, bad model files. */
+#include "test.h"
+
+#include <dirent.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+static const char *const COMMANDS[] = {"info", "graph", "kernels", "corpus", "train", "eval", "generate", "chat", NULL};
+
+TEST(cli_help_for_every_command) {
+    char cmd[512], out[8192];
+    snprintf(cmd, sizeof cmd, "%s --help", t_realm_bin());
+    CHECK(t_run(cmd, out, sizeof out) == 0, "realm --help failed: %s", out);
+    for (int i = 0; COMMANDS[i]; i++) {
+        CHECK(strstr(out, COMMANDS[i]), "realm --help does not list %s", COMMANDS[i]);
+        snprintf(cmd, sizeof cmd, "%s %s --help", t_realm_bin(), COMMANDS[i]);
+        int rc = t_run(cmd, out, sizeof out);
+        CHECK(rc == 0, "realm %s --help: status %d: %s", COMMANDS[i], rc, out);
+        CHECK(strstr(out, "usage: realm"), "realm %s --help prints no usage: %s", COMMANDS[i], out);
+    }
+}
+
+TEST(cli_bad_usage_is_one_line_status_2) {
+    const char *cases[] = {"frobnicate", "graph --frobnicate models/tiny.lua", "graph",
+                           "graph models/tiny.lua --batch zero", "graph models/tiny.lua --seq -5",
+                           "graph models/does-not-exist.lua", "graph models/tiny.lua extra-arg", NULL};
+    for (int i = 0; cases[i]; i++) {
+        char cmd[512], out[4096];
+        snprintf(cmd, sizeof cmd, "%s %s", t_realm_bin(), cases[i]);
+        int rc = t_run(cmd, out, sizeof out);
+        CHECK(rc == 2, "'realm %s' exited %d: %s", cases[i], rc, out);
+        char *nl = strchr(out, '\n');
+        CHECK(nl && nl[1] == 0, "'realm %s' did not print exactly one line: %s", cases[i], out);
+    }
+}
+
+TEST(cli_graph_realm9m) {
+    char cmd[512], out[16384];
+    snprintf(cmd, sizeof cmd, "%s graph models/realm-9m.lua --batch 4 --seq 2048", t_realm_bin());
+    CHECK(t_run(cmd, out, sizeof out) == 0, "realm graph failed: %s", out);
+    const char *p = strstr(out, "parameters ");
+    CHECK(p, "no parameter line: %s", out);
+    long n = strtol(p + strlen("parameters "), NULL, 10);
+    CHECK(n >= 9300000 && n <= 9900000, "realm-9m reports %ld parameters", n);
+    CHECK(strstr(out, "FLOPs/token fwd+bwd"), "no FLOPs line");
+    CHECK(strstr(out, "saved activations"), "no activation memory line");
+    CHECK(strstr(out, "layers.7") && strstr(out, "attention") && strstr(out, "mamba3"), "layer table incomplete:\n%s", out);
+}
+
+/* Every file in tests/bad_models starts with "-- expect: LINE: text"; `realm graph` must print
+ * exactly one line "tests/bad_models/F.lua:LINE: ...text..." and exit with status 2. */
+TEST(cli_malformed_model_files) {
+    DIR *d = opendir("tests/bad_models");
+    CHECK(d, "tests/bad_models missing");
+    int count = 0;
+    struct dirent *e;
+    char failure[8192] = "";
+    while ((e = readdir(d))) {
+        size_t n = strlen(e->d_name);
+        if (n < 5 || strcmp(e->d_name + n - 4, ".lua") != 0) continue;
+        char path[512], first[512] = "";
+        snprintf(path, sizeof path, "tests/bad_models/%s", e->d_name);
+        FILE *f = fopen(path, "r");
+        if (!f || !fgets(first, sizeof first, f)) {
+            if (f) fclose(f);
+            snprintf(failure, sizeof failure, "%s: unreadable", path);
+            break;
+        }
+        fclose(f);
+        int line = 0;
+        char text[400] = "";
+        if (sscanf(first, "-- expect: %d: %399[^\n]", &line, text) != 2) {
+            snprintf(failure, sizeof failure, "%s: no expect header", path);
+            break;
+        }
+        char cmd[1024], out[4096], want[600];
+        snprintf(cmd, sizeof cmd, "%s graph %s", t_realm_bin(), path);
+        int rc = t_run(cmd, out, sizeof out);
+        snprintf(want, sizeof want, "%s:%d: ", path, line);
+        char *nl = strchr(out, '\n');
+        if (rc != 2 || strncmp(out, want, strlen(want)) != 0 || !strstr(out, text) || !nl || nl[1]) {
+            snprintf(failure, sizeof failure, "%s: status %d, wanted '%s...%s', got: %.2000s", path, rc, want, text, out);
+            break;
+        }
+        count++;
+    }
+    closedir(d);
+    CHECK(!failure[0], "%s", failure);
+    CHECK(count >= 12, "only %d malformed model files", count);
+}
