@@ -1,0 +1,79 @@
+/* Mamba-3 SISO scan: plain-C fp64 reference (design.md §7). It is the oracle that generated
+ * scan kernels and the decode step are checked against, so it favours obvious loops over
+ * speed.
+ *
+ * Layout: per-token arrays are token-major, token index tok = b*S + s, features contiguous,
+ * and each array has its own token stride `ld` (elements between consecutive tokens), so
+ * zero-copy column views of a larger projection output can be passed in directly. */
+#ifndef REALM_MAMBA3_SCAN_H
+#define REALM_MAMBA3_SCAN_H
+
+typedef struct {
+    long B, S;          /* batch rows (independent sequences), tokens per row */
+    int H, P, N, NA;    /* heads, head dim, state dim, rotation angles (2*NA <= N) */
+} m3_dims;
+
+typedef struct {
+    const double *x;      long x_ld;       /* [tok, H*P]   v of head h: x[tok*x_ld + h*P + p] */
+    const double *Bn;     long Bn_ld;      /* [tok, N]     normalised B (shared by heads) */
+    const double *Cn;     long Cn_ld;      /* [tok, N]     normalised C (shared by heads) */
+    const double *dd_dt;  long dd_dt_ld;   /* [tok, H] */
+    const double *dd_A;   long dd_A_ld;    /* [tok, H] */
+    const double *trap;   long trap_ld;    /* [tok, H] */
+    const double *angles; long angles_ld;  /* [tok, NA]    shared by heads */
+    const double *dt_bias;                 /* [H] */
+    const double *B_bias;                  /* [H, N] */
+    const double *C_bias;                  /* [H, N] */
+    const double *D;                       /* [H] */
+} m3_inputs;
+
+/* Gradients with the same layout as m3_inputs; every pointer is required. The backward
+ * writes only the feature columns of each row, never the padding between ld and the width. */
+typedef struct {
+    double *x;      long x_ld;
+    double *Bn;     long Bn_ld;
+    double *Cn;     long Cn_ld;
+    double *dd_dt;  long dd_dt_ld;
+    double *dd_A;   long dd_A_ld;
+    double *trap;   long trap_ld;
+    double *angles; long angles_ld;
+    double *dt_bias, *B_bias, *C_bias, *D;
+} m3_grads;
+
+/* Recurrent state carried between calls (decode, prefill -> decode), one per sequence b. */
+typedef struct {
+    double *S;       /* [B, H, P, N]  h_t */
+    double *Theta;   /* [B, H, NA]    cumulative angle, kept in [0, 2pi) */
+    double *Kr;      /* [B, H, N]     rotated key of the last token */
+    double *v;       /* [B, H, P]     input (x) of the last token */
+} m3_state;
+
+/* Activations, shared with the decode step and kernel tests so every consumer agrees on the
+ * branch points. Each returns the value and stores the derivative in *d (d may be NULL). */
+double m3_dt_act(double u, double *d);      /* softplus(u); u for u > 20 */
+double m3_a_act(double u, double *d);       /* -max(f(u), 1e-4); only the taken branch of f */
+double m3_sigmoid(double u);
+double m3_wrap_angle(double a);             /* a mod 2pi, in [0, 2pi) */
+
+/* Sequential recurrence (the decode form). init NULL means a zero state. y: [tok, H*P] with
+ * token stride y_ld. final may be NULL, and may alias init (the decode step updates its state
+ * in place). With S == 0, final receives a copy of init. */
+void m3_ref_recurrent(m3_dims d, const m3_inputs *in, const m3_state *init,
+                      double *y, long y_ld, m3_state *final);
+
+/* Chunked algorithm (the training/prefill form), chunk >= 1 tokens. Same contract as
+ * m3_ref_recurrent; the final state equals the recurrent one (h_T, Theta_T, Kr_T, v_T). */
+void m3_ref_chunked(m3_dims d, int chunk, const m3_inputs *in, const m3_state *init,
+                    double *y, long y_ld, m3_state *final);
+
+/* Gradients of sum(dy * y) w.r.t. every input and parameter, for a zero initial state (the
+ * training case). Gradients are overwritten, not accumulated. Chunked reverse pass (see the
+ * .c file). */
+void m3_ref_backward(m3_dims d, int chunk, const m3_inputs *in, const double *dy, long dy_ld,
+                     const m3_grads *g);
+
+/* Operation counts of the chunked algorithms, shared by the op definitions and bench/. */
+double m3_flops_fwd(m3_dims d, int chunk);
+double m3_flops_bwd(m3_dims d, int chunk);
+
+#endif
