@@ -22,6 +22,8 @@ static inline double *ref_row(ref_buf b, long r, long len) {
 static inline long ref_rows(ref_buf b, long len) { return b.ntok * (b.feat / len); }
 
 typedef struct ref_ctx ref_ctx;
+struct kgen;
+struct strbuf;
 ref_buf ref_get(const ref_ctx *c, int tensor);
 long ref_B(const ref_ctx *c);
 long ref_S(const ref_ctx *c);
@@ -46,6 +48,11 @@ typedef struct op_def {
     void (*ref)(const ref_ctx *c, const ir_node *n);
     /* Floating-point operations for concrete B, S. */
     double (*flops)(const ir_graph *g, const ir_node *n, long B, long S);
+    /* Kernel template: renders the kernel(s) of this node through gen/kgen.h. */
+    int (*emit)(struct kgen *k, const ir_node *n);
+    /* Elementwise primitives instead give the expression of their single output in terms of
+     * their inputs' expressions (float); the fusion pass chains them into one kernel. */
+    void (*ew)(struct strbuf *out, const ir_node *n, const char *const *in);
 } op_def;
 
 const op_def *op_get(int id);

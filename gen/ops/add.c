@@ -1,4 +1,5 @@
 /* add: y = a + b, same shapes. Gradient: passes dy to both inputs unchanged. */
+#include "kgen.h"
 #include "op.h"
 
 #include <stdio.h>
@@ -32,4 +33,9 @@ static double flops(const ir_graph *g, const ir_node *n, long B, long S) {
     return (double)ir_numel(&g->t[n->out[0]].shape, B, S);
 }
 
-const op_def op_add = {.name = "add", .nin = 2, .nout = 1, .infer = infer, .grad = grad, .ref = ref, .flops = flops};
+static void ew(strbuf *out, const ir_node *n, const char *const *in) {
+    (void)n;
+    sb_printf(out, "(%s + %s)", in[0], in[1]);
+}
+
+const op_def op_add = {.name = "add", .nin = 2, .nout = 1, .infer = infer, .grad = grad, .ref = ref, .flops = flops, .ew = ew};

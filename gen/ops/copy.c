@@ -1,4 +1,5 @@
 /* copy: y = x. Autodiff uses it to land a gradient in a slice of a larger gradient buffer. */
+#include "kgen.h"
 #include "op.h"
 
 #include <stdio.h>
@@ -22,4 +23,9 @@ static void ref(const ref_ctx *c, const ir_node *n) {
         for (long f = 0; f < y.feat; f++) y.p[t * y.ld + f] = x.p[t * x.ld + f];
 }
 
-const op_def op_copy = {.name = "copy", .nin = 1, .nout = 1, .infer = infer, .grad = grad, .ref = ref};
+static void ew(strbuf *out, const ir_node *n, const char *const *in) {
+    (void)n;
+    sb_printf(out, "%s", in[0]);
+}
+
+const op_def op_copy = {.name = "copy", .nin = 1, .nout = 1, .infer = infer, .grad = grad, .ref = ref, .ew = ew};

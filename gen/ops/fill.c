@@ -1,5 +1,6 @@
 /* fill: a tensor of one value. Attributes: ndim, d0..d4 (DIM_B/DIM_S allowed) in ia; value fa[0].
  * Autodiff uses it for the loss seed and for gradient slices nothing flows into. */
+#include "kgen.h"
 #include "op.h"
 
 #include <stdio.h>
@@ -19,5 +20,10 @@ static void ref(const ref_ctx *c, const ir_node *n) {
         for (long f = 0; f < y.feat; f++) y.p[t * y.ld + f] = n->fa[0];
 }
 
+static void ew(strbuf *out, const ir_node *n, const char *const *in) {
+    (void)in;
+    sb_printf(out, "((float)%.17g)", n->fa[0]);
+}
+
 const op_def op_fill = {.name = "fill", .nin = 0, .nout = 1, .infer = infer, .ref = ref,
-                        .iattr = {"ndim", "d0", "d1", "d2", "d3", "d4", NULL}, .fattr = {"value", NULL}};
+                        .iattr = {"ndim", "d0", "d1", "d2", "d3", "d4", NULL}, .fattr = {"value", NULL}, .ew = ew};

@@ -1,4 +1,5 @@
 /* silu: y = x * sigmoid(x). Gradient: silu_bwd(x, dy) = dy * s * (1 + x (1 - s)), s = sigmoid(x). */
+#include "kgen.h"
 #include "op.h"
 
 #include <math.h>
@@ -47,5 +48,17 @@ static double flops(const ir_graph *g, const ir_node *n, long B, long S) {
     return 4.0 * (double)ir_numel(&g->t[n->out[0]].shape, B, S);
 }
 
-const op_def op_silu = {.name = "silu", .nin = 1, .nout = 1, .infer = infer, .grad = grad, .ref = ref, .flops = flops};
-const op_def op_silu_bwd = {.name = "silu_bwd", .nin = 2, .nout = 1, .infer = infer_bwd, .ref = ref_bwd, .flops = flops};
+static void ew(strbuf *out, const ir_node *n, const char *const *in) {
+    (void)n;
+    sb_printf(out, "(%s / (1.0f + EXPF(-%s)))", in[0], in[0]);
+}
+
+/* dy * s * (1 + x (1 - s)) with s = sigmoid(x) */
+static void ew_bwd(strbuf *out, const ir_node *n, const char *const *in) {
+    (void)n;
+    sb_printf(out, "(%s * (1.0f / (1.0f + EXPF(-%s))) * (1.0f + %s * (1.0f - 1.0f / (1.0f + EXPF(-%s)))))", in[1], in[0],
+              in[0], in[0]);
+}
+
+const op_def op_silu = {.name = "silu", .nin = 1, .nout = 1, .infer = infer, .grad = grad, .ref = ref, .flops = flops, .ew = ew};
+const op_def op_silu_bwd = {.name = "silu_bwd", .nin = 2, .nout = 1, .infer = infer_bwd, .ref = ref_bwd, .flops = flops, .ew = ew_bwd};

@@ -1,0 +1,88 @@
+/* Kernel rendering. One renderer for every backend: kernel templates (in gen/ops/) write
+ * C-like source using a few portable spellings (KERNEL, GLOBAL, LOCAL, BARRIER(), LID_X,
+ * GID_X, ...) that each backend's dialect table defines once in the module preamble.
+ *
+ * Kernel calling convention: KERNEL void name(GLOBAL float *A, long B, long S, long o_1, ...)
+ * where A is the arena and each o_i the element offset of one tensor; the template names
+ * the tensors with kg_arg and gets `GLOBAL float *name = A + o_name;` in the body. Batch B
+ * and sequence S are runtime values; every other size is a constant baked into the source. */
+#ifndef REALM_KGEN_H
+#define REALM_KGEN_H
+
+#include "ir.h"
+
+#include <stddef.h>
+
+typedef struct strbuf {
+    char *s;
+    size_t n, cap;
+} strbuf;
+void sb_printf(strbuf *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+void sb_free(strbuf *b);
+
+typedef struct {
+    const char *key, *value;
+} kg_spelling;
+
+typedef struct dialect {
+    const char *name;              /* "opencl", "cuda" */
+    const kg_spelling *spell;      /* NULL-terminated table of portable spellings */
+    const char *prelude;           /* helper functions every module needs (after the spellings) */
+} dialect;
+const dialect *dialect_find(const char *name);
+
+#define KG_MAX_ARGS 40
+
+/* groups along one grid dim = ceil((c0 + cB*B + cS*S + cBS*B*S) / div) */
+typedef struct {
+    long c0, cB, cS, cBS, div;
+} kg_dim;
+
+typedef struct plan_launch {
+    char kernel[48];
+    int node0, node1;              /* IR nodes [node0, node1) this launch computes */
+    int nargs;
+    int arg[KG_MAX_ARGS];          /* tensor ids whose offsets are passed, in order */
+    int nin, nout;                 /* arg[0..nin) are read; arg[nin..nin+nout) written */
+    kg_dim grid[3];
+    int block[3];
+} plan_launch;
+
+typedef struct kgen {
+    const dialect *d;
+    const ir_graph *g;
+    strbuf src;                    /* the module */
+    strbuf body, params;           /* the kernel being rendered */
+    plan_launch cur;
+    plan_launch *launches;
+    int nl, cap;
+    char **bodies;                 /* params + body of every distinct kernel, for reuse */
+    char (*names)[48];
+    int nbodies;
+    char err[512];
+} kgen;
+
+void kg_init(kgen *k, const dialect *d, const ir_graph *g);
+void kg_free(kgen *k);
+
+/* ---- the template API ---- */
+void kg_begin(kgen *k, const char *what, int node0, int node1);
+/* Pass tensor `t`'s offset; `cname` becomes a GLOBAL float pointer to its first element.
+ * Inputs first (kg_in), then outputs (kg_out). */
+void kg_in(kgen *k, const char *cname, int t);
+void kg_out(kgen *k, const char *cname, int t);
+void kg_line(kgen *k, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+void kg_grid(kgen *k, int dim, long c0, long cB, long cS, long cBS, long div);
+void kg_block(kgen *k, int x, int y, int z);
+/* Finish the kernel: identical kernels (same parameters and body) are emitted once and shared. */
+int kg_end(kgen *k);
+
+/* Layout helpers for templates: token stride and feature size of a tensor, and whether its
+ * leading dims are [B,S] (2), [B] (1) or none (0). */
+long kg_ld(const kgen *k, int t);
+long kg_feat(const kgen *k, int t);
+int kg_tokdims(const kgen *k, int t);
+/* "T" (B*S), "B" or "1": the token count of a tensor as a C expression. */
+const char *kg_ntok_expr(const kgen *k, int t);
+
+#endif

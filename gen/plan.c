@@ -1,0 +1,277 @@
+#include "plan.h"
+#include "op.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* Iteration space of an elementwise node: its output's token dims and feature count. */
+static int same_space(const ir_graph *g, int a, int b) {
+    const ir_shape *sa = &g->t[g->n[a].out[0]].shape, *sb = &g->t[g->n[b].out[0]].shape;
+    int na = ir_ntok_dims(sa), nb = ir_ntok_dims(sb);
+    if (na != nb || ir_feat(sa) != ir_feat(sb)) return 0;
+    for (int i = 0; i < na; i++)
+        if (sa->d[i] != sb->d[i]) return 0;
+    return 1;
+}
+
+/* Renders nodes [n0, n1) (all elementwise, one iteration space) as one kernel; values that
+ * never leave the group stay in registers. */
+static int render_fused(plan *p, int n0, int n1) {
+    const ir_graph *g = p->g;
+    kgen *k = &p->kg;
+    char what[48];
+    snprintf(what, sizeof what, "%s", n1 - n0 > 1 ? "fused" : op_get(g->n[n0].op)->name);
+    kg_begin(k, what, n0, n1);
+    int outt = g->n[n0].out[0];
+    long feat = ir_feat(&g->t[outt].shape);
+    /* inputs not produced inside the group */
+    int ext[KG_MAX_ARGS], next = 0;
+    for (int i = n0; i < n1; i++)
+        for (int j = 0; j < g->n[i].nin; j++) {
+            int t = g->n[i].in[j], inside = 0, dup = 0;
+            for (int q = n0; q < i; q++) inside |= g->n[q].out[0] == t && !p->stored[t];
+            for (int e = 0; e < next; e++) dup |= ext[e] == t;
+            if (!inside && !dup && next < KG_MAX_ARGS) ext[next++] = t;
+        }
+    for (int e = 0; e < next; e++) {
+        char nm[16];
+        snprintf(nm, sizeof nm, "in%d", e);
+        kg_in(k, nm, ext[e]);
+    }
+    for (int i = n0; i < n1; i++) {
+        int t = g->n[i].out[0];
+        if (p->stored[t] || g->t[t].base != t) {
+            char nm[16];
+            snprintf(nm, sizeof nm, "out%d", i - n0);
+            kg_out(k, nm, t);
+        }
+    }
+    const char *ntok = kg_ntok_expr(k, outt);
+    kg_line(k, "const long i = GID_X * 256 + LID_X;");
+    kg_line(k, "if (i >= %s * %ld) return;", ntok, feat);
+    kg_line(k, "const long tok = i / %ld, f = i %% %ld;", feat, feat);
+    kg_line(k, "(void)tok; (void)f;");
+    for (int e = 0; e < next; e++)
+        kg_line(k, "const float x%d = in%d[tok * %ld + f];", e, e, kg_ld(k, ext[e]));
+    for (int i = n0; i < n1; i++) {
+        const ir_node *n = &g->n[i];
+        char names[IR_MAX_IO][16];
+        const char *in[IR_MAX_IO];
+        for (int j = 0; j < n->nin; j++) {
+            int t = n->in[j], found = 0;
+            for (int q = i - 1; q >= n0 && !found; q--)
+                if (g->n[q].out[0] == t) snprintf(names[j], sizeof names[j], "v%d", q - n0), found = 1;
+            for (int e = 0; e < next && !found; e++)
+                if (ext[e] == t) snprintf(names[j], sizeof names[j], "x%d", e), found = 1;
+            in[j] = names[j];
+        }
+        strbuf ex = {0};
+        op_get(n->op)->ew(&ex, n, in);
+        kg_line(k, "const float v%d = %s;", i - n0, ex.s);
+        sb_free(&ex);
+        int t = n->out[0];
+        if (p->stored[t] || g->t[t].base != t)
+            kg_line(k, "out%d[tok * %ld + f] = v%d;", i - n0, kg_ld(k, t), i - n0);
+    }
+    int nt = kg_tokdims(k, outt);
+    const ir_shape *s = &g->t[outt].shape;
+    if (nt == 2) kg_grid(k, 0, 0, 0, 0, feat, 256);
+    else if (nt == 1) kg_grid(k, 0, 0, s->d[0] == DIM_B ? feat : 0, s->d[0] == DIM_S ? feat : 0, 0, 256);
+    else kg_grid(k, 0, feat, 0, 0, 0, 256);
+    kg_block(k, 256, 1, 1);
+    return kg_end(k);
+}
+
+int plan_build(plan *p, const ir_graph *g, int node0, int node1, const char *dialect_name, const int *keep,
+               int nkeep, char *err, size_t errlen) {
+    memset(p, 0, sizeof *p);
+    p->g = g;
+    p->node0 = node0;
+    p->node1 = node1;
+    const dialect *d = dialect_find(dialect_name);
+    if (!d) {
+        snprintf(err, errlen, "no kernel dialect for backend '%s'", dialect_name);
+        return -1;
+    }
+    kg_init(&p->kg, d, g);
+    int nt = g->nt;
+    p->stored = calloc((size_t)nt, 1);
+    p->persist = calloc((size_t)nt, 1);
+    p->first = malloc(sizeof(int) * (size_t)nt);
+    p->last = malloc(sizeof(int) * (size_t)nt);
+    for (int i = 0; i < nt; i++) {
+        const ir_tensor *t = &g->t[i];
+        p->first[i] = p->last[i] = -1;
+        if (t->role == ROLE_PARAM || t->role == ROLE_OPT || t->role == ROLE_INPUT || t->role == ROLE_STATE ||
+            i == g->loss)
+            p->persist[t->base] = 1;
+    }
+    for (int i = 0; i < nkeep; i++) p->persist[g->t[keep[i]].base] = 1;
+
+    /* Fusion groups: maximal runs of consecutive elementwise nodes over one iteration space. */
+    int *group_end = malloc(sizeof(int) * (size_t)(node1 + 1));
+    for (int i = node0; i < node1;) {
+        int j = i + 1;
+        if (op_get(g->n[i].op)->ew)
+            while (j < node1 && op_get(g->n[j].op)->ew && same_space(g, i, j)) j++;
+        group_end[i] = j;
+        i = j;
+    }
+    /* A value stays in a register only if it is an owner nobody aliases, read only inside its
+     * group, and not needed after the run. */
+    int *aliased = calloc((size_t)nt, sizeof(int));
+    for (int t = 0; t < nt; t++)
+        if (g->t[t].base != t) aliased[g->t[t].base] = 1;
+    for (int i = node0; i < node1;) {
+        int j = group_end[i];
+        for (int a = i; a < j; a++)
+            for (int o = 0; o < g->n[a].nout; o++) {
+                int t = g->n[a].out[o];
+                int outside = 0;
+                for (int b = node0; b < node1 && !outside; b++) {
+                    if (b >= i && b < j && op_get(g->n[i].op)->ew) continue;
+                    for (int q = 0; q < g->n[b].nin; q++) outside |= g->n[b].in[q] == t;
+                }
+                int reg = op_get(g->n[a].op)->ew && !outside && !aliased[t] && g->t[t].base == t && !p->persist[t];
+                p->stored[g->t[t].base] = 1;
+                if (reg) {
+                    p->stored[t] = 0;
+                    p->nfused++;
+                }
+            }
+        i = j;
+    }
+    for (int t = 0; t < nt; t++)
+        if (p->persist[t] && g->t[t].base == t) p->stored[t] = 1;
+    free(aliased);
+
+    int rc = 0;
+    for (int i = node0; i < node1 && rc == 0;) {
+        int j = group_end[i];
+        const op_def *od = op_get(g->n[i].op);
+        if (od->ew) rc = render_fused(p, i, j);
+        else if (!od->emit) {
+            snprintf(err, errlen, "primitive '%s' has no kernel template", od->name);
+            rc = -1;
+        } else if (od->emit(&p->kg, &g->n[i]) < 0) {
+            snprintf(err, errlen, "%s: %s", od->name, p->kg.err[0] ? p->kg.err : "kernel template failed");
+            rc = -1;
+        }
+        i = j;
+    }
+    free(group_end);
+    if (rc == 0 && p->kg.err[0]) {
+        snprintf(err, errlen, "%s", p->kg.err);
+        rc = -1;
+    }
+    if (rc < 0) {
+        plan_free(p);
+        return -1;
+    }
+    for (int l = 0; l < p->kg.nl; l++)
+        for (int a = 0; a < p->kg.launches[l].nargs; a++) {
+            int b = g->t[p->kg.launches[l].arg[a]].base;
+            if (p->first[b] < 0) p->first[b] = l;
+            p->last[b] = l;
+        }
+    return 0;
+}
+
+void plan_free(plan *p) {
+    kg_free(&p->kg);
+    free(p->stored);
+    free(p->persist);
+    free(p->first);
+    free(p->last);
+    memset(p, 0, sizeof *p);
+}
+
+typedef struct {
+    int t;
+    size_t bytes;
+} alloc_req;
+
+static int by_size_desc(const void *a, const void *b) {
+    const alloc_req *x = a, *y = b;
+    if (x->bytes != y->bytes) return x->bytes < y->bytes ? 1 : -1;
+    return x->t - y->t;
+}
+
+size_t plan_arena(const plan *p, long B, long S, size_t *offset) {
+    const ir_graph *g = p->g;
+    int nt = g->nt;
+    alloc_req *req = malloc(sizeof *req * (size_t)(nt ? nt : 1));
+    int nr = 0;
+    for (int t = 0; t < nt; t++) {
+        if (offset) offset[t] = (size_t)-1;
+        if (g->t[t].base != t || !p->stored[t]) continue;
+        if (!p->persist[t] && p->first[t] < 0) continue;      /* never touched by this plan */
+        size_t bytes = (size_t)ir_numel(&g->t[t].shape, B, S) * 4;
+        bytes = (bytes + PLAN_ALIGN - 1) / PLAN_ALIGN * PLAN_ALIGN;
+        req[nr++] = (alloc_req){t, bytes ? bytes : PLAN_ALIGN};
+    }
+    qsort(req, (size_t)nr, sizeof *req, by_size_desc);
+    size_t *off = malloc(sizeof *off * (size_t)(nr ? nr : 1));
+    size_t total = 0;
+    int nl = p->kg.nl;
+    for (int i = 0; i < nr; i++) {
+        int t = req[i].t;
+        int f = p->persist[t] ? 0 : p->first[t], l = p->persist[t] ? nl : p->last[t];
+        /* lowest offset clear of every placed tensor whose lifetime overlaps */
+        size_t o = 0;
+        for (int again = 1; again;) {
+            again = 0;
+            for (int j = 0; j < i; j++) {
+                int u = req[j].t;
+                int uf = p->persist[u] ? 0 : p->first[u], ul = p->persist[u] ? nl : p->last[u];
+                if (ul < f || uf > l) continue;
+                if (o < off[j] + req[j].bytes && off[j] < o + req[i].bytes) {
+                    o = off[j] + req[j].bytes;
+                    again = 1;
+                }
+            }
+        }
+        off[i] = o;
+        if (o + req[i].bytes > total) total = o + req[i].bytes;
+        if (offset) offset[t] = o;
+    }
+    free(off);
+    free(req);
+    return total;
+}
+
+long plan_elem_offset(const plan *p, const size_t *offset, int t) {
+    const ir_tensor *x = &p->g->t[t];
+    return (long)(offset[x->base] / 4) + x->offset;
+}
+
+void plan_grid(const plan_launch *l, long B, long S, size_t groups[3]) {
+    for (int d = 0; d < 3; d++) {
+        const kg_dim *g = &l->grid[d];
+        long n = g->c0 + g->cB * B + g->cS * S + g->cBS * B * S;
+        groups[d] = (size_t)((n + g->div - 1) / g->div);
+        if (groups[d] == 0) groups[d] = 1;
+    }
+}
+
+void plan_describe(const plan *p, long B, long S, strbuf *out) {
+    const ir_graph *g = p->g;
+    size_t *off = malloc(sizeof *off * (size_t)g->nt);
+    size_t total = plan_arena(p, B, S, off);
+    sb_printf(out, "# realm plan: %d launches, %d distinct kernels, %d values fused into registers\n",
+              p->kg.nl, p->kg.nbodies, p->nfused);
+    sb_printf(out, "# arena at B=%ld S=%ld: %zu bytes\n", B, S, total);
+    for (int i = 0; i < p->kg.nl; i++) {
+        const plan_launch *l = &p->kg.launches[i];
+        size_t gr[3];
+        plan_grid(l, B, S, gr);
+        sb_printf(out, "launch %d %s nodes [%d,%d) grid %zux%zux%zu block %dx%dx%d args", i, l->kernel, l->node0,
+                  l->node1, gr[0], gr[1], gr[2], l->block[0], l->block[1], l->block[2]);
+        for (int a = 0; a < l->nargs; a++)
+            sb_printf(out, " %s%s@%ld", a < l->nin ? "in:" : "out:", g->t[l->arg[a]].name,
+                      plan_elem_offset(p, off, l->arg[a]));
+        sb_printf(out, "\n");
+    }
+    free(off);
+}

@@ -1,0 +1,37 @@
+/* The compiled form of a graph: fusion groups, a fixed launch order, the kernel module
+ * source, and the liveness the memory planner packs the arena with. */
+#ifndef REALM_PLAN_H
+#define REALM_PLAN_H
+
+#include "ir.h"
+#include "kgen.h"
+
+typedef struct plan {
+    const ir_graph *g;
+    int node0, node1;        /* nodes compiled */
+    kgen kg;                 /* launches (kg.launches, kg.nl) and the module source (kg.src) */
+    char *stored;            /* per tensor: owner storage lives in the arena */
+    char *persist;           /* per tensor: lives for the whole step (and across steps) */
+    int *first, *last;       /* per owner: first and last launch touching it */
+    int nfused;              /* nodes that became registers inside a fused kernel */
+} plan;
+
+/* Compile nodes [node0, node1) of g for `dialect`. `keep` lists tensors the host reads after
+ * a run (besides parameters, optimizer state and inputs, which always persist). */
+int plan_build(plan *p, const ir_graph *g, int node0, int node1, const char *dialect, const int *keep,
+               int nkeep, char *err, size_t errlen);
+void plan_free(plan *p);
+
+/* The memory plan for concrete B, S: byte offset of every stored owner tensor (others get
+ * (size_t)-1) and the arena size. Tensors whose lifetimes do not overlap share bytes. */
+#define PLAN_ALIGN 256
+size_t plan_arena(const plan *p, long B, long S, size_t *offset);
+/* Element offset of any tensor (views included) given the owners' byte offsets. */
+long plan_elem_offset(const plan *p, const size_t *offset, int t);
+/* Number of groups of a launch along each grid dim for concrete B, S. */
+void plan_grid(const plan_launch *l, long B, long S, size_t groups[3]);
+
+/* Write the plan (launches, arguments, grids, memory plan at B,S) as text. */
+void plan_describe(const plan *p, long B, long S, strbuf *out);
+
+#endif

@@ -1,0 +1,108 @@
+#include "kernelcheck.h"
+
+#include "exec.h"
+#include "op.h"
+#include "plan.h"
+#include "reference.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+backend *kc_opencl(tctx *t) {
+    char err[2048];
+    backend *bk = bk_create(BK_OPENCL, 0, NULL, err, sizeof err);
+    if (!bk) t_fail(t, __FILE__, __LINE__, "no OpenCL device (CI installs PoCL): %s", err);
+    return bk;
+}
+
+/* dense fp64 copy of a tensor from the reference state */
+static void ref_dense(ref_ctx *c, const ir_graph *g, int tid, double *out) {
+    ref_buf b = ref_get(c, tid);
+    (void)g;
+    for (long r = 0; r < b.ntok; r++)
+        for (long f = 0; f < b.feat; f++) out[r * b.feat + f] = b.p[r * b.ld + f];
+}
+
+int kc_check_graph(tctx *t, backend *bk, const ir_graph *g, long B, long S, double tol, int vocab) {
+    char err[4096];
+    plan p;
+    if (plan_build(&p, g, 0, g->nn, bk_name(bk), NULL, 0, err, sizeof err) < 0) {
+        t_fail(t, __FILE__, __LINE__, "plan: %s", err);
+        return -1;
+    }
+    plan_exec x;
+    if (exec_create(&x, bk, &p, B, S, err, sizeof err) < 0) {
+        t_fail(t, __FILE__, __LINE__, "%s", err);
+        plan_free(&p);
+        return -1;
+    }
+    ref_ctx *c = ref_create(g, B, S);
+    for (int i = 0; i < g->nt; i++) {
+        const ir_tensor *tt = &g->t[i];
+        if (tt->base != i || tt->producer >= 0) continue;
+        long n = ir_numel(&tt->shape, B, S);
+        double *d = ref_data(c, i);
+        for (long k = 0; k < n; k++)
+            d[k] = tt->dtype == DT_I32 ? (double)t_randint(t, 0, vocab - 1) : t_normal(t);
+        if (tt->role == ROLE_OPT && strstr(tt->name, ".v"))   /* second moments are non-negative */
+            for (long k = 0; k < n; k++) d[k] = d[k] * d[k];
+    }
+    int rc = 0;
+    long maxn = 1;
+    for (int i = 0; i < g->nt; i++) {
+        long n = ir_numel(&g->t[i].shape, B, S);
+        if (n > maxn) maxn = n;
+    }
+    float *hf = malloc(sizeof(float) * (size_t)maxn);
+    double *hd = malloc(sizeof(double) * (size_t)maxn), *hr = malloc(sizeof(double) * (size_t)maxn);
+    for (int li = 0; li < p.kg.nl && rc == 0; li++) {
+        const plan_launch *l = &p.kg.launches[li];
+        for (int a = 0; a < l->nargs && rc == 0; a++) {
+            int tid = l->arg[a];
+            long n = ir_numel(&g->t[tid].shape, B, S);
+            if (a < l->nin) {
+                ref_dense(c, g, tid, hd);
+                for (long k = 0; k < n; k++) hf[k] = (float)hd[k];
+            } else {
+                for (long k = 0; k < n; k++) hf[k] = NAN;
+            }
+            if (exec_upload(&x, tid, hf, err, sizeof err) < 0) rc = -1;
+        }
+        if (rc == 0 && exec_run(&x, li, li + 1, err, sizeof err) < 0) rc = -1;
+        if (rc == 0 && bk_sync(bk, NULL) < 0) snprintf(err, sizeof err, "%s", bk_error(bk)), rc = -1;
+        if (rc < 0) {
+            t_fail(t, __FILE__, __LINE__, "launch %d (%s): %s", li, l->kernel, err);
+            break;
+        }
+        ref_run(c, l->node0, l->node1);
+        for (int a = l->nin; a < l->nargs; a++) {
+            int tid = l->arg[a];
+            long n = ir_numel(&g->t[tid].shape, B, S);
+            if (exec_download(&x, tid, hf, err, sizeof err) < 0) {
+                t_fail(t, __FILE__, __LINE__, "%s", err);
+                rc = -1;
+                break;
+            }
+            ref_dense(c, g, tid, hr);
+            for (long k = 0; k < n; k++) hd[k] = hf[k];
+            double e = t_relerr(hd, hr, n);
+            if (!(e <= tol)) {
+                char shp[64];
+                ir_shape_str(&g->t[tid].shape, shp, sizeof shp);
+                t_fail(t, __FILE__, __LINE__, "launch %d %s (nodes %s..) output %s %s: relative error %.3g > %.1g",
+                       li, l->kernel, op_get(g->n[l->node0].op)->name, g->t[tid].name, shp, e, tol);
+                rc = -1;
+                break;
+            }
+        }
+    }
+    free(hf);
+    free(hd);
+    free(hr);
+    ref_destroy(c);
+    exec_destroy(&x);
+    plan_free(&p);
+    return rc;
+}

@@ -1,0 +1,142 @@
+/* Every kernel template, rendered for OpenCL and run on PoCL, against the fp64 reference:
+ * one small graph per primitive (its forward and the nodes its gradient rule emits) on
+ * awkward sizes, then whole models. */
+#include "frontend.h"
+#include "kernelcheck.h"
+#include "op.h"
+#include "test.h"
+
+#include <stdio.h>
+#include <string.h>
+
+#define SH(...) ir_shape_make(sizeof((int[]){__VA_ARGS__}) / sizeof(int), (int[]){__VA_ARGS__})
+
+typedef struct {
+    const char *op;
+    int nin;
+    ir_shape in[12];
+    ir_dtype dt[12];
+    long ia[IR_MAX_IATTR];
+    double fa[IR_MAX_FATTR];
+    int vocab;
+    long S;
+} kcase;
+
+/* forward node + gradient-rule nodes fed by a random upstream gradient */
+static int build_case(const kcase *kc, ir_graph *g, char *err, size_t len) {
+    ir_init_graph(g);
+    int in[12];
+    for (int i = 0; i < kc->nin; i++)
+        in[i] = ir_tensor_new(g, NULL, kc->in[i], kc->dt[i], kc->dt[i] == DT_I32 ? ROLE_INPUT : ROLE_PARAM);
+    const op_def *d = op_get(op_find(kc->op));
+    long ia[IR_MAX_IATTR];
+    double fa[IR_MAX_FATTR];
+    memcpy(ia, d->ia_default, sizeof ia);
+    memcpy(fa, d->fa_default, sizeof fa);
+    for (int i = 0; i < IR_MAX_IATTR; i++) if (kc->ia[i]) ia[i] = kc->ia[i];
+    for (int i = 0; i < IR_MAX_FATTR; i++) if (kc->fa[i]) fa[i] = kc->fa[i];
+    int out[IR_MAX_IO];
+    if (ir_emit(g, kc->op, in, kc->nin, ia, fa, out) < 0) {
+        snprintf(err, len, "%s", g->err);
+        return -1;
+    }
+    if (!d->grad) return 0;
+    int dout[IR_MAX_IO], din[IR_MAX_IO];
+    for (int i = 0; i < IR_MAX_IO; i++) dout[i] = din[i] = -1;
+    dout[0] = ir_tensor_new(g, "dy", g->t[out[0]].shape, DT_F32, ROLE_PARAM);
+    g->backward_start = g->nn;
+    if (d->grad(g, 0, dout, din) < 0) {
+        snprintf(err, len, "grad: %s", g->err);
+        return -1;
+    }
+    return 0;
+}
+
+static void run_cases(tctx *t, const kcase *cases, int n) {
+    backend *bk = kc_opencl(t);
+    if (!bk) return;
+    for (int i = 0; i < n && !t->failed; i++) {
+        ir_graph g;
+        char err[600];
+        if (build_case(&cases[i], &g, err, sizeof err) < 0) {
+            t_fail(t, __FILE__, __LINE__, "%s case %d: %s", cases[i].op, i, err);
+            ir_free(&g);
+            break;
+        }
+        kc_check_graph(t, bk, &g, 2, cases[i].S ? cases[i].S : 13, 1e-5, cases[i].vocab ? cases[i].vocab : 1);
+        if (t->failed) {
+            char m[sizeof t->msg];
+            snprintf(m, sizeof m, "%s", t->msg);
+            snprintf(t->msg, sizeof t->msg, "%s case %d: %.900s", cases[i].op, i, m);
+        }
+        ir_free(&g);
+    }
+    bk_destroy(bk);
+}
+
+#define F2 {DT_F32, DT_F32}
+
+TEST(kernels_elementwise) {
+    const kcase c[] = {
+        {"add", 2, {SH(DIM_B, DIM_S, 5), SH(DIM_B, DIM_S, 5)}, F2, {0}, {0}, 0, 0},
+        {"mul", 2, {SH(DIM_B, DIM_S, 300), SH(DIM_B, DIM_S, 300)}, F2, {0}, {0}, 0, 0},
+        {"silu", 1, {SH(DIM_B, DIM_S, 3, 7)}, {DT_F32}, {0}, {0}, 0, 0},
+        {"copy", 1, {SH(DIM_B, DIM_S, 9)}, {DT_F32}, {0}, {0}, 0, 0},
+    };
+    run_cases(t, c, sizeof c / sizeof c[0]);
+}
+
+TEST(kernels_dense) {
+    const kcase c[] = {
+        {"matmul", 2, {SH(DIM_B, DIM_S, 7), SH(5, 7)}, F2, {0}, {0}, 0, 0},
+        {"matmul", 2, {SH(DIM_B, DIM_S, 67), SH(129, 67)}, F2, {0}, {0}, 0, 0},
+        {"matmul", 2, {SH(DIM_B, DIM_S, 7), SH(7, 3)}, F2, {1}, {0}, 0, 0},
+        {"matmul", 2, {SH(DIM_B, DIM_S, 2, 6), SH(4, 6)}, F2, {0}, {0}, 0, 0},
+        {"rmsnorm", 2, {SH(DIM_B, DIM_S, 9), SH(9)}, F2, {0}, {1e-5}, 0, 0},
+        {"rmsnorm", 2, {SH(DIM_B, DIM_S, 130), SH(130)}, F2, {0}, {1e-5}, 0, 0},
+        {"embedding", 2, {SH(DIM_B, DIM_S), SH(11, 4)}, {DT_I32, DT_F32}, {0}, {0}, 11, 0},
+        {"embedding", 2, {SH(DIM_B, DIM_S), SH(256, 33)}, {DT_I32, DT_F32}, {0}, {0}, 256, 0},
+        {"cross_entropy", 2, {SH(DIM_B, DIM_S, 13), SH(DIM_B, DIM_S)}, {DT_F32, DT_I32}, {0}, {0}, 13, 0},
+        {"cross_entropy", 2, {SH(DIM_B, DIM_S, 256), SH(DIM_B, DIM_S)}, {DT_F32, DT_I32}, {0}, {0}, 256, 0},
+    };
+    run_cases(t, c, sizeof c / sizeof c[0]);
+}
+
+TEST(kernels_attention) {
+    const kcase c[] = {
+        {"rope", 1, {SH(DIM_B, DIM_S, 3, 8)}, {DT_F32}, {0, 3}, {0}, 0, 0},
+        {"rope", 1, {SH(DIM_B, DIM_S, 2, 64)}, {DT_F32}, {0}, {0}, 0, 0},
+        {"attention", 3, {SH(DIM_B, DIM_S, 4, 8), SH(DIM_B, DIM_S, 2, 8), SH(DIM_B, DIM_S, 2, 8)}, {DT_F32, DT_F32, DT_F32}, {3}, {0}, 0, 37},
+        {"attention", 3, {SH(DIM_B, DIM_S, 2, 64), SH(DIM_B, DIM_S, 2, 64), SH(DIM_B, DIM_S, 2, 64)}, {DT_F32, DT_F32, DT_F32}, {100}, {0}, 0, 37},
+        {"attention", 3, {SH(DIM_B, DIM_S, 1, 16), SH(DIM_B, DIM_S, 1, 16), SH(DIM_B, DIM_S, 1, 16)}, {DT_F32, DT_F32, DT_F32}, {1}, {0}, 0, 20},
+        {"attention", 3, {SH(DIM_B, DIM_S, 6, 32), SH(DIM_B, DIM_S, 3, 32), SH(DIM_B, DIM_S, 3, 32)}, {DT_F32, DT_F32, DT_F32}, {17}, {0}, 0, 70},
+    };
+    run_cases(t, c, sizeof c / sizeof c[0]);
+}
+
+TEST(kernels_mamba3) {
+#define M3(H, P, N, NA) {SH(DIM_B, DIM_S, H, P), SH(DIM_B, DIM_S, N), SH(DIM_B, DIM_S, N), SH(DIM_B, DIM_S, H), \
+                          SH(DIM_B, DIM_S, H), SH(DIM_B, DIM_S, H), SH(DIM_B, DIM_S, NA), SH(H), SH(H, N), SH(H, N), SH(H)}
+#define F11 {DT_F32, DT_F32, DT_F32, DT_F32, DT_F32, DT_F32, DT_F32, DT_F32, DT_F32, DT_F32, DT_F32}
+    const kcase c[] = {
+        {"mamba3_scan", 11, M3(2, 8, 8, 2), F11, {4}, {0}, 0, 13},
+        {"mamba3_scan", 11, M3(3, 16, 16, 4), F11, {16}, {0}, 0, 37},
+        {"mamba3_scan", 11, M3(1, 4, 8, 1), F11, {64}, {0}, 0, 9},
+    };
+    run_cases(t, c, sizeof c / sizeof c[0]);
+}
+
+static void check_model(tctx *t, const char *path, long B, long S) {
+    realm_model m;
+    char err[1024];
+    CHECK(model_load(path, &m, err, sizeof err) == 0, "%s", err);
+    CHECK(ir_autodiff(&m.g) == 0, "autodiff: %s", m.g.err);
+    backend *bk = kc_opencl(t);
+    if (bk) {
+        kc_check_graph(t, bk, &m.g, B, S, 1e-5, m.vocab);
+        bk_destroy(bk);
+    }
+    model_free(&m);
+}
+
+TEST(kernels_tiny_model_every_launch) { check_model(t, "models/tiny.lua", 2, 37); }
