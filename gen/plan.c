@@ -144,6 +144,12 @@ int plan_build(plan *p, const ir_graph *g, int node0, int node1, const char *dia
     }
     for (int t = 0; t < nt; t++)
         if (p->persist[t] && g->t[t].base == t) p->stored[t] = 1;
+    /* values flowing in from outside the compiled range live in the arena */
+    for (int i = node0; i < node1; i++)
+        for (int q = 0; q < g->n[i].nin; q++) {
+            int t = g->n[i].in[q], pr = g->t[t].producer;
+            if (pr < node0 || pr >= node1) p->stored[g->t[t].base] = 1;
+        }
     free(aliased);
 
     int rc = 0;

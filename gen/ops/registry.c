@@ -11,6 +11,7 @@ extern const op_def op_fill, op_copy;
 extern const op_def op_cross_entropy, op_cross_entropy_bwd;
 extern const op_def op_rope, op_attention, op_attention_bwd;
 extern const op_def op_mamba3_scan, op_mamba3_scan_bwd;
+extern const op_def op_sumsq, op_adamw;
 
 static const op_def *const registry[] = {
     &op_embedding, &op_embedding_bwd,
@@ -21,6 +22,7 @@ static const op_def *const registry[] = {
     &op_cross_entropy, &op_cross_entropy_bwd,
     &op_rope, &op_attention, &op_attention_bwd,
     &op_mamba3_scan, &op_mamba3_scan_bwd,
+    &op_sumsq, &op_adamw,
 };
 
 int op_count(void) { return (int)(sizeof registry / sizeof registry[0]); }

@@ -1,0 +1,51 @@
+/* Appends the optimizer to a differentiated graph, so one plan is one whole training step:
+ * the global gradient norm (sumsq over every parameter gradient) and one in-place AdamW node
+ * per parameter. Weight decay applies to the weight matrices (parameters initialised from a
+ * normal distribution: linear layers and the embedding), not to norms, biases, dt or D. */
+#include "optimizer.h"
+
+#include "op.h"
+
+#include <stdio.h>
+#include <string.h>
+
+int ir_add_optimizer(ir_graph *g, ir_optimizer *o) {
+    memset(o, 0, sizeof *o);
+    ir_scope_set(g, 0);
+    int prev = ir_scope_push(g, "optimizer", "optimizer");
+    o->first_node = g->nn;
+    o->hyper = ir_tensor_new(g, "hyper", ir_shape_make(1, (int[]){8}), DT_F32, ROLE_INPUT);
+    int params[4096], np = 0;
+    for (int i = 0; i < g->nt && np < 4096; i++)
+        if (g->t[i].role == ROLE_PARAM && g->t[i].base == i && g->t[i].grad >= 0) params[np++] = i;
+    /* sum of squares in groups that fit one node, then added up */
+    int total = -1;
+    for (int i = 0; i < np; i += IR_MAX_IO) {
+        int in[IR_MAX_IO], n = 0, part;
+        for (int k = i; k < np && n < IR_MAX_IO; k++) in[n++] = g->t[params[k]].grad;
+        if (ir_emit(g, "sumsq", in, n, NULL, NULL, &part) < 0) return -1;
+        if (total < 0) total = part;
+        else {
+            int a[2] = {total, part};
+            if (ir_emit(g, "add", a, 2, NULL, NULL, &total) < 0) return -1;
+        }
+    }
+    o->sumsq = total;
+    for (int i = 0; i < np; i++) {
+        int p = params[i];
+        char name[160];
+        snprintf(name, sizeof name, "%.120s.m", g->t[p].name);
+        int m = ir_tensor_new(g, name, g->t[p].shape, DT_F32, ROLE_OPT);
+        snprintf(name, sizeof name, "%.120s.v", g->t[p].name);
+        int v = ir_tensor_new(g, name, g->t[p].shape, DT_F32, ROLE_OPT);
+        g->t[m].init = g->t[v].init = INIT_ZEROS;
+        long ia[IR_MAX_IATTR] = {g->t[p].init == INIT_NORMAL};
+        int in[6] = {p, g->t[p].grad, m, v, total, o->hyper}, out[3];
+        if (ir_emit(g, "adamw", in, 6, ia, NULL, out) < 0) return -1;
+        ir_retarget(g, out[0], p, 0);
+        ir_retarget(g, out[1], m, 0);
+        ir_retarget(g, out[2], v, 0);
+    }
+    ir_scope_set(g, prev);
+    return 0;
+}
