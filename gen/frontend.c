@@ -12,12 +12,13 @@
 
 /* A model file is untrusted input: bound its memory and running time. */
 #define FE_MEM_LIMIT (512u << 20)
-#define FE_INSTR_LIMIT 400000000L
+#define FE_INSTR_LIMIT 50000000L
 
 typedef struct {
     ir_graph *g;
     const char *chunk;       /* model path as shown in messages */
     char origin[300];        /* "file:line" of the block being built, set by the library */
+    int last_line;           /* last line of the model file that ran (survives tail calls) */
     size_t mem;
     long instr;
 } fe_ctx;
@@ -50,8 +51,14 @@ static fe_ctx *get_fe(lua_State *L) {
 static int fe_error(lua_State *L, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 
 static void count_hook(lua_State *L, lua_Debug *ar) {
-    (void)ar;
     fe_ctx *fe = get_fe(L);
+    if (ar->event == LUA_HOOKLINE) {
+        /* `return nn.model { ... }` is a tail call: the model file's frame is gone by the time
+         * the library checks its arguments, so remember where the file last was. */
+        if (lua_getinfo(L, "S", ar) && ar->source[0] == '@' && strcmp(ar->source + 1, fe->chunk) == 0)
+            fe->last_line = ar->currentline;
+        return;
+    }
     fe->instr += 100000;
     if (fe->instr > FE_INSTR_LIMIT) fe_error(L, "model file ran too long (infinite loop?)");
 }
@@ -72,15 +79,8 @@ static void error_location(lua_State *L, char *buf, size_t len) {
         snprintf(buf, len, "%s", fe->origin);
         return;
     }
-    for (int lv = 0; lua_getstack(L, lv, &ar); lv++) {
-        lua_getinfo(L, "Sl", &ar);
-        if (ar.currentline > 0) {
-            snprintf(buf, len, "%s:%d", ar.source[0] == '@' ? ar.source + 1 : ar.short_src, ar.currentline);
-            return;
-        }
-    }
-    /* Nothing of the file is on the stack (it has returned): blame its first line. */
-    snprintf(buf, len, "%s:1", fe->chunk);
+    /* Nothing of the file is on the stack (it has returned, or tail-called the library). */
+    snprintf(buf, len, "%s:%d", fe->chunk, fe->last_line > 0 ? fe->last_line : 1);
 }
 
 static int fe_error(lua_State *L, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
@@ -392,6 +392,20 @@ static void push_graph(lua_State *L, fe_ctx *fe) {
 
 /* ---- sandbox ---- */
 
+/* "path:line" of the model-file line running now (or last run): where a block is declared. */
+static int model_location(lua_State *L) {
+    char loc[400];
+    fe_ctx *fe = get_fe(L);
+    const char *o = fe->origin;
+    char saved[sizeof fe->origin];
+    memcpy(saved, o, sizeof saved);
+    fe->origin[0] = 0;
+    error_location(L, loc, sizeof loc);
+    memcpy(fe->origin, saved, sizeof saved);
+    lua_pushstring(L, loc);
+    return 1;
+}
+
 static const char *const SAFE_GLOBALS[] = {"assert", "error", "ipairs", "next", "pairs", "pcall", "select",
                                            "tonumber", "tostring", "type", "xpcall", "setmetatable",
                                            "getmetatable", "rawequal", "rawget", "rawset", "rawlen",
@@ -404,12 +418,8 @@ static void push_env(lua_State *L, int with_debug) {
         lua_setfield(L, -2, SAFE_GLOBALS[i]);
     }
     if (with_debug) {     /* the library records where blocks are declared */
-        lua_newtable(L);
-        lua_getglobal(L, "debug");
-        lua_getfield(L, -1, "getinfo");
-        lua_setfield(L, -3, "getinfo");
-        lua_pop(L, 1);
-        lua_setfield(L, -2, "debug");
+        lua_pushcfunction(L, model_location);
+        lua_setfield(L, -2, "model_location");
     }
 }
 
@@ -554,7 +564,7 @@ int model_load_string(const char *src, size_t len, const char *chunkname, realm_
     luaL_requiref(L, LUA_UTF8LIBNAME, luaopen_utf8, 1);
     luaL_requiref(L, LUA_DBLIBNAME, luaopen_debug, 1);
     lua_settop(L, 0);
-    lua_sethook(L, count_hook, LUA_MASKCOUNT, 100000);
+    lua_sethook(L, count_hook, LUA_MASKCOUNT | LUA_MASKLINE, 100000);
     luaL_newmetatable(L, TENSOR_MT);
     static const luaL_Reg tm[] = {{"__add", t_add}, {"__mul", t_mul}, {"__tostring", t_tostring}, {NULL, NULL}};
     luaL_setfuncs(L, tm, 0);

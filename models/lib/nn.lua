@@ -4,13 +4,8 @@
 -- points at the line of the model file that caused it.
 local nn = {}
 
--- "file:line" of the model-file line that called the constructor (level 3 from here).
-local function caller(level)
-  local info = debug.getinfo((level or 2) + 1, "Sl")
-  if not info then return "?" end
-  local src = info.source:sub(1, 1) == "@" and info.source:sub(2) or info.short_src
-  return src .. ":" .. info.currentline
-end
+-- "file:line" of the model-file line that is running: where a block is being declared.
+local function caller() return model_location() end
 
 local function fail(where, msg) error(where .. ": " .. msg, 0) end
 
@@ -61,7 +56,7 @@ end
 -- (rotary) state on B/C with NA = N * rope_fraction / 2 angles, BC RMSNorm with per-head
 -- biases, D skip, silu(z) gate, no short convolution.
 function nn.mamba3(cfg)
-  local where = caller(2)
+  local where = caller()
   check_fields(cfg, where, set("d_state", "headdim", "expand", "chunk", "rope_fraction",
     "dt_min", "dt_max", "dt_floor", "recompute"), "nn.mamba3")
   local c = {
@@ -108,7 +103,7 @@ end
 
 -- Sliding-window causal attention with RoPE on q and k; grouped KV heads optional.
 function nn.attention(cfg)
-  local where = caller(2)
+  local where = caller()
   check_fields(cfg, where, set("heads", "kv_heads", "head_dim", "window", "rope_base", "recompute"),
     "nn.attention")
   local c = {
@@ -148,7 +143,7 @@ end
 
 -- SwiGLU MLP: W_out (silu(a) * b) with [a | b] = W_in x.
 function nn.swiglu(cfg)
-  local where = caller(2)
+  local where = caller()
   check_fields(cfg, where, set("hidden", "recompute"), "nn.swiglu")
   local hidden = size(cfg, "hidden", where)
   return {
@@ -164,7 +159,7 @@ end
 -- A user-defined block: nn.block { kind = "name", build = function(g, x, ctx) ... end }.
 -- A bare function(g, x, ctx) is accepted wherever a block is.
 function nn.block(cfg)
-  local where = caller(2)
+  local where = caller()
   if type(cfg) ~= "table" or type(cfg.build) ~= "function" then
     fail(where, "nn.block needs a build function")
   end
@@ -181,7 +176,7 @@ end
 
 -- repeat_pattern("MMMA", 2, {M = ..., A = ...}) -> the blocks M M M A M M M A
 function nn.repeat_pattern(pattern, times, blocks)
-  local where = caller(2)
+  local where = caller()
   if type(pattern) ~= "string" or #pattern == 0 then fail(where, "pattern must be a non-empty string") end
   if not is_int(times) or times < 1 then fail(where, "repeat count must be a positive integer") end
   if type(blocks) ~= "table" then fail(where, "repeat_pattern needs a table of blocks") end
@@ -199,7 +194,7 @@ end
 -- The model: embedding, pre-norm residual blocks (each mixer followed by the MLP when one is
 -- given), final RMSNorm, LM head (tied to the embedding unless tie_embeddings = false).
 function nn.model(cfg)
-  local where = caller(2)
+  local where = caller()
   check_fields(cfg, where, set("name", "vocab", "d_model", "blocks", "mlp", "tie_embeddings", "norm_eps",
     "train", "init_std"), "nn.model")
   local vocab = size(cfg, "vocab", where, 256)

@@ -1,2 +1,2 @@
--- expect: 1: the model file must return a model
+-- expect: 2: the model file must return a model
 local x = 1
