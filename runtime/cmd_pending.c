@@ -19,10 +19,6 @@ int cmd_kernels(int argc, char **argv) {
     return pending("kernels", "MODEL.lua --backend cuda|opencl [--arch sm_XY] --out DIR",
                    "Generate the training and sampling kernels of a model and compile them.", argc, argv);
 }
-int cmd_train(int argc, char **argv) {
-    return pending("train", "MODEL.lua --data CORPUS --out RUN [options]",
-                   "Train a model; resumes when RUN already holds a checkpoint.", argc, argv);
-}
 int cmd_eval(int argc, char **argv) {
     return pending("eval", "RUN --data FILE", "Bits per byte of a trained run on held-out text.", argc, argv);
 }
