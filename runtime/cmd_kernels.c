@@ -1,0 +1,139 @@
+/* realm kernels: render a model's training-step and forward kernels for a backend, write them
+ * (and the launch plan) for inspection, and compile them — for CUDA with NVRTC alone, so
+ * kernels for any architecture can be built on a machine without a GPU. */
+#include "backend.h"
+#include "cli.h"
+#include "frontend.h"
+#include "fsutil.h"
+#include "optimizer.h"
+#include "plan.h"
+
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+static int write_text(const char *dir, const char *name, const char *text, size_t len, char *err, size_t errlen) {
+    char path[1400];
+    snprintf(path, sizeof path, "%.1000s/%s", dir, name);
+    return fs_write_atomic(path, text, len, err, errlen);
+}
+
+/* Render (and compile) one plan; returns 0, 1 (compile failure) or 2 (bad input). */
+static int one_plan(const char *what, const ir_graph *g, int nodes, const int *keep, int nkeep, const char *bkname,
+                    const char *arch, const char *out, long B, long S, int *nkernels) {
+    char err[8192];
+    plan p;
+    if (plan_build(&p, g, 0, nodes, bkname, keep, nkeep, err, sizeof err) < 0) {
+        fprintf(stderr, "realm kernels: %s\n", err);
+        return 1;
+    }
+    *nkernels = p.kg.nbodies;
+    int rc = 0;
+    const char *ext = strcmp(bkname, "cuda") == 0 ? "cu" : "cl";
+    if (out) {
+        char name[64];
+        strbuf desc = {0};
+        plan_describe(&p, B, S, &desc);
+        snprintf(name, sizeof name, "%s.%s", what, ext);
+        if (write_text(out, name, p.kg.src.s, p.kg.src.n, err, sizeof err) < 0) rc = 2;
+        snprintf(name, sizeof name, "%s.plan", what);
+        if (rc == 0 && write_text(out, name, desc.s, desc.n, err, sizeof err) < 0) rc = 2;
+        sb_free(&desc);
+        if (rc) fprintf(stderr, "realm kernels: %s\n", err);
+    }
+    if (rc == 0 && strcmp(bkname, "cuda") == 0) {
+        void *cubin = NULL;
+        size_t len = 0;
+        if (cuda_compile_only(p.kg.src.s, arch, "", &cubin, &len, err, sizeof err) < 0) {
+            fprintf(stderr, "realm kernels: %s kernels for %s: %s\n", what, arch, err);
+            rc = 1;
+        } else {
+            printf("%-8s %3d kernels, %3d launches: compiled for %s (%zu-byte CUBIN)\n", what, p.kg.nbodies, p.kg.nl,
+                   arch, len);
+            if (out) {
+                char name[64];
+                snprintf(name, sizeof name, "%s.%s.cubin", what, arch);
+                if (write_text(out, name, cubin, len, err, sizeof err) < 0) {
+                    fprintf(stderr, "realm kernels: %s\n", err);
+                    rc = 2;
+                }
+            }
+            free(cubin);
+        }
+    } else if (rc == 0) {
+        backend *bk = bk_create(BK_OPENCL, 0, NULL, err, sizeof err);
+        if (!bk) {
+            fprintf(stderr, "realm kernels: %s\n", err);
+            rc = 1;
+        } else {
+            bk_module *m = bk_compile(bk, p.kg.src.s, "-cl-std=CL1.2", NULL);
+            if (!m) {
+                fprintf(stderr, "realm kernels: %s kernels: %s\n", what, bk_error(bk));
+                rc = 1;
+            } else {
+                printf("%-8s %3d kernels, %3d launches: compiled for %s\n", what, p.kg.nbodies, p.kg.nl, bk_info(bk)->name);
+                bk_module_free(bk, m);
+            }
+            bk_destroy(bk);
+        }
+    }
+    plan_free(&p);
+    return rc;
+}
+
+int cmd_kernels(int argc, char **argv) {
+    const char *bkname = NULL, *arch = "sm_90", *out = NULL, *batch_s = NULL, *seq_s = NULL;
+    const cli_opt opts[] = {
+        {"--backend", "NAME", "cuda or opencl (required)", &bkname, NULL},
+        {"--arch", "sm_XY", "CUDA architecture to compile for (default sm_90); needs no GPU", &arch, NULL},
+        {"--out", "DIR", "write the kernel source, the launch plans and the binaries here", &out, NULL},
+        {"--batch", "B", "batch for the memory plan written with --out (default: train.batch)", &batch_s, NULL},
+        {"--seq", "S", "sequence length for that memory plan (default: train.seq)", &seq_s, NULL},
+        {NULL, NULL, NULL, NULL, NULL},
+    };
+    const char *pos[1];
+    int npos, done;
+    int rc = cli_parse("kernels", "MODEL.lua --backend cuda|opencl [--arch sm_XY] [--out DIR]",
+                       "Generate the kernels of a model's training step (forward, backward, optimizer) and of its\n"
+                       "forward pass, and compile them. CUDA needs only NVRTC, not a GPU.",
+                       argc, argv, opts, pos, 1, 1, &npos, &done);
+    if (rc || done) return rc;
+    if (!bkname || (strcmp(bkname, "cuda") != 0 && strcmp(bkname, "opencl") != 0)) {
+        fprintf(stderr, "realm kernels: --backend must be cuda or opencl\n");
+        return 2;
+    }
+    if (strncmp(arch, "sm_", 3) != 0 || strlen(arch) < 5) {
+        fprintf(stderr, "realm kernels: --arch must look like sm_90, got '%s'\n", arch);
+        return 2;
+    }
+    char err[2048];
+    realm_model m;
+    if (model_load(pos[0], &m, err, sizeof err) < 0) {
+        fprintf(stderr, "%s\n", err);
+        return 2;
+    }
+    long B = m.train.batch, S = m.train.seq;
+    if ((batch_s && cli_long("kernels", "--batch", batch_s, 1, 1L << 20, &B)) ||
+        (seq_s && cli_long("kernels", "--seq", seq_s, 1, 1L << 24, &S))) {
+        model_free(&m);
+        return 2;
+    }
+    if (out && mkdir(out, 0777) < 0 && errno != EEXIST) {
+        fprintf(stderr, "realm kernels: %s: %s\n", out, strerror(errno));
+        model_free(&m);
+        return 2;
+    }
+    int nfwd = m.g.nn, keep[2] = {m.loss, m.logits}, nk = 0;
+    ir_optimizer opt;
+    if (ir_autodiff(&m.g) < 0 || ir_add_optimizer(&m.g, &opt) < 0) {
+        fprintf(stderr, "%s: %s\n", pos[0], m.g.err);
+        model_free(&m);
+        return 2;
+    }
+    rc = one_plan("forward", &m.g, nfwd, keep, 2, bkname, arch, out, B, S, &nk);
+    if (rc == 0) rc = one_plan("train", &m.g, m.g.nn, keep, 1, bkname, arch, out, B, S, &nk);
+    model_free(&m);
+    return rc;
+}
