@@ -195,3 +195,63 @@ TEST(optimizer_first_step) {
     ref_destroy(c);
     ir_free(&g);
 }
+
+/* Dense templates at sizes that cross tile and work-group edges (several row tiles, K and N
+ * not multiples of the tile, rows of more than 256 values, more tokens than one id tile),
+ * several rows per token, and a constant-shaped matmul. */
+TEST(kernels_dense_edges) {
+    const kcase c[] = {
+        {"matmul", 2, {SH(DIM_B, DIM_S, 70), SH(130, 70)}, F2, {0}, {0}, 0, 100},
+        {"matmul", 2, {SH(DIM_B, DIM_S, 3, 5), SH(5, 70)}, F2, {1}, {0}, 0, 50},
+        {"matmul", 2, {SH(6, 7), SH(5, 7)}, F2, {0}, {0}, 0, 0},
+        {"rmsnorm", 2, {SH(DIM_B, DIM_S, 300), SH(300)}, F2, {0}, {1e-5}, 0, 40},
+        {"rmsnorm", 2, {SH(DIM_B, DIM_S, 2, 9), SH(9)}, F2, {0}, {1e-3}, 0, 0},
+        {"embedding", 2, {SH(DIM_B, DIM_S), SH(7, 300)}, {DT_I32, DT_F32}, {0}, {0}, 7, 300},
+        {"cross_entropy", 2, {SH(DIM_B, DIM_S, 300), SH(DIM_B, DIM_S)}, {DT_F32, DT_I32}, {0}, {0}, 300, 200},
+        {"cross_entropy", 2, {SH(DIM_B, DIM_S, 2, 5), SH(DIM_B, DIM_S, 2)}, {DT_F32, DT_I32}, {0}, {0}, 5, 0},
+    };
+    run_cases(t, c, sizeof c / sizeof c[0]);
+}
+
+/* The dense templates on strided views: inputs that are slices of wider tensors (token stride
+ * larger than the row, a feature offset) and outputs written into slices. */
+TEST(kernels_dense_views) {
+    ir_graph g;
+    ir_init_graph(&g);
+    int xa = ir_tensor_new(&g, "xa", SH(DIM_B, DIM_S, 40), DT_F32, ROLE_PARAM);
+    int xb = ir_tensor_new(&g, "xb", SH(DIM_B, DIM_S, 23), DT_F32, ROLE_PARAM);
+    int ya = ir_tensor_new(&g, "ya", SH(DIM_B, DIM_S, 30), DT_F32, ROLE_PARAM);
+    int ids = ir_tensor_new(&g, "ids", SH(DIM_B, DIM_S, 3), DT_I32, ROLE_INPUT);
+    int w = ir_tensor_new(&g, "w", SH(9, 7), DT_F32, ROLE_PARAM);
+    int w2 = ir_tensor_new(&g, "w2", SH(7, 5), DT_F32, ROLE_PARAM);
+    int nw = ir_tensor_new(&g, "nw", SH(13), DT_F32, ROLE_PARAM);
+    int tab = ir_tensor_new(&g, "tab", SH(11, 6), DT_F32, ROLE_PARAM);
+    int dl = ir_tensor_new(&g, "dl", SH(1), DT_F32, ROLE_PARAM);
+    int x7 = ir_view(&g, xa, SH(DIM_B, DIM_S, 2, 7), 3, "x7");
+    int x13 = ir_view(&g, xa, SH(DIM_B, DIM_S, 2, 13), 11, "x13");
+    int b6 = ir_view(&g, xb, SH(DIM_B, DIM_S, 2, 6), 4, "b6");
+    int d13 = ir_view(&g, xb, SH(DIM_B, DIM_S, 13), 9, "d13");
+    int y9 = ir_view(&g, ya, SH(DIM_B, DIM_S, 2, 9), 5, "y9");
+    int e6 = ir_view(&g, ya, SH(DIM_B, DIM_S, 6), 23, "e6");
+    int tg = ir_view(&g, ids, SH(DIM_B, DIM_S, 2), 1, "tg");
+    int tok = ir_view(&g, ids, SH(DIM_B, DIM_S), 2, "tok");
+    int out[IR_MAX_IO];
+    long tr1[IR_MAX_IATTR] = {1};
+    double eps[IR_MAX_FATTR] = {1e-5};
+    long vocab[IR_MAX_IATTR] = {11};
+    CHECK(ir_emit_into(&g, "matmul", (int[]){x7, w}, 2, NULL, NULL, y9) >= 0, "%s", g.err);
+    CHECK(ir_emit(&g, "matmul", (int[]){x7, w2}, 2, tr1, NULL, out) == 1, "%s", g.err);
+    CHECK(ir_emit(&g, "matmul_wgrad", (int[]){x7, b6}, 2, NULL, NULL, out) == 1, "%s", g.err);
+    CHECK(ir_emit(&g, "rmsnorm", (int[]){x13, nw}, 2, NULL, eps, out) == 1, "%s", g.err);
+    CHECK(ir_emit(&g, "rmsnorm_bwd", (int[]){x13, nw, x13}, 3, NULL, eps, out) == 2, "%s", g.err);
+    CHECK(ir_emit(&g, "cross_entropy", (int[]){x13, tg}, 2, NULL, NULL, out) == 1, "%s", g.err);
+    CHECK(ir_emit(&g, "cross_entropy_bwd", (int[]){x13, tg, dl}, 3, NULL, NULL, out) == 1, "%s", g.err);
+    CHECK(ir_emit_into(&g, "embedding", (int[]){tok, tab}, 2, NULL, NULL, e6) >= 0, "%s", g.err);
+    CHECK(ir_emit(&g, "embedding_bwd", (int[]){tok, d13}, 2, vocab, NULL, out) == 1, "%s", g.err);
+    backend *bk = kc_opencl(t);
+    if (bk) {
+        kc_check_graph(t, bk, &g, 3, 11, 1e-5, 11);
+        bk_destroy(bk);
+    }
+    ir_free(&g);
+}

@@ -2,6 +2,7 @@
  * (trans = 1). x is [..., K]; y is [..., N]. W must be a constant-shaped matrix.
  * Gradient: dx = matmul(dy, W) with the other transposition; dW = matmul_wgrad, which
  * contracts over every row: matmul_wgrad(a [..., P], b [..., Q]) = sum_rows a^T b : [P, Q]. */
+#include "kgen.h"
 #include "op.h"
 
 #include <stdio.h>
@@ -79,7 +80,150 @@ static double flops_wgrad(const ir_graph *g, const ir_node *n, long B, long S) {
     return 2.0 * (double)ir_numel(a, B, S) * b->d[b->ndim - 1];
 }
 
+/* ---- kernel templates ----
+ * Both kernels compute one 64x64 output tile per work-group of 256: work-item (tx, ty) owns
+ * the 4x4 outputs at rows ty + 16i, cols tx + 16j, so its reads of the shared tiles are
+ * broadcasts (rows) or consecutive (cols). The contraction dim goes through LOCAL memory 16
+ * at a time and every output is summed by one work-item in a fixed order: deterministic. */
+#define MT 64      /* output tile edge */
+#define KT 16      /* contraction slice per step */
+
+/* Element offset of row `r` (a C expression) of tensor t read as rows of `len` values: the
+ * rows of one token are contiguous and tokens are ld apart (strided views). */
+static const char *row_at(char *buf, size_t n, const kgen *k, int t, long len, const char *r) {
+    long per = kg_feat(k, t) / len, ld = kg_ld(k, t);
+    if (per == 1) snprintf(buf, n, "(%s) * %ld", r, ld);
+    else snprintf(buf, n, "((%s) / %ld) * %ld + ((%s) %% %ld) * %ld", r, per, ld, r, per, len);
+    return buf;
+}
+
+/* Grid dim `dim` covering (rows per token) x (token count of t), `div` rows per group. */
+static void grid_rows(kgen *k, int dim, int t, long per, long div) {
+    const ir_shape *s = &k->g->t[t].shape;
+    int nt = ir_ntok_dims(s);
+    if (nt == 2) kg_grid(k, dim, 0, 0, 0, per, div);
+    else if (nt == 1) kg_grid(k, dim, 0, s->d[0] == DIM_B ? per : 0, s->d[0] == DIM_S ? per : 0, 0, div);
+    else kg_grid(k, dim, per, 0, 0, 0, div);
+}
+
+/* Inside the contraction loop: acc[i][j] += as[kk][row i] * bs[kk][col j] over one KT slice;
+ * the closing barrier lets the next slice overwrite the tiles. */
+static void emit_tile_mac(kgen *k) {
+    kg_line(k, "    BARRIER();");
+    kg_line(k, "    for (int kk = 0; kk < %d; kk++) {", KT);
+    kg_line(k, "        float a[4], b[4];");
+    kg_line(k, "        for (int i = 0; i < 4; i++) { a[i] = as[kk][ty + 16 * i]; b[i] = bs[kk][tx + 16 * i]; }");
+    kg_line(k, "        for (int i = 0; i < 4; i++)");
+    kg_line(k, "            for (int j = 0; j < 4; j++) acc[i][j] += a[i] * b[j];");
+    kg_line(k, "    }");
+    kg_line(k, "    BARRIER();");
+}
+
+static void emit_tile_head(kgen *k) {
+    /* +1 column: the transposing stores of the loads hit different banks */
+    kg_line(k, "LOCAL float as[%d][%d];", KT, MT + 1);
+    kg_line(k, "LOCAL float bs[%d][%d];", KT, MT + 1);
+    kg_line(k, "const int tx = LID_X %% 16, ty = LID_X / 16;");
+    kg_line(k, "float acc[4][4];");
+    kg_line(k, "for (int i = 0; i < 4; i++)");
+    kg_line(k, "    for (int j = 0; j < 4; j++) acc[i][j] = 0.0f;");
+}
+
+static int emit(kgen *k, const ir_node *n) {
+    int x = n->in[0], w = n->in[1], y = n->out[0];
+    const ir_shape *xs = &k->g->t[x].shape;
+    long K = xs->d[xs->ndim - 1], N = kg_feat(k, w) / K, per = kg_feat(k, x) / K;
+    int node = (int)(n - k->g->n);
+    char rx[160], ry[160];
+    kg_begin(k, n->ia[0] ? "matmul_nn" : "matmul_nt", node, node + 1);
+    kg_in(k, "x", x);
+    kg_in(k, "w", w);
+    kg_out(k, "y", y);
+    emit_tile_head(k);
+    kg_line(k, "const long M = %s * %ld;", kg_ntok_expr(k, x), per);
+    kg_line(k, "const long m0 = GID_X * %d;", MT);
+    kg_line(k, "const int n0 = (int)GID_Y * %d;", MT);
+    kg_line(k, "for (int k0 = 0; k0 < %ld; k0 += %d) {", K, KT);
+    /* x tile: 16 consecutive k of each row, stored transposed as as[k][row] */
+    kg_line(k, "    for (int i = 0; i < 4; i++) {");
+    kg_line(k, "        const int e = LID_X + 256 * i, r = e / %d, kk = e %% %d;", KT, KT);
+    kg_line(k, "        const long m = m0 + r;");
+    if (K % KT)
+        kg_line(k, "        as[kk][r] = (m < M && k0 + kk < %ld) ? x[%s + k0 + kk] : 0.0f;", K,
+                row_at(rx, sizeof rx, k, x, K, "m"));
+    else
+        kg_line(k, "        as[kk][r] = m < M ? x[%s + k0 + kk] : 0.0f;", row_at(rx, sizeof rx, k, x, K, "m"));
+    kg_line(k, "    }");
+    if (n->ia[0]) {
+        /* W [K,N]: rows of W are k, read along n */
+        kg_line(k, "    for (int i = 0; i < 4; i++) {");
+        kg_line(k, "        const int e = LID_X + 256 * i, kk = e / %d, c = e %% %d;", MT, MT);
+        kg_line(k, "        bs[kk][c] = (k0 + kk < %ld && n0 + c < %ld) ? w[(long)(k0 + kk) * %ld + n0 + c] : 0.0f;", K,
+                N, N);
+        kg_line(k, "    }");
+    } else {
+        /* W [N,K]: read along k like x */
+        kg_line(k, "    for (int i = 0; i < 4; i++) {");
+        kg_line(k, "        const int e = LID_X + 256 * i, c = e / %d, kk = e %% %d;", KT, KT);
+        kg_line(k, "        bs[kk][c] = (n0 + c < %ld && k0 + kk < %ld) ? w[(long)(n0 + c) * %ld + k0 + kk] : 0.0f;", N,
+                K, K);
+        kg_line(k, "    }");
+    }
+    emit_tile_mac(k);
+    kg_line(k, "}");
+    kg_line(k, "for (int i = 0; i < 4; i++) {");
+    kg_line(k, "    const long m = m0 + ty + 16 * i;");
+    kg_line(k, "    if (m >= M) break;");
+    kg_line(k, "    for (int j = 0; j < 4; j++) {");
+    kg_line(k, "        const int c = n0 + tx + 16 * j;");
+    kg_line(k, "        if (c < %ld) y[%s + c] = acc[i][j];", N, row_at(ry, sizeof ry, k, y, N, "m"));
+    kg_line(k, "    }");
+    kg_line(k, "}");
+    grid_rows(k, 0, x, per, MT);
+    kg_grid(k, 1, (N + MT - 1) / MT, 0, 0, 0, 1);
+    kg_block(k, 256, 1, 1);
+    return kg_end(k);
+}
+
+/* out [P,Q] = sum over rows of a^T b: a work-group owns an output tile and walks all rows in
+ * order, KT rows per step. */
+static int emit_wgrad(kgen *k, const ir_node *n) {
+    int a = n->in[0], b = n->in[1], o = n->out[0];
+    const ir_shape *as = &k->g->t[a].shape, *bs = &k->g->t[b].shape;
+    long P = as->d[as->ndim - 1], Q = bs->d[bs->ndim - 1], per = kg_feat(k, a) / P;
+    int node = (int)(n - k->g->n);
+    char ra[160], rb[160];
+    kg_begin(k, "matmul_wgrad", node, node + 1);
+    kg_in(k, "a", a);
+    kg_in(k, "b", b);
+    kg_out(k, "o", o);
+    emit_tile_head(k);
+    kg_line(k, "const long M = %s * %ld;", kg_ntok_expr(k, a), per);
+    kg_line(k, "const int q0 = (int)GID_X * %d, p0 = (int)GID_Y * %d;", MT, MT);
+    kg_line(k, "for (long r0 = 0; r0 < M; r0 += %d) {", KT);
+    kg_line(k, "    for (int i = 0; i < 4; i++) {");
+    kg_line(k, "        const int e = LID_X + 256 * i, rr = e / %d, c = e %% %d;", MT, MT);
+    kg_line(k, "        const long r = r0 + rr;");
+    kg_line(k, "        as[rr][c] = (r < M && p0 + c < %ld) ? a[%s + p0 + c] : 0.0f;", P, row_at(ra, sizeof ra, k, a, P, "r"));
+    kg_line(k, "        bs[rr][c] = (r < M && q0 + c < %ld) ? b[%s + q0 + c] : 0.0f;", Q, row_at(rb, sizeof rb, k, b, Q, "r"));
+    kg_line(k, "    }");
+    emit_tile_mac(k);
+    kg_line(k, "}");
+    kg_line(k, "for (int i = 0; i < 4; i++) {");
+    kg_line(k, "    const int p = p0 + ty + 16 * i;");
+    kg_line(k, "    if (p >= %ld) break;", P);
+    kg_line(k, "    for (int j = 0; j < 4; j++) {");
+    kg_line(k, "        const int q = q0 + tx + 16 * j;");
+    kg_line(k, "        if (q < %ld) o[(long)p * %ld + q] = acc[i][j];", Q, Q);
+    kg_line(k, "    }");
+    kg_line(k, "}");
+    kg_grid(k, 0, (Q + MT - 1) / MT, 0, 0, 0, 1);
+    kg_grid(k, 1, (P + MT - 1) / MT, 0, 0, 0, 1);
+    kg_block(k, 256, 1, 1);
+    return kg_end(k);
+}
+
 const op_def op_matmul = {.name = "matmul", .nin = 2, .nout = 1, .infer = infer, .grad = grad, .ref = ref,
-                          .flops = flops, .iattr = {"trans", NULL}};
+                          .flops = flops, .emit = emit, .iattr = {"trans", NULL}};
 const op_def op_matmul_wgrad = {.name = "matmul_wgrad", .nin = 2, .nout = 1, .infer = infer_wgrad,
-                                .ref = ref_wgrad, .flops = flops_wgrad};
+                                .ref = ref_wgrad, .flops = flops_wgrad, .emit = emit_wgrad};
