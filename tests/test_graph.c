@@ -256,3 +256,16 @@ TEST(param_init_residual_scaling) {
     CHECK(fabs(plain - 0.02) < 1e-12, "in_proj std %g", plain);
     CHECK(fabs(resid - 0.02 / sqrt(16.0)) < 1e-12, "out_proj std %g", resid);
 }
+
+/* The model-language walkthrough (docs/models.md): a block written in the model file trains. */
+TEST(model_example_user_block_gradients) {
+    realm_model m;
+    if (load(t, "models/examples/gated.lua", &m)) return;
+    int found = 0;
+    for (int i = 0; i < m.g.nt; i++) found |= strcmp(m.g.t[i].name, "layers.1.mixer.gate") == 0;
+    char worst[128] = "";
+    double e = gc_model_check(t, &m, 1, 20, 3, worst, sizeof worst);
+    model_free(&m);
+    CHECK(found, "the user block's parameter is missing");
+    CHECK(e <= 1e-6, "normwise relative error %.3g (worst parameter %s)", e, worst);
+}
