@@ -194,6 +194,7 @@ double attn_visible_pairs(long S, long window) {
 
 #ifndef ATTN_MATH_ONLY
 /* ---- primitive glue ---- */
+#include "kgen.h"
 #include "op.h"
 
 enum { IA_WINDOW = 0 };
@@ -321,6 +322,213 @@ static double attention_bwd_flops(const ir_graph *g, const ir_node *n, long B, l
     return 2.5 * attention_flops(g, n, B, S);
 }
 
+/* ---- kernel templates ----
+ * Simple, deterministic versions (no atomics, no LOCAL memory): one work-item per output row,
+ * fp32 throughout, every size, stride, window and the scale baked into the source; only B, S
+ * and T = B*S are runtime values.
+ *   forward       : work-item (tok, h), h fastest. Online softmax over keys lo..s of its
+ *                   sequence (running max m, sum l, Dh accumulators in a private array);
+ *                   writes o row and lse = m + log(l).
+ *   backward dq   : work-item (tok, h): loops over the same keys, p = exp(scale q.k - lse),
+ *                   ds = p * (do.(v_j - o_i)) * scale, dq += ds k_j.
+ *   backward dk/dv: work-item (tok, kv head g): loops over the query heads of the group, then
+ *                   the queries s..min(S-1, s+window-1) that see this key (the reference's
+ *                   order); dv += p do_i, dk += ds q_i.
+ * do.(v_j - o_i) is do.v_j - D_i (D_i = do_i.o_i) written so that a query that only sees
+ * itself (o_i == v_i exactly) gets exactly zero, as the reference does. */
+typedef struct {
+    long H, Hkv, Dh, group, window;
+    char scale[48];
+} attn_consts;
+
+static attn_consts emit_consts(const kgen *k, const ir_node *n) {
+    const ir_shape *q = &k->g->t[n->in[0]].shape, *kk = &k->g->t[n->in[1]].shape;
+    attn_consts c;
+    c.H = q->d[2];
+    c.Hkv = kk->d[2];
+    c.Dh = q->d[3];
+    c.group = c.H / c.Hkv;
+    c.window = n->ia[IA_WINDOW];
+    const double sc = n->fa[FA_SCALE] != 0.0 ? n->fa[FA_SCALE] : 1.0 / sqrt((double)c.Dh);
+    /* 9 significant digits round-trip the fp32 value exactly. */
+    snprintf(c.scale, sizeof c.scale, "((float)%.8ef)", (double)(float)sc);
+    return c;
+}
+
+#define ATTN_WG 64
+
+/* Common prologue: work-item i -> (tok, head index hh of `nh`), s, first token of the
+ * sequence t0. */
+static void emit_row_prologue(kgen *k, long nh, const char *hname) {
+    kg_line(k, "const long i = GID_X * %d + LID_X;", ATTN_WG);
+    kg_line(k, "if (i >= T * %ld) return;", nh);
+    kg_line(k, "const long tok = i / %ld;", nh);
+    kg_line(k, "const long %s = i %% %ld;", hname, nh);
+    kg_line(k, "const long s = tok %% S, t0 = tok - s;");
+    kg_line(k, "(void)t0;");
+}
+
+/* Forward, work-group tiled: a work-group is ATTN_WG consecutive query positions of one
+ * (sequence, head); grid x over query blocks, y over B*H. Key/value tiles of `bk` rows are
+ * staged in LOCAL memory; the tile loop covers the whole group's band (uniform trip count
+ * for the barriers) and each work-item visits only the keys in its own window, in key
+ * order, so the result equals the one-row-per-work-item loop. Work-items past the end of the
+ * sequence take part in the loads and barriers but compute nothing. */
+static int attention_emit(struct kgen *k, const ir_node *n) {
+    const attn_consts c = emit_consts(k, n);
+    const int node = (int)(n - k->g->n);
+    const int q = n->in[0], kk = n->in[1], v = n->in[2], o = n->out[0], lse = n->out[1];
+    const long D = c.Dh;
+    long bk = 8192 / D;                 /* two tiles of bk x Dh floats: 64 KiB / 2 at most */
+    if (bk > 64) bk = 64;
+    if (bk < 1) bk = 1;
+    kg_begin(k, "attention", node, node + 1);
+    kg_in(k, "q", q);
+    kg_in(k, "k", kk);
+    kg_in(k, "v", v);
+    kg_out(k, "o", o);
+    kg_out(k, "lse", lse);
+    kg_line(k, "LOCAL float Kt[%ld], Vt[%ld];", bk * D, bk * D);
+    kg_line(k, "const long bh = GID_Y, b = bh / %ld, h = bh %% %ld;", c.H, c.H);
+    kg_line(k, "const long t0 = b * S, q0 = GID_X * %d;", ATTN_WG);
+    kg_line(k, "const long s = q0 + LID_X, tok = t0 + s;");
+    kg_line(k, "const int active = s < S;");
+    kg_line(k, "const long q1 = (q0 + %d < S ? q0 + %d : S) - 1;   /* last query of the group */",
+            ATTN_WG, ATTN_WG);
+    kg_line(k, "long klo = q0 - %ld;", c.window - 1);
+    kg_line(k, "if (klo < 0) klo = 0;");
+    kg_line(k, "long lo = s - %ld;", c.window - 1);
+    kg_line(k, "if (lo < 0) lo = 0;");
+    kg_line(k, "const long kvo = (h / %ld) * %ld;", c.group, D);
+    kg_line(k, "float qr[%ld], acc[%ld];", D, D);
+    kg_line(k, "for (int e = 0; e < %ld; e++) { qr[e] = active ? q[tok * %ldL + h * %ld + e] : 0.0f; acc[e] = 0.0f; }",
+            D, kg_ld(k, q), D);
+    /* -1e30 instead of -inf: the first key rescales the empty state by exp(-huge) = 0. */
+    kg_line(k, "float m = -1.0e30f, l = 0.0f;");
+    kg_line(k, "for (long j0 = klo; j0 <= q1; j0 += %ld) {", bk);
+    kg_line(k, "    for (int x = LID_X; x < %ld; x += %d) {", bk * D, ATTN_WG);
+    kg_line(k, "        const long j = j0 + x / %ld;", D);
+    kg_line(k, "        const int e = x %% %ld;", D);
+    kg_line(k, "        Kt[x] = j <= q1 ? k[(t0 + j) * %ldL + kvo + e] : 0.0f;", kg_ld(k, kk));
+    kg_line(k, "        Vt[x] = j <= q1 ? v[(t0 + j) * %ldL + kvo + e] : 0.0f;", kg_ld(k, v));
+    kg_line(k, "    }");
+    kg_line(k, "    BARRIER();");
+    kg_line(k, "    const long r0 = (lo > j0 ? lo : j0) - j0;");
+    kg_line(k, "    const long r1 = active ? (s < j0 + %ld ? s : j0 + %ld) - j0 : -1;", bk - 1, bk - 1);
+    kg_line(k, "    for (long r = r0; r <= r1; r++) {");
+    kg_line(k, "        float d = 0.0f;");
+    kg_line(k, "        for (int e = 0; e < %ld; e++) d += qr[e] * Kt[r * %ld + e];", D, D);
+    kg_line(k, "        const float sc = %s * d;", c.scale);
+    kg_line(k, "        if (sc > m) {");
+    kg_line(k, "            const float corr = EXPF(m - sc);");
+    kg_line(k, "            l *= corr;");
+    kg_line(k, "            for (int e = 0; e < %ld; e++) acc[e] *= corr;", D);
+    kg_line(k, "            m = sc;");
+    kg_line(k, "        }");
+    kg_line(k, "        const float p = EXPF(sc - m);");
+    kg_line(k, "        l += p;");
+    kg_line(k, "        for (int e = 0; e < %ld; e++) acc[e] += p * Vt[r * %ld + e];", D, D);
+    kg_line(k, "    }");
+    kg_line(k, "    BARRIER();");
+    kg_line(k, "}");
+    kg_line(k, "if (active) {");
+    kg_line(k, "    GLOBAL float *oi = o + tok * %ldL + h * %ld;", kg_ld(k, o), D);
+    kg_line(k, "    for (int e = 0; e < %ld; e++) oi[e] = acc[e] / l;", D);
+    kg_line(k, "    lse[tok * %ldL + h] = m + LOGF(l);", kg_ld(k, lse));
+    kg_line(k, "}");
+    kg_grid(k, 0, 0, 0, 1, 0, ATTN_WG);
+    kg_grid(k, 1, 0, c.H, 0, 0, 1);
+    kg_block(k, ATTN_WG, 1, 1);
+    return kg_end(k);
+}
+
+static void emit_bwd_args(kgen *k, const ir_node *n) {
+    kg_in(k, "q", n->in[0]);
+    kg_in(k, "k", n->in[1]);
+    kg_in(k, "v", n->in[2]);
+    kg_in(k, "o", n->in[3]);
+    kg_in(k, "lse", n->in[4]);
+    kg_in(k, "dO", n->in[5]);
+}
+
+static int attention_bwd_emit(struct kgen *k, const ir_node *n) {
+    const attn_consts c = emit_consts(k, n);
+    const int node = (int)(n - k->g->n);
+    const long D = c.Dh;
+    const long qld = kg_ld(k, n->in[0]), kld = kg_ld(k, n->in[1]), vld = kg_ld(k, n->in[2]);
+    const long old = kg_ld(k, n->in[3]), lld = kg_ld(k, n->in[4]), dold = kg_ld(k, n->in[5]);
+
+    /* dq: one work-item per (token, query head) */
+    kg_begin(k, "attention_bwd_dq", node, node + 1);
+    emit_bwd_args(k, n);
+    kg_out(k, "dq", n->out[0]);
+    emit_row_prologue(k, c.H, "h");
+    kg_line(k, "const long kvo = (h / %ld) * %ld;", c.group, D);
+    kg_line(k, "long lo = s - %ld;", c.window - 1);
+    kg_line(k, "if (lo < 0) lo = 0;");
+    kg_line(k, "GLOBAL const float *qi = q + tok * %ldL + h * %ld;", qld, D);
+    kg_line(k, "GLOBAL const float *oi = o + tok * %ldL + h * %ld;", old, D);
+    kg_line(k, "GLOBAL const float *doi = dO + tok * %ldL + h * %ld;", dold, D);
+    kg_line(k, "const float L = lse[tok * %ldL + h];", lld);
+    kg_line(k, "float qr[%ld], dor[%ld], acc[%ld];", D, D, D);
+    kg_line(k, "for (int e = 0; e < %ld; e++) { qr[e] = qi[e]; dor[e] = doi[e]; acc[e] = 0.0f; }", D);
+    kg_line(k, "for (long j = t0 + lo; j <= tok; j++) {");
+    kg_line(k, "    GLOBAL const float *kj = k + j * %ldL + kvo;", kld);
+    kg_line(k, "    GLOBAL const float *vj = v + j * %ldL + kvo;", vld);
+    kg_line(k, "    float d = 0.0f, dp = 0.0f;");
+    kg_line(k, "    for (int e = 0; e < %ld; e++) {", D);
+    kg_line(k, "        d += qr[e] * kj[e];");
+    kg_line(k, "        dp += dor[e] * (vj[e] - oi[e]);");
+    kg_line(k, "    }");
+    kg_line(k, "    const float p = EXPF(%s * d - L);", c.scale);
+    kg_line(k, "    const float ds = p * dp * %s;", c.scale);
+    kg_line(k, "    for (int e = 0; e < %ld; e++) acc[e] += ds * kj[e];", D);
+    kg_line(k, "}");
+    kg_line(k, "GLOBAL float *dqi = dq + tok * %ldL + h * %ld;", kg_ld(k, n->out[0]), D);
+    kg_line(k, "for (int e = 0; e < %ld; e++) dqi[e] = acc[e];", D);
+    kg_grid(k, 0, 0, 0, 0, c.H, ATTN_WG);
+    kg_block(k, ATTN_WG, 1, 1);
+    if (kg_end(k) < 0) return -1;
+
+    /* dk, dv: one work-item per (token, kv head); the queries that see key s are
+     * s .. s+window-1 of the same sequence, summed over the group's heads in a fixed order. */
+    kg_begin(k, "attention_bwd_dkv", node, node + 1);
+    emit_bwd_args(k, n);
+    kg_out(k, "dk", n->out[1]);
+    kg_out(k, "dv", n->out[2]);
+    emit_row_prologue(k, c.Hkv, "g");
+    kg_line(k, "long hi = s + %ld;", c.window - 1);
+    kg_line(k, "if (hi > S - 1) hi = S - 1;");
+    kg_line(k, "GLOBAL const float *kj = k + tok * %ldL + g * %ld;", kld, D);
+    kg_line(k, "GLOBAL const float *vj = v + tok * %ldL + g * %ld;", vld, D);
+    kg_line(k, "float dka[%ld], dva[%ld];", D, D);
+    kg_line(k, "for (int e = 0; e < %ld; e++) { dka[e] = 0.0f; dva[e] = 0.0f; }", D);
+    kg_line(k, "for (long h = g * %ld; h < (g + 1) * %ld; h++) {", c.group, c.group);
+    kg_line(k, "    for (long ti = tok; ti <= t0 + hi; ti++) {");
+    kg_line(k, "        GLOBAL const float *qi = q + ti * %ldL + h * %ld;", qld, D);
+    kg_line(k, "        GLOBAL const float *oi = o + ti * %ldL + h * %ld;", old, D);
+    kg_line(k, "        GLOBAL const float *doi = dO + ti * %ldL + h * %ld;", dold, D);
+    kg_line(k, "        float d = 0.0f, dp = 0.0f;");
+    kg_line(k, "        for (int e = 0; e < %ld; e++) {", D);
+    kg_line(k, "            d += qi[e] * kj[e];");
+    kg_line(k, "            dp += doi[e] * (vj[e] - oi[e]);");
+    kg_line(k, "        }");
+    kg_line(k, "        const float p = EXPF(%s * d - lse[ti * %ldL + h]);", c.scale, lld);
+    kg_line(k, "        const float ds = p * dp * %s;", c.scale);
+    kg_line(k, "        for (int e = 0; e < %ld; e++) {", D);
+    kg_line(k, "            dva[e] += p * doi[e];");
+    kg_line(k, "            dka[e] += ds * qi[e];");
+    kg_line(k, "        }");
+    kg_line(k, "    }");
+    kg_line(k, "}");
+    kg_line(k, "GLOBAL float *dkj = dk + tok * %ldL + g * %ld;", kg_ld(k, n->out[1]), D);
+    kg_line(k, "GLOBAL float *dvj = dv + tok * %ldL + g * %ld;", kg_ld(k, n->out[2]), D);
+    kg_line(k, "for (int e = 0; e < %ld; e++) { dkj[e] = dka[e]; dvj[e] = dva[e]; }", D);
+    kg_grid(k, 0, 0, 0, 0, c.Hkv, ATTN_WG);
+    kg_block(k, ATTN_WG, 1, 1);
+    return kg_end(k);
+}
+
 const op_def op_attention = {
     .name = "attention",
     .nin = 3, .nout = 2,
@@ -332,6 +540,7 @@ const op_def op_attention = {
     .grad = attention_grad,
     .ref = attention_ref,
     .flops = attention_flops,
+    .emit = attention_emit,
 };
 
 const op_def op_attention_bwd = {
@@ -345,5 +554,6 @@ const op_def op_attention_bwd = {
     .grad = NULL,
     .ref = attention_bwd_ref,
     .flops = attention_bwd_flops,
+    .emit = attention_bwd_emit,
 };
 #endif

@@ -31,6 +31,7 @@ void rope_ref(long B, long S, long H, long Dh, long pos_offset, double base, int
 
 #ifndef ATTN_MATH_ONLY
 /* ---- primitive glue ---- */
+#include "kgen.h"
 #include "op.h"
 
 enum { IA_INVERSE = 0, IA_POS_OFFSET = 1 };
@@ -82,6 +83,56 @@ static void rope_op_ref(const ref_ctx *c, const ir_node *n) {
              (int)n->ia[IA_INVERSE], x.p, x.ld, y.p, y.ld);
 }
 
+/* Kernel: one work-item per (token, pair i); the angle is computed once and applied to pair i
+ * of every head (the reference's loop order). Precision: the angle pos * base^(-2i/Dh) grows
+ * with the position, and forming it in fp32 costs ~|angle| * 6e-8 radians. Instead the
+ * frequency is baked as an unsigned 64-bit fixed-point count of turns per position,
+ * G = round(2^64 * freq / 2pi); pos * G wraps modulo 2^64, i.e. modulo one turn, exactly, so
+ * the reduced angle (read as a signed fraction of a turn, [-pi, pi)) is exact up to the fp32
+ * conversion at any position. */
+static int rope_emit(struct kgen *k, const ir_node *n) {
+    const ir_graph *g = k->g;
+    const int x = n->in[0], y = n->out[0];
+    const ir_shape *xs = &g->t[x].shape;
+    const long Dh = xs->d[xs->ndim - 1], NP = Dh / 2, H = kg_feat(k, x) / Dh;
+    const long xld = kg_ld(k, x), yld = kg_ld(k, y);
+    const double base = n->fa[FA_BASE];
+    const int node = (int)(n - g->n);
+    kg_begin(k, "rope", node, node + 1);
+    kg_in(k, "x", x);
+    kg_out(k, "y", y);
+    /* The table lives in LOCAL memory, written by one work-item as immediates: a private
+     * array indexed by a runtime value would be copied to every thread's stack. */
+    kg_line(k, "LOCAL unsigned long G[%ld];", NP);
+    kg_line(k, "if (LID_X == 0) {");
+    for (long i = 0; i < NP; i++) {
+        const double turns = pow(base, -2.0 * (double)i / (double)Dh) / (2.0 * 3.14159265358979323846);
+        kg_line(k, "    G[%ld] = 0x%016lxUL;", i, (unsigned long)ldexp(turns, 64));   /* turns < 1/(2pi) */
+    }
+    kg_line(k, "}");
+    kg_line(k, "BARRIER();");
+    kg_line(k, "const long i = GID_X * 256 + LID_X;");
+    kg_line(k, "if (i >= T * %ld) return;   /* after the only barrier */", NP);
+    kg_line(k, "const long tok = i / %ld;", NP);
+    kg_line(k, "const int p = (int)(i %% %ld);", NP);
+    kg_line(k, "const unsigned long pos = (unsigned long)(tok %% S + %ld);", n->ia[IA_POS_OFFSET]);
+    /* Two's complement: the wrapped product read as signed is the angle in [-1/2, 1/2) turns. */
+    kg_line(k, "const long turn = (long)(pos * G[p]);");
+    const float rad = (float)((n->ia[IA_INVERSE] ? -2.0 : 2.0) * 3.14159265358979323846 / ldexp(1.0, 64));
+    kg_line(k, "const float a = (float)turn * ((float)%.8ef);", (double)rad);
+    kg_line(k, "const float c = COSF(a), sn = SINF(a);");
+    kg_line(k, "GLOBAL const float *xr = x + tok * %ldL + 2 * p;", xld);
+    kg_line(k, "GLOBAL float *yr = y + tok * %ldL + 2 * p;", yld);
+    kg_line(k, "for (int h = 0; h < %ld; h++) {", H);
+    kg_line(k, "    const float x0 = xr[h * %ld], x1 = xr[h * %ld + 1];", Dh, Dh);
+    kg_line(k, "    yr[h * %ld] = x0 * c - x1 * sn;", Dh);
+    kg_line(k, "    yr[h * %ld + 1] = x0 * sn + x1 * c;", Dh);
+    kg_line(k, "}");
+    kg_grid(k, 0, 0, 0, 0, NP, 256);
+    kg_block(k, 256, 1, 1);
+    return kg_end(k);
+}
+
 static double rope_flops(const ir_graph *g, const ir_node *n, long B, long S) {
     /* Two multiplies and an add per output element; the angles are shared by all heads. */
     return 3.0 * (double)ir_numel(op_in_shape(g, n, 0), B, S);
@@ -98,5 +149,6 @@ const op_def op_rope = {
     .grad = rope_grad,
     .ref = rope_op_ref,
     .flops = rope_flops,
+    .emit = rope_emit,
 };
 #endif
