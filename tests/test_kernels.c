@@ -125,6 +125,9 @@ TEST(kernels_mamba3) {
         {"mamba3_scan", 11, M3(2, 8, 8, 2), F11, {4}, {0}, 0, 13},
         {"mamba3_scan", 11, M3(3, 16, 16, 4), F11, {16}, {0}, 0, 37},
         {"mamba3_scan", 11, M3(1, 4, 8, 1), F11, {64}, {0}, 0, 9},
+        {"mamba3_scan", 11, M3(2, 3, 6, 3), F11, {4}, {0}, 0, 16},     /* S a multiple of chunk */
+        {"mamba3_scan", 11, M3(2, 5, 4, 1), F11, {1}, {0}, 0, 7},      /* chunk 1 */
+        {"mamba3_scan", 11, M3(1, 300, 4, 1), F11, {8}, {0}, 0, 13},   /* P > 256: two rows per item */
     };
     run_cases(t, c, sizeof c / sizeof c[0]);
 }

@@ -146,7 +146,7 @@ static int check_equal(tctx *t, m3_dims d, int chunk, int pad, int carried, doub
     double *y1 = dalloc(ny), *y2 = dalloc(ny);
     for (long i = 0; i < ny; i++) y1[i] = y2[i] = NAN;   /* unwritten elements fail */
     m3_ref_recurrent(d, &q.in, carried ? &init.st : NULL, y1, d.H * d.P, &f1.st);
-    m3_ref_chunked(d, chunk, &q.in, carried ? &init.st : NULL, y2, d.H * d.P, &f2.st);
+    m3_ref_chunked(d, chunk, &q.in, carried ? &init.st : NULL, y2, d.H * d.P, &f2.st, NULL, 0);
     *err = fmax(mixerr(y2, y1, ny), state_err(&f2, &f1, d));
     free(y1);
     free(y2);
@@ -217,7 +217,7 @@ TEST(mamba3_prefill_then_decode) {
             memcpy(tel(&pre, i, r, 0), tel(&q, i, src, 0), sizeof(double) * (size_t)pre.t[i].feat);
         }
     double *yp = dalloc(d.B * K * row);
-    m3_ref_chunked(dp, 4, &pre.in, NULL, yp, row, &st.st);
+    m3_ref_chunked(dp, 4, &pre.in, NULL, yp, row, &st.st, NULL, 0);
     for (long b = 0; b < d.B; b++)
         memcpy(y + b * d.S * row, yp + b * K * row, sizeof(double) * (size_t)(K * row));
 
@@ -290,7 +290,7 @@ TEST(mamba3_matches_oracle_values) {
     for (int k = 0; k < 2; k++) {
         state_new(&f[k], d);
         if (k == 0) m3_ref_recurrent(d, &q.in, NULL, y[k], 3, &f[k].st);
-        else m3_ref_chunked(d, 4, &q.in, NULL, y[k], 3, &f[k].st);
+        else m3_ref_chunked(d, 4, &q.in, NULL, y[k], 3, &f[k].st, NULL, 0);
     }
     double e = 0, es = 0;
     for (int k = 0; k < 2; k++) {
@@ -354,7 +354,7 @@ static double fd_check(tctx *t, m3_dims d, int chunk, int extremes, int *worst) 
     double *w = dalloc(ny), *y = dalloc(ny);
     for (long i = 0; i < ny; i++) w[i] = t_normal(t);
     m3_grads gr = grads_of(&g);
-    m3_ref_backward(d, chunk, &q.in, w, d.H * d.P, &gr);
+    m3_ref_backward(d, chunk, &q.in, NULL, 0, w, d.H * d.P, &gr);
     double worst_err = 0;
     *worst = -1;
     const double hstep = 1e-6;
@@ -419,7 +419,7 @@ TEST(mamba3_grad_chunk_invariant) {
     double *w = dalloc(ny);
     for (long i = 0; i < ny; i++) w[i] = t_normal(t);
     m3_grads gr0 = grads_of(&g0), gr1 = grads_of(&g1);
-    m3_ref_backward(d, 4, &q.in, w, d.H * d.P, &gr0);
+    m3_ref_backward(d, 4, &q.in, NULL, 0, w, d.H * d.P, &gr0);
     int chunks[] = {1, 3, 16, 37, 64};
     double worst = 0;
     int wi = 0, wc = 0;
@@ -428,7 +428,7 @@ TEST(mamba3_grad_chunk_invariant) {
         for (int i = 0; i < NT; i++)
             for (long k = 0; k < g1.t[i].rows * g1.t[i].ld; k++)
                 if (k % g1.t[i].ld < g1.t[i].feat) g1.t[i].p[k] = t_normal(t);
-        m3_ref_backward(d, chunks[c], &q.in, w, d.H * d.P, &gr1);
+        m3_ref_backward(d, chunks[c], &q.in, NULL, 0, w, d.H * d.P, &gr1);
         for (int i = 0; i < NT; i++) {
             double e = t_relerr(g1.t[i].p, g0.t[i].p, g0.t[i].rows * g0.t[i].ld);
             if (isnan(e) || e > worst) {
@@ -517,18 +517,25 @@ TEST(mamba3_op_reference) {
     ins[10] = ir_tensor_new(&g, "D", shp(1, d.H, 0, 0, 0), DT_F32, ROLE_PARAM);
     long ia[IR_MAX_IATTR] = {chunk};
     double fa[IR_MAX_FATTR] = {0};
-    int y = -1;
-    int rc = ir_emit(&g, "mamba3_scan", ins, 11, ia, fa, &y);
-    CHECK(rc == 1, "mamba3_scan rejected valid inputs: %s", g.err);
+    int yo[IR_MAX_IO];
+    int rc = ir_emit(&g, "mamba3_scan", ins, 11, ia, fa, yo);
+    CHECK(rc == 2, "mamba3_scan rejected valid inputs: %s", g.err);
+    int y = yo[0];
+    long sw = (long)d.H * m3_states_width(d.P, d.N, chunk) + d.H;
+    CHECK(g.t[yo[1]].shape.ndim == 3 && g.t[yo[1]].shape.d[0] == DIM_B && g.t[yo[1]].shape.d[1] == DIM_S &&
+          g.t[yo[1]].shape.d[2] == sw, "saved states must be [B,S,%ld]", sw);
     int fwd_node = g.nn - 1;
     const op_def *od = op_get(op_find("mamba3_scan"));
     CHECK(od && od->grad, "mamba3_scan is not registered with a gradient rule");
-    int none[1] = {-1}, din[IR_MAX_IO];
+    int none[2] = {-1, -1}, din[IR_MAX_IO];
     CHECK(od->grad(&g, fwd_node, none, din) == 0 && din[0] == -1 && din[10] == -1,
           "no output gradient must give no input gradients");
     ins[11] = ir_tensor_new(&g, "dy", shp(4, DIM_B, DIM_S, d.H, d.P), DT_F32, ROLE_ACT);
-    int dout[1] = {ins[11]};
+    int dout[2] = {ins[11], -1};
     CHECK(od->grad(&g, fwd_node, dout, din) == 0, "gradient rule failed: %s", g.err);
+    const ir_node *bn = &g.n[g.nn - 1];
+    CHECK(bn->nin == 12 && bn->in[10] == yo[1] && bn->in[11] == ins[11],
+          "mamba3_scan_bwd must read the saved states (input 11) and dy (input 12)");
     for (int i = 0; i < NT; i++)
         CHECK(din[i] >= 0 && ir_shape_eq(&g.t[din[i]].shape, &g.t[ins[i]].shape),
               "gradient of %s has the wrong shape", tname[i]);
@@ -562,7 +569,7 @@ TEST(mamba3_op_reference) {
     prob_shape(&q, d, 0);
     grads_new(&gq, &q);
     m3_grads gr = grads_of(&gq);
-    m3_ref_backward(d, chunk, &in, b[11].p, b[11].ld, &gr);
+    m3_ref_backward(d, chunk, &in, NULL, 0, b[11].p, b[11].ld, &gr);
     double eg = 0;
     int wi = 0;
     for (int i = 0; i < NT; i++) {
@@ -610,4 +617,128 @@ TEST(mamba3_op_reference) {
     CHECK(ey <= 1e-9, "reference y differs from the recurrence: %.3g", ey);
     CHECK(eg <= 1e-12, "reference gradient of %s differs from m3_ref_backward: %.3g", tname[wi], eg);
     CHECK(msg_ok, "shape rule: %s", why);
+}
+
+/* The saved chunk states: for every full chunk, the chunked form's state leaving it (h_t of
+ * its last token t plus the next token's folded b-term), spread over the chunk's rows in the
+ * documented layout; zeros in the slack slots and in the rows of a partial last chunk. */
+TEST(mamba3_saved_states_layout) {
+    struct { m3_dims d; int chunk; } cs[] = {
+        {{2, 13, 2, 3, 8, 2}, 4},      /* partial last chunk, W = 6, slack 0 */
+        {{2, 16, 2, 3, 8, 2}, 4},      /* exact multiple: the last chunk holds h_T */
+        {{1, 9, 3, 2, 6, 1}, 64},      /* one partial chunk only */
+        {{2, 10, 1, 2, 5, 2}, 7},      /* W = 2, slack 4 */
+        {{1, 5, 2, 2, 4, 1}, 1},       /* chunk 1: W = P*N */
+    };
+    for (size_t ci = 0; ci < sizeof cs / sizeof cs[0]; ci++) {
+        m3_dims d = cs[ci].d;
+        int chunk = cs[ci].chunk;
+        prob q;
+        prob_new(t, &q, d, 1);
+        long W = m3_states_width(d.P, d.N, chunk), ld = d.H * W + 3, ntok = d.B * d.S;
+        double *st = dalloc(ntok * ld), *y = dalloc(ntok * d.H * d.P);
+        for (long i = 0; i < ntok * ld; i++) st[i] = NAN;
+        m3_ref_chunked(d, chunk, &q.in, NULL, y, d.H * d.P, NULL, st, ld);
+        double err = 0;
+        int untouched = 1, written = 1;
+        for (long r = 0; r < ntok; r++) {
+            for (long f = d.H * W; f < ld; f++) untouched &= isnan(st[r * ld + f]) != 0;
+            for (long f = 0; f < d.H * W; f++) written &= !isnan(st[r * ld + f]);
+        }
+        for (long c0 = 0; c0 < d.S; c0 += chunk) {
+            long L = d.S - c0 < chunk ? d.S - c0 : chunk, t1 = c0 + L - 1;
+            /* expected: the final state of the prefix [0, t1] plus the folded b-term */
+            prob pre;
+            m3_dims dp = d;
+            dp.S = t1 + 1;
+            prob_shape(&pre, dp, 0);
+            for (int i = 0; i < NT; i++)
+                for (long r = 0; r < pre.t[i].rows; r++) {
+                    long src = i < 7 ? (r / dp.S) * d.S + r % dp.S : r;
+                    memcpy(tel(&pre, i, r, 0), tel(&q, i, src, 0), sizeof(double) * (size_t)pre.t[i].feat);
+                }
+            state_buf fin;
+            state_new(&fin, dp);
+            m3_ref_recurrent(dp, &pre.in, NULL, y, d.H * d.P, &fin.st);
+            for (long b = 0; b < d.B; b++)
+                for (int h = 0; h < d.H; h++) {
+                    double nb = 0;
+                    if (t1 + 1 < d.S) {
+                        long tn = b * d.S + t1 + 1;
+                        double DT = m3_dt_act(*tel(&q, 3, tn, h) + q.in.dt_bias[h], NULL);
+                        nb = (1.0 - m3_sigmoid(*tel(&q, 5, tn, h))) * DT;
+                    }
+                    long bh = b * d.H + h;
+                    for (long e = 0; e < L * W; e++) {
+                        double want = 0;
+                        if (L == chunk && e < (long)d.P * d.N) {
+                            long p = e / d.N, n = e % d.N;
+                            want = fin.S[bh * d.P * d.N + e] + nb * fin.v[bh * d.P + p] * fin.Kr[bh * d.N + n];
+                        }
+                        double got = st[(b * d.S + c0 + e / W) * ld + h * W + e % W];
+                        if (!(fabs(got - want) <= err)) err = isnan(got) ? INFINITY : fabs(got - want);
+                    }
+                }
+            state_free(&fin);
+            prob_free(&pre);
+        }
+        free(st);
+        free(y);
+        prob_free(&q);
+        CHECK(untouched && written, "case %zu: states wrote outside its columns or left some unwritten", ci);
+        CHECK(err <= 1e-9, "case %zu (S=%ld chunk %d): saved states differ by %.3g", ci, d.S, chunk, err);
+    }
+}
+
+/* The backward from the saved states equals the one that recomputes them, and the per-head
+ * shares sum (over heads, in order) to the shared gradients. */
+TEST(mamba3_backward_from_saved_states) {
+    m3_dims d = {2, 37, 3, 4, 8, 2};
+    int chunks[] = {4, 16, 64, 1};
+    for (size_t ci = 0; ci < sizeof chunks / sizeof chunks[0]; ci++) {
+        int chunk = chunks[ci];
+        prob q, g0, g1;
+        prob_new(t, &q, d, 1);
+        grads_new(&g0, &q);
+        grads_new(&g1, &q);
+        long ntok = d.B * d.S, ny = ntok * d.H * d.P, W = m3_states_width(d.P, d.N, chunk);
+        long W2 = 2 * d.N + d.NA;
+        double *w = dalloc(ny), *y = dalloc(ny), *st = dalloc(ntok * d.H * W), *hd = dalloc(ntok * d.H * W2);
+        for (long i = 0; i < ny; i++) w[i] = t_normal(t);
+        for (long i = 0; i < ntok * d.H * W2; i++) hd[i] = NAN;
+        m3_ref_chunked(d, chunk, &q.in, NULL, y, d.H * d.P, NULL, st, d.H * W);
+        m3_grads gr0 = grads_of(&g0), gr1 = grads_of(&g1);
+        gr1.head = hd;
+        gr1.head_ld = d.H * W2;
+        m3_ref_backward(d, chunk, &q.in, NULL, 0, w, d.H * d.P, &gr0);
+        m3_ref_backward(d, chunk, &q.in, st, d.H * W, w, d.H * d.P, &gr1);
+        double worst = 0;
+        int wi = 0;
+        for (int i = 0; i < NT; i++) {
+            double e = t_relerr(g1.t[i].p, g0.t[i].p, g0.t[i].rows * g0.t[i].ld);
+            if (!(e <= worst)) worst = e, wi = i;
+        }
+        /* the head shares */
+        double es = 0;
+        for (long r = 0; r < ntok; r++) {
+            const int which[3] = {1, 2, 6};
+            const long off[3] = {0, d.N, 2 * d.N}, len[3] = {d.N, d.N, d.NA};
+            for (int k = 0; k < 3; k++)
+                for (long f = 0; f < len[k]; f++) {
+                    double sum = 0;
+                    for (int h = 0; h < d.H; h++) sum += hd[r * d.H * W2 + h * W2 + off[k] + f];
+                    double e = fabs(sum - *tel(&g1, which[k], r, f));
+                    if (!(e <= es)) es = e;
+                }
+        }
+        free(w);
+        free(y);
+        free(st);
+        free(hd);
+        prob_free(&g0);
+        prob_free(&g1);
+        prob_free(&q);
+        CHECK(worst <= 1e-12, "chunk %d: backward from saved states differs in %s: %.3g", chunk, tname[wi], worst);
+        CHECK(es <= 1e-12, "chunk %d: head shares do not sum to the shared gradients: %.3g", chunk, es);
+    }
 }

@@ -280,8 +280,23 @@ static void chunk_fwd(const m3_dims *d, const m3_head *w, const m3_inputs *in, l
     }
 }
 
+long m3_states_width(int P, int N, int chunk) {
+    if (chunk < 1) chunk = 1;
+    return ((long)P * N + chunk - 1) / chunk;
+}
+
+/* Store the state Sh leaving chunk [c0, c0+L) of head h (zeros if the chunk is partial). */
+static void put_states(const m3_dims *d, int chunk, long b, int h, long c0, long L,
+                       const double *Sh, double *states, long ld) {
+    const long W = m3_states_width(d->P, d->N, chunk), PN = (long)d->P * d->N;
+    for (long e = 0; e < L * W; e++) {
+        double v = L == chunk && e < PN ? Sh[e] : 0.0;
+        states[(b * d->S + c0 + e / W) * ld + (long)h * W + e % W] = v;
+    }
+}
+
 void m3_ref_chunked(m3_dims d, int chunk, const m3_inputs *in, const m3_state *init,
-                    double *y, long y_ld, m3_state *final) {
+                    double *y, long y_ld, m3_state *final, double *states, long states_ld) {
     const int H = d.H, P = d.P, N = d.N, NA = d.NA;
     if (chunk < 1) chunk = 1;
     m3_head w;
@@ -296,6 +311,7 @@ void m3_ref_chunked(m3_dims d, int chunk, const m3_inputs *in, const m3_state *i
             for (long c0 = 0; c0 < d.S; c0 += chunk) {
                 long L = d.S - c0 < chunk ? d.S - c0 : chunk;
                 chunk_fwd(&d, &w, in, b, h, c0, L, Sh, cs, y, y_ld);
+                if (states) put_states(&d, chunk, b, h, c0, L, Sh, states, states_ld);
             }
             if (final) put_final(&d, &w, in, init, b, h, Sh, final);
         }
@@ -333,17 +349,27 @@ typedef struct {
 /* Reverse sweep over the chunks of one head; fills the per-token gradient accumulators
  * (which must be zero on entry) and dv (the head's slice of g->x, zero on entry), *dD. */
 static void head_bwd(const m3_dims *d, int chunk, const m3_head *w, const m3_inputs *in,
-                     const double *dy, long dy_ld, const m3_grads *g, long b, int h,
-                     m3_bwork *k, double *dD) {
+                     const double *states, long states_ld, const double *dy, long dy_ld,
+                     const m3_grads *g, long b, int h, m3_bwork *k, double *dD) {
     const int P = d->P, N = d->N;
     const long S = d->S;
     long nch = (S + chunk - 1) / chunk;
-    /* 1. entering states */
-    memset(k->dS, 0, sizeof(double) * (size_t)P * (size_t)N);   /* reused as the running state */
-    for (long c = 0; c < nch; c++) {
-        long c0 = c * chunk, L = S - c0 < chunk ? S - c0 : chunk;
-        memcpy(k->Sc + c * P * N, k->dS, sizeof(double) * (size_t)P * (size_t)N);
-        chunk_fwd(d, w, in, b, h, c0, L, k->dS, k->cs, NULL, 0);
+    /* 1. entering states: read back from the forward's saved states (the rows of chunk c-1),
+     * or recomputed by a forward sweep over the chunks */
+    if (states) {
+        const long W = m3_states_width(P, N, chunk);
+        memset(k->Sc, 0, sizeof(double) * (size_t)P * (size_t)N);
+        for (long c = 1; c < nch; c++)
+            for (long e = 0; e < (long)P * N; e++)
+                k->Sc[c * P * N + e] =
+                    states[(b * S + (c - 1) * chunk + e / W) * states_ld + (long)h * W + e % W];
+    } else {
+        memset(k->dS, 0, sizeof(double) * (size_t)P * (size_t)N);   /* the running state */
+        for (long c = 0; c < nch; c++) {
+            long c0 = c * chunk, L = S - c0 < chunk ? S - c0 : chunk;
+            memcpy(k->Sc + c * P * N, k->dS, sizeof(double) * (size_t)P * (size_t)N);
+            chunk_fwd(d, w, in, b, h, c0, L, k->dS, k->cs, NULL, 0);
+        }
     }
     /* 2. reverse sweep; dSn = gradient of the state leaving the chunk (0 after the last: the
      * final state is not an output of the training forward). */
@@ -435,8 +461,8 @@ static void head_bwd(const m3_dims *d, int chunk, const m3_head *w, const m3_inp
 #undef DY
 }
 
-void m3_ref_backward(m3_dims d, int chunk, const m3_inputs *in, const double *dy, long dy_ld,
-                     const m3_grads *g) {
+void m3_ref_backward(m3_dims d, int chunk, const m3_inputs *in, const double *states,
+                     long states_ld, const double *dy, long dy_ld, const m3_grads *g) {
     const int H = d.H, P = d.P, N = d.N, NA = d.NA;
     const long S = d.S, ntok = d.B * d.S;
     if (chunk < 1) chunk = 1;
@@ -473,7 +499,7 @@ void m3_ref_backward(m3_dims d, int chunk, const m3_inputs *in, const double *dy
             memset(acc, 0, sizeof(double) * nacc);
             head_prep(&w, &d, in, b, h, NULL);
             double dD = 0;
-            head_bwd(&d, chunk, &w, in, dy, dy_ld, g, b, h, &k, &dD);
+            head_bwd(&d, chunk, &w, in, states, states_ld, dy, dy_ld, g, b, h, &k, &dD);
             g->D[h] += dD;
             /* 3. rotation: Qr = R(Th) Q  =>  dQ += R^T dQr, dTh += dQr . dR/dTh Q */
             for (long t = 0; t < S; t++) {
@@ -506,7 +532,9 @@ void m3_ref_backward(m3_dims d, int chunk, const m3_inputs *in, const double *dy
                     double th = w.th[t * NA + i];
                     double tnh = th / M3_PI;
                     k.dDT[t] += G * th;
-                    g->angles[tok * g->angles_ld + i] += G * w.DT[t] * M3_PI * (1.0 - tnh * tnh);
+                    double share = G * w.DT[t] * M3_PI * (1.0 - tnh * tnh);
+                    g->angles[tok * g->angles_ld + i] += share;
+                    if (g->head) g->head[tok * g->head_ld + (long)h * (2 * N + NA) + 2 * N + i] = share;
                 }
             }
             /* 4. scale_s = lam_s DT_s + (1 - lam_{s+1}) DT_{s+1},  gamma_s = lam_s DT_s */
@@ -536,6 +564,10 @@ void m3_ref_backward(m3_dims d, int chunk, const m3_inputs *in, const double *dy
                     g->Cn[tok * g->Cn_ld + n] += dq;
                     g->B_bias[(long)h * N + n] += dk;
                     g->C_bias[(long)h * N + n] += dq;
+                    if (g->head) {
+                        g->head[tok * g->head_ld + (long)h * (2 * N + NA) + n] = dk;
+                        g->head[tok * g->head_ld + (long)h * (2 * N + NA) + N + n] = dq;
+                    }
                 }
             }
         }
@@ -579,15 +611,36 @@ double m3_flops_bwd(m3_dims d, int chunk) { return count(d, chunk, bwd_chunk); }
 /* ---------------------------------------------------------------- op definitions */
 #ifndef M3_MATH_ONLY
 
-enum { IN_X, IN_BN, IN_CN, IN_DDT, IN_DDA, IN_TRAP, IN_ANG, IN_DTB, IN_BB, IN_CB, IN_D, IN_NFWD };
+/* The op interface.
+ *
+ *   mamba3_scan(x, Bn, Cn, dd_dt, dd_A, trap, angles, dt_bias, B_bias, C_bias, D; chunk)
+ *     -> y [B,S,H,P], saved [B,S,H*W + H]
+ *   saved: columns [0, H*W) hold the chunk states (layout in mamba3_scan.h, W =
+ *   m3_states_width(P, N, chunk)); columns H*W + h hold D[h] on every token row.
+ *
+ *   mamba3_scan_bwd(x, Bn, Cn, dd_dt, dd_A, trap, angles, dt_bias, B_bias, C_bias, saved, dy;
+ *                   chunk)
+ *     -> the gradients of the 11 forward inputs (in their order), then head [B,S,H*(2N+NA)]
+ *   head: per-head shares of dBn, dCn, d(angles) (m3_grads.head), the workspace the kernels
+ *   reduce over heads in a fixed order (no floating-point atomics).
+ *
+ * Why D travels inside `saved`: a node holds at most IR_MAX_IO = 12 inputs (gen/ir.h), and
+ * the backward needs the 10 other forward inputs, the chunk states and dy. D's only use in
+ * the backward is dx += D dy, so the forward echoes it; with IR_MAX_IO >= 13 it can become a
+ * plain input again and the echo columns go away. */
 
-static const char *const in_names[IN_NFWD + 1] = {
-    "x", "Bn", "Cn", "dd_dt", "dd_A", "trap", "angles", "dt_bias", "B_bias", "C_bias", "D", "dy"};
+enum { IN_X, IN_BN, IN_CN, IN_DDT, IN_DDA, IN_TRAP, IN_ANG, IN_DTB, IN_BB, IN_CB, IN_D, IN_NFWD };
+enum { BIN_ST = 10, BIN_DY = 11, BIN_N = 12, BOUT_HEAD = 11, BOUT_N = 12 };
+
+static const char *const fwd_names[IN_NFWD] = {
+    "x", "Bn", "Cn", "dd_dt", "dd_A", "trap", "angles", "dt_bias", "B_bias", "C_bias", "D"};
+static const char *const bwd_names[BIN_N] = {
+    "x", "Bn", "Cn", "dd_dt", "dd_A", "trap", "angles", "dt_bias", "B_bias", "C_bias", "saved", "dy"};
 
 /* Checks one input: per-token ([B,S,...]) when tok, else a pure parameter; the trailing dims
  * must equal want[0..nw-1]. */
 static int check_in(const ir_graph *g, const ir_node *n, int i, int tok, const int *want, int nw,
-                    const char *what, char *err, size_t errlen) {
+                    const char *what, const char *const *names, char *err, size_t errlen) {
     const ir_shape *s = op_in_shape(g, n, i);
     char buf[96];
     ir_shape_str(s, buf, sizeof buf);
@@ -596,17 +649,17 @@ static int check_in(const ir_graph *g, const ir_node *n, int i, int tok, const i
     if (ok && tok) ok = s->d[0] == DIM_B && s->d[1] == DIM_S;
     for (int j = 0; ok && j < nw; j++) ok = s->d[lead + j] == want[j];
     if (!ok)
-        return OP_ERR("input %d (%s) must have shape %s, got %s", i + 1, in_names[i],
-                      what, buf);
+        return OP_ERR("input %d (%s) must have shape %s, got %s", i + 1, names[i], what, buf);
     if (op_in_dtype(g, n, i) == DT_I32)
-        return OP_ERR("input %d (%s) must be a float tensor", i + 1, in_names[i]);
+        return OP_ERR("input %d (%s) must be a float tensor", i + 1, names[i]);
     return 0;
 }
 
-/* Validates the 11 forward inputs (plus dy when bwd) and reads the sizes. */
+/* Validates the inputs of either op and reads the sizes. */
 static int check_all(const ir_graph *g, const ir_node *n, int bwd, int *H, int *P, int *N,
                      int *NA, char *err, size_t errlen) {
-    int nin = IN_NFWD + (bwd ? 1 : 0);
+    int nin = bwd ? BIN_N : IN_NFWD;
+    const char *const *names = bwd ? bwd_names : fwd_names;
     if (n->nin != nin) return OP_ERR("expects %d inputs, got %d", nin, n->nin);
     const ir_shape *x = op_in_shape(g, n, IN_X), *bn = op_in_shape(g, n, IN_BN),
                    *an = op_in_shape(g, n, IN_ANG);
@@ -632,31 +685,39 @@ static int check_all(const ir_graph *g, const ir_node *n, int bwd, int *H, int *
     *H = x->d[2]; *P = x->d[3]; *N = bn->d[2]; *NA = an->d[2];
     if (2 * *NA > *N)
         return OP_ERR("%d rotation angles need 2*NA <= N, but N = %d", *NA, *N);
+    if (n->ia[0] < 1)
+        return OP_ERR("chunk must be >= 1, got %ld", n->ia[0]);
     int hp[2] = {*H, *P}, nn[1] = {*N}, hh[1] = {*H}, na[1] = {*NA}, hn[2] = {*H, *N};
-    char sh[64], sn[64], sa[64], shn[64], sh1[64];
+    char sh[64], sn[64], sa[64], shn[64], sh1[64], shp[64], sst[64];
     snprintf(sh, sizeof sh, "[B,S,%d]", *H);
     snprintf(sn, sizeof sn, "[B,S,%d]", *N);
     snprintf(sa, sizeof sa, "[B,S,%d]", *NA);
     snprintf(shn, sizeof shn, "[%d,%d]", *H, *N);
     snprintf(sh1, sizeof sh1, "[%d]", *H);
-    char shp[64];
     snprintf(shp, sizeof shp, "[B,S,%d,%d]", *H, *P);
-    if (check_in(g, n, IN_BN, 1, nn, 1, sn, err, errlen) ||
-        check_in(g, n, IN_CN, 1, nn, 1, sn, err, errlen) ||
-        check_in(g, n, IN_DDT, 1, hh, 1, sh, err, errlen) ||
-        check_in(g, n, IN_DDA, 1, hh, 1, sh, err, errlen) ||
-        check_in(g, n, IN_TRAP, 1, hh, 1, sh, err, errlen) ||
-        check_in(g, n, IN_ANG, 1, na, 1, sa, err, errlen) ||
-        check_in(g, n, IN_DTB, 0, hh, 1, sh1, err, errlen) ||
-        check_in(g, n, IN_BB, 0, hn, 2, shn, err, errlen) ||
-        check_in(g, n, IN_CB, 0, hn, 2, shn, err, errlen) ||
-        check_in(g, n, IN_D, 0, hh, 1, sh1, err, errlen) ||
-        check_in(g, n, IN_X, 1, hp, 2, shp, err, errlen))
+    int stw[1] = {(int)(*H * m3_states_width(*P, *N, (int)n->ia[0]) + *H)};
+    snprintf(sst, sizeof sst, "[B,S,%d]", stw[0]);
+    if (check_in(g, n, IN_BN, 1, nn, 1, sn, names, err, errlen) ||
+        check_in(g, n, IN_CN, 1, nn, 1, sn, names, err, errlen) ||
+        check_in(g, n, IN_DDT, 1, hh, 1, sh, names, err, errlen) ||
+        check_in(g, n, IN_DDA, 1, hh, 1, sh, names, err, errlen) ||
+        check_in(g, n, IN_TRAP, 1, hh, 1, sh, names, err, errlen) ||
+        check_in(g, n, IN_ANG, 1, na, 1, sa, names, err, errlen) ||
+        check_in(g, n, IN_DTB, 0, hh, 1, sh1, names, err, errlen) ||
+        check_in(g, n, IN_BB, 0, hn, 2, shn, names, err, errlen) ||
+        check_in(g, n, IN_CB, 0, hn, 2, shn, names, err, errlen) ||
+        check_in(g, n, IN_X, 1, hp, 2, shp, names, err, errlen))
         return -1;
-    if (bwd && check_in(g, n, IN_NFWD, 1, hp, 2, shp, err, errlen)) return -1;
-    if (n->ia[0] < 1)
-        return OP_ERR("chunk must be >= 1, got %ld", n->ia[0]);
+    if (!bwd && check_in(g, n, IN_D, 0, hh, 1, sh1, names, err, errlen)) return -1;
+    if (bwd && (check_in(g, n, BIN_ST, 1, stw, 1, sst, names, err, errlen) ||
+                check_in(g, n, BIN_DY, 1, hp, 2, shp, names, err, errlen)))
+        return -1;
     return 0;
+}
+
+static ir_shape tok_shape(int f) {
+    int d[3] = {DIM_B, DIM_S, f};
+    return ir_shape_make(3, d);
 }
 
 static int infer_fwd(const ir_graph *g, const ir_node *n, ir_shape *out, ir_dtype *dt, char *err,
@@ -664,7 +725,8 @@ static int infer_fwd(const ir_graph *g, const ir_node *n, ir_shape *out, ir_dtyp
     int H, P, N, NA;
     if (check_all(g, n, 0, &H, &P, &N, &NA, err, errlen)) return -1;
     out[0] = *op_in_shape(g, n, IN_X);
-    dt[0] = DT_F32;
+    out[1] = tok_shape((int)(H * m3_states_width(P, N, (int)n->ia[0]) + H));
+    dt[0] = dt[1] = DT_F32;
     return 0;
 }
 
@@ -672,36 +734,38 @@ static int infer_bwd(const ir_graph *g, const ir_node *n, ir_shape *out, ir_dtyp
                      size_t errlen) {
     int H, P, N, NA;
     if (check_all(g, n, 1, &H, &P, &N, &NA, err, errlen)) return -1;
-    for (int i = 0; i < IN_NFWD; i++) {
-        out[i] = *op_in_shape(g, n, i);
-        dt[i] = DT_F32;
-    }
+    for (int i = 0; i < IN_D; i++) out[i] = *op_in_shape(g, n, i);
+    out[IN_D] = *op_in_shape(g, n, IN_DTB);     /* D: [H], like dt_bias */
+    out[BOUT_HEAD] = tok_shape(H * (2 * N + NA));
+    for (int i = 0; i < BOUT_N; i++) dt[i] = DT_F32;
     return 0;
 }
 
+/* dout[1] (the saved states) carries no gradient: it only feeds the backward. */
 static int grad_fwd(ir_graph *g, int node, const int *dout, int *din) {
-    if (dout[0] < 0) {
-        for (int i = 0; i < IN_NFWD; i++) din[i] = -1;
-        return 0;
-    }
+    for (int i = 0; i < IN_NFWD; i++) din[i] = -1;
+    if (dout[0] < 0) return 0;
     /* Copy what we need: ir_emit may grow g->n and move the node. */
     const ir_node *n = &g->n[node];
-    int ins[IN_NFWD + 1];
+    int ins[BIN_N];
     long ia[IR_MAX_IATTR];
     double fa[IR_MAX_FATTR];
-    for (int i = 0; i < IN_NFWD; i++) ins[i] = n->in[i];
-    ins[IN_NFWD] = dout[0];
+    for (int i = 0; i < BIN_ST; i++) ins[i] = n->in[i];
+    ins[BIN_ST] = n->out[1];
+    ins[BIN_DY] = dout[0];
     memcpy(ia, n->ia, sizeof ia);
     memcpy(fa, n->fa, sizeof fa);
     int outs[IR_MAX_IO];
-    if (ir_emit(g, "mamba3_scan_bwd", ins, IN_NFWD + 1, ia, fa, outs) < 0) return -1;
+    if (ir_emit(g, "mamba3_scan_bwd", ins, BIN_N, ia, fa, outs) < 0) return -1;
     for (int i = 0; i < IN_NFWD; i++) din[i] = outs[i];
     return 0;
 }
 
-static void collect(const ref_ctx *c, const ir_node *n, m3_dims *d, m3_inputs *in) {
-    ref_buf b[IN_NFWD];
-    for (int i = 0; i < IN_NFWD; i++) b[i] = ref_get(c, n->in[i]);
+/* Reads the inputs common to both ops; D comes from `dbuf` (the forward's D input, or the
+ * echo columns of `saved` for the backward). */
+static void collect(const ref_ctx *c, const ir_node *n, m3_dims *d, m3_inputs *in, const double *D) {
+    ref_buf b[IN_D];
+    for (int i = 0; i < IN_D; i++) b[i] = ref_get(c, n->in[i]);
     d->B = ref_B(c);
     d->S = ref_S(c);
     const ir_shape *x = ref_shape(c, n->in[IN_X]);
@@ -717,24 +781,31 @@ static void collect(const ref_ctx *c, const ir_node *n, m3_dims *d, m3_inputs *i
         .dd_A = b[IN_DDA].p, .dd_A_ld = b[IN_DDA].ld,
         .trap = b[IN_TRAP].p, .trap_ld = b[IN_TRAP].ld,
         .angles = b[IN_ANG].p, .angles_ld = b[IN_ANG].ld,
-        .dt_bias = b[IN_DTB].p, .B_bias = b[IN_BB].p, .C_bias = b[IN_CB].p, .D = b[IN_D].p};
+        .dt_bias = b[IN_DTB].p, .B_bias = b[IN_BB].p, .C_bias = b[IN_CB].p, .D = D};
 }
 
 static void ref_fwd(const ref_ctx *c, const ir_node *n) {
     m3_dims d;
     m3_inputs in;
-    collect(c, n, &d, &in);
-    ref_buf y = ref_get(c, n->out[0]);
-    m3_ref_chunked(d, (int)n->ia[0], &in, NULL, y.p, y.ld, NULL);
+    collect(c, n, &d, &in, ref_get(c, n->in[IN_D]).p);
+    ref_buf y = ref_get(c, n->out[0]), st = ref_get(c, n->out[1]);
+    int chunk = (int)n->ia[0];
+    m3_ref_chunked(d, chunk, &in, NULL, y.p, y.ld, NULL, st.p, st.ld);
+    long HW = d.H * m3_states_width(d.P, d.N, chunk);
+    for (long t = 0; t < st.ntok; t++)
+        for (int h = 0; h < d.H; h++) st.p[t * st.ld + HW + h] = in.D[h];
 }
 
 static void ref_bwd(const ref_ctx *c, const ir_node *n) {
     m3_dims d;
     m3_inputs in;
-    collect(c, n, &d, &in);
-    ref_buf dy = ref_get(c, n->in[IN_NFWD]);
-    ref_buf o[IN_NFWD];
-    for (int i = 0; i < IN_NFWD; i++) o[i] = ref_get(c, n->out[i]);
+    ref_buf st = ref_get(c, n->in[BIN_ST]);
+    const ir_shape *x = ref_shape(c, n->in[IN_X]);
+    long HW = x->d[2] * m3_states_width(x->d[3], (int)ref_get(c, n->in[IN_BN]).feat, (int)n->ia[0]);
+    collect(c, n, &d, &in, st.p + HW);      /* D echo: columns HW.. of token row 0 */
+    ref_buf dy = ref_get(c, n->in[BIN_DY]);
+    ref_buf o[BOUT_N];
+    for (int i = 0; i < BOUT_N; i++) o[i] = ref_get(c, n->out[i]);
     m3_grads gr = {
         .x = o[IN_X].p, .x_ld = o[IN_X].ld,
         .Bn = o[IN_BN].p, .Bn_ld = o[IN_BN].ld,
@@ -743,8 +814,9 @@ static void ref_bwd(const ref_ctx *c, const ir_node *n) {
         .dd_A = o[IN_DDA].p, .dd_A_ld = o[IN_DDA].ld,
         .trap = o[IN_TRAP].p, .trap_ld = o[IN_TRAP].ld,
         .angles = o[IN_ANG].p, .angles_ld = o[IN_ANG].ld,
-        .dt_bias = o[IN_DTB].p, .B_bias = o[IN_BB].p, .C_bias = o[IN_CB].p, .D = o[IN_D].p};
-    m3_ref_backward(d, (int)n->ia[0], &in, dy.p, dy.ld, &gr);
+        .dt_bias = o[IN_DTB].p, .B_bias = o[IN_BB].p, .C_bias = o[IN_CB].p, .D = o[IN_D].p,
+        .head = o[BOUT_HEAD].p, .head_ld = o[BOUT_HEAD].ld};
+    m3_ref_backward(d, (int)n->ia[0], &in, st.p, st.ld, dy.p, dy.ld, &gr);
 }
 
 static m3_dims dims_of(const ir_graph *g, const ir_node *n, long B, long S) {
@@ -760,10 +832,500 @@ static double flops_bwd(const ir_graph *g, const ir_node *n, long B, long S) {
     return m3_flops_bwd(dims_of(g, n, B, S), (int)n->ia[0]);
 }
 
+/* ---------------------------------------------------------------- kernel templates
+ *
+ * fp32 throughout, fp32 state. Simple designs (the tensor-core chunked kernels come later):
+ *  forward: one work-group per (b, h), each work-item owning rows p of the state in private
+ *    memory; tokens in order; per token the work-items build Kr_t, Qr_t (rotated, biased) in
+ *    local memory (Kr triple-, Qr double-buffered so one barrier per token suffices) while
+ *    the owner of angle pair i carries Theta_i (fp32, wrapped to [0, 2pi)).
+ *  backward: (1) one work-group per (b, h): a Theta pre-pass, then the chunks in reverse
+ *    carrying dS (P x N, local) and following the reference's chunked maths, one work-item per
+ *    token of the chunk; every value another work-item needs goes through local memory.
+ *    (2) the per-head shares of dBn, dCn, d(angles) summed over heads in order h = 0..H-1.
+ *    (3) dt_bias, B_bias, C_bias, D: one work-group per (h, parameter), a fixed strided
+ *    partial sum over the B*S tokens and a fixed tree. No atomics anywhere. */
+
+#include "kgen.h"
+
+#define KL(...) kg_line(k, __VA_ARGS__)
+#define M3_PI_F "3.14159265f"
+
+typedef struct {
+    int H, P, N, NA, CH;
+    long W;          /* state columns per head in `saved` */
+} m3_kdims;
+
+static m3_kdims kdims(const kgen *k, const ir_node *n) {
+    const ir_graph *g = k->g;
+    const ir_shape *x = &g->t[n->in[IN_X]].shape;
+    m3_kdims d = {x->d[2], x->d[3], (int)ir_feat(&g->t[n->in[IN_BN]].shape),
+                  (int)ir_feat(&g->t[n->in[IN_ANG]].shape), (int)n->ia[0], 0};
+    d.W = m3_states_width(d.P, d.N, d.CH);
+    return d;
+}
+
+/* Per-token activations of head h at token row `tok` (a C expression), as const floats named
+ * with prefix v: u, DT, sg (softplus'), Av, dA (A'), lam. Only the taken branch of each
+ * piecewise activation is evaluated. */
+static void emit_acts(kgen *k, const char *v, const char *tok, long lddt, long ldda, long ldtr) {
+    KL("const float %su = ddt[(%s) * %ldL + h] + dtbh;", v, tok, lddt);
+    KL("const float %sDT = %su > 20.0f ? %su : LOG1PF(EXPF(%su));", v, v, v, v);
+    KL("const float %ssg = %su > 20.0f ? 1.0f : (%su >= 0.0f ? 1.0f / (1.0f + EXPF(-%su)) : "
+       "EXPF(%su) / (1.0f + EXPF(%su)));", v, v, v, v, v, v);
+    KL("const float %sua = ddA[(%s) * %ldL + h];", v, tok, ldda);
+    KL("float %sfA, %sdfA;", v, v);
+    KL("if (%sua >= 0.0f) { %sfA = 1.0f + %sua; %sdfA = 1.0f; } else { %sfA = 1.0f / (1.0f - %sua); "
+       "%sdfA = %sfA * %sfA; }", v, v, v, v, v, v, v, v, v);
+    KL("const float %sAv = %sfA < 1e-4f ? -1e-4f : -%sfA;", v, v, v);
+    KL("const float %sdA = %sfA < 1e-4f ? 0.0f : -%sdfA;", v, v, v);
+    KL("const float %str = trap[(%s) * %ldL + h];", v, tok, ldtr);
+    KL("const float %slam = %str >= 0.0f ? 1.0f / (1.0f + EXPF(-%str)) : EXPF(%str) / (1.0f + "
+       "EXPF(%str));", v, v, v, v, v);
+    KL("(void)%ssg; (void)%sdA; (void)%sAv;", v, v, v);
+}
+
+/* Tq += DT * pi * tanh(angle), wrapped to [0, 2pi) */
+static void emit_theta_step(kgen *k, const char *Tq, const char *DT, const char *angle) {
+    /* 2pi = 6.28318548f - 1.74845553e-7f (Cody-Waite): subtracting k * float(2pi) alone would
+     * drift by k * 1.7e-7 per step when DT * theta is large */
+    KL("%s += %s * (" M3_PI_F " * TANHF(%s));", Tq, DT, angle);
+    KL("{ const float kq = (float)(long)(%s * 0.159154943f); %s = (%s - kq * 6.28318548f) + kq * 1.74845553e-7f; }",
+       Tq, Tq, Tq);
+    KL("if (%s < 0.0f) %s = (%s + 6.28318548f) - 1.74845553e-7f;", Tq, Tq, Tq);
+}
+
+static void args_common(kgen *k, const ir_node *n) {
+    kg_in(k, "x", n->in[IN_X]);
+    kg_in(k, "Bn", n->in[IN_BN]);
+    kg_in(k, "Cn", n->in[IN_CN]);
+    kg_in(k, "ddt", n->in[IN_DDT]);
+    kg_in(k, "ddA", n->in[IN_DDA]);
+    kg_in(k, "trap", n->in[IN_TRAP]);
+    kg_in(k, "ang", n->in[IN_ANG]);
+    kg_in(k, "dtb", n->in[IN_DTB]);
+    kg_in(k, "Bb", n->in[IN_BB]);
+    kg_in(k, "Cb", n->in[IN_CB]);
+}
+
+static int emit_fwd(kgen *k, const ir_node *n) {
+    const ir_graph *g = k->g;
+    int node = (int)(n - g->n);
+    m3_kdims d = kdims(k, n);
+    const int H = d.H, P = d.P, N = d.N, NA = d.NA, CH = d.CH;
+    const long W = d.W, PN = (long)P * N;
+    const int PB = P < 256 ? P : 256, RP = (P + PB - 1) / PB;
+    const long ldx = kg_ld(k, n->in[IN_X]), ldb = kg_ld(k, n->in[IN_BN]), ldc = kg_ld(k, n->in[IN_CN]),
+               ldang = kg_ld(k, n->in[IN_ANG]), ldy = kg_ld(k, n->out[0]), ldst = kg_ld(k, n->out[1]);
+    kg_begin(k, "mamba3_scan", node, node + 1);
+    args_common(k, n);
+    kg_in(k, "Dp", n->in[IN_D]);
+    kg_out(k, "y", n->out[0]);
+    kg_out(k, "st", n->out[1]);
+    KL("const long b = GID_X / %d;", H);
+    KL("const int h = (int)(GID_X - b * %d);", H);
+    KL("const int lid = LID_X;");
+    KL("LOCAL float sK[%d];", 3 * N);
+    KL("LOCAL float sQ[%d];", 2 * N);
+    KL("LOCAL float sTh[%d];", NA);
+    KL("float Srow[%d];", RP * N);
+    KL("float vprev[%d];", RP);
+    KL("for (int i = 0; i < %d; i++) Srow[i] = 0.0f;", RP * N);
+    KL("for (int r = 0; r < %d; r++) vprev[r] = 0.0f;", RP);
+    KL("for (int j = lid; j < %d; j += %d) sTh[j] = 0.0f;", NA, PB);
+    KL("for (int j = lid; j < %d; j += %d) sK[%d + j] = 0.0f;   /* Kr of token -1 */", N, PB, 2 * N);
+    KL("const float dtbh = dtb[h], Dh = Dp[h];");
+    KL("BARRIER();");
+    KL("for (long s = 0; s < S; s++) {");
+    KL("const long tok = b * S + s;");
+    KL("const int kc = (int)(s %% 3), kp = (int)((s + 2) %% 3), qc = (int)(s %% 2);");
+    emit_acts(k, "", "tok", kg_ld(k, n->in[IN_DDT]), kg_ld(k, n->in[IN_DDA]), kg_ld(k, n->in[IN_TRAP]));
+    KL("const float aa = EXPF(Av * DT), bb = (1.0f - lam) * DT * aa, gg = lam * DT;");
+    /* Kr_t, Qr_t: item j < NA is rotation pair j (its owner carries Theta_j), the rest copy the
+     * unrotated tail dims */
+    KL("for (int j = lid; j < %d; j += %d) {", N - NA, PB);
+    KL("if (j < %d) {", NA);
+    KL("float Tq = sTh[j];");
+    char angx[96];
+    snprintf(angx, sizeof angx, "ang[tok * %ldL + j]", ldang);
+    emit_theta_step(k, "Tq", "DT", angx);
+    KL("sTh[j] = Tq;");
+    KL("const float cq = COSF(Tq), sq = SINF(Tq);");
+    KL("const float k0 = Bn[tok * %ldL + 2 * j] + Bb[h * %d + 2 * j], k1 = Bn[tok * %ldL + 2 * j + 1] + Bb[h * %d + 2 * j + 1];",
+       ldb, N, ldb, N);
+    KL("const float q0 = Cn[tok * %ldL + 2 * j] + Cb[h * %d + 2 * j], q1 = Cn[tok * %ldL + 2 * j + 1] + Cb[h * %d + 2 * j + 1];",
+       ldc, N, ldc, N);
+    KL("sK[kc * %d + 2 * j] = k0 * cq - k1 * sq; sK[kc * %d + 2 * j + 1] = k0 * sq + k1 * cq;", N, N);
+    KL("sQ[qc * %d + 2 * j] = q0 * cq - q1 * sq; sQ[qc * %d + 2 * j + 1] = q0 * sq + q1 * cq;", N, N);
+    KL("} else {");
+    KL("const int nn = %d + j;", NA);
+    KL("sK[kc * %d + nn] = Bn[tok * %ldL + nn] + Bb[h * %d + nn];", N, ldb, N);
+    KL("sQ[qc * %d + nn] = Cn[tok * %ldL + nn] + Cb[h * %d + nn];", N, ldc, N);
+    KL("}");
+    KL("}");
+    KL("BARRIER();");
+    KL("for (int r = 0; r < %d; r++) {", RP);
+    KL("const int p = lid + r * %d;", PB);
+    KL("if (p < %d) {", P);
+    KL("const float v = x[tok * %ldL + h * %d + p];", ldx, P);
+    KL("const float bv = bb * vprev[r], gv = gg * v;");
+    KL("float acc = 0.0f;");
+    KL("for (int nn = 0; nn < %d; nn++) {", N);
+    KL("const float sv = aa * Srow[r * %d + nn] + bv * sK[kp * %d + nn] + gv * sK[kc * %d + nn];", N, N, N);
+    KL("Srow[r * %d + nn] = sv;", N);
+    KL("acc += sv * sQ[qc * %d + nn];", N);
+    KL("}");
+    KL("y[tok * %ldL + h * %d + p] = acc + Dh * v;", ldy, P);
+    KL("vprev[r] = v;");
+    KL("}");
+    KL("}");
+    /* chunk boundary: the state leaving a full chunk, spread over the chunk's own rows */
+    KL("if ((s + 1) %% %d == 0) {", CH);
+    KL("const long rb = tok + 1 - %d;", CH);
+    /* the chunked form's state: the next token's b-term is folded into this token */
+    emit_acts(k, "n", "s + 1 < S ? tok + 1 : tok", kg_ld(k, n->in[IN_DDT]), kg_ld(k, n->in[IN_DDA]),
+              kg_ld(k, n->in[IN_TRAP]));
+    KL("const float nb = s + 1 < S ? (1.0f - nlam) * nDT : 0.0f;");
+    KL("for (int r = 0; r < %d; r++) {", RP);
+    KL("const int p = lid + r * %d;", PB);
+    KL("if (p < %d) for (int nn = 0; nn < %d; nn++) {", P, N);
+    KL("const long e = (long)p * %d + nn;", N);
+    KL("st[(rb + e / %ldL) * %ldL + h * %ldL + e %% %ldL] = Srow[r * %d + nn] + nb * vprev[r] * sK[kc * %d + nn];",
+       W, ldst, W, W, N, N);
+    KL("}");
+    KL("}");
+    KL("for (long e = %ldL + lid; e < %ldL; e += %d) st[(rb + e / %ldL) * %ldL + h * %ldL + e %% %ldL] = 0.0f;",
+       PN, (long)CH * W, PB, W, ldst, W, W);
+    KL("}");
+    KL("if (lid == 0) st[tok * %ldL + %ldL + h] = Dh;   /* the D echo */", ldst, (long)H * W);
+    KL("}");
+    /* rows of a partial last chunk hold zeros */
+    KL("const long cl = (S / %d) * %d;", CH, CH);
+    KL("for (long i = lid; i < (S - cl) * %ldL; i += %d) st[(b * S + cl + i / %ldL) * %ldL + h * %ldL + i %% %ldL] = 0.0f;",
+       W, PB, W, ldst, W, W);
+    kg_grid(k, 0, 0, H, 0, 0, 1);
+    kg_block(k, PB, 1, 1);
+    return kg_end(k);
+}
+
+/* Backward kernel 1: one work-group per (b, h). */
+static int emit_bwd_scan(kgen *k, const ir_node *n, int node, m3_kdims d) {
+    const int H = d.H, P = d.P, N = d.N, NA = d.NA, CH = d.CH;
+    const long W = d.W, PN = (long)P * N, W2 = 2L * N + NA, HW = (long)H * W;
+    int NT = CH > NA ? CH : NA;
+    NT = (NT + 31) / 32 * 32;
+    if (NT > 256) NT = 256;
+    const long ldx = kg_ld(k, n->in[IN_X]), ldb = kg_ld(k, n->in[IN_BN]), ldc = kg_ld(k, n->in[IN_CN]),
+               lddt = kg_ld(k, n->in[IN_DDT]), ldda = kg_ld(k, n->in[IN_DDA]), ldtr = kg_ld(k, n->in[IN_TRAP]),
+               ldang = kg_ld(k, n->in[IN_ANG]), ldst = kg_ld(k, n->in[BIN_ST]), lddy = kg_ld(k, n->in[BIN_DY]),
+               ldgx = kg_ld(k, n->out[IN_X]), ldgt = kg_ld(k, n->out[IN_DDT]), ldga = kg_ld(k, n->out[IN_DDA]),
+               ldgr = kg_ld(k, n->out[IN_TRAP]), ldh = kg_ld(k, n->out[BOUT_HEAD]);
+    kg_begin(k, "mamba3_scan_bwd", node, node + 1);
+    args_common(k, n);
+    kg_in(k, "st", n->in[BIN_ST]);
+    kg_in(k, "dy", n->in[BIN_DY]);
+    kg_out(k, "gx", n->out[IN_X]);
+    kg_out(k, "gddt", n->out[IN_DDT]);
+    kg_out(k, "gddA", n->out[IN_DDA]);
+    kg_out(k, "gtrap", n->out[IN_TRAP]);
+    kg_out(k, "hd", n->out[BOUT_HEAD]);
+    KL("const long b = GID_X / %d;", H);
+    KL("const int h = (int)(GID_X - b * %d);", H);
+    KL("const int lid = LID_X;");
+    KL("LOCAL float dS[%ld];", PN);
+    KL("LOCAL float X[%d];", CH * N);
+    KL("LOCAL float TH[%d];", CH * NA);
+    KL("LOCAL float ladt[%d];", CH);
+    KL("LOCAL float lcs[%d];", CH);
+    KL("LOCAL float lsc[%d];", CH);
+    KL("LOCAL float ldcs[%d];", CH);
+    KL("LOCAL float ldsc[%d];", CH);
+    KL("LOCAL float lT[%d];", CH);
+    KL("LOCAL float pend[4];");
+    KL("const float dtbh = dtb[h];");
+    KL("const float Dh = st[b * S * %ldL + %ldL + h];   /* the forward's D echo */", ldst, HW);
+    KL("float qr[%d], kr[%d], dqr[%d], dkr[%d];", N, N, N, N);
+    KL("float Gi = 0.0f;");
+    /* pre-pass: Theta_t of every token into this head's angle columns of hd; read back later
+     * only by the work-item that wrote it */
+    char angx[96];
+    KL("if (lid < %d) {", NA);
+    KL("float Tq = 0.0f;");
+    KL("for (long s = 0; s < S; s++) {");
+    KL("const long tok = b * S + s;");
+    KL("const float u = ddt[tok * %ldL + h] + dtbh;", lddt);
+    KL("const float DT = u > 20.0f ? u : LOG1PF(EXPF(u));");
+    snprintf(angx, sizeof angx, "ang[tok * %ldL + lid]", ldang);
+    emit_theta_step(k, "Tq", "DT", angx);
+    KL("hd[tok * %ldL + h * %ldL + %d + lid] = Tq;", ldh, W2, 2 * N);
+    KL("}");
+    KL("}");
+    KL("for (int e = lid; e < %ld; e += %d) dS[e] = 0.0f;", PN, NT);
+    KL("if (lid < 4) pend[lid] = 0.0f;");
+    KL("const long nch = (S + %d) / %d;", CH - 1, CH);
+    KL("for (long c = nch - 1; c >= 0; c--) {");
+    KL("const long c0 = c * %d;", CH);
+    KL("const int L = (int)(S - c0 < %d ? S - c0 : %d);", CH, CH);
+    KL("const long rb = b * S + c0, sb = rb - %d;   /* chunk rows; rows of the entering state */", CH);
+    KL("BARRIER();");
+    KL("if (lid < %d) for (int a2 = 0; a2 < L; a2++) TH[a2 * %d + lid] = hd[(rb + a2) * %ldL + h * %ldL + %d + lid];",
+       NA, NA, ldh, W2, 2 * N);
+    KL("const int a = lid;");
+    KL("const int own = a < L;");
+    KL("const long tk = rb + (own ? a : 0);");
+    KL("const int hasn = own && c0 + a + 1 < S;");
+    KL("const long tkn = hasn ? tk + 1 : tk;");
+    emit_acts(k, "", "tk", lddt, ldda, ldtr);
+    emit_acts(k, "n", "tkn", lddt, ldda, ldtr);
+    KL("const float gam = lam * DT;");
+    KL("const float scl = gam + (hasn ? (1.0f - nlam) * nDT : 0.0f);");
+    KL("if (own) { ladt[a] = Av * DT; lsc[a] = scl; }");
+    KL("BARRIER();");
+    KL("float cs = 0.0f;");
+    KL("if (own) {");
+    KL("for (int a2 = 0; a2 <= a; a2++) cs += ladt[a2];");
+    KL("lcs[a] = cs;");
+    KL("for (int i = 0; i < %d; i++) {", NA);
+    KL("const float cq = COSF(TH[a * %d + i]), sq = SINF(TH[a * %d + i]);", NA, NA);
+    KL("const float k0 = Bn[tk * %ldL + 2 * i] + Bb[h * %d + 2 * i], k1 = Bn[tk * %ldL + 2 * i + 1] + Bb[h * %d + 2 * i + 1];",
+       ldb, N, ldb, N);
+    KL("const float q0 = Cn[tk * %ldL + 2 * i] + Cb[h * %d + 2 * i], q1 = Cn[tk * %ldL + 2 * i + 1] + Cb[h * %d + 2 * i + 1];",
+       ldc, N, ldc, N);
+    KL("kr[2 * i] = k0 * cq - k1 * sq; kr[2 * i + 1] = k0 * sq + k1 * cq;");
+    KL("qr[2 * i] = q0 * cq - q1 * sq; qr[2 * i + 1] = q0 * sq + q1 * cq;");
+    KL("}");
+    KL("for (int nn = %d; nn < %d; nn++) { kr[nn] = Bn[tk * %ldL + nn] + Bb[h * %d + nn]; qr[nn] = Cn[tk * %ldL + nn] + Cb[h * %d + nn]; }",
+       2 * NA, N, ldb, N, ldc, N);
+    KL("for (int nn = 0; nn < %d; nn++) X[a * %d + nn] = kr[nn];", N, N);
+    KL("}");
+    KL("BARRIER();");
+    /* phase A (X = Kr of the chunk): inter-chunk, intra as the query, the state update, the
+     * diagonal's dx */
+    KL("const float eL = EXPF(FMINF(lcs[L - 1], 0.0f));");
+    KL("float dcs = 0.0f, dsc = 0.0f, dgam = 0.0f, dyv0 = 0.0f, qk0 = 0.0f;");
+    KL("if (own) {");
+    KL("const float ea = EXPF(FMINF(cs, 0.0f));");
+    KL("for (int nn = 0; nn < %d; nn++) { dqr[nn] = 0.0f; dkr[nn] = 0.0f; qk0 += qr[nn] * kr[nn]; }", N);
+    KL("for (int p = 0; p < %d; p++) dyv0 += dy[tk * %ldL + h * %d + p] * x[tk * %ldL + h * %d + p];", P, lddy, P, ldx, P);
+    KL("dgam = qk0 * dyv0;");
+    KL("for (int p = 0; p < %d; p++) gx[tk * %ldL + h * %d + p] = (gam * qk0 + Dh) * dy[tk * %ldL + h * %d + p];",
+       P, ldgx, P, lddy, P);
+    KL("if (c > 0) for (int p = 0; p < %d; p++) {", P);
+    KL("const float dyp = ea * dy[tk * %ldL + h * %d + p];", lddy, P);
+    KL("float sq = 0.0f;");
+    KL("for (int nn = 0; nn < %d; nn++) {", N);
+    KL("const long e = (long)p * %d + nn;", N);
+    KL("const float sc = st[(sb + e / %ldL) * %ldL + h * %ldL + e %% %ldL];", W, ldst, W, W);
+    KL("sq += sc * qr[nn];");
+    KL("dqr[nn] += dyp * sc;");
+    KL("}");
+    KL("dcs += dyp * sq;");
+    KL("}");
+    KL("for (int s2 = 0; s2 < a; s2++) {");
+    KL("float qk = 0.0f, dyv = 0.0f;");
+    KL("for (int nn = 0; nn < %d; nn++) qk += qr[nn] * X[s2 * %d + nn];", N, N);
+    KL("for (int p = 0; p < %d; p++) dyv += dy[tk * %ldL + h * %d + p] * x[(rb + s2) * %ldL + h * %d + p];", P, lddy, P, ldx, P);
+    KL("const float f = EXPF(FMINF(cs - lcs[s2], 0.0f)) * lsc[s2] * dyv;");
+    KL("dcs += qk * f;");
+    KL("for (int nn = 0; nn < %d; nn++) dqr[nn] += f * X[s2 * %d + nn];", N, N);
+    KL("}");
+    KL("const float wl = EXPF(FMINF(lcs[L - 1] - cs, 0.0f)) * scl;");
+    KL("float vdu = 0.0f;");
+    KL("for (int p = 0; p < %d; p++) {", P);
+    KL("float u = 0.0f;");
+    KL("for (int nn = 0; nn < %d; nn++) u += dS[p * %d + nn] * kr[nn];", N, N);
+    KL("vdu += x[tk * %ldL + h * %d + p] * u;", ldx, P);
+    KL("gx[tk * %ldL + h * %d + p] += wl * u;", ldgx, P);
+    KL("}");
+    KL("for (int nn = 0; nn < %d; nn++) {", N);
+    KL("float cl = 0.0f;");
+    KL("for (int p = 0; p < %d; p++) cl += dS[p * %d + nn] * x[tk * %ldL + h * %d + p];", P, N, ldx, P);
+    KL("dkr[nn] += wl * cl;");
+    KL("}");
+    KL("dcs -= wl * vdu;");
+    KL("dsc += EXPF(FMINF(lcs[L - 1] - cs, 0.0f)) * vdu;");
+    KL("lT[a] = wl * vdu;");
+    KL("}");
+    KL("BARRIER();");
+    KL("if (own) for (int nn = 0; nn < %d; nn++) X[a * %d + nn] = qr[nn];", N, N);
+    KL("BARRIER();");
+    /* phase B (X = Qr of the chunk): intra as the key, dcs of the last token, the diagonal,
+     * rotation undo */
+    KL("if (own) {");
+    KL("for (int t2 = a + 1; t2 < L; t2++) {");
+    KL("float qk = 0.0f, dyv = 0.0f;");
+    KL("for (int nn = 0; nn < %d; nn++) qk += X[t2 * %d + nn] * kr[nn];", N, N);
+    KL("for (int p = 0; p < %d; p++) dyv += dy[(rb + t2) * %ldL + h * %d + p] * x[tk * %ldL + h * %d + p];", P, lddy, P, ldx, P);
+    KL("const float wd = EXPF(FMINF(lcs[t2] - cs, 0.0f));");
+    KL("dcs -= qk * wd * scl * dyv;");
+    KL("dsc += qk * wd * dyv;");
+    KL("const float f = wd * scl * dyv, fv = qk * wd * scl;");
+    KL("for (int nn = 0; nn < %d; nn++) dkr[nn] += f * X[t2 * %d + nn];", N, N);
+    KL("for (int p = 0; p < %d; p++) gx[tk * %ldL + h * %d + p] += fv * dy[(rb + t2) * %ldL + h * %d + p];", P, ldgx, P, lddy, P);
+    KL("}");
+    KL("if (a == L - 1) {");
+    KL("if (c > 0) {");
+    KL("float sd = 0.0f;");
+    KL("for (long e = 0; e < %ldL; e++) sd += dS[e] * st[(sb + e / %ldL) * %ldL + h * %ldL + e %% %ldL];", PN, W, ldst, W, W);
+    KL("dcs += eL * sd;");
+    KL("}");
+    KL("for (int s2 = 0; s2 < L; s2++) dcs += lT[s2];");
+    KL("}");
+    /* diagonal gamma (Q.K) v in the rotated frame (rotation-invariant) */
+    KL("for (int nn = 0; nn < %d; nn++) { const float q = qr[nn], kk = kr[nn]; dqr[nn] += gam * dyv0 * kk; dkr[nn] += gam * dyv0 * q; }", N);
+    KL("const long hb = tk * %ldL + h * %ldL;", ldh, W2);
+    KL("for (int i = 0; i < %d; i++) {", NA);
+    KL("const float cq = COSF(TH[a * %d + i]), sq = SINF(TH[a * %d + i]);", NA, NA);
+    KL("const int i0 = 2 * i, i1 = 2 * i + 1;");
+    KL("hd[hb + i0] = cq * dkr[i0] + sq * dkr[i1];");
+    KL("hd[hb + i1] = -sq * dkr[i0] + cq * dkr[i1];");
+    KL("hd[hb + %d + i0] = cq * dqr[i0] + sq * dqr[i1];", N);
+    KL("hd[hb + %d + i1] = -sq * dqr[i0] + cq * dqr[i1];", N);
+    KL("TH[a * %d + i] = -dqr[i0] * qr[i1] + dqr[i1] * qr[i0] - dkr[i0] * kr[i1] + dkr[i1] * kr[i0];", NA);
+    KL("}");
+    KL("for (int nn = %d; nn < %d; nn++) { hd[hb + nn] = dkr[nn]; hd[hb + %d + nn] = dqr[nn]; }", 2 * NA, N, N);
+    KL("ldcs[a] = dcs;");
+    KL("ldsc[a] = dsc;");
+    KL("}");
+    KL("BARRIER();");
+    /* phase C: dS becomes the gradient of the state entering the chunk; the angle owners run
+     * the reverse cumsum of dTheta */
+    KL("for (int e = lid; e < %ld; e += %d) {", PN, NT);
+    KL("const int p = e / %d, nn = e %% %d;", N, N);
+    KL("float acc = eL * dS[e];");
+    KL("for (int a2 = 0; a2 < L; a2++) acc += EXPF(FMINF(lcs[a2], 0.0f)) * dy[(rb + a2) * %ldL + h * %d + p] * X[a2 * %d + nn];",
+       lddy, P, N);
+    KL("dS[e] = acc;");
+    KL("}");
+    KL("if (lid < %d) for (int a2 = L - 1; a2 >= 0; a2--) { Gi += TH[a2 * %d + lid]; TH[a2 * %d + lid] = Gi; }", NA, NA, NA);
+    KL("BARRIER();");
+    /* phase D: the scalar chain (trapezoid shift, ADT, activations) */
+    KL("if (own) {");
+    KL("float dADT = 0.0f;");
+    KL("for (int a2 = a; a2 < L; a2++) dADT += ldcs[a2];");
+    KL("float share = 0.0f;");
+    KL("for (int i = 0; i < %d; i++) {", NA);
+    KL("const float tn = TANHF(ang[tk * %ldL + i]), Gv = TH[a * %d + i];", ldang, NA);
+    KL("share += Gv * (" M3_PI_F " * tn);");
+    KL("hd[tk * %ldL + h * %ldL + %d + i] = Gv * DT * " M3_PI_F " * (1.0f - tn * tn);", ldh, W2, 2 * N);
+    KL("}");
+    KL("const float ow = dgam + dsc;");
+    KL("float dDT = ow * lam + Av * dADT + share, dlam = ow * DT;");
+    KL("if (a > 0) { dDT += ldsc[a - 1] * (1.0f - lam); dlam -= ldsc[a - 1] * DT; }");
+    KL("gddA[tk * %ldL + h] = DT * dADT * dA;", ldga);
+    KL("if (a > 0 || c0 == 0) {");
+    KL("gddt[tk * %ldL + h] = dDT * sg;", ldgt);
+    KL("gtrap[tk * %ldL + h] = dlam * lam * (1.0f - lam);", ldgr);
+    KL("} else {   /* waits for dscale of the previous chunk's last token */");
+    KL("pend[(int)(c & 1) * 2] = dDT;");
+    KL("pend[(int)(c & 1) * 2 + 1] = dlam;");
+    KL("}");
+    KL("if (a == L - 1 && hasn) {   /* finish the next chunk's first token */");
+    KL("const float pd = pend[(int)((c + 1) & 1) * 2] + dsc * (1.0f - nlam);");
+    KL("const float pl = pend[(int)((c + 1) & 1) * 2 + 1] - dsc * nDT;");
+    KL("gddt[tkn * %ldL + h] = pd * nsg;", ldgt);
+    KL("gtrap[tkn * %ldL + h] = pl * nlam * (1.0f - nlam);", ldgr);
+    KL("}");
+    KL("}");
+    KL("}");
+    kg_grid(k, 0, 0, H, 0, 0, 1);
+    kg_block(k, NT, 1, 1);
+    return kg_end(k);
+}
+
+static int emit_bwd(kgen *k, const ir_node *n) {
+    const ir_graph *g = k->g;
+    int node = (int)(n - g->n);
+    m3_kdims d = kdims(k, n);
+    const int H = d.H, P = d.P, N = d.N, NA = d.NA, CH = d.CH;
+    const long W2 = 2L * N + NA;
+    long local = 4L * ((long)P * N + (long)CH * N + (long)CH * NA + 6L * CH + 4);
+    if (CH > 256 || NA > 256 || local > 48L * 1024) {
+        snprintf(k->err, sizeof k->err,
+                 "mamba3_scan_bwd: the simple kernel needs chunk <= 256 and (P*N + chunk*(N+NA+6))*4 "
+                 "<= 48 KiB of local memory; got P=%d N=%d NA=%d chunk=%d (%ld bytes)", P, N, NA, CH, local);
+        return -1;
+    }
+    if (emit_bwd_scan(k, n, node, d) < 0) return -1;
+
+    /* 2. shares summed over heads in order: dBn, dCn, d(angles) */
+    const long ldh = kg_ld(k, n->out[BOUT_HEAD]);
+    kg_begin(k, "mamba3_scan_bwd_heads", node, node + 1);
+    kg_in(k, "hd", n->out[BOUT_HEAD]);
+    kg_out(k, "gBn", n->out[IN_BN]);
+    kg_out(k, "gCn", n->out[IN_CN]);
+    kg_out(k, "gang", n->out[IN_ANG]);
+    KL("const long i = GID_X * 256 + LID_X;");
+    KL("if (i >= T * %ldL) return;", W2);
+    KL("const long tok = i / %ldL;", W2);
+    KL("const int f = (int)(i - tok * %ldL);", W2);
+    KL("float acc = 0.0f;");
+    KL("for (int hh = 0; hh < %d; hh++) acc += hd[tok * %ldL + hh * %ldL + f];", H, ldh, W2);
+    KL("if (f < %d) gBn[tok * %ldL + f] = acc;", N, kg_ld(k, n->out[IN_BN]));
+    KL("else if (f < %d) gCn[tok * %ldL + f - %d] = acc;", 2 * N, kg_ld(k, n->out[IN_CN]), N);
+    KL("else gang[tok * %ldL + f - %d] = acc;", kg_ld(k, n->out[IN_ANG]), 2 * N);
+    kg_grid(k, 0, 0, 0, 0, W2, 256);
+    kg_block(k, 256, 1, 1);
+    if (kg_end(k) < 0) return -1;
+
+    /* 3. parameter gradients: one work-group per (h, j), j < N: B_bias, < 2N: C_bias, 2N:
+     * dt_bias, 2N+1: D; strided partial sums over all tokens, then a fixed tree */
+    const int J = 2 * N + 2;
+    kg_begin(k, "mamba3_scan_bwd_params", node, node + 1);
+    kg_in(k, "hd", n->out[BOUT_HEAD]);
+    kg_in(k, "gddt", n->out[IN_DDT]);
+    kg_in(k, "x", n->in[IN_X]);
+    kg_in(k, "dy", n->in[BIN_DY]);
+    kg_out(k, "gdtb", n->out[IN_DTB]);
+    kg_out(k, "gBb", n->out[IN_BB]);
+    kg_out(k, "gCb", n->out[IN_CB]);
+    kg_out(k, "gD", n->out[IN_D]);
+    KL("LOCAL float red[256];");
+    KL("const int h = (int)(GID_X / %d), j = (int)(GID_X %% %d);", J, J);
+    KL("const int lid = LID_X;");
+    /* compensated (Kahan) sums: these are long sums of terms of either sign */
+    KL("float acc = 0.0f, cmp = 0.0f;");
+    KL("for (long tok = lid; tok < T; tok += 256) {");
+    KL("float val;");
+    KL("if (j < %d) val = hd[tok * %ldL + h * %ldL + j];", 2 * N, ldh, W2);
+    KL("else if (j == %d) val = gddt[tok * %ldL + h];", 2 * N, kg_ld(k, n->out[IN_DDT]));
+    KL("else {");
+    KL("float dv = 0.0f, dc = 0.0f;");
+    KL("for (int p = 0; p < %d; p++) {", P);
+    KL("const float yk = dy[tok * %ldL + h * %d + p] * x[tok * %ldL + h * %d + p] - dc;", kg_ld(k, n->in[BIN_DY]), P,
+       kg_ld(k, n->in[IN_X]), P);
+    KL("const float tk = dv + yk;");
+    KL("dc = (tk - dv) - yk;");
+    KL("dv = tk;");
+    KL("}");
+    KL("val = dv;");
+    KL("}");
+    KL("const float yk = val - cmp;");
+    KL("const float tk = acc + yk;");
+    KL("cmp = (tk - acc) - yk;");
+    KL("acc = tk;");
+    KL("}");
+    KL("red[lid] = acc;");
+    KL("BARRIER();");
+    KL("for (int w = 128; w > 0; w >>= 1) {");
+    KL("if (lid < w) red[lid] += red[lid + w];");
+    KL("BARRIER();");
+    KL("}");
+    KL("if (lid == 0) {");
+    KL("if (j < %d) gBb[h * %d + j] = red[0];", N, N);
+    KL("else if (j < %d) gCb[h * %d + j - %d] = red[0];", 2 * N, N, N);
+    KL("else if (j == %d) gdtb[h] = red[0];", 2 * N);
+    KL("else gD[h] = red[0];");
+    KL("}");
+    kg_grid(k, 0, (long)H * J, 0, 0, 0, 1);
+    kg_block(k, 256, 1, 1);
+    return kg_end(k);
+}
+
 const op_def op_mamba3_scan = {
     .name = "mamba3_scan",
     .nin = IN_NFWD,
-    .nout = 1,
+    .nout = 2,
     .iattr = {"chunk", NULL},
     .fattr = {NULL},
     .ia_default = {64},
@@ -771,12 +1333,13 @@ const op_def op_mamba3_scan = {
     .grad = grad_fwd,
     .ref = ref_fwd,
     .flops = flops_fwd,
+    .emit = emit_fwd,
 };
 
 const op_def op_mamba3_scan_bwd = {
     .name = "mamba3_scan_bwd",
-    .nin = IN_NFWD + 1,
-    .nout = IN_NFWD,
+    .nin = BIN_N,
+    .nout = BOUT_N,
     .iattr = {"chunk", NULL},
     .fattr = {NULL},
     .ia_default = {64},
@@ -784,6 +1347,7 @@ const op_def op_mamba3_scan_bwd = {
     .grad = NULL,
     .ref = ref_bwd,
     .flops = flops_bwd,
+    .emit = emit_bwd,
 };
 
 #endif /* M3_MATH_ONLY */

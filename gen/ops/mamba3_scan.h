@@ -38,6 +38,11 @@ typedef struct {
     double *trap;   long trap_ld;
     double *angles; long angles_ld;
     double *dt_bias, *B_bias, *C_bias, *D;
+    /* Optional (NULL: not written): the per-head shares of the gradients that are summed over
+     * heads, [tok, H*(2N+NA)], token stride head_ld: for head h, columns h*(2N+NA) + [0, N)
+     * hold dK_h (its share of dBn), + [N, 2N) dQ_h (share of dCn), + [2N, 2N+NA) the share of
+     * d(angles). The kernels reduce them over heads in a fixed order. */
+    double *head;   long head_ld;
 } m3_grads;
 
 /* Recurrent state carried between calls (decode, prefill -> decode), one per sequence b. */
@@ -61,16 +66,31 @@ double m3_wrap_angle(double a);             /* a mod 2pi, in [0, 2pi) */
 void m3_ref_recurrent(m3_dims d, const m3_inputs *in, const m3_state *init,
                       double *y, long y_ld, m3_state *final);
 
+/* Chunk states saved for the backward, token-major: [tok, H*W] with W = m3_states_width()
+ * = ceil(P*N/chunk). The state LEAVING every full chunk c (tokens [c*chunk, (c+1)*chunk)) is
+ * the chunked form's state: h_t of its last token t plus the next token's b-term, which the
+ * chunked form folds into token t: (1 - lam_{t+1}) DT_{t+1} v_t Kr_t^T (none at the sequence
+ * end, where it equals h_T). It is spread over that chunk's own tokens: element (h, p, n), e = p*N + n, lives at token
+ * c*chunk + e / W, column h*W + e % W; slots e >= P*N are zero. Rows of a partial last chunk
+ * are all zero. So the state entering chunk c >= 1 sits in the rows of chunk c-1 (always
+ * full), chunk 0's entering state is zero (or the carried init), and when S is a multiple of
+ * chunk the last chunk's rows hold the final state h_T. The decode state is m3_state, not
+ * this. */
+long m3_states_width(int P, int N, int chunk);
+
 /* Chunked algorithm (the training/prefill form), chunk >= 1 tokens. Same contract as
- * m3_ref_recurrent; the final state equals the recurrent one (h_T, Theta_T, Kr_T, v_T). */
+ * m3_ref_recurrent; the final state equals the recurrent one (h_T, Theta_T, Kr_T, v_T).
+ * states (may be NULL): receives the chunk states in the layout above (columns [0, H*W) of
+ * every token row, token stride states_ld; other columns untouched). */
 void m3_ref_chunked(m3_dims d, int chunk, const m3_inputs *in, const m3_state *init,
-                    double *y, long y_ld, m3_state *final);
+                    double *y, long y_ld, m3_state *final, double *states, long states_ld);
 
 /* Gradients of sum(dy * y) w.r.t. every input and parameter, for a zero initial state (the
  * training case). Gradients are overwritten, not accumulated. Chunked reverse pass (see the
- * .c file). */
-void m3_ref_backward(m3_dims d, int chunk, const m3_inputs *in, const double *dy, long dy_ld,
-                     const m3_grads *g);
+ * .c file). states: the forward's chunk states (layout above, same chunk), or NULL to
+ * recompute them. */
+void m3_ref_backward(m3_dims d, int chunk, const m3_inputs *in, const double *states,
+                     long states_ld, const double *dy, long dy_ld, const m3_grads *g);
 
 /* Operation counts of the chunked algorithms, shared by the op definitions and bench/. */
 double m3_flops_fwd(m3_dims d, int chunk);
