@@ -521,7 +521,7 @@ TEST(mamba3_op_reference) {
     int rc = ir_emit(&g, "mamba3_scan", ins, 11, ia, fa, yo);
     CHECK(rc == 2, "mamba3_scan rejected valid inputs: %s", g.err);
     int y = yo[0];
-    long sw = (long)d.H * m3_states_width(d.P, d.N, chunk) + d.H;
+    long sw = (long)d.H * m3_states_width(d.P, d.N, chunk);
     CHECK(g.t[yo[1]].shape.ndim == 3 && g.t[yo[1]].shape.d[0] == DIM_B && g.t[yo[1]].shape.d[1] == DIM_S &&
           g.t[yo[1]].shape.d[2] == sw, "saved states must be [B,S,%ld]", sw);
     int fwd_node = g.nn - 1;
@@ -534,8 +534,8 @@ TEST(mamba3_op_reference) {
     int dout[2] = {ins[11], -1};
     CHECK(od->grad(&g, fwd_node, dout, din) == 0, "gradient rule failed: %s", g.err);
     const ir_node *bn = &g.n[g.nn - 1];
-    CHECK(bn->nin == 12 && bn->in[10] == yo[1] && bn->in[11] == ins[11],
-          "mamba3_scan_bwd must read the saved states (input 11) and dy (input 12)");
+    CHECK(bn->nin == 13 && bn->in[10] == ins[10] && bn->in[11] == yo[1] && bn->in[12] == ins[11],
+          "mamba3_scan_bwd must read D (input 11), the saved states (input 12) and dy (input 13)");
     for (int i = 0; i < NT; i++)
         CHECK(din[i] >= 0 && ir_shape_eq(&g.t[din[i]].shape, &g.t[ins[i]].shape),
               "gradient of %s has the wrong shape", tname[i]);

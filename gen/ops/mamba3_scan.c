@@ -614,28 +614,22 @@ double m3_flops_bwd(m3_dims d, int chunk) { return count(d, chunk, bwd_chunk); }
 /* The op interface.
  *
  *   mamba3_scan(x, Bn, Cn, dd_dt, dd_A, trap, angles, dt_bias, B_bias, C_bias, D; chunk)
- *     -> y [B,S,H,P], saved [B,S,H*W + H]
- *   saved: columns [0, H*W) hold the chunk states (layout in mamba3_scan.h, W =
- *   m3_states_width(P, N, chunk)); columns H*W + h hold D[h] on every token row.
+ *     -> y [B,S,H,P], saved [B,S,H*W]
+ *   saved: the chunk states (layout in mamba3_scan.h, W = m3_states_width(P, N, chunk)).
  *
- *   mamba3_scan_bwd(x, Bn, Cn, dd_dt, dd_A, trap, angles, dt_bias, B_bias, C_bias, saved, dy;
+ *   mamba3_scan_bwd(x, Bn, Cn, dd_dt, dd_A, trap, angles, dt_bias, B_bias, C_bias, D, saved, dy;
  *                   chunk)
  *     -> the gradients of the 11 forward inputs (in their order), then head [B,S,H*(2N+NA)]
  *   head: per-head shares of dBn, dCn, d(angles) (m3_grads.head), the workspace the kernels
- *   reduce over heads in a fixed order (no floating-point atomics).
- *
- * Why D travels inside `saved`: a node holds at most IR_MAX_IO = 12 inputs (gen/ir.h), and
- * the backward needs the 10 other forward inputs, the chunk states and dy. D's only use in
- * the backward is dx += D dy, so the forward echoes it; with IR_MAX_IO >= 13 it can become a
- * plain input again and the echo columns go away. */
+ *   reduce over heads in a fixed order (no floating-point atomics). */
 
 enum { IN_X, IN_BN, IN_CN, IN_DDT, IN_DDA, IN_TRAP, IN_ANG, IN_DTB, IN_BB, IN_CB, IN_D, IN_NFWD };
-enum { BIN_ST = 10, BIN_DY = 11, BIN_N = 12, BOUT_HEAD = 11, BOUT_N = 12 };
+enum { BIN_ST = 11, BIN_DY = 12, BIN_N = 13, BOUT_HEAD = 11, BOUT_N = 12 };
 
 static const char *const fwd_names[IN_NFWD] = {
     "x", "Bn", "Cn", "dd_dt", "dd_A", "trap", "angles", "dt_bias", "B_bias", "C_bias", "D"};
 static const char *const bwd_names[BIN_N] = {
-    "x", "Bn", "Cn", "dd_dt", "dd_A", "trap", "angles", "dt_bias", "B_bias", "C_bias", "saved", "dy"};
+    "x", "Bn", "Cn", "dd_dt", "dd_A", "trap", "angles", "dt_bias", "B_bias", "C_bias", "D", "saved", "dy"};
 
 /* Checks one input: per-token ([B,S,...]) when tok, else a pure parameter; the trailing dims
  * must equal want[0..nw-1]. */
@@ -695,7 +689,7 @@ static int check_all(const ir_graph *g, const ir_node *n, int bwd, int *H, int *
     snprintf(shn, sizeof shn, "[%d,%d]", *H, *N);
     snprintf(sh1, sizeof sh1, "[%d]", *H);
     snprintf(shp, sizeof shp, "[B,S,%d,%d]", *H, *P);
-    int stw[1] = {(int)(*H * m3_states_width(*P, *N, (int)n->ia[0]) + *H)};
+    int stw[1] = {(int)(*H * m3_states_width(*P, *N, (int)n->ia[0]))};
     snprintf(sst, sizeof sst, "[B,S,%d]", stw[0]);
     if (check_in(g, n, IN_BN, 1, nn, 1, sn, names, err, errlen) ||
         check_in(g, n, IN_CN, 1, nn, 1, sn, names, err, errlen) ||
@@ -708,7 +702,7 @@ static int check_all(const ir_graph *g, const ir_node *n, int bwd, int *H, int *
         check_in(g, n, IN_CB, 0, hn, 2, shn, names, err, errlen) ||
         check_in(g, n, IN_X, 1, hp, 2, shp, names, err, errlen))
         return -1;
-    if (!bwd && check_in(g, n, IN_D, 0, hh, 1, sh1, names, err, errlen)) return -1;
+    if (check_in(g, n, IN_D, 0, hh, 1, sh1, names, err, errlen)) return -1;
     if (bwd && (check_in(g, n, BIN_ST, 1, stw, 1, sst, names, err, errlen) ||
                 check_in(g, n, BIN_DY, 1, hp, 2, shp, names, err, errlen)))
         return -1;
@@ -725,7 +719,7 @@ static int infer_fwd(const ir_graph *g, const ir_node *n, ir_shape *out, ir_dtyp
     int H, P, N, NA;
     if (check_all(g, n, 0, &H, &P, &N, &NA, err, errlen)) return -1;
     out[0] = *op_in_shape(g, n, IN_X);
-    out[1] = tok_shape((int)(H * m3_states_width(P, N, (int)n->ia[0]) + H));
+    out[1] = tok_shape((int)(H * m3_states_width(P, N, (int)n->ia[0])));
     dt[0] = dt[1] = DT_F32;
     return 0;
 }
@@ -761,8 +755,7 @@ static int grad_fwd(ir_graph *g, int node, const int *dout, int *din) {
     return 0;
 }
 
-/* Reads the inputs common to both ops; D comes from `dbuf` (the forward's D input, or the
- * echo columns of `saved` for the backward). */
+/* Reads the inputs common to both ops. */
 static void collect(const ref_ctx *c, const ir_node *n, m3_dims *d, m3_inputs *in, const double *D) {
     ref_buf b[IN_D];
     for (int i = 0; i < IN_D; i++) b[i] = ref_get(c, n->in[i]);
@@ -789,20 +782,14 @@ static void ref_fwd(const ref_ctx *c, const ir_node *n) {
     m3_inputs in;
     collect(c, n, &d, &in, ref_get(c, n->in[IN_D]).p);
     ref_buf y = ref_get(c, n->out[0]), st = ref_get(c, n->out[1]);
-    int chunk = (int)n->ia[0];
-    m3_ref_chunked(d, chunk, &in, NULL, y.p, y.ld, NULL, st.p, st.ld);
-    long HW = d.H * m3_states_width(d.P, d.N, chunk);
-    for (long t = 0; t < st.ntok; t++)
-        for (int h = 0; h < d.H; h++) st.p[t * st.ld + HW + h] = in.D[h];
+    m3_ref_chunked(d, (int)n->ia[0], &in, NULL, y.p, y.ld, NULL, st.p, st.ld);
 }
 
 static void ref_bwd(const ref_ctx *c, const ir_node *n) {
     m3_dims d;
     m3_inputs in;
     ref_buf st = ref_get(c, n->in[BIN_ST]);
-    const ir_shape *x = ref_shape(c, n->in[IN_X]);
-    long HW = x->d[2] * m3_states_width(x->d[3], (int)ref_get(c, n->in[IN_BN]).feat, (int)n->ia[0]);
-    collect(c, n, &d, &in, st.p + HW);      /* D echo: columns HW.. of token row 0 */
+    collect(c, n, &d, &in, ref_get(c, n->in[IN_D]).p);
     ref_buf dy = ref_get(c, n->in[BIN_DY]);
     ref_buf o[BOUT_N];
     for (int i = 0; i < BOUT_N; i++) o[i] = ref_get(c, n->out[i]);
@@ -997,7 +984,6 @@ static int emit_fwd(kgen *k, const ir_node *n) {
     KL("for (long e = %ldL + lid; e < %ldL; e += %d) st[(rb + e / %ldL) * %ldL + h * %ldL + e %% %ldL] = 0.0f;",
        PN, (long)CH * W, PB, W, ldst, W, W);
     KL("}");
-    KL("if (lid == 0) st[tok * %ldL + %ldL + h] = Dh;   /* the D echo */", ldst, (long)H * W);
     KL("}");
     /* rows of a partial last chunk hold zeros */
     KL("const long cl = (S / %d) * %d;", CH, CH);
@@ -1011,7 +997,7 @@ static int emit_fwd(kgen *k, const ir_node *n) {
 /* Backward kernel 1: one work-group per (b, h). */
 static int emit_bwd_scan(kgen *k, const ir_node *n, int node, m3_kdims d) {
     const int H = d.H, P = d.P, N = d.N, NA = d.NA, CH = d.CH;
-    const long W = d.W, PN = (long)P * N, W2 = 2L * N + NA, HW = (long)H * W;
+    const long W = d.W, PN = (long)P * N, W2 = 2L * N + NA;
     int NT = CH > NA ? CH : NA;
     NT = (NT + 31) / 32 * 32;
     if (NT > 256) NT = 256;
@@ -1022,6 +1008,7 @@ static int emit_bwd_scan(kgen *k, const ir_node *n, int node, m3_kdims d) {
                ldgr = kg_ld(k, n->out[IN_TRAP]), ldh = kg_ld(k, n->out[BOUT_HEAD]);
     kg_begin(k, "mamba3_scan_bwd", node, node + 1);
     args_common(k, n);
+    kg_in(k, "Dp", n->in[IN_D]);
     kg_in(k, "st", n->in[BIN_ST]);
     kg_in(k, "dy", n->in[BIN_DY]);
     kg_out(k, "gx", n->out[IN_X]);
@@ -1043,7 +1030,7 @@ static int emit_bwd_scan(kgen *k, const ir_node *n, int node, m3_kdims d) {
     KL("LOCAL float lT[%d];", CH);
     KL("LOCAL float pend[4];");
     KL("const float dtbh = dtb[h];");
-    KL("const float Dh = st[b * S * %ldL + %ldL + h];   /* the forward's D echo */", ldst, HW);
+    KL("const float Dh = Dp[h];");
     KL("float qr[%d], kr[%d], dqr[%d], dkr[%d];", N, N, N, N);
     KL("float Gi = 0.0f;");
     /* pre-pass: Theta_t of every token into this head's angle columns of hd; read back later
