@@ -150,7 +150,7 @@ static void state_json(const train_state *st, json_buf *b) {
 
 static int parse_u64(const json_value *v, uint64_t *out) {
     const char *s;
-    if (!v || json_as_string(v, &s) < 0) return -1;
+    if (!v || json_as_string(v, &s) != 1) return -1;
     char *end;
     errno = 0;
     unsigned long long x = strtoull(s, &end, 10);
@@ -175,7 +175,7 @@ static int read_state(const char *dir, train_state *st, char *err, size_t errlen
     int64_t i64;
     int ok = 1;
     const char *s;
-#define GETI(key, dst) ok &= json_as_int(json_get(r, key), &i64) == 0 ? ((dst) = (long)i64, 1) : 0
+#define GETI(key, dst) ok &= json_as_int(json_get(r, key), &i64) == 1 ? ((dst) = (long)i64, 1) : 0
     GETI("step", st->step);
     GETI("batch", st->batch);
     GETI("seq", st->seq);
@@ -190,9 +190,9 @@ static int read_state(const char *dir, train_state *st, char *err, size_t errlen
     ok &= parse_u64(json_get(r, "seed"), &st->seed) == 0;
     const json_value *rs = json_get(r, "sampler_rng");
     for (int k = 0; k < 4 && ok; k++) ok &= parse_u64(json_at(rs, (size_t)k), &st->rng.s[k]) == 0;
-    ok &= json_as_string(json_get(r, "model_sha256"), &s) == 0 && strlen(s) == 64;
+    ok &= json_as_string(json_get(r, "model_sha256"), &s) == 1 && strlen(s) == 64;
     if (ok) memcpy(st->model_sha, s, 65);
-    ok &= json_as_string(json_get(r, "schedule"), &s) == 0 && strlen(s) < sizeof st->schedule;
+    ok &= json_as_string(json_get(r, "schedule"), &s) == 1 && strlen(s) < sizeof st->schedule;
     if (ok) snprintf(st->schedule, sizeof st->schedule, "%s", s);
     json_free(d);
     if (!ok) snprintf(err, errlen, "%s: missing or malformed fields", path);
@@ -332,6 +332,13 @@ int cmd_train(int argc, char **argv) {
         fprintf(stderr, "realm train: --precision %s is not available in this build (fp32 only)\n", prec_s);
         return 2;
     }
+    /* SIGINT/SIGTERM are held from here on and checked between steps, so a signal always
+     * lands on a step boundary and the checkpoint it triggers is consistent. */
+    sigset_t hold;
+    sigemptyset(&hold);
+    sigaddset(&hold, SIGINT);
+    sigaddset(&hold, SIGTERM);
+    sigprocmask(SIG_BLOCK, &hold, NULL);
     char err[4096];
     char *src = NULL;
     size_t srclen = 0;
@@ -454,13 +461,7 @@ int cmd_train(int argc, char **argv) {
            tr.p.kg.nl, tr.p.kg.nbodies, ir_param_count(&tr.m.g));
     fflush(stdout);
 
-    /* SIGINT/SIGTERM are held while a step runs and checked between steps, so a signal
-     * always lands on a step boundary and the checkpoint it triggers is consistent. */
-    sigset_t hold, pending, old;
-    sigemptyset(&hold);
-    sigaddset(&hold, SIGINT);
-    sigaddset(&hold, SIGTERM);
-    sigprocmask(SIG_BLOCK, &hold, &old);
+    sigset_t pending;
     long rowlen = tc.seq + 1;
     rows = malloc((size_t)(tc.batch * rowlen));
     double t0 = now(), tlast = t0, loss_sum = 0;
