@@ -1,0 +1,93 @@
+/* The generated source itself: `realm kernels` for CUDA architectures with NVRTC alone (CI has
+ * no GPU), for OpenCL on PoCL, and golden copies of a fixed model's kernels so a change in
+ * emitted code shows up as a diff. */
+#include "frontend.h"
+#include "optimizer.h"
+#include "plan.h"
+#include "test.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+TEST(generated_cuda_kernels_compile_for_every_arch) {
+    const char *models[] = {"models/tiny.lua", "models/realm-9m.lua", NULL};
+    const char *archs[] = {"sm_80", "sm_90", "sm_120", NULL};
+    for (int m = 0; models[m]; m++)
+        for (int a = 0; archs[a]; a++) {
+            char cmd[512], out[8192];
+            snprintf(cmd, sizeof cmd, "%s kernels %s --backend cuda --arch %s", t_realm_bin(), models[m], archs[a]);
+            int rc = t_run(cmd, out, sizeof out);
+            CHECK(rc == 0, "%s for %s: status %d: %s", models[m], archs[a], rc, out);
+            CHECK(strstr(out, "forward") && strstr(out, "train") && strstr(out, "CUBIN"), "%s", out);
+        }
+}
+
+TEST(generated_opencl_kernels_written_and_built) {
+    char dir[256], cmd[1024], out[8192];
+    snprintf(dir, sizeof dir, "/tmp/realm-kernels-%d", (int)getpid());
+    snprintf(cmd, sizeof cmd, "rm -rf %s && %s kernels models/tiny.lua --backend opencl --out %s", dir, t_realm_bin(), dir);
+    int rc = t_run(cmd, out, sizeof out);
+    CHECK(rc == 0, "status %d: %s", rc, out);
+    const char *files[] = {"forward.cl", "forward.plan", "train.cl", "train.plan", NULL};
+    for (int i = 0; files[i]; i++) {
+        char p[512];
+        snprintf(p, sizeof p, "%s/%s", dir, files[i]);
+        CHECK(access(p, R_OK) == 0, "%s was not written", p);
+    }
+    snprintf(cmd, sizeof cmd, "grep -c '^launch' %s/train.plan && rm -rf %s", dir, dir);
+    t_run(cmd, out, sizeof out);
+    CHECK(atoi(out) > 50, "train.plan lists %d launches", atoi(out));
+}
+
+TEST(generated_bad_arch_is_refused) {
+    char cmd[512], out[4096];
+    snprintf(cmd, sizeof cmd, "%s kernels models/tiny.lua --backend cuda --arch compute_90", t_realm_bin());
+    CHECK(t_run(cmd, out, sizeof out) == 2, "%s", out);
+    snprintf(cmd, sizeof cmd, "%s kernels models/tiny.lua --backend metal", t_realm_bin());
+    CHECK(t_run(cmd, out, sizeof out) == 2, "%s", out);
+}
+
+/* tests/golden/<model>.<dialect>.<plan> holds the source rendered for a fixed model. Set
+ * REALM_UPDATE_GOLDEN=1 to rewrite them after an intended change (and review the diff). */
+static void golden(tctx *t, const char *model, const char *dialect) {
+    realm_model m;
+    char err[1024];
+    CHECK(model_load(model, &m, err, sizeof err) == 0, "%s", err);
+    int nfwd = m.g.nn;
+    ir_optimizer o;
+    CHECK(ir_autodiff(&m.g) == 0 && ir_add_optimizer(&m.g, &o) == 0, "%s", m.g.err);
+    const char *base = strrchr(model, '/') ? strrchr(model, '/') + 1 : model;
+    for (int which = 0; which < 2; which++) {
+        plan p;
+        int keep[2] = {m.loss, m.logits};
+        CHECK(plan_build(&p, &m.g, 0, which ? m.g.nn : nfwd, dialect, keep, 2, err, sizeof err) == 0, "%s", err);
+        char path[512];
+        snprintf(path, sizeof path, "tests/golden/%.*s.%s.%s", (int)(strlen(base) - 4), base, which ? "train" : "forward",
+                 strcmp(dialect, "cuda") == 0 ? "cu" : "cl");
+        if (getenv("REALM_UPDATE_GOLDEN")) {
+            FILE *f = fopen(path, "wb");
+            CHECK(f, "cannot write %s", path);
+            fwrite(p.kg.src.s, 1, p.kg.src.n, f);
+            fclose(f);
+        }
+        FILE *f = fopen(path, "rb");
+        CHECK(f, "%s is missing (REALM_UPDATE_GOLDEN=1 creates it)", path);
+        char *want = calloc(p.kg.src.n + 2, 1);
+        size_t n = fread(want, 1, p.kg.src.n + 1, f);
+        fclose(f);
+        int same = n == p.kg.src.n && memcmp(want, p.kg.src.s, n) == 0;
+        long line = 1;
+        for (size_t i = 0; i < n && i < p.kg.src.n && want[i] == p.kg.src.s[i]; i++) line += want[i] == '\n';
+        free(want);
+        plan_free(&p);
+        CHECK(same, "generated source differs from %s at line %ld (REALM_UPDATE_GOLDEN=1 after review)", path, line);
+    }
+    model_free(&m);
+}
+
+TEST(generated_source_matches_golden) {
+    golden(t, "models/tiny.lua", "opencl");
+    golden(t, "models/tiny.lua", "cuda");
+}
