@@ -311,6 +311,14 @@ static int g_scope(lua_State *L) {
     return lua_gettop(L) - base + 1;
 }
 
+/* g:recompute() marks the current scope: its activations are recomputed in the backward pass
+ * rather than kept (the block's `recompute = true` in a model file). */
+static int g_recompute(lua_State *L) {
+    fe_ctx *fe = check_graph(L);
+    fe->g->sc[fe->g->cur_scope].recompute = lua_isnone(L, 2) ? 1 : lua_toboolean(L, 2);
+    return 0;
+}
+
 /* g:origin("file:line") names the block being built, for errors raised outside the model file */
 static int g_origin(lua_State *L) {
     fe_ctx *fe = check_graph(L);
@@ -376,7 +384,8 @@ static void push_graph(lua_State *L, fe_ctx *fe) {
         lua_newtable(L);
         static const luaL_Reg m[] = {{"param", g_param}, {"split", g_split}, {"reshape", g_reshape},
                                      {"shape", g_shape}, {"dim", g_dim},     {"scope", g_scope},
-                                     {"origin", g_origin}, {NULL, NULL}};
+                                     {"origin", g_origin}, {"recompute", g_recompute},
+                                     {NULL, NULL}};
         luaL_setfuncs(L, m, 0);
         for (int i = 0; i < op_count(); i++) {
             lua_pushinteger(L, i);

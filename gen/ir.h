@@ -70,6 +70,7 @@ typedef struct {
 typedef struct {
     char path[128];          /* e.g. "layers.3.mixer" */
     char kind[32];           /* e.g. "mamba3" */
+    int recompute;           /* re-run this block's forward in the backward instead of saving */
 } ir_scope;
 
 typedef struct ir_graph {

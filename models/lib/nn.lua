@@ -235,11 +235,17 @@ function nn.model(cfg)
       for i, b in ipairs(blocks) do
         x = g:scope("layers." .. (i - 1), b.kind, function()
           g:origin(b.where)
-          local h = g:scope("mixer", b.kind, function() return b.build(g, nn.rmsnorm(g, x, "norm", eps), ctx) end)
+          local h = g:scope("mixer", b.kind, function()
+            if b.recompute then g:recompute() end
+            return b.build(g, nn.rmsnorm(g, x, "norm", eps), ctx)
+          end)
           x = x + h
           if mlp then
             g:origin(mlp.where)
-            local m = g:scope("mlp", mlp.kind, function() return mlp.build(g, nn.rmsnorm(g, x, "norm", eps), ctx) end)
+            local m = g:scope("mlp", mlp.kind, function()
+              if mlp.recompute then g:recompute() end
+              return mlp.build(g, nn.rmsnorm(g, x, "norm", eps), ctx)
+            end)
             x = x + m
           end
           g:origin("")
