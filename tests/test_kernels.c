@@ -1,8 +1,10 @@
 /* Every kernel template, rendered for OpenCL and run on PoCL, against the fp64 reference:
  * one small graph per primitive (its forward and the nodes its gradient rule emits) on
  * awkward sizes, then whole models. */
+#include "exec.h"
 #include "frontend.h"
 #include "kernelcheck.h"
+#include "plan.h"
 #include "op.h"
 #include "optimizer.h"
 #include "reference.h"
@@ -10,6 +12,7 @@
 
 #include <math.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define SH(...) ir_shape_make(sizeof((int[]){__VA_ARGS__}) / sizeof(int), (int[]){__VA_ARGS__})
@@ -257,4 +260,76 @@ TEST(kernels_dense_views) {
         bk_destroy(bk);
     }
     ir_free(&g);
+}
+
+/* The whole plan end to end: forward, loss and backward run back to back on OpenCL from the
+ * same parameters and bytes as the reference executor; the loss and every parameter gradient
+ * match (<= 1e-5 normwise). */
+TEST(kernels_tiny_model_end_to_end) {
+    realm_model m;
+    char err[4096];
+    CHECK(model_load("models/tiny.lua", &m, err, sizeof err) == 0, "%s", err);
+    CHECK(ir_autodiff(&m.g) == 0, "autodiff: %s", m.g.err);
+    const ir_graph *g = &m.g;
+    const long B = 2, S = 45;
+    int keep[64], nkeep = 0;
+    keep[nkeep++] = m.loss;
+    for (int i = 0; i < g->nt && nkeep < 64; i++)
+        if (g->t[i].role == ROLE_PARAM && g->t[i].base == i) keep[nkeep++] = g->t[i].grad;
+    backend *bk = kc_opencl(t);
+    if (!bk) {
+        model_free(&m);
+        return;
+    }
+    plan p = {0};
+    plan_exec x = {0};
+    int ok = plan_build(&p, g, 0, g->nn, "opencl", keep, nkeep, err, sizeof err) == 0;
+    ok = ok && exec_create(&x, bk, &p, B, S, err, sizeof err) == 0;
+    ref_ctx *c = ok ? ref_create(g, B, S) : NULL;
+    float *buf = malloc(sizeof(float) * 256 * 64 * 8);
+    double *hd = malloc(sizeof(double) * 256 * 64 * 8);
+    double worst = 0;
+    char worst_name[128] = "";
+    if (ok) {
+        ref_init_params(c, t_next(t));
+        for (int i = 0; i < g->nt && ok; i++) {
+            const ir_tensor *tt = &g->t[i];
+            if (tt->base != i || (tt->role != ROLE_PARAM && tt->role != ROLE_INPUT)) continue;
+            long n = ir_numel(&tt->shape, B, S);
+            double *d = ref_data(c, i);
+            for (long k = 0; k < n; k++) {
+                if (tt->role == ROLE_INPUT) d[k] = (double)t_randint(t, 0, 255);
+                else d[k] += 0.02 * t_normal(t);
+                buf[k] = (float)d[k];
+            }
+            ok = exec_upload(&x, i, buf, err, sizeof err) == 0;
+        }
+        ok = ok && exec_run(&x, 0, p.kg.nl, err, sizeof err) == 0;
+        ref_run(c, 0, g->nn);
+        for (int k = 0; k < nkeep && ok; k++) {
+            int tid = keep[k];
+            long n = ir_numel(&g->t[tid].shape, B, S);
+            ok = exec_download(&x, tid, buf, err, sizeof err) == 0;
+            ref_buf rb = ref_get(c, tid);
+            double *want = malloc(sizeof(double) * (size_t)n);
+            for (long r = 0; r < rb.ntok; r++)
+                for (long f = 0; f < rb.feat; f++) want[r * rb.feat + f] = rb.p[r * rb.ld + f];
+            for (long q = 0; q < n; q++) hd[q] = buf[q];
+            double e = t_relerr(hd, want, n);
+            free(want);
+            if (!(e <= worst)) {
+                worst = e;
+                snprintf(worst_name, sizeof worst_name, "%s", k == 0 ? "loss" : g->t[tid].name);
+            }
+        }
+    }
+    free(buf);
+    free(hd);
+    if (c) ref_destroy(c);
+    if (x.arena) exec_destroy(&x);
+    plan_free(&p);
+    bk_destroy(bk);
+    model_free(&m);
+    CHECK(ok, "%s", err);
+    CHECK(worst <= 1e-5, "%s differs from the reference: relative error %.3g", worst_name, worst);
 }
