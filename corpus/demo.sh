@@ -11,6 +11,7 @@ RUN=${DEMO_RUN:-runs/demo}
 [ -f data/corpus.bin ] || bash corpus/recipes/offline.sh data/corpus.bin
 "$REALM" corpus info data/corpus.bin
 "$REALM" graph models/tiny.lua
+mkdir -p "$(dirname "$RUN")"
 "$REALM" train models/tiny.lua --data data/corpus.bin --out "$RUN" --steps "$STEPS" --batch 16 --seq 128 \
   --eval-every 100 --save-every 100 --log-every 20
 echo
