@@ -134,6 +134,72 @@ static int needs_grad(const ir_graph *g, int t) {
     return g->t[t].role != ROLE_INPUT && g->t[t].dtype != DT_I32;
 }
 
+/* ---- recomputation ----
+ * A forward node belongs to the recompute region of the outermost scope marked `recompute`
+ * whose path is its own scope's path or a prefix of it ("layers.3.mixer" covers
+ * "layers.3.mixer.in_proj"). A segment is a maximal run of consecutive forward nodes of one
+ * region. Just before the backward reaches a segment, its nodes are emitted again (reading
+ * the segment's inputs, which stay saved) and the gradient rules of the segment's nodes are
+ * pointed at the copies, so the original activations are last read in the forward and the
+ * memory planner lets them die there. */
+
+static int path_covers(const char *outer, const char *inner) {
+    size_t n = strlen(outer);
+    return strncmp(outer, inner, n) == 0 && (inner[n] == 0 || inner[n] == '.');
+}
+
+/* Per scope: the scope whose region it belongs to, or -1. */
+static int *recompute_roots(const ir_graph *g) {
+    int *root = malloc(sizeof(int) * (size_t)(g->nsc ? g->nsc : 1));
+    for (int s = 0; s < g->nsc; s++) {
+        root[s] = -1;
+        for (int r = 0; r < g->nsc; r++)
+            if (g->sc[r].recompute && g->sc[r].path[0] && path_covers(g->sc[r].path, g->sc[s].path) &&
+                (root[s] < 0 || strlen(g->sc[r].path) < strlen(g->sc[root[s]].path)))
+                root[s] = r;
+    }
+    return root;
+}
+
+typedef struct {
+    int a, b;                /* current segment [a, b] of forward nodes, a > b when none */
+    int *map;                /* per forward tensor: its recomputed copy, or -1 */
+} recomp;
+
+/* The tensor a recomputed node reads in place of forward tensor t: the copy when t (or the
+ * owner of view t) is produced inside the segment, else t itself. */
+static int remap(ir_graph *g, recomp *r, int t) {
+    if (r->map[t] >= 0) return r->map[t];
+    int base = g->t[t].base, prod = g->t[base].producer;
+    if (prod < r->a || prod > r->b || base == t || r->map[base] < 0) return t;
+    ir_shape sh = g->t[t].shape;
+    long off = g->t[t].offset - g->t[base].offset;
+    char name[128];
+    snprintf(name, sizeof name, "%.100s.recomputed", g->t[t].name);
+    int v = ir_view(g, r->map[base], sh, off, name);
+    r->map[t] = v;
+    return v;
+}
+
+static int emit_recompute(ir_graph *g, recomp *r) {
+    for (int j = r->a; j <= r->b; j++) {
+        const ir_node n = g->n[j];
+        int in[IR_MAX_IO];
+        for (int k = 0; k < n.nin; k++) in[k] = remap(g, r, n.in[k]);
+        ir_scope_set(g, n.scope);
+        int id = ir_node_add(g, n.op, in, n.nin, n.ia, n.fa);
+        if (id < 0) return -1;
+        for (int o = 0; o < n.nout; o++) {
+            int t = g->n[id].out[o];
+            /* activations, not gradients: the memory model reports them as recomputed */
+            g->t[t].role = ROLE_ACT;
+            g->t[t].scope = g->t[n.out[o]].scope;
+            r->map[n.out[o]] = t;
+        }
+    }
+    return 0;
+}
+
 int ir_autodiff(ir_graph *g) {
     if (g->loss < 0) {
         snprintf(g->err, sizeof g->err, "the model has no loss");
@@ -144,6 +210,12 @@ int ir_autodiff(ir_graph *g) {
     int rc = -1;
     int nfwd = g->nn;
     g->backward_start = nfwd;
+    int *root = recompute_roots(g);
+    int *region = malloc(sizeof(int) * (size_t)(nfwd ? nfwd : 1));
+    for (int i = 0; i < nfwd; i++) region[i] = root[g->n[i].scope];
+    free(root);
+    recomp rc_state = {.a = 1, .b = 0, .map = malloc(sizeof(int) * (size_t)(s.nt0 ? s.nt0 : 1))};
+    for (int i = 0; i < s.nt0; i++) rc_state.map[i] = -1;
     int seed_scope = g->t[g->loss].scope;
     ir_scope_set(g, seed_scope);
     {
@@ -169,10 +241,28 @@ int ir_autodiff(ir_graph *g) {
             snprintf(g->err, sizeof g->err, "primitive '%s' has no gradient", d->name);
             goto done;
         }
+        int re = region[i] >= 0;
+        if (re && !(i >= rc_state.a && i <= rc_state.b)) {
+            /* first node of a new segment reached (from its end): recompute the whole run */
+            rc_state.b = i;
+            rc_state.a = i;
+            while (rc_state.a > 0 && region[rc_state.a - 1] == region[i]) rc_state.a--;
+            if (emit_recompute(g, &rc_state) < 0) goto done;
+        }
         ir_scope_set(g, n.scope);
         int din[IR_MAX_IO];
         for (int k = 0; k < IR_MAX_IO; k++) din[k] = -1;
-        if (d->grad(g, i, dout, din) < 0) goto done;
+        if (re) {
+            /* the rule reads the node's tensors through g->n[i]: show it the copies */
+            for (int k = 0; k < n.nin; k++) g->n[i].in[k] = remap(g, &rc_state, n.in[k]);
+            for (int k = 0; k < n.nout; k++) g->n[i].out[k] = remap(g, &rc_state, n.out[k]);
+        }
+        int grc = d->grad(g, i, dout, din);
+        if (re) {
+            memcpy(g->n[i].in, n.in, sizeof n.in);
+            memcpy(g->n[i].out, n.out, sizeof n.out);
+        }
+        if (grc < 0) goto done;
         for (int k = 0; k < n.nin; k++) {
             if (din[k] < 0 || !needs_grad(g, n.in[k])) continue;
             push(&s.contrib[n.in[k]], din[k]);
@@ -190,6 +280,8 @@ int ir_autodiff(ir_graph *g) {
     ir_scope_set(g, 0);
     rc = 0;
 done:
+    free(region);
+    free(rc_state.map);
     for (int i = 0; i < s.nt0; i++) free(s.contrib[i].v);
     free(s.contrib);
     free(s.uses);

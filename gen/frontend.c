@@ -16,6 +16,7 @@
 
 typedef struct {
     ir_graph *g;
+    int step;                /* building the decode step graph (g.mode == "step") */
     const char *chunk;       /* model path as shown in messages */
     char origin[300];        /* "file:line" of the block being built, set by the library */
     int last_line;           /* last line of the model file that ran (survives tail calls) */
@@ -319,6 +320,54 @@ static int g_recompute(lua_State *L) {
     return 0;
 }
 
+/* g:state(name, {dims}) -> a recurrent state tensor [B, dims...] named under the current
+ * scope (ROLE_STATE: persistent in the arena, zeroed by the decoder at a reset). Only in the
+ * step graph: the training graph has no state. */
+static int g_state(lua_State *L) {
+    fe_ctx *fe = check_graph(L);
+    ir_graph *g = fe->g;
+    if (!fe->step) fe_error(L, "g:state is only available when g.mode == \"step\"");
+    const char *name = luaL_checkstring(L, 2);
+    ir_shape f = feature_shape_arg(L, 3, "state shape");
+    if (f.ndim + 1 > IR_MAX_DIMS) fe_error(L, "state shape has too many dims");
+    ir_shape s = {.ndim = f.ndim + 1};
+    s.d[0] = DIM_B;
+    for (int i = 0; i < f.ndim; i++) s.d[i + 1] = f.d[i];
+    char full[512];
+    const char *scope = g->sc[g->cur_scope].path;
+    if (scope[0]) snprintf(full, sizeof full, "%s.%s", scope, name);
+    else snprintf(full, sizeof full, "%s", name);
+    if (strlen(full) >= sizeof g->t[0].name) fe_error(L, "state name '%s' is too long", full);
+    for (int i = 0; i < g->nt; i++)
+        if (g->t[i].role == ROLE_STATE && strcmp(g->t[i].name, full) == 0)
+            fe_error(L, "state '%s' defined twice", full);
+    int id = ir_tensor_new(g, full, s, DT_F32, ROLE_STATE);
+    g->t[id].init = INIT_ZEROS;
+    push_tensor(L, fe, id);
+    return 1;
+}
+
+/* g:assign(state, value): `value` (the new state computed by a node) is stored in place over
+ * `state`, so the next step reads it (the same retargeting the optimizer uses for AdamW). */
+static int g_assign(lua_State *L) {
+    fe_ctx *fe = check_graph(L);
+    ir_graph *g = fe->g;
+    int st = check_tensor(L, 2, "assign target");
+    int v = check_tensor(L, 3, "assign value");
+    if (g->t[st].role != ROLE_STATE || ir_is_view(g, st)) fe_error(L, "assign target must be a state tensor (g:state)");
+    if (!ir_shape_eq(&g->t[st].shape, &g->t[v].shape)) {
+        char a[96], b[96];
+        ir_shape_str(&g->t[st].shape, a, sizeof a);
+        ir_shape_str(&g->t[v].shape, b, sizeof b);
+        fe_error(L, "assign: state %s and value %s differ in shape", a, b);
+    }
+    if (g->t[v].producer < 0 || ir_is_view(g, v)) fe_error(L, "assign value must be the direct output of an operation");
+    for (int i = 0; i < g->nt; i++)
+        if (i != v && g->t[i].base == v) fe_error(L, "assign value must not have views (assign before splitting it)");
+    ir_retarget(g, v, st, 0);
+    return 0;
+}
+
 /* g:origin("file:line") names the block being built, for errors raised outside the model file */
 static int g_origin(lua_State *L) {
     fe_ctx *fe = check_graph(L);
@@ -385,6 +434,7 @@ static void push_graph(lua_State *L, fe_ctx *fe) {
         static const luaL_Reg m[] = {{"param", g_param}, {"split", g_split}, {"reshape", g_reshape},
                                      {"shape", g_shape}, {"dim", g_dim},     {"scope", g_scope},
                                      {"origin", g_origin}, {"recompute", g_recompute},
+                                     {"state", g_state}, {"assign", g_assign},
                                      {NULL, NULL}};
         luaL_setfuncs(L, m, 0);
         for (int i = 0; i < op_count(); i++) {
@@ -392,7 +442,7 @@ static void push_graph(lua_State *L, fe_ctx *fe) {
             lua_pushcclosure(L, g_primitive, 1);
             lua_setfield(L, -2, op_get(i)->name);
         }
-        lua_pushliteral(L, "train");
+        lua_pushstring(L, fe->step ? "step" : "train");
         lua_setfield(L, -2, "mode");
         lua_setfield(L, -2, "__index");
     }
@@ -513,10 +563,12 @@ static int build_model(lua_State *L) {
     ir_graph *g = fe->g;
     int tok_shape[2] = {DIM_B, DIM_S};
     m->tokens = ir_tensor_new(g, "tokens", ir_shape_make(2, tok_shape), DT_I32, ROLE_INPUT);
-    m->targets = ir_tensor_new(g, "targets", ir_shape_make(2, tok_shape), DT_I32, ROLE_INPUT);
+    if (fe->step) m->positions = ir_tensor_new(g, "positions", ir_shape_make(2, tok_shape), DT_I32, ROLE_INPUT);
+    else m->targets = ir_tensor_new(g, "targets", ir_shape_make(2, tok_shape), DT_I32, ROLE_INPUT);
     push_graph(L, fe);
     push_tensor(L, fe, m->tokens);
-    lua_call(L, 2, 1);
+    if (fe->step) push_tensor(L, fe, m->positions);
+    lua_call(L, fe->step ? 3 : 2, 1);
     fe->origin[0] = 0;
     lua_tensor *lt = luaL_testudata(L, -1, TENSOR_MT);
     if (!lt) fe_error(L, "forward must return the logits tensor");
@@ -527,6 +579,21 @@ static int build_model(lua_State *L) {
         fe_error(L, "forward returned logits of shape %s, expected [B,S,%d]", s, m->vocab);
     }
     m->logits = lt->id;
+    if (fe->step) {
+        /* The sampling tail: the chosen byte and position + 1 land in place in the inputs, so
+         * the next step needs nothing from the host. */
+        ir_scope_set(g, 0);
+        int prev = ir_scope_push(g, "sample", "sample");
+        m->sampling = ir_tensor_new(g, "sampling", ir_shape_make(2, (int[]){DIM_B, 8}), DT_F32, ROLE_INPUT);
+        m->sample_node = g->nn;
+        int in[3] = {m->logits, m->positions, m->sampling}, out[2];
+        if (ir_emit(g, "sample", in, 3, NULL, NULL, out) < 0) fe_error(L, "%s", g->err);
+        ir_retarget(g, out[0], m->tokens, 0);
+        ir_retarget(g, out[1], m->positions, 0);
+        ir_scope_set(g, prev);
+        g->loss = -1;
+        return 0;
+    }
     int prev = ir_scope_push(g, "loss", "loss");
     int in[2] = {m->logits, m->targets};
     if (ir_emit(g, "cross_entropy", in, 2, NULL, NULL, &m->loss) < 0) fe_error(L, "%s", g->err);
@@ -553,14 +620,16 @@ static void default_train(train_config *t) {
     snprintf(t->schedule, sizeof t->schedule, "cosine");
 }
 
-int model_load_string(const char *src, size_t len, const char *chunkname, realm_model *m, char *err,
-                      size_t errlen) {
+static int load(const char *src, size_t len, const char *chunkname, int step, realm_model *m, char *err,
+                size_t errlen) {
     memset(m, 0, sizeof *m);
+    m->step = step;
+    m->positions = m->sampling = m->sample_node = -1;
     snprintf(m->path, sizeof m->path, "%s", chunkname);
     default_train(&m->train);
     m->tokens = m->targets = m->logits = m->loss = -1;
     ir_init_graph(&m->g);
-    fe_ctx fe = {.g = &m->g, .chunk = m->path};
+    fe_ctx fe = {.g = &m->g, .chunk = m->path, .step = step};
     lua_State *L = lua_newstate(fe_alloc, &fe);
     if (!L) {
         snprintf(err, errlen, "%s: cannot create a Lua state", chunkname);
@@ -614,6 +683,15 @@ int model_load_string(const char *src, size_t len, const char *chunkname, realm_
     }
     lua_close(L);
     return 0;
+}
+
+int model_load_string(const char *src, size_t len, const char *chunkname, realm_model *m, char *err,
+                      size_t errlen) {
+    return load(src, len, chunkname, 0, m, err, errlen);
+}
+
+int model_load_step(const char *src, size_t len, const char *chunkname, realm_model *m, char *err, size_t errlen) {
+    return load(src, len, chunkname, 1, m, err, errlen);
 }
 
 int model_load(const char *path, realm_model *m, char *err, size_t errlen) {

@@ -18,6 +18,12 @@ typedef struct {
     train_config train;
     ir_graph g;
     int tokens, targets, logits, loss; /* tensor ids */
+    /* Step mode only (model_load_step; -1 otherwise): per-sequence absolute positions [B,S]
+     * (the step plan runs at S = 1), sampling parameters [B,8] (docs/decode.md), and the
+     * first node of the sampling tail: nodes [0, sample_node) are the model, the rest sample
+     * a byte and write it (and position + 1) back into tokens/positions in place. */
+    int positions, sampling, sample_node;
+    int step;                          /* 1: built with g.mode == "step" */
 } realm_model;
 
 /* Load `path` and build the forward graph and loss. On failure returns -1 and writes one line
@@ -26,6 +32,10 @@ int model_load(const char *path, realm_model *m, char *err, size_t errlen);
 /* Same, from a string (tests). `chunkname` is the path shown in messages. */
 int model_load_string(const char *src, size_t len, const char *chunkname, realm_model *m, char *err,
                       size_t errlen);
+/* The single-token decode graph of the same model file (g.mode == "step" in Lua): inputs
+ * tokens and positions [B,S] with S = 1, persistent ROLE_STATE tensors per layer (updated in
+ * place), logits [B,S,vocab], then the on-device sampler. See docs/decode.md. */
+int model_load_step(const char *src, size_t len, const char *chunkname, realm_model *m, char *err, size_t errlen);
 void model_free(realm_model *m);
 
 #endif

@@ -247,6 +247,83 @@ size_t plan_arena(const plan *p, long B, long S, size_t *offset) {
     return total;
 }
 
+const char *plan_mem_cat_name(plan_mem_cat c) {
+    static const char *const names[PM_NCAT] = {
+        "weights", "gradients", "optimizer moments", "inputs", "saved activations", "forward temporaries",
+        "recomputed activations", "backward workspace", "outputs", "packing slack"};
+    return c < PM_NCAT ? names[c] : "?";
+}
+
+void plan_memory(const plan *p, long B, long S, plan_mem *out) {
+    const ir_graph *g = p->g;
+    int nt = g->nt, nl = p->kg.nl;
+    memset(out, 0, sizeof *out);
+    out->arena = plan_arena(p, B, S, NULL);
+    char *is_pgrad = calloc((size_t)(nt ? nt : 1), 1);
+    for (int t = 0; t < nt; t++)
+        if (g->t[t].role == ROLE_PARAM && g->t[t].grad >= 0) is_pgrad[g->t[g->t[t].grad].base] = 1;
+    int bwd0 = nl;   /* first launch of the backward */
+    for (int l = 0; l < nl && bwd0 == nl; l++)
+        if (g->n[p->kg.launches[l].node0].backward) bwd0 = l;
+    size_t *delta = calloc((size_t)nl + 2, sizeof *delta);   /* live bytes change at each launch */
+    size_t *neg = calloc((size_t)nl + 2, sizeof *neg);
+    char *cat = malloc((size_t)(nt ? nt : 1));
+    size_t persist = 0;
+    for (int t = 0; t < nt; t++) {
+        cat[t] = -1;
+        /* exactly the tensors plan_arena places, at the sizes it gives them */
+        if (g->t[t].base != t || !p->stored[t]) continue;
+        if (!p->persist[t] && p->first[t] < 0) continue;
+        size_t bytes = (size_t)ir_numel(&g->t[t].shape, B, S) * 4;
+        bytes = (bytes + PLAN_ALIGN - 1) / PLAN_ALIGN * PLAN_ALIGN;
+        if (!bytes) bytes = PLAN_ALIGN;
+        const ir_tensor *x = &g->t[t];
+        int prod_bwd = x->producer >= 0 && g->n[x->producer].backward;
+        plan_mem_cat c;
+        if (x->role == ROLE_PARAM) c = PM_WEIGHTS;
+        else if (x->role == ROLE_OPT) c = PM_MOMENTS;
+        else if (x->role == ROLE_INPUT || x->role == ROLE_STATE) c = PM_INPUTS;
+        else if (is_pgrad[t]) c = PM_GRADS;
+        else if (p->persist[t]) c = PM_OUTPUTS;
+        else if (x->role == ROLE_ACT && !prod_bwd) c = p->last[t] >= bwd0 ? PM_SAVED : PM_FWD_TMP;
+        else if (x->role == ROLE_ACT) c = PM_RECOMPUTED;
+        else c = PM_BWD_TMP;
+        cat[t] = (char)c;
+        out->sum[c] += bytes;
+        if (p->persist[t]) {
+            persist += bytes;
+        } else {
+            delta[p->first[t]] += bytes;
+            neg[p->last[t] + 1] += bytes;
+        }
+    }
+    size_t live = 0, best = 0;
+    int at = 0;
+    for (int l = 0; l < nl; l++) {
+        live += delta[l];
+        live -= neg[l];
+        if (live > best) best = live, at = l;
+    }
+    out->peak_launch = at;
+    size_t used = 0;
+    for (int t = 0; t < nt; t++) {
+        if (cat[t] < 0) continue;
+        int alive = p->persist[t] || (p->first[t] <= at && at <= p->last[t]);
+        if (!alive) continue;
+        size_t bytes = (size_t)ir_numel(&g->t[t].shape, B, S) * 4;
+        bytes = (bytes + PLAN_ALIGN - 1) / PLAN_ALIGN * PLAN_ALIGN;
+        if (!bytes) bytes = PLAN_ALIGN;
+        out->peak[(int)cat[t]] += bytes;
+        used += bytes;
+    }
+    /* tensors live together occupy disjoint bytes, so used <= arena always */
+    out->peak[PM_SLACK] = out->arena >= used ? out->arena - used : 0;
+    free(cat);
+    free(delta);
+    free(neg);
+    free(is_pgrad);
+}
+
 long plan_elem_offset(const plan *p, const size_t *offset, int t) {
     const ir_tensor *x = &p->g->t[t];
     return (long)(offset[x->base] / 4) + x->offset;

@@ -26,6 +26,36 @@ void plan_free(plan *p);
  * (size_t)-1) and the arena size. Tensors whose lifetimes do not overlap share bytes. */
 #define PLAN_ALIGN 256
 size_t plan_arena(const plan *p, long B, long S, size_t *offset);
+/* The arena by category (docs/memory.md). The arena is one allocation whose tensors share
+ * bytes when their lifetimes do not overlap, so a tensor cannot simply be "counted once":
+ * `peak` attributes the bytes live during the launch where the most bytes are live (the
+ * moment that sizes the arena) to the categories of the tensors live then, and the rest of
+ * the arena (first-fit packing leaves holes) to PM_SLACK, so peak[] sums to `arena` exactly.
+ * `sum` is each category's total size ignoring sharing (informational). */
+typedef enum {
+    PM_WEIGHTS,      /* parameters */
+    PM_GRADS,        /* parameter gradients */
+    PM_MOMENTS,      /* optimizer moments */
+    PM_INPUTS,       /* tokens, targets, hyper-parameters */
+    PM_SAVED,        /* forward activations a backward launch reads */
+    PM_FWD_TMP,      /* forward activations that die within the forward */
+    PM_RECOMPUTED,   /* forward activations re-emitted in the backward (recompute scopes) */
+    PM_BWD_TMP,      /* other backward and optimizer temporaries */
+    PM_OUTPUTS,      /* values the host reads after a run (loss, logits) */
+    PM_SLACK,        /* bytes no tensor uses at the peak (packing holes) */
+    PM_NCAT
+} plan_mem_cat;
+
+typedef struct {
+    size_t arena;                 /* = plan_arena(p, B, S, NULL) */
+    size_t peak[PM_NCAT];         /* sums to arena */
+    size_t sum[PM_NCAT];
+    int peak_launch;              /* launch where the most bytes are live */
+} plan_mem;
+
+const char *plan_mem_cat_name(plan_mem_cat c);
+void plan_memory(const plan *p, long B, long S, plan_mem *out);
+
 /* Element offset of any tensor (views included) given the owners' byte offsets. */
 long plan_elem_offset(const plan *p, const size_t *offset, int t);
 /* Number of groups of a launch along each grid dim for concrete B, S. */

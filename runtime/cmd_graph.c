@@ -1,7 +1,10 @@
 /* realm graph: what a model file builds, in numbers. */
+#include "autotune.h"
 #include "cli.h"
 #include "frontend.h"
+#include "fsutil.h"
 #include "op.h"
+#include "session.h"
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -51,20 +54,62 @@ static void human(double v, char *buf, size_t len) {
     else snprintf(buf, len, "%.0f", v);
 }
 
+/* realm graph --memory: the memory model without a device (no backend overhead). */
+static int graph_memory(const char *path, const char *batch_s, const char *seq_s, const char *dialect, int recompute) {
+    char err[4096], *src = NULL;
+    size_t len = 0;
+    if (fs_read_file(path, 64u << 20, &src, &len, err, sizeof err) < 0) {
+        fprintf(stderr, "%s\n", err);
+        return 2;
+    }
+    session tr, ev;
+    if (session_prepare(&tr, src, len, path, dialect, 1, recompute, err, sizeof err) < 0) {
+        fprintf(stderr, "%s\n", err);
+        free(src);
+        return 2;
+    }
+    long B = tr.m.train.batch, S = tr.m.train.seq;
+    int have_ev = tr.m.train.eval_every > 0;
+    if ((batch_s && cli_long("graph", "--batch", batch_s, 1, 1L << 20, &B)) ||
+        (seq_s && cli_long("graph", "--seq", seq_s, 1, 1L << 24, &S)) ||
+        (have_ev && session_prepare(&ev, src, len, path, dialect, 0, 0, err, sizeof err) < 0)) {
+        if (have_ev && err[0]) fprintf(stderr, "%s\n", err);
+        session_close(&tr);
+        free(src);
+        return 2;
+    }
+    at_model am = {.train = &tr.p, .eval = have_ev ? &ev.p : NULL, .fraction = 1};
+    printf("model %s (%s): %ld parameters, %s plan%s\n", tr.m.name, path, ir_param_count(&tr.m.g), dialect,
+           recompute ? ", every layer recomputed" : "");
+    at_print_breakdown(stdout, "", &am, B, S);
+    if (have_ev) session_close(&ev);
+    session_close(&tr);
+    free(src);
+    return 0;
+}
+
 int cmd_graph(int argc, char **argv) {
-    const char *batch_s = NULL, *seq_s = NULL;
+    const char *batch_s = NULL, *seq_s = NULL, *dialect = "cuda";
+    int memory = 0, recompute = 0;
     const cli_opt opts[] = {
         {"--batch", "B", "batch size for the per-token numbers (default: the model's train.batch)", &batch_s, NULL},
         {"--seq", "S", "sequence length (default: the model's train.seq)", &seq_s, NULL},
+        {"--memory", NULL, "print the training step's device memory by category (docs/memory.md)", NULL, &memory},
+        {"--recompute", NULL, "with --memory: recompute every layer in the backward", NULL, &recompute},
+        {"--backend", "NAME", "with --memory: kernel dialect the plan is built for (cuda or opencl; default cuda)",
+         &dialect, NULL},
         {NULL, NULL, NULL, NULL, NULL},
     };
     const char *pos[1];
     int npos, done;
-    int rc = cli_parse("graph", "MODEL.lua [--batch B --seq S]",
+    int rc = cli_parse("graph", "MODEL.lua [--batch B --seq S] [--memory [--recompute]]",
                        "Print the layer table of a model: parameters, training FLOPs per token (forward +\n"
-                       "backward) and bytes of activations saved for the backward pass per token.",
+                       "backward) and bytes of activations saved for the backward pass per token. With\n"
+                       "--memory, print the exact device bytes of a training step at --batch x --seq by\n"
+                       "category instead.",
                        argc, argv, opts, pos, 1, 1, &npos, &done);
     if (rc || done) return rc;
+    if (memory) return graph_memory(pos[0], batch_s, seq_s, dialect, recompute);
     realm_model m;
     char err[1024];
     if (model_load(pos[0], &m, err, sizeof err) < 0) {

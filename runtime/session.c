@@ -22,15 +22,19 @@ backend *session_backend(const char *name, int device, char *err, size_t errlen)
     return bk_create(k, device, NULL, err, errlen);
 }
 
-int session_open(session *s, const char *src, size_t len, const char *path, backend *bk, int training, long B,
-                 long S, char *err, size_t errlen) {
+int session_prepare(session *s, const char *src, size_t len, const char *path, const char *dialect, int training,
+                    int recompute_all, char *err, size_t errlen) {
     memset(s, 0, sizeof *s);
-    s->bk = bk;
     s->training = training;
-    s->B = B;
-    s->S = S;
+    s->recompute_all = recompute_all;
     if (model_load_string(src, len, path, &s->m, err, errlen) < 0) return -1;
     ir_graph *g = &s->m.g;
+    if (recompute_all)
+        for (int i = 0; i < g->nsc; i++) {
+            const char *pth = g->sc[i].path;
+            /* "layers.N" exactly: a whole layer (mixer, MLP and residual adds) */
+            if (strncmp(pth, "layers.", 7) == 0 && pth[7] && !strchr(pth + 7, '.')) g->sc[i].recompute = 1;
+        }
     int nodes = g->nn;
     if (training) {
         if (ir_autodiff(g) < 0 || ir_add_optimizer(g, &s->opt) < 0) {
@@ -41,21 +45,44 @@ int session_open(session *s, const char *src, size_t len, const char *path, back
         nodes = g->nn;
     }
     int keep[2] = {s->m.loss, s->m.logits};
-    if (plan_build(&s->p, g, 0, nodes, bk_name(bk), keep, training ? 1 : 2, err, errlen) < 0) {
+    if (plan_build(&s->p, g, 0, nodes, dialect, keep, training ? 1 : 2, err, errlen) < 0) {
         model_free(&s->m);
         return -1;
     }
-    if (exec_create(&s->x, bk, &s->p, B, S, err, errlen) < 0) {
-        plan_free(&s->p);
-        model_free(&s->m);
-        return -1;
-    }
+    return 0;
+}
+
+void session_move(session *dst, session *src) {
+    *dst = *src;
+    dst->p.g = &dst->m.g;
+    dst->p.kg.g = &dst->m.g;
+    if (dst->x.p) dst->x.p = &dst->p;
+    memset(src, 0, sizeof *src);
+}
+
+int session_alloc(session *s, backend *bk, long B, long S, char *err, size_t errlen) {
+    s->bk = bk;
+    s->B = B;
+    s->S = S;
+    if (exec_create(&s->x, bk, &s->p, B, S, err, errlen) < 0) return -1;
+    const ir_graph *g = &s->m.g;
     long maxn = 8;
     for (int i = 0; i < g->nt; i++) {
         long n = ir_numel(&g->t[i].shape, B, S);
         if (n > maxn) maxn = n;
     }
     s->host = malloc(sizeof(float) * (size_t)maxn);
+    return 0;
+}
+
+int session_open(session *s, const char *src, size_t len, const char *path, backend *bk, int training, long B,
+                 long S, char *err, size_t errlen) {
+    if (session_prepare(s, src, len, path, bk_name(bk), training, 0, err, errlen) < 0) return -1;
+    if (session_alloc(s, bk, B, S, err, errlen) < 0) {
+        plan_free(&s->p);
+        model_free(&s->m);
+        return -1;
+    }
     return 0;
 }
 

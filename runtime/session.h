@@ -18,10 +18,25 @@ typedef struct {
     backend *bk;
     long B, S;
     float *host;              /* scratch, as large as the largest tensor */
+    int recompute_all;        /* every layer recomputed in the backward (auto-tuner's choice) */
 } session;
 
 /* "auto" (CUDA if a device works, else OpenCL), "cuda" or "opencl". */
 backend *session_backend(const char *name, int device, char *err, size_t errlen);
+
+/* The device-free half of session_open: model, autodiff and optimizer (training), and the
+ * plan for a backend's kernel dialect ("cuda" / "opencl"). Nothing is allocated on a device,
+ * so the memory model (plan_arena, plan_memory) can be evaluated for any B, S before
+ * choosing them. recompute_all: 1 marks every layer (scopes "layers.N") for recomputation,
+ * on top of what the model file marks. */
+int session_prepare(session *s, const char *src, size_t len, const char *path, const char *dialect, int training,
+                    int recompute_all, char *err, size_t errlen);
+/* The device half: compile the module and allocate the arena for (B, S). */
+int session_alloc(session *s, backend *bk, long B, long S, char *err, size_t errlen);
+
+/* Move a prepared (not yet allocated) session: the plan points into the session's own graph,
+ * so a plain struct copy would leave it pointing at the old one. */
+void session_move(session *dst, session *src);
 
 /* Compile `src` (the model file's text; `path` names it in messages) for (B, S). */
 int session_open(session *s, const char *src, size_t len, const char *path, backend *bk, int training, long B,

@@ -1,9 +1,11 @@
 /* realm train: the training loop, checkpoints and resume. */
+#include "autotune.h"
 #include "checkpoint.h"
 #include "cli.h"
 #include "corpus.h"
 #include "fsutil.h"
 #include "json.h"
+#include "loader.h"
 #include "rng.h"
 #include "safetensors.h"
 #include "session.h"
@@ -130,6 +132,7 @@ static void hex_sha(const void *p, size_t n, char out[65]) {
 typedef struct {
     long step, batch, seq, steps, warmup, eval_every, save_every;
     uint64_t seed;
+    int recompute;           /* every layer recomputed (the auto-tuner's choice; kept on resume) */
     rng_state rng;
     double lr;
     char schedule[16];
@@ -142,6 +145,7 @@ static void state_json(const train_state *st, json_buf *b) {
     json_buf_printf(b, "  \"sampler_rng\": [\"%llu\", \"%llu\", \"%llu\", \"%llu\"],\n",
                     (unsigned long long)st->rng.s[0], (unsigned long long)st->rng.s[1],
                     (unsigned long long)st->rng.s[2], (unsigned long long)st->rng.s[3]);
+    json_buf_printf(b, "  \"recompute\": %d,\n", st->recompute);
     json_buf_printf(b, "  \"batch\": %ld,\n  \"seq\": %ld,\n  \"steps\": %ld,\n  \"warmup\": %ld,\n", st->batch, st->seq,
                     st->steps, st->warmup);
     json_buf_printf(b, "  \"eval_every\": %ld,\n  \"save_every\": %ld,\n  \"lr\": %.17g,\n  \"schedule\": \"%s\"\n}\n",
@@ -184,6 +188,8 @@ static int read_state(const char *dir, train_state *st, char *err, size_t errlen
     GETI("eval_every", st->eval_every);
     GETI("save_every", st->save_every);
 #undef GETI
+    /* optional: checkpoints written before the auto-tuner have no recompute field */
+    st->recompute = json_as_int(json_get(r, "recompute"), &i64) == 1 && i64 != 0;
     const json_value *lr = json_get(r, "lr");
     ok &= lr && lr->type == JSON_NUMBER;
     if (ok) st->lr = lr->num;
@@ -297,15 +303,20 @@ static void fmt_eta(double sec, char *buf, size_t len) {
 int cmd_train(int argc, char **argv) {
     const char *data = NULL, *out = NULL, *bkname = "auto", *steps_s = NULL, *batch_s = NULL, *seq_s = NULL,
                *lr_s = NULL, *seed_s = NULL, *warmup_s = NULL, *eval_s = NULL, *save_s = NULL, *log_s = NULL,
-               *dev_s = NULL, *evtok_s = NULL, *prec_s = NULL;
+               *dev_s = NULL, *evtok_s = NULL, *prec_s = NULL, *frac_s = NULL, *budget_s = NULL;
     const cli_opt opts[] = {
         {"--data", "CORPUS", "training corpus (realm corpus build output, or any text file: 90/10 split)", &data, NULL},
         {"--out", "RUN", "run directory; training resumes from its latest checkpoint", &out, NULL},
         {"--backend", "NAME", "cuda, opencl or auto (default auto)", &bkname, NULL},
         {"--device", "N", "device index (default 0)", &dev_s, NULL},
         {"--steps", "N", "total steps (default: the model's train.steps)", &steps_s, NULL},
-        {"--batch", "B", "sequences per step (default: train.batch)", &batch_s, NULL},
-        {"--seq", "S", "bytes per sequence (default: train.seq)", &seq_s, NULL},
+        {"--batch", "B", "sequences per step, or auto: the largest that fits (default: auto on CUDA, else train.batch)",
+         &batch_s, NULL},
+        {"--seq", "S", "bytes per sequence, or auto: the largest power of two <= train.seq that fits (default: train.seq)",
+         &seq_s, NULL},
+        {"--memory-fraction", "F", "share of free device memory the run may fill (default 0.95)", &frac_s, NULL},
+        {"--memory-budget", "BYTES", "use this instead of the free device memory (512M, 20G; env REALM_MEMORY_BUDGET)",
+         &budget_s, NULL},
         {"--lr", "X", "peak learning rate (default: train.lr)", &lr_s, NULL},
         {"--warmup", "N", "warmup steps (default: train.warmup)", &warmup_s, NULL},
         {"--seed", "N", "initialisation and sampling seed (default 1)", &seed_s, NULL},
@@ -354,6 +365,7 @@ int cmd_train(int argc, char **argv) {
         return 2;
     }
     train_config tc = probe.train;
+    const long probe_seq = probe.train.seq;   /* the model's longest sequence, for --seq auto */
     model_free(&probe);
     train_state st = {0};
     hex_sha(src, srclen, st.model_sha);
@@ -361,8 +373,17 @@ int cmd_train(int argc, char **argv) {
     long dev = 0, evtok = 16384, log_every = 10;
     rc = 0;
     rc |= steps_s && cli_long("train", "--steps", steps_s, 1, 1L << 40, &tc.steps);
-    rc |= batch_s && cli_long("train", "--batch", batch_s, 1, 1L << 20, &tc.batch);
-    rc |= seq_s && cli_long("train", "--seq", seq_s, 1, 1L << 24, &tc.seq);
+    int batch_auto = batch_s && strcmp(batch_s, "auto") == 0, seq_auto = seq_s && strcmp(seq_s, "auto") == 0;
+    rc |= batch_s && !batch_auto && cli_long("train", "--batch", batch_s, 1, 1L << 20, &tc.batch);
+    rc |= seq_s && !seq_auto && cli_long("train", "--seq", seq_s, 1, 1L << 24, &tc.seq);
+    double fraction = 0.95;
+    rc |= frac_s && cli_double("train", "--memory-fraction", frac_s, 0.01, 1.0, &fraction);
+    size_t budget = 0;
+    if (!budget_s && getenv("REALM_MEMORY_BUDGET") && *getenv("REALM_MEMORY_BUDGET")) budget_s = getenv("REALM_MEMORY_BUDGET");
+    if (budget_s && (at_parse_bytes(budget_s, &budget) < 0 || budget == 0)) {
+        fprintf(stderr, "realm train: --memory-budget %s is not a byte count (e.g. 512M, 20G)\n", budget_s);
+        rc = 2;
+    }
     rc |= warmup_s && cli_long("train", "--warmup", warmup_s, 0, 1L << 40, &tc.warmup);
     rc |= eval_s && cli_long("train", "--eval-every", eval_s, 0, 1L << 40, &tc.eval_every);
     rc |= save_s && cli_long("train", "--save-every", save_s, 1, 1L << 40, &tc.save_every);
@@ -412,7 +433,7 @@ int cmd_train(int argc, char **argv) {
         rng_seed(&st.rng, st.seed ^ 0x5eed5a3d1e5ull);
     }
     corpus *c = corpus_open(data, err, sizeof err);
-    if (!c || corpus_check(c, tc.seq + 1, err, sizeof err) < 0) {
+    if (!c) {
         fprintf(stderr, "realm train: %s\n", err);
         if (c) corpus_close(c);
         free(src);
@@ -426,23 +447,111 @@ int cmd_train(int argc, char **argv) {
         return strcmp(bkname, "auto") == 0 ? 1 : 2;
     }
     session tr, ev;
+    memset(&tr, 0, sizeof tr);
+    memset(&ev, 0, sizeof ev);
     int have_ev = 0, status = 1;
     FILE *log = NULL;
-    uint8_t *rows = NULL;
-    printf("realm train: %s on %s (%s), batch %ld x seq %ld, %ld steps\n", pos[0], bk_info(bk)->name, bk_name(bk),
-           tc.batch, tc.seq, tc.steps);
-    fflush(stdout);
-    if (session_open(&tr, src, srclen, pos[0], bk, 1, tc.batch, tc.seq, err, sizeof err) < 0) {
+    loader *ld = NULL;
+    size_t free0 = 0, total0 = 0;
+    /* Everything the run will hold on the device is decided here, from the plans, before any
+     * allocation: the run either fits from step 1 or stops now (exit 2). */
+    if (bk_mem_info(bk, &free0, &total0) < 0) free0 = total0 = bk_info(bk)->mem_total;
+    if (found) batch_auto = seq_auto = 0;          /* a resumed run keeps its sizes */
+    else if (!batch_s && bk->kind == BK_CUDA) batch_auto = 1;
+    if (!found) st.recompute = 0;
+    if (session_prepare(&tr, src, srclen, pos[0], bk_name(bk), 1, st.recompute, err, sizeof err) < 0) {
         fprintf(stderr, "realm train: %s\n", err);
-        bk_destroy(bk);
-        corpus_close(c);
-        free(src);
-        return 1;
+        status = 2;
+        goto cleanup;
     }
     if (tc.eval_every > 0) {
-        if (session_open(&ev, src, srclen, pos[0], bk, 0, tc.batch, tc.seq, err, sizeof err) < 0) goto fail;
+        if (session_prepare(&ev, src, srclen, pos[0], bk_name(bk), 0, 0, err, sizeof err) < 0) goto fail;
         have_ev = 1;
     }
+    at_model am = {.train = &tr.p, .eval = have_ev ? &ev.p : NULL, .available = budget ? budget : free0,
+                   .fraction = fraction, .max_alloc = bk_info(bk)->max_alloc};
+    {
+        const plan *plans[2] = {&tr.p, &ev.p};
+        am.overhead = at_probe_overhead(bk, plans, have_ev ? 2 : 1);
+    }
+    printf("memory: %.1f MiB available (%s), target %.0f%% = %.1f MiB, backend overhead %.1f MiB\n",
+           (double)am.available / 1048576.0, budget ? "--memory-budget" : "free device memory", 100 * fraction,
+           (double)at_target(&am) / 1048576.0, (double)am.overhead / 1048576.0);
+    if (seq_auto || batch_auto) {
+        /* The alternative plan: every layer recomputed in the backward. */
+        session alt;
+        int have_alt = session_prepare(&alt, src, srclen, pos[0], bk_name(bk), 1, 1, err, sizeof err) == 0;
+        at_model am_rc = am;
+        if (have_alt) am_rc.train = &alt.p;
+        if (seq_auto) {
+            long s0 = at_auto_seq(&am, tc.seq), s1 = have_alt ? at_auto_seq(&am_rc, tc.seq) : 0;
+            tc.seq = s0 ? s0 : s1;
+            if (!tc.seq) tc.seq = 1;       /* nothing fits: the check below explains */
+            printf("auto-tuner: seq %ld (largest power of two <= the model's %ld that fits a batch of 1)\n", tc.seq,
+                   probe_seq);
+        }
+        if (batch_auto) {
+            long b0 = at_max_batch(&am, tc.seq, 1L << 20), b1 = have_alt ? at_max_batch(&am_rc, tc.seq, 1L << 20) : 0;
+            /* Recomputing every layer costs about one more forward of the layers (~+33% of the
+             * step's FLOPs), so it is taken only when it buys at least 1.5x the batch (or the
+             * only batch that fits); a measured tokens/s comparison is not made. */
+            int use_rc = b1 > 0 && (b0 == 0 || (double)b1 >= 1.5 * (double)b0);
+            printf("auto-tuner: seq %ld: largest batch %ld without recompute, %ld with every layer recomputed; "
+                   "using %s (%s)\n", tc.seq, b0, b1, use_rc ? "recompute" : "no recompute",
+                   use_rc ? (b0 ? "the batch grows by 1.5x or more, which pays for the extra forward"
+                                : "nothing fits without it")
+                          : "recompute would not buy 1.5x the batch");
+            tc.batch = use_rc ? b1 : b0;
+            if (!tc.batch) tc.batch = 1;
+            if (use_rc) {
+                session_close(&tr);
+                session_move(&tr, &alt);
+                have_alt = 0;
+                am.train = &tr.p;
+                st.recompute = 1;
+            }
+        }
+        if (have_alt) session_close(&alt);
+    }
+    if (!at_fits(&am, tc.batch, tc.seq)) {
+        at_need n;
+        at_need_of(&am, tc.batch, tc.seq, &n);
+        long bmax = at_max_batch(&am, tc.seq, tc.batch);
+        char why[512];
+        snprintf(why, sizeof why, "it needs %.1f MiB (training arena %.1f, validation arena %.1f, data %.1f, overhead %.1f) "
+                 "but the target is %.1f MiB (%.0f%% of %.1f MiB)%s", (double)n.total / 1048576.0,
+                 (double)n.train / 1048576.0, (double)n.eval / 1048576.0, (double)n.data / 1048576.0,
+                 (double)n.overhead / 1048576.0, (double)at_target(&am) / 1048576.0, 100 * fraction,
+                 (double)am.available / 1048576.0,
+                 am.max_alloc && (n.train > am.max_alloc || n.eval > am.max_alloc)
+                     ? " or an arena exceeds the device's largest single allocation" : "");
+        if (bmax > 0)
+            fprintf(stderr, "realm train: batch %ld x seq %ld does not fit: %s; the largest batch that fits at seq %ld "
+                            "is %ld\n", tc.batch, tc.seq, why, tc.seq, bmax);
+        else {
+            long smax = at_max_seq(&am, 1, tc.seq);
+            if (smax > 0)
+                fprintf(stderr, "realm train: batch %ld x seq %ld does not fit: %s; no batch fits at seq %ld, the "
+                                "largest seq that fits with batch 1 is %ld\n", tc.batch, tc.seq, why, tc.seq, smax);
+            else
+                fprintf(stderr, "realm train: batch %ld x seq %ld does not fit: %s; not even batch 1 x seq 1 fits\n",
+                        tc.batch, tc.seq, why);
+        }
+        status = 2;
+        goto cleanup;
+    }
+    if (corpus_check(c, tc.seq + 1, err, sizeof err) < 0) {
+        fprintf(stderr, "realm train: %s\n", err);
+        status = 2;
+        goto cleanup;
+    }
+    st.batch = tc.batch, st.seq = tc.seq;
+    printf("realm train: %s on %s (%s), batch %ld x seq %ld, %ld steps%s\n", pos[0], bk_info(bk)->name, bk_name(bk),
+           tc.batch, tc.seq, tc.steps, st.recompute ? ", every layer recomputed" : "");
+    at_print_breakdown(stdout, "memory: ", &am, tc.batch, tc.seq);
+    fflush(stdout);
+    if (session_alloc(&tr, bk, tc.batch, tc.seq, err, sizeof err) < 0) goto fail;
+    if (have_ev && session_alloc(&ev, bk, tc.batch, tc.seq, err, sizeof err) < 0) goto fail;
     if (found) {
         char path[1300];
         snprintf(path, sizeof path, "%.1100s/optim.safetensors", ckdir);
@@ -461,9 +570,13 @@ int cmd_train(int argc, char **argv) {
            tr.p.kg.nl, tr.p.kg.nbodies, ir_param_count(&tr.m.g));
     fflush(stdout);
 
+    /* the last allocation: from here on the run holds all the device memory it will use */
+    if (!(ld = loader_create(bk, c, CORPUS_TRAIN, &st.rng, tc.batch, tc.seq, tc.steps - st.step, err, sizeof err)))
+        goto fail;
+    at_need need;
+    at_need_of(&am, tc.batch, tc.seq, &need);
+
     sigset_t pending;
-    long rowlen = tc.seq + 1;
-    rows = malloc((size_t)(tc.batch * rowlen));
     double t0 = now(), tlast = t0, loss_sum = 0;
     long steps_run = 0, last_saved = st.step;
     int nlog = 0, stop_signal = 0;
@@ -474,11 +587,25 @@ int cmd_train(int argc, char **argv) {
                           (float)cfg->weight_decay, (float)(1 - pow(cfg->beta1, (double)step)),
                           (float)(1 - pow(cfg->beta2, (double)step)), (float)cfg->grad_clip};
         double loss;
-        corpus_sample(c, 0, &st.rng, tc.batch, rowlen, rows);
+        rng_state rng_after;
         if (exec_upload(&tr.x, tr.opt.hyper, hyper, err, sizeof err) < 0 ||
-            session_set_batch(&tr, rows, rowlen, err, sizeof err) < 0 || session_run(&tr, err, sizeof err) < 0 ||
-            session_loss(&tr, &loss, err, sizeof err) < 0)
+            loader_next(ld, &tr.x, tr.m.tokens, tr.m.targets, &rng_after, err, sizeof err) < 0 ||
+            session_run(&tr, err, sizeof err) < 0 || session_loss(&tr, &loss, err, sizeof err) < 0)
             goto fail;
+        /* the checkpointed sampler state is the one after the batches consumed, not the
+         * loader thread's (which runs ahead) */
+        st.rng = rng_after;
+        if (steps_run == 0) {
+            size_t f = 0, tot = 0;
+            if (bk_mem_info(bk, &f, &tot) == 0) {
+                size_t used = free0 > f ? free0 - f : 0;
+                printf("memory: estimated %.1f MiB, measured %.1f MiB, utilisation %.1f%% of %.1f MiB %s\n",
+                       (double)need.total / 1048576.0, (double)used / 1048576.0,
+                       am.available ? 100.0 * (double)used / (double)am.available : 0.0,
+                       (double)am.available / 1048576.0, budget ? "budget" : "free at start-up");
+                fflush(stdout);
+            }
+        }
         if (!isfinite(loss)) {
             fprintf(stderr, "realm train: the loss is %g at step %ld; stopping (last checkpoint: step %ld)\n", loss,
                     step, last_saved);
@@ -530,7 +657,7 @@ fail_quiet:
     status = 1;
 cleanup:
     if (log) fclose(log);
-    free(rows);
+    loader_destroy(ld);
     if (have_ev) session_close(&ev);
     session_close(&tr);
     bk_destroy(bk);

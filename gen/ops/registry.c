@@ -12,6 +12,9 @@ extern const op_def op_cross_entropy, op_cross_entropy_bwd;
 extern const op_def op_rope, op_attention, op_attention_bwd;
 extern const op_def op_mamba3_scan, op_mamba3_scan_bwd;
 extern const op_def op_sumsq, op_adamw;
+extern const op_def op_mamba3_step;
+extern const op_def op_rope_at, op_ring_write, op_attention_ring;
+extern const op_def op_sample;
 
 static const op_def *const registry[] = {
     &op_embedding, &op_embedding_bwd,
@@ -23,6 +26,9 @@ static const op_def *const registry[] = {
     &op_rope, &op_attention, &op_attention_bwd,
     &op_mamba3_scan, &op_mamba3_scan_bwd,
     &op_sumsq, &op_adamw,
+    &op_mamba3_step,
+    &op_rope_at, &op_ring_write, &op_attention_ring,
+    &op_sample,
 };
 
 int op_count(void) { return (int)(sizeof registry / sizeof registry[0]); }

@@ -93,8 +93,22 @@ function nn.mamba3(cfg)
       local B_bias = g:param("B_bias", {H, N}, "ones")
       local C_bias = g:param("C_bias", {H, N}, "ones")
       local D = g:param("D", {H}, "ones")
-      local y = g:mamba3_scan(xv, Bn, Cn, dd_dt, dd_A, trap, ang, dt_bias, B_bias, C_bias, D,
-                              {chunk = c.chunk})
+      local y
+      if g.mode == "step" then
+        -- Decode: one token per sequence through the recurrence, carrying (S, Theta, Kr, v)
+        -- in state tensors that the step updates in place (docs/decode.md).
+        local S = g:state("ssm", {H, c.P, N})
+        local Th = g:state("theta", {H, NA})
+        local Kr = g:state("k_prev", {H, N})
+        local vp = g:state("v_prev", {H, c.P})
+        local S2, Th2, Kr2, vp2
+        y, S2, Th2, Kr2, vp2 = g:mamba3_step(xv, Bn, Cn, dd_dt, dd_A, trap, ang, dt_bias, B_bias, C_bias, D,
+                                             S, Th, Kr, vp)
+        g:assign(S, S2); g:assign(Th, Th2); g:assign(Kr, Kr2); g:assign(vp, vp2)
+      else
+        y = g:mamba3_scan(xv, Bn, Cn, dd_dt, dd_A, trap, ang, dt_bias, B_bias, C_bias, D,
+                          {chunk = c.chunk})
+      end
       y = g:reshape(y, {di}) * g:silu(z)
       return nn.linear(g, y, d, "out_proj", ctx.resid_std)
     end,
@@ -132,10 +146,26 @@ function nn.attention(cfg)
       local H, Hkv = c.heads, c.kv_heads
       local qkv = nn.linear(g, x, (H + 2 * Hkv) * Dh, "qkv")
       local q, k, v = g:split(qkv, {H * Dh, Hkv * Dh, Hkv * Dh})
-      q = g:rope(g:reshape(q, {H, Dh}), {base = c.rope_base})
-      k = g:rope(g:reshape(k, {Hkv, Dh}), {base = c.rope_base})
-      v = g:reshape(v, {Hkv, Dh})
-      local o = g:attention(q, k, v, {window = c.window})
+      local o
+      if g.mode == "step" then
+        -- Decode: RoPE at each sequence's absolute position, k and v written into ring buffers
+        -- of the last `window` tokens (slot = position % window), the query attends over the
+        -- ring with the same causal window as the parallel form.
+        local pos = ctx.positions
+        q = g:rope_at(g:reshape(q, {H, Dh}), pos, {base = c.rope_base})
+        k = g:rope_at(g:reshape(k, {Hkv, Dh}), pos, {base = c.rope_base})
+        v = g:reshape(v, {Hkv, Dh})
+        local Kc = g:state("k_cache", {c.window, Hkv, Dh})
+        local Vc = g:state("v_cache", {c.window, Hkv, Dh})
+        local K2, V2 = g:ring_write(Kc, k, pos), g:ring_write(Vc, v, pos)
+        g:assign(Kc, K2); g:assign(Vc, V2)
+        o = g:attention_ring(q, K2, V2, pos)
+      else
+        q = g:rope(g:reshape(q, {H, Dh}), {base = c.rope_base})
+        k = g:rope(g:reshape(k, {Hkv, Dh}), {base = c.rope_base})
+        v = g:reshape(v, {Hkv, Dh})
+        o = g:attention(q, k, v, {window = c.window})
+      end
       return nn.linear(g, g:reshape(o, {H * Dh}), d, "o_proj", ctx.resid_std)
     end,
   }
@@ -227,7 +257,9 @@ function nn.model(cfg)
   local ctx = {d_model = d, n_layers = n_layers, resid_std = std / math.sqrt(2 * n_layers)}
   return {
     name = cfg.name or "model", vocab = vocab, d_model = d, n_layers = n_layers, train = train,
-    forward = function(g, tokens)
+    -- positions: [B,S] absolute positions, given only in step mode (g.mode == "step")
+    forward = function(g, tokens, positions)
+      ctx.positions = positions
       local emb, x = g:scope("embed", "embedding", function()
         local e = g:param("weight", {vocab, d}, {"normal", std})
         return e, g:embedding(tokens, e)
