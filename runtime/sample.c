@@ -1,9 +1,9 @@
-/* realm generate / chat / eval: a trained run's weights through the forward plan. This first
- * version re-runs the parallel forward over the last `context` bytes for every new byte; the
- * constant-cost recurrent step graph replaces it later. */
+/* realm generate / chat / eval. generate and chat run the model's step plan (runtime/decode.c,
+ * docs/decode.md): constant cost per byte, sampling on the device, the state kept across chat
+ * turns. eval scores windows of the training sequence length through the parallel forward. */
 #include "cli.h"
 #include "corpus.h"
-#include "rng.h"
+#include "decode.h"
 #include "session.h"
 #include "train.h"
 
@@ -11,49 +11,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-
-typedef struct {
-    double temperature, top_p;
-    long top_k;
-    rng_state rng;
-} sampler;
-
-/* Pick a byte from logits: temperature, then top-k, then top-p (nucleus); T = 0 is greedy. */
-static int sample_byte(sampler *sm, const float *logits) {
-    int idx[256];
-    double p[256];
-    for (int i = 0; i < 256; i++) idx[i] = i;
-    for (int i = 1; i < 256; i++)           /* insertion sort by logit, descending, stable */
-        for (int j = i; j > 0 && logits[idx[j]] > logits[idx[j - 1]]; j--) {
-            int t = idx[j];
-            idx[j] = idx[j - 1];
-            idx[j - 1] = t;
-        }
-    if (sm->temperature <= 0) return idx[0];
-    int k = sm->top_k > 0 && sm->top_k < 256 ? (int)sm->top_k : 256;
-    double mx = logits[idx[0]], sum = 0;
-    for (int i = 0; i < k; i++) sum += p[i] = exp((logits[idx[i]] - mx) / sm->temperature);
-    if (sm->top_p > 0 && sm->top_p < 1) {
-        double c = 0;
-        int keep = k;
-        for (int i = 0; i < k; i++) {
-            c += p[i] / sum;
-            if (c >= sm->top_p) {
-                keep = i + 1;
-                break;
-            }
-        }
-        k = keep;
-        sum = 0;
-        for (int i = 0; i < k; i++) sum += p[i];
-    }
-    double u = rng_uniform(&sm->rng) * sum;
-    for (int i = 0; i < k; i++) {
-        u -= p[i];
-        if (u < 0) return idx[i];
-    }
-    return idx[k - 1];
-}
+#include <time.h>
 
 typedef struct {
     session s;
@@ -105,19 +63,66 @@ static void runner_close(runner *r) {
     bk_destroy(r->bk);
 }
 
-/* Logits for the byte after hist[0..n): the last `context` bytes go through the forward. */
-static int next_logits(runner *r, const uint8_t *hist, long n, const float **row, char *err, size_t errlen) {
-    long S = r->s.S, start = n > S ? n - S : 0, len = n - start;
-    uint8_t *buf = calloc((size_t)S + 1, 1);
-    memcpy(buf, hist + start, (size_t)len);
-    int rc = session_set_batch(&r->s, buf, S + 1, err, errlen);
-    free(buf);
-    if (rc < 0 || session_run(&r->s, err, errlen) < 0 ||
-        exec_download(&r->s.x, r->s.m.logits, r->logits, err, errlen) < 0)
-        return -1;
-    *row = r->logits + (len - 1) * 256;
+/* A trained run's step plan with its latest weights. */
+static int decoder_from_run(decoder *d, backend **bk, const char *run, const char *bkname, long batch, char *err,
+                            size_t errlen) {
+    char dir[1200];
+    long step;
+    int f = train_find_checkpoint(run, dir, sizeof dir, &step, err, errlen);
+    if (f == 0) snprintf(err, errlen, "%s: no checkpoint (train a model into it first)", run);
+    if (f <= 0) return 2;
+    char *src;
+    size_t len;
+    if (train_read_model_source(dir, &src, &len, err, errlen) < 0) return 2;
+    char label[1300], weights[1300];
+    snprintf(label, sizeof label, "%.1100s/model.lua", dir);
+    snprintf(weights, sizeof weights, "%.1100s/model.safetensors", dir);
+    *bk = session_backend(bkname, 0, err, errlen);
+    if (!*bk) {
+        free(src);
+        return 1;
+    }
+    int rc = decoder_open(d, src, len, label, *bk, batch, err, errlen);
+    free(src);
+    if (rc == 0 && decoder_load_weights(d, weights, err, errlen) < 0) {
+        decoder_close(d);
+        rc = -1;
+    }
+    if (rc < 0) {
+        bk_destroy(*bk);
+        return 1;
+    }
     return 0;
 }
+
+typedef struct {
+    const char *bk, *prompt, *n, *temp, *topk, *topp, *seed, *ctx, *bench, *bench_steps, *batch;
+} gen_args;
+
+static int parse_sampling(const char *cmd, const gen_args *a, decode_sampling *sm, long *n) {
+    sm->temperature = 0.8;
+    sm->top_p = 0.95;
+    sm->top_k = 0;
+    long seed = 1, ctx = 0;
+    int rc = 0;
+    rc |= a->n && cli_long(cmd, "-n", a->n, 1, 1L << 30, n);
+    rc |= a->temp && cli_double(cmd, "--temperature", a->temp, 0, 100, &sm->temperature);
+    rc |= a->topk && cli_long(cmd, "--top-k", a->topk, 0, 256, &sm->top_k);
+    rc |= a->topp && cli_double(cmd, "--top-p", a->topp, 0, 1, &sm->top_p);
+    rc |= a->seed && cli_long(cmd, "--seed", a->seed, 0, 1L << 62, &seed);
+    rc |= a->ctx && cli_long(cmd, "--context", a->ctx, 1, 1L << 40, &ctx);
+    sm->seed = (uint64_t)seed;
+    return rc ? 2 : 0;
+}
+
+#define SAMPLER_OPTS(a)                                                                                      \
+    {"--backend", "NAME", "cuda, opencl or auto", &(a).bk, NULL},                                            \
+    {"-n", "N", "bytes to generate", &(a).n, NULL},                                                          \
+    {"--temperature", "T", "sampling temperature, 0 = greedy (default 0.8)", &(a).temp, NULL},               \
+    {"--top-k", "K", "sample among the K most likely bytes (0 = all)", &(a).topk, NULL},                     \
+    {"--top-p", "P", "nucleus sampling mass (default 0.95)", &(a).topp, NULL},                               \
+    {"--seed", "N", "sampling seed (48 bits used): same seed, same text (default 1)", &(a).seed, NULL},      \
+    {"--context", "N", "accepted for compatibility; the step plan has no context limit", &(a).ctx, NULL}
 
 /* Write bytes, holding back an incomplete UTF-8 sequence until it is complete. */
 typedef struct {
@@ -139,48 +144,88 @@ static void put_byte(utf8_out *u, uint8_t b) {
     fflush(stdout);
 }
 
-typedef struct {
-    const char *bk, *prompt, *n, *temp, *topk, *topp, *seed, *ctx;
-} gen_args;
-
-static int parse_sampler(const char *cmd, const gen_args *a, sampler *sm, long *n, long *ctx) {
-    sm->temperature = 0.8;
-    sm->top_p = 0.95;
-    sm->top_k = 0;
-    long seed = 1;
-    int rc = 0;
-    rc |= a->n && cli_long(cmd, "-n", a->n, 1, 1L << 30, n);
-    rc |= a->temp && cli_double(cmd, "--temperature", a->temp, 0, 100, &sm->temperature);
-    rc |= a->topk && cli_long(cmd, "--top-k", a->topk, 0, 256, &sm->top_k);
-    rc |= a->topp && cli_double(cmd, "--top-p", a->topp, 0, 1, &sm->top_p);
-    rc |= a->seed && cli_long(cmd, "--seed", a->seed, 0, 1L << 62, &seed);
-    rc |= a->ctx && cli_long(cmd, "--context", a->ctx, 1, 1L << 20, ctx);
-    rng_seed(&sm->rng, (uint64_t)seed);
-    return rc ? 2 : 0;
+static void put_flush(utf8_out *u) {
+    if (u->n) fwrite(u->pend, 1, (size_t)u->n, stdout);
+    u->n = 0;
+    fflush(stdout);
 }
 
-#define SAMPLER_OPTS(a)                                                                                      \
-    {"--backend", "NAME", "cuda, opencl or auto", &(a).bk, NULL},                                            \
-    {"-n", "N", "bytes to generate", &(a).n, NULL},                                                          \
-    {"--temperature", "T", "sampling temperature, 0 = greedy (default 0.8)", &(a).temp, NULL},               \
-    {"--top-k", "K", "sample among the K most likely bytes (0 = all)", &(a).topk, NULL},                     \
-    {"--top-p", "P", "nucleus sampling mass (default 0.95)", &(a).topp, NULL},                               \
-    {"--seed", "N", "sampling seed: same seed, same text (default 1)", &(a).seed, NULL},                     \
-    {"--context", "N", "bytes of context (default: the training sequence length)", &(a).ctx, NULL}
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+/* --bench P1,P2,...: per-token time of the whole step (model + sampler + reading the byte) at
+ * each position. The sequence jumps to P - 1 without feeding the bytes before it: the step's
+ * cost depends on the position (the attention ring is full from position `window` on), never
+ * on what the state holds, so this times exactly what a real P-byte conversation costs. */
+static int bench(decoder *d, const char *list, long steps, long batch, char *err, size_t errlen) {
+    const char *p = list;
+    uint8_t *in = calloc((size_t)batch, 1), *out = malloc((size_t)batch);
+    int rc = 0;
+    printf("decode bench: batch %ld, %ld timed steps per position\n", batch, steps);
+    while (*p && rc == 0) {
+        char *end;
+        long pos = strtol(p, &end, 10);
+        if (end == p || pos < 1) {
+            snprintf(err, errlen, "--bench: expected positions like 1024,16384, got '%s'", p);
+            rc = 2;
+            break;
+        }
+        p = *end == ',' ? end + 1 : end;
+        rc = decoder_reset(d, err, errlen) < 0 || decoder_set_position(d, pos - 1, err, errlen) < 0 ||
+             decoder_feed(d, in, 1, NULL, err, errlen) < 0;
+        for (long i = 0; i < 2 && rc == 0; i++) rc = decoder_next(d, out, err, errlen) < 0;   /* warm up */
+        double t0 = now_s();
+        for (long i = 0; i < steps && rc == 0; i++) rc = decoder_next(d, out, err, errlen) < 0;
+        double dt = (now_s() - t0) / (double)steps;
+        if (rc == 0)
+            printf("position %ld: %.3f ms/token, %.1f tokens/s (batch %ld: %.1f bytes/s)\n", pos, dt * 1e3, 1.0 / dt,
+                   batch, (double)batch / dt);
+    }
+    free(in);
+    free(out);
+    return rc;
+}
 
 int cmd_generate(int argc, char **argv) {
-    gen_args a = {"auto", NULL, NULL, NULL, NULL, NULL, NULL, NULL};
+    gen_args a = {"auto", NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL};
     const cli_opt opts[] = {{"--prompt", "TEXT", "text to continue (default: read standard input)", &a.prompt, NULL},
-                            SAMPLER_OPTS(a), {NULL, NULL, NULL, NULL, NULL}};
+                            SAMPLER_OPTS(a),
+                            {"--bench", "P1,P2,..", "time a decode step at these positions instead of generating", &a.bench,
+                             NULL},
+                            {"--bench-steps", "N", "timed steps per position (default 64)", &a.bench_steps, NULL},
+                            {"--batch", "B", "sequences decoded together in --bench (default 1)", &a.batch, NULL},
+                            {NULL, NULL, NULL, NULL, NULL}};
     const char *pos[1];
     int npos, done;
     int rc = cli_parse("generate", "RUN [--prompt TEXT] [-n N --temperature T --top-k K --top-p P --seed S]",
-                       "Continue a prompt with a trained run's latest checkpoint.", argc, argv, opts, pos, 1, 1, &npos,
-                       &done);
+                       "Continue a prompt with a trained run's latest checkpoint. Each byte costs one step of the\n"
+                       "model's recurrent step plan, whatever the position.",
+                       argc, argv, opts, pos, 1, 1, &npos, &done);
     if (rc || done) return rc;
-    sampler sm;
-    long n = 200, ctx = 0;
-    if (parse_sampler("generate", &a, &sm, &n, &ctx)) return 2;
+    decode_sampling sm;
+    long n = 200, steps = 64, batch = 1;
+    if (parse_sampling("generate", &a, &sm, &n)) return 2;
+    if ((a.bench_steps && cli_long("generate", "--bench-steps", a.bench_steps, 1, 1L << 30, &steps)) ||
+        (a.batch && cli_long("generate", "--batch", a.batch, 1, 1L << 16, &batch)))
+        return 2;
+    if (!a.bench) batch = 1;
+    char err[4096];
+    decoder d;
+    backend *bk;
+    if ((rc = decoder_from_run(&d, &bk, pos[0], a.bk, batch, err, sizeof err)) != 0) {
+        fprintf(stderr, "realm generate: %s\n", err);
+        return rc;
+    }
+    if (a.bench) {
+        rc = bench(&d, a.bench, steps, batch, err, sizeof err);
+        if (rc) fprintf(stderr, "realm generate: %s\n", err);
+        decoder_close(&d);
+        bk_destroy(bk);
+        return rc;
+    }
     char *prompt = NULL;
     size_t plen = 0;
     if (a.prompt) {
@@ -201,96 +246,126 @@ int cmd_generate(int argc, char **argv) {
         prompt = strdup("\n");
         plen = 1;
     }
-    char err[4096];
-    runner r;
-    if ((rc = runner_open(&r, pos[0], a.bk, ctx, 1, err, sizeof err)) != 0) {
-        fprintf(stderr, "realm generate: %s\n", err);
-        free(prompt);
-        return rc;
-    }
-    uint8_t *hist = malloc(plen + (size_t)n);
-    memcpy(hist, prompt, plen);
-    long len = (long)plen;
     fwrite(prompt, 1, plen, stdout);
+    fflush(stdout);
     utf8_out u = {0};
-    for (long i = 0; i < n; i++) {
-        const float *row;
-        if (next_logits(&r, hist, len, &row, err, sizeof err) < 0) {
+    if (decoder_set_sampling(&d, &sm, 0, err, sizeof err) < 0 ||
+        decoder_feed(&d, (const uint8_t *)prompt, (long)plen, NULL, err, sizeof err) < 0) {
+        fprintf(stderr, "\nrealm generate: %s\n", err);
+        rc = 1;
+    }
+    for (long i = 0; i < n && rc == 0; i++) {
+        uint8_t b;
+        if (decoder_next(&d, &b, err, sizeof err) < 0) {
             fprintf(stderr, "\nrealm generate: %s\n", err);
             rc = 1;
             break;
         }
-        uint8_t b = (uint8_t)sample_byte(&sm, row);
-        hist[len++] = b;
         put_byte(&u, b);
     }
-    if (u.n) fwrite(u.pend, 1, (size_t)u.n, stdout);
+    put_flush(&u);
     printf("\n");
-    free(hist);
     free(prompt);
-    runner_close(&r);
+    decoder_close(&d);
+    bk_destroy(bk);
     return rc;
 }
 
+/* A chat command: 1 handled (message on stderr), 0 not a command, -1 failed. */
+static int chat_command(decoder *d, decode_sampling *sm, const char *line, char *err, size_t errlen) {
+    if (line[0] != '/') return 0;
+    char word[32] = "", arg[128] = "";
+    sscanf(line, "/%31s %127s", word, arg);
+    if (strcmp(word, "reset") == 0) {
+        if (decoder_reset(d, err, errlen) < 0) return -1;
+        fprintf(stderr, "[reset: the conversation starts again]\n");
+    } else if (strcmp(word, "temperature") == 0 || strcmp(word, "seed") == 0) {
+        char *end;
+        if (word[0] == 't') {
+            double v = strtod(arg, &end);
+            if (end == arg || !(v >= 0 && v <= 100)) {
+                fprintf(stderr, "[/temperature needs a number in [0, 100]]\n");
+                return 1;
+            }
+            sm->temperature = v;
+            fprintf(stderr, "[temperature %g]\n", v);
+        } else {
+            unsigned long long v = strtoull(arg, &end, 10);
+            if (end == arg || arg[0] == '-') {
+                fprintf(stderr, "[/seed needs a non-negative integer]\n");
+                return 1;
+            }
+            sm->seed = (uint64_t)v;
+            fprintf(stderr, "[seed %llu]\n", v);
+        }
+        if (decoder_set_sampling(d, sm, 0, err, errlen) < 0) return -1;
+    } else {
+        fprintf(stderr, "[unknown command /%s: try /reset, /temperature X, /seed N]\n", word);
+    }
+    return 1;
+}
+
 int cmd_chat(int argc, char **argv) {
-    gen_args a = {"auto", NULL, NULL, NULL, NULL, NULL, NULL, NULL};
+    gen_args a = {"auto", NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL};
     const cli_opt opts[] = {SAMPLER_OPTS(a), {NULL, NULL, NULL, NULL, NULL}};
     const char *pos[1];
     int npos, done;
     int rc = cli_parse("chat", "RUN [options]",
                        "Talk to a trained run: each line you type is added to the conversation and the model's\n"
-                       "reply (up to -n bytes, ending at a blank line) is streamed back. The whole conversation is\n"
-                       "the context. Ctrl-D (end of input) leaves.",
+                       "reply (up to -n bytes, ending at a blank line) is streamed back. The model keeps its state\n"
+                       "across turns, so a turn costs only its own bytes. Commands: /reset (start again),\n"
+                       "/temperature X, /seed N. Ctrl-D (end of input) leaves.",
                        argc, argv, opts, pos, 1, 1, &npos, &done);
     if (rc || done) return rc;
-    sampler sm;
-    long n = 300, ctx = 0;
-    if (parse_sampler("chat", &a, &sm, &n, &ctx)) return 2;
+    decode_sampling sm;
+    long n = 300;
+    if (parse_sampling("chat", &a, &sm, &n)) return 2;
     char err[4096];
-    runner r;
-    if ((rc = runner_open(&r, pos[0], a.bk, ctx, 1, err, sizeof err)) != 0) {
+    decoder d;
+    backend *bk;
+    if ((rc = decoder_from_run(&d, &bk, pos[0], a.bk, 1, err, sizeof err)) != 0) {
         fprintf(stderr, "realm chat: %s\n", err);
         return rc;
     }
-    size_t cap = 1 << 16, len = 0;
-    uint8_t *hist = malloc(cap);
+    if (decoder_set_sampling(&d, &sm, 0, err, sizeof err) < 0) goto fail;
     char line[8192];
     for (;;) {
         fputs("> ", stderr);
-        if (!fgets(line, sizeof line, stdin)) break;
+        fflush(stderr);
+        if (!fgets(line, sizeof line - 1, stdin)) break;   /* room for a newline */
+        int c = chat_command(&d, &sm, line, err, sizeof err);
+        if (c < 0) goto fail;
+        if (c > 0) continue;
         size_t ll = strlen(line);
-        if (len + ll + (size_t)n + 2 > cap) {
-            cap = (len + ll + (size_t)n + 2) * 2;
-            hist = realloc(hist, cap);
-        }
-        memcpy(hist + len, line, ll);
-        len += ll;
-        if (ll == 0 || line[ll - 1] != '\n') hist[len++] = '\n';
+        if (ll == 0 || line[ll - 1] != '\n') line[ll++] = '\n', line[ll] = 0;
+        if (decoder_feed(&d, (const uint8_t *)line, (long)ll, NULL, err, sizeof err) < 0) goto fail;
         utf8_out u = {0};
+        uint8_t last = '\n';   /* the line just fed ends with a newline */
         for (long i = 0; i < n; i++) {
-            const float *row;
-            if (next_logits(&r, hist, (long)len, &row, err, sizeof err) < 0) {
-                fprintf(stderr, "realm chat: %s\n", err);
-                rc = 1;
-                goto out;
-            }
-            uint8_t b = (uint8_t)sample_byte(&sm, row);
-            hist[len++] = b;
+            uint8_t b;
+            if (decoder_next(&d, &b, err, sizeof err) < 0) goto fail;
             put_byte(&u, b);
-            if (b == '\n' && len >= 2 && hist[len - 2] == '\n') break;   /* a blank line ends a turn */
+            if (b == '\n' && last == '\n') break;   /* a blank line ends a turn */
+            last = b;
         }
-        if (u.n) fwrite(u.pend, 1, (size_t)u.n, stdout);
-        if (hist[len - 1] != '\n') {
-            hist[len++] = '\n';
+        put_flush(&u);
+        /* what the model saw is what was shown: a reply cut at -n gets its newline fed too */
+        if (last != '\n') {
+            const uint8_t nl = '\n';
+            if (decoder_feed(&d, &nl, 1, NULL, err, sizeof err) < 0) goto fail;
             fputc('\n', stdout);
         }
         fflush(stdout);
     }
     fputc('\n', stderr);
-out:
-    free(hist);
-    runner_close(&r);
-    return rc;
+    decoder_close(&d);
+    bk_destroy(bk);
+    return 0;
+fail:
+    fprintf(stderr, "realm chat: %s\n", err);
+    decoder_close(&d);
+    bk_destroy(bk);
+    return 1;
 }
 
 int cmd_eval(int argc, char **argv) {

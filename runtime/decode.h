@@ -1,0 +1,59 @@
+/* Constant-cost decoding (docs/decode.md): the model file's step graph (g.mode == "step")
+ * compiled once, its recurrent state and sampler living in the arena. Each call advances
+ * every sequence of the batch by one byte at a cost that does not depend on the position.
+ * Runs on a backend, or (bk == NULL) on the fp64 reference executor, which tests use as the
+ * oracle. */
+#ifndef REALM_DECODE_H
+#define REALM_DECODE_H
+
+#include "backend.h"
+#include "exec.h"
+#include "frontend.h"
+#include "plan.h"
+#include "reference.h"
+
+#include <stdint.h>
+
+typedef struct {
+    double temperature;   /* <= 0: greedy */
+    long top_k;           /* 0: all */
+    double top_p;         /* <= 0 or >= 1: off */
+    uint64_t seed;        /* 48 bits are used */
+} decode_sampling;
+
+typedef struct {
+    realm_model m;            /* the step graph */
+    backend *bk;              /* NULL: reference executor */
+    plan p;
+    plan_exec x;
+    ref_ctx *ref;
+    long B;
+    long pos;                 /* position of the next byte fed (all sequences advance together) */
+    int pending;              /* a sampled byte sits in `tokens` but has not run through the model */
+    int l_model;              /* launches [0, l_model) run the model, the rest sample */
+    float *host;              /* scratch: the largest input or logits */
+} decoder;
+
+/* Compile the step plan of a model file for batch B. */
+int decoder_open(decoder *d, const char *src, size_t len, const char *path, backend *bk, long B, char *err,
+                 size_t errlen);
+void decoder_close(decoder *d);
+/* Parameters: the deterministic initialiser (tests), or a safetensors file (a checkpoint's
+ * model.safetensors: every parameter present with its size). */
+int decoder_init_params(decoder *d, uint64_t seed, char *err, size_t errlen);
+int decoder_load_weights(decoder *d, const char *safetensors_path, char *err, size_t errlen);
+/* Empty every sequence: zero state, position 0. */
+int decoder_reset(decoder *d, char *err, size_t errlen);
+/* Per-sequence sampling parameters (s[b]); one entry for all when `each` is 0. */
+int decoder_set_sampling(decoder *d, const decode_sampling *s, int each, char *err, size_t errlen);
+/* Feed n bytes to every sequence (bytes[b * n + i]) through the step plan. logits (may be NULL):
+ * receives [n][B][vocab], the logits after each byte. */
+int decoder_feed(decoder *d, const uint8_t *bytes, long n, float *logits, char *err, size_t errlen);
+/* Sample the next byte of every sequence on the device (out[b]); the byte is the next step's
+ * input, already on the device. */
+int decoder_next(decoder *d, uint8_t *out, char *err, size_t errlen);
+/* Jump every sequence to position `pos` without feeding anything (the state is kept as it is):
+ * for timing a step at a far position, whose cost does not depend on the state's contents. */
+int decoder_set_position(decoder *d, long pos, char *err, size_t errlen);
+
+#endif

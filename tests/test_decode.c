@@ -1,0 +1,467 @@
+/* Decode (docs/decode.md): the step graph's primitives against their references with poisoned
+ * outputs, prefill + step-by-step logits == the parallel forward's logits at every position
+ * (reference executor and OpenCL, and CUDA under REALM_GPU=1), batch 3 == batch 1, and the
+ * CLI: generate and chat on the step plan (same seed, same text; /reset, /seed, context kept
+ * across turns; a pipe and, when tmux is installed, a pseudo-terminal). */
+#include "test.h"
+
+#include "decode.h"
+#include "exec.h"
+#include "frontend.h"
+#include "kernelcheck.h"
+#include "op.h"
+#include "plan.h"
+#include "reference.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+/* Window 8 and chunk 4, so a 29-byte string crosses the window and several chunks (and ends
+ * in a partial chunk); one attention layer groups its KV heads. */
+static const char *const SMALL =
+    "local nn = require 'realm.nn'\n"
+    "return nn.model { name = 'dec', d_model = 32,\n"
+    "  blocks = { nn.mamba3 { d_state = 16, headdim = 16, chunk = 4 }, nn.attention { heads = 2, window = 8 },\n"
+    "             nn.mamba3 { d_state = 16, headdim = 16, chunk = 4 }, nn.attention { heads = 4, kv_heads = 2, window = 5 } },\n"
+    "  mlp = nn.swiglu { hidden = 48 } }\n";
+
+enum { SEQ = 29, NB = 3, V = 256 };
+
+static backend *gpu_backend(tctx *t) {
+    const char *e = getenv("REALM_GPU");
+    if (!e || !*e || strcmp(e, "0") == 0) return NULL;
+    char err[2048];
+    backend *bk = bk_create(BK_CUDA, 0, NULL, err, sizeof err);
+    if (!bk) t_fail(t, __FILE__, __LINE__, "REALM_GPU=1 but CUDA failed: %s", err);
+    return bk;
+}
+
+/* Parameters from the initialiser, rounded to fp32 as every executor sees them. */
+static void param_values(const ir_tensor *tt, uint64_t seed, double *d, long n) {
+    ir_param_init_values(tt, seed, d, n);
+    for (long k = 0; k < n; k++) d[k] = (float)d[k];
+}
+
+/* The parallel forward's logits [B,S,V] for bytes[b*S + s] (bk NULL: fp64 reference). */
+static int parallel_logits(tctx *t, backend *bk, const uint8_t *bytes, long B, long S, uint64_t seed, double *out) {
+    char err[4096];
+    realm_model m;
+    if (model_load_string(SMALL, strlen(SMALL), "dec.lua", &m, err, sizeof err) < 0) {
+        t_fail(t, __FILE__, __LINE__, "%s", err);
+        return -1;
+    }
+    const ir_graph *g = &m.g;
+    const int nodes = g->t[m.logits].producer + 1;
+    int rc = 0;
+    if (!bk) {
+        ref_ctx *c = ref_create(g, B, S);
+        for (int i = 0; i < g->nt; i++)
+            if (g->t[i].role == ROLE_PARAM && g->t[i].base == i)
+                param_values(&g->t[i], seed, ref_data(c, i), ir_numel(&g->t[i].shape, 1, 1));
+        for (long k = 0; k < B * S; k++) ref_data(c, m.tokens)[k] = bytes[k];
+        ref_run(c, 0, nodes);
+        ref_buf L = ref_get(c, m.logits);
+        for (long r = 0; r < B * S; r++)
+            for (long f = 0; f < V; f++) out[r * V + f] = L.p[r * L.ld + f];
+        ref_destroy(c);
+    } else {
+        plan p;
+        plan_exec x;
+        int keep[1] = {m.logits};
+        if (plan_build(&p, g, 0, nodes, bk_name(bk), keep, 1, err, sizeof err) < 0) {
+            t_fail(t, __FILE__, __LINE__, "%s", err);
+            model_free(&m);
+            return -1;
+        }
+        if (exec_create(&x, bk, &p, B, S, err, sizeof err) < 0) {
+            t_fail(t, __FILE__, __LINE__, "%s", err);
+            plan_free(&p);
+            model_free(&m);
+            return -1;
+        }
+        float *h = malloc(sizeof(float) * (size_t)(B * S * V + 100000));
+        double *d = malloc(sizeof(double) * 100000);
+        for (int i = 0; i < g->nt && rc == 0; i++) {
+            if (g->t[i].role != ROLE_PARAM || g->t[i].base != i || x.offset[i] == (size_t)-1) continue;
+            long n = ir_numel(&g->t[i].shape, 1, 1);
+            param_values(&g->t[i], seed, d, n);
+            for (long k = 0; k < n; k++) h[k] = (float)d[k];
+            rc = exec_upload(&x, i, h, err, sizeof err);
+        }
+        for (long k = 0; k < B * S; k++) h[k] = bytes[k];
+        if (rc == 0) rc = exec_upload(&x, m.tokens, h, err, sizeof err);
+        if (rc == 0) rc = exec_run(&x, 0, p.kg.nl, err, sizeof err);
+        if (rc == 0) rc = exec_download(&x, m.logits, h, err, sizeof err);
+        for (long k = 0; rc == 0 && k < B * S * V; k++) out[k] = h[k];
+        if (rc < 0) t_fail(t, __FILE__, __LINE__, "%s", err);
+        free(h);
+        free(d);
+        exec_destroy(&x);
+        plan_free(&p);
+    }
+    model_free(&m);
+    return rc;
+}
+
+/* Step-by-step logits, laid out like the parallel ones: out[(b*S + s)*V + f]. */
+static int step_logits(tctx *t, backend *bk, const uint8_t *bytes, long B, long S, uint64_t seed, double *out) {
+    char err[4096];
+    decoder d;
+    if (decoder_open(&d, SMALL, strlen(SMALL), "dec.lua", bk, B, err, sizeof err) < 0 ||
+        (decoder_init_params(&d, seed, err, sizeof err) < 0 && (decoder_close(&d), 1))) {
+        t_fail(t, __FILE__, __LINE__, "%s", err);
+        return -1;
+    }
+    uint8_t *col = malloc((size_t)B * (size_t)S);
+    float *lg = malloc(sizeof(float) * (size_t)(S * B * V));
+    for (long b = 0; b < B; b++)
+        for (long s = 0; s < S; s++) col[b * S + s] = bytes[b * S + s];
+    /* feed in two pieces: a prefill, then the rest one byte at a time */
+    long cut = S / 3;
+    int rc = decoder_feed(&d, col, 0, NULL, err, sizeof err);
+    uint8_t *piece = malloc((size_t)B * (size_t)S);
+    for (long b = 0; b < B; b++) memcpy(piece + b * cut, col + b * S, (size_t)cut);
+    if (rc == 0) rc = decoder_feed(&d, piece, cut, lg, err, sizeof err);
+    for (long s = cut; s < S && rc == 0; s++) {
+        for (long b = 0; b < B; b++) piece[b] = col[b * S + s];
+        rc = decoder_feed(&d, piece, 1, lg + s * B * V, err, sizeof err);
+    }
+    for (long s = 0; rc == 0 && s < S; s++)
+        for (long b = 0; b < B; b++)
+            for (long f = 0; f < V; f++) out[(b * S + s) * V + f] = lg[(s * B + b) * V + f];
+    if (rc < 0) t_fail(t, __FILE__, __LINE__, "%s", err);
+    free(piece);
+    free(col);
+    free(lg);
+    decoder_close(&d);
+    return rc;
+}
+
+/* Worst normwise relative error over positions (each position's [V] logits). */
+static double worst_pos(const double *a, const double *b, long rows, long *at) {
+    double w = 0;
+    for (long r = 0; r < rows; r++) {
+        double e = t_relerr(a + r * V, b + r * V, V);
+        if (!(e <= w)) w = e, *at = r;
+    }
+    return w;
+}
+
+static void equivalence(tctx *t, backend *bk, const char *what) {
+    uint8_t bytes[NB * SEQ];
+    for (int k = 0; k < NB * SEQ; k++) bytes[k] = (uint8_t)t_randint(t, 0, 255);
+    const uint64_t seed = t_next(t);
+    double *par = malloc(sizeof(double) * NB * SEQ * V), *stp = malloc(sizeof(double) * NB * SEQ * V);
+    double *one = malloc(sizeof(double) * SEQ * V);
+    long at = 0;
+    if (parallel_logits(t, bk, bytes, NB, SEQ, seed, par) == 0 && step_logits(t, bk, bytes, NB, SEQ, seed, stp) == 0) {
+        double e = worst_pos(stp, par, NB * SEQ, &at);
+        if (!(e <= 1e-4))
+            t_fail(t, __FILE__, __LINE__, "%s: step logits differ from the parallel forward at sequence %ld position %ld: %.3g",
+                   what, at / SEQ, at % SEQ, e);
+        /* batch 3 == batch 1, sequence by sequence */
+        for (int b = 0; b < NB && !t->failed; b++) {
+            if (step_logits(t, bk, bytes + b * SEQ, 1, SEQ, seed, one) < 0) break;
+            e = worst_pos(one, stp + b * SEQ * V, SEQ, &at);
+            if (!(e <= 1e-6))
+                t_fail(t, __FILE__, __LINE__, "%s: batch 3 differs from batch 1 (sequence %d, position %ld): %.3g", what,
+                       b, at, e);
+        }
+    }
+    free(par);
+    free(stp);
+    free(one);
+}
+
+TEST(decode_step_equals_parallel_reference) { equivalence(t, NULL, "reference"); }
+
+TEST(decode_step_equals_parallel_opencl) {
+    backend *bk = kc_opencl(t);
+    if (!bk) return;
+    equivalence(t, bk, "opencl");
+    bk_destroy(bk);
+}
+
+TEST(decode_step_equals_parallel_cuda) {
+    backend *bk = gpu_backend(t);
+    if (!bk) {
+        if (!t->failed) printf("  (REALM_GPU not set: skipped)\n");
+        return;
+    }
+    equivalence(t, bk, "cuda");
+    bk_destroy(bk);
+}
+
+/* The step primitives on their own, outputs not aliased (so every element is poisoned and must
+ * be written), S = 1 (decode) and S = 3 (several tokens per step). */
+static int build_ops(ir_graph *g, char *err, size_t errlen) {
+    ir_init_graph(g);
+    const int H = 2, P = 8, N = 6, NA = 2, W = 5, Hq = 4, Hkv = 2, Dh = 6;
+    int tk[2] = {DIM_B, DIM_S};
+#define T_(name, role, dt, ...) ir_tensor_new(g, name, ir_shape_make(sizeof((int[]){__VA_ARGS__}) / sizeof(int), (int[]){__VA_ARGS__}), dt, role)
+    int pos = ir_tensor_new(g, "positions", ir_shape_make(2, tk), DT_I32, ROLE_INPUT);
+    int in[15];
+    in[0] = T_("x", ROLE_INPUT, DT_F32, DIM_B, DIM_S, H, P);
+    in[1] = T_("Bn", ROLE_INPUT, DT_F32, DIM_B, DIM_S, N);
+    in[2] = T_("Cn", ROLE_INPUT, DT_F32, DIM_B, DIM_S, N);
+    in[3] = T_("dd_dt", ROLE_INPUT, DT_F32, DIM_B, DIM_S, H);
+    in[4] = T_("dd_A", ROLE_INPUT, DT_F32, DIM_B, DIM_S, H);
+    in[5] = T_("trap", ROLE_INPUT, DT_F32, DIM_B, DIM_S, H);
+    in[6] = T_("angles", ROLE_INPUT, DT_F32, DIM_B, DIM_S, NA);
+    in[7] = T_("dt_bias", ROLE_INPUT, DT_F32, H);
+    in[8] = T_("B_bias", ROLE_INPUT, DT_F32, H, N);
+    in[9] = T_("C_bias", ROLE_INPUT, DT_F32, H, N);
+    in[10] = T_("D", ROLE_INPUT, DT_F32, H);
+    in[11] = T_("S", ROLE_STATE, DT_F32, DIM_B, H, P, N);
+    in[12] = T_("Theta", ROLE_STATE, DT_F32, DIM_B, H, NA);
+    in[13] = T_("Kr", ROLE_STATE, DT_F32, DIM_B, H, N);
+    in[14] = T_("v", ROLE_STATE, DT_F32, DIM_B, H, P);
+    int out[IR_MAX_IO];
+    if (ir_emit(g, "mamba3_step", in, 15, NULL, NULL, out) < 0) goto bad;
+    int x = T_("xk", ROLE_INPUT, DT_F32, DIM_B, DIM_S, Hkv, Dh);
+    int q = T_("q", ROLE_INPUT, DT_F32, DIM_B, DIM_S, Hq, Dh);
+    int ring = T_("ring", ROLE_STATE, DT_F32, DIM_B, W, Hkv, Dh);
+    int ring2 = T_("ring2", ROLE_STATE, DT_F32, DIM_B, W, Hkv, Dh);
+    int xr, qr, K2, V2, o;
+    if (ir_emit(g, "rope_at", (int[]){x, pos}, 2, NULL, (double[]){500.0}, &xr) < 0) goto bad;
+    if (ir_emit(g, "rope_at", (int[]){q, pos}, 2, NULL, (double[]){500.0}, &qr) < 0) goto bad;
+    if (ir_emit(g, "ring_write", (int[]){ring, xr, pos}, 3, NULL, NULL, &K2) < 0) goto bad;
+    if (ir_emit(g, "ring_write", (int[]){ring2, x, pos}, 3, NULL, NULL, &V2) < 0) goto bad;
+    if (ir_emit(g, "attention_ring", (int[]){qr, K2, V2, pos}, 4, NULL, (double[]){0.0}, &o) < 0) goto bad;
+    int lg = T_("logits", ROLE_INPUT, DT_F32, DIM_B, DIM_S, 37);
+    int prm = T_("sampling", ROLE_INPUT, DT_F32, DIM_B, 8);
+    if (ir_emit(g, "sample", (int[]){lg, pos, prm}, 3, NULL, NULL, out) < 0) goto bad;
+#undef T_
+    return 0;
+bad:
+    snprintf(err, errlen, "%s", g->err);
+    return -1;
+}
+
+TEST(decode_step_kernels) {
+    backend *bk = kc_opencl(t);
+    if (!bk) return;
+    char err[1024];
+    ir_graph g;
+    CHECK(build_ops(&g, err, sizeof err) == 0, "%s", err);
+    /* positions are drawn in [0, 40): past the window of 5, and a sampler with 37 bytes */
+    kc_check_graph(t, bk, &g, 3, 1, 1e-5, 40);
+    if (!t->failed) kc_check_graph(t, bk, &g, 2, 3, 1e-5, 40);
+    ir_free(&g);
+    /* the whole step graph, state updated in place and the sampler writing tokens/positions */
+    realm_model m;
+    if (!t->failed) {
+        CHECK(model_load_step(SMALL, strlen(SMALL), "dec.lua", &m, err, sizeof err) == 0, "%s", err);
+        kc_check_graph(t, bk, &m.g, 3, 1, 1e-5, 256);
+        model_free(&m);
+    }
+    bk_destroy(bk);
+}
+
+/* The sampler: greedy is the argmax; top_k = 1 too; the same (seed, position) draws the same
+ * byte; a draw follows the distribution (the byte frequencies over many positions). */
+TEST(decode_sampler) {
+    char err[4096];
+    decoder d;
+    CHECK(decoder_open(&d, SMALL, strlen(SMALL), "dec.lua", NULL, 2, err, sizeof err) == 0, "%s", err);
+    CHECK(decoder_init_params(&d, 5, err, sizeof err) == 0, "%s", err);
+    uint8_t in[2] = {'a', 'b'}, o1[2], o2[2];
+    float lg[2 * V];
+    CHECK(decoder_feed(&d, in, 1, lg, err, sizeof err) == 0, "%s", err);
+    CHECK(decoder_next(&d, o1, err, sizeof err) == 0, "%s", err);
+    for (int b = 0; b < 2; b++) {
+        int best = 0;
+        for (int i = 1; i < V; i++)
+            if (lg[b * V + i] > lg[b * V + best]) best = i;
+        CHECK(o1[b] == best, "greedy picked %d, argmax is %d", o1[b], best);
+    }
+    /* the same seed at the same position: the same byte, whatever came before */
+    decode_sampling s = {1.0, 0, 1.0, 12345};
+    uint8_t seq1[12], seq2[12];
+    for (int run = 0; run < 2; run++) {
+        CHECK(decoder_reset(&d, err, sizeof err) == 0 && decoder_set_sampling(&d, &s, 0, err, sizeof err) == 0, "%s", err);
+        CHECK(decoder_feed(&d, in, 1, NULL, err, sizeof err) == 0, "%s", err);
+        for (int i = 0; i < 6; i++) {
+            CHECK(decoder_next(&d, o2, err, sizeof err) == 0, "%s", err);
+            (run ? seq2 : seq1)[2 * i] = o2[0], (run ? seq2 : seq1)[2 * i + 1] = o2[1];
+        }
+    }
+    CHECK(memcmp(seq1, seq2, sizeof seq1) == 0, "same seed, different bytes");
+    decoder_close(&d);
+}
+
+/* ---- the CLI ---- */
+
+static void sh(const char *cmd) {
+    char out[256];
+    t_run(cmd, out, sizeof out);
+}
+
+/* A run directory with a briefly trained tiny model; each CLI test removes its own. */
+static int trained_run(tctx *t, char *dir, size_t len) {
+    snprintf(dir, len, "/tmp/realm-%s-%d", t->name, (int)getpid());
+    char cmd[2048], out[8192];
+    sh("cat README.md docs/*.md docs/*.md > /tmp/realm-decode-corpus.txt");
+    snprintf(cmd, sizeof cmd,
+             "rm -rf %s && %s train models/tiny.lua --data /tmp/realm-decode-corpus.txt --out %s --steps 4 --save-every 4 "
+             "--batch 2 --seq 32 --warmup 2 --eval-every 0 --backend opencl",
+             dir, t_realm_bin(), dir);
+    if (t_run(cmd, out, sizeof out) != 0) {
+        t_fail(t, __FILE__, __LINE__, "training failed: %s", out);
+        return -1;
+    }
+    return 0;
+}
+
+/* stdout only (stderr has the prompts) */
+static int run_out(const char *cmd, char *out, size_t len) {
+    char full[4200];
+    snprintf(full, sizeof full, "{ { %.4100s ; } 2>/dev/null ; }", cmd);
+    return t_run(full, out, len);
+}
+
+TEST(decode_cli_generate) {
+    char dir[512], cmd[2048], a[8192], b[8192];
+    if (trained_run(t, dir, sizeof dir) < 0) return;
+    snprintf(cmd, sizeof cmd, "%s generate %s --prompt 'ROMEO:' -n 40 --seed 3 --backend opencl", t_realm_bin(), dir);
+    CHECK(run_out(cmd, a, sizeof a) == 0, "generate failed: %s", a);
+    CHECK(run_out(cmd, b, sizeof b) == 0 && strcmp(a, b) == 0, "same seed, different text:\n%s\n%s", a, b);
+    CHECK(strncmp(a, "ROMEO:", 6) == 0, "output: %s", a);
+    snprintf(cmd, sizeof cmd, "printf 'ROMEO:' | %s generate %s -n 40 --seed 3 --backend opencl", t_realm_bin(), dir);
+    CHECK(run_out(cmd, b, sizeof b) == 0 && strcmp(a, b) == 0, "prompt from stdin differs:\n%s\n%s", a, b);
+    snprintf(cmd, sizeof cmd, "%s generate %s --prompt 'ROMEO:' -n 40 --seed 4 --backend opencl", t_realm_bin(), dir);
+    CHECK(run_out(cmd, b, sizeof b) == 0 && strcmp(a, b) != 0, "seeds 3 and 4 gave the same text: %s", a);
+    /* --bench prints one line per position */
+    snprintf(cmd, sizeof cmd, "%s generate %s --bench 10,1000 --bench-steps 3 --backend opencl", t_realm_bin(), dir);
+    int ok = t_run(cmd, b, sizeof b) == 0 && strstr(b, "position 1000") && strstr(b, "ms/token");
+    snprintf(cmd, sizeof cmd, "rm -rf %s", dir);
+    sh(cmd);
+    CHECK(ok, "bench: %s", b);
+}
+
+TEST(decode_cli_chat_pipe) {
+    char dir[512], cmd[4096], out[8192], r1[8192], gen[8192];
+    if (trained_run(t, dir, sizeof dir) < 0) return;
+    /* /seed and /reset: the same seed from a fresh state gives the same reply twice */
+    snprintf(cmd, sizeof cmd,
+             "printf '/seed 9\\nhello\\n/reset\\n/seed 9\\nhello\\n' | %s chat %s -n 12 --temperature 0.9 --backend opencl",
+             t_realm_bin(), dir);
+    CHECK(run_out(cmd, out, sizeof out) == 0, "chat failed: %s", out);
+    size_t n = strlen(out);
+    CHECK(n >= 2 && n % 2 == 0 && memcmp(out, out + n / 2, n / 2) == 0, "/reset + /seed should repeat the reply: [%s]",
+          out);
+    /* the prompts, the command acknowledgements, and a clean exit on EOF */
+    CHECK(t_run(cmd, out, sizeof out) == 0, "chat failed: %s", out);
+    int prompts = 0;
+    for (char *p = out; (p = strstr(p, "> ")); p++) prompts++;
+    CHECK(prompts == 6, "six prompts expected (five lines, then EOF), got %d: %s", prompts, out);
+    CHECK(strstr(out, "seed 9") && strstr(out, "reset"), "commands not acknowledged: %s", out);
+    /* context kept across turns: the second reply (greedy) is what generate gives for the
+     * whole transcript, which it can only be if chat kept the first turn in its state */
+    snprintf(cmd, sizeof cmd, "printf 'abc\\n' | %s chat %s -n 10 --temperature 0 --backend opencl", t_realm_bin(), dir);
+    CHECK(run_out(cmd, r1, sizeof r1) == 0, "chat failed: %s", r1);
+    snprintf(cmd, sizeof cmd, "printf 'abc\\nxyz\\n' | %s chat %s -n 10 --temperature 0 --backend opencl", t_realm_bin(),
+             dir);
+    CHECK(run_out(cmd, out, sizeof out) == 0, "chat failed: %s", out);
+    size_t l1 = strlen(r1);
+    CHECK(strncmp(out, r1, l1) == 0, "first turn differs: [%s] vs [%s]", r1, out);
+    const char *r2 = out + l1;
+    size_t l2 = strlen(r2);
+    CHECK(l2 >= 1, "no second reply: [%s]", out);
+    char path[600];
+    snprintf(path, sizeof path, "%s/transcript.txt", dir);
+    FILE *f = fopen(path, "wb");
+    CHECK(f, "cannot write %s", path);
+    fprintf(f, "abc\n%sxyz\n", r1);
+    fclose(f);
+    snprintf(cmd, sizeof cmd, "%s generate %s -n %zu --temperature 0 --backend opencl < %s", t_realm_bin(), dir, l2, path);
+    CHECK(run_out(cmd, gen, sizeof gen) == 0, "generate failed: %s", gen);
+    size_t pl = 4 + l1 + 4;
+    snprintf(cmd, sizeof cmd, "rm -rf %s", dir);
+    sh(cmd);
+    CHECK(strlen(gen) >= pl + l2 - 1 && strncmp(gen + pl, r2, l2 - 1) == 0,
+          "second chat reply [%s] is not the continuation of the transcript [%s]", r2, gen + (strlen(gen) > pl ? pl : 0));
+}
+
+TEST(decode_cli_chat_tmux) {
+    char out[8192];
+    if (t_run("command -v tmux", out, sizeof out) != 0) {
+        printf("  (tmux not installed: skipped)\n");
+        return;
+    }
+    char dir[512], cmd[4096], sess[64];
+    if (trained_run(t, dir, sizeof dir) < 0) return;
+    snprintf(sess, sizeof sess, "realm-dec-%d", (int)getpid());
+    char cwd[1024];
+    CHECK(getcwd(cwd, sizeof cwd), "getcwd");
+    snprintf(cmd, sizeof cmd,
+             "tmux new-session -d -s %s -x 200 -y 50 \"cd %s && %s chat %s -n 6 --temperature 0 --backend opencl; "
+             "echo CHAT-EXIT=\\$?; sleep 30\"",
+             sess, cwd, t_realm_bin(), dir);
+    CHECK(t_run(cmd, out, sizeof out) == 0, "tmux: %s", out);
+    /* wait for the first prompt, type two turns and a command, then Ctrl-D */
+    const char *const steps[] = {"hello", "/temperature 0", "again", NULL};
+    int ok = 0;
+    for (int i = 0; i < 200 && !ok; i++) {
+        usleep(100000);
+        snprintf(cmd, sizeof cmd, "tmux capture-pane -p -t %s", sess);
+        t_run(cmd, out, sizeof out);
+        ok = out[0] == '>';   /* capture-pane drops the prompt's trailing space */
+    }
+    for (int s = 0; ok && steps[s]; s++) {
+        snprintf(cmd, sizeof cmd, "tmux send-keys -t %s '%s' Enter", sess, steps[s]);
+        t_run(cmd, out, sizeof out);
+        usleep(300000);
+    }
+    snprintf(cmd, sizeof cmd, "tmux send-keys -t %s C-d", sess);
+    for (int i = 0; i < 300 && ok; i++) {
+        if (i == 20) t_run(cmd, out, sizeof out);
+        usleep(100000);
+        char c2[256];
+        snprintf(c2, sizeof c2, "tmux capture-pane -p -t %s", sess);
+        t_run(c2, out, sizeof out);
+        if (strstr(out, "CHAT-EXIT=")) break;
+    }
+    snprintf(cmd, sizeof cmd, "tmux kill-session -t %s; rm -rf %s", sess, dir);
+    char tail[8192];
+    memcpy(tail, out, sizeof tail);
+    sh(cmd);
+    CHECK(ok, "chat never prompted");
+    CHECK(strstr(tail, "CHAT-EXIT=0"), "chat did not exit cleanly on Ctrl-D:\n%s", tail);
+    int prompts = tail[0] == '>';
+    for (char *p = tail; (p = strstr(p, "\n>")); p++) prompts++;
+    CHECK(prompts >= 4, "expected a prompt per line and one at EOF:\n%s", tail);
+    CHECK(strstr(tail, "hello") && strstr(tail, "again"), "typed lines not shown:\n%s", tail);
+}
+
+/* The step plan's CUDA source (every step primitive's template and the sampler) compiles with
+ * NVRTC for the CI architectures, no GPU needed. */
+TEST(decode_step_nvrtc) {
+    int major = 0, minor = 0;
+    char err[4096];
+    if (cuda_nvrtc_version(&major, &minor, err, sizeof err)) {
+        printf("  (NVRTC not available: skipped)\n");
+        return;
+    }
+    realm_model m;
+    CHECK(model_load_step(SMALL, strlen(SMALL), "dec.lua", &m, err, sizeof err) == 0, "%s", err);
+    plan p;
+    if (plan_build(&p, &m.g, 0, m.g.nn, "cuda", NULL, 0, err, sizeof err) < 0) {
+        model_free(&m);
+        CHECK(0, "%s", err);
+    }
+    const char *arches[] = {"sm_80", "sm_90", "sm_120"};
+    char log[8192];
+    int rc = 0;
+    for (int i = 0; i < 3 && rc == 0; i++) {
+        void *cubin = NULL;
+        size_t len = 0;
+        rc = cuda_compile_only(p.kg.src.s, arches[i], "--std=c++17", &cubin, &len, log, sizeof log);
+        free(cubin);
+        if (rc) t_fail(t, __FILE__, __LINE__, "NVRTC %s: %s", arches[i], log);
+    }
+    plan_free(&p);
+    model_free(&m);
+}
