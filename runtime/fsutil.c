@@ -36,6 +36,27 @@ int fs_write_all(int fd, const void *data, size_t len) {
     return 0;
 }
 
+int fs_mkdir_p(const char *path, char *err, size_t errlen) {
+    char buf[4096];
+    size_t n = strlen(path);
+    if (n == 0 || n >= sizeof buf) {
+        snprintf(err, errlen, "%s: bad directory name", path);
+        return -1;
+    }
+    memcpy(buf, path, n + 1);
+    for (size_t i = 1; i <= n; i++) {
+        if (buf[i] != '/' && buf[i] != 0) continue;
+        char c = buf[i];
+        buf[i] = 0;
+        if (mkdir(buf, 0777) < 0 && errno != EEXIST) {
+            snprintf(err, errlen, "%s: %s", buf, strerror(errno));
+            return -1;
+        }
+        buf[i] = c;
+    }
+    return 0;
+}
+
 int fs_dirname(const char *path, char *out, size_t outlen) {
     const char *slash = strrchr(path, '/');
     int n;

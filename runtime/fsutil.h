@@ -40,5 +40,7 @@ int fs_read_file(const char *path, size_t max_len, char **data, size_t *len, cha
 int fs_remove_tree(const char *path, char *err, size_t errlen);
 /* The directory part of path ("." if none), into out. */
 int fs_dirname(const char *path, char *out, size_t outlen);
+/* Create a directory and any missing parents (like mkdir -p). 0, or -1 with the reason. */
+int fs_mkdir_p(const char *path, char *err, size_t errlen);
 
 #endif

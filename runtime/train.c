@@ -561,10 +561,7 @@ int cmd_train(int argc, char **argv) {
     } else if (session_init_params(&tr, st.seed, err, sizeof err) < 0) {
         goto fail;
     }
-    if (mkdir(out, 0777) < 0 && errno != EEXIST) {
-        snprintf(err, sizeof err, "%s: %s", out, strerror(errno));
-        goto fail;
-    }
+    if (fs_mkdir_p(out, err, sizeof err) < 0) goto fail;
     if (!(log = open_loss_log(out, st.step, err, sizeof err))) goto fail;
     printf("arena %.1f MiB, %d launches (%d kernels), %ld parameters\n", (double)tr.x.arena_bytes / 1048576.0,
            tr.p.kg.nl, tr.p.kg.nbodies, ir_param_count(&tr.m.g));
