@@ -20,6 +20,7 @@ static const command commands[] = {
     {"eval", cmd_eval, "bits per byte of a trained run on a text"},
     {"generate", cmd_generate, "sample text from a trained run"},
     {"chat", cmd_chat, "interactive conversation with a trained run"},
+    {"bench", cmd_bench, "time training steps of a model: tokens/s, MFU, memory, time per kernel class"},
 };
 
 static void usage(FILE *f) {

@@ -1,5 +1,7 @@
 #include "exec.h"
 
+#include "op.h"
+
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -40,7 +42,22 @@ int exec_create(plan_exec *x, backend *bk, const plan *p, long B, long S, char *
     return 0;
 }
 
+static void prof_free(plan_exec *x) {
+    exec_prof *pr = x->prof;
+    if (!pr) return;
+    int nl = x->p->kg.nl;
+    for (int i = 0; pr->ev && i < 2 * nl; i++)
+        if (pr->ev[i]) bk_event_destroy(x->bk, pr->ev[i]);
+    free(pr->ev);
+    free(pr->pending);
+    free(pr->entry);
+    free(pr->by_op);
+    free(pr);
+    x->prof = NULL;
+}
+
 void exec_destroy(plan_exec *x) {
+    if (x->bk) prof_free(x);
     if (x->arena) bk_free(x->bk, x->arena);
     if (x->mod) bk_module_free(x->bk, x->mod);
     free(x->kern);
@@ -48,10 +65,88 @@ void exec_destroy(plan_exec *x) {
     memset(x, 0, sizeof *x);
 }
 
+/* The name a launch is accounted under: its first node's primitive, or "fused" when the
+ * launch is a group of several elementwise nodes (plan.c names those kernels the same way). */
+static const char *launch_op_name(const plan *p, const plan_launch *l) {
+    const op_def *d = op_get(p->g->n[l->node0].op);
+    return l->node1 - l->node0 > 1 && d->ew ? "fused" : d->name;
+}
+
+int exec_profile_enable(plan_exec *x, char *err, size_t errlen) {
+    if (x->prof) return 0;
+    int nl = x->p->kg.nl;
+    exec_prof *pr = calloc(1, sizeof *pr);
+    x->prof = pr;
+    if (pr) {
+        pr->ev = calloc((size_t)(2 * nl + 1), sizeof *pr->ev);
+        pr->pending = calloc((size_t)nl + 1, 1);
+        pr->entry = calloc((size_t)nl + 1, sizeof *pr->entry);
+        pr->by_op = calloc((size_t)nl + 1, sizeof *pr->by_op);
+    }
+    if (!pr || !pr->ev || !pr->pending || !pr->entry || !pr->by_op) {
+        snprintf(err, errlen, "profiling: out of host memory");
+        prof_free(x);
+        return -1;
+    }
+    for (int i = 0; i < 2 * nl; i++)
+        if (!(pr->ev[i] = bk_event_create(x->bk))) {
+            snprintf(err, errlen, "profiling: creating an event: %s", bk_error(x->bk));
+            prof_free(x);
+            return -1;
+        }
+    /* Launches map to entries once, so collect only adds numbers. */
+    for (int i = 0; i < nl; i++) {
+        const char *name = launch_op_name(x->p, &x->p->kg.launches[i]);
+        int e = 0;
+        while (e < pr->nop && strcmp(pr->by_op[e].name, name) != 0) e++;
+        if (e == pr->nop) pr->by_op[pr->nop++].name = name;
+        pr->entry[i] = e;
+    }
+    return 0;
+}
+
+/* Read launch i's event pair into the totals (waits for its end event). */
+static int prof_read(plan_exec *x, int i, char *err, size_t errlen) {
+    exec_prof *pr = x->prof;
+    double ms = 0;
+    if (bk_event_elapsed_ms(x->bk, pr->ev[2 * i], pr->ev[2 * i + 1], &ms) < 0) {
+        snprintf(err, errlen, "profiling launch %d: %s", i, bk_error(x->bk));
+        return -1;
+    }
+    pr->pending[i] = 0;
+    pr->by_op[pr->entry[i]].ms += ms;
+    pr->by_op[pr->entry[i]].launches++;
+    pr->total_ms += ms;
+    return 0;
+}
+
+int exec_profile_collect(plan_exec *x, char *err, size_t errlen) {
+    if (!x->prof) return 0;
+    for (int i = 0; i < x->p->kg.nl; i++)
+        if (x->prof->pending[i] && prof_read(x, i, err, errlen) < 0) return -1;
+    return 0;
+}
+
+void exec_profile_reset(plan_exec *x) {
+    exec_prof *pr = x->prof;
+    if (!pr) return;
+    for (int e = 0; e < pr->nop; e++) pr->by_op[e].ms = 0, pr->by_op[e].launches = 0;
+    pr->total_ms = 0;
+}
+
 int exec_run(plan_exec *x, int l0, int l1, char *err, size_t errlen) {
     bk_arg args[KG_MAX_ARGS + 3];
+    exec_prof *pr = x->prof;
     for (int i = l0; i < l1; i++) {
         const plan_launch *l = &x->p->kg.launches[i];
+        if (pr) {
+            /* re-recording an unread pair would lose its time: read it first */
+            if (pr->pending[i] && prof_read(x, i, err, errlen) < 0) return -1;
+            if (bk_event_record(x->bk, pr->ev[2 * i], x->stream) < 0) {
+                snprintf(err, errlen, "profiling launch %d: %s", i, bk_error(x->bk));
+                return -1;
+            }
+        }
         int na = 0;
         args[na++] = BK_BUF(x->arena);
         args[na++] = BK_I64(x->B);
@@ -62,6 +157,13 @@ int exec_run(plan_exec *x, int l0, int l1, char *err, size_t errlen) {
         if (bk_launch(x->bk, x->stream, x->kern[i], grid, block, 0, args, na) < 0) {
             snprintf(err, errlen, "launch %d (%s): %s", i, l->kernel, bk_error(x->bk));
             return -1;
+        }
+        if (pr) {
+            if (bk_event_record(x->bk, pr->ev[2 * i + 1], x->stream) < 0) {
+                snprintf(err, errlen, "profiling launch %d: %s", i, bk_error(x->bk));
+                return -1;
+            }
+            pr->pending[i] = 1;
         }
     }
     return 0;

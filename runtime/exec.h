@@ -6,6 +6,23 @@
 #include "backend.h"
 #include "plan.h"
 
+/* Opt-in per-launch timing (exec_profile_enable): device time accumulated per primitive name
+ * ("fused" for a fused elementwise group). */
+typedef struct {
+    const char *name;         /* the primitive's registered name (static storage) or "fused" */
+    double ms;                /* device milliseconds summed over every collected launch */
+    long launches;
+} exec_prof_entry;
+
+typedef struct exec_prof {
+    bk_event **ev;            /* 2 per launch: recorded just before and just after it */
+    char *pending;            /* per launch: timed by exec_run, not yet read by collect */
+    int *entry;               /* per launch: index into by_op */
+    exec_prof_entry *by_op;
+    int nop;
+    double total_ms;          /* sum over by_op */
+} exec_prof;
+
 typedef struct {
     backend *bk;
     const plan *p;
@@ -16,6 +33,7 @@ typedef struct {
     size_t arena_bytes;
     size_t *offset;           /* per tensor: byte offset of owners in the arena */
     bk_stream *stream;        /* NULL: the backend's default stream */
+    exec_prof *prof;          /* NULL unless exec_profile_enable was called */
 } plan_exec;
 
 /* Compile the plan's module and allocate the arena for (B, S). */
@@ -27,5 +45,15 @@ int exec_run(plan_exec *x, int l0, int l1, char *err, size_t errlen);
  * ntok*feat floats. Blocking. */
 int exec_upload(plan_exec *x, int t, const float *src, char *err, size_t errlen);
 int exec_download(plan_exec *x, int t, float *dst, char *err, size_t errlen);
+
+/* Profiling. After exec_profile_enable every launch exec_run queues is bracketed by two events;
+ * nothing waits for them until exec_profile_collect, which reads every pending pair (waiting
+ * for the last) and adds the times to prof->by_op. Call collect once per run of the plan (say,
+ * after each training step): exec_run collects by itself, with a wait, only when a launch is
+ * about to be timed again before its previous timing was read. The events add a little work
+ * between launches, so time the headline numbers with profiling off. */
+int exec_profile_enable(plan_exec *x, char *err, size_t errlen);
+int exec_profile_collect(plan_exec *x, char *err, size_t errlen);
+void exec_profile_reset(plan_exec *x);     /* zero the totals (keeps profiling on) */
 
 #endif

@@ -6,7 +6,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-static const char *const COMMANDS[] = {"info", "graph", "kernels", "corpus", "train", "eval", "generate", "chat", NULL};
+static const char *const COMMANDS[] = {"info", "graph", "kernels", "corpus", "train", "eval", "generate", "chat", "bench", NULL};
 
 TEST(cli_help_for_every_command) {
     char cmd[512], out[8192], top[8192];

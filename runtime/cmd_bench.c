@@ -1,0 +1,243 @@
+/* realm bench: the speed of one training step of a model file on a device.
+ *
+ * Builds the same training session `realm train` runs (forward, loss, backward, clip, AdamW
+ * in one plan), feeds it random tokens, runs warm-up steps, then times N steps with device
+ * events around each whole step (profiling off, so the headline is what training gets). A
+ * second, separate pass with per-launch events (runtime/exec.c) gives where the time goes by
+ * kernel class; its sum is a little larger than the step time, because every launch then
+ * carries two event records. */
+#include "cli.h"
+#include "fsutil.h"
+#include "op.h"
+#include "rng.h"
+#include "session.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* Kernel classes of the per-launch breakdown, in print order. */
+static const char *const class_names[] = {"matmul", "scan", "attention", "elementwise", "norm",
+                                          "embedding/loss", "optimizer", "other"};
+#define NCLASS ((int)(sizeof class_names / sizeof class_names[0]))
+
+static int class_of(const char *op) {
+    if (strncmp(op, "matmul", 6) == 0) return 0;
+    if (strncmp(op, "mamba3", 6) == 0) return 1;
+    if (strncmp(op, "attention", 9) == 0 || strncmp(op, "rope", 4) == 0) return 2;
+    static const char *const ew[] = {"fused", "add", "mul", "silu", "silu_bwd", "copy", "fill", NULL};
+    for (int i = 0; ew[i]; i++)
+        if (strcmp(op, ew[i]) == 0) return 3;
+    if (strncmp(op, "rmsnorm", 7) == 0) return 4;
+    if (strncmp(op, "embedding", 9) == 0 || strncmp(op, "cross_entropy", 13) == 0) return 5;
+    if (strcmp(op, "adamw") == 0 || strcmp(op, "sumsq") == 0) return 6;
+    return 7;
+}
+
+/* Datasheet peaks (dense, no sparsity) by device name, for MFU. The kernels compute in fp32
+ * on the CUDA cores today, so the fp32 figure is the fair one; the bf16 tensor-core figure is
+ * where the design (§9) aims. 0: unknown device, MFU not reported. */
+static void peaks(const char *name, double *bf16, double *fp32) {
+    *bf16 = *fp32 = 0;
+    if (strstr(name, "H100") && (strstr(name, "PCIe") || strstr(name, "PCIE")))
+        *bf16 = 756e12, *fp32 = 51.2e12;
+    else if (strstr(name, "H100") || strstr(name, "H200") || strstr(name, "GH200"))
+        *bf16 = 989.4e12, *fp32 = 66.9e12;  /* H100 SXM5; H200 has the same compute */
+    else if (strstr(name, "A100"))
+        *bf16 = 312e12, *fp32 = 19.5e12;
+}
+
+static int cmp_double(const void *a, const void *b) {
+    double x = *(const double *)a, y = *(const double *)b;
+    return x < y ? -1 : x > y;
+}
+
+/* One training step's inputs: random tokens and a plausible optimizer step. */
+static int feed(session *s, rng_state *r, uint8_t *rows, long rowlen, char *err, size_t errlen) {
+    for (long i = 0; i < s->B * rowlen; i++) rows[i] = (uint8_t)rng_below(r, 256);
+    const float hyper[8] = {1e-3f, 0.9f, 0.95f, 1e-8f, 0.1f, 0.19f, 0.0975f, 1.0f};
+    if (exec_upload(&s->x, s->opt.hyper, hyper, err, errlen) < 0) return -1;
+    return session_set_batch(s, rows, rowlen, err, errlen);
+}
+
+int cmd_bench(int argc, char **argv) {
+    const char *bkname = "auto", *batch_s = NULL, *seq_s = NULL, *steps_s = NULL, *warm_s = NULL, *dev_s = NULL,
+               *prof_s = NULL;
+    const cli_opt opts[] = {
+        {"--backend", "B", "cuda, opencl or auto (default auto: CUDA if a GPU works)", &bkname, NULL},
+        {"--device", "N", "device index (default 0)", &dev_s, NULL},
+        {"--batch", "B", "batch size (default: the model's train.batch)", &batch_s, NULL},
+        {"--seq", "S", "sequence length (default: the model's train.seq)", &seq_s, NULL},
+        {"--steps", "N", "timed steps (default 10)", &steps_s, NULL},
+        {"--warmup", "N", "untimed steps first (default 2)", &warm_s, NULL},
+        {"--profile-steps", "N", "steps timed launch by launch for the breakdown (default 2, 0: none)", &prof_s, NULL},
+        {NULL, NULL, NULL, NULL, NULL},
+    };
+    const char *pos[1];
+    int npos, done;
+    int rc = cli_parse("bench", "MODEL.lua [--backend B] [--batch B --seq S] [--steps N] [--warmup N]",
+                       "Time training steps (forward, backward, AdamW) of a model on random tokens and print\n"
+                       "tokens/s, ms/step, MFU, memory and the device time per kernel class.",
+                       argc, argv, opts, pos, 1, 1, &npos, &done);
+    if (rc || done) return rc;
+    char err[4096];
+    char *src = NULL;
+    size_t srclen = 0;
+    if (fs_read_file(pos[0], 64u << 20, &src, &srclen, err, sizeof err) < 0) {
+        fprintf(stderr, "%s\n", err);
+        return 2;
+    }
+    realm_model probe;
+    if (model_load_string(src, srclen, pos[0], &probe, err, sizeof err) < 0) {
+        fprintf(stderr, "%s\n", err);
+        free(src);
+        return 2;
+    }
+    long B = probe.train.batch, S = probe.train.seq, steps = 10, warm = 2, dev = 0, psteps = 2;
+    model_free(&probe);
+    rc = 0;
+    rc |= batch_s && cli_long("bench", "--batch", batch_s, 1, 1L << 20, &B);
+    rc |= seq_s && cli_long("bench", "--seq", seq_s, 1, 1L << 24, &S);
+    rc |= steps_s && cli_long("bench", "--steps", steps_s, 1, 1L << 20, &steps);
+    rc |= warm_s && cli_long("bench", "--warmup", warm_s, 0, 1L << 20, &warm);
+    rc |= dev_s && cli_long("bench", "--device", dev_s, 0, 1024, &dev);
+    rc |= prof_s && cli_long("bench", "--profile-steps", prof_s, 0, 1L << 20, &psteps);
+    if (rc) {
+        free(src);
+        return 2;
+    }
+    backend *bk = session_backend(bkname, (int)dev, err, sizeof err);
+    if (!bk) {
+        fprintf(stderr, "realm bench: %s\n", err);
+        free(src);
+        return strcmp(bkname, "auto") == 0 ? 1 : 2;
+    }
+    size_t free0 = 0, total = 0, free_min = 0, fr = 0;
+    int have_mem = bk_mem_info(bk, &free0, &total) == 0;
+    free_min = free0;
+    session s;
+    int status = 1, have_session = 0;
+    bk_event *e0 = NULL, *e1 = NULL;
+    double *ms = calloc((size_t)steps, sizeof *ms);
+    long rowlen = S + 1;
+    uint8_t *rows = malloc((size_t)(B * rowlen));
+    rng_state r;
+    rng_seed(&r, 12345);
+    printf("realm bench: %s on %s (%s), batch %ld x seq %ld, %ld warm-up + %ld timed steps\n", pos[0],
+           bk_info(bk)->name, bk_name(bk), B, S, warm, steps);
+    fflush(stdout);
+    if (session_open(&s, src, srclen, pos[0], bk, 1, B, S, err, sizeof err) < 0) goto fail;
+    have_session = 1;
+    if (session_init_params(&s, 1, err, sizeof err) < 0) goto fail;
+    if (!(e0 = bk_event_create(bk)) || !(e1 = bk_event_create(bk))) {
+        goto fail_bk;
+    }
+    double loss0 = NAN, loss = NAN;
+    for (long i = 0; i < warm; i++) {
+        if (feed(&s, &r, rows, rowlen, err, sizeof err) < 0 || session_run(&s, err, sizeof err) < 0 ||
+            session_loss(&s, &loss, err, sizeof err) < 0)
+            goto fail;
+        if (i == 0) loss0 = loss;
+        if (have_mem && bk_mem_info(bk, &fr, &total) == 0 && fr < free_min) free_min = fr;
+    }
+    /* Each timed step: inputs uploaded first (outside the events, as the trainer's pinned
+     * double buffering would hide them), then events around the launches alone. The loss is
+     * read after the end event, so steps do not overlap and each event pair is one step. */
+    for (long i = 0; i < steps; i++) {
+        if (feed(&s, &r, rows, rowlen, err, sizeof err) < 0) goto fail;
+        if (bk_event_record(bk, e0, s.x.stream) < 0) goto fail_bk;
+        if (session_run(&s, err, sizeof err) < 0) goto fail;
+        if (bk_event_record(bk, e1, s.x.stream) < 0 || bk_event_elapsed_ms(bk, e0, e1, &ms[i]) < 0) goto fail_bk;
+        if (session_loss(&s, &loss, err, sizeof err) < 0) goto fail;
+        if (i == 0 && warm == 0) loss0 = loss;
+        if (have_mem && bk_mem_info(bk, &fr, &total) == 0 && fr < free_min) free_min = fr;
+    }
+    if (!isfinite(loss)) {
+        snprintf(err, sizeof err, "the loss is %g after %ld steps", loss, warm + steps);
+        goto fail;
+    }
+    /* The breakdown pass. */
+    double cls_ms[NCLASS] = {0};
+    double prof_total = 0;
+    if (psteps > 0) {
+        if (exec_profile_enable(&s.x, err, sizeof err) < 0) goto fail;
+        for (long i = 0; i < psteps; i++)
+            if (feed(&s, &r, rows, rowlen, err, sizeof err) < 0 || session_run(&s, err, sizeof err) < 0 ||
+                exec_profile_collect(&s.x, err, sizeof err) < 0)
+                goto fail;
+        const exec_prof *pr = s.x.prof;
+        for (int e = 0; e < pr->nop; e++) cls_ms[class_of(pr->by_op[e].name)] += pr->by_op[e].ms / (double)psteps;
+        prof_total = pr->total_ms / (double)psteps;
+    }
+
+    const ir_graph *g = &s.m.g;
+    double flops = 0;
+    for (int i = 0; i < g->nn; i++) flops += ir_flops(g, i, B, S);
+    double tok = (double)B * (double)S, sum = 0;
+    for (long i = 0; i < steps; i++) sum += ms[i];
+    double mean = sum / (double)steps;
+    qsort(ms, (size_t)steps, sizeof *ms, cmp_double);
+    double median = steps % 2 ? ms[steps / 2] : 0.5 * (ms[steps / 2 - 1] + ms[steps / 2]);
+    double tps = tok / (median * 1e-3), achieved = flops / (median * 1e-3);
+    double pk_bf16, pk_fp32;
+    peaks(bk_info(bk)->name, &pk_bf16, &pk_fp32);
+
+    printf("\n%-34s %s\n", "model", s.m.name);
+    printf("%-34s %ld parameters, %d launches (%d distinct kernels)\n", "graph", ir_param_count(g), s.p.kg.nl,
+           s.p.kg.nbodies);
+    printf("%-34s %.0f\n", "tokens/s", tps);
+    printf("%-34s %.3f median, %.3f mean, %.3f min, %.3f max\n", "ms/step", median, mean, ms[0], ms[steps - 1]);
+    printf("%-34s %.2fM (sum of ir_flops over the step's nodes / B*S)\n", "FLOPs/token (fwd+bwd+optimizer)",
+           flops / tok / 1e6);
+    printf("%-34s %.2f TFLOP/s\n", "achieved", achieved / 1e12);
+    if (pk_bf16 > 0) {
+        printf("%-34s %.2f%% (peak %.1f TFLOP/s, datasheet)\n", "MFU vs bf16 dense tensor peak", 100 * achieved / pk_bf16,
+               pk_bf16 / 1e12);
+        printf("%-34s %.2f%% (peak %.1f TFLOP/s; the kernels compute in fp32 today)\n", "MFU vs fp32 CUDA-core peak",
+               100 * achieved / pk_fp32, pk_fp32 / 1e12);
+    } else {
+        printf("%-34s n/a (no datasheet peak known for this device)\n", "MFU");
+    }
+    printf("%-34s %.1f MiB\n", "arena", (double)s.x.arena_bytes / 1048576.0);
+    if (have_mem)
+        printf("%-34s %.1f MiB (device free memory before the session minus the lowest seen after; of %.0f MiB)\n",
+               "device memory used (peak)", (double)(free0 - free_min) / 1048576.0, (double)total / 1048576.0);
+    else
+        printf("%-34s n/a (%s)\n", "device memory used (peak)", bk_error(bk));
+    printf("%-34s %.4f first, %.4f last (random tokens: ~ln 256 = 5.545)\n", "loss", loss0, loss);
+    if (psteps > 0) {
+        printf("\ntime per kernel class (%ld profiled step%s, events around every launch; sum %.3f ms/step):\n",
+               psteps, psteps == 1 ? "" : "s", prof_total);
+        printf("  %-16s %12s %8s\n", "class", "ms/step", "share");
+        for (int c = 0; c < NCLASS; c++) {
+            if (cls_ms[c] == 0 && c == NCLASS - 1) continue;
+            printf("  %-16s %12.3f %7.1f%%\n", class_names[c], cls_ms[c], prof_total > 0 ? 100 * cls_ms[c] / prof_total : 0);
+        }
+        const exec_prof *pr = s.x.prof;
+        printf("\nby primitive:\n  %-20s %10s %12s\n", "op", "launches", "ms/step");
+        for (int e = 0; e < pr->nop; e++)
+            printf("  %-20s %10ld %12.3f\n", pr->by_op[e].name, pr->by_op[e].launches / psteps,
+                   pr->by_op[e].ms / (double)psteps);
+    }
+    /* One greppable line for scripts (bench/run.sh). */
+    printf("\nRESULT backend=%s B=%ld S=%ld tok_s=%.1f ms_step=%.4f flops_tok=%.6g", bk_name(bk), B, S, tps, median,
+           flops / tok);
+    for (int c = 0; c < NCLASS; c++) printf(" %s=%.4f", class_names[c], cls_ms[c]);
+    printf("\n");
+    status = 0;
+    goto cleanup;
+fail_bk:
+    snprintf(err, sizeof err, "timing a step: %s", bk_error(bk));
+fail:
+    fprintf(stderr, "realm bench: %s\n", err);
+cleanup:
+    if (e0) bk_event_destroy(bk, e0);
+    if (e1) bk_event_destroy(bk, e1);
+    if (have_session) session_close(&s);
+    bk_destroy(bk);
+    free(ms);
+    free(rows);
+    free(src);
+    return status;
+}
