@@ -274,6 +274,96 @@ class Realm9M(nn.Module):
         return F.cross_entropy(logits.float().reshape(-1, VOCAB), targets.reshape(-1))
 
 
+# ---- decode: the recurrent step in eager PyTorch (the side-by-side row for realm generate) ----
+
+def mamba3_step(m, x, st):
+    """One byte through a Mamba-3 mixer: x [B, d]; st = (S [B,H,P,N], Theta, Kr_prev, v_prev)."""
+    H, P, N, NA = m.H, m.P, m.N, m.NA
+    S, Th, kp, vp = st
+    z, xv, Bm, Cm, dd_dt, dd_A, trap, ang = torch.split(m.in_proj(x), [m.di, m.di, N, N, H, H, H, NA], dim=-1)
+    v = xv.unflatten(-1, (H, P)).float()
+    dd_dt, dd_A, trap, ang = (t.float() for t in (dd_dt, dd_A, trap, ang))
+    DT = F.softplus(dd_dt + m.dt_bias)
+    A = -torch.clamp(torch.where(dd_A >= 0, 1.0 + dd_A, 1.0 / (1.0 - torch.clamp(dd_A, max=0.0))), min=1e-4)
+    lam = torch.sigmoid(trap)
+    Th = torch.remainder(Th + DT[..., None] * (math.pi * torch.tanh(ang))[:, None, :], 2 * math.pi)
+    K = rmsnorm(Bm.float(), m.B_norm)[:, None, :] + m.B_bias
+    Q = rmsnorm(Cm.float(), m.C_norm)[:, None, :] + m.C_bias
+    Kr, Qr = rotate_pairs(K, Th), rotate_pairs(Q, Th)
+    al = torch.exp(A * DT)
+    be, ga = (1 - lam) * DT * al, lam * DT
+    S = (al[..., None, None] * S + be[..., None, None] * vp[..., :, None] * kp[..., None, :]
+         + ga[..., None, None] * v[..., :, None] * Kr[..., None, :])
+    y = torch.einsum("bhpn,bhn->bhp", S, Qr) + m.D[:, None] * v
+    out = m.out_proj((y.reshape(x.shape[0], m.di) * F.silu(z.float())).to(x.dtype))
+    return out, (S, Th, Kr, v)
+
+
+def attention_step(a, x, pos, cache):
+    """One byte through sliding-window attention with a ring buffer of the last A_WINDOW keys
+    and values: x [B, d], cache = (k [B,H,W,Dh], v [B,H,W,Dh])."""
+    Bsz, d = x.shape
+    q, k, v = a.qkv(x).unflatten(-1, (3, a.H, a.Dh)).unbind(1)        # [B,H,Dh]
+    inv = ROPE_BASE ** (-torch.arange(0, a.Dh, 2, device=x.device, dtype=torch.float32) / a.Dh)
+    ang = pos * inv
+    c, s = torch.cos(ang), torch.sin(ang)
+
+    def rot(t):
+        tr = t.float().unflatten(-1, (-1, 2))
+        return torch.stack((tr[..., 0] * c - tr[..., 1] * s, tr[..., 0] * s + tr[..., 1] * c), -1).flatten(-2)
+    kc, vc = cache
+    slot = pos % A_WINDOW
+    kc[:, :, slot] = rot(k).to(kc.dtype)
+    vc[:, :, slot] = v.to(vc.dtype)
+    n = min(pos + 1, A_WINDOW)
+    sc = torch.einsum("bhd,bhwd->bhw", rot(q), kc[:, :, :n].float()) / math.sqrt(a.Dh)
+    o = torch.einsum("bhw,bhwd->bhd", torch.softmax(sc, -1), vc[:, :, :n].float())
+    return a.o_proj(o.reshape(Bsz, d).to(x.dtype)), (kc, vc)
+
+
+def decode_bench(model, B, positions, steps, dev):
+    """ms per decode step at each position, eager, batch B (same maths as realm's step graph)."""
+    states = []
+    for layer in model.layers:
+        if layer.kind == "M":
+            m = layer.mixer
+            states.append((torch.zeros(B, m.H, m.P, m.N, device=dev), torch.zeros(B, m.H, m.NA, device=dev),
+                           torch.zeros(B, m.H, m.N, device=dev), torch.zeros(B, m.H, m.P, device=dev)))
+        else:
+            a = layer.mixer
+            states.append((torch.zeros(B, a.H, A_WINDOW, a.Dh, device=dev), torch.zeros(B, a.H, A_WINDOW, a.Dh, device=dev)))
+    tok = torch.randint(0, VOCAB, (B,), device=dev)
+    rows = []
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        def one(pos):
+            nonlocal tok
+            x = F.embedding(tok, model.embed)
+            for i, layer in enumerate(model.layers):
+                h = rmsnorm(x, layer.norm)
+                if layer.kind == "M":
+                    h, states[i] = mamba3_step(layer.mixer, h, states[i])
+                else:
+                    h, states[i] = attention_step(layer.mixer, h, pos, states[i])
+                x = x + h
+                x = x + layer.mlp(rmsnorm(x, layer.mlp_norm))
+            logits = (rmsnorm(x, model.final_norm) @ model.embed.t()).float()
+            tok = torch.argmax(logits, -1)                             # the host needs the byte
+            return int(tok[0])
+        for p in positions:
+            for k in range(3):
+                one(p + k)
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for k in range(steps):
+                one(p + 3 + k)
+            torch.cuda.synchronize()
+            ms = 1000 * (time.perf_counter() - t0) / steps
+            rows.append((p, ms))
+            print(f"torch eager decode: batch {B}, position {p}: {ms:.3f} ms/step, {B * 1000 / ms:.0f} bytes/s")
+            print(f"RESULT torch_decode B={B} pos={p} ms_step={ms:.4f}")
+    return rows
+
+
 def realm_param_count(realm_bin):
     out = subprocess.run([realm_bin, "graph", "models/realm-9m.lua"], capture_output=True, text=True, check=True).stdout
     m = re.search(r"^parameters\s+(\d+)", out, re.M)
@@ -286,7 +376,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=8192)
-    ap.add_argument("--mode", choices=["eager", "compile"], default="eager")
+    ap.add_argument("--mode", choices=["eager", "compile", "decode"], default="eager")
+    ap.add_argument("--positions", default="1024,16384,262144", help="decode mode: positions to time")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--realm-bin", default="build/realm")
@@ -310,6 +401,9 @@ def main():
     want = realm_param_count(a.realm_bin)
     assert abs(n_params - want) <= 0.005 * want, f"parameters: torch {n_params}, realm {want}"
     B, S = a.batch, a.seq
+    if a.mode == "decode":
+        decode_bench(model, B, [int(p) for p in a.positions.split(",")], a.steps, dev)
+        return
     cos, sin = rope_tables(S, D_MODEL // A_HEADS, dev)
     attn_kind = "sdpa+mask"
     for layer in model.layers:
