@@ -28,6 +28,10 @@ typedef struct dialect {
     const char *name;              /* "opencl", "cuda" */
     const kg_spelling *spell;      /* NULL-terminated table of portable spellings */
     const char *prelude;           /* helper functions every module needs (after the spellings) */
+    /* Helpers a module with bf16 tensor-core kernels needs, or NULL where the dialect has no
+     * bf16 matrix path (OpenCL): kg_set_bf16 then leaves k->bf16 at 0, so templates fall back
+     * to fp32 and a bf16 request on such a backend still yields a correct (fp32) module. */
+    const char *bf16_prelude;
 } dialect;
 const dialect *dialect_find(const char *name);
 
@@ -60,9 +64,13 @@ typedef struct kgen {
     char (*names)[48];
     int nbodies;
     char err[512];
+    int bf16;                      /* matmuls take bf16 operands on tensor cores (fp32 accumulation) */
 } kgen;
 
 void kg_init(kgen *k, const dialect *d, const ir_graph *g);
+/* Ask for bf16 matmuls; call before the first kernel. Only dialects with a bf16_prelude honour
+ * it (k->bf16 says what was granted). */
+void kg_set_bf16(kgen *k, int on);
 void kg_free(kgen *k);
 
 /* ---- the template API ---- */

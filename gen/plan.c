@@ -85,6 +85,11 @@ static int render_fused(plan *p, int n0, int n1) {
 
 int plan_build(plan *p, const ir_graph *g, int node0, int node1, const char *dialect_name, const int *keep,
                int nkeep, char *err, size_t errlen) {
+    return plan_build_opts(p, g, node0, node1, dialect_name, keep, nkeep, NULL, err, errlen);
+}
+
+int plan_build_opts(plan *p, const ir_graph *g, int node0, int node1, const char *dialect_name, const int *keep,
+                    int nkeep, const plan_options *opt, char *err, size_t errlen) {
     memset(p, 0, sizeof *p);
     p->g = g;
     p->node0 = node0;
@@ -95,6 +100,7 @@ int plan_build(plan *p, const ir_graph *g, int node0, int node1, const char *dia
         return -1;
     }
     kg_init(&p->kg, d, g);
+    kg_set_bf16(&p->kg, opt && opt->bf16);
     int nt = g->nt;
     p->stored = calloc((size_t)nt, 1);
     p->persist = calloc((size_t)nt, 1);

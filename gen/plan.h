@@ -16,10 +16,20 @@ typedef struct plan {
     int nfused;              /* nodes that became registers inside a fused kernel */
 } plan;
 
-/* Compile nodes [node0, node1) of g for `dialect`. `keep` lists tensors the host reads after
- * a run (besides parameters, optimizer state and inputs, which always persist). */
+/* How kernels compute. Zero-initialised means fp32 everywhere. */
+typedef struct plan_options {
+    /* Matmuls take bf16 operands on tensor cores with fp32 accumulation (CUDA); the arena and
+     * every other kernel stay fp32. Dialects without a bf16 path (OpenCL) ignore it. */
+    int bf16;
+} plan_options;
+
+/* Compile nodes [node0, node1) of g for `dialect` in fp32. `keep` lists tensors the host reads
+ * after a run (besides parameters, optimizer state and inputs, which always persist). */
 int plan_build(plan *p, const ir_graph *g, int node0, int node1, const char *dialect, const int *keep,
                int nkeep, char *err, size_t errlen);
+/* The same with options (NULL: fp32). */
+int plan_build_opts(plan *p, const ir_graph *g, int node0, int node1, const char *dialect, const int *keep,
+                    int nkeep, const plan_options *opt, char *err, size_t errlen);
 void plan_free(plan *p);
 
 /* The memory plan for concrete B, S: byte offset of every stored owner tensor (others get

@@ -22,10 +22,10 @@ static int write_text(const char *dir, const char *name, const char *text, size_
 
 /* Render (and compile) one plan; returns 0, 1 (compile failure) or 2 (bad input). */
 static int one_plan(const char *what, const ir_graph *g, int nodes, const int *keep, int nkeep, const char *bkname,
-                    const char *arch, const char *out, long B, long S, int *nkernels) {
+                    const char *arch, const char *out, long B, long S, const plan_options *po, int *nkernels) {
     char err[8192];
     plan p;
-    if (plan_build(&p, g, 0, nodes, bkname, keep, nkeep, err, sizeof err) < 0) {
+    if (plan_build_opts(&p, g, 0, nodes, bkname, keep, nkeep, po, err, sizeof err) < 0) {
         fprintf(stderr, "realm kernels: %s\n", err);
         return 1;
     }
@@ -50,8 +50,8 @@ static int one_plan(const char *what, const ir_graph *g, int nodes, const int *k
             fprintf(stderr, "realm kernels: %s kernels for %s: %s\n", what, arch, err);
             rc = 1;
         } else {
-            printf("%-8s %3d kernels, %3d launches: compiled for %s (%zu-byte CUBIN)\n", what, p.kg.nbodies, p.kg.nl,
-                   arch, len);
+            printf("%-8s %3d kernels, %3d launches: compiled for %s, %s matmuls (%zu-byte CUBIN)\n", what,
+                   p.kg.nbodies, p.kg.nl, arch, p.kg.bf16 ? "bf16" : "fp32", len);
             if (out) {
                 char name[64];
                 snprintf(name, sizeof name, "%s.%s.cubin", what, arch);
@@ -84,13 +84,14 @@ static int one_plan(const char *what, const ir_graph *g, int nodes, const int *k
 }
 
 int cmd_kernels(int argc, char **argv) {
-    const char *bkname = NULL, *arch = "sm_90", *out = NULL, *batch_s = NULL, *seq_s = NULL;
+    const char *bkname = NULL, *arch = "sm_90", *out = NULL, *batch_s = NULL, *seq_s = NULL, *prec_s = NULL;
     const cli_opt opts[] = {
         {"--backend", "NAME", "cuda or opencl (required)", &bkname, NULL},
         {"--arch", "sm_XY", "CUDA architecture to compile for (default sm_90); needs no GPU", &arch, NULL},
         {"--out", "DIR", "write the kernel source, the launch plans and the binaries here", &out, NULL},
         {"--batch", "B", "batch for the memory plan written with --out (default: train.batch)", &batch_s, NULL},
         {"--seq", "S", "sequence length for that memory plan (default: train.seq)", &seq_s, NULL},
+        {"--precision", "P", "bf16 or fp32 matmuls (default: bf16 for CUDA sm_80+, else fp32)", &prec_s, NULL},
         {NULL, NULL, NULL, NULL, NULL},
     };
     const char *pos[1];
@@ -108,6 +109,17 @@ int cmd_kernels(int argc, char **argv) {
         fprintf(stderr, "realm kernels: --arch must look like sm_90, got '%s'\n", arch);
         return 2;
     }
+    if (prec_s && strcmp(prec_s, "bf16") != 0 && strcmp(prec_s, "fp32") != 0) {
+        fprintf(stderr, "realm kernels: --precision must be bf16 or fp32, got '%s'\n", prec_s);
+        return 2;
+    }
+    /* as realm train: bf16 wherever the target has bf16 tensor cores */
+    int bf16_ok = strcmp(bkname, "cuda") == 0 && cuda_arch_supports_dtype(arch, BK_BF16);
+    if (prec_s && strcmp(prec_s, "bf16") == 0 && !bf16_ok) {
+        fprintf(stderr, "realm kernels: --precision bf16 needs --backend cuda and sm_80 or newer\n");
+        return 2;
+    }
+    const plan_options po = {.bf16 = prec_s ? strcmp(prec_s, "bf16") == 0 : bf16_ok};
     char err[2048];
     realm_model m;
     if (model_load(pos[0], &m, err, sizeof err) < 0) {
@@ -132,8 +144,8 @@ int cmd_kernels(int argc, char **argv) {
         model_free(&m);
         return 2;
     }
-    rc = one_plan("forward", &m.g, nfwd, keep, 2, bkname, arch, out, B, S, &nk);
-    if (rc == 0) rc = one_plan("train", &m.g, m.g.nn, keep, 1, bkname, arch, out, B, S, &nk);
+    rc = one_plan("forward", &m.g, nfwd, keep, 2, bkname, arch, out, B, S, &po, &nk);
+    if (rc == 0) rc = one_plan("train", &m.g, m.g.nn, keep, 1, bkname, arch, out, B, S, &po, &nk);
     model_free(&m);
     return rc;
 }

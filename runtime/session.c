@@ -24,6 +24,11 @@ backend *session_backend(const char *name, int device, char *err, size_t errlen)
 
 int session_prepare(session *s, const char *src, size_t len, const char *path, const char *dialect, int training,
                     int recompute_all, char *err, size_t errlen) {
+    return session_prepare_opts(s, src, len, path, dialect, training, recompute_all, NULL, err, errlen);
+}
+
+int session_prepare_opts(session *s, const char *src, size_t len, const char *path, const char *dialect,
+                         int training, int recompute_all, const plan_options *opt, char *err, size_t errlen) {
     memset(s, 0, sizeof *s);
     s->training = training;
     s->recompute_all = recompute_all;
@@ -45,10 +50,11 @@ int session_prepare(session *s, const char *src, size_t len, const char *path, c
         nodes = g->nn;
     }
     int keep[2] = {s->m.loss, s->m.logits};
-    if (plan_build(&s->p, g, 0, nodes, dialect, keep, training ? 1 : 2, err, errlen) < 0) {
+    if (plan_build_opts(&s->p, g, 0, nodes, dialect, keep, training ? 1 : 2, opt, err, errlen) < 0) {
         model_free(&s->m);
         return -1;
     }
+    s->bf16 = s->p.kg.bf16;
     return 0;
 }
 

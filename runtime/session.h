@@ -19,6 +19,7 @@ typedef struct {
     long B, S;
     float *host;              /* scratch, as large as the largest tensor */
     int recompute_all;        /* every layer recomputed in the backward (auto-tuner's choice) */
+    int bf16;                 /* the plan's matmuls run in bf16 (granted: 0 on dialects without it) */
 } session;
 
 /* "auto" (CUDA if a device works, else OpenCL), "cuda" or "opencl". */
@@ -31,6 +32,9 @@ backend *session_backend(const char *name, int device, char *err, size_t errlen)
  * on top of what the model file marks. */
 int session_prepare(session *s, const char *src, size_t len, const char *path, const char *dialect, int training,
                     int recompute_all, char *err, size_t errlen);
+/* The same with plan options (NULL: fp32), e.g. bf16 matmuls. */
+int session_prepare_opts(session *s, const char *src, size_t len, const char *path, const char *dialect,
+                         int training, int recompute_all, const plan_options *opt, char *err, size_t errlen);
 /* The device half: compile the module and allocate the arena for (B, S). */
 int session_alloc(session *s, backend *bk, long B, long S, char *err, size_t errlen);
 

@@ -137,6 +137,7 @@ typedef struct {
     double lr;
     char schedule[16];
     char model_sha[65];
+    char precision[8];       /* "bf16" or "fp32": the matmuls' operand precision (kept on resume) */
 } train_state;
 
 static void state_json(const train_state *st, json_buf *b) {
@@ -145,7 +146,7 @@ static void state_json(const train_state *st, json_buf *b) {
     json_buf_printf(b, "  \"sampler_rng\": [\"%llu\", \"%llu\", \"%llu\", \"%llu\"],\n",
                     (unsigned long long)st->rng.s[0], (unsigned long long)st->rng.s[1],
                     (unsigned long long)st->rng.s[2], (unsigned long long)st->rng.s[3]);
-    json_buf_printf(b, "  \"recompute\": %d,\n", st->recompute);
+    json_buf_printf(b, "  \"recompute\": %d,\n  \"precision\": \"%s\",\n", st->recompute, st->precision);
     json_buf_printf(b, "  \"batch\": %ld,\n  \"seq\": %ld,\n  \"steps\": %ld,\n  \"warmup\": %ld,\n", st->batch, st->seq,
                     st->steps, st->warmup);
     json_buf_printf(b, "  \"eval_every\": %ld,\n  \"save_every\": %ld,\n  \"lr\": %.17g,\n  \"schedule\": \"%s\"\n}\n",
@@ -190,6 +191,13 @@ static int read_state(const char *dir, train_state *st, char *err, size_t errlen
 #undef GETI
     /* optional: checkpoints written before the auto-tuner have no recompute field */
     st->recompute = json_as_int(json_get(r, "recompute"), &i64) == 1 && i64 != 0;
+    /* optional: checkpoints written before bf16 have no precision field and were fp32 runs */
+    if (json_as_string(json_get(r, "precision"), &s) == 1) {
+        if (strcmp(s, "bf16") != 0 && strcmp(s, "fp32") != 0) ok = 0;
+        else snprintf(st->precision, sizeof st->precision, "%s", s);
+    } else {
+        snprintf(st->precision, sizeof st->precision, "fp32");
+    }
     const json_value *lr = json_get(r, "lr");
     ok &= lr && lr->type == JSON_NUMBER;
     if (ok) st->lr = lr->num;
@@ -324,7 +332,8 @@ int cmd_train(int argc, char **argv) {
         {"--eval-tokens", "N", "bytes of validation text per evaluation (default 16384)", &evtok_s, NULL},
         {"--save-every", "N", "checkpoint every N steps (default: train.save_every)", &save_s, NULL},
         {"--log-every", "N", "progress line every N steps (default 10)", &log_s, NULL},
-        {"--precision", "P", "fp32 (bf16 comes with the CUDA kernels)", &prec_s, NULL},
+        {"--precision", "P", "bf16 (matmuls on tensor cores, fp32 accumulation; CUDA only) or fp32 (default: bf16 on "
+         "CUDA, fp32 on OpenCL; a resumed run keeps its own)", &prec_s, NULL},
         {NULL, NULL, NULL, NULL, NULL},
     };
     const char *pos[1];
@@ -339,8 +348,8 @@ int cmd_train(int argc, char **argv) {
         fprintf(stderr, "realm train: --data and --out are required\n");
         return 2;
     }
-    if (prec_s && strcmp(prec_s, "fp32") != 0) {
-        fprintf(stderr, "realm train: --precision %s is not available in this build (fp32 only)\n", prec_s);
+    if (prec_s && strcmp(prec_s, "fp32") != 0 && strcmp(prec_s, "bf16") != 0) {
+        fprintf(stderr, "realm train: --precision must be bf16 or fp32, got '%s'\n", prec_s);
         return 2;
     }
     /* SIGINT/SIGTERM are held from here on and checked between steps, so a signal always
@@ -423,6 +432,8 @@ int cmd_train(int argc, char **argv) {
         }
         st = saved;
         if (steps_s) st.steps = tc.steps;
+        if (prec_s && strcmp(prec_s, st.precision) != 0)
+            printf("note: --precision %s ignored: %s was started in %s and resumes in it\n", prec_s, out, st.precision);
         tc.batch = st.batch, tc.seq = st.seq, tc.steps = st.steps, tc.warmup = st.warmup, tc.lr = st.lr;
         tc.eval_every = st.eval_every, tc.save_every = st.save_every;
         snprintf(tc.schedule, sizeof tc.schedule, "%s", st.schedule);
@@ -446,6 +457,20 @@ int cmd_train(int argc, char **argv) {
         free(src);
         return strcmp(bkname, "auto") == 0 ? 1 : 2;
     }
+    /* bf16 by default where the device has bf16 tensor cores (CUDA, sm_80+); a resumed run
+     * keeps the precision it was started with, so its losses continue the same computation. */
+    if (!found)
+        snprintf(st.precision, sizeof st.precision, "%s",
+                 prec_s ? prec_s : bk->kind == BK_CUDA && bk_supports_dtype(bk, BK_BF16) ? "bf16" : "fp32");
+    if (strcmp(st.precision, "bf16") == 0 && (bk->kind != BK_CUDA || !bk_supports_dtype(bk, BK_BF16))) {
+        fprintf(stderr, "realm train: --precision bf16 needs CUDA on sm_80 or newer (%s is %s); use --precision fp32\n",
+                bk_info(bk)->name, bk_name(bk));
+        bk_destroy(bk);
+        corpus_close(c);
+        free(src);
+        return 2;
+    }
+    const plan_options popt = {.bf16 = strcmp(st.precision, "bf16") == 0};
     session tr, ev;
     memset(&tr, 0, sizeof tr);
     memset(&ev, 0, sizeof ev);
@@ -459,13 +484,13 @@ int cmd_train(int argc, char **argv) {
     if (found) batch_auto = seq_auto = 0;          /* a resumed run keeps its sizes */
     else if (!batch_s && bk->kind == BK_CUDA) batch_auto = 1;
     if (!found) st.recompute = 0;
-    if (session_prepare(&tr, src, srclen, pos[0], bk_name(bk), 1, st.recompute, err, sizeof err) < 0) {
+    if (session_prepare_opts(&tr, src, srclen, pos[0], bk_name(bk), 1, st.recompute, &popt, err, sizeof err) < 0) {
         fprintf(stderr, "realm train: %s\n", err);
         status = 2;
         goto cleanup;
     }
     if (tc.eval_every > 0) {
-        if (session_prepare(&ev, src, srclen, pos[0], bk_name(bk), 0, 0, err, sizeof err) < 0) goto fail;
+        if (session_prepare_opts(&ev, src, srclen, pos[0], bk_name(bk), 0, 0, &popt, err, sizeof err) < 0) goto fail;
         have_ev = 1;
     }
     at_model am = {.train = &tr.p, .eval = have_ev ? &ev.p : NULL, .available = budget ? budget : free0,
@@ -480,7 +505,7 @@ int cmd_train(int argc, char **argv) {
     if (seq_auto || batch_auto) {
         /* The alternative plan: every layer recomputed in the backward. */
         session alt;
-        int have_alt = session_prepare(&alt, src, srclen, pos[0], bk_name(bk), 1, 1, err, sizeof err) == 0;
+        int have_alt = session_prepare_opts(&alt, src, srclen, pos[0], bk_name(bk), 1, 1, &popt, err, sizeof err) == 0;
         at_model am_rc = am;
         if (have_alt) am_rc.train = &alt.p;
         if (seq_auto) {
@@ -546,8 +571,8 @@ int cmd_train(int argc, char **argv) {
         goto cleanup;
     }
     st.batch = tc.batch, st.seq = tc.seq;
-    printf("realm train: %s on %s (%s), batch %ld x seq %ld, %ld steps%s\n", pos[0], bk_info(bk)->name, bk_name(bk),
-           tc.batch, tc.seq, tc.steps, st.recompute ? ", every layer recomputed" : "");
+    printf("realm train: %s on %s (%s), batch %ld x seq %ld, %ld steps, %s matmuls%s\n", pos[0], bk_info(bk)->name,
+           bk_name(bk), tc.batch, tc.seq, tc.steps, st.precision, st.recompute ? ", every layer recomputed" : "");
     at_print_breakdown(stdout, "memory: ", &am, tc.batch, tc.seq);
     fflush(stdout);
     if (session_alloc(&tr, bk, tc.batch, tc.seq, err, sizeof err) < 0) goto fail;

@@ -26,9 +26,14 @@ static void ref_dense(ref_ctx *c, const ir_graph *g, int tid, double *out) {
 }
 
 int kc_check_graph(tctx *t, backend *bk, const ir_graph *g, long B, long S, double tol, int vocab) {
+    return kc_check_graph_opts(t, bk, g, B, S, tol, vocab, NULL);
+}
+
+int kc_check_graph_opts(tctx *t, backend *bk, const ir_graph *g, long B, long S, double tol, int vocab,
+                        const plan_options *opt) {
     char err[4096];
     plan p;
-    if (plan_build(&p, g, 0, g->nn, bk_name(bk), NULL, 0, err, sizeof err) < 0) {
+    if (plan_build_opts(&p, g, 0, g->nn, bk_name(bk), NULL, 0, opt, err, sizeof err) < 0) {
         t_fail(t, __FILE__, __LINE__, "plan: %s", err);
         return -1;
     }

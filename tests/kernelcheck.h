@@ -5,6 +5,7 @@
 
 #include "backend.h"
 #include "ir.h"
+#include "plan.h"
 #include "test.h"
 
 /* An OpenCL backend for tests (PoCL in CI), or NULL with a message in t (test fails). */
@@ -14,5 +15,8 @@ backend *kc_opencl(tctx *t);
  * and compare every output (normwise relative error <= tol). Returns 0 or -1 (t has the
  * failing launch). `prepare` (may be NULL) fills the reference's inputs and parameters. */
 int kc_check_graph(tctx *t, backend *bk, const ir_graph *g, long B, long S, double tol, int vocab);
+/* The same with the plan built with options (NULL: fp32), e.g. bf16 matmuls. */
+int kc_check_graph_opts(tctx *t, backend *bk, const ir_graph *g, long B, long S, double tol, int vocab,
+                        const plan_options *opt);
 
 #endif

@@ -129,7 +129,213 @@ static void emit_tile_head(kgen *k) {
     kg_line(k, "    for (int j = 0; j < 4; j++) acc[i][j] = 0.0f;");
 }
 
+/* ---- bf16 tensor-core templates (CUDA, k->bf16) ----
+ * One 64x64 output tile per block of 128 threads (4 warps, each a 32x32 quarter made of 2x4
+ * mma.sync m16n8k16 tiles with fp32 accumulators); the contraction goes through shared memory
+ * 32 at a time. 64x64 rather than 128x128 because realm's matrices are narrow (d = 384): the
+ * weight gradients of realm-9m have only ~40 tiles of 128x128, a third of an H100's SMs, and
+ * splitting their long contraction over blocks would need a second reduction pass to stay
+ * deterministic.
+ *
+ * The arena stays fp32 in this first version: operands are converted to bf16 (round to nearest
+ * even) while a tile is staged into shared memory. That keeps every other kernel, the
+ * optimizer (fp32 master weights), checkpoints and the memory plan unchanged, and the bf16
+ * switch is local to this file; it costs the bandwidth of reading fp32 operands, which a
+ * later version removes by storing bf16 copies of the matmul inputs in the arena.
+ *
+ * Shared tiles hold bf16 pairs as 32-bit words, [row][k/2] with k contiguous for both
+ * operands (the row-major A and column-major B that mma's fragments want), 16 words of data
+ * plus 4 of padding: the fragment reads (8 rows x 4 words per warp) then hit 32 distinct banks.
+ * The next slice's global loads are issued into registers before the current slice's MMAs, so
+ * their latency hides behind the tensor-core work. Every output is summed by one thread in a
+ * fixed order (slices in order, mma's fixed internal order): deterministic. */
+#define BT 64      /* output tile edge */
+#define BK 32      /* contraction slice */
+
+/* How one operand tile (64 rows along M or N, BK along the contraction) is read from global
+ * memory. kcontig: the contraction is contiguous; `roff` is a C expression for the element
+ * offset of row `r` (a long) or, for a constant-shaped matrix, NULL with `ld` its row length.
+ * Otherwise the tile's rows run along memory: element (row, kx) is at `koff` + row, with `koff`
+ * a C expression in the contraction index `kx` (a long), and the staging transposes it. */
+typedef struct {
+    const char *name;       /* the kernel's pointer */
+    int kcontig;
+    const char *roff;       /* kcontig: offset of row `r`, or NULL (row * ld) */
+    long ld;
+    const char *koff;       /* !kcontig: offset of contraction index `kx` */
+    const char *base;       /* first row of the tile: "m0" or "n0" */
+    const char *lim;        /* rows in the matrix (C expression) */
+} mma_operand;
+
+/* Registers r<name>[8][2] <- the slice starting at contraction index `k0`. */
+static void emit_mma_load(kgen *k, const mma_operand *o, const char *ktot, int kguard) {
+    kg_line(k, "    #pragma unroll");
+    kg_line(k, "    for (int i = 0; i < 8; i++) {");
+    if (o->kcontig) {
+        kg_line(k, "        const long kx = k0 + 2 * (tid & 15), ro = %soff[i];", o->name);
+        if (kguard) {
+            kg_line(k, "        r%s[i][0] = (ro >= 0 && kx < %s) ? %s[ro + kx] : 0.0f;", o->name, ktot, o->name);
+            kg_line(k, "        r%s[i][1] = (ro >= 0 && kx + 1 < %s) ? %s[ro + kx + 1] : 0.0f;", o->name, ktot, o->name);
+        } else {
+            kg_line(k, "        r%s[i][0] = ro >= 0 ? %s[ro + kx] : 0.0f;", o->name, o->name);
+            kg_line(k, "        r%s[i][1] = ro >= 0 ? %s[ro + kx + 1] : 0.0f;", o->name, o->name);
+        }
+    } else {
+        kg_line(k, "        const long k2 = k0 + 2 * ((tid >> 6) + 2 * i), c = %s + (tid & 63);", o->base);
+        kg_line(k, "        { const long kx = k2; r%s[i][0] = (c < %s && kx < %s) ? %s[%s + c] : 0.0f; }", o->name, o->lim,
+                ktot, o->name, o->koff);
+        kg_line(k, "        { const long kx = k2 + 1; r%s[i][1] = (c < %s && kx < %s) ? %s[%s + c] : 0.0f; }", o->name,
+                o->lim, ktot, o->name, o->koff);
+    }
+    kg_line(k, "    }");
+}
+
+static void emit_mma_store(kgen *k, const mma_operand *o) {
+    kg_line(k, "    #pragma unroll");
+    kg_line(k, "    for (int i = 0; i < 8; i++)");
+    if (o->kcontig)
+        kg_line(k, "        s%s[(tid >> 4) + 8 * i][tid & 15] = pack_bf16x2(r%s[i][0], r%s[i][1]);", o->name, o->name, o->name);
+    else
+        kg_line(k, "        s%s[tid & 63][(tid >> 6) + 2 * i] = pack_bf16x2(r%s[i][0], r%s[i][1]);", o->name, o->name, o->name);
+}
+
+/* The whole kernel body after the arguments: C[m][n] = sum_k A[m][k] B[n][k] over the tile
+ * (m0, n0) (C expressions defined by the caller's prologue), `ktot` contraction indices
+ * (K constant, or the row count for weight gradients); `store` writes acc value `v` at
+ * (row m, col c) with both in range. */
+static void emit_mma_body(kgen *k, const mma_operand *a, const mma_operand *b, const char *ktot, int kguard,
+                          const char *store_row_ok, const char *store_col_lim, const char *store) {
+    kg_line(k, "LOCAL unsigned s%s[%d][%d], s%s[%d][%d];", a->name, BT, BK / 2 + 4, b->name, BT, BK / 2 + 4);
+    kg_line(k, "const int tid = LID_X, lane = tid & 31, warp = tid >> 5;");
+    kg_line(k, "const int wm = (warp >> 1) * 32, wn = (warp & 1) * 32, gq = lane >> 2, tq = lane & 3;");
+    kg_line(k, "float acc[2][4][4];");
+    kg_line(k, "#pragma unroll");
+    kg_line(k, "for (int i = 0; i < 2; i++)");
+    kg_line(k, "    for (int j = 0; j < 4; j++)");
+    kg_line(k, "        for (int e = 0; e < 4; e++) acc[i][j][e] = 0.0f;");
+    kg_line(k, "float r%s[8][2], r%s[8][2];", a->name, b->name);
+    /* row offsets of the k-contiguous operands are fixed for the whole contraction */
+    const mma_operand *ops[2] = {a, b};
+    for (int q = 0; q < 2; q++) {
+        const mma_operand *o = ops[q];
+        if (!o->kcontig) continue;
+        kg_line(k, "long %soff[8];", o->name);
+        kg_line(k, "#pragma unroll");
+        kg_line(k, "for (int i = 0; i < 8; i++) {");
+        kg_line(k, "    const long r = %s + (tid >> 4) + 8 * i;", o->base);
+        if (o->roff) kg_line(k, "    %soff[i] = r < %s ? %s : -1;", o->name, o->lim, o->roff);
+        else kg_line(k, "    %soff[i] = r < %s ? r * %ld : -1;", o->name, o->lim, o->ld);
+        kg_line(k, "}");
+    }
+    kg_line(k, "{");
+    kg_line(k, "    const long k0 = 0;");
+    emit_mma_load(k, a, ktot, kguard);
+    emit_mma_load(k, b, ktot, kguard);
+    kg_line(k, "}");
+    kg_line(k, "for (long kb = 0; kb < %s; kb += %d) {", ktot, BK);
+    emit_mma_store(k, a);
+    emit_mma_store(k, b);
+    kg_line(k, "    BARRIER();");
+    kg_line(k, "    if (kb + %d < %s) {", BK, ktot);
+    kg_line(k, "        const long k0 = kb + %d;", BK);
+    emit_mma_load(k, a, ktot, kguard);
+    emit_mma_load(k, b, ktot, kguard);
+    kg_line(k, "    }");
+    kg_line(k, "    #pragma unroll");
+    kg_line(k, "    for (int kk = 0; kk < %d; kk += 8) {", BK / 2);
+    kg_line(k, "        unsigned af[2][4], bf[4][2];");
+    kg_line(k, "        #pragma unroll");
+    kg_line(k, "        for (int i = 0; i < 2; i++) {");
+    kg_line(k, "            const int r = wm + 16 * i + gq;");
+    kg_line(k, "            af[i][0] = s%s[r][kk + tq]; af[i][1] = s%s[r + 8][kk + tq];", a->name, a->name);
+    kg_line(k, "            af[i][2] = s%s[r][kk + tq + 4]; af[i][3] = s%s[r + 8][kk + tq + 4];", a->name, a->name);
+    kg_line(k, "        }");
+    kg_line(k, "        #pragma unroll");
+    kg_line(k, "        for (int j = 0; j < 4; j++) {");
+    kg_line(k, "            const int c = wn + 8 * j + gq;");
+    kg_line(k, "            bf[j][0] = s%s[c][kk + tq]; bf[j][1] = s%s[c][kk + tq + 4];", b->name, b->name);
+    kg_line(k, "        }");
+    kg_line(k, "        #pragma unroll");
+    kg_line(k, "        for (int i = 0; i < 2; i++)");
+    kg_line(k, "            for (int j = 0; j < 4; j++) mma_bf16_16816(acc[i][j], af[i], bf[j]);");
+    kg_line(k, "    }");
+    kg_line(k, "    BARRIER();");
+    kg_line(k, "}");
+    /* accumulator e of tile (i, j): row gq (+8 for e >= 2), columns 2 tq and 2 tq + 1 */
+    kg_line(k, "#pragma unroll");
+    kg_line(k, "for (int i = 0; i < 2; i++)");
+    kg_line(k, "    for (int h = 0; h < 2; h++) {");
+    kg_line(k, "        const long m = m0 + wm + 16 * i + gq + 8 * h;");
+    kg_line(k, "        if (!(%s)) continue;", store_row_ok);
+    kg_line(k, "        for (int j = 0; j < 4; j++)");
+    kg_line(k, "            for (int e = 0; e < 2; e++) {");
+    kg_line(k, "                const long c = n0 + wn + 8 * j + 2 * tq + e;");
+    kg_line(k, "                const float v = acc[i][j][2 * h + e];");
+    kg_line(k, "                if (c < %s) %s;", store_col_lim, store);
+    kg_line(k, "            }");
+    kg_line(k, "    }");
+}
+
+static int emit_bf16(kgen *k, const ir_node *n) {
+    int x = n->in[0], w = n->in[1], y = n->out[0];
+    const ir_shape *xs = &k->g->t[x].shape;
+    long K = xs->d[xs->ndim - 1], N = kg_feat(k, w) / K, per = kg_feat(k, x) / K;
+    int node = (int)(n - k->g->n);
+    char rx[160], ry[160], st[240], nlim[32], klim[32], wk[64];
+    kg_begin(k, n->ia[0] ? "matmul_nn_bf16" : "matmul_nt_bf16", node, node + 1);
+    kg_in(k, "x", x);
+    kg_in(k, "w", w);
+    kg_out(k, "y", y);
+    kg_line(k, "const long M = %s * %ld;", kg_ntok_expr(k, x), per);
+    kg_line(k, "const long m0 = GID_X * %d, n0 = GID_Y * %d;", BT, BT);
+    snprintf(nlim, sizeof nlim, "%ldL", N);
+    snprintf(klim, sizeof klim, "%ldL", K);
+    mma_operand a = {.name = "x", .kcontig = 1, .roff = row_at(rx, sizeof rx, k, x, K, "r"), .base = "m0", .lim = "M"};
+    mma_operand b;
+    if (n->ia[0]) {   /* W [K,N]: the contraction index selects the row */
+        snprintf(wk, sizeof wk, "kx * %ld", N);
+        b = (mma_operand){.name = "w", .kcontig = 0, .koff = wk, .base = "n0", .lim = nlim};
+    } else {          /* W [N,K] */
+        b = (mma_operand){.name = "w", .kcontig = 1, .roff = NULL, .ld = K, .base = "n0", .lim = nlim};
+    }
+    snprintf(st, sizeof st, "y[%s + c] = v", row_at(ry, sizeof ry, k, y, N, "m"));
+    emit_mma_body(k, &a, &b, klim, K % BK != 0, "m < M", nlim, st);
+    grid_rows(k, 0, x, per, BT);
+    kg_grid(k, 1, (N + BT - 1) / BT, 0, 0, 0, 1);
+    kg_block(k, 128, 1, 1);
+    return kg_end(k);
+}
+
+/* o[p][q] = sum_r a[r][p] b[r][q]: M is P, N is Q and the rows are the contraction, so both
+ * operands are read along their rows and transposed into the shared tiles. */
+static int emit_wgrad_bf16(kgen *k, const ir_node *n) {
+    int a = n->in[0], b = n->in[1], o = n->out[0];
+    const ir_shape *as = &k->g->t[a].shape, *bs = &k->g->t[b].shape;
+    long P = as->d[as->ndim - 1], Q = bs->d[bs->ndim - 1], per = kg_feat(k, a) / P;
+    int node = (int)(n - k->g->n);
+    char ra[160], rb[160], plim[32], qlim[32], st[160];
+    kg_begin(k, "matmul_wgrad_bf16", node, node + 1);
+    kg_in(k, "a", a);
+    kg_in(k, "b", b);
+    kg_out(k, "o", o);
+    kg_line(k, "const long R = %s * %ld;", kg_ntok_expr(k, a), per);
+    kg_line(k, "const long n0 = GID_X * %d, m0 = GID_Y * %d;", BT, BT);
+    snprintf(plim, sizeof plim, "%ldL", P);
+    snprintf(qlim, sizeof qlim, "%ldL", Q);
+    mma_operand oa = {.name = "a", .kcontig = 0, .koff = row_at(ra, sizeof ra, k, a, P, "kx"), .base = "m0", .lim = plim};
+    mma_operand ob = {.name = "b", .kcontig = 0, .koff = row_at(rb, sizeof rb, k, b, Q, "kx"), .base = "n0", .lim = qlim};
+    snprintf(st, sizeof st, "o[m * %ld + c] = v", Q);
+    char rowok[48];
+    snprintf(rowok, sizeof rowok, "m < %ld", P);
+    emit_mma_body(k, &oa, &ob, "R", 1, rowok, qlim, st);
+    kg_grid(k, 0, (Q + BT - 1) / BT, 0, 0, 0, 1);
+    kg_grid(k, 1, (P + BT - 1) / BT, 0, 0, 0, 1);
+    kg_block(k, 128, 1, 1);
+    return kg_end(k);
+}
+
 static int emit(kgen *k, const ir_node *n) {
+    if (k->bf16) return emit_bf16(k, n);
     int x = n->in[0], w = n->in[1], y = n->out[0];
     const ir_shape *xs = &k->g->t[x].shape;
     long K = xs->d[xs->ndim - 1], N = kg_feat(k, w) / K, per = kg_feat(k, x) / K;
@@ -188,6 +394,7 @@ static int emit(kgen *k, const ir_node *n) {
 /* out [P,Q] = sum over rows of a^T b: a work-group owns an output tile and walks all rows in
  * order, KT rows per step. */
 static int emit_wgrad(kgen *k, const ir_node *n) {
+    if (k->bf16) return emit_wgrad_bf16(k, n);
     int a = n->in[0], b = n->in[1], o = n->out[0];
     const ir_shape *as = &k->g->t[a].shape, *bs = &k->g->t[b].shape;
     long P = as->d[as->ndim - 1], Q = bs->d[bs->ndim - 1], per = kg_feat(k, a) / P;

@@ -1,0 +1,464 @@
+/* bf16 matmuls (--precision bf16): tensor-core kernels with fp32 accumulation.
+ *
+ * With REALM_GPU=1 (`make test-gpu`): every matmul / matmul_wgrad template in bf16 against the
+ * fp64 reference on awkward sizes and strided views, whole models launch by launch (normwise
+ * relative error <= 1e-2, design §8), a short realm-9m training whose losses track an fp32
+ * run, and a timing table of realm-9m's matmuls fp32 vs bf16 (printed, never asserted: speed
+ * is not a test). REALM_GPU_BACKEND=cuda only: bf16 has no OpenCL path.
+ *
+ * Always (no GPU): the bf16 plan of realm-9m compiles with NVRTC for sm_80, sm_90 and sm_120,
+ * OpenCL ignores the option, and the CLI's --precision is checked. */
+#include "exec.h"
+#include "frontend.h"
+#include "kernelcheck.h"
+#include "op.h"
+#include "optimizer.h"
+#include "plan.h"
+#include "rng.h"
+#include "session.h"
+#include "test.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#define SH(...) ir_shape_make(sizeof((int[]){__VA_ARGS__}) / sizeof(int), (int[]){__VA_ARGS__})
+
+static const plan_options bf16_on = {.bf16 = 1};
+
+static int gpu_on(void) {
+    const char *e = getenv("REALM_GPU");
+    if (e && strcmp(e, "1") == 0) return 1;
+    printf("  (no GPU: skipped)\n");
+    return 0;
+}
+
+static backend *cuda_dev(tctx *t) {
+    char err[2048];
+    backend *bk = bk_create(BK_CUDA, 0, NULL, err, sizeof err);
+    if (!bk) t_fail(t, __FILE__, __LINE__, "REALM_GPU=1 but no CUDA device: %s", err);
+    return bk;
+}
+
+/* matmul (with its gradient rule: the other transposition and matmul_wgrad) on x [.., K] */
+typedef struct {
+    ir_shape x, w;
+    int trans;
+    long S;
+} mcase;
+
+static int build_matmul(const mcase *c, ir_graph *g) {
+    ir_init_graph(g);
+    int x = ir_tensor_new(g, "x", c->x, DT_F32, ROLE_PARAM), w = ir_tensor_new(g, "w", c->w, DT_F32, ROLE_PARAM);
+    long ia[IR_MAX_IATTR] = {c->trans};
+    int out[IR_MAX_IO];
+    if (ir_emit(g, "matmul", (int[]){x, w}, 2, ia, NULL, out) < 0) return -1;
+    int dout[IR_MAX_IO], din[IR_MAX_IO];
+    for (int i = 0; i < IR_MAX_IO; i++) dout[i] = din[i] = -1;
+    dout[0] = ir_tensor_new(g, "dy", g->t[out[0]].shape, DT_F32, ROLE_PARAM);
+    g->backward_start = g->nn;
+    return op_get(op_find("matmul"))->grad(g, 0, dout, din);
+}
+
+TEST(bf16_kernels_matmul) {
+    if (!gpu_on()) return;
+    const mcase c[] = {
+        {SH(DIM_B, DIM_S, 7), SH(5, 7), 0, 13},
+        {SH(DIM_B, DIM_S, 67), SH(129, 67), 0, 13},
+        {SH(DIM_B, DIM_S, 7), SH(7, 3), 1, 13},
+        {SH(DIM_B, DIM_S, 2, 6), SH(4, 6), 0, 13},          /* two rows per token */
+        {SH(DIM_B, DIM_S, 70), SH(130, 70), 0, 100},
+        {SH(DIM_B, DIM_S, 3, 5), SH(5, 70), 1, 50},
+        {SH(6, 7), SH(5, 7), 0, 1},                          /* no token dims */
+        {SH(DIM_B, DIM_S, 33), SH(33, 65), 1, 31},           /* odd contraction, one past a tile */
+        {SH(DIM_B, DIM_S, 384), SH(1716, 384), 0, 300},      /* realm-9m's in_proj */
+        {SH(DIM_B, DIM_S, 768), SH(384, 768), 0, 257},       /* out_proj */
+        {SH(DIM_B, DIM_S, 384), SH(384, 256), 1, 64},        /* exact tiles, trans */
+        {SH(DIM_B, DIM_S, 1), SH(3, 1), 0, 5},               /* K = 1 */
+    };
+    backend *bk = cuda_dev(t);
+    if (!bk) return;
+    for (size_t i = 0; i < sizeof c / sizeof c[0] && !t->failed; i++) {
+        ir_graph g;
+        if (build_matmul(&c[i], &g) < 0) {
+            t_fail(t, __FILE__, __LINE__, "case %zu: %s", i, g.err);
+        } else {
+            kc_check_graph_opts(t, bk, &g, 2, c[i].S, 1e-2, 1, &bf16_on);
+            if (t->failed) {
+                char m[sizeof t->msg];
+                snprintf(m, sizeof m, "%s", t->msg);
+                snprintf(t->msg, sizeof t->msg, "bf16 matmul case %zu: %.900s", i, m);
+            }
+        }
+        ir_free(&g);
+    }
+    bk_destroy(bk);
+}
+
+/* Strided views: inputs and outputs that are slices of wider tensors (token stride != feat). */
+TEST(bf16_kernels_matmul_views) {
+    if (!gpu_on()) return;
+    ir_graph g;
+    ir_init_graph(&g);
+    int xa = ir_tensor_new(&g, "xa", SH(DIM_B, DIM_S, 40), DT_F32, ROLE_PARAM);
+    int xb = ir_tensor_new(&g, "xb", SH(DIM_B, DIM_S, 23), DT_F32, ROLE_PARAM);
+    int ya = ir_tensor_new(&g, "ya", SH(DIM_B, DIM_S, 30), DT_F32, ROLE_PARAM);
+    int xc = ir_tensor_new(&g, "xc", SH(DIM_B, DIM_S, 200), DT_F32, ROLE_PARAM);
+    int w = ir_tensor_new(&g, "w", SH(9, 7), DT_F32, ROLE_PARAM);
+    int w2 = ir_tensor_new(&g, "w2", SH(7, 5), DT_F32, ROLE_PARAM);
+    int w3 = ir_tensor_new(&g, "w3", SH(70, 90), DT_F32, ROLE_PARAM);
+    int x7 = ir_view(&g, xa, SH(DIM_B, DIM_S, 2, 7), 3, "x7");
+    int b6 = ir_view(&g, xb, SH(DIM_B, DIM_S, 2, 6), 4, "b6");
+    int y9 = ir_view(&g, ya, SH(DIM_B, DIM_S, 2, 9), 5, "y9");
+    int c90 = ir_view(&g, xc, SH(DIM_B, DIM_S, 90), 7, "c90");
+    int c70 = ir_view(&g, xc, SH(DIM_B, DIM_S, 70), 101, "c70");
+    int out[IR_MAX_IO];
+    long tr1[IR_MAX_IATTR] = {1};
+    int ok = ir_emit_into(&g, "matmul", (int[]){x7, w}, 2, NULL, NULL, y9) >= 0 &&
+             ir_emit(&g, "matmul", (int[]){x7, w2}, 2, tr1, NULL, out) == 1 &&
+             ir_emit(&g, "matmul_wgrad", (int[]){x7, b6}, 2, NULL, NULL, out) == 1 &&
+             ir_emit(&g, "matmul", (int[]){c90, w3}, 2, NULL, NULL, out) == 1 &&
+             ir_emit(&g, "matmul", (int[]){c70, w3}, 2, tr1, NULL, out) == 1 &&
+             ir_emit(&g, "matmul_wgrad", (int[]){c90, c70}, 2, NULL, NULL, out) == 1;
+    if (!ok) {
+        t_fail(t, __FILE__, __LINE__, "building the graph: %s", g.err);
+    } else {
+        backend *bk = cuda_dev(t);
+        if (bk) {
+            kc_check_graph_opts(t, bk, &g, 3, 71, 1e-2, 1, &bf16_on);
+            bk_destroy(bk);
+        }
+    }
+    ir_free(&g);
+}
+
+static void check_model(tctx *t, const char *path, long B, long S) {
+    if (!gpu_on()) return;
+    realm_model m;
+    char err[1024];
+    CHECK(model_load(path, &m, err, sizeof err) == 0, "%s", err);
+    if (ir_autodiff(&m.g) < 0) {
+        t_fail(t, __FILE__, __LINE__, "autodiff: %s", m.g.err);
+    } else {
+        backend *bk = cuda_dev(t);
+        if (bk) {
+            kc_check_graph_opts(t, bk, &m.g, B, S, 1e-2, m.vocab, &bf16_on);
+            bk_destroy(bk);
+        }
+    }
+    model_free(&m);
+}
+
+TEST(bf16_kernels_tiny_model_every_launch) { check_model(t, "models/tiny.lua", 2, 37); }
+TEST(bf16_kernels_realm9m_every_launch) { check_model(t, "models/realm-9m.lua", 1, 80); }
+
+/* ---- training through the CLI ---- */
+
+static char *slurp(const char *path) {
+    FILE *f = fopen(path, "rb");
+    if (!f) return NULL;
+    char *b = NULL;
+    long n = -1;
+    if (fseek(f, 0, SEEK_END) == 0 && (n = ftell(f)) >= 0 && fseek(f, 0, SEEK_SET) == 0) {
+        b = calloc((size_t)n + 1, 1);
+        if (b && fread(b, 1, (size_t)n, f) != (size_t)n) b[0] = 0;
+    }
+    fclose(f);
+    return b;
+}
+
+/* losses.tsv -> values (up to max); returns how many */
+static int read_losses(const char *run, double *v, int max) {
+    char path[700];
+    snprintf(path, sizeof path, "%.600s/losses.tsv", run);
+    char *s = slurp(path);
+    int n = 0;
+    for (char *p = s; p && *p && n < max;) {
+        long step;
+        double x;
+        if (sscanf(p, "%ld\t%lf", &step, &x) == 2) v[n++] = x;
+        p = strchr(p, '\n');
+        if (p) p++;
+    }
+    free(s);
+    return n;
+}
+
+static void rm_rf(const char *d) {
+    char cmd[800], out[64];
+    snprintf(cmd, sizeof cmd, "rm -rf %s", d);
+    t_run(cmd, out, sizeof out);
+}
+
+/* realm-9m, 30 steps of batch 4 x 256 bytes of tinyshakespeare, bf16 against fp32 from the
+ * same initialisation and batches: the two runs compute the same function up to bf16 rounding
+ * of the matmul operands, so their losses stay within a few percent (they are not bitwise
+ * equal). Then a resume that asks for fp32 keeps the run's bf16. */
+TEST(bf16_train_realm9m_tracks_fp32) {
+    if (!gpu_on()) return;
+    const char *sh = t_shared_dir();
+    if (!sh) {
+        printf("  (no ../shared/data/tinyshakespeare.txt: skipped)\n");
+        return;
+    }
+    char data[512], dir[512], cmd[2048], out[16384], run[2][600];
+    snprintf(data, sizeof data, "%s/data/tinyshakespeare.txt", sh);
+    snprintf(dir, sizeof dir, "/tmp/realm-bf16-%d-%llu", (int)getpid(), (unsigned long long)(t_next(t) % 100000));
+    const char *prec[2] = {"fp32", "bf16"};
+    double l[2][40];
+    int n[2];
+    for (int i = 0; i < 2; i++) {
+        snprintf(run[i], sizeof run[i], "%s/%s", dir, prec[i]);
+        snprintf(cmd, sizeof cmd,
+                 "%s train models/realm-9m.lua --data %s --out %s --backend cuda --precision %s --steps 30 --batch 4 "
+                 "--seq 256 --warmup 5 --eval-every 0 --save-every 1000 --log-every 10",
+                 t_realm_bin(), data, run[i], prec[i]);
+        int rc = t_run(cmd, out, sizeof out);
+        if (rc != 0) {
+            rm_rf(dir);
+            CHECK(0, "%s training failed (status %d): %s", prec[i], rc, out);
+        }
+        char want[64];
+        snprintf(want, sizeof want, "%s matmuls", prec[i]);
+        if (!strstr(out, want)) rm_rf(dir);
+        CHECK(strstr(out, want), "the run does not say '%s': %s", want, out);
+        n[i] = read_losses(run[i], l[i], 40);
+    }
+    double tail[2] = {0, 0}, maxrel = 0;
+    for (int i = 0; i < 2; i++)
+        for (int k = 25; k < 30 && k < n[i]; k++) tail[i] += l[i][k] / 5;
+    for (int k = 0; k < 30 && k < n[0] && k < n[1]; k++) {
+        double r = fabs(l[1][k] - l[0][k]) / l[0][k];
+        if (r > maxrel) maxrel = r;
+    }
+    printf("  realm-9m 30 steps: fp32 loss %.4f -> %.4f, bf16 %.4f -> %.4f (mean of the last 5); largest per-step "
+           "difference %.2f%%\n", l[0][0], tail[0], l[1][0], tail[1], 100 * maxrel);
+    /* the saved state says bf16, and a resume keeps it whatever --precision says */
+    char rout[16384];
+    snprintf(cmd, sizeof cmd, "grep -rh '\"precision\"' %s/ | sort -u", run[1]);
+    t_run(cmd, out, sizeof out);
+    int saved_bf16 = strstr(out, "\"bf16\"") != NULL;
+    snprintf(cmd, sizeof cmd,
+             "%s train models/realm-9m.lua --data %s --out %s --backend cuda --precision fp32 --steps 32 --batch 4 "
+             "--seq 256 --warmup 5 --eval-every 0 --save-every 1000 --log-every 10",
+             t_realm_bin(), data, run[1]);
+    int rc = t_run(cmd, rout, sizeof rout);
+    rm_rf(dir);
+    CHECK(n[0] == 30 && n[1] == 30, "losses logged: fp32 %d, bf16 %d", n[0], n[1]);
+    CHECK(isfinite(tail[0]) && isfinite(tail[1]) && tail[1] < l[1][0] - 1.0, "bf16 loss did not fall: %.4f -> %.4f",
+          l[1][0], tail[1]);
+    CHECK(fabs(tail[1] - tail[0]) / tail[0] < 0.03, "bf16 loss %.4f vs fp32 %.4f over the last 5 steps", tail[1],
+          tail[0]);
+    CHECK(saved_bf16, "state.json does not record bf16");
+    CHECK(rc == 0 && strstr(rout, "resuming from") && strstr(rout, "bf16 matmuls") && strstr(rout, "ignored"),
+          "resume with --precision fp32 (status %d): %s", rc, rout);
+}
+
+/* ---- timing (printed, not asserted) ---- */
+
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+/* One realm-9m training step at B x S: median whole-step ms (profiling off) and device ms per
+ * step in matmul / matmul_wgrad launches (profiling on). */
+static int time_precision(tctx *t, backend *bk, const char *src, size_t len, int bf16, long B, long S, double *step_ms,
+                          double *mm_ms, double *wg_ms, double *flop) {
+    char err[4096];
+    session s;
+    plan_options po = {.bf16 = bf16};
+    if (session_prepare_opts(&s, src, len, "models/realm-9m.lua", "cuda", 1, 0, &po, err, sizeof err) < 0) {
+        t_fail(t, __FILE__, __LINE__, "%s", err);
+        return -1;
+    }
+    int rc = -1;
+    uint8_t *rows = malloc((size_t)(B * (S + 1)));
+    rng_state r;
+    rng_seed(&r, 7);
+    for (long i = 0; i < B * (S + 1); i++) rows[i] = (uint8_t)rng_below(&r, 256);
+    const float hyper[8] = {1e-3f, 0.9f, 0.95f, 1e-8f, 0.1f, 0.19f, 0.0975f, 1.0f};
+    *flop = 0;
+    for (int i = 0; i < s.m.g.nn; i++) {
+        const op_def *d = op_get(s.m.g.n[i].op);
+        if (d->flops && strncmp(d->name, "matmul", 6) == 0) *flop += d->flops(&s.m.g, &s.m.g.n[i], B, S);
+    }
+    double ms[7];
+    if (session_alloc(&s, bk, B, S, err, sizeof err) < 0 || session_init_params(&s, 1, err, sizeof err) < 0 ||
+        exec_upload(&s.x, s.opt.hyper, hyper, err, sizeof err) < 0 ||
+        session_set_batch(&s, rows, S + 1, err, sizeof err) < 0)
+        goto out;
+    for (int i = 0; i < 2; i++)
+        if (session_run(&s, err, sizeof err) < 0) goto out;
+    if (bk_sync(bk, NULL) < 0) goto out_bk;
+    for (int i = 0; i < 7; i++) {
+        double t0 = now_s();
+        if (session_run(&s, err, sizeof err) < 0) goto out;
+        if (bk_sync(bk, NULL) < 0) goto out_bk;
+        ms[i] = 1000 * (now_s() - t0);
+    }
+    for (int i = 0; i < 7; i++)   /* median of 7 */
+        for (int j = i + 1; j < 7; j++)
+            if (ms[j] < ms[i]) {
+                double x = ms[i];
+                ms[i] = ms[j], ms[j] = x;
+            }
+    *step_ms = ms[3];
+    if (exec_profile_enable(&s.x, err, sizeof err) < 0) goto out;
+    const int psteps = 3;
+    for (int i = 0; i < psteps; i++)
+        if (session_run(&s, err, sizeof err) < 0 || exec_profile_collect(&s.x, err, sizeof err) < 0) goto out;
+    *mm_ms = *wg_ms = 0;
+    for (int e = 0; e < s.x.prof->nop; e++) {
+        if (strcmp(s.x.prof->by_op[e].name, "matmul") == 0) *mm_ms += s.x.prof->by_op[e].ms / psteps;
+        if (strcmp(s.x.prof->by_op[e].name, "matmul_wgrad") == 0) *wg_ms += s.x.prof->by_op[e].ms / psteps;
+    }
+    rc = 0;
+    goto out;
+out_bk:
+    snprintf(err, sizeof err, "%s", bk_error(bk));
+out:
+    if (rc < 0) t_fail(t, __FILE__, __LINE__, "%s", err);
+    free(rows);
+    session_close(&s);
+    return rc;
+}
+
+TEST(bf16_timing_realm9m) {
+    if (!gpu_on()) return;
+    char err[1024], *src = slurp("models/realm-9m.lua");
+    CHECK(src, "models/realm-9m.lua");
+    backend *bk = cuda_dev(t);
+    if (!bk) {
+        free(src);
+        return;
+    }
+    const long B = 8, S = 1024;
+    double step[2], mm[2], wg[2], fl[2];
+    int ok = 1;
+    for (int i = 0; i < 2 && ok; i++)
+        ok = time_precision(t, bk, src, strlen(src), i, B, S, &step[i], &mm[i], &wg[i], &fl[i]) == 0;
+    if (ok) {
+        (void)err;
+        printf("  realm-9m training step, batch %ld x seq %ld on %s:\n", B, S, bk_info(bk)->name);
+        printf("    %-5s %12s %14s %18s %16s\n", "", "step ms", "matmul ms", "matmul_wgrad ms", "matmul TFLOP/s");
+        for (int i = 0; i < 2; i++)
+            printf("    %-5s %12.2f %14.2f %18.2f %16.1f\n", i ? "bf16" : "fp32", step[i], mm[i], wg[i],
+                   fl[i] / ((mm[i] + wg[i]) * 1e-3) / 1e12);
+        printf("    matmuls %.2fx faster, step %.2fx faster\n", (mm[0] + wg[0]) / (mm[1] + wg[1]), step[0] / step[1]);
+    }
+    bk_destroy(bk);
+    free(src);
+}
+
+/* ---- always on ---- */
+
+/* The bf16 plan of realm-9m (training step) compiles with NVRTC alone for every arch CI covers;
+ * its matmuls are mma.sync kernels, the fp32 plan has none, and OpenCL ignores the option. */
+TEST(bf16_plan_compiles_for_every_arch) {
+    realm_model m;
+    char err[4096];
+    CHECK(model_load("models/realm-9m.lua", &m, err, sizeof err) == 0, "%s", err);
+    ir_optimizer o;
+    if (ir_autodiff(&m.g) < 0 || ir_add_optimizer(&m.g, &o) < 0) {
+        t_fail(t, __FILE__, __LINE__, "%s", m.g.err);
+        model_free(&m);
+        return;
+    }
+    int keep[1] = {m.loss};
+    plan pb, pf, po;
+    int okb = plan_build_opts(&pb, &m.g, 0, m.g.nn, "cuda", keep, 1, &bf16_on, err, sizeof err) == 0;
+    int okf = okb && plan_build(&pf, &m.g, 0, m.g.nn, "cuda", keep, 1, err, sizeof err) == 0;
+    int oko = okf && plan_build_opts(&po, &m.g, 0, m.g.nn, "opencl", keep, 1, &bf16_on, err, sizeof err) == 0;
+    if (!oko) {
+        t_fail(t, __FILE__, __LINE__, "plan: %s", err);
+        if (okf) plan_free(&pf);
+        if (okb) plan_free(&pb);
+        model_free(&m);
+        return;
+    }
+    int nmma = 0, nmm = 0;
+    for (int l = 0; l < pb.kg.nl; l++) {
+        nmma += strstr(pb.kg.launches[l].kernel, "_bf16") != NULL;
+        nmm += strncmp(op_get(m.g.n[pb.kg.launches[l].node0].op)->name, "matmul", 6) == 0;
+    }
+    int bf_flag = pb.kg.bf16, has_mma = strstr(pb.kg.src.s, "mma.sync.aligned.m16n8k16") != NULL;
+    int fp32_clean = !pf.kg.bf16 && !strstr(pf.kg.src.s, "mma.sync") && !strstr(pf.kg.src.s, "bf16");
+    int ocl_fp32 = !po.kg.bf16 && !strstr(po.kg.src.s, "bf16");
+    const char *archs[] = {"sm_80", "sm_90", "sm_120"};
+    int compiled = 1;
+    for (int a = 0; a < 3 && compiled; a++) {
+        void *cubin = NULL;
+        size_t len = 0;
+        if (cuda_compile_only(pb.kg.src.s, archs[a], "", &cubin, &len, err, sizeof err) < 0) {
+            compiled = 0;
+            char m2[3000];
+            snprintf(m2, sizeof m2, "%s: %.2900s", archs[a], err);
+            snprintf(err, sizeof err, "%s", m2);
+        }
+        free(cubin);
+    }
+    plan_free(&po);
+    plan_free(&pf);
+    plan_free(&pb);
+    model_free(&m);
+    CHECK(bf_flag && has_mma, "the bf16 CUDA plan has no mma.sync kernels");
+    CHECK(nmm > 0 && nmma == nmm, "%d of %d matmul launches use the bf16 kernels", nmma, nmm);
+    CHECK(fp32_clean, "plan_build (fp32) emitted bf16 code");
+    CHECK(ocl_fp32, "the OpenCL dialect did not ignore bf16");
+    CHECK(compiled, "NVRTC: %s", err);
+}
+
+TEST(bf16_cli_precision) {
+    char cmd[1024], out[8192];
+    snprintf(cmd, sizeof cmd, "%s kernels models/realm-9m.lua --backend cuda --arch sm_90", t_realm_bin());
+    int rc = t_run(cmd, out, sizeof out);
+    CHECK(rc == 0 && strstr(out, "bf16 matmuls") && strstr(out, "CUBIN"), "default kernels (status %d): %s", rc, out);
+    snprintf(cmd, sizeof cmd, "%s kernels models/tiny.lua --backend cuda --arch sm_90 --precision fp32", t_realm_bin());
+    rc = t_run(cmd, out, sizeof out);
+    CHECK(rc == 0 && strstr(out, "fp32 matmuls"), "--precision fp32 (status %d): %s", rc, out);
+    snprintf(cmd, sizeof cmd, "%s kernels models/tiny.lua --backend cuda --arch sm_75", t_realm_bin());
+    rc = t_run(cmd, out, sizeof out);
+    CHECK(rc == 0 && strstr(out, "fp32 matmuls"), "sm_75 defaults to fp32 (status %d): %s", rc, out);
+    snprintf(cmd, sizeof cmd, "%s kernels models/tiny.lua --backend opencl --precision bf16", t_realm_bin());
+    rc = t_run(cmd, out, sizeof out);
+    CHECK(rc == 2, "opencl + bf16 kernels: status %d: %s", rc, out);
+    snprintf(cmd, sizeof cmd, "%s kernels models/tiny.lua --backend cuda --precision fp16", t_realm_bin());
+    rc = t_run(cmd, out, sizeof out);
+    CHECK(rc == 2, "--precision fp16: status %d: %s", rc, out);
+    /* training: bf16 on OpenCL is one line and exit 2; a bad value too */
+    char data[256], run[256];
+    snprintf(data, sizeof data, "/tmp/realm-bf16-cli-%d.txt", (int)getpid());
+    snprintf(run, sizeof run, "/tmp/realm-bf16-cli-%d", (int)getpid());
+    snprintf(cmd, sizeof cmd, "cat README.md docs/*.md > %s", data);
+    t_run(cmd, out, sizeof out);
+    snprintf(cmd, sizeof cmd,
+             "%s train models/tiny.lua --data %s --out %s --backend opencl --precision bf16 --steps 2 --batch 2 "
+             "--seq 32 --eval-every 0",
+             t_realm_bin(), data, run);
+    rc = t_run(cmd, out, sizeof out);
+    char *nl = strchr(out, '\n');
+    int one_line = nl && !nl[1];
+    snprintf(cmd, sizeof cmd,
+             "%s train models/tiny.lua --data %s --out %s --backend opencl --precision fp8 --steps 2 --batch 2 "
+             "--seq 32 --eval-every 0",
+             t_realm_bin(), data, run);
+    int rc8 = t_run(cmd, out + 4096, 4096);
+    /* OpenCL defaults to fp32 and records it */
+    snprintf(cmd, sizeof cmd,
+             "%s train models/tiny.lua --data %s --out %s --backend opencl --steps 2 --batch 2 --seq 32 --eval-every 0 "
+             "&& grep -rh '\"precision\"' %s/ | sort -u",
+             t_realm_bin(), data, run, run);
+    char out2[8192];
+    int rcd = t_run(cmd, out2, sizeof out2);
+    rm_rf(run);
+    unlink(data);
+    CHECK(rc == 2 && one_line && strstr(out, "bf16"), "opencl + --precision bf16: status %d: %s", rc, out);
+    CHECK(rc8 == 2, "--precision fp8: status %d: %s", rc8, out + 4096);
+    CHECK(rcd == 0 && strstr(out2, "fp32 matmuls") && strstr(out2, "\"precision\": \"fp32\""),
+          "opencl default run (status %d): %s", rcd, out2);
+}
