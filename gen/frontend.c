@@ -595,8 +595,9 @@ static int build_model(lua_State *L) {
         return 0;
     }
     int prev = ir_scope_push(g, "loss", "loss");
-    int in[2] = {m->logits, m->targets};
-    if (ir_emit(g, "cross_entropy", in, 2, NULL, NULL, &m->loss) < 0) fe_error(L, "%s", g->err);
+    int in[2] = {m->logits, m->targets}, out[IR_MAX_IO];   /* out[1]: per-row losses (workspace) */
+    if (ir_emit(g, "cross_entropy", in, 2, NULL, NULL, out) < 0) fe_error(L, "%s", g->err);
+    m->loss = out[0];
     ir_scope_set(g, prev);
     g->loss = m->loss;
     return 0;

@@ -21,9 +21,10 @@ int ir_add_optimizer(ir_graph *g, ir_optimizer *o) {
     /* sum of squares in groups that fit one node, then added up */
     int total = -1;
     for (int i = 0; i < np; i += IR_MAX_IO) {
-        int in[IR_MAX_IO], n = 0, part;
+        int in[IR_MAX_IO], n = 0, out[IR_MAX_IO];   /* out[1]: sumsq's per-chunk workspace */
         for (int k = i; k < np && n < IR_MAX_IO; k++) in[n++] = g->t[params[k]].grad;
-        if (ir_emit(g, "sumsq", in, n, NULL, NULL, &part) < 0) return -1;
+        if (ir_emit(g, "sumsq", in, n, NULL, NULL, out) < 0) return -1;
+        int part = out[0];
         if (total < 0) total = part;
         else {
             int a[2] = {total, part};

@@ -119,7 +119,7 @@ static double op_fd_check(tctx *t, const op_case *oc, char *msg, size_t len) {
     memcpy(fa, d->fa_default, sizeof fa);
     for (int i = 0; i < IR_MAX_IATTR; i++) if (oc->ia[i]) ia[i] = oc->ia[i];
     for (int i = 0; i < IR_MAX_FATTR; i++) if (oc->fa[i]) fa[i] = oc->fa[i];
-    if (ir_emit(&g, oc->op, in, oc->nin, ia, fa, out) != 1) {
+    if (ir_emit(&g, oc->op, in, oc->nin, ia, fa, out) < 1) {   /* out[0] is checked; others are workspaces */
         snprintf(msg, len, "%s: %s", oc->op, g.err);
         ir_free(&g);
         return INFINITY;
@@ -130,7 +130,9 @@ static double op_fd_check(tctx *t, const op_case *oc, char *msg, size_t len) {
     g.backward_start = nfwd;
     int din[IR_MAX_IO];
     for (int i = 0; i < IR_MAX_IO; i++) din[i] = -1;
-    int dout[IR_MAX_IO] = {dy};
+    int dout[IR_MAX_IO];   /* as autodiff passes it: -1 for outputs nothing reads */
+    for (int i = 0; i < IR_MAX_IO; i++) dout[i] = -1;
+    dout[0] = dy;
     if (d->grad(&g, 0, dout, din) < 0) {
         snprintf(msg, len, "%s grad: %s", oc->op, g.err);
         ir_free(&g);

@@ -100,10 +100,18 @@ TEST(kernels_dense) {
         {"matmul", 2, {SH(DIM_B, DIM_S, 2, 6), SH(4, 6)}, F2, {0}, {0}, 0, 0},
         {"rmsnorm", 2, {SH(DIM_B, DIM_S, 9), SH(9)}, F2, {0}, {1e-5}, 0, 0},
         {"rmsnorm", 2, {SH(DIM_B, DIM_S, 130), SH(130)}, F2, {0}, {1e-5}, 0, 0},
+        /* more rows than dw chunks: several team steps per chunk, a ragged last step */
+        {"rmsnorm", 2, {SH(DIM_B, DIM_S, 384), SH(384)}, F2, {0}, {1e-5}, 0, 1100},
+        {"rmsnorm", 2, {SH(DIM_B, DIM_S, 2, 9), SH(9)}, F2, {0}, {1e-5}, 0, 700},
         {"embedding", 2, {SH(DIM_B, DIM_S), SH(11, 4)}, {DT_I32, DT_F32}, {0}, {0}, 11, 0},
         {"embedding", 2, {SH(DIM_B, DIM_S), SH(256, 33)}, {DT_I32, DT_F32}, {0}, {0}, 256, 0},
+        /* more tokens than backward chunks; more ids than one LOCAL block of 256 */
+        {"embedding", 2, {SH(DIM_B, DIM_S), SH(256, 40)}, {DT_I32, DT_F32}, {0}, {0}, 256, 1100},
+        {"embedding", 2, {SH(DIM_B, DIM_S), SH(300, 33)}, {DT_I32, DT_F32}, {0}, {0}, 300, 600},
         {"cross_entropy", 2, {SH(DIM_B, DIM_S, 13), SH(DIM_B, DIM_S)}, {DT_F32, DT_I32}, {0}, {0}, 13, 0},
         {"cross_entropy", 2, {SH(DIM_B, DIM_S, 256), SH(DIM_B, DIM_S)}, {DT_F32, DT_I32}, {0}, {0}, 256, 0},
+        /* rows > 256: the mean's threads add several rows each */
+        {"cross_entropy", 2, {SH(DIM_B, DIM_S, 256), SH(DIM_B, DIM_S)}, {DT_F32, DT_I32}, {0}, {0}, 256, 700},
     };
     run_cases(t, c, sizeof c / sizeof c[0]);
 }
@@ -116,6 +124,16 @@ TEST(kernels_attention) {
         {"attention", 3, {SH(DIM_B, DIM_S, 2, 64), SH(DIM_B, DIM_S, 2, 64), SH(DIM_B, DIM_S, 2, 64)}, {DT_F32, DT_F32, DT_F32}, {100}, {0}, 0, 37},
         {"attention", 3, {SH(DIM_B, DIM_S, 1, 16), SH(DIM_B, DIM_S, 1, 16), SH(DIM_B, DIM_S, 1, 16)}, {DT_F32, DT_F32, DT_F32}, {1}, {0}, 0, 20},
         {"attention", 3, {SH(DIM_B, DIM_S, 6, 32), SH(DIM_B, DIM_S, 3, 32), SH(DIM_B, DIM_S, 3, 32)}, {DT_F32, DT_F32, DT_F32}, {17}, {0}, 0, 70},
+        /* realm-9m's heads (6 of 64) with a window shorter than S: many key and query blocks */
+        {"attention", 3, {SH(DIM_B, DIM_S, 6, 64), SH(DIM_B, DIM_S, 6, 64), SH(DIM_B, DIM_S, 6, 64)}, {DT_F32, DT_F32, DT_F32}, {96}, {0}, 0, 200},
+        /* GQA at head dim 64, a window that is no multiple of the tile edge */
+        {"attention", 3, {SH(DIM_B, DIM_S, 6, 64), SH(DIM_B, DIM_S, 2, 64), SH(DIM_B, DIM_S, 2, 64)}, {DT_F32, DT_F32, DT_F32}, {40}, {0}, 0, 77},
+        /* head dim 6: padded to 8 inside the tiles */
+        {"attention", 3, {SH(DIM_B, DIM_S, 2, 6), SH(DIM_B, DIM_S, 1, 6), SH(DIM_B, DIM_S, 1, 6)}, {DT_F32, DT_F32, DT_F32}, {5}, {0}, 0, 23},
+        /* window longer than the sequence: plain causal */
+        {"attention", 3, {SH(DIM_B, DIM_S, 2, 16), SH(DIM_B, DIM_S, 2, 16), SH(DIM_B, DIM_S, 2, 16)}, {DT_F32, DT_F32, DT_F32}, {1000}, {0}, 0, 70},
+        /* heads too wide for the backward's tiles: the per-row fallback */
+        {"attention", 3, {SH(DIM_B, DIM_S, 1, 800), SH(DIM_B, DIM_S, 1, 800), SH(DIM_B, DIM_S, 1, 800)}, {DT_F32, DT_F32, DT_F32}, {4}, {0}, 0, 9},
     };
     run_cases(t, c, sizeof c / sizeof c[0]);
 }
@@ -249,11 +267,11 @@ TEST(kernels_dense_views) {
     CHECK(ir_emit(&g, "matmul", (int[]){x7, w2}, 2, tr1, NULL, out) == 1, "%s", g.err);
     CHECK(ir_emit(&g, "matmul_wgrad", (int[]){x7, b6}, 2, NULL, NULL, out) == 1, "%s", g.err);
     CHECK(ir_emit(&g, "rmsnorm", (int[]){x13, nw}, 2, NULL, eps, out) == 1, "%s", g.err);
-    CHECK(ir_emit(&g, "rmsnorm_bwd", (int[]){x13, nw, x13}, 3, NULL, eps, out) == 2, "%s", g.err);
-    CHECK(ir_emit(&g, "cross_entropy", (int[]){x13, tg}, 2, NULL, NULL, out) == 1, "%s", g.err);
+    CHECK(ir_emit(&g, "rmsnorm_bwd", (int[]){x13, nw, x13}, 3, NULL, eps, out) == 3, "%s", g.err);
+    CHECK(ir_emit(&g, "cross_entropy", (int[]){x13, tg}, 2, NULL, NULL, out) == 2, "%s", g.err);
     CHECK(ir_emit(&g, "cross_entropy_bwd", (int[]){x13, tg, dl}, 3, NULL, NULL, out) == 1, "%s", g.err);
     CHECK(ir_emit_into(&g, "embedding", (int[]){tok, tab}, 2, NULL, NULL, e6) >= 0, "%s", g.err);
-    CHECK(ir_emit(&g, "embedding_bwd", (int[]){tok, d13}, 2, vocab, NULL, out) == 1, "%s", g.err);
+    CHECK(ir_emit(&g, "embedding_bwd", (int[]){tok, d13}, 2, vocab, NULL, out) == 2, "%s", g.err);
     backend *bk = kc_opencl(t);
     if (bk) {
         kc_check_graph(t, bk, &g, 3, 11, 1e-5, 11);

@@ -267,6 +267,11 @@ static int attention_bwd_infer(const ir_graph *g, const ir_node *n, ir_shape *ou
         out[i] = *op_in_shape(g, n, i);
         dt[i] = DT_F32;
     }
+    /* Workspace: D_i = do_i . o_i per (token, head), computed once by the first kernel and read
+     * by the two tiled ones (every key block needs it for every query it sees). Nothing
+     * differentiates through it. */
+    out[3] = lse;
+    dt[3] = DT_F32;
     return 0;
 }
 
@@ -277,7 +282,7 @@ static int attention_grad(ir_graph *g, int node, const int *dout, int *din) {
     const ir_node nd = g->n[node];
     const int in[6] = {nd.in[0], nd.in[1], nd.in[2], nd.out[0], nd.out[1], dout[0]};
     int out[IR_MAX_IO];
-    if (ir_emit(g, "attention_bwd", in, 6, nd.ia, nd.fa, out) != 3) return -1;
+    if (ir_emit(g, "attention_bwd", in, 6, nd.ia, nd.fa, out) != 4) return -1;
     for (int i = 0; i < 3; i++) din[i] = out[i];
     return 0;
 }
@@ -309,6 +314,10 @@ static void attention_bwd_ref(const ref_ctx *c, const ir_node *n) {
     attn_dims d = ref_dims(c, n);
     attn_ref_backward(&d, q.p, q.ld, k.p, k.ld, v.p, v.ld, o.p, o.ld, lse.p, lse.ld, dO.p, dO.ld,
                       dq.p, dq.ld, dk.p, dk.ld, dv.p, dv.ld);
+    ref_buf Dw = ref_get(c, n->out[3]);
+    for (long t = 0; t < d.B * d.S; t++)
+        for (long h = 0; h < d.H; h++)
+            Dw.p[t * Dw.ld + h] = dot(dO.p + t * dO.ld + h * d.Dh, o.p + t * o.ld + h * d.Dh, d.Dh);
 }
 
 static double attention_flops(const ir_graph *g, const ir_node *n, long B, long S) {
@@ -323,9 +332,10 @@ static double attention_bwd_flops(const ir_graph *g, const ir_node *n, long B, l
 }
 
 /* ---- kernel templates ----
- * Simple, deterministic versions (no atomics, no LOCAL memory): one work-item per output row,
- * fp32 throughout, every size, stride, window and the scale baked into the source; only B, S
- * and T = B*S are runtime values.
+ * fp32 throughout, deterministic (no atomics), every size, stride, window and the scale baked
+ * into the source; only B, S and T = B*S are runtime values. The forward is below; the
+ * backward is the tiled one further down, with these per-row kernels (no LOCAL memory) as
+ * the fallback for heads too wide for its tiles:
  *   forward       : work-item (tok, h), h fastest. Online softmax over keys lo..s of its
  *                   sequence (running max m, sum l, Dh accumulators in a private array);
  *                   writes o row and lse = m + log(l).
@@ -451,7 +461,7 @@ static void emit_bwd_args(kgen *k, const ir_node *n) {
     kg_in(k, "dO", n->in[5]);
 }
 
-static int attention_bwd_emit(struct kgen *k, const ir_node *n) {
+static int emit_bwd_rows(struct kgen *k, const ir_node *n) {
     const attn_consts c = emit_consts(k, n);
     const int node = (int)(n - k->g->n);
     const long D = c.Dh;
@@ -529,6 +539,300 @@ static int attention_bwd_emit(struct kgen *k, const ir_node *n) {
     return kg_end(k);
 }
 
+/* ---- tiled backward (flash-attention-2 style, deterministic) ----
+ * Three launches:
+ *   attention_bwd_d   : D_i = do_i . o_i per (token, head) into the workspace output D.
+ *   attention_bwd_dkv : one work-group per (sequence, kv head, block of BT keys). K and V of the
+ *                       block stay in LOCAL memory; the group walks every query head of the kv
+ *                       group and every block of BT queries that can see the keys (the window),
+ *                       recomputes P = exp(scale q.k - lse) and dS = P (do.v - D) scale for the
+ *                       BT x BT tile, and accumulates dV += P^T dO and dK += dS^T Q in registers.
+ *   attention_bwd_dq  : one work-group per (sequence, head, block of BT queries). Q, dO, lse, D
+ *                       of the block stay in LOCAL memory; the group walks the key blocks the
+ *                       queries can see and accumulates dQ += dS K in registers.
+ * Every output element is summed by one thread in a fixed order (heads, then query or key
+ * blocks, then rows within a block), so there are no atomics and a run is bitwise
+ * reproducible. dQ is computed apart from dK/dV (recomputing P and dS once more) because
+ * sharing it would need atomics or a partial-sum buffer per key block.
+ *
+ * Thread layout (NT = TB * TE threads; TB = BT/4 row lanes, TE = DP/4 head-dim lanes):
+ *   scores  : a thread computes a 2 x 4 tile of S and dP (rows ii, ii+BT/2; columns jj + c BT/4)
+ *             with reads that are broadcasts or consecutive words across a warp.
+ *   products: a thread owns a 4 x 4 register tile of dK and dV (or dQ): rows t + TB r, head-dim
+ *             columns te + TE c, so a warp's global stores are contiguous along the head dim.
+ * LOCAL layouts: row tiles are [row][DP+1] and the transposed key tiles [e][BT+1]; the padding
+ * keeps the column-wise reads of the score loop free of bank conflicts. Head-dim columns
+ * Dh..DP-1 hold zeros, which add nothing to any dot product. */
+#define ATTN_LOCAL_FLOATS 12288   /* 48 KiB: CUDA's static shared-memory limit */
+#define ATTN_MAX_THREADS 256
+
+typedef struct {
+    long DP;          /* head dim rounded up to a multiple of 4 */
+    long BT;          /* query and key block edge (multiple of 4) */
+    long TE, TB, NT;  /* head-dim lanes, row lanes, threads per work-group */
+} attn_tiles;
+
+/* LOCAL floats of each kernel: see the declarations in emit_bwd_dkv / emit_bwd_dq. */
+static long dkv_local(long DP, long BT) {
+    return 2 * DP * (BT + 1) + 2 * BT * (DP + 1) + 2 * BT * (BT + 1) + 2 * BT;
+}
+static long dq_local(long DP, long BT) {
+    return 2 * DP * (BT + 1) + 2 * BT * (DP + 1) + BT * (BT + 1) + 2 * BT;
+}
+
+/* The largest block edge (at most 32) whose tiles fit in LOCAL memory with at most
+ * ATTN_MAX_THREADS threads; -1 when none does (very wide heads), and the caller falls back to
+ * the per-row kernels. 32 rather than 64: at Dh = 64 the dK/dV kernel's six tiles of 64 would
+ * need 80 KiB. */
+static int bwd_tiles(long Dh, attn_tiles *t) {
+    t->DP = (Dh + 3) / 4 * 4;
+    for (long bt = 32; bt >= 4; bt /= 2) {
+        t->BT = bt;
+        t->TE = t->DP / 4;
+        t->TB = bt / 4;
+        t->NT = t->TE * t->TB;
+        if (t->NT <= ATTN_MAX_THREADS && dkv_local(t->DP, bt) <= ATTN_LOCAL_FLOATS &&
+            dq_local(t->DP, bt) <= ATTN_LOCAL_FLOATS)
+            return 0;
+    }
+    return -1;
+}
+
+/* Cooperative, coalesced load of BT token rows (first position `pos0`, head offset `hoff`) of
+ * tensor `src` (token stride ld) into LOCAL `dst`, element (row, e) at dst[row*rs + e*es];
+ * rows past the sequence and padding columns get zeros. */
+static void emit_tile_load(kgen *k, const attn_consts *c, const attn_tiles *t, const char *dst,
+                           long rs, long es, const char *src, long ld, const char *pos0,
+                           const char *hoff) {
+    kg_line(k, "for (int x = LID_X; x < %ld; x += %ld) {", t->BT * t->DP, t->NT);
+    kg_line(k, "    const int r = x / %ld, e = x %% %ld;", t->DP, t->DP);
+    kg_line(k, "    const long ps = %s + r;", pos0);
+    if (t->DP == c->Dh) kg_line(k, "    const int ok = ps < S;");
+    else kg_line(k, "    const int ok = ps < S && e < %ld;", c->Dh);
+    kg_line(k, "    %s[r * %ld + e * %ld] = ok ? %s[(t0 + ps) * %ldL + %s + e] : 0.0f;", dst, rs, es, src,
+            ld, hoff);
+    kg_line(k, "}");
+}
+
+/* lse and D of the BT query rows starting at `pos0` for head `h` into Ls, Ds. */
+static void emit_rowstat_load(kgen *k, const attn_tiles *t, long lld, long dld, const char *pos0) {
+    kg_line(k, "for (int x = LID_X; x < %ld; x += %ld) {", t->BT, t->NT);
+    kg_line(k, "    const long ps = %s + x;", pos0);
+    kg_line(k, "    Ls[x] = ps < S ? lse[(t0 + ps) * %ldL + h] : 0.0f;", lld);
+    kg_line(k, "    Ds[x] = ps < S ? Dw[(t0 + ps) * %ldL + h] : 0.0f;", dld);
+    kg_line(k, "}");
+}
+
+/* The score tile of query block q0 against key block k0 from Qs, dOs ([row][DP+1]), KT, VT
+ * ([e][BT+1]), Ls, Ds: for every visible (i, j), p = exp(scale s - lse_i) and
+ * ds = p (dp - D_i) scale; invisible pairs (outside the window, after the query, or past the
+ * sequence) get p = ds = 0. `store` is the statement that files p and ds of (i, j) away. */
+static void emit_scores(kgen *k, const attn_consts *c, const attn_tiles *t, const char *store) {
+    const long BT = t->BT, DP = t->DP, half = BT / 2, quarter = BT / 4;
+    kg_line(k, "for (int it = LID_X; it < %ld; it += %ld) {", half * quarter, t->NT);
+    kg_line(k, "    const int ii = it / %ld, jj = it %% %ld;", quarter, quarter);
+    kg_line(k, "    float sc[2][4], dp[2][4];");
+    kg_line(k, "    #pragma unroll");
+    kg_line(k, "    for (int a = 0; a < 2; a++)");
+    kg_line(k, "        for (int cc = 0; cc < 4; cc++) { sc[a][cc] = 0.0f; dp[a][cc] = 0.0f; }");
+    kg_line(k, "    for (int e = 0; e < %ld; e++) {", DP);
+    kg_line(k, "        const float qa = Qs[ii * %ld + e], qb = Qs[(ii + %ld) * %ld + e];", DP + 1, half, DP + 1);
+    kg_line(k, "        const float da = dOs[ii * %ld + e], db = dOs[(ii + %ld) * %ld + e];", DP + 1, half, DP + 1);
+    kg_line(k, "        #pragma unroll");
+    kg_line(k, "        for (int cc = 0; cc < 4; cc++) {");
+    kg_line(k, "            const float kv = KT[e * %ld + jj + cc * %ld], vv = VT[e * %ld + jj + cc * %ld];",
+            BT + 1, quarter, BT + 1, quarter);
+    kg_line(k, "            sc[0][cc] += qa * kv; sc[1][cc] += qb * kv;");
+    kg_line(k, "            dp[0][cc] += da * vv; dp[1][cc] += db * vv;");
+    kg_line(k, "        }");
+    kg_line(k, "    }");
+    kg_line(k, "    #pragma unroll");
+    kg_line(k, "    for (int a = 0; a < 2; a++) {");
+    kg_line(k, "        const int i = ii + a * %ld;", half);
+    kg_line(k, "        const long qs = q0 + i;");
+    kg_line(k, "        const float L = Ls[i], Dd = Ds[i];");
+    kg_line(k, "        #pragma unroll");
+    kg_line(k, "        for (int cc = 0; cc < 4; cc++) {");
+    kg_line(k, "            const int j = jj + cc * %ld;", quarter);
+    kg_line(k, "            const long ks = k0 + j;");
+    kg_line(k, "            const int vis = qs < S && ks <= qs && qs - ks < %ld;", c->window);
+    kg_line(k, "            const float p = vis ? EXPF(%s * sc[a][cc] - L) : 0.0f;", c->scale);
+    /* With a window of 1 every softmax has one term, so dS is exactly zero; the fp32
+     * difference dp - D would leave rounding noise where the reference has exact zeros. */
+    if (c->window == 1) kg_line(k, "            const float ds = 0.0f;");
+    else kg_line(k, "            const float ds = p * (dp[a][cc] - Dd) * %s;", c->scale);
+    kg_line(k, "            %s", store);
+    kg_line(k, "        }");
+    kg_line(k, "    }");
+    kg_line(k, "}");
+}
+
+/* The tiled kernels' inputs: o is not among them, D stands for it. */
+static void emit_tiled_args(kgen *k, const ir_node *n) {
+    kg_in(k, "q", n->in[0]);
+    kg_in(k, "k", n->in[1]);
+    kg_in(k, "v", n->in[2]);
+    kg_in(k, "lse", n->in[4]);
+    kg_in(k, "dO", n->in[5]);
+    kg_in(k, "Dw", n->out[3]);
+}
+
+static int emit_bwd_d(kgen *k, const ir_node *n, const attn_consts *c) {
+    const int node = (int)(n - k->g->n);
+    kg_begin(k, "attention_bwd_d", node, node + 1);
+    kg_in(k, "o", n->in[3]);
+    kg_in(k, "dO", n->in[5]);
+    kg_out(k, "Dw", n->out[3]);
+    emit_row_prologue(k, c->H, "h");
+    kg_line(k, "GLOBAL const float *oi = o + tok * %ldL + h * %ld;", kg_ld(k, n->in[3]), c->Dh);
+    kg_line(k, "GLOBAL const float *doi = dO + tok * %ldL + h * %ld;", kg_ld(k, n->in[5]), c->Dh);
+    kg_line(k, "float acc = 0.0f;");
+    kg_line(k, "for (int e = 0; e < %ld; e++) acc += doi[e] * oi[e];", c->Dh);
+    kg_line(k, "Dw[tok * %ldL + h] = acc;", kg_ld(k, n->out[3]));
+    kg_grid(k, 0, 0, 0, 0, c->H, ATTN_WG);
+    kg_block(k, ATTN_WG, 1, 1);
+    return kg_end(k);
+}
+
+
+static int emit_bwd_dkv(kgen *k, const ir_node *n, const attn_consts *c, const attn_tiles *t) {
+    const int node = (int)(n - k->g->n);
+    const long BT = t->BT, DP = t->DP, TB = t->TB, TE = t->TE, D = c->Dh;
+    char store[160];
+    kg_begin(k, "attention_bwd_dkv", node, node + 1);
+    emit_tiled_args(k, n);
+    kg_out(k, "dk", n->out[1]);
+    kg_out(k, "dv", n->out[2]);
+    kg_line(k, "LOCAL float KT[%ld], VT[%ld], Qs[%ld], dOs[%ld], Ps[%ld], dSs[%ld], Ls[%ld], Ds[%ld];",
+            DP * (BT + 1), DP * (BT + 1), BT * (DP + 1), BT * (DP + 1), BT * (BT + 1), BT * (BT + 1), BT, BT);
+    kg_line(k, "const long bg = GID_Y, b = bg / %ld, g = bg %% %ld;", c->Hkv, c->Hkv);
+    kg_line(k, "const long t0 = b * S, k0 = GID_X * %ld, kvo = g * %ld;", BT, D);
+    kg_line(k, "const int te = LID_X %% %ld, tj = LID_X / %ld;", TE, TE);
+    /* the last query that sees a key of the block: queries k0 .. qend, in blocks from k0 */
+    kg_line(k, "long qend = (k0 + %ld < S ? k0 + %ld : S - 1) + %ld;", BT - 1, BT - 1, c->window - 1);
+    kg_line(k, "if (qend > S - 1) qend = S - 1;");
+    emit_tile_load(k, c, t, "KT", 1, BT + 1, "k", kg_ld(k, n->in[1]), "k0", "kvo");
+    emit_tile_load(k, c, t, "VT", 1, BT + 1, "v", kg_ld(k, n->in[2]), "k0", "kvo");
+    kg_line(k, "float dka[4][4], dva[4][4];");
+    kg_line(k, "#pragma unroll");
+    kg_line(k, "for (int r = 0; r < 4; r++)");
+    kg_line(k, "    for (int cc = 0; cc < 4; cc++) { dka[r][cc] = 0.0f; dva[r][cc] = 0.0f; }");
+    kg_line(k, "for (long h = g * %ld; h < (g + 1) * %ld; h++) {", c->group, c->group);
+    kg_line(k, "const long qo = h * %ld;", D);
+    kg_line(k, "for (long q0 = k0; q0 <= qend; q0 += %ld) {", BT);
+    emit_tile_load(k, c, t, "Qs", DP + 1, 1, "q", kg_ld(k, n->in[0]), "q0", "qo");
+    emit_tile_load(k, c, t, "dOs", DP + 1, 1, "dO", kg_ld(k, n->in[5]), "q0", "qo");
+    emit_rowstat_load(k, t, kg_ld(k, n->in[4]), kg_ld(k, n->out[3]), "q0");
+    kg_line(k, "BARRIER();");
+    snprintf(store, sizeof store, "Ps[i * %ld + j] = p; dSs[i * %ld + j] = ds;", BT + 1, BT + 1);
+    emit_scores(k, c, t, store);
+    kg_line(k, "BARRIER();");
+    /* dV += P^T dO, dK += dS^T Q over the block's query rows, in row order */
+    kg_line(k, "for (int i = 0; i < %ld; i++) {", BT);
+    kg_line(k, "    float pr[4], sr[4], orow[4], qrow[4];");
+    kg_line(k, "    #pragma unroll");
+    kg_line(k, "    for (int r = 0; r < 4; r++) { pr[r] = Ps[i * %ld + tj + r * %ld]; sr[r] = dSs[i * %ld + tj + r * %ld]; }",
+            BT + 1, TB, BT + 1, TB);
+    kg_line(k, "    #pragma unroll");
+    kg_line(k, "    for (int cc = 0; cc < 4; cc++) { orow[cc] = dOs[i * %ld + te + cc * %ld]; qrow[cc] = Qs[i * %ld + te + cc * %ld]; }",
+            DP + 1, TE, DP + 1, TE);
+    kg_line(k, "    #pragma unroll");
+    kg_line(k, "    for (int r = 0; r < 4; r++)");
+    kg_line(k, "        for (int cc = 0; cc < 4; cc++) { dva[r][cc] += pr[r] * orow[cc]; dka[r][cc] += sr[r] * qrow[cc]; }");
+    kg_line(k, "}");
+    kg_line(k, "BARRIER();");   /* before the next block's loads overwrite the tiles */
+    kg_line(k, "}");
+    kg_line(k, "}");
+    kg_line(k, "#pragma unroll");
+    kg_line(k, "for (int r = 0; r < 4; r++) {");
+    kg_line(k, "    const long ks = k0 + tj + r * %ld;", TB);
+    kg_line(k, "    if (ks >= S) continue;");
+    kg_line(k, "    #pragma unroll");
+    kg_line(k, "    for (int cc = 0; cc < 4; cc++) {");
+    kg_line(k, "        const int e = te + cc * %ld;", TE);
+    if (DP != D) kg_line(k, "        if (e >= %ld) continue;", D);
+    kg_line(k, "        dk[(t0 + ks) * %ldL + kvo + e] = dka[r][cc];", kg_ld(k, n->out[1]));
+    kg_line(k, "        dv[(t0 + ks) * %ldL + kvo + e] = dva[r][cc];", kg_ld(k, n->out[2]));
+    kg_line(k, "    }");
+    kg_line(k, "}");
+    kg_grid(k, 0, 0, 0, 1, 0, BT);
+    kg_grid(k, 1, 0, c->Hkv, 0, 0, 1);
+    kg_block(k, (int)t->NT, 1, 1);
+    return kg_end(k);
+}
+
+static int emit_bwd_dq(kgen *k, const ir_node *n, const attn_consts *c, const attn_tiles *t) {
+    const int node = (int)(n - k->g->n);
+    const long BT = t->BT, DP = t->DP, TB = t->TB, TE = t->TE, D = c->Dh;
+    char store[96];
+    kg_begin(k, "attention_bwd_dq", node, node + 1);
+    emit_tiled_args(k, n);
+    kg_out(k, "dq", n->out[0]);
+    kg_line(k, "LOCAL float KT[%ld], VT[%ld], Qs[%ld], dOs[%ld], dSs[%ld], Ls[%ld], Ds[%ld];",
+            DP * (BT + 1), DP * (BT + 1), BT * (DP + 1), BT * (DP + 1), BT * (BT + 1), BT, BT);
+    kg_line(k, "const long bh = GID_Y, b = bh / %ld, h = bh %% %ld;", c->H, c->H);
+    kg_line(k, "const long t0 = b * S, q0 = GID_X * %ld, qo = h * %ld, kvo = (h / %ld) * %ld;", BT, D,
+            c->group, D);
+    kg_line(k, "const int te = LID_X %% %ld, ti = LID_X / %ld;", TE, TE);
+    kg_line(k, "const long q1 = (q0 + %ld < S ? q0 + %ld : S - 1);   /* last query of the block */", BT - 1,
+            BT - 1);
+    /* key blocks (aligned to BT) from the one holding the first key the block's first query sees */
+    kg_line(k, "long klo = q0 - %ld;", c->window - 1);
+    kg_line(k, "if (klo < 0) klo = 0;");
+    kg_line(k, "klo = klo / %ld * %ld;", BT, BT);
+    emit_tile_load(k, c, t, "Qs", DP + 1, 1, "q", kg_ld(k, n->in[0]), "q0", "qo");
+    emit_tile_load(k, c, t, "dOs", DP + 1, 1, "dO", kg_ld(k, n->in[5]), "q0", "qo");
+    emit_rowstat_load(k, t, kg_ld(k, n->in[4]), kg_ld(k, n->out[3]), "q0");
+    kg_line(k, "float acc[4][4];");
+    kg_line(k, "#pragma unroll");
+    kg_line(k, "for (int r = 0; r < 4; r++)");
+    kg_line(k, "    for (int cc = 0; cc < 4; cc++) acc[r][cc] = 0.0f;");
+    kg_line(k, "for (long k0 = klo; k0 <= q1; k0 += %ld) {", BT);
+    emit_tile_load(k, c, t, "KT", 1, BT + 1, "k", kg_ld(k, n->in[1]), "k0", "kvo");
+    emit_tile_load(k, c, t, "VT", 1, BT + 1, "v", kg_ld(k, n->in[2]), "k0", "kvo");
+    kg_line(k, "BARRIER();");
+    /* dS stored key-major so the product loop reads a thread's rows as consecutive words */
+    snprintf(store, sizeof store, "dSs[j * %ld + i] = ds; (void)p;", BT + 1);
+    emit_scores(k, c, t, store);
+    kg_line(k, "BARRIER();");
+    kg_line(k, "for (int j = 0; j < %ld; j++) {", BT);
+    kg_line(k, "    float sr[4], kr[4];");
+    kg_line(k, "    #pragma unroll");
+    kg_line(k, "    for (int r = 0; r < 4; r++) sr[r] = dSs[j * %ld + ti + r * %ld];", BT + 1, TB);
+    kg_line(k, "    #pragma unroll");
+    kg_line(k, "    for (int cc = 0; cc < 4; cc++) kr[cc] = KT[(te + cc * %ld) * %ld + j];", TE, BT + 1);
+    kg_line(k, "    #pragma unroll");
+    kg_line(k, "    for (int r = 0; r < 4; r++)");
+    kg_line(k, "        for (int cc = 0; cc < 4; cc++) acc[r][cc] += sr[r] * kr[cc];");
+    kg_line(k, "}");
+    kg_line(k, "BARRIER();");
+    kg_line(k, "}");
+    kg_line(k, "#pragma unroll");
+    kg_line(k, "for (int r = 0; r < 4; r++) {");
+    kg_line(k, "    const long qs = q0 + ti + r * %ld;", TB);
+    kg_line(k, "    if (qs >= S) continue;");
+    kg_line(k, "    #pragma unroll");
+    kg_line(k, "    for (int cc = 0; cc < 4; cc++) {");
+    kg_line(k, "        const int e = te + cc * %ld;", TE);
+    if (DP != D) kg_line(k, "        if (e >= %ld) continue;", D);
+    kg_line(k, "        dq[(t0 + qs) * %ldL + qo + e] = acc[r][cc];", kg_ld(k, n->out[0]));
+    kg_line(k, "    }");
+    kg_line(k, "}");
+    kg_grid(k, 0, 0, 0, 1, 0, BT);
+    kg_grid(k, 1, 0, c->H, 0, 0, 1);
+    kg_block(k, (int)t->NT, 1, 1);
+    return kg_end(k);
+}
+
+static int attention_bwd_emit(struct kgen *k, const ir_node *n) {
+    const attn_consts c = emit_consts(k, n);
+    attn_tiles t;
+    if (emit_bwd_d(k, n, &c) < 0) return -1;
+    if (bwd_tiles(c.Dh, &t) < 0) return emit_bwd_rows(k, n);
+    if (emit_bwd_dkv(k, n, &c, &t) < 0) return -1;
+    return emit_bwd_dq(k, n, &c, &t);
+}
+
 const op_def op_attention = {
     .name = "attention",
     .nin = 3, .nout = 2,
@@ -545,7 +849,7 @@ const op_def op_attention = {
 
 const op_def op_attention_bwd = {
     .name = "attention_bwd",
-    .nin = 6, .nout = 3,
+    .nin = 6, .nout = 4,       /* dq, dk, dv, and the workspace D */
     .iattr = {"window", NULL},
     .fattr = {"scale", NULL},
     .ia_default = {0},

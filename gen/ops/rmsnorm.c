@@ -1,11 +1,25 @@
 /* rmsnorm: y = x / sqrt(mean(x^2) + eps) * w over the last dim; x [..., d], w [d].
- * Gradient: rmsnorm_bwd(x, w, dy) -> (dx, dw) with r = 1/sqrt(mean(x^2)+eps):
- *   dx = r (w*dy) - r^3/d * x * sum(w*dy*x),   dw = sum over rows of dy * x * r. */
+ * Gradient: rmsnorm_bwd(x, w, dy) -> (dx, dw, dw_partial) with r = 1/sqrt(mean(x^2)+eps):
+ *   dx = r (w*dy) - r^3/d * x * sum(w*dy*x),   dw = sum over rows of dy * x * r.
+ * dw_partial [RMS_CHUNKS, d] is a workspace nobody differentiates: the rows are split into
+ * RMS_CHUNKS fixed chunks and row c of it holds chunk c's share of dw, so the weight gradient is
+ * a two-level reduction in a fixed order (deterministic, no atomics) instead of one serial loop
+ * over every token. */
 #include "kgen.h"
 #include "op.h"
 
 #include <math.h>
 #include <stdio.h>
+#include <string.h>
+
+/* Chunks of rows for dw. A constant, not a function of B and S, so the workspace's shape is
+ * static; 512 work-groups of 256 fill an H100 (132 SMs) about four deep, enough to stream x and
+ * dy at bandwidth, and the partials are only 512 x d floats (0.8 MB at d = 384). */
+#define RMS_CHUNKS 512
+
+/* Rows per chunk: chunk c owns rows [c * per, (c + 1) * per); the kernels and the reference
+ * split the rows the same way, so the workspace can be checked like any output. */
+static long chunk_rows(long rows) { return (rows + RMS_CHUNKS - 1) / RMS_CHUNKS; }
 
 static int infer(const ir_graph *g, const ir_node *n, ir_shape *out, ir_dtype *dt, char *err, size_t errlen) {
     const ir_shape *x = op_in_shape(g, n, 0), *w = op_in_shape(g, n, 1);
@@ -20,16 +34,22 @@ static int infer(const ir_graph *g, const ir_node *n, ir_shape *out, ir_dtype *d
 
 static int infer_bwd(const ir_graph *g, const ir_node *n, ir_shape *out, ir_dtype *dt, char *err, size_t errlen) {
     if (!ir_shape_eq(op_in_shape(g, n, 0), op_in_shape(g, n, 2))) return OP_ERR("x and dy shapes differ");
+    const ir_shape *w = op_in_shape(g, n, 1);
+    if (w->ndim != 1) return OP_ERR("weight must be one-dimensional");
     out[0] = *op_in_shape(g, n, 0);
-    out[1] = *op_in_shape(g, n, 1);
-    dt[0] = dt[1] = DT_F32;
+    out[1] = *w;
+    out[2] = ir_shape_make(2, (int[]){RMS_CHUNKS, w->d[0]});
+    dt[0] = dt[1] = dt[2] = DT_F32;
     return 0;
 }
 
 static int grad(ir_graph *g, int node, const int *dout, int *din) {
     const ir_node n = g->n[node];
-    int in[3] = {n.in[0], n.in[1], dout[0]};
-    return ir_emit(g, "rmsnorm_bwd", in, 3, n.ia, n.fa, din) < 0 ? -1 : 0;
+    int in[3] = {n.in[0], n.in[1], dout[0]}, out[IR_MAX_IO];
+    if (ir_emit(g, "rmsnorm_bwd", in, 3, n.ia, n.fa, out) < 0) return -1;
+    din[0] = out[0];   /* out[2], the dw workspace, is no gradient of anything */
+    din[1] = out[1];
+    return 0;
 }
 
 static void ref(const ref_ctx *c, const ir_node *n) {
@@ -46,9 +66,10 @@ static void ref(const ref_ctx *c, const ir_node *n) {
 
 static void ref_bwd(const ref_ctx *c, const ir_node *n) {
     ref_buf x = ref_get(c, n->in[0]), w = ref_get(c, n->in[1]), dy = ref_get(c, n->in[2]);
-    ref_buf dx = ref_get(c, n->out[0]), dw = ref_get(c, n->out[1]);
-    long d = w.feat, rows = ref_rows(x, d);
+    ref_buf dx = ref_get(c, n->out[0]), dw = ref_get(c, n->out[1]), part = ref_get(c, n->out[2]);
+    long d = w.feat, rows = ref_rows(x, d), per = chunk_rows(rows);
     for (long i = 0; i < d; i++) dw.p[i] = 0;
+    memset(part.p, 0, sizeof(double) * (size_t)(RMS_CHUNKS * d));
     for (long r = 0; r < rows; r++) {
         const double *xr = ref_row(x, r, d), *dyr = ref_row(dy, r, d);
         double *dxr = ref_row(dx, r, d), ss = 0, dot = 0;
@@ -60,6 +81,7 @@ static void ref_bwd(const ref_ctx *c, const ir_node *n) {
         for (long i = 0; i < d; i++) {
             dxr[i] = rs * w.p[i] * dyr[i] - rs * rs * rs / (double)d * xr[i] * dot;
             dw.p[i] += dyr[i] * xr[i] * rs;
+            part.p[(r / per) * d + i] += dyr[i] * xr[i] * rs;
         }
     }
 }
@@ -128,87 +150,145 @@ static int emit(kgen *k, const ir_node *n) {
     return kg_end(k);
 }
 
-#define DW_ROWS 8   /* rows per step of the dw kernel: 8 rows x 32 lanes = 256 work-items */
+/* Threads per row ("team") in rmsnorm_bwd_dx: 32 (one warp) for the usual widths, fewer for
+ * narrow rows so lanes are not idle, more for very wide ones so a thread keeps at most 16
+ * values of a row in registers. A power of two (tree reductions) dividing 256. */
+static int team_size(long d) {
+    int rt = 1;
+    while (rt < 256 && (long)rt * 16 < d) rt *= 2;
+    int lo = 1;
+    while (lo < 32 && lo < d) lo *= 2;
+    return rt > lo ? rt : lo;
+}
 
-/* Two launches. dx: one work-group per row. dw: each work-item owns one feature and walks
- * every row in order (deterministic, overwrites dw); a group recomputes the 1/rms of DW_ROWS
- * rows at a time because nothing outside the IR tensors carries it between kernels. */
+/* The generator unrolls the per-lane values into scalars (no register arrays). Only the last
+ * slot can run past the row end; its lanes there hold zeros and store nothing. */
+static const char *slot_guard(char *buf, size_t n, int i, int rt, long d) {
+    if ((long)(i + 1) * rt > d) snprintf(buf, n, "if (f%d < %ld) ", i, d);
+    else buf[0] = 0;
+    return buf;
+}
+
+/* Two launches.
+ *
+ * rmsnorm_bwd_dx: RMS_CHUNKS work-groups of 256, group c owns the rows of chunk c. A group is
+ * 256 / RT teams of RT threads; each step, team j takes the next row (rows r0 + j, r0 + j +
+ * teams, ...), lane l holding features l, l + RT, ... in registers, so loads and stores are
+ * coalesced and the row is read from memory once. The team's sums of x^2 and w*dy*x are LOCAL
+ * trees (fixed order); dx is written and lane l adds dy*x*r into its per-feature accumulators.
+ * At the end the teams' accumulators are added in team order and the group writes row c of
+ * dw_partial (every row of it, zeros for an empty chunk, so it is never stale).
+ *
+ * rmsnorm_bwd_dw: a group per 32 features; 8 slices of the chunks, each a Kahan sum in chunk
+ * order, then the 8 slices in order. Fixed order throughout: bitwise reproducible. */
 static int emit_bwd(kgen *k, const ir_node *n) {
-    int x = n->in[0], w = n->in[1], dy = n->in[2], dx = n->out[0], dw = n->out[1];
+    int x = n->in[0], w = n->in[1], dy = n->in[2], dx = n->out[0], dw = n->out[1], part = n->out[2];
     long d = kg_feat(k, w), per = kg_feat(k, x) / d;
-    int bs = row_block(d), node = (int)(n - k->g->n);
-    char rx[160], rdy[160], rdx[160];
+    int node = (int)(n - k->g->n), rt = team_size(d), nteam = 256 / rt;
+    int ci = (int)((d + rt - 1) / rt);            /* values per lane */
+    int ic = ci < 16 ? ci : 16;                   /* accumulators combined per LOCAL round */
+    char rx[160], rdy[160], rdx[160], gd[48];
     kg_begin(k, "rmsnorm_bwd_dx", node, node + 1);
     kg_in(k, "x", x);
     kg_in(k, "w", w);
     kg_in(k, "dy", dy);
     kg_out(k, "dx", dx);
-    kg_line(k, "LOCAL float red[%d];", bs);
-    kg_line(k, "LOCAL float red2[%d];", bs);
-    kg_line(k, "GLOBAL float *xr = x + %s;", row_at(rx, sizeof rx, k, x, d, "GID_X"));
-    kg_line(k, "GLOBAL float *dyr = dy + %s;", row_at(rdy, sizeof rdy, k, dy, d, "GID_X"));
-    kg_line(k, "GLOBAL float *dxr = dx + %s;", row_at(rdx, sizeof rdx, k, dx, d, "GID_X"));
-    kg_line(k, "float ss = 0.0f, dot = 0.0f;");
-    kg_line(k, "for (int f = LID_X; f < %ld; f += %d) {", d, bs);
-    kg_line(k, "    ss += xr[f] * xr[f];");
-    kg_line(k, "    dot += w[f] * dyr[f] * xr[f];");
-    kg_line(k, "}");
-    kg_line(k, "red[LID_X] = ss;");
-    kg_line(k, "red2[LID_X] = dot;");
-    kg_line(k, "BARRIER();");
-    kg_line(k, "for (int s = %d; s > 0; s >>= 1) {", bs / 2);
-    kg_line(k, "    if (LID_X < s) {");
-    kg_line(k, "        red[LID_X] += red[LID_X + s];");
-    kg_line(k, "        red2[LID_X] += red2[LID_X + s];");
+    kg_out(k, "part", part);
+    kg_line(k, "LOCAL float r1[256];");
+    kg_line(k, "LOCAL float r2[256];");
+    kg_line(k, "LOCAL float comb[%d];", 256 * ic);
+    kg_line(k, "const long M = %s * %ld, per = (M + %d) / %d;", kg_ntok_expr(k, x), per, RMS_CHUNKS - 1,
+            RMS_CHUNKS);
+    kg_line(k, "const long c0 = GID_X * per, c1 = c0 + per < M ? c0 + per : M;");
+    kg_line(k, "const int lane = LID_X %% %d, team = LID_X / %d;", rt, rt);
+    for (int i = 0; i < ci; i++) {
+        kg_line(k, "const int f%d = lane + %d;", i, i * rt);
+        kg_line(k, "float w%d = 0.0f, a%d = 0.0f, x%d = 0.0f, g%d = 0.0f;", i, i, i, i);
+        kg_line(k, "%sw%d = w[f%d];", slot_guard(gd, sizeof gd, i, rt, d), i, i);
+    }
+    /* every thread runs the same number of steps (the loop bound is uniform), so the barriers
+     * inside are reached by the whole group */
+    kg_line(k, "for (long rb = c0; rb < c1; rb += %d) {", nteam);
+    kg_line(k, "    const long r = rb + team;");
+    kg_line(k, "    const int ok = r < c1;");
+    kg_line(k, "    GLOBAL float *xr = x + %s;", row_at(rx, sizeof rx, k, x, d, "(ok ? r : c0)"));
+    kg_line(k, "    GLOBAL float *dyr = dy + %s;", row_at(rdy, sizeof rdy, k, dy, d, "(ok ? r : c0)"));
+    kg_line(k, "    GLOBAL float *dxr = dx + %s;", row_at(rdx, sizeof rdx, k, dx, d, "(ok ? r : c0)"));
+    kg_line(k, "    float ss = 0.0f, dot = 0.0f;");
+    kg_line(k, "    if (ok) {");
+    for (int i = 0; i < ci; i++)
+        kg_line(k, "        %s{ x%d = xr[f%d]; g%d = dyr[f%d]; }", slot_guard(gd, sizeof gd, i, rt, d), i, i, i, i);
+    for (int i = 0; i < ci; i++) {
+        kg_line(k, "        ss += x%d * x%d;", i, i);
+        kg_line(k, "        dot += w%d * g%d * x%d;", i, i, i);
+    }
     kg_line(k, "    }");
+    kg_line(k, "    r1[LID_X] = ss;");
+    kg_line(k, "    r2[LID_X] = dot;");
     kg_line(k, "    BARRIER();");
+    kg_line(k, "    for (int s = %d; s > 0; s >>= 1) {", rt / 2);
+    kg_line(k, "        if (lane < s) {");
+    kg_line(k, "            r1[LID_X] += r1[LID_X + s];");
+    kg_line(k, "            r2[LID_X] += r2[LID_X + s];");
+    kg_line(k, "        }");
+    kg_line(k, "        BARRIER();");
+    kg_line(k, "    }");
+    kg_line(k, "    const float rs = RSQRTF(r1[team * %d] / %ld.0f + %.9ef);", rt, d, n->fa[0]);
+    kg_line(k, "    const float cc = rs * rs * rs / %ld.0f * r2[team * %d];", d, rt);
+    kg_line(k, "    if (ok) {");
+    for (int i = 0; i < ci; i++) {
+        kg_line(k, "        %sdxr[f%d] = rs * w%d * g%d - cc * x%d;", slot_guard(gd, sizeof gd, i, rt, d), i, i, i, i);
+        kg_line(k, "        a%d += g%d * x%d * rs;", i, i, i);   /* zero past the row end */
+    }
+    kg_line(k, "    }");
+    kg_line(k, "    BARRIER();   /* r1, r2 are rewritten by the next step */");
     kg_line(k, "}");
-    kg_line(k, "const float rs = RSQRTF(red[0] / %ld.0f + %.9ef);", d, n->fa[0]);
-    kg_line(k, "const float c = rs * rs * rs / %ld.0f * red2[0];", d);
-    kg_line(k, "for (int f = LID_X; f < %ld; f += %d) dxr[f] = rs * w[f] * dyr[f] - c * xr[f];", d, bs);
-    grid_rows(k, x, per);
-    kg_block(k, bs, 1, 1);
+    /* The teams' accumulators, ic slots at a time: comb[slot][team][lane], then thread q adds
+     * slot q / RT, lane q % RT over the teams in order. */
+    kg_line(k, "GLOBAL float *pr = part + GID_X * %ld;", d);
+    for (int i0 = 0; i0 < ci; i0 += ic) {
+        int n_i = ci - i0 < ic ? ci - i0 : ic;
+        for (int i = i0; i < i0 + n_i; i++) kg_line(k, "comb[%d + LID_X] = a%d;", (i - i0) * 256, i);
+        kg_line(k, "BARRIER();");
+        kg_line(k, "for (int q = LID_X; q < %d; q += 256) {", n_i * rt);
+        kg_line(k, "    const int f = %d + q;", i0 * rt);
+        kg_line(k, "    const int sl = q / %d, ln = q %% %d;", rt, rt);
+        kg_line(k, "    float s = 0.0f;");
+        kg_line(k, "    for (int j = 0; j < %d; j++) s += comb[sl * 256 + j * %d + ln];", nteam, rt);
+        kg_line(k, "    if (f < %ld) pr[f] = s;", d);
+        kg_line(k, "}");
+        kg_line(k, "BARRIER();");
+    }
+    kg_grid(k, 0, RMS_CHUNKS, 0, 0, 0, 1);
+    kg_block(k, 256, 1, 1);
     if (kg_end(k) < 0) return -1;
 
     kg_begin(k, "rmsnorm_bwd_dw", node, node + 1);
-    kg_in(k, "x", x);
-    kg_in(k, "dy", dy);
+    kg_in(k, "part", part);
     kg_out(k, "dw", dw);
-    kg_line(k, "LOCAL float part[%d][33];", DW_ROWS);
-    kg_line(k, "LOCAL float rsv[%d];", DW_ROWS);
-    kg_line(k, "const long M = %s * %ld;", kg_ntok_expr(k, x), per);
-    kg_line(k, "const int f = (int)GID_X * 256 + LID_X, lane = LID_X %% 32, rw = LID_X / 32;");
-    kg_line(k, "float acc = 0.0f;");
-    kg_line(k, "for (long r0 = 0; r0 < M; r0 += %d) {", DW_ROWS);
-    kg_line(k, "    const long r = r0 + rw;");
-    kg_line(k, "    float ss = 0.0f;");
-    kg_line(k, "    if (r < M) {");
-    kg_line(k, "        GLOBAL float *xr = x + %s;", row_at(rx, sizeof rx, k, x, d, "r"));
-    kg_line(k, "        for (int i = lane; i < %ld; i += 32) ss += xr[i] * xr[i];", d);
+    kg_line(k, "LOCAL float red[256];");
+    kg_line(k, "const int lane = LID_X %% 32, sl = LID_X / 32;");
+    kg_line(k, "const long f = GID_X * 32 + lane;");
+    kg_line(k, "float s = 0.0f, comp = 0.0f;   /* Kahan: the sum keeps fp32 error near one ulp */");
+    kg_line(k, "if (f < %ld)", d);
+    kg_line(k, "    for (int q = sl; q < %d; q += 8) {", RMS_CHUNKS);
+    kg_line(k, "        const float y = part[q * %ld + f] - comp, t = s + y;", d);
+    kg_line(k, "        comp = (t - s) - y;");
+    kg_line(k, "        s = t;");
     kg_line(k, "    }");
-    kg_line(k, "    part[rw][lane] = ss;");
-    kg_line(k, "    BARRIER();");
-    kg_line(k, "    if (LID_X < %d) {", DW_ROWS);
-    kg_line(k, "        float s = 0.0f;");
-    kg_line(k, "        for (int i = 0; i < 32; i++) s += part[LID_X][i];");
-    kg_line(k, "        rsv[LID_X] = RSQRTF(s / %ld.0f + %.9ef);", d, n->fa[0]);
-    kg_line(k, "    }");
-    kg_line(k, "    BARRIER();");
-    kg_line(k, "    if (f < %ld)", d);
-    kg_line(k, "        for (int i = 0; i < %d && r0 + i < M; i++) {", DW_ROWS);
-    kg_line(k, "            const long q = r0 + i;");
-    kg_line(k, "            acc += dy[%s + f] * x[%s + f] * rsv[i];", row_at(rdy, sizeof rdy, k, dy, d, "q"),
-            row_at(rx, sizeof rx, k, x, d, "q"));
-    kg_line(k, "        }");
-    kg_line(k, "    BARRIER();");
+    kg_line(k, "red[LID_X] = s;");
+    kg_line(k, "BARRIER();");
+    kg_line(k, "if (sl == 0 && f < %ld) {", d);
+    kg_line(k, "    float t = 0.0f;");
+    kg_line(k, "    for (int j = 0; j < 8; j++) t += red[j * 32 + lane];");
+    kg_line(k, "    dw[f] = t;");
     kg_line(k, "}");
-    kg_line(k, "if (f < %ld) dw[f] = acc;", d);
-    kg_grid(k, 0, (d + 255) / 256, 0, 0, 0, 1);
+    kg_grid(k, 0, (d + 31) / 32, 0, 0, 0, 1);
     kg_block(k, 256, 1, 1);
     return kg_end(k);
 }
 
 const op_def op_rmsnorm = {.name = "rmsnorm", .nin = 2, .nout = 1, .infer = infer, .grad = grad, .ref = ref,
                            .flops = flops, .emit = emit, .fattr = {"eps", NULL}, .fa_default = {1e-5}};
-const op_def op_rmsnorm_bwd = {.name = "rmsnorm_bwd", .nin = 3, .nout = 2, .infer = infer_bwd, .ref = ref_bwd,
+const op_def op_rmsnorm_bwd = {.name = "rmsnorm_bwd", .nin = 3, .nout = 3, .infer = infer_bwd, .ref = ref_bwd,
                                .flops = flops, .emit = emit_bwd, .fattr = {"eps", NULL}, .fa_default = {1e-5}};

@@ -555,23 +555,83 @@ KERNEL k13_matmul_nt(GLOBAL float *A, long B, long S, long o_x, long o_w, long o
     }
 }
 
-KERNEL k14_cross_entropy(GLOBAL float *A, long B, long S, long o_l, long o_tg, long o_y) {
+KERNEL k14_cross_entropy_rows(GLOBAL float *A, long B, long S, long o_l, long o_tg, long o_rl) {
     const long T = B * S;
     (void)T;
     GLOBAL float *l = A + o_l;
     GLOBAL float *tg = A + o_tg;
+    GLOBAL float *rl = A + o_rl;
+    const long M = T * 1;
+    LOCAL float rm[256];
+    LOCAL float rsum[256];
+    const int lane = LID_X % 32, team = LID_X / 32;
+    const long r = GID_X * 8 + team;
+    const int ok = r < M;
+    GLOBAL float *xr = l + ((ok ? r : 0)) * 256;
+    float m = -1e30f, se = 0.0f;
+    float v0 = -1e30f;
+    if (ok) v0 = xr[lane + 0];
+    m = FMAXF(m, v0);
+    float v1 = -1e30f;
+    if (ok) v1 = xr[lane + 32];
+    m = FMAXF(m, v1);
+    float v2 = -1e30f;
+    if (ok) v2 = xr[lane + 64];
+    m = FMAXF(m, v2);
+    float v3 = -1e30f;
+    if (ok) v3 = xr[lane + 96];
+    m = FMAXF(m, v3);
+    float v4 = -1e30f;
+    if (ok) v4 = xr[lane + 128];
+    m = FMAXF(m, v4);
+    float v5 = -1e30f;
+    if (ok) v5 = xr[lane + 160];
+    m = FMAXF(m, v5);
+    float v6 = -1e30f;
+    if (ok) v6 = xr[lane + 192];
+    m = FMAXF(m, v6);
+    float v7 = -1e30f;
+    if (ok) v7 = xr[lane + 224];
+    m = FMAXF(m, v7);
+    se += EXPF(v0 - m);
+    se += EXPF(v1 - m);
+    se += EXPF(v2 - m);
+    se += EXPF(v3 - m);
+    se += EXPF(v4 - m);
+    se += EXPF(v5 - m);
+    se += EXPF(v6 - m);
+    se += EXPF(v7 - m);
+    rm[LID_X] = m;
+    rsum[LID_X] = se;
+    BARRIER();
+    for (int s = 16; s > 0; s >>= 1) {
+        if (lane < s) {
+            const float ma = rm[LID_X], mb = rm[LID_X + s], mm = FMAXF(ma, mb);
+            rsum[LID_X] = rsum[LID_X] * EXPF(ma - mm) + rsum[LID_X + s] * EXPF(mb - mm);
+            rm[LID_X] = mm;
+        }
+        BARRIER();
+    }
+    const float mx = rm[team * 32], sum = rsum[team * 32];
+    if (ok && lane == 0) {
+    int kt = (int)tg[(r) * 1];
+    kt = kt < 0 ? 0 : kt >= 256 ? 255 : kt;
+        rl[(r) * 1] = mx + LOGF(sum) - xr[kt];
+    }
+}
+
+KERNEL k15_cross_entropy_mean(GLOBAL float *A, long B, long S, long o_rl, long o_y) {
+    const long T = B * S;
+    (void)T;
+    GLOBAL float *rl = A + o_rl;
     GLOBAL float *y = A + o_y;
     LOCAL float red[256];
     const long M = T * 1;
-    float acc = 0.0f;
+    float acc = 0.0f, comp = 0.0f;
     for (long r = LID_X; r < M; r += 256) {
-        GLOBAL float *xr = l + (r) * 256;
-        float m = xr[0], s = 0.0f;
-        for (int j = 1; j < 256; j++) m = FMAXF(m, xr[j]);
-        for (int j = 0; j < 256; j++) s += EXPF(xr[j] - m);
-    int kt = (int)tg[(r) * 1];
-    kt = kt < 0 ? 0 : kt >= 256 ? 255 : kt;
-        acc += m + LOGF(s) - xr[kt];
+        const float v = rl[(r) * 1] - comp, t = acc + v;
+        comp = (t - acc) - v;
+        acc = t;
     }
     red[LID_X] = acc;
     BARRIER();

@@ -563,23 +563,83 @@ KERNEL k13_matmul_nt(GLOBAL float *A, long B, long S, long o_x, long o_w, long o
     }
 }
 
-KERNEL k14_cross_entropy(GLOBAL float *A, long B, long S, long o_l, long o_tg, long o_y) {
+KERNEL k14_cross_entropy_rows(GLOBAL float *A, long B, long S, long o_l, long o_tg, long o_rl) {
     const long T = B * S;
     (void)T;
     GLOBAL float *l = A + o_l;
     GLOBAL float *tg = A + o_tg;
+    GLOBAL float *rl = A + o_rl;
+    const long M = T * 1;
+    LOCAL float rm[256];
+    LOCAL float rsum[256];
+    const int lane = LID_X % 32, team = LID_X / 32;
+    const long r = GID_X * 8 + team;
+    const int ok = r < M;
+    GLOBAL float *xr = l + ((ok ? r : 0)) * 256;
+    float m = -1e30f, se = 0.0f;
+    float v0 = -1e30f;
+    if (ok) v0 = xr[lane + 0];
+    m = FMAXF(m, v0);
+    float v1 = -1e30f;
+    if (ok) v1 = xr[lane + 32];
+    m = FMAXF(m, v1);
+    float v2 = -1e30f;
+    if (ok) v2 = xr[lane + 64];
+    m = FMAXF(m, v2);
+    float v3 = -1e30f;
+    if (ok) v3 = xr[lane + 96];
+    m = FMAXF(m, v3);
+    float v4 = -1e30f;
+    if (ok) v4 = xr[lane + 128];
+    m = FMAXF(m, v4);
+    float v5 = -1e30f;
+    if (ok) v5 = xr[lane + 160];
+    m = FMAXF(m, v5);
+    float v6 = -1e30f;
+    if (ok) v6 = xr[lane + 192];
+    m = FMAXF(m, v6);
+    float v7 = -1e30f;
+    if (ok) v7 = xr[lane + 224];
+    m = FMAXF(m, v7);
+    se += EXPF(v0 - m);
+    se += EXPF(v1 - m);
+    se += EXPF(v2 - m);
+    se += EXPF(v3 - m);
+    se += EXPF(v4 - m);
+    se += EXPF(v5 - m);
+    se += EXPF(v6 - m);
+    se += EXPF(v7 - m);
+    rm[LID_X] = m;
+    rsum[LID_X] = se;
+    BARRIER();
+    for (int s = 16; s > 0; s >>= 1) {
+        if (lane < s) {
+            const float ma = rm[LID_X], mb = rm[LID_X + s], mm = FMAXF(ma, mb);
+            rsum[LID_X] = rsum[LID_X] * EXPF(ma - mm) + rsum[LID_X + s] * EXPF(mb - mm);
+            rm[LID_X] = mm;
+        }
+        BARRIER();
+    }
+    const float mx = rm[team * 32], sum = rsum[team * 32];
+    if (ok && lane == 0) {
+    int kt = (int)tg[(r) * 1];
+    kt = kt < 0 ? 0 : kt >= 256 ? 255 : kt;
+        rl[(r) * 1] = mx + LOGF(sum) - xr[kt];
+    }
+}
+
+KERNEL k15_cross_entropy_mean(GLOBAL float *A, long B, long S, long o_rl, long o_y) {
+    const long T = B * S;
+    (void)T;
+    GLOBAL float *rl = A + o_rl;
     GLOBAL float *y = A + o_y;
     LOCAL float red[256];
     const long M = T * 1;
-    float acc = 0.0f;
+    float acc = 0.0f, comp = 0.0f;
     for (long r = LID_X; r < M; r += 256) {
-        GLOBAL float *xr = l + (r) * 256;
-        float m = xr[0], s = 0.0f;
-        for (int j = 1; j < 256; j++) m = FMAXF(m, xr[j]);
-        for (int j = 0; j < 256; j++) s += EXPF(xr[j] - m);
-    int kt = (int)tg[(r) * 1];
-    kt = kt < 0 ? 0 : kt >= 256 ? 255 : kt;
-        acc += m + LOGF(s) - xr[kt];
+        const float v = rl[(r) * 1] - comp, t = acc + v;
+        comp = (t - acc) - v;
+        acc = t;
     }
     red[LID_X] = acc;
     BARRIER();
@@ -590,7 +650,7 @@ KERNEL k14_cross_entropy(GLOBAL float *A, long B, long S, long o_l, long o_tg, l
     if (LID_X == 0) y[0] = red[0] / (float)M;
 }
 
-KERNEL k15_fill(GLOBAL float *A, long B, long S, long o_out0) {
+KERNEL k16_fill(GLOBAL float *A, long B, long S, long o_out0) {
     const long T = B * S;
     (void)T;
     GLOBAL float *out0 = A + o_out0;
@@ -602,43 +662,105 @@ KERNEL k15_fill(GLOBAL float *A, long B, long S, long o_out0) {
     out0[tok * 1 + f] = v0;
 }
 
-KERNEL k16_cross_entropy_bwd(GLOBAL float *A, long B, long S, long o_l, long o_tg, long o_dl, long o_dx) {
+KERNEL k17_cross_entropy_bwd(GLOBAL float *A, long B, long S, long o_l, long o_tg, long o_dl, long o_dx) {
     const long T = B * S;
     (void)T;
     GLOBAL float *l = A + o_l;
     GLOBAL float *tg = A + o_tg;
     GLOBAL float *dl = A + o_dl;
     GLOBAL float *dx = A + o_dx;
-    LOCAL float red[256];
     const long M = T * 1;
-    GLOBAL float *xr = l + (GID_X) * 256;
-    GLOBAL float *dr = dx + (GID_X) * 256;
-    float m = xr[0];
-    for (int j = LID_X; j < 256; j += 256) m = FMAXF(m, xr[j]);
-    red[LID_X] = m;
+    LOCAL float rm[256];
+    LOCAL float rsum[256];
+    const int lane = LID_X % 32, team = LID_X / 32;
+    const long r = GID_X * 8 + team;
+    const int ok = r < M;
+    GLOBAL float *xr = l + ((ok ? r : 0)) * 256;
+    float m = -1e30f, se = 0.0f;
+    float v0 = -1e30f;
+    if (ok) v0 = xr[lane + 0];
+    m = FMAXF(m, v0);
+    float v1 = -1e30f;
+    if (ok) v1 = xr[lane + 32];
+    m = FMAXF(m, v1);
+    float v2 = -1e30f;
+    if (ok) v2 = xr[lane + 64];
+    m = FMAXF(m, v2);
+    float v3 = -1e30f;
+    if (ok) v3 = xr[lane + 96];
+    m = FMAXF(m, v3);
+    float v4 = -1e30f;
+    if (ok) v4 = xr[lane + 128];
+    m = FMAXF(m, v4);
+    float v5 = -1e30f;
+    if (ok) v5 = xr[lane + 160];
+    m = FMAXF(m, v5);
+    float v6 = -1e30f;
+    if (ok) v6 = xr[lane + 192];
+    m = FMAXF(m, v6);
+    float v7 = -1e30f;
+    if (ok) v7 = xr[lane + 224];
+    m = FMAXF(m, v7);
+    se += EXPF(v0 - m);
+    se += EXPF(v1 - m);
+    se += EXPF(v2 - m);
+    se += EXPF(v3 - m);
+    se += EXPF(v4 - m);
+    se += EXPF(v5 - m);
+    se += EXPF(v6 - m);
+    se += EXPF(v7 - m);
+    rm[LID_X] = m;
+    rsum[LID_X] = se;
     BARRIER();
-    for (int s = 128; s > 0; s >>= 1) {
-        if (LID_X < s) red[LID_X] = FMAXF(red[LID_X], red[LID_X + s]);
+    for (int s = 16; s > 0; s >>= 1) {
+        if (lane < s) {
+            const float ma = rm[LID_X], mb = rm[LID_X + s], mm = FMAXF(ma, mb);
+            rsum[LID_X] = rsum[LID_X] * EXPF(ma - mm) + rsum[LID_X + s] * EXPF(mb - mm);
+            rm[LID_X] = mm;
+        }
         BARRIER();
     }
-    const float mx = red[0];
-    BARRIER();   /* everyone has read red[0] before it is reused */
-    float s = 0.0f;
-    for (int j = LID_X; j < 256; j += 256) s += EXPF(xr[j] - mx);
-    red[LID_X] = s;
-    BARRIER();
-    for (int s2 = 128; s2 > 0; s2 >>= 1) {
-        if (LID_X < s2) red[LID_X] += red[LID_X + s2];
-        BARRIER();
-    }
-    const float inv = 1.0f / red[0], sc = dl[0] / (float)M;
-    int kt = (int)tg[(GID_X) * 1];
+    const float mx = rm[team * 32], sum = rsum[team * 32];
+    if (!ok) return;   /* after the last barrier */
+    const float inv = 1.0f / sum, sc = dl[0] / (float)M;
+    int kt = (int)tg[(r) * 1];
     kt = kt < 0 ? 0 : kt >= 256 ? 255 : kt;
-    for (int j = LID_X; j < 256; j += 256)
-        dr[j] = sc * (EXPF(xr[j] - mx) * inv - (j == kt ? 1.0f : 0.0f));
+    GLOBAL float *dr = dx + (r) * 256;
+    {
+        const int j = lane + 0;
+        dr[j] = sc * (EXPF(v0 - mx) * inv - (j == kt ? 1.0f : 0.0f));
+    }
+    {
+        const int j = lane + 32;
+        dr[j] = sc * (EXPF(v1 - mx) * inv - (j == kt ? 1.0f : 0.0f));
+    }
+    {
+        const int j = lane + 64;
+        dr[j] = sc * (EXPF(v2 - mx) * inv - (j == kt ? 1.0f : 0.0f));
+    }
+    {
+        const int j = lane + 96;
+        dr[j] = sc * (EXPF(v3 - mx) * inv - (j == kt ? 1.0f : 0.0f));
+    }
+    {
+        const int j = lane + 128;
+        dr[j] = sc * (EXPF(v4 - mx) * inv - (j == kt ? 1.0f : 0.0f));
+    }
+    {
+        const int j = lane + 160;
+        dr[j] = sc * (EXPF(v5 - mx) * inv - (j == kt ? 1.0f : 0.0f));
+    }
+    {
+        const int j = lane + 192;
+        dr[j] = sc * (EXPF(v6 - mx) * inv - (j == kt ? 1.0f : 0.0f));
+    }
+    {
+        const int j = lane + 224;
+        dr[j] = sc * (EXPF(v7 - mx) * inv - (j == kt ? 1.0f : 0.0f));
+    }
 }
 
-KERNEL k17_matmul_nn(GLOBAL float *A, long B, long S, long o_x, long o_w, long o_y) {
+KERNEL k18_matmul_nn(GLOBAL float *A, long B, long S, long o_x, long o_w, long o_y) {
     const long T = B * S;
     (void)T;
     GLOBAL float *x = A + o_x;
@@ -682,7 +804,7 @@ KERNEL k17_matmul_nn(GLOBAL float *A, long B, long S, long o_x, long o_w, long o
     }
 }
 
-KERNEL k18_matmul_wgrad(GLOBAL float *A, long B, long S, long o_a, long o_b, long o_o) {
+KERNEL k19_matmul_wgrad(GLOBAL float *A, long B, long S, long o_a, long o_b, long o_o) {
     const long T = B * S;
     (void)T;
     GLOBAL float *a = A + o_a;
@@ -722,75 +844,100 @@ KERNEL k18_matmul_wgrad(GLOBAL float *A, long B, long S, long o_a, long o_b, lon
     }
 }
 
-KERNEL k19_rmsnorm_bwd_dx(GLOBAL float *A, long B, long S, long o_x, long o_w, long o_dy, long o_dx) {
+KERNEL k20_rmsnorm_bwd_dx(GLOBAL float *A, long B, long S, long o_x, long o_w, long o_dy, long o_dx, long o_part) {
     const long T = B * S;
     (void)T;
     GLOBAL float *x = A + o_x;
     GLOBAL float *w = A + o_w;
     GLOBAL float *dy = A + o_dy;
     GLOBAL float *dx = A + o_dx;
-    LOCAL float red[64];
-    LOCAL float red2[64];
-    GLOBAL float *xr = x + (GID_X) * 64;
-    GLOBAL float *dyr = dy + (GID_X) * 64;
-    GLOBAL float *dxr = dx + (GID_X) * 64;
-    float ss = 0.0f, dot = 0.0f;
-    for (int f = LID_X; f < 64; f += 64) {
-        ss += xr[f] * xr[f];
-        dot += w[f] * dyr[f] * xr[f];
-    }
-    red[LID_X] = ss;
-    red2[LID_X] = dot;
-    BARRIER();
-    for (int s = 32; s > 0; s >>= 1) {
-        if (LID_X < s) {
-            red[LID_X] += red[LID_X + s];
-            red2[LID_X] += red2[LID_X + s];
+    GLOBAL float *part = A + o_part;
+    LOCAL float r1[256];
+    LOCAL float r2[256];
+    LOCAL float comb[512];
+    const long M = T * 1, per = (M + 511) / 512;
+    const long c0 = GID_X * per, c1 = c0 + per < M ? c0 + per : M;
+    const int lane = LID_X % 32, team = LID_X / 32;
+    const int f0 = lane + 0;
+    float w0 = 0.0f, a0 = 0.0f, x0 = 0.0f, g0 = 0.0f;
+    w0 = w[f0];
+    const int f1 = lane + 32;
+    float w1 = 0.0f, a1 = 0.0f, x1 = 0.0f, g1 = 0.0f;
+    w1 = w[f1];
+    for (long rb = c0; rb < c1; rb += 8) {
+        const long r = rb + team;
+        const int ok = r < c1;
+        GLOBAL float *xr = x + ((ok ? r : c0)) * 64;
+        GLOBAL float *dyr = dy + ((ok ? r : c0)) * 64;
+        GLOBAL float *dxr = dx + ((ok ? r : c0)) * 64;
+        float ss = 0.0f, dot = 0.0f;
+        if (ok) {
+            { x0 = xr[f0]; g0 = dyr[f0]; }
+            { x1 = xr[f1]; g1 = dyr[f1]; }
+            ss += x0 * x0;
+            dot += w0 * g0 * x0;
+            ss += x1 * x1;
+            dot += w1 * g1 * x1;
         }
+        r1[LID_X] = ss;
+        r2[LID_X] = dot;
         BARRIER();
+        for (int s = 16; s > 0; s >>= 1) {
+            if (lane < s) {
+                r1[LID_X] += r1[LID_X + s];
+                r2[LID_X] += r2[LID_X + s];
+            }
+            BARRIER();
+        }
+        const float rs = RSQRTF(r1[team * 32] / 64.0f + 1.000000000e-05f);
+        const float cc = rs * rs * rs / 64.0f * r2[team * 32];
+        if (ok) {
+            dxr[f0] = rs * w0 * g0 - cc * x0;
+            a0 += g0 * x0 * rs;
+            dxr[f1] = rs * w1 * g1 - cc * x1;
+            a1 += g1 * x1 * rs;
+        }
+        BARRIER();   /* r1, r2 are rewritten by the next step */
     }
-    const float rs = RSQRTF(red[0] / 64.0f + 1.000000000e-05f);
-    const float c = rs * rs * rs / 64.0f * red2[0];
-    for (int f = LID_X; f < 64; f += 64) dxr[f] = rs * w[f] * dyr[f] - c * xr[f];
+    GLOBAL float *pr = part + GID_X * 64;
+    comb[0 + LID_X] = a0;
+    comb[256 + LID_X] = a1;
+    BARRIER();
+    for (int q = LID_X; q < 64; q += 256) {
+        const int f = 0 + q;
+        const int sl = q / 32, ln = q % 32;
+        float s = 0.0f;
+        for (int j = 0; j < 8; j++) s += comb[sl * 256 + j * 32 + ln];
+        if (f < 64) pr[f] = s;
+    }
+    BARRIER();
 }
 
-KERNEL k20_rmsnorm_bwd_dw(GLOBAL float *A, long B, long S, long o_x, long o_dy, long o_dw) {
+KERNEL k21_rmsnorm_bwd_dw(GLOBAL float *A, long B, long S, long o_part, long o_dw) {
     const long T = B * S;
     (void)T;
-    GLOBAL float *x = A + o_x;
-    GLOBAL float *dy = A + o_dy;
+    GLOBAL float *part = A + o_part;
     GLOBAL float *dw = A + o_dw;
-    LOCAL float part[8][33];
-    LOCAL float rsv[8];
-    const long M = T * 1;
-    const int f = (int)GID_X * 256 + LID_X, lane = LID_X % 32, rw = LID_X / 32;
-    float acc = 0.0f;
-    for (long r0 = 0; r0 < M; r0 += 8) {
-        const long r = r0 + rw;
-        float ss = 0.0f;
-        if (r < M) {
-            GLOBAL float *xr = x + (r) * 64;
-            for (int i = lane; i < 64; i += 32) ss += xr[i] * xr[i];
+    LOCAL float red[256];
+    const int lane = LID_X % 32, sl = LID_X / 32;
+    const long f = GID_X * 32 + lane;
+    float s = 0.0f, comp = 0.0f;   /* Kahan: the sum keeps fp32 error near one ulp */
+    if (f < 64)
+        for (int q = sl; q < 512; q += 8) {
+            const float y = part[q * 64 + f] - comp, t = s + y;
+            comp = (t - s) - y;
+            s = t;
         }
-        part[rw][lane] = ss;
-        BARRIER();
-        if (LID_X < 8) {
-            float s = 0.0f;
-            for (int i = 0; i < 32; i++) s += part[LID_X][i];
-            rsv[LID_X] = RSQRTF(s / 64.0f + 1.000000000e-05f);
-        }
-        BARRIER();
-        if (f < 64)
-            for (int i = 0; i < 8 && r0 + i < M; i++) {
-                const long q = r0 + i;
-                acc += dy[(q) * 64 + f] * x[(q) * 64 + f] * rsv[i];
-            }
-        BARRIER();
+    red[LID_X] = s;
+    BARRIER();
+    if (sl == 0 && f < 64) {
+        float t = 0.0f;
+        for (int j = 0; j < 8; j++) t += red[j * 32 + lane];
+        dw[f] = t;
     }
-    if (f < 64) dw[f] = acc;
 }
 
-KERNEL k21_matmul_nn(GLOBAL float *A, long B, long S, long o_x, long o_w, long o_y) {
+KERNEL k22_matmul_nn(GLOBAL float *A, long B, long S, long o_x, long o_w, long o_y) {
     const long T = B * S;
     (void)T;
     GLOBAL float *x = A + o_x;
@@ -834,7 +981,7 @@ KERNEL k21_matmul_nn(GLOBAL float *A, long B, long S, long o_x, long o_w, long o
     }
 }
 
-KERNEL k22_matmul_wgrad(GLOBAL float *A, long B, long S, long o_a, long o_b, long o_o) {
+KERNEL k23_matmul_wgrad(GLOBAL float *A, long B, long S, long o_a, long o_b, long o_o) {
     const long T = B * S;
     (void)T;
     GLOBAL float *a = A + o_a;
@@ -874,7 +1021,7 @@ KERNEL k22_matmul_wgrad(GLOBAL float *A, long B, long S, long o_a, long o_b, lon
     }
 }
 
-KERNEL k23_fused(GLOBAL float *A, long B, long S, long o_in0, long o_in1, long o_in2, long o_in3, long o_out1, long o_out2) {
+KERNEL k24_fused(GLOBAL float *A, long B, long S, long o_in0, long o_in1, long o_in2, long o_in3, long o_out1, long o_out2) {
     const long T = B * S;
     (void)T;
     GLOBAL float *in0 = A + o_in0;
@@ -898,7 +1045,7 @@ KERNEL k23_fused(GLOBAL float *A, long B, long S, long o_in0, long o_in1, long o
     out2[tok * 256 + f] = v2;
 }
 
-KERNEL k24_matmul_nn(GLOBAL float *A, long B, long S, long o_x, long o_w, long o_y) {
+KERNEL k25_matmul_nn(GLOBAL float *A, long B, long S, long o_x, long o_w, long o_y) {
     const long T = B * S;
     (void)T;
     GLOBAL float *x = A + o_x;
@@ -942,7 +1089,7 @@ KERNEL k24_matmul_nn(GLOBAL float *A, long B, long S, long o_x, long o_w, long o
     }
 }
 
-KERNEL k25_matmul_wgrad(GLOBAL float *A, long B, long S, long o_a, long o_b, long o_o) {
+KERNEL k26_matmul_wgrad(GLOBAL float *A, long B, long S, long o_a, long o_b, long o_o) {
     const long T = B * S;
     (void)T;
     GLOBAL float *a = A + o_a;
@@ -982,94 +1129,249 @@ KERNEL k25_matmul_wgrad(GLOBAL float *A, long B, long S, long o_a, long o_b, lon
     }
 }
 
-KERNEL k26_attention_bwd_dq(GLOBAL float *A, long B, long S, long o_q, long o_k, long o_v, long o_o, long o_lse, long o_dO, long o_dq) {
+KERNEL k27_attention_bwd_d(GLOBAL float *A, long B, long S, long o_o, long o_dO, long o_Dw) {
     const long T = B * S;
     (void)T;
-    GLOBAL float *q = A + o_q;
-    GLOBAL float *k = A + o_k;
-    GLOBAL float *v = A + o_v;
     GLOBAL float *o = A + o_o;
-    GLOBAL float *lse = A + o_lse;
     GLOBAL float *dO = A + o_dO;
-    GLOBAL float *dq = A + o_dq;
+    GLOBAL float *Dw = A + o_Dw;
     const long i = GID_X * 64 + LID_X;
     if (i >= T * 2) return;
     const long tok = i / 2;
     const long h = i % 2;
     const long s = tok % S, t0 = tok - s;
     (void)t0;
-    const long kvo = (h / 1) * 32;
-    long lo = s - 63;
-    if (lo < 0) lo = 0;
-    GLOBAL const float *qi = q + tok * 64L + h * 32;
     GLOBAL const float *oi = o + tok * 64L + h * 32;
     GLOBAL const float *doi = dO + tok * 64L + h * 32;
-    const float L = lse[tok * 2L + h];
-    float qr[32], dor[32], acc[32];
-    for (int e = 0; e < 32; e++) { qr[e] = qi[e]; dor[e] = doi[e]; acc[e] = 0.0f; }
-    for (long j = t0 + lo; j <= tok; j++) {
-        GLOBAL const float *kj = k + j * 64L + kvo;
-        GLOBAL const float *vj = v + j * 192L + kvo;
-        float d = 0.0f, dp = 0.0f;
-        for (int e = 0; e < 32; e++) {
-            d += qr[e] * kj[e];
-            dp += dor[e] * (vj[e] - oi[e]);
-        }
-        const float p = EXPF(((float)1.76776692e-01f) * d - L);
-        const float ds = p * dp * ((float)1.76776692e-01f);
-        for (int e = 0; e < 32; e++) acc[e] += ds * kj[e];
-    }
-    GLOBAL float *dqi = dq + tok * 64L + h * 32;
-    for (int e = 0; e < 32; e++) dqi[e] = acc[e];
+    float acc = 0.0f;
+    for (int e = 0; e < 32; e++) acc += doi[e] * oi[e];
+    Dw[tok * 2L + h] = acc;
 }
 
-KERNEL k27_attention_bwd_dkv(GLOBAL float *A, long B, long S, long o_q, long o_k, long o_v, long o_o, long o_lse, long o_dO, long o_dk, long o_dv) {
+KERNEL k28_attention_bwd_dkv(GLOBAL float *A, long B, long S, long o_q, long o_k, long o_v, long o_lse, long o_dO, long o_Dw, long o_dk, long o_dv) {
     const long T = B * S;
     (void)T;
     GLOBAL float *q = A + o_q;
     GLOBAL float *k = A + o_k;
     GLOBAL float *v = A + o_v;
-    GLOBAL float *o = A + o_o;
     GLOBAL float *lse = A + o_lse;
     GLOBAL float *dO = A + o_dO;
+    GLOBAL float *Dw = A + o_Dw;
     GLOBAL float *dk = A + o_dk;
     GLOBAL float *dv = A + o_dv;
-    const long i = GID_X * 64 + LID_X;
-    if (i >= T * 2) return;
-    const long tok = i / 2;
-    const long g = i % 2;
-    const long s = tok % S, t0 = tok - s;
-    (void)t0;
-    long hi = s + 63;
-    if (hi > S - 1) hi = S - 1;
-    GLOBAL const float *kj = k + tok * 64L + g * 32;
-    GLOBAL const float *vj = v + tok * 192L + g * 32;
-    float dka[32], dva[32];
-    for (int e = 0; e < 32; e++) { dka[e] = 0.0f; dva[e] = 0.0f; }
+    LOCAL float KT[1056], VT[1056], Qs[1056], dOs[1056], Ps[1056], dSs[1056], Ls[32], Ds[32];
+    const long bg = GID_Y, b = bg / 2, g = bg % 2;
+    const long t0 = b * S, k0 = GID_X * 32, kvo = g * 32;
+    const int te = LID_X % 8, tj = LID_X / 8;
+    long qend = (k0 + 31 < S ? k0 + 31 : S - 1) + 63;
+    if (qend > S - 1) qend = S - 1;
+    for (int x = LID_X; x < 1024; x += 64) {
+        const int r = x / 32, e = x % 32;
+        const long ps = k0 + r;
+        const int ok = ps < S;
+        KT[r * 1 + e * 33] = ok ? k[(t0 + ps) * 64L + kvo + e] : 0.0f;
+    }
+    for (int x = LID_X; x < 1024; x += 64) {
+        const int r = x / 32, e = x % 32;
+        const long ps = k0 + r;
+        const int ok = ps < S;
+        VT[r * 1 + e * 33] = ok ? v[(t0 + ps) * 192L + kvo + e] : 0.0f;
+    }
+    float dka[4][4], dva[4][4];
+    #pragma unroll
+    for (int r = 0; r < 4; r++)
+        for (int cc = 0; cc < 4; cc++) { dka[r][cc] = 0.0f; dva[r][cc] = 0.0f; }
     for (long h = g * 1; h < (g + 1) * 1; h++) {
-        for (long ti = tok; ti <= t0 + hi; ti++) {
-            GLOBAL const float *qi = q + ti * 64L + h * 32;
-            GLOBAL const float *oi = o + ti * 64L + h * 32;
-            GLOBAL const float *doi = dO + ti * 64L + h * 32;
-            float d = 0.0f, dp = 0.0f;
-            for (int e = 0; e < 32; e++) {
-                d += qi[e] * kj[e];
-                dp += doi[e] * (vj[e] - oi[e]);
+    const long qo = h * 32;
+    for (long q0 = k0; q0 <= qend; q0 += 32) {
+    for (int x = LID_X; x < 1024; x += 64) {
+        const int r = x / 32, e = x % 32;
+        const long ps = q0 + r;
+        const int ok = ps < S;
+        Qs[r * 33 + e * 1] = ok ? q[(t0 + ps) * 64L + qo + e] : 0.0f;
+    }
+    for (int x = LID_X; x < 1024; x += 64) {
+        const int r = x / 32, e = x % 32;
+        const long ps = q0 + r;
+        const int ok = ps < S;
+        dOs[r * 33 + e * 1] = ok ? dO[(t0 + ps) * 64L + qo + e] : 0.0f;
+    }
+    for (int x = LID_X; x < 32; x += 64) {
+        const long ps = q0 + x;
+        Ls[x] = ps < S ? lse[(t0 + ps) * 2L + h] : 0.0f;
+        Ds[x] = ps < S ? Dw[(t0 + ps) * 2L + h] : 0.0f;
+    }
+    BARRIER();
+    for (int it = LID_X; it < 128; it += 64) {
+        const int ii = it / 8, jj = it % 8;
+        float sc[2][4], dp[2][4];
+        #pragma unroll
+        for (int a = 0; a < 2; a++)
+            for (int cc = 0; cc < 4; cc++) { sc[a][cc] = 0.0f; dp[a][cc] = 0.0f; }
+        for (int e = 0; e < 32; e++) {
+            const float qa = Qs[ii * 33 + e], qb = Qs[(ii + 16) * 33 + e];
+            const float da = dOs[ii * 33 + e], db = dOs[(ii + 16) * 33 + e];
+            #pragma unroll
+            for (int cc = 0; cc < 4; cc++) {
+                const float kv = KT[e * 33 + jj + cc * 8], vv = VT[e * 33 + jj + cc * 8];
+                sc[0][cc] += qa * kv; sc[1][cc] += qb * kv;
+                dp[0][cc] += da * vv; dp[1][cc] += db * vv;
             }
-            const float p = EXPF(((float)1.76776692e-01f) * d - lse[ti * 2L + h]);
-            const float ds = p * dp * ((float)1.76776692e-01f);
-            for (int e = 0; e < 32; e++) {
-                dva[e] += p * doi[e];
-                dka[e] += ds * qi[e];
+        }
+        #pragma unroll
+        for (int a = 0; a < 2; a++) {
+            const int i = ii + a * 16;
+            const long qs = q0 + i;
+            const float L = Ls[i], Dd = Ds[i];
+            #pragma unroll
+            for (int cc = 0; cc < 4; cc++) {
+                const int j = jj + cc * 8;
+                const long ks = k0 + j;
+                const int vis = qs < S && ks <= qs && qs - ks < 64;
+                const float p = vis ? EXPF(((float)1.76776692e-01f) * sc[a][cc] - L) : 0.0f;
+                const float ds = p * (dp[a][cc] - Dd) * ((float)1.76776692e-01f);
+                Ps[i * 33 + j] = p; dSs[i * 33 + j] = ds;
             }
         }
     }
-    GLOBAL float *dkj = dk + tok * 64L + g * 32;
-    GLOBAL float *dvj = dv + tok * 192L + g * 32;
-    for (int e = 0; e < 32; e++) { dkj[e] = dka[e]; dvj[e] = dva[e]; }
+    BARRIER();
+    for (int i = 0; i < 32; i++) {
+        float pr[4], sr[4], orow[4], qrow[4];
+        #pragma unroll
+        for (int r = 0; r < 4; r++) { pr[r] = Ps[i * 33 + tj + r * 8]; sr[r] = dSs[i * 33 + tj + r * 8]; }
+        #pragma unroll
+        for (int cc = 0; cc < 4; cc++) { orow[cc] = dOs[i * 33 + te + cc * 8]; qrow[cc] = Qs[i * 33 + te + cc * 8]; }
+        #pragma unroll
+        for (int r = 0; r < 4; r++)
+            for (int cc = 0; cc < 4; cc++) { dva[r][cc] += pr[r] * orow[cc]; dka[r][cc] += sr[r] * qrow[cc]; }
+    }
+    BARRIER();
+    }
+    }
+    #pragma unroll
+    for (int r = 0; r < 4; r++) {
+        const long ks = k0 + tj + r * 8;
+        if (ks >= S) continue;
+        #pragma unroll
+        for (int cc = 0; cc < 4; cc++) {
+            const int e = te + cc * 8;
+            dk[(t0 + ks) * 64L + kvo + e] = dka[r][cc];
+            dv[(t0 + ks) * 192L + kvo + e] = dva[r][cc];
+        }
+    }
 }
 
-KERNEL k28_rope(GLOBAL float *A, long B, long S, long o_x, long o_y) {
+KERNEL k29_attention_bwd_dq(GLOBAL float *A, long B, long S, long o_q, long o_k, long o_v, long o_lse, long o_dO, long o_Dw, long o_dq) {
+    const long T = B * S;
+    (void)T;
+    GLOBAL float *q = A + o_q;
+    GLOBAL float *k = A + o_k;
+    GLOBAL float *v = A + o_v;
+    GLOBAL float *lse = A + o_lse;
+    GLOBAL float *dO = A + o_dO;
+    GLOBAL float *Dw = A + o_Dw;
+    GLOBAL float *dq = A + o_dq;
+    LOCAL float KT[1056], VT[1056], Qs[1056], dOs[1056], dSs[1056], Ls[32], Ds[32];
+    const long bh = GID_Y, b = bh / 2, h = bh % 2;
+    const long t0 = b * S, q0 = GID_X * 32, qo = h * 32, kvo = (h / 1) * 32;
+    const int te = LID_X % 8, ti = LID_X / 8;
+    const long q1 = (q0 + 31 < S ? q0 + 31 : S - 1);   /* last query of the block */
+    long klo = q0 - 63;
+    if (klo < 0) klo = 0;
+    klo = klo / 32 * 32;
+    for (int x = LID_X; x < 1024; x += 64) {
+        const int r = x / 32, e = x % 32;
+        const long ps = q0 + r;
+        const int ok = ps < S;
+        Qs[r * 33 + e * 1] = ok ? q[(t0 + ps) * 64L + qo + e] : 0.0f;
+    }
+    for (int x = LID_X; x < 1024; x += 64) {
+        const int r = x / 32, e = x % 32;
+        const long ps = q0 + r;
+        const int ok = ps < S;
+        dOs[r * 33 + e * 1] = ok ? dO[(t0 + ps) * 64L + qo + e] : 0.0f;
+    }
+    for (int x = LID_X; x < 32; x += 64) {
+        const long ps = q0 + x;
+        Ls[x] = ps < S ? lse[(t0 + ps) * 2L + h] : 0.0f;
+        Ds[x] = ps < S ? Dw[(t0 + ps) * 2L + h] : 0.0f;
+    }
+    float acc[4][4];
+    #pragma unroll
+    for (int r = 0; r < 4; r++)
+        for (int cc = 0; cc < 4; cc++) acc[r][cc] = 0.0f;
+    for (long k0 = klo; k0 <= q1; k0 += 32) {
+    for (int x = LID_X; x < 1024; x += 64) {
+        const int r = x / 32, e = x % 32;
+        const long ps = k0 + r;
+        const int ok = ps < S;
+        KT[r * 1 + e * 33] = ok ? k[(t0 + ps) * 64L + kvo + e] : 0.0f;
+    }
+    for (int x = LID_X; x < 1024; x += 64) {
+        const int r = x / 32, e = x % 32;
+        const long ps = k0 + r;
+        const int ok = ps < S;
+        VT[r * 1 + e * 33] = ok ? v[(t0 + ps) * 192L + kvo + e] : 0.0f;
+    }
+    BARRIER();
+    for (int it = LID_X; it < 128; it += 64) {
+        const int ii = it / 8, jj = it % 8;
+        float sc[2][4], dp[2][4];
+        #pragma unroll
+        for (int a = 0; a < 2; a++)
+            for (int cc = 0; cc < 4; cc++) { sc[a][cc] = 0.0f; dp[a][cc] = 0.0f; }
+        for (int e = 0; e < 32; e++) {
+            const float qa = Qs[ii * 33 + e], qb = Qs[(ii + 16) * 33 + e];
+            const float da = dOs[ii * 33 + e], db = dOs[(ii + 16) * 33 + e];
+            #pragma unroll
+            for (int cc = 0; cc < 4; cc++) {
+                const float kv = KT[e * 33 + jj + cc * 8], vv = VT[e * 33 + jj + cc * 8];
+                sc[0][cc] += qa * kv; sc[1][cc] += qb * kv;
+                dp[0][cc] += da * vv; dp[1][cc] += db * vv;
+            }
+        }
+        #pragma unroll
+        for (int a = 0; a < 2; a++) {
+            const int i = ii + a * 16;
+            const long qs = q0 + i;
+            const float L = Ls[i], Dd = Ds[i];
+            #pragma unroll
+            for (int cc = 0; cc < 4; cc++) {
+                const int j = jj + cc * 8;
+                const long ks = k0 + j;
+                const int vis = qs < S && ks <= qs && qs - ks < 64;
+                const float p = vis ? EXPF(((float)1.76776692e-01f) * sc[a][cc] - L) : 0.0f;
+                const float ds = p * (dp[a][cc] - Dd) * ((float)1.76776692e-01f);
+                dSs[j * 33 + i] = ds; (void)p;
+            }
+        }
+    }
+    BARRIER();
+    for (int j = 0; j < 32; j++) {
+        float sr[4], kr[4];
+        #pragma unroll
+        for (int r = 0; r < 4; r++) sr[r] = dSs[j * 33 + ti + r * 8];
+        #pragma unroll
+        for (int cc = 0; cc < 4; cc++) kr[cc] = KT[(te + cc * 8) * 33 + j];
+        #pragma unroll
+        for (int r = 0; r < 4; r++)
+            for (int cc = 0; cc < 4; cc++) acc[r][cc] += sr[r] * kr[cc];
+    }
+    BARRIER();
+    }
+    #pragma unroll
+    for (int r = 0; r < 4; r++) {
+        const long qs = q0 + ti + r * 8;
+        if (qs >= S) continue;
+        #pragma unroll
+        for (int cc = 0; cc < 4; cc++) {
+            const int e = te + cc * 8;
+            dq[(t0 + qs) * 64L + qo + e] = acc[r][cc];
+        }
+    }
+}
+
+KERNEL k30_rope(GLOBAL float *A, long B, long S, long o_x, long o_y) {
     const long T = B * S;
     (void)T;
     GLOBAL float *x = A + o_x;
@@ -1111,7 +1413,7 @@ KERNEL k28_rope(GLOBAL float *A, long B, long S, long o_x, long o_y) {
     }
 }
 
-KERNEL k29_matmul_nn(GLOBAL float *A, long B, long S, long o_x, long o_w, long o_y) {
+KERNEL k31_matmul_nn(GLOBAL float *A, long B, long S, long o_x, long o_w, long o_y) {
     const long T = B * S;
     (void)T;
     GLOBAL float *x = A + o_x;
@@ -1155,7 +1457,7 @@ KERNEL k29_matmul_nn(GLOBAL float *A, long B, long S, long o_x, long o_w, long o
     }
 }
 
-KERNEL k30_matmul_wgrad(GLOBAL float *A, long B, long S, long o_a, long o_b, long o_o) {
+KERNEL k32_matmul_wgrad(GLOBAL float *A, long B, long S, long o_a, long o_b, long o_o) {
     const long T = B * S;
     (void)T;
     GLOBAL float *a = A + o_a;
@@ -1195,7 +1497,7 @@ KERNEL k30_matmul_wgrad(GLOBAL float *A, long B, long S, long o_a, long o_b, lon
     }
 }
 
-KERNEL k31_fused(GLOBAL float *A, long B, long S, long o_in0, long o_in1, long o_in2, long o_in3, long o_out0, long o_out2) {
+KERNEL k33_fused(GLOBAL float *A, long B, long S, long o_in0, long o_in1, long o_in2, long o_in3, long o_out0, long o_out2) {
     const long T = B * S;
     (void)T;
     GLOBAL float *in0 = A + o_in0;
@@ -1219,7 +1521,7 @@ KERNEL k31_fused(GLOBAL float *A, long B, long S, long o_in0, long o_in1, long o
     out2[tok * 304 + f] = v2;
 }
 
-KERNEL k32_mamba3_scan_bwd(GLOBAL float *A, long B, long S, long o_x, long o_Bn, long o_Cn, long o_ddt, long o_ddA, long o_trap, long o_ang, long o_dtb, long o_Bb, long o_Cb, long o_Dp, long o_st, long o_dy, long o_gx, long o_gddt, long o_gddA, long o_gtrap, long o_hd) {
+KERNEL k34_mamba3_scan_bwd(GLOBAL float *A, long B, long S, long o_x, long o_Bn, long o_Cn, long o_ddt, long o_ddA, long o_trap, long o_ang, long o_dtb, long o_Bb, long o_Cb, long o_Dp, long o_st, long o_dy, long o_gx, long o_gddt, long o_gddA, long o_gtrap, long o_hd) {
     const long T = B * S;
     (void)T;
     GLOBAL float *x = A + o_x;
@@ -1445,7 +1747,7 @@ KERNEL k32_mamba3_scan_bwd(GLOBAL float *A, long B, long S, long o_x, long o_Bn,
     }
 }
 
-KERNEL k33_mamba3_scan_bwd_heads(GLOBAL float *A, long B, long S, long o_hd, long o_gBn, long o_gCn, long o_gang) {
+KERNEL k35_mamba3_scan_bwd_heads(GLOBAL float *A, long B, long S, long o_hd, long o_gBn, long o_gCn, long o_gang) {
     const long T = B * S;
     (void)T;
     GLOBAL float *hd = A + o_hd;
@@ -1463,7 +1765,7 @@ KERNEL k33_mamba3_scan_bwd_heads(GLOBAL float *A, long B, long S, long o_hd, lon
     else gang[tok * 304L + f - 32] = acc;
 }
 
-KERNEL k34_mamba3_scan_bwd_params(GLOBAL float *A, long B, long S, long o_hd, long o_gddt, long o_x, long o_dy, long o_gdtb, long o_gBb, long o_gCb, long o_gD) {
+KERNEL k36_mamba3_scan_bwd_params(GLOBAL float *A, long B, long S, long o_hd, long o_gddt, long o_x, long o_dy, long o_gdtb, long o_gBb, long o_gCb, long o_gD) {
     const long T = B * S;
     (void)T;
     GLOBAL float *hd = A + o_hd;
@@ -1511,75 +1813,91 @@ KERNEL k34_mamba3_scan_bwd_params(GLOBAL float *A, long B, long S, long o_hd, lo
     }
 }
 
-KERNEL k35_rmsnorm_bwd_dx(GLOBAL float *A, long B, long S, long o_x, long o_w, long o_dy, long o_dx) {
+KERNEL k37_rmsnorm_bwd_dx(GLOBAL float *A, long B, long S, long o_x, long o_w, long o_dy, long o_dx, long o_part) {
     const long T = B * S;
     (void)T;
     GLOBAL float *x = A + o_x;
     GLOBAL float *w = A + o_w;
     GLOBAL float *dy = A + o_dy;
     GLOBAL float *dx = A + o_dx;
-    LOCAL float red[32];
-    LOCAL float red2[32];
-    GLOBAL float *xr = x + (GID_X) * 304;
-    GLOBAL float *dyr = dy + (GID_X) * 16;
-    GLOBAL float *dxr = dx + (GID_X) * 304;
-    float ss = 0.0f, dot = 0.0f;
-    for (int f = LID_X; f < 16; f += 32) {
-        ss += xr[f] * xr[f];
-        dot += w[f] * dyr[f] * xr[f];
-    }
-    red[LID_X] = ss;
-    red2[LID_X] = dot;
-    BARRIER();
-    for (int s = 16; s > 0; s >>= 1) {
-        if (LID_X < s) {
-            red[LID_X] += red[LID_X + s];
-            red2[LID_X] += red2[LID_X + s];
+    GLOBAL float *part = A + o_part;
+    LOCAL float r1[256];
+    LOCAL float r2[256];
+    LOCAL float comb[256];
+    const long M = T * 1, per = (M + 511) / 512;
+    const long c0 = GID_X * per, c1 = c0 + per < M ? c0 + per : M;
+    const int lane = LID_X % 16, team = LID_X / 16;
+    const int f0 = lane + 0;
+    float w0 = 0.0f, a0 = 0.0f, x0 = 0.0f, g0 = 0.0f;
+    w0 = w[f0];
+    for (long rb = c0; rb < c1; rb += 16) {
+        const long r = rb + team;
+        const int ok = r < c1;
+        GLOBAL float *xr = x + ((ok ? r : c0)) * 304;
+        GLOBAL float *dyr = dy + ((ok ? r : c0)) * 16;
+        GLOBAL float *dxr = dx + ((ok ? r : c0)) * 304;
+        float ss = 0.0f, dot = 0.0f;
+        if (ok) {
+            { x0 = xr[f0]; g0 = dyr[f0]; }
+            ss += x0 * x0;
+            dot += w0 * g0 * x0;
         }
+        r1[LID_X] = ss;
+        r2[LID_X] = dot;
         BARRIER();
+        for (int s = 8; s > 0; s >>= 1) {
+            if (lane < s) {
+                r1[LID_X] += r1[LID_X + s];
+                r2[LID_X] += r2[LID_X + s];
+            }
+            BARRIER();
+        }
+        const float rs = RSQRTF(r1[team * 16] / 16.0f + 1.000000000e-05f);
+        const float cc = rs * rs * rs / 16.0f * r2[team * 16];
+        if (ok) {
+            dxr[f0] = rs * w0 * g0 - cc * x0;
+            a0 += g0 * x0 * rs;
+        }
+        BARRIER();   /* r1, r2 are rewritten by the next step */
     }
-    const float rs = RSQRTF(red[0] / 16.0f + 1.000000000e-05f);
-    const float c = rs * rs * rs / 16.0f * red2[0];
-    for (int f = LID_X; f < 16; f += 32) dxr[f] = rs * w[f] * dyr[f] - c * xr[f];
+    GLOBAL float *pr = part + GID_X * 16;
+    comb[0 + LID_X] = a0;
+    BARRIER();
+    for (int q = LID_X; q < 16; q += 256) {
+        const int f = 0 + q;
+        const int sl = q / 16, ln = q % 16;
+        float s = 0.0f;
+        for (int j = 0; j < 16; j++) s += comb[sl * 256 + j * 16 + ln];
+        if (f < 16) pr[f] = s;
+    }
+    BARRIER();
 }
 
-KERNEL k36_rmsnorm_bwd_dw(GLOBAL float *A, long B, long S, long o_x, long o_dy, long o_dw) {
+KERNEL k38_rmsnorm_bwd_dw(GLOBAL float *A, long B, long S, long o_part, long o_dw) {
     const long T = B * S;
     (void)T;
-    GLOBAL float *x = A + o_x;
-    GLOBAL float *dy = A + o_dy;
+    GLOBAL float *part = A + o_part;
     GLOBAL float *dw = A + o_dw;
-    LOCAL float part[8][33];
-    LOCAL float rsv[8];
-    const long M = T * 1;
-    const int f = (int)GID_X * 256 + LID_X, lane = LID_X % 32, rw = LID_X / 32;
-    float acc = 0.0f;
-    for (long r0 = 0; r0 < M; r0 += 8) {
-        const long r = r0 + rw;
-        float ss = 0.0f;
-        if (r < M) {
-            GLOBAL float *xr = x + (r) * 304;
-            for (int i = lane; i < 16; i += 32) ss += xr[i] * xr[i];
+    LOCAL float red[256];
+    const int lane = LID_X % 32, sl = LID_X / 32;
+    const long f = GID_X * 32 + lane;
+    float s = 0.0f, comp = 0.0f;   /* Kahan: the sum keeps fp32 error near one ulp */
+    if (f < 16)
+        for (int q = sl; q < 512; q += 8) {
+            const float y = part[q * 16 + f] - comp, t = s + y;
+            comp = (t - s) - y;
+            s = t;
         }
-        part[rw][lane] = ss;
-        BARRIER();
-        if (LID_X < 8) {
-            float s = 0.0f;
-            for (int i = 0; i < 32; i++) s += part[LID_X][i];
-            rsv[LID_X] = RSQRTF(s / 16.0f + 1.000000000e-05f);
-        }
-        BARRIER();
-        if (f < 16)
-            for (int i = 0; i < 8 && r0 + i < M; i++) {
-                const long q = r0 + i;
-                acc += dy[(q) * 16 + f] * x[(q) * 304 + f] * rsv[i];
-            }
-        BARRIER();
+    red[LID_X] = s;
+    BARRIER();
+    if (sl == 0 && f < 16) {
+        float t = 0.0f;
+        for (int j = 0; j < 8; j++) t += red[j * 32 + lane];
+        dw[f] = t;
     }
-    if (f < 16) dw[f] = acc;
 }
 
-KERNEL k37_matmul_nn(GLOBAL float *A, long B, long S, long o_x, long o_w, long o_y) {
+KERNEL k39_matmul_nn(GLOBAL float *A, long B, long S, long o_x, long o_w, long o_y) {
     const long T = B * S;
     (void)T;
     GLOBAL float *x = A + o_x;
@@ -1623,7 +1941,7 @@ KERNEL k37_matmul_nn(GLOBAL float *A, long B, long S, long o_x, long o_w, long o
     }
 }
 
-KERNEL k38_matmul_wgrad(GLOBAL float *A, long B, long S, long o_a, long o_b, long o_o) {
+KERNEL k40_matmul_wgrad(GLOBAL float *A, long B, long S, long o_a, long o_b, long o_o) {
     const long T = B * S;
     (void)T;
     GLOBAL float *a = A + o_a;
@@ -1663,29 +1981,56 @@ KERNEL k38_matmul_wgrad(GLOBAL float *A, long B, long S, long o_a, long o_b, lon
     }
 }
 
-KERNEL k39_embedding_bwd(GLOBAL float *A, long B, long S, long o_tok, long o_dy, long o_dt) {
+KERNEL k41_embedding_bwd_part(GLOBAL float *A, long B, long S, long o_tok, long o_dy, long o_part) {
     const long T = B * S;
     (void)T;
     GLOBAL float *tok = A + o_tok;
     GLOBAL float *dy = A + o_dy;
-    GLOBAL float *dt = A + o_dt;
-    LOCAL int ids[256];
-    const long NT = T;
-    const int v = (int)GID_X;
-    const int f = (int)GID_Y * 256 + LID_X;
-    float acc = 0.0f;
-    for (long t0 = 0; t0 < NT; t0 += 256) {
-        ids[LID_X] = t0 + LID_X < NT ? (int)tok[(t0 + LID_X) * 1] : -1;
+    GLOBAL float *part = A + o_part;
+    LOCAL float acc[8192];
+    LOCAL float dyt[2048];
+    LOCAL int ids[64];
+    const long NT = T, per = (NT + 15) / 16;
+    const long c = GID_Y, t0 = c * per, t1 = t0 + per < NT ? t0 + per : NT;
+    const int fs = (int)(GID_X % 2), v0 = (int)(GID_X / 2) * 256;
+    const int lane = LID_X % 32, own = LID_X / 32, f = fs * 32 + lane;
+    for (int i = LID_X; i < 8192; i += 256) acc[i] = 0.0f;
+    for (long tb = t0; tb < t1; tb += 64) {
+        const int nt = t1 - tb < 64 ? (int)(t1 - tb) : 64;
+        if (LID_X < 64) ids[LID_X] = LID_X < nt ? (int)tok[(tb + LID_X) * 1] - v0 : -1;
+        for (int i = own; i < nt; i += 8)
+            dyt[i * 32 + lane] = f < 64 ? dy[(tb + i) * 64 + f] : 0.0f;
         BARRIER();
-        if (f < 64)
-            for (int i = 0; i < 256; i++)
-                if (ids[i] == v) acc += dy[(t0 + i) * 64 + f];
-        BARRIER();
+        for (int i = 0; i < nt; i++) {
+            const int v = ids[i];   /* relative to this block of ids */
+            if (v >= 0 && v < 256 && v0 + v < 256 && (v & 7) == own) acc[v * 32 + lane] += dyt[i * 32 + lane];
+        }
+        BARRIER();   /* the tile is refilled next step */
     }
-    if (f < 64) dt[(long)v * 64 + f] = acc;
+    BARRIER();   /* acc is read across rows below (and zeroed above when no tile ran) */
+    for (int i = LID_X; i < 8192; i += 256) {
+        const int v = v0 + i / 32, ff = fs * 32 + i % 32;
+        if (v < 256 && ff < 64) part[(c * 256 + v) * 64 + ff] = acc[i];
+    }
 }
 
-KERNEL k40_add(GLOBAL float *A, long B, long S, long o_in0, long o_in1, long o_out0) {
+KERNEL k42_embedding_bwd_sum(GLOBAL float *A, long B, long S, long o_part, long o_dt) {
+    const long T = B * S;
+    (void)T;
+    GLOBAL float *part = A + o_part;
+    GLOBAL float *dt = A + o_dt;
+    const long i = GID_X * 256 + LID_X;
+    if (i >= 16384) return;
+    float s = 0.0f, comp = 0.0f;
+    for (int c = 0; c < 16; c++) {
+        const float y = part[c * 16384 + i] - comp, t = s + y;
+        comp = (t - s) - y;
+        s = t;
+    }
+    dt[i] = s;
+}
+
+KERNEL k43_add(GLOBAL float *A, long B, long S, long o_in0, long o_in1, long o_out0) {
     const long T = B * S;
     (void)T;
     GLOBAL float *in0 = A + o_in0;
@@ -1701,7 +2046,7 @@ KERNEL k40_add(GLOBAL float *A, long B, long S, long o_in0, long o_in1, long o_o
     out0[tok * 16384 + f] = v0;
 }
 
-KERNEL k41_sumsq(GLOBAL float *A, long B, long S, long o_g0, long o_g1, long o_g2, long o_g3, long o_g4, long o_g5, long o_g6, long o_g7, long o_g8, long o_g9, long o_g10, long o_g11, long o_g12, long o_g13, long o_g14, long o_g15, long o_out) {
+KERNEL k44_sumsq_part(GLOBAL float *A, long B, long S, long o_g0, long o_g1, long o_g2, long o_g3, long o_g4, long o_g5, long o_g6, long o_g7, long o_g8, long o_g9, long o_g10, long o_g11, long o_g12, long o_g13, long o_g14, long o_g15, long o_part) {
     const long T = B * S;
     (void)T;
     GLOBAL float *g0 = A + o_g0;
@@ -1720,33 +2065,95 @@ KERNEL k41_sumsq(GLOBAL float *A, long B, long S, long o_g0, long o_g1, long o_g
     GLOBAL float *g13 = A + o_g13;
     GLOBAL float *g14 = A + o_g14;
     GLOBAL float *g15 = A + o_g15;
-    GLOBAL float *out = A + o_out;
-    LOCAL float part[256];
+    GLOBAL float *part = A + o_part;
+    LOCAL float red[256];
     const int l = LID_X;
+    const long c0 = GID_X * 346, c1 = c0 + 346;
     float acc = 0.0f;
-    for (long j = l; j < 16384; j += 256) { const float v = g0[j]; acc += v * v; }
-    for (long j = l; j < 64; j += 256) { const float v = g1[j]; acc += v * v; }
-    for (long j = l; j < 19456; j += 256) { const float v = g2[j]; acc += v * v; }
-    for (long j = l; j < 16; j += 256) { const float v = g3[j]; acc += v * v; }
-    for (long j = l; j < 16; j += 256) { const float v = g4[j]; acc += v * v; }
-    for (long j = l; j < 4; j += 256) { const float v = g5[j]; acc += v * v; }
-    for (long j = l; j < 64; j += 256) { const float v = g6[j]; acc += v * v; }
-    for (long j = l; j < 64; j += 256) { const float v = g7[j]; acc += v * v; }
-    for (long j = l; j < 4; j += 256) { const float v = g8[j]; acc += v * v; }
-    for (long j = l; j < 8192; j += 256) { const float v = g9[j]; acc += v * v; }
-    for (long j = l; j < 64; j += 256) { const float v = g10[j]; acc += v * v; }
-    for (long j = l; j < 16384; j += 256) { const float v = g11[j]; acc += v * v; }
-    for (long j = l; j < 8192; j += 256) { const float v = g12[j]; acc += v * v; }
-    for (long j = l; j < 64; j += 256) { const float v = g13[j]; acc += v * v; }
-    for (long j = l; j < 19456; j += 256) { const float v = g14[j]; acc += v * v; }
-    for (long j = l; j < 16; j += 256) { const float v = g15[j]; acc += v * v; }
-    part[l] = acc;
+    {
+        const long lo = c0 > 0 ? c0 - 0 : 0, hi = c1 < 16384 ? c1 - 0 : 16384;
+        for (long j = lo + l; j < hi; j += 256) { const float v = g0[j]; acc += v * v; }
+    }
+    {
+        const long lo = c0 > 16384 ? c0 - 16384 : 0, hi = c1 < 16448 ? c1 - 16384 : 64;
+        for (long j = lo + l; j < hi; j += 256) { const float v = g1[j]; acc += v * v; }
+    }
+    {
+        const long lo = c0 > 16448 ? c0 - 16448 : 0, hi = c1 < 35904 ? c1 - 16448 : 19456;
+        for (long j = lo + l; j < hi; j += 256) { const float v = g2[j]; acc += v * v; }
+    }
+    {
+        const long lo = c0 > 35904 ? c0 - 35904 : 0, hi = c1 < 35920 ? c1 - 35904 : 16;
+        for (long j = lo + l; j < hi; j += 256) { const float v = g3[j]; acc += v * v; }
+    }
+    {
+        const long lo = c0 > 35920 ? c0 - 35920 : 0, hi = c1 < 35936 ? c1 - 35920 : 16;
+        for (long j = lo + l; j < hi; j += 256) { const float v = g4[j]; acc += v * v; }
+    }
+    {
+        const long lo = c0 > 35936 ? c0 - 35936 : 0, hi = c1 < 35940 ? c1 - 35936 : 4;
+        for (long j = lo + l; j < hi; j += 256) { const float v = g5[j]; acc += v * v; }
+    }
+    {
+        const long lo = c0 > 35940 ? c0 - 35940 : 0, hi = c1 < 36004 ? c1 - 35940 : 64;
+        for (long j = lo + l; j < hi; j += 256) { const float v = g6[j]; acc += v * v; }
+    }
+    {
+        const long lo = c0 > 36004 ? c0 - 36004 : 0, hi = c1 < 36068 ? c1 - 36004 : 64;
+        for (long j = lo + l; j < hi; j += 256) { const float v = g7[j]; acc += v * v; }
+    }
+    {
+        const long lo = c0 > 36068 ? c0 - 36068 : 0, hi = c1 < 36072 ? c1 - 36068 : 4;
+        for (long j = lo + l; j < hi; j += 256) { const float v = g8[j]; acc += v * v; }
+    }
+    {
+        const long lo = c0 > 36072 ? c0 - 36072 : 0, hi = c1 < 44264 ? c1 - 36072 : 8192;
+        for (long j = lo + l; j < hi; j += 256) { const float v = g9[j]; acc += v * v; }
+    }
+    {
+        const long lo = c0 > 44264 ? c0 - 44264 : 0, hi = c1 < 44328 ? c1 - 44264 : 64;
+        for (long j = lo + l; j < hi; j += 256) { const float v = g10[j]; acc += v * v; }
+    }
+    {
+        const long lo = c0 > 44328 ? c0 - 44328 : 0, hi = c1 < 60712 ? c1 - 44328 : 16384;
+        for (long j = lo + l; j < hi; j += 256) { const float v = g11[j]; acc += v * v; }
+    }
+    {
+        const long lo = c0 > 60712 ? c0 - 60712 : 0, hi = c1 < 68904 ? c1 - 60712 : 8192;
+        for (long j = lo + l; j < hi; j += 256) { const float v = g12[j]; acc += v * v; }
+    }
+    {
+        const long lo = c0 > 68904 ? c0 - 68904 : 0, hi = c1 < 68968 ? c1 - 68904 : 64;
+        for (long j = lo + l; j < hi; j += 256) { const float v = g13[j]; acc += v * v; }
+    }
+    {
+        const long lo = c0 > 68968 ? c0 - 68968 : 0, hi = c1 < 88424 ? c1 - 68968 : 19456;
+        for (long j = lo + l; j < hi; j += 256) { const float v = g14[j]; acc += v * v; }
+    }
+    {
+        const long lo = c0 > 88424 ? c0 - 88424 : 0, hi = c1 < 88440 ? c1 - 88424 : 16;
+        for (long j = lo + l; j < hi; j += 256) { const float v = g15[j]; acc += v * v; }
+    }
+    red[l] = acc;
     BARRIER();
-    for (int s = 128; s > 0; s >>= 1) { if (l < s) part[l] += part[l + s]; BARRIER(); }
-    if (l == 0) out[0] = part[0];
+    for (int s = 128; s > 0; s >>= 1) { if (l < s) red[l] += red[l + s]; BARRIER(); }
+    if (l == 0) part[GID_X] = red[0];
 }
 
-KERNEL k42_sumsq(GLOBAL float *A, long B, long S, long o_g0, long o_g1, long o_g2, long o_g3, long o_g4, long o_g5, long o_g6, long o_g7, long o_g8, long o_g9, long o_g10, long o_g11, long o_g12, long o_g13, long o_g14, long o_g15, long o_out) {
+KERNEL k45_sumsq_total(GLOBAL float *A, long B, long S, long o_part, long o_out) {
+    const long T = B * S;
+    (void)T;
+    GLOBAL float *part = A + o_part;
+    GLOBAL float *out = A + o_out;
+    LOCAL float red[256];
+    const int l = LID_X;
+    red[l] = part[l];
+    BARRIER();
+    for (int s = 128; s > 0; s >>= 1) { if (l < s) red[l] += red[l + s]; BARRIER(); }
+    if (l == 0) out[0] = red[0];
+}
+
+KERNEL k46_sumsq_part(GLOBAL float *A, long B, long S, long o_g0, long o_g1, long o_g2, long o_g3, long o_g4, long o_g5, long o_g6, long o_g7, long o_g8, long o_g9, long o_g10, long o_g11, long o_g12, long o_g13, long o_g14, long o_g15, long o_part) {
     const long T = B * S;
     (void)T;
     GLOBAL float *g0 = A + o_g0;
@@ -1765,33 +2172,82 @@ KERNEL k42_sumsq(GLOBAL float *A, long B, long S, long o_g0, long o_g1, long o_g
     GLOBAL float *g13 = A + o_g13;
     GLOBAL float *g14 = A + o_g14;
     GLOBAL float *g15 = A + o_g15;
-    GLOBAL float *out = A + o_out;
-    LOCAL float part[256];
+    GLOBAL float *part = A + o_part;
+    LOCAL float red[256];
     const int l = LID_X;
+    const long c0 = GID_X * 290, c1 = c0 + 290;
     float acc = 0.0f;
-    for (long j = l; j < 16; j += 256) { const float v = g0[j]; acc += v * v; }
-    for (long j = l; j < 4; j += 256) { const float v = g1[j]; acc += v * v; }
-    for (long j = l; j < 64; j += 256) { const float v = g2[j]; acc += v * v; }
-    for (long j = l; j < 64; j += 256) { const float v = g3[j]; acc += v * v; }
-    for (long j = l; j < 4; j += 256) { const float v = g4[j]; acc += v * v; }
-    for (long j = l; j < 8192; j += 256) { const float v = g5[j]; acc += v * v; }
-    for (long j = l; j < 64; j += 256) { const float v = g6[j]; acc += v * v; }
-    for (long j = l; j < 16384; j += 256) { const float v = g7[j]; acc += v * v; }
-    for (long j = l; j < 8192; j += 256) { const float v = g8[j]; acc += v * v; }
-    for (long j = l; j < 64; j += 256) { const float v = g9[j]; acc += v * v; }
-    for (long j = l; j < 12288; j += 256) { const float v = g10[j]; acc += v * v; }
-    for (long j = l; j < 4096; j += 256) { const float v = g11[j]; acc += v * v; }
-    for (long j = l; j < 64; j += 256) { const float v = g12[j]; acc += v * v; }
-    for (long j = l; j < 16384; j += 256) { const float v = g13[j]; acc += v * v; }
-    for (long j = l; j < 8192; j += 256) { const float v = g14[j]; acc += v * v; }
-    for (long j = l; j < 64; j += 256) { const float v = g15[j]; acc += v * v; }
-    part[l] = acc;
+    {
+        const long lo = c0 > 0 ? c0 - 0 : 0, hi = c1 < 16 ? c1 - 0 : 16;
+        for (long j = lo + l; j < hi; j += 256) { const float v = g0[j]; acc += v * v; }
+    }
+    {
+        const long lo = c0 > 16 ? c0 - 16 : 0, hi = c1 < 20 ? c1 - 16 : 4;
+        for (long j = lo + l; j < hi; j += 256) { const float v = g1[j]; acc += v * v; }
+    }
+    {
+        const long lo = c0 > 20 ? c0 - 20 : 0, hi = c1 < 84 ? c1 - 20 : 64;
+        for (long j = lo + l; j < hi; j += 256) { const float v = g2[j]; acc += v * v; }
+    }
+    {
+        const long lo = c0 > 84 ? c0 - 84 : 0, hi = c1 < 148 ? c1 - 84 : 64;
+        for (long j = lo + l; j < hi; j += 256) { const float v = g3[j]; acc += v * v; }
+    }
+    {
+        const long lo = c0 > 148 ? c0 - 148 : 0, hi = c1 < 152 ? c1 - 148 : 4;
+        for (long j = lo + l; j < hi; j += 256) { const float v = g4[j]; acc += v * v; }
+    }
+    {
+        const long lo = c0 > 152 ? c0 - 152 : 0, hi = c1 < 8344 ? c1 - 152 : 8192;
+        for (long j = lo + l; j < hi; j += 256) { const float v = g5[j]; acc += v * v; }
+    }
+    {
+        const long lo = c0 > 8344 ? c0 - 8344 : 0, hi = c1 < 8408 ? c1 - 8344 : 64;
+        for (long j = lo + l; j < hi; j += 256) { const float v = g6[j]; acc += v * v; }
+    }
+    {
+        const long lo = c0 > 8408 ? c0 - 8408 : 0, hi = c1 < 24792 ? c1 - 8408 : 16384;
+        for (long j = lo + l; j < hi; j += 256) { const float v = g7[j]; acc += v * v; }
+    }
+    {
+        const long lo = c0 > 24792 ? c0 - 24792 : 0, hi = c1 < 32984 ? c1 - 24792 : 8192;
+        for (long j = lo + l; j < hi; j += 256) { const float v = g8[j]; acc += v * v; }
+    }
+    {
+        const long lo = c0 > 32984 ? c0 - 32984 : 0, hi = c1 < 33048 ? c1 - 32984 : 64;
+        for (long j = lo + l; j < hi; j += 256) { const float v = g9[j]; acc += v * v; }
+    }
+    {
+        const long lo = c0 > 33048 ? c0 - 33048 : 0, hi = c1 < 45336 ? c1 - 33048 : 12288;
+        for (long j = lo + l; j < hi; j += 256) { const float v = g10[j]; acc += v * v; }
+    }
+    {
+        const long lo = c0 > 45336 ? c0 - 45336 : 0, hi = c1 < 49432 ? c1 - 45336 : 4096;
+        for (long j = lo + l; j < hi; j += 256) { const float v = g11[j]; acc += v * v; }
+    }
+    {
+        const long lo = c0 > 49432 ? c0 - 49432 : 0, hi = c1 < 49496 ? c1 - 49432 : 64;
+        for (long j = lo + l; j < hi; j += 256) { const float v = g12[j]; acc += v * v; }
+    }
+    {
+        const long lo = c0 > 49496 ? c0 - 49496 : 0, hi = c1 < 65880 ? c1 - 49496 : 16384;
+        for (long j = lo + l; j < hi; j += 256) { const float v = g13[j]; acc += v * v; }
+    }
+    {
+        const long lo = c0 > 65880 ? c0 - 65880 : 0, hi = c1 < 74072 ? c1 - 65880 : 8192;
+        for (long j = lo + l; j < hi; j += 256) { const float v = g14[j]; acc += v * v; }
+    }
+    {
+        const long lo = c0 > 74072 ? c0 - 74072 : 0, hi = c1 < 74136 ? c1 - 74072 : 64;
+        for (long j = lo + l; j < hi; j += 256) { const float v = g15[j]; acc += v * v; }
+    }
+    red[l] = acc;
     BARRIER();
-    for (int s = 128; s > 0; s >>= 1) { if (l < s) part[l] += part[l + s]; BARRIER(); }
-    if (l == 0) out[0] = part[0];
+    for (int s = 128; s > 0; s >>= 1) { if (l < s) red[l] += red[l + s]; BARRIER(); }
+    if (l == 0) part[GID_X] = red[0];
 }
 
-KERNEL k43_add(GLOBAL float *A, long B, long S, long o_in0, long o_in1, long o_out0) {
+KERNEL k47_add(GLOBAL float *A, long B, long S, long o_in0, long o_in1, long o_out0) {
     const long T = B * S;
     (void)T;
     GLOBAL float *in0 = A + o_in0;
@@ -1807,7 +2263,7 @@ KERNEL k43_add(GLOBAL float *A, long B, long S, long o_in0, long o_in1, long o_o
     out0[tok * 1 + f] = v0;
 }
 
-KERNEL k44_adamw(GLOBAL float *A, long B, long S, long o_p, long o_g, long o_m, long o_v, long o_ss, long o_h, long o_po, long o_mo, long o_vo) {
+KERNEL k48_adamw(GLOBAL float *A, long B, long S, long o_p, long o_g, long o_m, long o_v, long o_ss, long o_h, long o_po, long o_mo, long o_vo) {
     const long T = B * S;
     (void)T;
     GLOBAL float *p = A + o_p;
@@ -1832,7 +2288,7 @@ KERNEL k44_adamw(GLOBAL float *A, long B, long S, long o_p, long o_g, long o_m, 
     vo[i] = vv;
 }
 
-KERNEL k45_adamw(GLOBAL float *A, long B, long S, long o_p, long o_g, long o_m, long o_v, long o_ss, long o_h, long o_po, long o_mo, long o_vo) {
+KERNEL k49_adamw(GLOBAL float *A, long B, long S, long o_p, long o_g, long o_m, long o_v, long o_ss, long o_h, long o_po, long o_mo, long o_vo) {
     const long T = B * S;
     (void)T;
     GLOBAL float *p = A + o_p;
@@ -1857,7 +2313,7 @@ KERNEL k45_adamw(GLOBAL float *A, long B, long S, long o_p, long o_g, long o_m, 
     vo[i] = vv;
 }
 
-KERNEL k46_adamw(GLOBAL float *A, long B, long S, long o_p, long o_g, long o_m, long o_v, long o_ss, long o_h, long o_po, long o_mo, long o_vo) {
+KERNEL k50_adamw(GLOBAL float *A, long B, long S, long o_p, long o_g, long o_m, long o_v, long o_ss, long o_h, long o_po, long o_mo, long o_vo) {
     const long T = B * S;
     (void)T;
     GLOBAL float *p = A + o_p;
@@ -1882,7 +2338,7 @@ KERNEL k46_adamw(GLOBAL float *A, long B, long S, long o_p, long o_g, long o_m, 
     vo[i] = vv;
 }
 
-KERNEL k47_adamw(GLOBAL float *A, long B, long S, long o_p, long o_g, long o_m, long o_v, long o_ss, long o_h, long o_po, long o_mo, long o_vo) {
+KERNEL k51_adamw(GLOBAL float *A, long B, long S, long o_p, long o_g, long o_m, long o_v, long o_ss, long o_h, long o_po, long o_mo, long o_vo) {
     const long T = B * S;
     (void)T;
     GLOBAL float *p = A + o_p;
@@ -1907,7 +2363,7 @@ KERNEL k47_adamw(GLOBAL float *A, long B, long S, long o_p, long o_g, long o_m, 
     vo[i] = vv;
 }
 
-KERNEL k48_adamw(GLOBAL float *A, long B, long S, long o_p, long o_g, long o_m, long o_v, long o_ss, long o_h, long o_po, long o_mo, long o_vo) {
+KERNEL k52_adamw(GLOBAL float *A, long B, long S, long o_p, long o_g, long o_m, long o_v, long o_ss, long o_h, long o_po, long o_mo, long o_vo) {
     const long T = B * S;
     (void)T;
     GLOBAL float *p = A + o_p;
@@ -1932,7 +2388,7 @@ KERNEL k48_adamw(GLOBAL float *A, long B, long S, long o_p, long o_g, long o_m, 
     vo[i] = vv;
 }
 
-KERNEL k49_adamw(GLOBAL float *A, long B, long S, long o_p, long o_g, long o_m, long o_v, long o_ss, long o_h, long o_po, long o_mo, long o_vo) {
+KERNEL k53_adamw(GLOBAL float *A, long B, long S, long o_p, long o_g, long o_m, long o_v, long o_ss, long o_h, long o_po, long o_mo, long o_vo) {
     const long T = B * S;
     (void)T;
     GLOBAL float *p = A + o_p;
@@ -1957,7 +2413,7 @@ KERNEL k49_adamw(GLOBAL float *A, long B, long S, long o_p, long o_g, long o_m, 
     vo[i] = vv;
 }
 
-KERNEL k50_adamw(GLOBAL float *A, long B, long S, long o_p, long o_g, long o_m, long o_v, long o_ss, long o_h, long o_po, long o_mo, long o_vo) {
+KERNEL k54_adamw(GLOBAL float *A, long B, long S, long o_p, long o_g, long o_m, long o_v, long o_ss, long o_h, long o_po, long o_mo, long o_vo) {
     const long T = B * S;
     (void)T;
     GLOBAL float *p = A + o_p;
@@ -1982,7 +2438,7 @@ KERNEL k50_adamw(GLOBAL float *A, long B, long S, long o_p, long o_g, long o_m, 
     vo[i] = vv;
 }
 
-KERNEL k51_adamw(GLOBAL float *A, long B, long S, long o_p, long o_g, long o_m, long o_v, long o_ss, long o_h, long o_po, long o_mo, long o_vo) {
+KERNEL k55_adamw(GLOBAL float *A, long B, long S, long o_p, long o_g, long o_m, long o_v, long o_ss, long o_h, long o_po, long o_mo, long o_vo) {
     const long T = B * S;
     (void)T;
     GLOBAL float *p = A + o_p;
