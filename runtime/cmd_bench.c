@@ -63,8 +63,10 @@ static int feed(session *s, rng_state *r, uint8_t *rows, long rowlen, char *err,
 
 int cmd_bench(int argc, char **argv) {
     const char *bkname = "auto", *batch_s = NULL, *seq_s = NULL, *steps_s = NULL, *warm_s = NULL, *dev_s = NULL,
-               *prof_s = NULL;
+               *prof_s = NULL, *prec_s = NULL;
     const cli_opt opts[] = {
+        {"--precision", "P", "bf16 or fp32 matmuls (default: bf16 on CUDA sm_80+, else fp32), as realm train", &prec_s,
+         NULL},
         {"--backend", "B", "cuda, opencl or auto (default auto: CUDA if a GPU works)", &bkname, NULL},
         {"--device", "N", "device index (default 0)", &dev_s, NULL},
         {"--batch", "B", "batch size (default: the model's train.batch)", &batch_s, NULL},
@@ -107,11 +109,24 @@ int cmd_bench(int argc, char **argv) {
         free(src);
         return 2;
     }
+    if (prec_s && strcmp(prec_s, "bf16") != 0 && strcmp(prec_s, "fp32") != 0) {
+        fprintf(stderr, "realm bench: --precision must be bf16 or fp32, got '%s'\n", prec_s);
+        free(src);
+        return 2;
+    }
     backend *bk = session_backend(bkname, (int)dev, err, sizeof err);
     if (!bk) {
         fprintf(stderr, "realm bench: %s\n", err);
         free(src);
         return strcmp(bkname, "auto") == 0 ? 1 : 2;
+    }
+    int can_bf16 = bk->kind == BK_CUDA && bk_supports_dtype(bk, BK_BF16);
+    const plan_options popt = {.bf16 = prec_s ? strcmp(prec_s, "bf16") == 0 : can_bf16};
+    if (popt.bf16 && !can_bf16) {
+        fprintf(stderr, "realm bench: --precision bf16 needs CUDA on sm_80 or newer\n");
+        bk_destroy(bk);
+        free(src);
+        return 2;
     }
     size_t free0 = 0, total = 0, free_min = 0, fr = 0;
     int have_mem = bk_mem_info(bk, &free0, &total) == 0;
@@ -124,10 +139,14 @@ int cmd_bench(int argc, char **argv) {
     uint8_t *rows = malloc((size_t)(B * rowlen));
     rng_state r;
     rng_seed(&r, 12345);
-    printf("realm bench: %s on %s (%s), batch %ld x seq %ld, %ld warm-up + %ld timed steps\n", pos[0],
-           bk_info(bk)->name, bk_name(bk), B, S, warm, steps);
+    printf("realm bench: %s on %s (%s), batch %ld x seq %ld, %s matmuls, %ld warm-up + %ld timed steps\n", pos[0],
+           bk_info(bk)->name, bk_name(bk), B, S, popt.bf16 ? "bf16" : "fp32", warm, steps);
     fflush(stdout);
-    if (session_open(&s, src, srclen, pos[0], bk, 1, B, S, err, sizeof err) < 0) goto fail;
+    if (session_prepare_opts(&s, src, srclen, pos[0], bk_name(bk), 1, 0, &popt, err, sizeof err) < 0) goto fail;
+    if (session_alloc(&s, bk, B, S, err, sizeof err) < 0) {
+        session_close(&s);
+        goto fail;
+    }
     have_session = 1;
     if (session_init_params(&s, 1, err, sizeof err) < 0) goto fail;
     if (!(e0 = bk_event_create(bk)) || !(e1 = bk_event_create(bk))) {
