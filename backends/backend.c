@@ -336,6 +336,41 @@ int bk_event_elapsed_ms(backend *b, bk_event *start, bk_event *end, double *ms) 
 
 int bk_sync(backend *b, bk_stream *s) { return b->iface->sync(b, s); }
 
+/* ---- graphs ---- */
+
+int bk_graph_supported(backend *b) {
+    const bk_iface *i = b->iface;
+    return i->graph_supported && i->graph_begin && i->graph_end && i->graph_launch && i->graph_free &&
+           i->graph_supported(b);
+}
+
+static int graph_check(backend *b, const char *what) {
+    if (bk_graph_supported(b)) return 0;
+    bk_set_error(b, "%s %s: graphs are not supported by this backend", bk_name(b), what);
+    return -1;
+}
+
+int bk_graph_begin(backend *b, bk_stream *s) {
+    return graph_check(b, "graph begin") ? -1 : b->iface->graph_begin(b, s);
+}
+
+bk_graph *bk_graph_end(backend *b, bk_stream *s) {
+    return graph_check(b, "graph end") ? NULL : b->iface->graph_end(b, s);
+}
+
+int bk_graph_launch(backend *b, bk_graph *g, bk_stream *s) {
+    if (graph_check(b, "graph launch")) return -1;
+    if (!g) {
+        bk_set_error(b, "%s graph launch: graph is NULL", bk_name(b));
+        return -1;
+    }
+    return b->iface->graph_launch(b, g, s);
+}
+
+void bk_graph_free(backend *b, bk_graph *g) {
+    if (g && b->iface->graph_free) b->iface->graph_free(b, g);
+}
+
 int bk_sync_all(backend *b) {
     if (b->iface->sync(b, NULL)) return -1;
     for (bk_stream *s = b->streams; s; s = s->next)

@@ -86,6 +86,7 @@ typedef struct bk_module {                                      /* a compiled pr
 } bk_module;
 typedef struct bk_stream { struct bk_stream *next; void *h; } bk_stream; /* an in-order queue */
 typedef struct bk_event { void *h; int recorded; } bk_event;   /* a point in a stream */
+typedef struct bk_graph { void *h, *exec; } bk_graph;         /* a captured, instantiated launch sequence */
 
 typedef enum { BK_ARG_BUF = 1, BK_ARG_I64, BK_ARG_I32, BK_ARG_F32 } bk_arg_type;
 typedef struct bk_arg {
@@ -126,6 +127,14 @@ typedef struct bk_iface {
     int (*stream_wait_event)(backend *b, bk_stream *s, bk_event *e);
     int (*event_elapsed_ms)(backend *b, bk_event *start, bk_event *end, double *ms);
     int (*sync)(backend *b, bk_stream *s);
+    /* Optional (NULL where the API has no such thing: OpenCL): record a stream's work into a
+     * graph instead of running it, then replay it with one call. graph_supported says whether
+     * this driver has the entry points. */
+    int (*graph_supported)(backend *b);
+    int (*graph_begin)(backend *b, bk_stream *s);
+    bk_graph *(*graph_end)(backend *b, bk_stream *s);
+    int (*graph_launch)(backend *b, bk_graph *g, bk_stream *s);
+    void (*graph_free)(backend *b, bk_graph *g);
 } bk_iface;
 
 /* The common part of every backend object; implementations embed it first. */
@@ -202,6 +211,20 @@ int bk_stream_wait_event(backend *b, bk_stream *s, bk_event *e); /* stream waits
 int bk_event_elapsed_ms(backend *b, bk_event *start, bk_event *end, double *ms);
 int bk_sync(backend *b, bk_stream *s);                      /* NULL: the default stream */
 int bk_sync_all(backend *b);                                /* every stream of b */
+
+/* ---- graphs (CUDA graphs; unsupported on OpenCL) ---- */
+/* Between bk_graph_begin and bk_graph_end, work queued on stream s (launches, device copies)
+ * is recorded, not run; bk_graph_end returns it instantiated, and each bk_graph_launch runs
+ * the whole sequence on a stream (same kernels, same arguments, same buffers) ordered like any
+ * other work on it. While capturing, nothing may wait on s (no blocking copies, no sync): the
+ * capture would be invalidated and bk_graph_end fails. A failed capture still ends it, so the
+ * stream stays usable. Capture is thread-local: other threads' driver calls do not disturb it.
+ * Where unsupported (bk_graph_supported 0) every call fails with "not supported". */
+int bk_graph_supported(backend *b);                         /* 1 / 0 */
+int bk_graph_begin(backend *b, bk_stream *s);
+bk_graph *bk_graph_end(backend *b, bk_stream *s);
+int bk_graph_launch(backend *b, bk_graph *g, bk_stream *s);
+void bk_graph_free(backend *b, bk_graph *g);
 
 /* ---- CUDA without a GPU (NVRTC only; CI uses this for sm_80, sm_90, sm_120) ---- */
 /* Compile `src` to a CUBIN for `arch` ("sm_80", "sm_90a", "sm_120"). On success *cubin is

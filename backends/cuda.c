@@ -23,6 +23,8 @@ typedef struct CUmod_st *CUmodule;
 typedef struct CUfunc_st *CUfunction;
 typedef struct CUstream_st *CUstream;
 typedef struct CUevent_st *CUevent;
+typedef struct CUgraph_st *CUgraph;
+typedef struct CUgraphExec_st *CUgraphExec;
 
 enum {
     CUDA_SUCCESS = 0,
@@ -38,6 +40,7 @@ enum {
     CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8,
     CU_STREAM_NON_BLOCKING = 1,
     CU_EVENT_DEFAULT = 0,
+    CU_STREAM_CAPTURE_MODE_THREAD_LOCAL = 1,
 };
 /* Statically allocated shared memory above this needs an explicit opt-in per function. */
 #define CU_SHARED_DEFAULT_LIMIT (48u * 1024u)
@@ -84,11 +87,26 @@ enum {
       CUresult, (CUfunction, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned,   \
                    unsigned, CUstream, void **, void **))
 
+/* Optional entry points (CUDA graphs): absent ones only make bk_graph_supported 0. Only the
+ * versioned names are taken where the signature changed: cuStreamBeginCapture (10.0) lacked
+ * the mode argument that _v2 has, and the old cuGraphInstantiate had an error-log signature,
+ * so cuGraphInstantiateWithFlags (11.4+) is required. */
+#define CU_GRAPH_FUNCS(X)                                                                     \
+    X(cuStreamBeginCapture, "cuStreamBeginCapture_v2", NULL, CUresult, (CUstream, int))     \
+    X(cuStreamEndCapture, "cuStreamEndCapture", NULL, CUresult, (CUstream, CUgraph *))      \
+    X(cuGraphInstantiateWithFlags, "cuGraphInstantiateWithFlags", NULL, CUresult,           \
+      (CUgraphExec *, CUgraph, unsigned long long))                                         \
+    X(cuGraphLaunch, "cuGraphLaunch", NULL, CUresult, (CUgraphExec, CUstream))              \
+    X(cuGraphExecDestroy, "cuGraphExecDestroy", NULL, CUresult, (CUgraphExec))              \
+    X(cuGraphDestroy, "cuGraphDestroy", NULL, CUresult, (CUgraph))
+
 typedef struct cu_api {
     void *lib;
 #define X(field, name, alt, ret, params) ret (*field) params;
     CU_FUNCS(X)
+    CU_GRAPH_FUNCS(X)
 #undef X
+    int have_graph;     /* every CU_GRAPH_FUNCS entry resolved */
 } cu_api;
 
 /* ---- NVRTC subset ---- */
@@ -153,6 +171,12 @@ static int cu_load(cu_api *a, char *err, size_t errlen) {
         return -1;                                                                            \
     }
     CU_FUNCS(X)
+#undef X
+    a->have_graph = 1;
+#define X(field, name, alt, ret, params)                                                      \
+    *(void **)&a->field = dlsym(a->lib, name);                                                \
+    if (!a->field) a->have_graph = 0;
+    CU_GRAPH_FUNCS(X)
 #undef X
     return 0;
 }
@@ -881,6 +905,68 @@ static int cu_sync(backend *b, bk_stream *s) {
     return finish(c, s, 0);
 }
 
+/* ---- graphs ---- */
+
+static int cu_graph_supported(backend *b) { return ((cu_backend *)b)->cu.have_graph; }
+
+static int cu_graph_begin(backend *b, bk_stream *s) {
+    cu_backend *c = (cu_backend *)b;
+    CTX(c, -1);
+    /* Thread-local mode: only this thread's unsafe calls (a sync, a blocking copy) invalidate
+     * the capture; another thread's backend is left alone. */
+    CUresult r = c->cu.cuStreamBeginCapture(sof(c, s), CU_STREAM_CAPTURE_MODE_THREAD_LOCAL);
+    return r == CUDA_SUCCESS ? 0 : cufail(c, "cuStreamBeginCapture_v2", r);
+}
+
+static bk_graph *cu_graph_end(backend *b, bk_stream *s) {
+    cu_backend *c = (cu_backend *)b;
+    CTX(c, NULL);
+    CUgraph g = NULL;
+    CUresult r = c->cu.cuStreamEndCapture(sof(c, s), &g);
+    if (r != CUDA_SUCCESS) {
+        if (g) c->cu.cuGraphDestroy(g);
+        cufail(c, "cuStreamEndCapture", r);
+        return NULL;
+    }
+    if (!g) {
+        bk_set_error(b, "CUDA cuStreamEndCapture returned no graph");
+        return NULL;
+    }
+    CUgraphExec e = NULL;
+    r = c->cu.cuGraphInstantiateWithFlags(&e, g, 0);
+    if (r != CUDA_SUCCESS) {
+        c->cu.cuGraphDestroy(g);
+        cufail(c, "cuGraphInstantiateWithFlags", r);
+        return NULL;
+    }
+    bk_graph *bg = calloc(1, sizeof *bg);
+    if (!bg) {
+        c->cu.cuGraphExecDestroy(e);
+        c->cu.cuGraphDestroy(g);
+        bk_set_error(b, "CUDA graph: out of host memory");
+        return NULL;
+    }
+    bg->h = g;
+    bg->exec = e;
+    return bg;
+}
+
+static int cu_graph_launch(backend *b, bk_graph *g, bk_stream *s) {
+    cu_backend *c = (cu_backend *)b;
+    CTX(c, -1);
+    CUresult r = c->cu.cuGraphLaunch((CUgraphExec)g->exec, sof(c, s));
+    return r == CUDA_SUCCESS ? 0 : cufail(c, "cuGraphLaunch", r);
+}
+
+static void cu_graph_free(backend *b, bk_graph *g) {
+    cu_backend *c = (cu_backend *)b;
+    if (c->cu.cuCtxSetCurrent(c->ctx) == CUDA_SUCCESS) {
+        if (g->exec) c->cu.cuGraphExecDestroy((CUgraphExec)g->exec);
+        if (g->h) c->cu.cuGraphDestroy((CUgraph)g->h);
+    }
+    free(g);
+}
+
 static const bk_iface cu_iface = {
     .destroy = cu_destroy,
     .mem_info = cu_mem_info,
@@ -905,4 +991,9 @@ static const bk_iface cu_iface = {
     .stream_wait_event = cu_stream_wait_event,
     .event_elapsed_ms = cu_event_elapsed_ms,
     .sync = cu_sync,
+    .graph_supported = cu_graph_supported,
+    .graph_begin = cu_graph_begin,
+    .graph_end = cu_graph_end,
+    .graph_launch = cu_graph_launch,
+    .graph_free = cu_graph_free,
 };

@@ -42,6 +42,9 @@ int decoder_open(decoder *d, const char *src, size_t len, const char *path, back
             plan_free(&d->p);
             goto fail;
         }
+        const char *e = getenv("REALM_NO_CUDA_GRAPH");
+        d->use_graph = bk_graph_supported(bk) && !(e && strcmp(e, "1") == 0);
+        for (int i = 0; i < 3; i++) d->graph[i] = -1;
     } else {
         d->ref = ref_create(g, B, 1);
     }
@@ -87,14 +90,32 @@ static int get(decoder *d, int t, float *v, char *err, size_t errlen) {
 
 static int stored(const decoder *d, int t) { return !d->bk || d->x.offset[d->m.g.t[t].base] != (size_t)-1; }
 
-/* Run the model part (sample = 0) or the sampling tail (sample = 1). */
-static int run(decoder *d, int sample, char *err, size_t errlen) {
+enum { RUN_MODEL, RUN_SAMPLE, RUN_STEP };
+
+/* Run the model part, the sampling tail, or both (the whole step). On a backend with graphs
+ * each of the three launch ranges is captured once and replayed: the arena, its offsets and
+ * every kernel argument are fixed for the decoder's life, and what changes per step (tokens,
+ * positions, sampling, the state) lives in the arena, written by stream-ordered uploads or by
+ * the previous step's kernels. */
+static int run(decoder *d, int what, char *err, size_t errlen) {
     if (!d->bk) {
-        if (sample) ref_run(d->ref, d->m.sample_node, d->m.g.nn);
-        else ref_run(d->ref, 0, d->m.sample_node);
+        if (what != RUN_SAMPLE) ref_run(d->ref, 0, d->m.sample_node);
+        if (what != RUN_MODEL) ref_run(d->ref, d->m.sample_node, d->m.g.nn);
         return 0;
     }
-    return sample ? exec_run(&d->x, d->l_model, d->p.kg.nl, err, errlen) : exec_run(&d->x, 0, d->l_model, err, errlen);
+    int l0 = what == RUN_SAMPLE ? d->l_model : 0, l1 = what == RUN_MODEL ? d->l_model : d->p.kg.nl;
+    if (l0 >= l1) return 0;
+    if (!d->use_graph) return exec_run(&d->x, l0, l1, err, errlen);
+    if (d->graph[what] < 0) {
+        int id = exec_capture(&d->x, l0, l1, err, errlen);
+        if (id < 0) {
+            size_t n = strlen(err);
+            if (n < errlen) snprintf(err + n, errlen - n, " (REALM_NO_CUDA_GRAPH=1 launches without a graph)");
+            return -1;
+        }
+        d->graph[what] = id;
+    }
+    return exec_replay(&d->x, d->graph[what], err, errlen);
 }
 
 static int upload_params(decoder *d, int (*fill)(decoder *, int, float *, void *, char *, size_t), void *ctx,
@@ -192,7 +213,7 @@ static int flush_pending(decoder *d, char *err, size_t errlen) {
     if (!d->pending) return 0;
     d->pending = 0;
     d->pos++;
-    return run(d, 0, err, errlen);
+    return run(d, RUN_MODEL, err, errlen);
 }
 
 int decoder_feed(decoder *d, const uint8_t *bytes, long n, float *logits, char *err, size_t errlen) {
@@ -202,7 +223,7 @@ int decoder_feed(decoder *d, const uint8_t *bytes, long n, float *logits, char *
         for (long b = 0; b < B; b++) d->host[b] = bytes[b * n + i];
         if (put(d, d->m.tokens, d->host, err, errlen) < 0) return -1;
         for (long b = 0; b < B; b++) d->host[b] = (float)d->pos;
-        if (put(d, d->m.positions, d->host, err, errlen) < 0 || run(d, 0, err, errlen) < 0) return -1;
+        if (put(d, d->m.positions, d->host, err, errlen) < 0 || run(d, RUN_MODEL, err, errlen) < 0) return -1;
         d->pos++;
         if (logits && get(d, d->m.logits, logits + i * B * V, err, errlen) < 0) return -1;
     }
@@ -214,9 +235,16 @@ int decoder_next(decoder *d, uint8_t *out, char *err, size_t errlen) {
         snprintf(err, errlen, "decoder: nothing fed yet (feed at least one byte first)");
         return -1;
     }
-    if (flush_pending(d, err, errlen) < 0) return -1;
-    /* positions on the device hold the last byte's position; the sampler writes pos + 1 */
-    if (run(d, 1, err, errlen) < 0 || get(d, d->m.tokens, d->host, err, errlen) < 0) return -1;
+    /* The byte sampled last (already in `tokens`) runs through the model and the sampler in
+     * one go: one graph launch per byte on CUDA. Positions on the device hold the last byte's
+     * position; the sampler writes pos + 1. */
+    int what = RUN_SAMPLE;
+    if (d->pending) {
+        d->pending = 0;
+        d->pos++;
+        what = RUN_STEP;
+    }
+    if (run(d, what, err, errlen) < 0 || get(d, d->m.tokens, d->host, err, errlen) < 0) return -1;
     for (long b = 0; b < d->B; b++) out[b] = (uint8_t)d->host[b];
     d->pending = 1;
     return 0;

@@ -32,6 +32,12 @@ typedef struct {
     int pending;              /* a sampled byte sits in `tokens` but has not run through the model */
     int l_model;              /* launches [0, l_model) run the model, the rest sample */
     float *host;              /* scratch: the largest input or logits */
+    /* CUDA graphs: when the backend supports them (bk_graph_supported) and REALM_NO_CUDA_GRAPH
+     * is not 1, decoder_open sets use_graph, and each launch range (the model, the sampler, the
+     * whole step) is captured on first use and replayed from then on. Setting use_graph to 0
+     * before a step goes back to launch-by-launch (tests compare the two). */
+    int use_graph;
+    int graph[3];             /* exec_capture ids of the model / sampler / whole step; -1: not yet */
 } decoder;
 
 /* Compile the step plan of a model file for batch B. */

@@ -58,6 +58,8 @@ static void prof_free(plan_exec *x) {
 
 void exec_destroy(plan_exec *x) {
     if (x->bk) prof_free(x);
+    for (int i = 0; i < x->ngraph; i++) bk_graph_free(x->bk, x->graph[i]);
+    free(x->graph);
     if (x->arena) bk_free(x->bk, x->arena);
     if (x->mod) bk_module_free(x->bk, x->mod);
     free(x->kern);
@@ -165,6 +167,56 @@ int exec_run(plan_exec *x, int l0, int l1, char *err, size_t errlen) {
             }
             pr->pending[i] = 1;
         }
+    }
+    return 0;
+}
+
+int exec_capture(plan_exec *x, int l0, int l1, char *err, size_t errlen) {
+    if (!bk_graph_supported(x->bk)) {
+        snprintf(err, errlen, "capturing launches %d..%d: graphs are not supported on %s", l0, l1, bk_name(x->bk));
+        return -1;
+    }
+    if (x->prof) {
+        snprintf(err, errlen, "capturing launches %d..%d: not while profiling", l0, l1);
+        return -1;
+    }
+    if (l0 < 0 || l1 > x->p->kg.nl || l0 >= l1) {
+        snprintf(err, errlen, "capturing launches %d..%d: out of range (the plan has %d)", l0, l1, x->p->kg.nl);
+        return -1;
+    }
+    bk_graph **ng = realloc(x->graph, sizeof *ng * (size_t)(x->ngraph + 1));
+    if (!ng) {
+        snprintf(err, errlen, "capturing launches %d..%d: out of host memory", l0, l1);
+        return -1;
+    }
+    x->graph = ng;
+    if (bk_graph_begin(x->bk, x->stream) < 0) {
+        snprintf(err, errlen, "capturing launches %d..%d: %s", l0, l1, bk_error(x->bk));
+        return -1;
+    }
+    /* a failed launch still ends the capture, so the stream is usable afterwards */
+    int rc = exec_run(x, l0, l1, err, errlen);
+    bk_graph *g = bk_graph_end(x->bk, x->stream);
+    if (rc < 0) {
+        bk_graph_free(x->bk, g);
+        return -1;
+    }
+    if (!g) {
+        snprintf(err, errlen, "capturing launches %d..%d: %s", l0, l1, bk_error(x->bk));
+        return -1;
+    }
+    x->graph[x->ngraph] = g;
+    return x->ngraph++;
+}
+
+int exec_replay(plan_exec *x, int id, char *err, size_t errlen) {
+    if (id < 0 || id >= x->ngraph) {
+        snprintf(err, errlen, "replaying graph %d: no such graph (%d captured)", id, x->ngraph);
+        return -1;
+    }
+    if (bk_graph_launch(x->bk, x->graph[id], x->stream) < 0) {
+        snprintf(err, errlen, "replaying graph %d: %s", id, bk_error(x->bk));
+        return -1;
     }
     return 0;
 }

@@ -34,6 +34,8 @@ typedef struct {
     size_t *offset;           /* per tensor: byte offset of owners in the arena */
     bk_stream *stream;        /* NULL: the backend's default stream */
     exec_prof *prof;          /* NULL unless exec_profile_enable was called */
+    bk_graph **graph;         /* exec_capture's graphs, freed by exec_destroy */
+    int ngraph;
 } plan_exec;
 
 /* Compile the plan's module and allocate the arena for (B, S). */
@@ -41,6 +43,15 @@ int exec_create(plan_exec *x, backend *bk, const plan *p, long B, long S, char *
 void exec_destroy(plan_exec *x);
 /* Queue launches [l0, l1). */
 int exec_run(plan_exec *x, int l0, int l1, char *err, size_t errlen);
+/* Graphs (backends with bk_graph_supported: CUDA). exec_capture records launches [l0, l1) into
+ * a graph, without running them, and returns its id (>= 0; -1 and err on failure, including
+ * "not supported" and profiling being on: the events would be captured too). exec_replay runs
+ * it on x->stream, ordered after everything queued before: the same kernels with the same
+ * arguments (the arena, B, S, offsets never change), so it does exactly what exec_run(l0, l1)
+ * does, for one driver call. Inputs that change between replays must live in the arena and be
+ * written by stream-ordered work (uploads, earlier launches). */
+int exec_capture(plan_exec *x, int l0, int l1, char *err, size_t errlen);
+int exec_replay(plan_exec *x, int id, char *err, size_t errlen);
 /* Copy a tensor (any layout, views included) between the arena and a dense host array of
  * ntok*feat floats. Blocking. */
 int exec_upload(plan_exec *x, int t, const float *src, char *err, size_t errlen);

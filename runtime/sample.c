@@ -164,7 +164,8 @@ static int bench(decoder *d, const char *list, long steps, long batch, char *err
     const char *p = list;
     uint8_t *in = calloc((size_t)batch, 1), *out = malloc((size_t)batch);
     int rc = 0;
-    printf("decode bench: batch %ld, %ld timed steps per position\n", batch, steps);
+    printf("decode bench: batch %ld, %ld timed steps per position, %s\n", batch, steps,
+           d->use_graph ? "CUDA graph on" : d->bk && d->bk->kind == BK_CUDA ? "CUDA graph off" : "no graph");
     while (*p && rc == 0) {
         char *end;
         long pos = strtol(p, &end, 10);
