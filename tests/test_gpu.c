@@ -8,6 +8,7 @@
  *
  * bench_cli (always on, OpenCL) checks `realm bench` end to end. */
 #include "frontend.h"
+#include "kcases.h"
 #include "kernelcheck.h"
 #include "op.h"
 #include "optimizer.h"
@@ -50,182 +51,31 @@ static backend *kc_cuda(tctx *t) {
     return bk;
 }
 
-/* ---- kernel cases: the tables of tests/test_kernels.c, run on the GPU ---- */
+/* ---- kernel cases: the tables shared with tests/test_kernels.c (tests/kcases.c) ---- */
 
-typedef struct {
-    const char *op;
-    int nin;
-    ir_shape in[12];
-    ir_dtype dt[12];
-    long ia[IR_MAX_IATTR];
-    double fa[IR_MAX_FATTR];
-    int vocab;
-    long S;
-} kcase;
-
-/* forward node + gradient-rule nodes fed by a random upstream gradient (as test_kernels.c) */
-static int build_case(const kcase *kc, ir_graph *g, char *err, size_t len) {
-    ir_init_graph(g);
-    int in[12];
-    for (int i = 0; i < kc->nin; i++)
-        in[i] = ir_tensor_new(g, NULL, kc->in[i], kc->dt[i], kc->dt[i] == DT_I32 ? ROLE_INPUT : ROLE_PARAM);
-    const op_def *d = op_get(op_find(kc->op));
-    long ia[IR_MAX_IATTR];
-    double fa[IR_MAX_FATTR];
-    memcpy(ia, d->ia_default, sizeof ia);
-    memcpy(fa, d->fa_default, sizeof fa);
-    for (int i = 0; i < IR_MAX_IATTR; i++) if (kc->ia[i]) ia[i] = kc->ia[i];
-    for (int i = 0; i < IR_MAX_FATTR; i++) if (kc->fa[i]) fa[i] = kc->fa[i];
-    int out[IR_MAX_IO];
-    if (ir_emit(g, kc->op, in, kc->nin, ia, fa, out) < 0) {
-        snprintf(err, len, "%s", g->err);
-        return -1;
-    }
-    if (!d->grad) return 0;
-    int dout[IR_MAX_IO], din[IR_MAX_IO];
-    for (int i = 0; i < IR_MAX_IO; i++) dout[i] = din[i] = -1;
-    dout[0] = ir_tensor_new(g, "dy", g->t[out[0]].shape, DT_F32, ROLE_PARAM);
-    g->backward_start = g->nn;
-    if (d->grad(g, 0, dout, din) < 0) {
-        snprintf(err, len, "grad: %s", g->err);
-        return -1;
-    }
-    return 0;
-}
-
-static void run_cases(tctx *t, const kcase *cases, int n) {
+static void run_table(tctx *t, kcase_table tab) {
     if (!gpu_on()) return;
     backend *bk = kc_cuda(t);
     if (!bk) return;
-    for (int i = 0; i < n && !t->failed; i++) {
-        ir_graph g;
-        char err[600];
-        if (build_case(&cases[i], &g, err, sizeof err) < 0) {
-            t_fail(t, __FILE__, __LINE__, "%s case %d: %s", cases[i].op, i, err);
-            ir_free(&g);
-            break;
-        }
-        kc_check_graph(t, bk, &g, 2, cases[i].S ? cases[i].S : 13, 1e-5, cases[i].vocab ? cases[i].vocab : 1);
-        if (t->failed) {
-            char m[sizeof t->msg];
-            snprintf(m, sizeof m, "%s", t->msg);
-            snprintf(t->msg, sizeof t->msg, "%s %s case %d: %.900s", gpu_backend_name(), cases[i].op, i, m);
-        }
-        ir_free(&g);
-    }
+    kc_run_table(t, bk, gpu_backend_name(), tab, 1e-5);
     bk_destroy(bk);
 }
 
-#define F2 {DT_F32, DT_F32}
+TEST(gpu_kernels_elementwise) { run_table(t, kcases_elementwise); }
 
-TEST(gpu_kernels_elementwise) {
-    const kcase c[] = {
-        {"add", 2, {SH(DIM_B, DIM_S, 5), SH(DIM_B, DIM_S, 5)}, F2, {0}, {0}, 0, 0},
-        {"mul", 2, {SH(DIM_B, DIM_S, 300), SH(DIM_B, DIM_S, 300)}, F2, {0}, {0}, 0, 0},
-        {"silu", 1, {SH(DIM_B, DIM_S, 3, 7)}, {DT_F32}, {0}, {0}, 0, 0},
-        {"copy", 1, {SH(DIM_B, DIM_S, 9)}, {DT_F32}, {0}, {0}, 0, 0},
-    };
-    run_cases(t, c, sizeof c / sizeof c[0]);
-}
+TEST(gpu_kernels_dense) { run_table(t, kcases_dense); }
 
-TEST(gpu_kernels_dense) {
-    const kcase c[] = {
-        {"matmul", 2, {SH(DIM_B, DIM_S, 7), SH(5, 7)}, F2, {0}, {0}, 0, 0},
-        {"matmul", 2, {SH(DIM_B, DIM_S, 67), SH(129, 67)}, F2, {0}, {0}, 0, 0},
-        {"matmul", 2, {SH(DIM_B, DIM_S, 7), SH(7, 3)}, F2, {1}, {0}, 0, 0},
-        {"matmul", 2, {SH(DIM_B, DIM_S, 2, 6), SH(4, 6)}, F2, {0}, {0}, 0, 0},
-        {"rmsnorm", 2, {SH(DIM_B, DIM_S, 9), SH(9)}, F2, {0}, {1e-5}, 0, 0},
-        {"rmsnorm", 2, {SH(DIM_B, DIM_S, 130), SH(130)}, F2, {0}, {1e-5}, 0, 0},
-        {"embedding", 2, {SH(DIM_B, DIM_S), SH(11, 4)}, {DT_I32, DT_F32}, {0}, {0}, 11, 0},
-        {"embedding", 2, {SH(DIM_B, DIM_S), SH(256, 33)}, {DT_I32, DT_F32}, {0}, {0}, 256, 0},
-        {"cross_entropy", 2, {SH(DIM_B, DIM_S, 13), SH(DIM_B, DIM_S)}, {DT_F32, DT_I32}, {0}, {0}, 13, 0},
-        {"cross_entropy", 2, {SH(DIM_B, DIM_S, 256), SH(DIM_B, DIM_S)}, {DT_F32, DT_I32}, {0}, {0}, 256, 0},
-    };
-    run_cases(t, c, sizeof c / sizeof c[0]);
-}
+TEST(gpu_kernels_attention) { run_table(t, kcases_attention); }
 
-TEST(gpu_kernels_attention) {
-    const kcase c[] = {
-        {"rope", 1, {SH(DIM_B, DIM_S, 3, 8)}, {DT_F32}, {0, 3}, {0}, 0, 0},
-        {"rope", 1, {SH(DIM_B, DIM_S, 2, 64)}, {DT_F32}, {0}, {0}, 0, 0},
-        {"attention", 3, {SH(DIM_B, DIM_S, 4, 8), SH(DIM_B, DIM_S, 2, 8), SH(DIM_B, DIM_S, 2, 8)}, {DT_F32, DT_F32, DT_F32}, {3}, {0}, 0, 37},
-        {"attention", 3, {SH(DIM_B, DIM_S, 2, 64), SH(DIM_B, DIM_S, 2, 64), SH(DIM_B, DIM_S, 2, 64)}, {DT_F32, DT_F32, DT_F32}, {100}, {0}, 0, 37},
-        {"attention", 3, {SH(DIM_B, DIM_S, 1, 16), SH(DIM_B, DIM_S, 1, 16), SH(DIM_B, DIM_S, 1, 16)}, {DT_F32, DT_F32, DT_F32}, {1}, {0}, 0, 20},
-        {"attention", 3, {SH(DIM_B, DIM_S, 6, 32), SH(DIM_B, DIM_S, 3, 32), SH(DIM_B, DIM_S, 3, 32)}, {DT_F32, DT_F32, DT_F32}, {17}, {0}, 0, 70},
-        /* realm-9m's shape: 6 heads of 64, a window shorter than S */
-        {"attention", 3, {SH(DIM_B, DIM_S, 6, 64), SH(DIM_B, DIM_S, 6, 64), SH(DIM_B, DIM_S, 6, 64)}, {DT_F32, DT_F32, DT_F32}, {96}, {0}, 0, 200},
-    };
-    run_cases(t, c, sizeof c / sizeof c[0]);
-}
+TEST(gpu_kernels_mamba3) { run_table(t, kcases_mamba3); }
 
-TEST(gpu_kernels_mamba3) {
-#define M3(H, P, N, NA) {SH(DIM_B, DIM_S, H, P), SH(DIM_B, DIM_S, N), SH(DIM_B, DIM_S, N), SH(DIM_B, DIM_S, H), \
-                          SH(DIM_B, DIM_S, H), SH(DIM_B, DIM_S, H), SH(DIM_B, DIM_S, NA), SH(H), SH(H, N), SH(H, N), SH(H)}
-#define F11 {DT_F32, DT_F32, DT_F32, DT_F32, DT_F32, DT_F32, DT_F32, DT_F32, DT_F32, DT_F32, DT_F32}
-    const kcase c[] = {
-        {"mamba3_scan", 11, M3(2, 8, 8, 2), F11, {4}, {0}, 0, 13},
-        {"mamba3_scan", 11, M3(3, 16, 16, 4), F11, {16}, {0}, 0, 37},
-        {"mamba3_scan", 11, M3(1, 4, 8, 1), F11, {64}, {0}, 0, 9},
-        {"mamba3_scan", 11, M3(2, 3, 6, 3), F11, {4}, {0}, 0, 16},     /* S a multiple of chunk */
-        {"mamba3_scan", 11, M3(2, 5, 4, 1), F11, {1}, {0}, 0, 7},      /* chunk 1 */
-        {"mamba3_scan", 11, M3(1, 300, 4, 1), F11, {8}, {0}, 0, 13},   /* P > 256: two rows per item */
-        {"mamba3_scan", 11, M3(2, 64, 64, 16), F11, {64}, {0}, 0, 150}, /* realm-9m's head shape */
-    };
-    run_cases(t, c, sizeof c / sizeof c[0]);
-#undef M3
-#undef F11
-}
-
-TEST(gpu_kernels_dense_edges) {
-    const kcase c[] = {
-        {"matmul", 2, {SH(DIM_B, DIM_S, 70), SH(130, 70)}, F2, {0}, {0}, 0, 100},
-        {"matmul", 2, {SH(DIM_B, DIM_S, 3, 5), SH(5, 70)}, F2, {1}, {0}, 0, 50},
-        {"matmul", 2, {SH(6, 7), SH(5, 7)}, F2, {0}, {0}, 0, 0},
-        {"rmsnorm", 2, {SH(DIM_B, DIM_S, 300), SH(300)}, F2, {0}, {1e-5}, 0, 40},
-        {"rmsnorm", 2, {SH(DIM_B, DIM_S, 2, 9), SH(9)}, F2, {0}, {1e-3}, 0, 0},
-        {"embedding", 2, {SH(DIM_B, DIM_S), SH(7, 300)}, {DT_I32, DT_F32}, {0}, {0}, 7, 300},
-        {"cross_entropy", 2, {SH(DIM_B, DIM_S, 300), SH(DIM_B, DIM_S)}, {DT_F32, DT_I32}, {0}, {0}, 300, 200},
-        {"cross_entropy", 2, {SH(DIM_B, DIM_S, 2, 5), SH(DIM_B, DIM_S, 2)}, {DT_F32, DT_I32}, {0}, {0}, 5, 0},
-    };
-    run_cases(t, c, sizeof c / sizeof c[0]);
-}
+TEST(gpu_kernels_dense_edges) { run_table(t, kcases_dense_edges); }
 
 /* The dense templates on strided views (as kernels_dense_views). */
 TEST(gpu_kernels_dense_views) {
     if (!gpu_on()) return;
     ir_graph g;
-    ir_init_graph(&g);
-    int xa = ir_tensor_new(&g, "xa", SH(DIM_B, DIM_S, 40), DT_F32, ROLE_PARAM);
-    int xb = ir_tensor_new(&g, "xb", SH(DIM_B, DIM_S, 23), DT_F32, ROLE_PARAM);
-    int ya = ir_tensor_new(&g, "ya", SH(DIM_B, DIM_S, 30), DT_F32, ROLE_PARAM);
-    int ids = ir_tensor_new(&g, "ids", SH(DIM_B, DIM_S, 3), DT_I32, ROLE_INPUT);
-    int w = ir_tensor_new(&g, "w", SH(9, 7), DT_F32, ROLE_PARAM);
-    int w2 = ir_tensor_new(&g, "w2", SH(7, 5), DT_F32, ROLE_PARAM);
-    int nw = ir_tensor_new(&g, "nw", SH(13), DT_F32, ROLE_PARAM);
-    int tab = ir_tensor_new(&g, "tab", SH(11, 6), DT_F32, ROLE_PARAM);
-    int dl = ir_tensor_new(&g, "dl", SH(1), DT_F32, ROLE_PARAM);
-    int x7 = ir_view(&g, xa, SH(DIM_B, DIM_S, 2, 7), 3, "x7");
-    int x13 = ir_view(&g, xa, SH(DIM_B, DIM_S, 2, 13), 11, "x13");
-    int b6 = ir_view(&g, xb, SH(DIM_B, DIM_S, 2, 6), 4, "b6");
-    int d13 = ir_view(&g, xb, SH(DIM_B, DIM_S, 13), 9, "d13");
-    int y9 = ir_view(&g, ya, SH(DIM_B, DIM_S, 2, 9), 5, "y9");
-    int e6 = ir_view(&g, ya, SH(DIM_B, DIM_S, 6), 23, "e6");
-    int tg = ir_view(&g, ids, SH(DIM_B, DIM_S, 2), 1, "tg");
-    int tok = ir_view(&g, ids, SH(DIM_B, DIM_S), 2, "tok");
-    int out[IR_MAX_IO];
-    long tr1[IR_MAX_IATTR] = {1};
-    double eps[IR_MAX_FATTR] = {1e-5};
-    long vocab[IR_MAX_IATTR] = {11};
-    int ok = ir_emit_into(&g, "matmul", (int[]){x7, w}, 2, NULL, NULL, y9) >= 0 &&
-             ir_emit(&g, "matmul", (int[]){x7, w2}, 2, tr1, NULL, out) == 1 &&
-             ir_emit(&g, "matmul_wgrad", (int[]){x7, b6}, 2, NULL, NULL, out) == 1 &&
-             ir_emit(&g, "rmsnorm", (int[]){x13, nw}, 2, NULL, eps, out) == 1 &&
-             ir_emit(&g, "rmsnorm_bwd", (int[]){x13, nw, x13}, 3, NULL, eps, out) == 3 &&
-             ir_emit(&g, "cross_entropy", (int[]){x13, tg}, 2, NULL, NULL, out) == 2 &&
-             ir_emit(&g, "cross_entropy_bwd", (int[]){x13, tg, dl}, 3, NULL, NULL, out) == 1 &&
-             ir_emit_into(&g, "embedding", (int[]){tok, tab}, 2, NULL, NULL, e6) >= 0 &&
-             ir_emit(&g, "embedding_bwd", (int[]){tok, d13}, 2, vocab, NULL, out) == 2;
-    if (!ok) {
+    if (kc_build_dense_views(&g) < 0) {
         t_fail(t, __FILE__, __LINE__, "building the graph: %s", g.err);
     } else {
         backend *bk = kc_cuda(t);
