@@ -89,3 +89,11 @@ TEST(cli_malformed_model_files) {
     CHECK(!failure[0], "%s", failure);
     CHECK(count >= 12, "only %d malformed model files", count);
 }
+
+/* `realm info` works on any machine: it lists both backends and says why one is unusable. */
+TEST(cli_info_lists_backends) {
+    char cmd[512], out[8192];
+    snprintf(cmd, sizeof cmd, "%s info", t_realm_bin());
+    CHECK(t_run(cmd, out, sizeof out) == 0, "realm info failed: %s", out);
+    CHECK(strstr(out, "cuda") && strstr(out, "opencl"), "realm info does not mention both backends:\n%s", out);
+}

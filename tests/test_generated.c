@@ -24,6 +24,25 @@ TEST(generated_cuda_kernels_compile_for_every_arch) {
         }
 }
 
+/* The README's command: CUDA kernels for sm_90 written to a directory, no GPU needed. */
+TEST(generated_cuda_kernels_written) {
+    char dir[256], cmd[1024], out[8192];
+    snprintf(dir, sizeof dir, "/tmp/realm-cuda-kernels-%d", (int)getpid());
+    snprintf(cmd, sizeof cmd, "rm -rf %s && %s kernels models/tiny.lua --backend cuda --arch sm_90 --out %s", dir,
+             t_realm_bin(), dir);
+    int rc = t_run(cmd, out, sizeof out);
+    CHECK(rc == 0, "status %d: %s", rc, out);
+    const char *files[] = {"forward.cu", "forward.plan", "train.cu", "train.plan", NULL};
+    for (int i = 0; files[i]; i++) {
+        char p[512];
+        snprintf(p, sizeof p, "%s/%s", dir, files[i]);
+        CHECK(access(p, R_OK) == 0, "%s was not written", p);
+    }
+    snprintf(cmd, sizeof cmd, "ls %s/*.cubin | wc -l && rm -rf %s", dir, dir);
+    t_run(cmd, out, sizeof out);
+    CHECK(atoi(out) == 2, "expected two CUBINs, found %d", atoi(out));
+}
+
 TEST(generated_opencl_kernels_written_and_built) {
     char dir[256], cmd[1024], out[8192];
     snprintf(dir, sizeof dir, "/tmp/realm-kernels-%d", (int)getpid());
