@@ -105,7 +105,8 @@ void ir_retarget(ir_graph *g, int t, int of, long off);
 int ir_is_view(const ir_graph *g, int t);
 
 /* Nodes: validates via the op's shape rule and creates the outputs. Returns node id or -1
- * (g->err holds the message). */
+ * (g->err holds the message). ia and fa, when not NULL, hold IR_MAX_IATTR and IR_MAX_FATTR
+ * values (write `(double[IR_MAX_FATTR]){x}`, not `(double[]){x}`); NULL means the defaults. */
 int ir_node_add(ir_graph *g, int op, const int *in, int nin, const long *ia, const double *fa);
 /* Same, by op name; out receives the output ids. Returns number of outputs or -1. */
 int ir_emit(ir_graph *g, const char *op, const int *in, int nin, const long *ia, const double *fa,

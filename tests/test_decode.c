@@ -225,11 +225,11 @@ static int build_ops(ir_graph *g, char *err, size_t errlen) {
     int ring = T_("ring", ROLE_STATE, DT_F32, DIM_B, W, Hkv, Dh);
     int ring2 = T_("ring2", ROLE_STATE, DT_F32, DIM_B, W, Hkv, Dh);
     int xr, qr, K2, V2, o;
-    if (ir_emit(g, "rope_at", (int[]){x, pos}, 2, NULL, (double[]){500.0}, &xr) < 0) goto bad;
-    if (ir_emit(g, "rope_at", (int[]){q, pos}, 2, NULL, (double[]){500.0}, &qr) < 0) goto bad;
+    if (ir_emit(g, "rope_at", (int[]){x, pos}, 2, NULL, (double[IR_MAX_FATTR]){500.0}, &xr) < 0) goto bad;
+    if (ir_emit(g, "rope_at", (int[]){q, pos}, 2, NULL, (double[IR_MAX_FATTR]){500.0}, &qr) < 0) goto bad;
     if (ir_emit(g, "ring_write", (int[]){ring, xr, pos}, 3, NULL, NULL, &K2) < 0) goto bad;
     if (ir_emit(g, "ring_write", (int[]){ring2, x, pos}, 3, NULL, NULL, &V2) < 0) goto bad;
-    if (ir_emit(g, "attention_ring", (int[]){qr, K2, V2, pos}, 4, NULL, (double[]){0.0}, &o) < 0) goto bad;
+    if (ir_emit(g, "attention_ring", (int[]){qr, K2, V2, pos}, 4, NULL, (double[IR_MAX_FATTR]){0.0}, &o) < 0) goto bad;
     int lg = T_("logits", ROLE_INPUT, DT_F32, DIM_B, DIM_S, 37);
     int prm = T_("sampling", ROLE_INPUT, DT_F32, DIM_B, 8);
     if (ir_emit(g, "sample", (int[]){lg, pos, prm}, 3, NULL, NULL, out) < 0) goto bad;
