@@ -73,6 +73,8 @@ static const kcase kcases_mamba3_c[] = {
         {"mamba3_scan", 11, M3(2, 5, 4, 1), F11, {1}, {0}, 0, 7},      /* chunk 1 */
         {"mamba3_scan", 11, M3(1, 300, 4, 1), F11, {8}, {0}, 0, 13},   /* P > 256: two rows per item */
         {"mamba3_scan", 11, M3(2, 64, 64, 16), F11, {64}, {0}, 0, 150}, /* realm-9m's head shape */
+        {"mamba3_scan", 11, M3(2, 2, 8, 4), F11, {3}, {0}, 0, 10},     /* chunked forward: NA > P, odd chunk */
+        {"mamba3_scan", 11, M3(1, 5, 7, 2), F11, {5}, {0}, 0, 23},     /* odd N past the rotated pairs */
     };
 TABLE(kcases_mamba3);
 

@@ -519,11 +519,15 @@ TEST(mamba3_op_reference) {
     double fa[IR_MAX_FATTR] = {0};
     int yo[IR_MAX_IO];
     int rc = ir_emit(&g, "mamba3_scan", ins, 11, ia, fa, yo);
-    CHECK(rc == 2, "mamba3_scan rejected valid inputs: %s", g.err);
+    CHECK(rc == 4, "mamba3_scan rejected valid inputs: %s", g.err);
     int y = yo[0];
-    long sw = (long)d.H * m3_states_width(d.P, d.N, chunk);
-    CHECK(g.t[yo[1]].shape.ndim == 3 && g.t[yo[1]].shape.d[0] == DIM_B && g.t[yo[1]].shape.d[1] == DIM_S &&
-          g.t[yo[1]].shape.d[2] == sw, "saved states must be [B,S,%ld]", sw);
+    long sw = (long)d.H * m3_states_width(d.P, d.N, chunk), tw = (long)d.H * m3_theta_width(d.NA, chunk);
+    /* saved states, then the chunk-parallel kernels' workspaces dstate (like saved) and theta */
+    for (int o = 1; o <= 3; o++) {
+        long want = o == 3 ? tw : sw;
+        CHECK(g.t[yo[o]].shape.ndim == 3 && g.t[yo[o]].shape.d[0] == DIM_B && g.t[yo[o]].shape.d[1] == DIM_S &&
+              g.t[yo[o]].shape.d[2] == want, "output %d must be [B,S,%ld]", o + 1, want);
+    }
     int fwd_node = g.nn - 1;
     const op_def *od = op_get(op_find("mamba3_scan"));
     CHECK(od && od->grad, "mamba3_scan is not registered with a gradient rule");

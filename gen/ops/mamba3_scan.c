@@ -285,6 +285,8 @@ long m3_states_width(int P, int N, int chunk) {
     return ((long)P * N + chunk - 1) / chunk;
 }
 
+long m3_theta_width(int NA, int chunk) { return m3_states_width(2, NA, chunk); }
+
 /* Store the state Sh leaving chunk [c0, c0+L) of head h (zeros if the chunk is partial). */
 static void put_states(const m3_dims *d, int chunk, long b, int h, long c0, long L,
                        const double *Sh, double *states, long ld) {
@@ -614,8 +616,15 @@ double m3_flops_bwd(m3_dims d, int chunk) { return count(d, chunk, bwd_chunk); }
 /* The op interface.
  *
  *   mamba3_scan(x, Bn, Cn, dd_dt, dd_A, trap, angles, dt_bias, B_bias, C_bias, D; chunk)
- *     -> y [B,S,H,P], saved [B,S,H*W]
+ *     -> y [B,S,H,P], saved [B,S,H*W], dstate [B,S,H*W], theta [B,S,H*W2]
  *   saved: the chunk states (layout in mamba3_scan.h, W = m3_states_width(P, N, chunk)).
+ *   dstate, theta: workspaces of the chunk-parallel kernels, which pass them from one launch
+ *   to the next (so the reference fills them too, for the per-launch kernel checks); no
+ *   gradient flows through them and the backward does not read them. dstate: each full
+ *   chunk's state increment sum_s exp(cs_L - cs_s) scale_s v_s Kl_s^T with Kl_s the key
+ *   rotated by the angle accumulated inside the chunk only (layout of saved); theta: cos/sin
+ *   of the cumulative angle leaving each full chunk (W2 = m3_theta_width(NA, chunk), layout
+ *   in mamba3_scan.h). Rows of a partial last chunk and unused slots hold zeros.
  *
  *   mamba3_scan_bwd(x, Bn, Cn, dd_dt, dd_A, trap, angles, dt_bias, B_bias, C_bias, D, saved, dy;
  *                   chunk)
@@ -625,6 +634,7 @@ double m3_flops_bwd(m3_dims d, int chunk) { return count(d, chunk, bwd_chunk); }
 
 enum { IN_X, IN_BN, IN_CN, IN_DDT, IN_DDA, IN_TRAP, IN_ANG, IN_DTB, IN_BB, IN_CB, IN_D, IN_NFWD };
 enum { BIN_ST = 11, BIN_DY = 12, BIN_N = 13, BOUT_HEAD = 11, BOUT_N = 12 };
+enum { OUT_Y, OUT_ST, OUT_DST, OUT_TH, OUT_N };
 
 static const char *const fwd_names[IN_NFWD] = {
     "x", "Bn", "Cn", "dd_dt", "dd_A", "trap", "angles", "dt_bias", "B_bias", "C_bias", "D"};
@@ -719,8 +729,10 @@ static int infer_fwd(const ir_graph *g, const ir_node *n, ir_shape *out, ir_dtyp
     int H, P, N, NA;
     if (check_all(g, n, 0, &H, &P, &N, &NA, err, errlen)) return -1;
     out[0] = *op_in_shape(g, n, IN_X);
-    out[1] = tok_shape((int)(H * m3_states_width(P, N, (int)n->ia[0])));
-    dt[0] = dt[1] = DT_F32;
+    out[OUT_ST] = tok_shape((int)(H * m3_states_width(P, N, (int)n->ia[0])));
+    out[OUT_DST] = out[OUT_ST];
+    out[OUT_TH] = tok_shape((int)(H * m3_theta_width(NA, (int)n->ia[0])));
+    dt[OUT_Y] = dt[OUT_ST] = dt[OUT_DST] = dt[OUT_TH] = DT_F32;
     return 0;
 }
 
@@ -735,7 +747,8 @@ static int infer_bwd(const ir_graph *g, const ir_node *n, ir_shape *out, ir_dtyp
     return 0;
 }
 
-/* dout[1] (the saved states) carries no gradient: it only feeds the backward. */
+/* Only y carries a gradient: the saved states only feed the backward, dstate and theta are
+ * the forward kernels' workspaces. */
 static int grad_fwd(ir_graph *g, int node, const int *dout, int *din) {
     for (int i = 0; i < IN_NFWD; i++) din[i] = -1;
     if (dout[0] < 0) return 0;
@@ -745,7 +758,7 @@ static int grad_fwd(ir_graph *g, int node, const int *dout, int *din) {
     long ia[IR_MAX_IATTR];
     double fa[IR_MAX_FATTR];
     for (int i = 0; i < BIN_ST; i++) ins[i] = n->in[i];
-    ins[BIN_ST] = n->out[1];
+    ins[BIN_ST] = n->out[OUT_ST];
     ins[BIN_DY] = dout[0];
     memcpy(ia, n->ia, sizeof ia);
     memcpy(fa, n->fa, sizeof fa);
@@ -777,12 +790,61 @@ static void collect(const ref_ctx *c, const ir_node *n, m3_dims *d, m3_inputs *i
         .dt_bias = b[IN_DTB].p, .B_bias = b[IN_BB].p, .C_bias = b[IN_CB].p, .D = D};
 }
 
+/* The chunk-parallel kernels' workspaces (layout: the op interface above), in fp64 from the
+ * same per-head quantities as m3_ref_chunked: dstate with the in-chunk angle Th_s - Th_in,
+ * theta as cos/sin of the wrapped cumulative angle at each full chunk's last token. */
+static void ref_workspaces(const m3_dims *d, int chunk, const m3_inputs *in, double *ds, long ds_ld,
+                           double *th, long th_ld) {
+    const int H = d->H, P = d->P, N = d->N, NA = d->NA;
+    const long S = d->S, W = m3_states_width(P, N, chunk), W2 = m3_theta_width(NA, chunk);
+    const long PN = (long)P * N;
+    m3_head w;
+    head_alloc(&w, S, P, N, NA);
+    double *inc = xcalloc((size_t)PN + (size_t)chunk + 2 * (size_t)N + (size_t)NA, sizeof(double));
+    double *cs = inc + PN, *kl = cs + chunk, *ph = kl + N;
+    for (long b = 0; b < d->B; b++) {
+        for (int h = 0; h < H; h++) {
+            head_prep(&w, d, in, b, h, NULL);
+            for (long c0 = 0; c0 < S; c0 += chunk) {
+                long L = S - c0 < chunk ? S - c0 : chunk;
+                int full = L == chunk;
+                memset(inc, 0, sizeof(double) * (size_t)PN);
+                double acc = 0;
+                for (long a = 0; a < L; a++) cs[a] = (acc += w.ADT[c0 + a]);
+                for (long a = 0; full && a < L; a++) {
+                    long s = c0 + a;
+                    for (int i = 0; i < NA; i++) ph[i] = w.Th[s * NA + i] - (c0 ? w.Th[(c0 - 1) * NA + i] : 0.0);
+                    rot(w.K + s * N, ph, N, NA, kl);
+                    double cf = exp(fmin(cs[L - 1] - cs[a], 0.0)) * w.scale[s];
+                    const double *vs = in->x + (b * S + s) * in->x_ld + (long)h * P;
+                    for (int p = 0; p < P; p++)
+                        for (int nn = 0; nn < N; nn++) inc[p * N + nn] += cf * vs[p] * kl[nn];
+                }
+                for (long e = 0; e < L * W; e++)
+                    ds[(b * S + c0 + e / W) * ds_ld + (long)h * W + e % W] = full && e < PN ? inc[e] : 0.0;
+                for (long e = 0; e < L * W2; e++) {
+                    double v = 0.0;
+                    if (full && e < 2L * NA) {
+                        double a = w.Th[(c0 + L - 1) * NA + e / 2];
+                        v = e % 2 ? sin(a) : cos(a);
+                    }
+                    th[(b * S + c0 + e / W2) * th_ld + (long)h * W2 + e % W2] = v;
+                }
+            }
+        }
+    }
+    free(inc);
+    head_free(&w);
+}
+
 static void ref_fwd(const ref_ctx *c, const ir_node *n) {
     m3_dims d;
     m3_inputs in;
     collect(c, n, &d, &in, ref_get(c, n->in[IN_D]).p);
-    ref_buf y = ref_get(c, n->out[0]), st = ref_get(c, n->out[1]);
+    ref_buf y = ref_get(c, n->out[OUT_Y]), st = ref_get(c, n->out[OUT_ST]);
     m3_ref_chunked(d, (int)n->ia[0], &in, NULL, y.p, y.ld, NULL, st.p, st.ld);
+    ref_buf ds = ref_get(c, n->out[OUT_DST]), th = ref_get(c, n->out[OUT_TH]);
+    ref_workspaces(&d, (int)n->ia[0], &in, ds.p, ds.ld, th.p, th.ld);
 }
 
 static void ref_bwd(const ref_ctx *c, const ir_node *n) {
@@ -872,14 +934,19 @@ static void emit_acts(kgen *k, const char *v, const char *tok, long lddt, long l
     KL("(void)%ssg; (void)%sdA; (void)%sAv;", v, v, v);
 }
 
-/* Tq += DT * pi * tanh(angle), wrapped to [0, 2pi) */
-static void emit_theta_step(kgen *k, const char *Tq, const char *DT, const char *angle) {
+/* Tq wrapped to [0, 2pi) */
+static void emit_wrap(kgen *k, const char *Tq) {
     /* 2pi = 6.28318548f - 1.74845553e-7f (Cody-Waite): subtracting k * float(2pi) alone would
      * drift by k * 1.7e-7 per step when DT * theta is large */
-    KL("%s += %s * (" M3_PI_F " * TANHF(%s));", Tq, DT, angle);
     KL("{ const float kq = (float)(long)(%s * 0.159154943f); %s = (%s - kq * 6.28318548f) + kq * 1.74845553e-7f; }",
        Tq, Tq, Tq);
     KL("if (%s < 0.0f) %s = (%s + 6.28318548f) - 1.74845553e-7f;", Tq, Tq, Tq);
+}
+
+/* Tq += DT * pi * tanh(angle), wrapped to [0, 2pi) */
+static void emit_theta_step(kgen *k, const char *Tq, const char *DT, const char *angle) {
+    KL("%s += %s * (" M3_PI_F " * TANHF(%s));", Tq, DT, angle);
+    emit_wrap(k, Tq);
 }
 
 static void args_common(kgen *k, const ir_node *n) {
@@ -895,7 +962,7 @@ static void args_common(kgen *k, const ir_node *n) {
     kg_in(k, "Cb", n->in[IN_CB]);
 }
 
-static int emit_fwd(kgen *k, const ir_node *n) {
+static int emit_fwd_seq(kgen *k, const ir_node *n) {
     const ir_graph *g = k->g;
     int node = (int)(n - g->n);
     m3_kdims d = kdims(k, n);
@@ -992,6 +1059,357 @@ static int emit_fwd(kgen *k, const ir_node *n) {
     kg_grid(k, 0, 0, H, 0, 0, 1);
     kg_block(k, PB, 1, 1);
     return kg_end(k);
+}
+
+/* Chunk-parallel forward. The sequential kernel above has only B*H work-groups walking all S
+ * tokens, far too few for a large GPU; here only a short walk over chunks stays sequential.
+ * kernelcheck runs and checks every launch on its own (inputs from the reference, outputs
+ * poisoned), so whatever one launch hands the next is a node output that the reference
+ * fills with the same values (ref_fwd): `dstate` and `theta` below.
+ *  (1) mamba3_scan_chunk, one work-group per (chunk, b, h): the chunk's state increment in its
+ *      local frame, dstate_c = sum_s exp(cs_L - cs_s) scale_s v_s Kl_s^T, where Kl_s is K_s
+ *      rotated by phi_s, the angle accumulated inside the chunk only (up to and including s).
+ *  (2) mamba3_scan_walk, one work-group per (b, h): the walk over chunks. The absolute key is
+ *      Kr_s = R(Theta_in + phi_s) K_s = R(Theta_in) Kl_s per angle pair (rotations of a pair
+ *      compose), and every row p of dstate is a combination of the Kl_s, so the increment in
+ *      the absolute frame is each row's pair (x0, x1) rotated by Theta_in, the angle entering
+ *      the chunk: S_c = exp(cs_L) S_{c-1} + R(Theta_in) dstate_c -> `saved`; the cos/sin of
+ *      the angle leaving each chunk -> `theta`. Per-chunk decays and angle sums are computed
+ *      for a tile of chunks in parallel first, so only chunk-long chains are serial.
+ *  (3) mamba3_scan_out, one work-group per (chunk, b, h): y_t = exp(cs_t) S_in.Qr_t + sum_{s<=t}
+ *      M_ts v_s, M_ts = Ql_t.Kl_s exp(cs_t - cs_s) scale_s (s < t), gamma_t Ql_t.Kl_t + D
+ *      (s = t). The intra-chunk products are rotation invariant, so they use the local frame;
+ *      the inter term uses S_in.R(Theta_in) Ql_t = (R(Theta_in)^T S_in).Ql_t, each work-item
+ *      rotating its own state row once.
+ * Deterministic: every sum has a fixed order, no atomics. Needs P <= 256 and the local tiles to
+ * fit; otherwise emit_fwd falls back to the sequential kernel (which leaves the two
+ * workspaces unwritten: nothing reads them). */
+static long fwd_chunk_local(m3_kdims d, int *NT3) {
+    const int P = d.P, N = d.N, NA = d.NA, CH = d.CH;
+    int tg = 256 / P;
+    *NT3 = P * (tg > 0 ? tg : 1);
+    long k1 = 4L * (4L * CH + (long)CH * NA + (long)CH * N + (long)CH * P);
+    long big = (long)CH * N > (long)CH * CH ? (long)CH * N : (long)CH * CH;
+    long k3 = 4L * (5L * CH + (long)CH * NA + 2L * NA + (long)CH * N + big);
+    return k1 > k3 ? k1 : k3;
+}
+
+/* the element address of slot e (of a per-chunk vector of width w per head) in a token-major
+ * array spread over a chunk's rows starting at row `rb` (the layout of `saved`) */
+static void kl_spread(char *buf, size_t len, const char *rb, const char *e, long w, long ld) {
+    snprintf(buf, len, "((%s) + (%s) / %ldL) * %ldL + h * %ldL + (%s) %% %ldL", rb, e, w, ld, w, e, w);
+}
+
+static int emit_fwd_chunked(kgen *k, const ir_node *n) {
+    const ir_graph *g = k->g;
+    int node = (int)(n - g->n);
+    m3_kdims d = kdims(k, n);
+    const int H = d.H, P = d.P, N = d.N, NA = d.NA, CH = d.CH, NH = (N + 1) / 2;
+    const long W = d.W, PN = (long)P * N, W2 = m3_theta_width(NA, CH);
+    int NT3;
+    (void)fwd_chunk_local(d, &NT3);
+    const int NT = 256, TG = NT3 / P;
+    const long ldx = kg_ld(k, n->in[IN_X]), ldb = kg_ld(k, n->in[IN_BN]), ldc = kg_ld(k, n->in[IN_CN]),
+               lddt = kg_ld(k, n->in[IN_DDT]), ldda = kg_ld(k, n->in[IN_DDA]), ldtr = kg_ld(k, n->in[IN_TRAP]),
+               ldang = kg_ld(k, n->in[IN_ANG]), ldy = kg_ld(k, n->out[OUT_Y]), ldst = kg_ld(k, n->out[OUT_ST]),
+               ldds = kg_ld(k, n->out[OUT_DST]), ldth = kg_ld(k, n->out[OUT_TH]);
+    char angx[96], ad[160], as0[160], as1[160], at[160];
+    snprintf(angx, sizeof angx, "ang[(rb + a) * %ldL + i]", ldang);
+
+    /* ---- (1) chunk increments in the local frame */
+    kg_begin(k, "mamba3_scan_chunk", node, node + 1);
+    args_common(k, n);
+    kg_out(k, "ds", n->out[OUT_DST]);
+    KL("const long c0 = GID_X * %d, bh = GID_Y, b = bh / %d;", CH, H);
+    KL("const int h = (int)(bh - b * %d), lid = LID_X;", H);
+    KL("const long rb = b * S + c0;");
+    KL("const int L = (int)(S - c0 < %d ? S - c0 : %d);", CH, CH);
+    kl_spread(ad, sizeof ad, "rb", "i", W, ldds);
+    KL("LOCAL float ldt[%d], ladt[%d], lsc[%d], lcs[%d];", CH, CH, CH, CH);
+    KL("LOCAL float LPH[%d];", CH * NA);
+    KL("LOCAL float KR[%d];", CH * N);
+    KL("LOCAL float VW[%d];", CH * P);
+    KL("const float dtbh = dtb[h];");
+    KL("for (int a = lid; a < L; a += %d) {", NT);
+    KL("const long tk = rb + a;");
+    KL("const int hasn = c0 + a + 1 < S;");
+    KL("const long tkn = hasn ? tk + 1 : tk;");
+    emit_acts(k, "", "tk", lddt, ldda, ldtr);
+    emit_acts(k, "n", "tkn", lddt, ldda, ldtr);
+    KL("ldt[a] = DT; ladt[a] = Av * DT;");
+    KL("lsc[a] = lam * DT + (hasn ? (1.0f - nlam) * nDT : 0.0f);");
+    KL("}");
+    KL("BARRIER();");
+    /* the same in-order prefix as the backward and the walk, so all see the same cs */
+    KL("for (int a = lid; a < L; a += %d) { float cs = 0.0f; for (int j = 0; j <= a; j++) cs += ladt[j]; lcs[a] = cs; }", NT);
+    KL("for (int i = lid; i < %d; i += %d) {", NA, NT);
+    KL("float Tq = 0.0f;");
+    KL("for (int a = 0; a < L; a++) {");
+    emit_theta_step(k, "Tq", "ldt[a]", angx);
+    KL("LPH[a * %d + i] = Tq;", NA);
+    KL("}");
+    KL("}");
+    KL("BARRIER();");
+    KL("for (int j = lid; j < L * %d; j += %d) {", N, NT);
+    KL("const int a = j / %d, nn = j - a * %d;", N, N);
+    KL("const long tk = rb + a;");
+    KL("float kv = Bn[tk * %ldL + nn] + Bb[h * %d + nn];", ldb, N);
+    KL("if (nn < %d) {", 2 * NA);
+    KL("const int i = nn >> 1;");
+    KL("const float cq = COSF(LPH[a * %d + i]), sq = SINF(LPH[a * %d + i]);", NA, NA);
+    KL("const float k0 = Bn[tk * %ldL + 2 * i] + Bb[h * %d + 2 * i], k1 = Bn[tk * %ldL + 2 * i + 1] + Bb[h * %d + 2 * i + 1];",
+       ldb, N, ldb, N);
+    KL("kv = (nn & 1) ? k0 * sq + k1 * cq : k0 * cq - k1 * sq;");
+    KL("}");
+    KL("KR[j] = kv;");
+    KL("}");
+    KL("for (int j = lid; j < L * %d; j += %d) {", P, NT);
+    KL("const int a = j / %d, p = j - a * %d;", P, P);
+    KL("VW[j] = EXPF(FMINF(lcs[L - 1] - lcs[a], 0.0f)) * lsc[a] * x[(rb + a) * %ldL + h * %d + p];", ldx, P);
+    KL("}");
+    KL("BARRIER();");
+    /* a partial last chunk (no early return: PoCL miscompiled barriers after one) runs the
+     * same steps on its L tokens, but no state leaves it, so its rows hold zeros */
+    KL("for (long i = lid; i < (long)L * %ldL; i += %d) {", W, NT);
+    KL("float acc = 0.0f;");
+    KL("if (L == %d && i < %ldL) {", CH, PN);
+    KL("const int p = (int)(i / %d), nn = (int)(i - (long)p * %d);", N, N);
+    KL("for (int a = 0; a < %d; a++) acc += VW[a * %d + p] * KR[a * %d + nn];", CH, P, N);
+    KL("}");
+    KL("ds[%s] = acc;", ad);
+    KL("}");
+    kg_grid(k, 0, 0, 0, 1, 0, CH);
+    kg_grid(k, 1, 0, H, 0, 0, 1);
+    kg_block(k, NT, 1, 1);
+    if (kg_end(k) < 0) return -1;
+
+    /* ---- (2) the walk over chunks, per (b, h) */
+    int TC = 4096 / (3 * NA + 1);
+    if (TC > 64) TC = 64;
+    if (TC < 1) TC = 1;
+    const int RQ = (int)(((long)P * NH + NT - 1) / NT);
+    kg_begin(k, "mamba3_scan_walk", node, node + 1);
+    kg_in(k, "ddt", n->in[IN_DDT]);
+    kg_in(k, "ddA", n->in[IN_DDA]);
+    kg_in(k, "ang", n->in[IN_ANG]);
+    kg_in(k, "dtb", n->in[IN_DTB]);
+    kg_in(k, "ds", n->out[OUT_DST]);
+    kg_out(k, "st", n->out[OUT_ST]);
+    kg_out(k, "th", n->out[OUT_TH]);
+    KL("const long b = GID_X / %d;", H);
+    KL("const int h = (int)(GID_X - b * %d), lid = LID_X;", H);
+    KL("LOCAL float dec[%d], tph[%d], tcs[%d], tsn[%d];", TC, TC * NA, TC * NA, TC * NA);
+    KL("const float dtbh = dtb[h];");
+    KL("const long nch = (S + %d) / %d, nfull = S / %d;", CH - 1, CH, CH);
+    KL("float S0[%d], S1[%d];", RQ, RQ);
+    KL("for (int r = 0; r < %d; r++) { S0[r] = 0.0f; S1[r] = 0.0f; }", RQ);
+    KL("float Tin = 0.0f;   /* angle owners (lid < NA): the angle entering the current chunk */");
+    KL("for (long ct = 0; ct < nfull; ct += %d) {", TC);
+    KL("BARRIER();");
+    /* per full chunk of the tile: its total decay (q = 0) and wrapped angle sums, in parallel */
+    KL("for (int j = lid; j < %d; j += %d) {", TC * (NA + 1), NT);
+    KL("const int ci = j / %d, q = j - ci * %d;", NA + 1, NA + 1);
+    KL("if (ct + ci >= nfull) continue;");
+    KL("const long rb = b * S + (ct + ci) * %d;", CH);
+    KL("float Tq = 0.0f;");
+    KL("for (int a = 0; a < %d; a++) {", CH);
+    KL("const long tk = rb + a;");
+    KL("const float u = ddt[tk * %ldL + h] + dtbh;", lddt);
+    KL("const float DT = u > 20.0f ? u : LOG1PF(EXPF(u));");
+    KL("if (q == 0) {");
+    KL("const float ua = ddA[tk * %ldL + h];", ldda);
+    KL("const float fA = ua >= 0.0f ? 1.0f + ua : 1.0f / (1.0f - ua);");
+    KL("Tq += (fA < 1e-4f ? -1e-4f : -fA) * DT;");
+    KL("} else {");
+    KL("const int i = q - 1;");
+    emit_theta_step(k, "Tq", "DT", angx);
+    KL("}");
+    KL("}");
+    KL("if (q == 0) dec[ci] = EXPF(FMINF(Tq, 0.0f)); else tph[ci * %d + q - 1] = Tq;", NA);
+    KL("}");
+    KL("BARRIER();");
+    /* the angle chains across the tile's chunks: NA items, one add per chunk */
+    kl_spread(at, sizeof at, "rb", "2 * i", W2, ldth);
+    KL("for (int i = lid; i < %d; i += %d) {", NA, NT);
+    KL("for (int ci = 0; ci < %d && ct + ci < nfull; ci++) {", TC);
+    KL("const long rb = b * S + (ct + ci) * %d;", CH);
+    KL("tcs[ci * %d + i] = COSF(Tin); tsn[ci * %d + i] = SINF(Tin);", NA, NA);
+    KL("Tin += tph[ci * %d + i];", NA);
+    emit_wrap(k, "Tin");
+    KL("th[%s] = COSF(Tin);", at);
+    kl_spread(at, sizeof at, "rb", "2 * i + 1", W2, ldth);
+    KL("th[%s] = SINF(Tin);", at);
+    KL("}");
+    KL("}");
+    KL("BARRIER();");
+    kl_spread(as0, sizeof as0, "rb", "e0", W, ldst);
+    kl_spread(as1, sizeof as1, "rb", "e0 + 1", W, ldst);
+    kl_spread(ad, sizeof ad, "rb", "e0", W, ldds);
+    KL("for (int ci = 0; ci < %d && ct + ci < nfull; ci++) {", TC);
+    KL("const long rb = b * S + (ct + ci) * %d;", CH);
+    KL("const float dc = dec[ci];");
+    KL("for (int r = 0; r < %d; r++) {", RQ);
+    KL("const int q = lid + r * %d;", NT);
+    KL("if (q >= %d) break;", P * NH);
+    KL("const int p = q / %d, j = q - p * %d;", NH, NH);
+    KL("const long e0 = (long)p * %d + 2 * j;", N);
+    KL("float x0 = ds[%s], x1 = 0.0f;", ad);
+    kl_spread(ad, sizeof ad, "rb", "e0 + 1", W, ldds);
+    KL("if (2 * j + 1 < %d) x1 = ds[%s];", N, ad);
+    kl_spread(ad, sizeof ad, "rb", "e0", W, ldds);
+    KL("if (j < %d) {", NA);
+    KL("const float cq = tcs[ci * %d + j], sq = tsn[ci * %d + j];", NA, NA);
+    KL("const float r0 = x0 * cq - x1 * sq, r1 = x0 * sq + x1 * cq;");
+    KL("x0 = r0; x1 = r1;");
+    KL("}");
+    KL("S0[r] = dc * S0[r] + x0; S1[r] = dc * S1[r] + x1;");
+    KL("st[%s] = S0[r];", as0);
+    KL("if (2 * j + 1 < %d) st[%s] = S1[r];", N, as1);
+    KL("}");
+    KL("}");
+    KL("}");
+    /* the slots past the state / the angles of every full chunk, and all rows of a partial
+     * last chunk, hold zeros (the reference's layout) */
+    const long padS = (long)CH * W - PN, padT = (long)CH * W2 - 2L * NA;
+    if (padS > 0) {
+        KL("for (long i = lid; i < nfull * %ldL; i += %d) {", padS, NT);
+        KL("const long rb = b * S + (i / %ldL) * %d, e = %ldL + i %% %ldL;", padS, CH, PN, padS);
+        kl_spread(as0, sizeof as0, "rb", "e", W, ldst);
+        KL("st[%s] = 0.0f;", as0);
+        KL("}");
+    }
+    if (padT > 0) {
+        KL("for (long i = lid; i < nfull * %ldL; i += %d) {", padT, NT);
+        KL("const long rb = b * S + (i / %ldL) * %d, e = %dL + i %% %ldL;", padT, CH, 2 * NA, padT);
+        kl_spread(at, sizeof at, "rb", "e", W2, ldth);
+        KL("th[%s] = 0.0f;", at);
+        KL("}");
+    }
+    KL("if (nch > nfull) {");
+    KL("const long rb = b * S + nfull * %d;", CH);
+    KL("const long L = S - nfull * %d;", CH);
+    kl_spread(as0, sizeof as0, "rb", "i", W, ldst);
+    KL("for (long i = lid; i < L * %ldL; i += %d) st[%s] = 0.0f;", W, NT, as0);
+    kl_spread(at, sizeof at, "rb", "i", W2, ldth);
+    KL("for (long i = lid; i < L * %ldL; i += %d) th[%s] = 0.0f;", W2, NT, at);
+    KL("}");
+    kg_grid(k, 0, 0, H, 0, 0, 1);
+    kg_block(k, NT, 1, 1);
+    if (kg_end(k) < 0) return -1;
+
+    /* ---- (3) outputs, per (chunk, b, h) */
+    kg_begin(k, "mamba3_scan_out", node, node + 1);
+    args_common(k, n);
+    kg_in(k, "Dp", n->in[IN_D]);
+    kg_in(k, "st", n->out[OUT_ST]);
+    kg_in(k, "th", n->out[OUT_TH]);
+    kg_out(k, "y", n->out[OUT_Y]);
+    const long big = (long)CH * N > (long)CH * CH ? (long)CH * N : (long)CH * CH;
+    const int MR = (CH * CH + NT3 - 1) / NT3;
+    KL("const long c0 = GID_X * %d, bh = GID_Y, b = bh / %d;", CH, H);
+    KL("const int h = (int)(bh - b * %d), lid = LID_X;", H);
+    KL("const long rb = b * S + c0, sb = rb - %d;   /* the chunk's rows; the previous chunk's */", CH);
+    KL("const int L = (int)(S - c0 < %d ? S - c0 : %d);", CH, CH);
+    KL("LOCAL float ldt[%d], ladt[%d], lsc[%d], lgm[%d], lcs[%d];", CH, CH, CH, CH, CH);
+    KL("LOCAL float LPH[%d], tc[%d], ts[%d];", CH * NA, NA, NA);
+    KL("LOCAL float QR[%d];", CH * N);
+    KL("LOCAL float KM[%ld];   /* Kl of the chunk, then M */", big);
+    KL("const float dtbh = dtb[h], Dh = Dp[h];");
+    /* cos/sin of the angle entering the chunk: left by the previous chunk (zero for chunk 0) */
+    kl_spread(at, sizeof at, "sb", "2 * i", W2, ldth);
+    KL("for (int i = lid; i < %d; i += %d) {", NA, NT3);
+    KL("if (c0 > 0) {");
+    KL("tc[i] = th[%s];", at);
+    kl_spread(at, sizeof at, "sb", "2 * i + 1", W2, ldth);
+    KL("ts[i] = th[%s];", at);
+    KL("} else { tc[i] = 1.0f; ts[i] = 0.0f; }");
+    KL("}");
+    KL("for (int a = lid; a < L; a += %d) {", NT3);
+    KL("const long tk = rb + a;");
+    KL("const int hasn = c0 + a + 1 < S;");
+    KL("const long tkn = hasn ? tk + 1 : tk;");
+    emit_acts(k, "", "tk", lddt, ldda, ldtr);
+    emit_acts(k, "n", "tkn", lddt, ldda, ldtr);
+    KL("ldt[a] = DT; ladt[a] = Av * DT; lgm[a] = lam * DT;");
+    KL("lsc[a] = lam * DT + (hasn ? (1.0f - nlam) * nDT : 0.0f);");
+    KL("}");
+    KL("BARRIER();");
+    KL("for (int a = lid; a < L; a += %d) { float cs = 0.0f; for (int j = 0; j <= a; j++) cs += ladt[j]; lcs[a] = cs; }", NT3);
+    KL("for (int i = lid; i < %d; i += %d) {", NA, NT3);
+    KL("float Tq = 0.0f;");
+    KL("for (int a = 0; a < L; a++) {");
+    emit_theta_step(k, "Tq", "ldt[a]", angx);
+    KL("LPH[a * %d + i] = Tq;", NA);
+    KL("}");
+    KL("}");
+    KL("BARRIER();");
+    KL("for (int j = lid; j < L * %d; j += %d) {", N, NT3);
+    KL("const int a = j / %d, nn = j - a * %d;", N, N);
+    KL("const long tk = rb + a;");
+    KL("float kv = Bn[tk * %ldL + nn] + Bb[h * %d + nn], qv = Cn[tk * %ldL + nn] + Cb[h * %d + nn];", ldb, N, ldc, N);
+    KL("if (nn < %d) {", 2 * NA);
+    KL("const int i = nn >> 1;");
+    KL("const float cq = COSF(LPH[a * %d + i]), sq = SINF(LPH[a * %d + i]);", NA, NA);
+    KL("const float k0 = Bn[tk * %ldL + 2 * i] + Bb[h * %d + 2 * i], k1 = Bn[tk * %ldL + 2 * i + 1] + Bb[h * %d + 2 * i + 1];",
+       ldb, N, ldb, N);
+    KL("const float q0 = Cn[tk * %ldL + 2 * i] + Cb[h * %d + 2 * i], q1 = Cn[tk * %ldL + 2 * i + 1] + Cb[h * %d + 2 * i + 1];",
+       ldc, N, ldc, N);
+    KL("kv = (nn & 1) ? k0 * sq + k1 * cq : k0 * cq - k1 * sq;");
+    KL("qv = (nn & 1) ? q0 * sq + q1 * cq : q0 * cq - q1 * sq;");
+    KL("}");
+    KL("KM[j] = kv; QR[j] = qv;");
+    KL("}");
+    KL("BARRIER();");
+    /* M in registers first: it overwrites Kl, which its own dot products still read */
+    KL("float mr[%d];", MR);
+    KL("for (int r = 0; r < %d; r++) {", MR);
+    KL("const int j = lid + r * %d;", NT3);
+    KL("const int t = j / %d, s2 = j - t * %d;", CH, CH);
+    KL("float m = 0.0f;");
+    KL("if (t < L && s2 <= t) {");
+    KL("float qk = 0.0f;");
+    KL("for (int nn = 0; nn < %d; nn++) qk += QR[t * %d + nn] * KM[s2 * %d + nn];", N, N, N);
+    KL("m = s2 < t ? qk * EXPF(FMINF(lcs[t] - lcs[s2], 0.0f)) * lsc[s2] : lgm[t] * qk + Dh;");
+    KL("}");
+    KL("mr[r] = m;");
+    KL("}");
+    KL("BARRIER();");
+    KL("for (int r = 0; r < %d; r++) { const int j = lid + r * %d; if (j < %d) KM[j] = mr[r]; }", MR, NT3, CH * CH);
+    KL("BARRIER();");
+    /* y: work-item (p, token group); its state row, turned into the chunk's local frame
+     * (R(Theta_in)^T per pair), stays in registers for all its tokens */
+    KL("if (lid < %d) {", P * TG);
+    KL("const int p = lid %% %d, tg = lid / %d;", P, P);
+    KL("float Sr[%d];", N);
+    kl_spread(as0, sizeof as0, "sb", "e", W, ldst);
+    KL("if (c0 > 0) for (int nn = 0; nn < %d; nn++) { const long e = (long)p * %d + nn; Sr[nn] = st[%s]; }", N, N, as0);
+    KL("else for (int nn = 0; nn < %d; nn++) Sr[nn] = 0.0f;", N);
+    KL("for (int i = 0; i < %d; i++) {", NA);
+    KL("const float s0 = Sr[2 * i], s1 = Sr[2 * i + 1];");
+    KL("Sr[2 * i] = s0 * tc[i] + s1 * ts[i]; Sr[2 * i + 1] = s1 * tc[i] - s0 * ts[i];");
+    KL("}");
+    KL("for (int t = tg; t < L; t += %d) {", TG);
+    KL("float sq = 0.0f;");
+    KL("for (int nn = 0; nn < %d; nn++) sq += Sr[nn] * QR[t * %d + nn];", N, N);
+    KL("float acc = EXPF(FMINF(lcs[t], 0.0f)) * sq;");
+    KL("for (int s2 = 0; s2 <= t; s2++) acc += KM[t * %d + s2] * x[(rb + s2) * %ldL + h * %d + p];", CH, ldx, P);
+    KL("y[(rb + t) * %ldL + h * %d + p] = acc;", ldy, P);
+    KL("}");
+    KL("}");
+    kg_grid(k, 0, 0, 0, 1, 0, CH);
+    kg_grid(k, 1, 0, H, 0, 0, 1);
+    kg_block(k, NT3, 1, 1);
+    return kg_end(k);
+}
+
+static int emit_fwd(kgen *k, const ir_node *n) {
+    m3_kdims d = kdims(k, n);
+    int NT3;
+    long local = fwd_chunk_local(d, &NT3);
+    /* P <= 256: kernel 3's work-items own (p, token group); 44 KiB leaves room under the
+     * 48 KiB every target guarantees */
+    if (d.P <= 256 && d.CH <= 256 && local <= 44L * 1024) return emit_fwd_chunked(k, n);
+    return emit_fwd_seq(k, n);
 }
 
 /* Backward kernel 1: one work-group per (b, h). */
@@ -1312,7 +1730,7 @@ static int emit_bwd(kgen *k, const ir_node *n) {
 const op_def op_mamba3_scan = {
     .name = "mamba3_scan",
     .nin = IN_NFWD,
-    .nout = 2,
+    .nout = OUT_N,
     .iattr = {"chunk", NULL},
     .fattr = {NULL},
     .ia_default = {64},

@@ -77,6 +77,10 @@ void m3_ref_recurrent(m3_dims d, const m3_inputs *in, const m3_state *init,
  * chunk the last chunk's rows hold the final state h_T. The decode state is m3_state, not
  * this. */
 long m3_states_width(int P, int N, int chunk);
+/* Per-head width of the forward op's `theta` workspace, ceil(2*NA/chunk): the cos and sin of
+ * the cumulative angle leaving every full chunk (slot 2i: cos Theta_i, 2i+1: sin Theta_i),
+ * spread over the chunk's rows exactly like the states above. */
+long m3_theta_width(int NA, int chunk);
 
 /* Chunked algorithm (the training/prefill form), chunk >= 1 tokens. Same contract as
  * m3_ref_recurrent; the final state equals the recurrent one (h_T, Theta_T, Kr_T, v_T).

@@ -125,7 +125,186 @@ KERNEL k3_rmsnorm(GLOBAL float *A, long B, long S, long o_x, long o_w, long o_y)
     for (int f = LID_X; f < 16; f += 32) yr[f] = xr[f] * rs * w[f];
 }
 
-KERNEL k4_mamba3_scan(GLOBAL float *A, long B, long S, long o_x, long o_Bn, long o_Cn, long o_ddt, long o_ddA, long o_trap, long o_ang, long o_dtb, long o_Bb, long o_Cb, long o_Dp, long o_y, long o_st) {
+KERNEL k4_mamba3_scan_chunk(GLOBAL float *A, long B, long S, long o_x, long o_Bn, long o_Cn, long o_ddt, long o_ddA, long o_trap, long o_ang, long o_dtb, long o_Bb, long o_Cb, long o_ds) {
+    const long T = B * S;
+    (void)T;
+    GLOBAL float *x = A + o_x;
+    GLOBAL float *Bn = A + o_Bn;
+    GLOBAL float *Cn = A + o_Cn;
+    GLOBAL float *ddt = A + o_ddt;
+    GLOBAL float *ddA = A + o_ddA;
+    GLOBAL float *trap = A + o_trap;
+    GLOBAL float *ang = A + o_ang;
+    GLOBAL float *dtb = A + o_dtb;
+    GLOBAL float *Bb = A + o_Bb;
+    GLOBAL float *Cb = A + o_Cb;
+    GLOBAL float *ds = A + o_ds;
+    const long c0 = GID_X * 16, bh = GID_Y, b = bh / 4;
+    const int h = (int)(bh - b * 4), lid = LID_X;
+    const long rb = b * S + c0;
+    const int L = (int)(S - c0 < 16 ? S - c0 : 16);
+    LOCAL float ldt[16], ladt[16], lsc[16], lcs[16];
+    LOCAL float LPH[64];
+    LOCAL float KR[256];
+    LOCAL float VW[512];
+    const float dtbh = dtb[h];
+    for (int a = lid; a < L; a += 256) {
+    const long tk = rb + a;
+    const int hasn = c0 + a + 1 < S;
+    const long tkn = hasn ? tk + 1 : tk;
+    const float u = ddt[(tk) * 304L + h] + dtbh;
+    const float DT = u > 20.0f ? u : LOG1PF(EXPF(u));
+    const float sg = u > 20.0f ? 1.0f : (u >= 0.0f ? 1.0f / (1.0f + EXPF(-u)) : EXPF(u) / (1.0f + EXPF(u)));
+    const float ua = ddA[(tk) * 304L + h];
+    float fA, dfA;
+    if (ua >= 0.0f) { fA = 1.0f + ua; dfA = 1.0f; } else { fA = 1.0f / (1.0f - ua); dfA = fA * fA; }
+    const float Av = fA < 1e-4f ? -1e-4f : -fA;
+    const float dA = fA < 1e-4f ? 0.0f : -dfA;
+    const float tr = trap[(tk) * 304L + h];
+    const float lam = tr >= 0.0f ? 1.0f / (1.0f + EXPF(-tr)) : EXPF(tr) / (1.0f + EXPF(tr));
+    (void)sg; (void)dA; (void)Av;
+    const float nu = ddt[(tkn) * 304L + h] + dtbh;
+    const float nDT = nu > 20.0f ? nu : LOG1PF(EXPF(nu));
+    const float nsg = nu > 20.0f ? 1.0f : (nu >= 0.0f ? 1.0f / (1.0f + EXPF(-nu)) : EXPF(nu) / (1.0f + EXPF(nu)));
+    const float nua = ddA[(tkn) * 304L + h];
+    float nfA, ndfA;
+    if (nua >= 0.0f) { nfA = 1.0f + nua; ndfA = 1.0f; } else { nfA = 1.0f / (1.0f - nua); ndfA = nfA * nfA; }
+    const float nAv = nfA < 1e-4f ? -1e-4f : -nfA;
+    const float ndA = nfA < 1e-4f ? 0.0f : -ndfA;
+    const float ntr = trap[(tkn) * 304L + h];
+    const float nlam = ntr >= 0.0f ? 1.0f / (1.0f + EXPF(-ntr)) : EXPF(ntr) / (1.0f + EXPF(ntr));
+    (void)nsg; (void)ndA; (void)nAv;
+    ldt[a] = DT; ladt[a] = Av * DT;
+    lsc[a] = lam * DT + (hasn ? (1.0f - nlam) * nDT : 0.0f);
+    }
+    BARRIER();
+    for (int a = lid; a < L; a += 256) { float cs = 0.0f; for (int j = 0; j <= a; j++) cs += ladt[j]; lcs[a] = cs; }
+    for (int i = lid; i < 4; i += 256) {
+    float Tq = 0.0f;
+    for (int a = 0; a < L; a++) {
+    Tq += ldt[a] * (3.14159265f * TANHF(ang[(rb + a) * 304L + i]));
+    { const float kq = (float)(long)(Tq * 0.159154943f); Tq = (Tq - kq * 6.28318548f) + kq * 1.74845553e-7f; }
+    if (Tq < 0.0f) Tq = (Tq + 6.28318548f) - 1.74845553e-7f;
+    LPH[a * 4 + i] = Tq;
+    }
+    }
+    BARRIER();
+    for (int j = lid; j < L * 16; j += 256) {
+    const int a = j / 16, nn = j - a * 16;
+    const long tk = rb + a;
+    float kv = Bn[tk * 16L + nn] + Bb[h * 16 + nn];
+    if (nn < 8) {
+    const int i = nn >> 1;
+    const float cq = COSF(LPH[a * 4 + i]), sq = SINF(LPH[a * 4 + i]);
+    const float k0 = Bn[tk * 16L + 2 * i] + Bb[h * 16 + 2 * i], k1 = Bn[tk * 16L + 2 * i + 1] + Bb[h * 16 + 2 * i + 1];
+    kv = (nn & 1) ? k0 * sq + k1 * cq : k0 * cq - k1 * sq;
+    }
+    KR[j] = kv;
+    }
+    for (int j = lid; j < L * 32; j += 256) {
+    const int a = j / 32, p = j - a * 32;
+    VW[j] = EXPF(FMINF(lcs[L - 1] - lcs[a], 0.0f)) * lsc[a] * x[(rb + a) * 304L + h * 32 + p];
+    }
+    BARRIER();
+    for (long i = lid; i < (long)L * 32L; i += 256) {
+    float acc = 0.0f;
+    if (L == 16 && i < 512L) {
+    const int p = (int)(i / 16), nn = (int)(i - (long)p * 16);
+    for (int a = 0; a < 16; a++) acc += VW[a * 32 + p] * KR[a * 16 + nn];
+    }
+    ds[((rb) + (i) / 32L) * 128L + h * 32L + (i) % 32L] = acc;
+    }
+}
+
+KERNEL k5_mamba3_scan_walk(GLOBAL float *A, long B, long S, long o_ddt, long o_ddA, long o_ang, long o_dtb, long o_ds, long o_st, long o_th) {
+    const long T = B * S;
+    (void)T;
+    GLOBAL float *ddt = A + o_ddt;
+    GLOBAL float *ddA = A + o_ddA;
+    GLOBAL float *ang = A + o_ang;
+    GLOBAL float *dtb = A + o_dtb;
+    GLOBAL float *ds = A + o_ds;
+    GLOBAL float *st = A + o_st;
+    GLOBAL float *th = A + o_th;
+    const long b = GID_X / 4;
+    const int h = (int)(GID_X - b * 4), lid = LID_X;
+    LOCAL float dec[64], tph[256], tcs[256], tsn[256];
+    const float dtbh = dtb[h];
+    const long nch = (S + 15) / 16, nfull = S / 16;
+    float S0[1], S1[1];
+    for (int r = 0; r < 1; r++) { S0[r] = 0.0f; S1[r] = 0.0f; }
+    float Tin = 0.0f;   /* angle owners (lid < NA): the angle entering the current chunk */
+    for (long ct = 0; ct < nfull; ct += 64) {
+    BARRIER();
+    for (int j = lid; j < 320; j += 256) {
+    const int ci = j / 5, q = j - ci * 5;
+    if (ct + ci >= nfull) continue;
+    const long rb = b * S + (ct + ci) * 16;
+    float Tq = 0.0f;
+    for (int a = 0; a < 16; a++) {
+    const long tk = rb + a;
+    const float u = ddt[tk * 304L + h] + dtbh;
+    const float DT = u > 20.0f ? u : LOG1PF(EXPF(u));
+    if (q == 0) {
+    const float ua = ddA[tk * 304L + h];
+    const float fA = ua >= 0.0f ? 1.0f + ua : 1.0f / (1.0f - ua);
+    Tq += (fA < 1e-4f ? -1e-4f : -fA) * DT;
+    } else {
+    const int i = q - 1;
+    Tq += DT * (3.14159265f * TANHF(ang[(rb + a) * 304L + i]));
+    { const float kq = (float)(long)(Tq * 0.159154943f); Tq = (Tq - kq * 6.28318548f) + kq * 1.74845553e-7f; }
+    if (Tq < 0.0f) Tq = (Tq + 6.28318548f) - 1.74845553e-7f;
+    }
+    }
+    if (q == 0) dec[ci] = EXPF(FMINF(Tq, 0.0f)); else tph[ci * 4 + q - 1] = Tq;
+    }
+    BARRIER();
+    for (int i = lid; i < 4; i += 256) {
+    for (int ci = 0; ci < 64 && ct + ci < nfull; ci++) {
+    const long rb = b * S + (ct + ci) * 16;
+    tcs[ci * 4 + i] = COSF(Tin); tsn[ci * 4 + i] = SINF(Tin);
+    Tin += tph[ci * 4 + i];
+    { const float kq = (float)(long)(Tin * 0.159154943f); Tin = (Tin - kq * 6.28318548f) + kq * 1.74845553e-7f; }
+    if (Tin < 0.0f) Tin = (Tin + 6.28318548f) - 1.74845553e-7f;
+    th[((rb) + (2 * i) / 1L) * 4L + h * 1L + (2 * i) % 1L] = COSF(Tin);
+    th[((rb) + (2 * i + 1) / 1L) * 4L + h * 1L + (2 * i + 1) % 1L] = SINF(Tin);
+    }
+    }
+    BARRIER();
+    for (int ci = 0; ci < 64 && ct + ci < nfull; ci++) {
+    const long rb = b * S + (ct + ci) * 16;
+    const float dc = dec[ci];
+    for (int r = 0; r < 1; r++) {
+    const int q = lid + r * 256;
+    if (q >= 256) break;
+    const int p = q / 8, j = q - p * 8;
+    const long e0 = (long)p * 16 + 2 * j;
+    float x0 = ds[((rb) + (e0) / 32L) * 128L + h * 32L + (e0) % 32L], x1 = 0.0f;
+    if (2 * j + 1 < 16) x1 = ds[((rb) + (e0 + 1) / 32L) * 128L + h * 32L + (e0 + 1) % 32L];
+    if (j < 4) {
+    const float cq = tcs[ci * 4 + j], sq = tsn[ci * 4 + j];
+    const float r0 = x0 * cq - x1 * sq, r1 = x0 * sq + x1 * cq;
+    x0 = r0; x1 = r1;
+    }
+    S0[r] = dc * S0[r] + x0; S1[r] = dc * S1[r] + x1;
+    st[((rb) + (e0) / 32L) * 128L + h * 32L + (e0) % 32L] = S0[r];
+    if (2 * j + 1 < 16) st[((rb) + (e0 + 1) / 32L) * 128L + h * 32L + (e0 + 1) % 32L] = S1[r];
+    }
+    }
+    }
+    for (long i = lid; i < nfull * 8L; i += 256) {
+    const long rb = b * S + (i / 8L) * 16, e = 8L + i % 8L;
+    th[((rb) + (e) / 1L) * 4L + h * 1L + (e) % 1L] = 0.0f;
+    }
+    if (nch > nfull) {
+    const long rb = b * S + nfull * 16;
+    const long L = S - nfull * 16;
+    for (long i = lid; i < L * 32L; i += 256) st[((rb) + (i) / 32L) * 128L + h * 32L + (i) % 32L] = 0.0f;
+    for (long i = lid; i < L * 1L; i += 256) th[((rb) + (i) / 1L) * 4L + h * 1L + (i) % 1L] = 0.0f;
+    }
+}
+
+KERNEL k6_mamba3_scan_out(GLOBAL float *A, long B, long S, long o_x, long o_Bn, long o_Cn, long o_ddt, long o_ddA, long o_trap, long o_ang, long o_dtb, long o_Bb, long o_Cb, long o_Dp, long o_st, long o_th, long o_y) {
     const long T = B * S;
     (void)T;
     GLOBAL float *x = A + o_x;
@@ -139,100 +318,115 @@ KERNEL k4_mamba3_scan(GLOBAL float *A, long B, long S, long o_x, long o_Bn, long
     GLOBAL float *Bb = A + o_Bb;
     GLOBAL float *Cb = A + o_Cb;
     GLOBAL float *Dp = A + o_Dp;
-    GLOBAL float *y = A + o_y;
     GLOBAL float *st = A + o_st;
-    const long b = GID_X / 4;
-    const int h = (int)(GID_X - b * 4);
-    const int lid = LID_X;
-    LOCAL float sK[48];
-    LOCAL float sQ[32];
-    LOCAL float sTh[4];
-    float Srow[16];
-    float vprev[1];
-    for (int i = 0; i < 16; i++) Srow[i] = 0.0f;
-    for (int r = 0; r < 1; r++) vprev[r] = 0.0f;
-    for (int j = lid; j < 4; j += 32) sTh[j] = 0.0f;
-    for (int j = lid; j < 16; j += 32) sK[32 + j] = 0.0f;   /* Kr of token -1 */
+    GLOBAL float *th = A + o_th;
+    GLOBAL float *y = A + o_y;
+    const long c0 = GID_X * 16, bh = GID_Y, b = bh / 4;
+    const int h = (int)(bh - b * 4), lid = LID_X;
+    const long rb = b * S + c0, sb = rb - 16;   /* the chunk's rows; the previous chunk's */
+    const int L = (int)(S - c0 < 16 ? S - c0 : 16);
+    LOCAL float ldt[16], ladt[16], lsc[16], lgm[16], lcs[16];
+    LOCAL float LPH[64], tc[4], ts[4];
+    LOCAL float QR[256];
+    LOCAL float KM[256];   /* Kl of the chunk, then M */
     const float dtbh = dtb[h], Dh = Dp[h];
-    BARRIER();
-    for (long s = 0; s < S; s++) {
-    const long tok = b * S + s;
-    const int kc = (int)(s % 3), kp = (int)((s + 2) % 3), qc = (int)(s % 2);
-    const float u = ddt[(tok) * 304L + h] + dtbh;
+    for (int i = lid; i < 4; i += 256) {
+    if (c0 > 0) {
+    tc[i] = th[((sb) + (2 * i) / 1L) * 4L + h * 1L + (2 * i) % 1L];
+    ts[i] = th[((sb) + (2 * i + 1) / 1L) * 4L + h * 1L + (2 * i + 1) % 1L];
+    } else { tc[i] = 1.0f; ts[i] = 0.0f; }
+    }
+    for (int a = lid; a < L; a += 256) {
+    const long tk = rb + a;
+    const int hasn = c0 + a + 1 < S;
+    const long tkn = hasn ? tk + 1 : tk;
+    const float u = ddt[(tk) * 304L + h] + dtbh;
     const float DT = u > 20.0f ? u : LOG1PF(EXPF(u));
     const float sg = u > 20.0f ? 1.0f : (u >= 0.0f ? 1.0f / (1.0f + EXPF(-u)) : EXPF(u) / (1.0f + EXPF(u)));
-    const float ua = ddA[(tok) * 304L + h];
+    const float ua = ddA[(tk) * 304L + h];
     float fA, dfA;
     if (ua >= 0.0f) { fA = 1.0f + ua; dfA = 1.0f; } else { fA = 1.0f / (1.0f - ua); dfA = fA * fA; }
     const float Av = fA < 1e-4f ? -1e-4f : -fA;
     const float dA = fA < 1e-4f ? 0.0f : -dfA;
-    const float tr = trap[(tok) * 304L + h];
+    const float tr = trap[(tk) * 304L + h];
     const float lam = tr >= 0.0f ? 1.0f / (1.0f + EXPF(-tr)) : EXPF(tr) / (1.0f + EXPF(tr));
     (void)sg; (void)dA; (void)Av;
-    const float aa = EXPF(Av * DT), bb = (1.0f - lam) * DT * aa, gg = lam * DT;
-    for (int j = lid; j < 12; j += 32) {
-    if (j < 4) {
-    float Tq = sTh[j];
-    Tq += DT * (3.14159265f * TANHF(ang[tok * 304L + j]));
-    { const float kq = (float)(long)(Tq * 0.159154943f); Tq = (Tq - kq * 6.28318548f) + kq * 1.74845553e-7f; }
-    if (Tq < 0.0f) Tq = (Tq + 6.28318548f) - 1.74845553e-7f;
-    sTh[j] = Tq;
-    const float cq = COSF(Tq), sq = SINF(Tq);
-    const float k0 = Bn[tok * 16L + 2 * j] + Bb[h * 16 + 2 * j], k1 = Bn[tok * 16L + 2 * j + 1] + Bb[h * 16 + 2 * j + 1];
-    const float q0 = Cn[tok * 16L + 2 * j] + Cb[h * 16 + 2 * j], q1 = Cn[tok * 16L + 2 * j + 1] + Cb[h * 16 + 2 * j + 1];
-    sK[kc * 16 + 2 * j] = k0 * cq - k1 * sq; sK[kc * 16 + 2 * j + 1] = k0 * sq + k1 * cq;
-    sQ[qc * 16 + 2 * j] = q0 * cq - q1 * sq; sQ[qc * 16 + 2 * j + 1] = q0 * sq + q1 * cq;
-    } else {
-    const int nn = 4 + j;
-    sK[kc * 16 + nn] = Bn[tok * 16L + nn] + Bb[h * 16 + nn];
-    sQ[qc * 16 + nn] = Cn[tok * 16L + nn] + Cb[h * 16 + nn];
-    }
-    }
-    BARRIER();
-    for (int r = 0; r < 1; r++) {
-    const int p = lid + r * 32;
-    if (p < 32) {
-    const float v = x[tok * 304L + h * 32 + p];
-    const float bv = bb * vprev[r], gv = gg * v;
-    float acc = 0.0f;
-    for (int nn = 0; nn < 16; nn++) {
-    const float sv = aa * Srow[r * 16 + nn] + bv * sK[kp * 16 + nn] + gv * sK[kc * 16 + nn];
-    Srow[r * 16 + nn] = sv;
-    acc += sv * sQ[qc * 16 + nn];
-    }
-    y[tok * 128L + h * 32 + p] = acc + Dh * v;
-    vprev[r] = v;
-    }
-    }
-    if ((s + 1) % 16 == 0) {
-    const long rb = tok + 1 - 16;
-    const float nu = ddt[(s + 1 < S ? tok + 1 : tok) * 304L + h] + dtbh;
+    const float nu = ddt[(tkn) * 304L + h] + dtbh;
     const float nDT = nu > 20.0f ? nu : LOG1PF(EXPF(nu));
     const float nsg = nu > 20.0f ? 1.0f : (nu >= 0.0f ? 1.0f / (1.0f + EXPF(-nu)) : EXPF(nu) / (1.0f + EXPF(nu)));
-    const float nua = ddA[(s + 1 < S ? tok + 1 : tok) * 304L + h];
+    const float nua = ddA[(tkn) * 304L + h];
     float nfA, ndfA;
     if (nua >= 0.0f) { nfA = 1.0f + nua; ndfA = 1.0f; } else { nfA = 1.0f / (1.0f - nua); ndfA = nfA * nfA; }
     const float nAv = nfA < 1e-4f ? -1e-4f : -nfA;
     const float ndA = nfA < 1e-4f ? 0.0f : -ndfA;
-    const float ntr = trap[(s + 1 < S ? tok + 1 : tok) * 304L + h];
+    const float ntr = trap[(tkn) * 304L + h];
     const float nlam = ntr >= 0.0f ? 1.0f / (1.0f + EXPF(-ntr)) : EXPF(ntr) / (1.0f + EXPF(ntr));
     (void)nsg; (void)ndA; (void)nAv;
-    const float nb = s + 1 < S ? (1.0f - nlam) * nDT : 0.0f;
+    ldt[a] = DT; ladt[a] = Av * DT; lgm[a] = lam * DT;
+    lsc[a] = lam * DT + (hasn ? (1.0f - nlam) * nDT : 0.0f);
+    }
+    BARRIER();
+    for (int a = lid; a < L; a += 256) { float cs = 0.0f; for (int j = 0; j <= a; j++) cs += ladt[j]; lcs[a] = cs; }
+    for (int i = lid; i < 4; i += 256) {
+    float Tq = 0.0f;
+    for (int a = 0; a < L; a++) {
+    Tq += ldt[a] * (3.14159265f * TANHF(ang[(rb + a) * 304L + i]));
+    { const float kq = (float)(long)(Tq * 0.159154943f); Tq = (Tq - kq * 6.28318548f) + kq * 1.74845553e-7f; }
+    if (Tq < 0.0f) Tq = (Tq + 6.28318548f) - 1.74845553e-7f;
+    LPH[a * 4 + i] = Tq;
+    }
+    }
+    BARRIER();
+    for (int j = lid; j < L * 16; j += 256) {
+    const int a = j / 16, nn = j - a * 16;
+    const long tk = rb + a;
+    float kv = Bn[tk * 16L + nn] + Bb[h * 16 + nn], qv = Cn[tk * 16L + nn] + Cb[h * 16 + nn];
+    if (nn < 8) {
+    const int i = nn >> 1;
+    const float cq = COSF(LPH[a * 4 + i]), sq = SINF(LPH[a * 4 + i]);
+    const float k0 = Bn[tk * 16L + 2 * i] + Bb[h * 16 + 2 * i], k1 = Bn[tk * 16L + 2 * i + 1] + Bb[h * 16 + 2 * i + 1];
+    const float q0 = Cn[tk * 16L + 2 * i] + Cb[h * 16 + 2 * i], q1 = Cn[tk * 16L + 2 * i + 1] + Cb[h * 16 + 2 * i + 1];
+    kv = (nn & 1) ? k0 * sq + k1 * cq : k0 * cq - k1 * sq;
+    qv = (nn & 1) ? q0 * sq + q1 * cq : q0 * cq - q1 * sq;
+    }
+    KM[j] = kv; QR[j] = qv;
+    }
+    BARRIER();
+    float mr[1];
     for (int r = 0; r < 1; r++) {
-    const int p = lid + r * 32;
-    if (p < 32) for (int nn = 0; nn < 16; nn++) {
-    const long e = (long)p * 16 + nn;
-    st[(rb + e / 32L) * 128L + h * 32L + e % 32L] = Srow[r * 16 + nn] + nb * vprev[r] * sK[kc * 16 + nn];
+    const int j = lid + r * 256;
+    const int t = j / 16, s2 = j - t * 16;
+    float m = 0.0f;
+    if (t < L && s2 <= t) {
+    float qk = 0.0f;
+    for (int nn = 0; nn < 16; nn++) qk += QR[t * 16 + nn] * KM[s2 * 16 + nn];
+    m = s2 < t ? qk * EXPF(FMINF(lcs[t] - lcs[s2], 0.0f)) * lsc[s2] : lgm[t] * qk + Dh;
+    }
+    mr[r] = m;
+    }
+    BARRIER();
+    for (int r = 0; r < 1; r++) { const int j = lid + r * 256; if (j < 256) KM[j] = mr[r]; }
+    BARRIER();
+    if (lid < 256) {
+    const int p = lid % 32, tg = lid / 32;
+    float Sr[16];
+    if (c0 > 0) for (int nn = 0; nn < 16; nn++) { const long e = (long)p * 16 + nn; Sr[nn] = st[((sb) + (e) / 32L) * 128L + h * 32L + (e) % 32L]; }
+    else for (int nn = 0; nn < 16; nn++) Sr[nn] = 0.0f;
+    for (int i = 0; i < 4; i++) {
+    const float s0 = Sr[2 * i], s1 = Sr[2 * i + 1];
+    Sr[2 * i] = s0 * tc[i] + s1 * ts[i]; Sr[2 * i + 1] = s1 * tc[i] - s0 * ts[i];
+    }
+    for (int t = tg; t < L; t += 8) {
+    float sq = 0.0f;
+    for (int nn = 0; nn < 16; nn++) sq += Sr[nn] * QR[t * 16 + nn];
+    float acc = EXPF(FMINF(lcs[t], 0.0f)) * sq;
+    for (int s2 = 0; s2 <= t; s2++) acc += KM[t * 16 + s2] * x[(rb + s2) * 304L + h * 32 + p];
+    y[(rb + t) * 128L + h * 32 + p] = acc;
     }
     }
-    for (long e = 512L + lid; e < 512L; e += 32) st[(rb + e / 32L) * 128L + h * 32L + e % 32L] = 0.0f;
-    }
-    }
-    const long cl = (S / 16) * 16;
-    for (long i = lid; i < (S - cl) * 32L; i += 32) st[(b * S + cl + i / 32L) * 128L + h * 32L + i % 32L] = 0.0f;
 }
 
-KERNEL k5_fused(GLOBAL float *A, long B, long S, long o_in0, long o_in1, long o_out1) {
+KERNEL k7_fused(GLOBAL float *A, long B, long S, long o_in0, long o_in1, long o_out1) {
     const long T = B * S;
     (void)T;
     GLOBAL float *in0 = A + o_in0;
@@ -249,7 +443,7 @@ KERNEL k5_fused(GLOBAL float *A, long B, long S, long o_in0, long o_in1, long o_
     out1[tok * 128 + f] = v1;
 }
 
-KERNEL k6_matmul_nt(GLOBAL float *A, long B, long S, long o_x, long o_w, long o_y) {
+KERNEL k8_matmul_nt(GLOBAL float *A, long B, long S, long o_x, long o_w, long o_y) {
     const long T = B * S;
     (void)T;
     GLOBAL float *x = A + o_x;
@@ -293,7 +487,7 @@ KERNEL k6_matmul_nt(GLOBAL float *A, long B, long S, long o_x, long o_w, long o_
     }
 }
 
-KERNEL k7_add(GLOBAL float *A, long B, long S, long o_in0, long o_in1, long o_out0) {
+KERNEL k9_add(GLOBAL float *A, long B, long S, long o_in0, long o_in1, long o_out0) {
     const long T = B * S;
     (void)T;
     GLOBAL float *in0 = A + o_in0;
@@ -309,7 +503,7 @@ KERNEL k7_add(GLOBAL float *A, long B, long S, long o_in0, long o_in1, long o_ou
     out0[tok * 64 + f] = v0;
 }
 
-KERNEL k8_matmul_nt(GLOBAL float *A, long B, long S, long o_x, long o_w, long o_y) {
+KERNEL k10_matmul_nt(GLOBAL float *A, long B, long S, long o_x, long o_w, long o_y) {
     const long T = B * S;
     (void)T;
     GLOBAL float *x = A + o_x;
@@ -353,7 +547,7 @@ KERNEL k8_matmul_nt(GLOBAL float *A, long B, long S, long o_x, long o_w, long o_
     }
 }
 
-KERNEL k9_fused(GLOBAL float *A, long B, long S, long o_in0, long o_in1, long o_out1) {
+KERNEL k11_fused(GLOBAL float *A, long B, long S, long o_in0, long o_in1, long o_out1) {
     const long T = B * S;
     (void)T;
     GLOBAL float *in0 = A + o_in0;
@@ -370,7 +564,7 @@ KERNEL k9_fused(GLOBAL float *A, long B, long S, long o_in0, long o_in1, long o_
     out1[tok * 128 + f] = v1;
 }
 
-KERNEL k10_matmul_nt(GLOBAL float *A, long B, long S, long o_x, long o_w, long o_y) {
+KERNEL k12_matmul_nt(GLOBAL float *A, long B, long S, long o_x, long o_w, long o_y) {
     const long T = B * S;
     (void)T;
     GLOBAL float *x = A + o_x;
@@ -414,7 +608,7 @@ KERNEL k10_matmul_nt(GLOBAL float *A, long B, long S, long o_x, long o_w, long o
     }
 }
 
-KERNEL k11_rope(GLOBAL float *A, long B, long S, long o_x, long o_y) {
+KERNEL k13_rope(GLOBAL float *A, long B, long S, long o_x, long o_y) {
     const long T = B * S;
     (void)T;
     GLOBAL float *x = A + o_x;
@@ -456,7 +650,7 @@ KERNEL k11_rope(GLOBAL float *A, long B, long S, long o_x, long o_y) {
     }
 }
 
-KERNEL k12_attention(GLOBAL float *A, long B, long S, long o_q, long o_k, long o_v, long o_o, long o_lse) {
+KERNEL k14_attention(GLOBAL float *A, long B, long S, long o_q, long o_k, long o_v, long o_o, long o_lse) {
     const long T = B * S;
     (void)T;
     GLOBAL float *q = A + o_q;
@@ -511,7 +705,7 @@ KERNEL k12_attention(GLOBAL float *A, long B, long S, long o_q, long o_k, long o
     }
 }
 
-KERNEL k13_matmul_nt(GLOBAL float *A, long B, long S, long o_x, long o_w, long o_y) {
+KERNEL k15_matmul_nt(GLOBAL float *A, long B, long S, long o_x, long o_w, long o_y) {
     const long T = B * S;
     (void)T;
     GLOBAL float *x = A + o_x;
@@ -555,7 +749,7 @@ KERNEL k13_matmul_nt(GLOBAL float *A, long B, long S, long o_x, long o_w, long o
     }
 }
 
-KERNEL k14_cross_entropy_rows(GLOBAL float *A, long B, long S, long o_l, long o_tg, long o_rl) {
+KERNEL k16_cross_entropy_rows(GLOBAL float *A, long B, long S, long o_l, long o_tg, long o_rl) {
     const long T = B * S;
     (void)T;
     GLOBAL float *l = A + o_l;
@@ -620,7 +814,7 @@ KERNEL k14_cross_entropy_rows(GLOBAL float *A, long B, long S, long o_l, long o_
     }
 }
 
-KERNEL k15_cross_entropy_mean(GLOBAL float *A, long B, long S, long o_rl, long o_y) {
+KERNEL k17_cross_entropy_mean(GLOBAL float *A, long B, long S, long o_rl, long o_y) {
     const long T = B * S;
     (void)T;
     GLOBAL float *rl = A + o_rl;
