@@ -962,41 +962,13 @@ static void args_common(kgen *k, const ir_node *n) {
     kg_in(k, "Cb", n->in[IN_CB]);
 }
 
-static int emit_fwd_seq(kgen *k, const ir_node *n) {
-    const ir_graph *g = k->g;
-    int node = (int)(n - g->n);
-    m3_kdims d = kdims(k, n);
-    const int H = d.H, P = d.P, N = d.N, NA = d.NA, CH = d.CH;
-    const long W = d.W, PN = (long)P * N;
-    const int PB = P < 256 ? P : 256, RP = (P + PB - 1) / PB;
-    const long ldx = kg_ld(k, n->in[IN_X]), ldb = kg_ld(k, n->in[IN_BN]), ldc = kg_ld(k, n->in[IN_CN]),
-               ldang = kg_ld(k, n->in[IN_ANG]), ldy = kg_ld(k, n->out[0]), ldst = kg_ld(k, n->out[1]);
-    kg_begin(k, "mamba3_scan", node, node + 1);
-    args_common(k, n);
-    kg_in(k, "Dp", n->in[IN_D]);
-    kg_out(k, "y", n->out[0]);
-    kg_out(k, "st", n->out[1]);
-    KL("const long b = GID_X / %d;", H);
-    KL("const int h = (int)(GID_X - b * %d);", H);
-    KL("const int lid = LID_X;");
-    KL("LOCAL float sK[%d];", 3 * N);
-    KL("LOCAL float sQ[%d];", 2 * N);
-    KL("LOCAL float sTh[%d];", NA);
-    KL("float Srow[%d];", RP * N);
-    KL("float vprev[%d];", RP);
-    KL("for (int i = 0; i < %d; i++) Srow[i] = 0.0f;", RP * N);
-    KL("for (int r = 0; r < %d; r++) vprev[r] = 0.0f;", RP);
-    KL("for (int j = lid; j < %d; j += %d) sTh[j] = 0.0f;", NA, PB);
-    KL("for (int j = lid; j < %d; j += %d) sK[%d + j] = 0.0f;   /* Kr of token -1 */", N, PB, 2 * N);
-    KL("const float dtbh = dtb[h], Dh = Dp[h];");
-    KL("BARRIER();");
-    KL("for (long s = 0; s < S; s++) {");
-    KL("const long tok = b * S + s;");
-    KL("const int kc = (int)(s %% 3), kp = (int)((s + 2) %% 3), qc = (int)(s %% 2);");
-    emit_acts(k, "", "tok", kg_ld(k, n->in[IN_DDT]), kg_ld(k, n->in[IN_DDA]), kg_ld(k, n->in[IN_TRAP]));
-    KL("const float aa = EXPF(Av * DT), bb = (1.0f - lam) * DT * aa, gg = lam * DT;");
-    /* Kr_t, Qr_t: item j < NA is rotation pair j (its owner carries Theta_j), the rest copy the
-     * unrotated tail dims */
+/* One token of the recurrence for the work-group of head h (both the serial forward kernel
+ * and the decode step render it): rotate this token's K and Q into sK/sQ slots kc/qc while the
+ * owners of the angle pairs advance Theta in sTh, then each work-item updates its state rows
+ * Srow (S = aa S + bb v_prev Kr_prev^T + gg v Kr^T) and writes y = S Qr + D v. Expects, in
+ * scope: lid, tok, h, kc, kp, qc, DT, aa, bb, gg, Dh and the sK, sQ, sTh, Srow, vprev arrays. */
+void m3_emit_token_update(kgen *k, int N, int NA, int P, int PB, int RP, long ldang, long ldb, long ldc, long ldx,
+                          long ldy) {
     KL("for (int j = lid; j < %d; j += %d) {", N - NA, PB);
     KL("if (j < %d) {", NA);
     KL("float Tq = sTh[j];");
@@ -1033,6 +1005,44 @@ static int emit_fwd_seq(kgen *k, const ir_node *n) {
     KL("vprev[r] = v;");
     KL("}");
     KL("}");
+}
+
+static int emit_fwd_seq(kgen *k, const ir_node *n) {
+    const ir_graph *g = k->g;
+    int node = (int)(n - g->n);
+    m3_kdims d = kdims(k, n);
+    const int H = d.H, P = d.P, N = d.N, NA = d.NA, CH = d.CH;
+    const long W = d.W, PN = (long)P * N;
+    const int PB = P < 256 ? P : 256, RP = (P + PB - 1) / PB;
+    const long ldx = kg_ld(k, n->in[IN_X]), ldb = kg_ld(k, n->in[IN_BN]), ldc = kg_ld(k, n->in[IN_CN]),
+               ldang = kg_ld(k, n->in[IN_ANG]), ldy = kg_ld(k, n->out[0]), ldst = kg_ld(k, n->out[1]);
+    kg_begin(k, "mamba3_scan", node, node + 1);
+    args_common(k, n);
+    kg_in(k, "Dp", n->in[IN_D]);
+    kg_out(k, "y", n->out[0]);
+    kg_out(k, "st", n->out[1]);
+    KL("const long b = GID_X / %d;", H);
+    KL("const int h = (int)(GID_X - b * %d);", H);
+    KL("const int lid = LID_X;");
+    KL("LOCAL float sK[%d];", 3 * N);
+    KL("LOCAL float sQ[%d];", 2 * N);
+    KL("LOCAL float sTh[%d];", NA);
+    KL("float Srow[%d];", RP * N);
+    KL("float vprev[%d];", RP);
+    KL("for (int i = 0; i < %d; i++) Srow[i] = 0.0f;", RP * N);
+    KL("for (int r = 0; r < %d; r++) vprev[r] = 0.0f;", RP);
+    KL("for (int j = lid; j < %d; j += %d) sTh[j] = 0.0f;", NA, PB);
+    KL("for (int j = lid; j < %d; j += %d) sK[%d + j] = 0.0f;   /* Kr of token -1 */", N, PB, 2 * N);
+    KL("const float dtbh = dtb[h], Dh = Dp[h];");
+    KL("BARRIER();");
+    KL("for (long s = 0; s < S; s++) {");
+    KL("const long tok = b * S + s;");
+    KL("const int kc = (int)(s %% 3), kp = (int)((s + 2) %% 3), qc = (int)(s %% 2);");
+    emit_acts(k, "", "tok", kg_ld(k, n->in[IN_DDT]), kg_ld(k, n->in[IN_DDA]), kg_ld(k, n->in[IN_TRAP]));
+    KL("const float aa = EXPF(Av * DT), bb = (1.0f - lam) * DT * aa, gg = lam * DT;");
+    /* Kr_t, Qr_t: item j < NA is rotation pair j (its owner carries Theta_j), the rest copy the
+     * unrotated tail dims */
+    m3_emit_token_update(k, N, NA, P, PB, RP, ldang, ldb, ldc, ldx, ldy);
     /* chunk boundary: the state leaving a full chunk, spread over the chunk's own rows */
     KL("if ((s + 1) %% %d == 0) {", CH);
     KL("const long rb = tok + 1 - %d;", CH);

@@ -100,4 +100,10 @@ void m3_ref_backward(m3_dims d, int chunk, const m3_inputs *in, const double *st
 double m3_flops_fwd(m3_dims d, int chunk);
 double m3_flops_bwd(m3_dims d, int chunk);
 
+/* Kernel-template piece shared by the scan's serial forward and the decode step (defined in
+ * mamba3_scan.c; see the comment there for what it expects in scope). */
+struct kgen;
+void m3_emit_token_update(struct kgen *k, int N, int NA, int P, int PB, int RP, long ldang, long ldb, long ldc,
+                          long ldx, long ldy);
+
 #endif

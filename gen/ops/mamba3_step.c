@@ -168,44 +168,7 @@ static int emit(kgen *k, const ir_node *n) {
     KL("const int kc = (int)(s %% 3), kp = (int)((s + 2) %% 3), qc = (int)(s %% 2);");
     emit_acts(k, kg_ld(k, n->in[IN_DDT]), kg_ld(k, n->in[IN_DDA]), kg_ld(k, n->in[IN_TRAP]));
     KL("const float aa = EXPF(Av * DT), bb = (1.0f - lam) * DT * aa, gg = lam * DT;");
-    KL("for (int j = lid; j < %d; j += %d) {", N - NA, PB);
-    KL("if (j < %d) {", NA);
-    KL("float Tq = sTh[j];");
-    /* Tq += DT * pi * tanh(angle), wrapped to [0, 2pi) with a two-part 2pi (Cody-Waite), the
-     * scan kernel's spelling, so both forms carry the same angle */
-    KL("Tq += DT * (3.14159265f * TANHF(ang[tok * %ldL + j]));", ldang);
-    KL("{ const float kq = (float)(long)(Tq * 0.159154943f); Tq = (Tq - kq * 6.28318548f) + kq * 1.74845553e-7f; }");
-    KL("if (Tq < 0.0f) Tq = (Tq + 6.28318548f) - 1.74845553e-7f;");
-    KL("sTh[j] = Tq;");
-    KL("const float cq = COSF(Tq), sq = SINF(Tq);");
-    KL("const float k0 = Bn[tok * %ldL + 2 * j] + Bb[h * %d + 2 * j], k1 = Bn[tok * %ldL + 2 * j + 1] + Bb[h * %d + 2 * j + 1];",
-       ldb, N, ldb, N);
-    KL("const float q0 = Cn[tok * %ldL + 2 * j] + Cb[h * %d + 2 * j], q1 = Cn[tok * %ldL + 2 * j + 1] + Cb[h * %d + 2 * j + 1];",
-       ldc, N, ldc, N);
-    KL("sK[kc * %d + 2 * j] = k0 * cq - k1 * sq; sK[kc * %d + 2 * j + 1] = k0 * sq + k1 * cq;", N, N);
-    KL("sQ[qc * %d + 2 * j] = q0 * cq - q1 * sq; sQ[qc * %d + 2 * j + 1] = q0 * sq + q1 * cq;", N, N);
-    KL("} else {");
-    KL("const int nn = %d + j;", NA);
-    KL("sK[kc * %d + nn] = Bn[tok * %ldL + nn] + Bb[h * %d + nn];", N, ldb, N);
-    KL("sQ[qc * %d + nn] = Cn[tok * %ldL + nn] + Cb[h * %d + nn];", N, ldc, N);
-    KL("}");
-    KL("}");
-    KL("BARRIER();");
-    KL("for (int r = 0; r < %d; r++) {", RP);
-    KL("const int p = lid + r * %d;", PB);
-    KL("if (p < %d) {", P);
-    KL("const float v = x[tok * %ldL + h * %d + p];", ldx, P);
-    KL("const float bv = bb * vprev[r], gv = gg * v;");
-    KL("float acc = 0.0f;");
-    KL("for (int nn = 0; nn < %d; nn++) {", N);
-    KL("const float sv = aa * Srow[r * %d + nn] + bv * sK[kp * %d + nn] + gv * sK[kc * %d + nn];", N, N, N);
-    KL("Srow[r * %d + nn] = sv;", N);
-    KL("acc += sv * sQ[qc * %d + nn];", N);
-    KL("}");
-    KL("y[tok * %ldL + h * %d + p] = acc + Dh * v;", ldy, P);
-    KL("vprev[r] = v;");
-    KL("}");
-    KL("}");
+    m3_emit_token_update(k, N, NA, P, PB, RP, ldang, ldb, ldc, ldx, ldy);
     KL("}");
     /* hand the state back (in place when the outputs alias the inputs: every value was read
      * into private/local memory before the first write, and each work-group owns its row bh) */
