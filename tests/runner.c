@@ -7,6 +7,7 @@
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <time.h>
+#include <unistd.h>
 
 #define X(name) void test_##name(tctx *t);
 #include "tests_list.h"
@@ -94,6 +95,64 @@ const char *t_shared_dir(void) {
     if (e && stat(e, &st) == 0) return e;
     if (stat("../shared/data/tinyshakespeare.txt", &st) == 0) return "../shared";
     return NULL;
+}
+
+const char *t_text_corpus(char *buf, size_t len) {
+    const char *sh = t_shared_dir();
+    if (sh) {
+        snprintf(buf, len, "%.400s/data/tinyshakespeare.txt", sh);
+        return buf;
+    }
+    snprintf(buf, len, "/tmp/realm-test-corpus-%d.txt", (int)getpid());
+    char cmd[1024], out[256];
+    snprintf(cmd, sizeof cmd, "cat README.md docs/*.md docs/*.md docs/*.md docs/*.md > %.900s", buf);
+    t_run(cmd, out, sizeof out);
+    return buf;
+}
+
+void t_tmpdir(tctx *t, char *buf, size_t len) {
+    snprintf(buf, len, "/tmp/realm-test-%s-%d-%llu", t->name, (int)getpid(), (unsigned long long)(t_next(t) % 100000));
+    char cmd[600], out[64];
+    snprintf(cmd, sizeof cmd, "rm -rf %s && mkdir -p %s", buf, buf);
+    t_run(cmd, out, sizeof out);
+}
+
+void t_rmtree(const char *dir) {
+    char cmd[600], out[64];
+    snprintf(cmd, sizeof cmd, "rm -rf %s", dir);
+    t_run(cmd, out, sizeof out);
+}
+
+char *t_slurp(const char *path) {
+    FILE *f = fopen(path, "rb");
+    if (!f) return NULL;
+    char *b = NULL;
+    long n = -1;
+    if (fseek(f, 0, SEEK_END) == 0 && (n = ftell(f)) >= 0 && fseek(f, 0, SEEK_SET) == 0) {
+        b = calloc((size_t)n + 1, 1);
+        if (b && fread(b, 1, (size_t)n, f) != (size_t)n) b[0] = 0;
+    }
+    fclose(f);
+    return b;
+}
+
+int t_count_lines(const char *path) {
+    char *s = t_slurp(path);
+    int n = 0;
+    for (char *p = s; p && *p; p++) n += *p == '\n';
+    free(s);
+    return n;
+}
+
+int t_spawn(const char *cmd) {
+    fflush(stdout);   /* else the child's exit flushes our buffered output a second time */
+    pid_t pid = fork();
+    if (pid == 0) {
+        if (!freopen("/dev/null", "w", stdout)) _exit(126);
+        execl("/bin/sh", "sh", "-c", cmd, (char *)NULL);
+        _exit(127);
+    }
+    return (int)pid;
 }
 
 int main(int argc, char **argv) {

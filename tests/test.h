@@ -33,6 +33,16 @@ double t_maxabs(const double *a, const double *b, long n);
  * (or -1). The realm binary's path is t_realm_bin() (REALM_BIN, default build/realm). */
 int t_run(const char *cmd, char *out, size_t outlen);
 const char *t_realm_bin(void);
+/* Helpers for the tests that drive the CLI. */
+/* A text corpus: tinyshakespeare from ../shared when present, else the project's own docs. */
+const char *t_text_corpus(char *buf, size_t len);
+void t_tmpdir(tctx *t, char *buf, size_t len);     /* a fresh empty directory under /tmp */
+void t_rmtree(const char *dir);
+char *t_slurp(const char *path);                   /* malloc'd, NUL-terminated; NULL if unreadable */
+int t_count_lines(const char *path);
+/* Run `cmd` through /bin/sh in the background, its stdout discarded; returns the pid. */
+int t_spawn(const char *cmd);
+
 /* Root of ../shared if present (tests that need it skip gracefully otherwise), or NULL. */
 const char *t_shared_dir(void);
 

@@ -157,24 +157,11 @@ TEST(bf16_kernels_realm9m_every_launch) { check_model(t, "models/realm-9m.lua", 
 
 /* ---- training through the CLI ---- */
 
-static char *slurp(const char *path) {
-    FILE *f = fopen(path, "rb");
-    if (!f) return NULL;
-    char *b = NULL;
-    long n = -1;
-    if (fseek(f, 0, SEEK_END) == 0 && (n = ftell(f)) >= 0 && fseek(f, 0, SEEK_SET) == 0) {
-        b = calloc((size_t)n + 1, 1);
-        if (b && fread(b, 1, (size_t)n, f) != (size_t)n) b[0] = 0;
-    }
-    fclose(f);
-    return b;
-}
-
 /* losses.tsv -> values (up to max); returns how many */
 static int read_losses(const char *run, double *v, int max) {
     char path[700];
     snprintf(path, sizeof path, "%.600s/losses.tsv", run);
-    char *s = slurp(path);
+    char *s = t_slurp(path);
     int n = 0;
     for (char *p = s; p && *p && n < max;) {
         long step;
@@ -330,7 +317,7 @@ out:
 
 TEST(bf16_timing_realm9m) {
     if (!gpu_on()) return;
-    char err[1024], *src = slurp("models/realm-9m.lua");
+    char err[1024], *src = t_slurp("models/realm-9m.lua");
     CHECK(src, "models/realm-9m.lua");
     backend *bk = cuda_dev(t);
     if (!bk) {

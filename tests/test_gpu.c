@@ -139,65 +139,6 @@ TEST(gpu_kernels_optimizer) {
 
 /* ---- through the CLI ---- */
 
-/* Any text will do for mechanics; tinyshakespeare when ../shared (or $REALM_SHARED) has it. */
-static const char *corpus_path(char *buf, size_t len) {
-    const char *sh = t_shared_dir();
-    if (sh) {
-        snprintf(buf, len, "%s/data/tinyshakespeare.txt", sh);
-        return buf;
-    }
-    snprintf(buf, len, "/tmp/realm-gpu-test-corpus-%d.txt", (int)getpid());
-    char cmd[1024], out[256];
-    snprintf(cmd, sizeof cmd, "cat README.md docs/*.md docs/*.md docs/*.md docs/*.md > %.900s", buf);
-    t_run(cmd, out, sizeof out);
-    return buf;
-}
-
-static void tmpdir(tctx *t, char *buf, size_t len) {
-    snprintf(buf, len, "/tmp/realm-gpu-%s-%d-%llu", t->name, (int)getpid(), (unsigned long long)(t_next(t) % 100000));
-    char cmd[600], out[64];
-    snprintf(cmd, sizeof cmd, "rm -rf %s && mkdir -p %s", buf, buf);
-    t_run(cmd, out, sizeof out);
-}
-
-static void rmdir_r(const char *d) {
-    char cmd[600], out[64];
-    snprintf(cmd, sizeof cmd, "rm -rf %s", d);
-    t_run(cmd, out, sizeof out);
-}
-
-static char *slurp(const char *path) {
-    FILE *f = fopen(path, "rb");
-    if (!f) return NULL;
-    char *b = NULL;
-    long n = -1;
-    if (fseek(f, 0, SEEK_END) == 0 && (n = ftell(f)) >= 0 && fseek(f, 0, SEEK_SET) == 0) {
-        b = calloc((size_t)n + 1, 1);
-        if (b && fread(b, 1, (size_t)n, f) != (size_t)n) b[0] = 0;
-    }
-    fclose(f);
-    return b;
-}
-
-static int count_lines(const char *path) {
-    char *s = slurp(path);
-    int n = 0;
-    for (char *p = s; p && *p; p++) n += *p == '\n';
-    free(s);
-    return n;
-}
-
-static pid_t spawn(const char *cmd) {
-    fflush(stdout);   /* else the child's exit flushes our buffered output a second time */
-    pid_t pid = fork();
-    if (pid == 0) {
-        if (!freopen("/dev/null", "w", stdout)) _exit(126);
-        execl("/bin/sh", "sh", "-c", cmd, (char *)NULL);
-        _exit(127);
-    }
-    return pid;
-}
-
 /* Steps on a GPU take milliseconds, so the run is long enough (and checkpoints often enough)
  * for the kill to land mid-run rather than after the end. */
 static void train_cmd(char *cmd, size_t len, const char *data, const char *run, int steps, int save) {
@@ -210,8 +151,8 @@ static void train_cmd(char *cmd, size_t len, const char *data, const char *run, 
 TEST(gpu_train_kill9_resume_is_bitwise) {
     if (!gpu_on()) return;
     char data[512], dir[512], a[600], b[600], cmd[2048], ecmd[2100], out[8192], log[700];
-    corpus_path(data, sizeof data);
-    tmpdir(t, dir, sizeof dir);
+    t_text_corpus(data, sizeof data);
+    t_tmpdir(t, dir, sizeof dir);
     snprintf(a, sizeof a, "%s/a", dir);
     snprintf(b, sizeof b, "%s/b", dir);
     const int steps = 300, save = 10;
@@ -221,24 +162,24 @@ TEST(gpu_train_kill9_resume_is_bitwise) {
     train_cmd(cmd, sizeof cmd, data, b, steps, save);
     /* "exec" keeps the shell from standing between us and realm, so SIGKILL reaches it */
     snprintf(ecmd, sizeof ecmd, "exec %s", cmd);
-    pid_t pid = spawn(ecmd);
+    pid_t pid = (pid_t)t_spawn(ecmd);
     snprintf(log, sizeof log, "%s/losses.tsv", b);
-    for (int i = 0; i < 60000 && count_lines(log) < at && waitpid(pid, NULL, WNOHANG) == 0; i++) usleep(500);
+    for (int i = 0; i < 60000 && t_count_lines(log) < at && waitpid(pid, NULL, WNOHANG) == 0; i++) usleep(500);
     kill(pid, SIGKILL);
     int st;
     waitpid(pid, &st, 0);
     CHECK(WIFSIGNALED(st), "the run finished before it could be killed (at step %d)", at);
-    int logged = count_lines(log);
+    int logged = t_count_lines(log);
     CHECK(t_run(cmd, out, sizeof out) == 0, "resumed run failed: %s", out);
     CHECK(strstr(out, "resuming from"), "the second run did not resume: %s", out);
     snprintf(log, sizeof log, "%s/losses.tsv", a);
-    char *la = slurp(log);
+    char *la = t_slurp(log);
     snprintf(log, sizeof log, "%s/losses.tsv", b);
-    char *lb = slurp(log);
-    int same = la && lb && strcmp(la, lb) == 0, n = count_lines(log);
+    char *lb = t_slurp(log);
+    int same = la && lb && strcmp(la, lb) == 0, n = t_count_lines(log);
     free(la);
     free(lb);
-    rmdir_r(dir);
+    t_rmtree(dir);
     CHECK(n == steps, "resumed log has %d lines, want %d", n, steps);
     CHECK(same, "losses differ after kill -9 at step %d (%d logged) and resume", at, logged);
 }
@@ -249,16 +190,16 @@ TEST(gpu_train_kill9_resume_is_bitwise) {
 TEST(gpu_train_realm9m_loss_falls) {
     if (!gpu_on()) return;
     char data[512], dir[512], cmd[2048], out[16384], log[700];
-    corpus_path(data, sizeof data);
-    tmpdir(t, dir, sizeof dir);
+    t_text_corpus(data, sizeof data);
+    t_tmpdir(t, dir, sizeof dir);
     snprintf(cmd, sizeof cmd,
              "%s train models/realm-9m.lua --data %s --out %s --backend %s --steps 30 --batch 4 --seq 256 "
              "--warmup 5 --eval-every 0 --save-every 1000 --log-every 10",
              t_realm_bin(), data, dir, gpu_backend_name());
     int rc = t_run(cmd, out, sizeof out);
     snprintf(log, sizeof log, "%s/losses.tsv", dir);
-    char *l = slurp(log);
-    rmdir_r(dir);
+    char *l = t_slurp(log);
+    t_rmtree(dir);
     if (rc != 0 || !l) {
         free(l);
         CHECK(0, "training failed (status %d): %s", rc, out);

@@ -11,56 +11,6 @@
 #include <time.h>
 #include <unistd.h>
 
-/* A text corpus for these tests: tinyshakespeare when ../shared is there, else the project's
- * own docs (any text will do for mechanics). */
-static const char *corpus_path(char *buf, size_t len) {
-    const char *sh = t_shared_dir();
-    if (sh) {
-        snprintf(buf, len, "%s/data/tinyshakespeare.txt", sh);
-        return buf;
-    }
-    snprintf(buf, len, "/tmp/realm-test-corpus.txt");
-    char cmd[1024];
-    snprintf(cmd, sizeof cmd, "cat README.md docs/*.md docs/*.md docs/*.md > %.900s", buf);
-    char out[256];
-    t_run(cmd, out, sizeof out);
-    return buf;
-}
-
-static void tmpdir(tctx *t, char *buf, size_t len) {
-    snprintf(buf, len, "/tmp/realm-train-%s-%d-%llu", t->name, (int)getpid(), (unsigned long long)(t_next(t) % 100000));
-    char cmd[600], out[64];
-    snprintf(cmd, sizeof cmd, "rm -rf %s && mkdir -p %s", buf, buf);
-    t_run(cmd, out, sizeof out);
-}
-
-static void rmdir_r(const char *d) {
-    char cmd[600], out[64];
-    snprintf(cmd, sizeof cmd, "rm -rf %s", d);
-    t_run(cmd, out, sizeof out);
-}
-
-static char *slurp(const char *path) {
-    FILE *f = fopen(path, "rb");
-    if (!f) return NULL;
-    fseek(f, 0, SEEK_END);
-    long n = ftell(f);
-    fseek(f, 0, SEEK_SET);
-    char *b = calloc((size_t)n + 1, 1);
-    if (fread(b, 1, (size_t)n, f) != (size_t)n) n = 0;
-    b[n] = 0;
-    fclose(f);
-    return b;
-}
-
-static int count_lines(const char *path) {
-    char *s = slurp(path);
-    int n = 0;
-    for (char *p = s; p && *p; p++) n += *p == '\n';
-    free(s);
-    return n;
-}
-
 #define TRAIN_ARGS "--backend opencl --batch 4 --seq 32 --warmup 5 --eval-every 0 --log-every 5"
 
 static int train_cmd(char *cmd, size_t len, const char *model, const char *data, const char *run, int steps, int save) {
@@ -68,22 +18,12 @@ static int train_cmd(char *cmd, size_t len, const char *model, const char *data,
                     model, data, run, steps, save);
 }
 
-static pid_t spawn(const char *cmd) {
-    pid_t pid = fork();
-    if (pid == 0) {
-        freopen("/dev/null", "w", stdout);
-        execl("/bin/sh", "sh", "-c", cmd, (char *)NULL);
-        _exit(127);
-    }
-    return pid;
-}
-
 /* Start a run, kill it with SIGKILL once it has logged `at` steps, resume it, and compare its
  * whole loss log with an uninterrupted run's, byte for byte. */
 TEST(train_kill9_resume_is_bitwise) {
     char data[512], dir[512], a[600], b[600], cmd[2048], out[8192];
-    corpus_path(data, sizeof data);
-    tmpdir(t, dir, sizeof dir);
+    t_text_corpus(data, sizeof data);
+    t_tmpdir(t, dir, sizeof dir);
     snprintf(a, sizeof a, "%s/a", dir);
     snprintf(b, sizeof b, "%s/b", dir);
     const int steps = 24, save = 4;
@@ -96,47 +36,47 @@ TEST(train_kill9_resume_is_bitwise) {
     snprintf(ecmd, sizeof ecmd, "exec %s", cmd);
     train_cmd(cmd, sizeof cmd, "models/tiny.lua", data, b, steps, save);
     snprintf(ecmd, sizeof ecmd, "exec %s", cmd);
-    pid_t pid = spawn(ecmd);
+    pid_t pid = (pid_t)t_spawn(ecmd);
     char log[700];
     snprintf(log, sizeof log, "%s/losses.tsv", b);
-    for (int i = 0; i < 6000 && count_lines(log) < at && waitpid(pid, NULL, WNOHANG) == 0; i++) usleep(5000);
+    for (int i = 0; i < 6000 && t_count_lines(log) < at && waitpid(pid, NULL, WNOHANG) == 0; i++) usleep(5000);
     kill(pid, SIGKILL);
     int st;
     waitpid(pid, &st, 0);
     CHECK(WIFSIGNALED(st), "the run finished before it could be killed (at step %d)", at);
-    int logged = count_lines(log);
+    int logged = t_count_lines(log);
     CHECK(t_run(cmd, out, sizeof out) == 0, "resumed run failed: %s", out);
     CHECK(strstr(out, "resuming from"), "the second run did not resume: %s", out);
     snprintf(log, sizeof log, "%s/losses.tsv", a);
-    char *la = slurp(log);
+    char *la = t_slurp(log);
     snprintf(log, sizeof log, "%s/losses.tsv", b);
-    char *lb = slurp(log);
-    int same = la && lb && strcmp(la, lb) == 0, n = count_lines(log);
+    char *lb = t_slurp(log);
+    int same = la && lb && strcmp(la, lb) == 0, n = t_count_lines(log);
     free(la);
     free(lb);
-    rmdir_r(dir);
+    t_rmtree(dir);
     CHECK(n == steps, "resumed log has %d lines, want %d", n, steps);
     CHECK(same, "losses differ after kill -9 at step %d (%d logged) and resume", at, logged);
 }
 
 TEST(train_sigterm_checkpoints_and_stops) {
     char data[512], dir[512], cmd[2048], ecmd[2100], log[700];
-    corpus_path(data, sizeof data);
-    tmpdir(t, dir, sizeof dir);
+    t_text_corpus(data, sizeof data);
+    t_tmpdir(t, dir, sizeof dir);
     train_cmd(cmd, sizeof cmd, "models/tiny.lua", data, dir, 400, 1000);
     snprintf(ecmd, sizeof ecmd, "exec %s", cmd);
-    pid_t pid = spawn(ecmd);
+    pid_t pid = (pid_t)t_spawn(ecmd);
     snprintf(log, sizeof log, "%s/losses.tsv", dir);
-    for (int i = 0; i < 6000 && count_lines(log) < 3 && waitpid(pid, NULL, WNOHANG) == 0; i++) usleep(5000);
+    for (int i = 0; i < 6000 && t_count_lines(log) < 3 && waitpid(pid, NULL, WNOHANG) == 0; i++) usleep(5000);
     kill(pid, SIGTERM);
     int st;
     waitpid(pid, &st, 0);
-    int n = count_lines(log);
+    int n = t_count_lines(log);
     snprintf(log, sizeof log, "%s/latest", dir);
-    char *latest = slurp(log);
+    char *latest = t_slurp(log);
     int step = latest ? atoi(latest + 5) : -1;
     free(latest);
-    rmdir_r(dir);
+    t_rmtree(dir);
     CHECK(WIFEXITED(st) && WEXITSTATUS(st) == 128 + SIGTERM, "status %d after SIGTERM", st);
     CHECK(step == n, "checkpoint at step %d but %d steps were logged", step, n);
 }
@@ -144,8 +84,8 @@ TEST(train_sigterm_checkpoints_and_stops) {
 /* Damaged or foreign checkpoints are refused with one line naming the file, exit 2. */
 TEST(train_damaged_checkpoint_refused) {
     char data[512], dir[512], cmd[2048], out[8192];
-    corpus_path(data, sizeof data);
-    tmpdir(t, dir, sizeof dir);
+    t_text_corpus(data, sizeof data);
+    t_tmpdir(t, dir, sizeof dir);
     train_cmd(cmd, sizeof cmd, "models/tiny.lua", data, dir, 2, 2);
     CHECK(t_run(cmd, out, sizeof out) == 0, "training failed: %s", out);
     /* a different model file */
@@ -171,21 +111,21 @@ TEST(train_damaged_checkpoint_refused) {
         rc = t_run(cmd, out, sizeof out);
         CHECK(rc == 2 && strstr(out, names[i]), "generate with damaged %s: status %d: %s", names[i], rc, out);
     }
-    rmdir_r(dir);
+    t_rmtree(dir);
 }
 
 /* Checkpoint weights open in the independent Python safetensors reader, with our names. */
 TEST(train_checkpoint_reads_in_python_safetensors) {
     char data[512], dir[512], cmd[2048], out[8192];
-    corpus_path(data, sizeof data);
-    tmpdir(t, dir, sizeof dir);
+    t_text_corpus(data, sizeof data);
+    t_tmpdir(t, dir, sizeof dir);
     train_cmd(cmd, sizeof cmd, "models/tiny.lua", data, dir, 2, 2);
     CHECK(t_run(cmd, out, sizeof out) == 0, "training failed: %s", out);
     snprintf(cmd, sizeof cmd,
              "python3 -c \"from safetensors.numpy import load_file; d = load_file('%s/ckpt-00000002/model.safetensors'); "
              "print(len(d), d['embed.weight'].shape, d['layers.0.mixer.in_proj.weight'].dtype)\"", dir);
     int rc = t_run(cmd, out, sizeof out);
-    rmdir_r(dir);
+    t_rmtree(dir);
     if (rc != 0 && getenv("REALM_ALLOW_NO_PYTHON_SAFETENSORS")) {
         printf("  (python safetensors unavailable: skipped)\n");
         return;
@@ -196,8 +136,8 @@ TEST(train_checkpoint_reads_in_python_safetensors) {
 
 TEST(train_generate_eval_chat) {
     char data[512], dir[512], cmd[2048], out[8192], out2[8192];
-    corpus_path(data, sizeof data);
-    tmpdir(t, dir, sizeof dir);
+    t_text_corpus(data, sizeof data);
+    t_tmpdir(t, dir, sizeof dir);
     train_cmd(cmd, sizeof cmd, "models/tiny.lua", data, dir, 6, 6);
     CHECK(t_run(cmd, out, sizeof out) == 0, "training failed: %s", out);
     snprintf(cmd, sizeof cmd, "%s generate %s --prompt ROMEO: -n 24 --seed 7 --backend opencl", t_realm_bin(), dir);
@@ -213,7 +153,7 @@ TEST(train_generate_eval_chat) {
     int prompts = 0;
     for (char *p = out; (p = strstr(p, "> ")); p++) prompts++;
     CHECK(prompts == 3, "chat should prompt three times (two turns, then EOF), got %d: %s", prompts, out);
-    rmdir_r(dir);
+    t_rmtree(dir);
 }
 
 /* The issue's bar: tiny on tinyshakespeare (first 90%) reaches validation loss < 2.5 nats/byte
@@ -226,13 +166,13 @@ TEST(train_tiny_learns_tinyshakespeare) {
     }
     char data[512], dir[512], cmd[2048], out[16384];
     snprintf(data, sizeof data, "%s/data/tinyshakespeare.txt", sh);
-    tmpdir(t, dir, sizeof dir);
+    t_tmpdir(t, dir, sizeof dir);
     snprintf(cmd, sizeof cmd,
              "%s train models/tiny.lua --data %s --out %s --backend opencl --steps 150 --batch 16 --seq 128 "
              "--warmup 30 --eval-every 150 --eval-tokens 32768 --save-every 150 --log-every 50",
              t_realm_bin(), data, dir);
     int rc = t_run(cmd, out, sizeof out);
-    rmdir_r(dir);
+    t_rmtree(dir);
     CHECK(rc == 0, "training failed: %s", out);
     const char *v = strstr(out, "validation bits/byte");
     CHECK(v, "no validation line: %s", out);
