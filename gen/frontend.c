@@ -695,7 +695,8 @@ int model_load_step(const char *src, size_t len, const char *chunkname, realm_mo
     return load(src, len, chunkname, 1, m, err, errlen);
 }
 
-int model_load(const char *path, realm_model *m, char *err, size_t errlen) {
+/* The model file's text (at most 64 MiB). */
+static int read_model_file(const char *path, char **out, size_t *outlen, char *err, size_t errlen) {
     FILE *f = fopen(path, "rb");
     if (!f) {
         snprintf(err, errlen, "%s: cannot open model file", path);
@@ -724,9 +725,31 @@ int model_load(const char *path, realm_model *m, char *err, size_t errlen) {
         snprintf(err, errlen, "%s: read error", path);
         return -1;
     }
+    *out = buf;
+    *outlen = len;
+    return 0;
+}
+
+int model_load(const char *path, realm_model *m, char *err, size_t errlen) {
+    char *buf;
+    size_t len;
+    if (read_model_file(path, &buf, &len, err, errlen) < 0) return -1;
     int rc = model_load_string(buf, len, path, m, err, errlen);
     free(buf);
     return rc;
+}
+
+int model_probe(const char *path, char **src, size_t *len, train_config *tc, char *err, size_t errlen) {
+    if (read_model_file(path, src, len, err, errlen) < 0) return -1;
+    realm_model m;
+    if (model_load_string(*src, *len, path, &m, err, errlen) < 0) {
+        free(*src);
+        *src = NULL;
+        return -1;
+    }
+    *tc = m.train;
+    model_free(&m);
+    return 0;
 }
 
 void model_free(realm_model *m) { ir_free(&m->g); }

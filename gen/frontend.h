@@ -37,5 +37,8 @@ int model_load_string(const char *src, size_t len, const char *chunkname, realm_
  * place), logits [B,S,vocab], then the on-device sampler. See docs/decode.md. */
 int model_load_step(const char *src, size_t len, const char *chunkname, realm_model *m, char *err, size_t errlen);
 void model_free(realm_model *m);
+/* Read a model file and check that it builds, without keeping the graph: its text (malloc'd,
+ * for compiling sessions from) and its train settings. -1 with the one-line error. */
+int model_probe(const char *path, char **src, size_t *len, train_config *tc, char *err, size_t errlen);
 
 #endif

@@ -7,7 +7,6 @@
  * kernel class; its sum is a little larger than the step time, because every launch then
  * carries two event records. */
 #include "cli.h"
-#include "fsutil.h"
 #include "op.h"
 #include "rng.h"
 #include "session.h"
@@ -86,18 +85,12 @@ int cmd_bench(int argc, char **argv) {
     char err[4096];
     char *src = NULL;
     size_t srclen = 0;
-    if (fs_read_file(pos[0], 64u << 20, &src, &srclen, err, sizeof err) < 0) {
+    train_config tc;
+    if (model_probe(pos[0], &src, &srclen, &tc, err, sizeof err) < 0) {
         fprintf(stderr, "%s\n", err);
         return 2;
     }
-    realm_model probe;
-    if (model_load_string(src, srclen, pos[0], &probe, err, sizeof err) < 0) {
-        fprintf(stderr, "%s\n", err);
-        free(src);
-        return 2;
-    }
-    long B = probe.train.batch, S = probe.train.seq, steps = 10, warm = 2, dev = 0, psteps = 2;
-    model_free(&probe);
+    long B = tc.batch, S = tc.seq, steps = 10, warm = 2, dev = 0, psteps = 2;
     rc = 0;
     rc |= batch_s && cli_long("bench", "--batch", batch_s, 1, 1L << 20, &B);
     rc |= seq_s && cli_long("bench", "--seq", seq_s, 1, 1L << 24, &S);

@@ -362,20 +362,13 @@ int cmd_train(int argc, char **argv) {
     char err[4096];
     char *src = NULL;
     size_t srclen = 0;
-    if (fs_read_file(pos[0], 64u << 20, &src, &srclen, err, sizeof err) < 0) {
-        fprintf(stderr, "%s\n", err);
-        return 2;
-    }
     /* Validate the model file before touching devices or the run directory. */
-    realm_model probe;
-    if (model_load_string(src, srclen, pos[0], &probe, err, sizeof err) < 0) {
+    train_config tc;
+    if (model_probe(pos[0], &src, &srclen, &tc, err, sizeof err) < 0) {
         fprintf(stderr, "%s\n", err);
-        free(src);
         return 2;
     }
-    train_config tc = probe.train;
-    const long probe_seq = probe.train.seq;   /* the model's longest sequence, for --seq auto */
-    model_free(&probe);
+    const long probe_seq = tc.seq;   /* the model's longest sequence, for --seq auto */
     train_state st = {0};
     hex_sha(src, srclen, st.model_sha);
     st.seed = 1;
