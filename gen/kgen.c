@@ -39,6 +39,7 @@ static const kg_spelling opencl_spell[] = {
     {"KERNEL", "__kernel void"},
     {"GLOBAL", "__global"},
     {"LOCAL", "__local"},
+    {"LOCAL_PTR", "__local"},
     {"BARRIER()", "barrier(CLK_LOCAL_MEM_FENCE)"},
     {"GID_X", "((long)get_group_id(0))"},
     {"GID_Y", "((long)get_group_id(1))"},
@@ -67,6 +68,7 @@ static const kg_spelling cuda_spell[] = {
     {"KERNEL", "extern \"C\" __global__ void"},
     {"GLOBAL", ""},
     {"LOCAL", "__shared__"},
+    {"LOCAL_PTR", ""},
     {"BARRIER()", "__syncthreads()"},
     {"GID_X", "((long)blockIdx.x)"},
     {"GID_Y", "((long)blockIdx.y)"},
@@ -193,6 +195,14 @@ void kg_grid(kgen *k, int dim, long c0, long cB, long cS, long cBS, long div) {
     k->cur.grid[dim] = (kg_dim){c0, cB, cS, cBS, div > 0 ? div : 1};
 }
 
+void kg_shared(kgen *k, const char *name, long n) {
+    int cuda = strcmp(k->d->name, "cuda") == 0;
+    if (k->cur.shmem == 0 && cuda) sb_printf(&k->body, "    extern __shared__ float realm_shm[];\n");
+    long off = k->cur.shmem / (long)sizeof(float);
+    sb_printf(&k->body, "    LOCAL_PTR float *%s = realm_shm + %ld;\n", name, off);
+    k->cur.shmem += ((n * (long)sizeof(float) + 15) / 16) * 16;
+}
+
 void kg_block(kgen *k, int x, int y, int z) {
     k->cur.block[0] = x;
     k->cur.block[1] = y;
@@ -202,8 +212,10 @@ void kg_block(kgen *k, int x, int y, int z) {
 int kg_end(kgen *k) {
     if (k->err[0]) return -1;
     strbuf whole = {0};
-    sb_printf(&whole, "(GLOBAL float *A, long B, long S%s) {\n    const long T = B * S;\n    (void)T;\n%s}\n",
-              k->params.s ? k->params.s : "", k->body.s ? k->body.s : "");
+    /* OpenCL: the dynamic shared region is the trailing __local argument the backend binds */
+    const char *shm = k->cur.shmem > 0 && strcmp(k->d->name, "cuda") != 0 ? ", __local float *realm_shm" : "";
+    sb_printf(&whole, "(GLOBAL float *A, long B, long S%s%s) {\n    const long T = B * S;\n    (void)T;\n%s}\n",
+              k->params.s ? k->params.s : "", shm, k->body.s ? k->body.s : "");
     int found = -1;
     for (int i = 0; i < k->nbodies; i++)
         if (strcmp(k->bodies[i], whole.s) == 0) found = i;

@@ -50,6 +50,7 @@ typedef struct plan_launch {
     int nin, nout;                 /* arg[0..nin) are read; arg[nin..nin+nout) written */
     kg_dim grid[3];
     int block[3];
+    long shmem;                    /* bytes of dynamic shared (local) memory, see kg_shared */
 } plan_launch;
 
 typedef struct kgen {
@@ -82,6 +83,11 @@ void kg_out(kgen *k, const char *cname, int t);
 void kg_line(kgen *k, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 void kg_grid(kgen *k, int dim, long c0, long cB, long cS, long cBS, long div);
 void kg_block(kgen *k, int x, int y, int z);
+/* A float array of n elements in the work-group's dynamic shared memory, declared at this
+ * point of the body as `name`: for tiles beyond the 48 KiB that static LOCAL arrays may take
+ * on CUDA (the launch opts in to more). OpenCL receives the region as a trailing __local
+ * pointer argument. Each array starts 16-byte aligned. */
+void kg_shared(kgen *k, const char *name, long n);
 /* Finish the kernel: identical kernels (same parameters and body) are emitted once and shared. */
 int kg_end(kgen *k);
 

@@ -355,8 +355,10 @@ void plan_describe(const plan *p, long B, long S, strbuf *out) {
         const plan_launch *l = &p->kg.launches[i];
         size_t gr[3];
         plan_grid(l, B, S, gr);
-        sb_printf(out, "launch %d %s nodes [%d,%d) grid %zux%zux%zu block %dx%dx%d args", i, l->kernel, l->node0,
+        sb_printf(out, "launch %d %s nodes [%d,%d) grid %zux%zux%zu block %dx%dx%d", i, l->kernel, l->node0,
                   l->node1, gr[0], gr[1], gr[2], l->block[0], l->block[1], l->block[2]);
+        if (l->shmem) sb_printf(out, " shared %ld", l->shmem);
+        sb_printf(out, " args");
         for (int a = 0; a < l->nargs; a++)
             sb_printf(out, " %s%s@%ld", a < l->nin ? "in:" : "out:", g->t[l->arg[a]].name,
                       plan_elem_offset(p, off, l->arg[a]));

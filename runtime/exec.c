@@ -156,7 +156,7 @@ int exec_run(plan_exec *x, int l0, int l1, char *err, size_t errlen) {
         for (int a = 0; a < l->nargs; a++) args[na++] = BK_I64(plan_elem_offset(x->p, x->offset, l->arg[a]));
         size_t grid[3], block[3] = {(size_t)l->block[0], (size_t)l->block[1], (size_t)l->block[2]};
         plan_grid(l, x->B, x->S, grid);
-        if (bk_launch(x->bk, x->stream, x->kern[i], grid, block, 0, args, na) < 0) {
+        if (bk_launch(x->bk, x->stream, x->kern[i], grid, block, (size_t)l->shmem, args, na) < 0) {
             snprintf(err, errlen, "launch %d (%s): %s", i, l->kernel, bk_error(x->bk));
             return -1;
         }

@@ -538,8 +538,10 @@ TEST(mamba3_op_reference) {
     int dout[2] = {ins[11], -1};
     CHECK(od->grad(&g, fwd_node, dout, din) == 0, "gradient rule failed: %s", g.err);
     const ir_node *bn = &g.n[g.nn - 1];
-    CHECK(bn->nin == 13 && bn->in[10] == ins[10] && bn->in[11] == yo[1] && bn->in[12] == ins[11],
-          "mamba3_scan_bwd must read D (input 11), the saved states (input 12) and dy (input 13)");
+    CHECK(bn->nin == 14 && bn->in[10] == ins[10] && bn->in[11] == yo[1] && bn->in[12] == ins[11] &&
+              bn->in[13] == yo[3],
+          "mamba3_scan_bwd must read D (input 11), the saved states (input 12), dy (input 13) and the "
+          "forward's theta workspace (input 14)");
     for (int i = 0; i < NT; i++)
         CHECK(din[i] >= 0 && ir_shape_eq(&g.t[din[i]].shape, &g.t[ins[i]].shape),
               "gradient of %s has the wrong shape", tname[i]);

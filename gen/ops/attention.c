@@ -389,7 +389,8 @@ static int attention_emit(struct kgen *k, const ir_node *n) {
     const int node = (int)(n - k->g->n);
     const int q = n->in[0], kk = n->in[1], v = n->in[2], o = n->out[0], lse = n->out[1];
     const long D = c.Dh;
-    long bk = 8192 / D;                 /* two tiles of bk x Dh floats: 64 KiB / 2 at most */
+    /* two tiles of bk x Dh floats within the 48 KiB of static LOCAL memory CUDA allows */
+    long bk = 6144 / D;
     if (bk > 64) bk = 64;
     if (bk < 1) bk = 1;
     kg_begin(k, "attention", node, node + 1);

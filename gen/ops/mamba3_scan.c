@@ -287,6 +287,11 @@ long m3_states_width(int P, int N, int chunk) {
 
 long m3_theta_width(int NA, int chunk) { return m3_states_width(2, NA, chunk); }
 
+long m3_bwd_width(int P, int N, int chunk) {
+    if (chunk < 1) chunk = 1;
+    return ((long)P * N + 1 + chunk - 1) / chunk;
+}
+
 /* Store the state Sh leaving chunk [c0, c0+L) of head h (zeros if the chunk is partial). */
 static void put_states(const m3_dims *d, int chunk, long b, int h, long c0, long L,
                        const double *Sh, double *states, long ld) {
@@ -453,6 +458,23 @@ static void head_bwd(const m3_dims *d, int chunk, const m3_head *w, const m3_inp
                 for (int n = 0; n < N; n++) dKr[n] += f * k->dSn[p * N + n];
             }
         }
+        /* the chunk-parallel kernels' workspaces: this chunk's increment of the state gradient
+         * (dS - eL dSn) with its decay, and the gradient of the state leaving it */
+        if (g->du) {
+            const long Wd = m3_bwd_width(P, N, chunk), PN = (long)P * N;
+            if (c > 0)
+                for (long e = 0; e < chunk * Wd; e++)
+                    g->du[(b * S + c0 - chunk + e / Wd) * g->du_ld + (long)h * Wd + e % Wd] =
+                        e < PN ? k->dS[e] - eL * k->dSn[e] : e == PN ? eL : 0.0;
+            if (c == nch - 1)
+                for (long e = 0; e < L * Wd; e++) g->du[(b * S + c0 + e / Wd) * g->du_ld + (long)h * Wd + e % Wd] = 0.0;
+        }
+        if (g->dsl) {
+            const long W = m3_states_width(P, N, chunk), PN = (long)P * N;
+            for (long e = 0; e < L * W; e++)
+                g->dsl[(b * S + c0 + e / W) * g->dsl_ld + (long)h * W + e % W] =
+                    c < nch - 1 && e < PN ? k->dSn[e] : 0.0;
+        }
         /* cs_a = sum_{j<=a} ADT_j  =>  dADT_j = sum_{a>=j} dcs_a (chunk-local) */
         double r = 0;
         for (long a = L - 1; a >= 0; a--) k->dADT[c0 + a] = (r += dcs[a]);
@@ -537,6 +559,30 @@ void m3_ref_backward(m3_dims d, int chunk, const m3_inputs *in, const double *st
                     double share = G * w.DT[t] * M3_PI * (1.0 - tnh * tnh);
                     g->angles[tok * g->angles_ld + i] += share;
                     if (g->head) g->head[tok * g->head_ld + (long)h * (2 * N + NA) + 2 * N + i] = share;
+                }
+            }
+            if (g->tk) {
+                /* the backward kernels' per-token workspace (m3_grads): dDT and dlam so far lack
+                 * the angle share; the trapezoid term from the previous token is added here only
+                 * inside a chunk */
+                const long Wt = NA + 3;
+                for (long t = 0; t < S; t++) {
+                    double *o = g->tk + (b * S + t) * g->tk_ld + (long)h * Wt;
+                    long c0 = t / chunk * chunk, end = c0 + chunk < S ? c0 + chunk : S;
+                    for (int i = 0; i < NA; i++) {
+                        double G = 0;
+                        for (long u = t; u < end; u++) G += k.dTh[u * NA + i];
+                        o[i] = G;
+                    }
+                    double own = k.dgamma[t] + k.dscale[t];
+                    double pdt = own * w.lam[t] + w.A[t] * k.dADT[t], plam = own * w.DT[t];
+                    if (t > c0) {
+                        pdt += k.dscale[t - 1] * (1.0 - w.lam[t]);
+                        plam -= k.dscale[t - 1] * w.DT[t];
+                    }
+                    o[NA] = pdt;
+                    o[NA + 1] = plam;
+                    o[NA + 2] = k.dscale[t];
                 }
             }
             /* 4. scale_s = lam_s DT_s + (1 - lam_{s+1}) DT_{s+1},  gamma_s = lam_s DT_s */
@@ -626,20 +672,25 @@ double m3_flops_bwd(m3_dims d, int chunk) { return count(d, chunk, bwd_chunk); }
  *   of the cumulative angle leaving each full chunk (W2 = m3_theta_width(NA, chunk), layout
  *   in mamba3_scan.h). Rows of a partial last chunk and unused slots hold zeros.
  *
- *   mamba3_scan_bwd(x, Bn, Cn, dd_dt, dd_A, trap, angles, dt_bias, B_bias, C_bias, D, saved, dy;
- *                   chunk)
- *     -> the gradients of the 11 forward inputs (in their order), then head [B,S,H*(2N+NA)]
- *   head: per-head shares of dBn, dCn, d(angles) (m3_grads.head), the workspace the kernels
- *   reduce over heads in a fixed order (no floating-point atomics). */
+ *   mamba3_scan_bwd(x, Bn, Cn, dd_dt, dd_A, trap, angles, dt_bias, B_bias, C_bias, D, saved, dy,
+ *                   theta; chunk)
+ *     -> the gradients of the 11 forward inputs (in their order), then head [B,S,H*2N],
+ *        head_ang [B,S,H*NA], du [B,S,H*Wd], dsl [B,S,H*W], tk [B,S,H*(NA+3)]
+ *   head, head_ang: per-head shares of dBn, dCn (head) and d(angles) (head_ang), the
+ *   workspaces the kernels reduce over heads in a fixed order (no floating-point atomics).
+ *   du, dsl, tk: workspaces of the chunk-parallel backward (m3_grads in mamba3_scan.h); the
+ *   sequential fallback kernel leaves them unwritten. theta: the forward's workspace (cos/sin
+ *   of the angle leaving each chunk). */
 
 enum { IN_X, IN_BN, IN_CN, IN_DDT, IN_DDA, IN_TRAP, IN_ANG, IN_DTB, IN_BB, IN_CB, IN_D, IN_NFWD };
-enum { BIN_ST = 11, BIN_DY = 12, BIN_N = 13, BOUT_HEAD = 11, BOUT_N = 12 };
+enum { BIN_ST = 11, BIN_DY = 12, BIN_TH = 13, BIN_N = 14 };
+enum { BOUT_HEAD = 11, BOUT_HANG, BOUT_DU, BOUT_DSL, BOUT_TK, BOUT_N };
 enum { OUT_Y, OUT_ST, OUT_DST, OUT_TH, OUT_N };
 
 static const char *const fwd_names[IN_NFWD] = {
     "x", "Bn", "Cn", "dd_dt", "dd_A", "trap", "angles", "dt_bias", "B_bias", "C_bias", "D"};
 static const char *const bwd_names[BIN_N] = {
-    "x", "Bn", "Cn", "dd_dt", "dd_A", "trap", "angles", "dt_bias", "B_bias", "C_bias", "D", "saved", "dy"};
+    "x", "Bn", "Cn", "dd_dt", "dd_A", "trap", "angles", "dt_bias", "B_bias", "C_bias", "D", "saved", "dy", "theta"};
 
 /* Checks one input: per-token ([B,S,...]) when tok, else a pure parameter; the trailing dims
  * must equal want[0..nw-1]. */
@@ -713,8 +764,12 @@ static int check_all(const ir_graph *g, const ir_node *n, int bwd, int *H, int *
         check_in(g, n, IN_X, 1, hp, 2, shp, names, err, errlen))
         return -1;
     if (check_in(g, n, IN_D, 0, hh, 1, sh1, names, err, errlen)) return -1;
+    int thw[1] = {(int)(*H * m3_theta_width(*NA, (int)n->ia[0]))};
+    char sth[64];
+    snprintf(sth, sizeof sth, "[B,S,%d]", thw[0]);
     if (bwd && (check_in(g, n, BIN_ST, 1, stw, 1, sst, names, err, errlen) ||
-                check_in(g, n, BIN_DY, 1, hp, 2, shp, names, err, errlen)))
+                check_in(g, n, BIN_DY, 1, hp, 2, shp, names, err, errlen) ||
+                check_in(g, n, BIN_TH, 1, thw, 1, sth, names, err, errlen)))
         return -1;
     return 0;
 }
@@ -742,7 +797,12 @@ static int infer_bwd(const ir_graph *g, const ir_node *n, ir_shape *out, ir_dtyp
     if (check_all(g, n, 1, &H, &P, &N, &NA, err, errlen)) return -1;
     for (int i = 0; i < IN_D; i++) out[i] = *op_in_shape(g, n, i);
     out[IN_D] = *op_in_shape(g, n, IN_DTB);     /* D: [H], like dt_bias */
-    out[BOUT_HEAD] = tok_shape(H * (2 * N + NA));
+    const int ch = (int)n->ia[0];
+    out[BOUT_HEAD] = tok_shape(H * 2 * N);
+    out[BOUT_HANG] = tok_shape(H * NA);
+    out[BOUT_DU] = tok_shape((int)(H * m3_bwd_width(P, N, ch)));
+    out[BOUT_DSL] = tok_shape((int)(H * m3_states_width(P, N, ch)));
+    out[BOUT_TK] = tok_shape(H * (NA + 3));
     for (int i = 0; i < BOUT_N; i++) dt[i] = DT_F32;
     return 0;
 }
@@ -760,6 +820,7 @@ static int grad_fwd(ir_graph *g, int node, const int *dout, int *din) {
     for (int i = 0; i < BIN_ST; i++) ins[i] = n->in[i];
     ins[BIN_ST] = n->out[OUT_ST];
     ins[BIN_DY] = dout[0];
+    ins[BIN_TH] = n->out[OUT_TH];
     memcpy(ia, n->ia, sizeof ia);
     memcpy(fa, n->fa, sizeof fa);
     int outs[IR_MAX_IO];
@@ -864,8 +925,22 @@ static void ref_bwd(const ref_ctx *c, const ir_node *n) {
         .trap = o[IN_TRAP].p, .trap_ld = o[IN_TRAP].ld,
         .angles = o[IN_ANG].p, .angles_ld = o[IN_ANG].ld,
         .dt_bias = o[IN_DTB].p, .B_bias = o[IN_BB].p, .C_bias = o[IN_CB].p, .D = o[IN_D].p,
-        .head = o[BOUT_HEAD].p, .head_ld = o[BOUT_HEAD].ld};
+        .du = o[BOUT_DU].p, .du_ld = o[BOUT_DU].ld,
+        .dsl = o[BOUT_DSL].p, .dsl_ld = o[BOUT_DSL].ld,
+        .tk = o[BOUT_TK].p, .tk_ld = o[BOUT_TK].ld};
+    /* the math API keeps each head's three shares side by side; the op splits them */
+    const long W2 = 2L * d.N + d.NA, ntok = d.B * d.S;
+    double *head = xcalloc((size_t)(ntok * d.H * W2), sizeof(double));
+    gr.head = head;
+    gr.head_ld = d.H * W2;
     m3_ref_backward(d, (int)n->ia[0], &in, st.p, st.ld, dy.p, dy.ld, &gr);
+    for (long tok = 0; tok < ntok; tok++)
+        for (int h = 0; h < d.H; h++) {
+            const double *src = head + tok * d.H * W2 + h * W2;
+            for (int f = 0; f < 2 * d.N; f++) o[BOUT_HEAD].p[tok * o[BOUT_HEAD].ld + (long)h * 2 * d.N + f] = src[f];
+            for (int i = 0; i < d.NA; i++) o[BOUT_HANG].p[tok * o[BOUT_HANG].ld + (long)h * d.NA + i] = src[2 * d.N + i];
+        }
+    free(head);
 }
 
 static m3_dims dims_of(const ir_graph *g, const ir_node *n, long B, long S) {
@@ -888,9 +963,10 @@ static double flops_bwd(const ir_graph *g, const ir_node *n, long B, long S) {
  *    memory; tokens in order; per token the work-items build Kr_t, Qr_t (rotated, biased) in
  *    local memory (Kr triple-, Qr double-buffered so one barrier per token suffices) while
  *    the owner of angle pair i carries Theta_i (fp32, wrapped to [0, 2pi)).
- *  backward: (1) one work-group per (b, h): a Theta pre-pass, then the chunks in reverse
- *    carrying dS (P x N, local) and following the reference's chunked maths, one work-item per
- *    token of the chunk; every value another work-item needs goes through local memory.
+ *  backward: the chunk-parallel kernels described above emit_bwd_chunked wherever the forward
+ *    ran its chunked kernels and the tiles fit; otherwise (1) one work-group per (b, h): a
+ *    Theta pre-pass, then the chunks in reverse carrying dS (P x N, local) and following the
+ *    reference's chunked maths, one work-item per token of the chunk. Then, either way,
  *    (2) the per-head shares of dBn, dCn, d(angles) summed over heads in order h = 0..H-1.
  *    (3) dt_bias, B_bias, C_bias, D: one work-group per (h, parameter), a fixed strided
  *    partial sum over the B*S tokens and a fixed tree. No atomics anywhere. */
@@ -1412,20 +1488,24 @@ static int emit_fwd_chunked(kgen *k, const ir_node *n) {
     return kg_end(k);
 }
 
-static int emit_fwd(kgen *k, const ir_node *n) {
-    m3_kdims d = kdims(k, n);
+/* Whether the forward runs the chunk-parallel kernels (their `theta` workspace is what the
+ * chunk-parallel backward reads). P <= 256: kernel 3's work-items own (p, token group); 44 KiB
+ * leaves room under the 48 KiB every target guarantees. */
+static int fwd_chunked(m3_kdims d) {
     int NT3;
     long local = fwd_chunk_local(d, &NT3);
-    /* P <= 256: kernel 3's work-items own (p, token group); 44 KiB leaves room under the
-     * 48 KiB every target guarantees */
-    if (d.P <= 256 && d.CH <= 256 && local <= 44L * 1024) return emit_fwd_chunked(k, n);
-    return emit_fwd_seq(k, n);
+    return d.P <= 256 && d.CH <= 256 && local <= 44L * 1024;
+}
+
+static int emit_fwd(kgen *k, const ir_node *n) {
+    m3_kdims d = kdims(k, n);
+    return fwd_chunked(d) ? emit_fwd_chunked(k, n) : emit_fwd_seq(k, n);
 }
 
 /* Backward kernel 1: one work-group per (b, h). */
 static int emit_bwd_scan(kgen *k, const ir_node *n, int node, m3_kdims d) {
     const int H = d.H, P = d.P, N = d.N, NA = d.NA, CH = d.CH;
-    const long W = d.W, PN = (long)P * N, W2 = 2L * N + NA;
+    const long W = d.W, PN = (long)P * N, W2 = 2L * N;
     int NT = CH > NA ? CH : NA;
     NT = (NT + 31) / 32 * 32;
     if (NT > 256) NT = 256;
@@ -1433,7 +1513,8 @@ static int emit_bwd_scan(kgen *k, const ir_node *n, int node, m3_kdims d) {
                lddt = kg_ld(k, n->in[IN_DDT]), ldda = kg_ld(k, n->in[IN_DDA]), ldtr = kg_ld(k, n->in[IN_TRAP]),
                ldang = kg_ld(k, n->in[IN_ANG]), ldst = kg_ld(k, n->in[BIN_ST]), lddy = kg_ld(k, n->in[BIN_DY]),
                ldgx = kg_ld(k, n->out[IN_X]), ldgt = kg_ld(k, n->out[IN_DDT]), ldga = kg_ld(k, n->out[IN_DDA]),
-               ldgr = kg_ld(k, n->out[IN_TRAP]), ldh = kg_ld(k, n->out[BOUT_HEAD]);
+               ldgr = kg_ld(k, n->out[IN_TRAP]), ldh = kg_ld(k, n->out[BOUT_HEAD]),
+               ldha = kg_ld(k, n->out[BOUT_HANG]);
     kg_begin(k, "mamba3_scan_bwd", node, node + 1);
     args_common(k, n);
     kg_in(k, "Dp", n->in[IN_D]);
@@ -1444,6 +1525,7 @@ static int emit_bwd_scan(kgen *k, const ir_node *n, int node, m3_kdims d) {
     kg_out(k, "gddA", n->out[IN_DDA]);
     kg_out(k, "gtrap", n->out[IN_TRAP]);
     kg_out(k, "hd", n->out[BOUT_HEAD]);
+    kg_out(k, "ha", n->out[BOUT_HANG]);
     KL("const long b = GID_X / %d;", H);
     KL("const int h = (int)(GID_X - b * %d);", H);
     KL("const int lid = LID_X;");
@@ -1472,7 +1554,7 @@ static int emit_bwd_scan(kgen *k, const ir_node *n, int node, m3_kdims d) {
     KL("const float DT = u > 20.0f ? u : LOG1PF(EXPF(u));");
     snprintf(angx, sizeof angx, "ang[tok * %ldL + lid]", ldang);
     emit_theta_step(k, "Tq", "DT", angx);
-    KL("hd[tok * %ldL + h * %ldL + %d + lid] = Tq;", ldh, W2, 2 * N);
+    KL("ha[tok * %ldL + h * %d + lid] = Tq;", ldha, NA);
     KL("}");
     KL("}");
     KL("for (int e = lid; e < %ld; e += %d) dS[e] = 0.0f;", PN, NT);
@@ -1483,8 +1565,8 @@ static int emit_bwd_scan(kgen *k, const ir_node *n, int node, m3_kdims d) {
     KL("const int L = (int)(S - c0 < %d ? S - c0 : %d);", CH, CH);
     KL("const long rb = b * S + c0, sb = rb - %d;   /* chunk rows; rows of the entering state */", CH);
     KL("BARRIER();");
-    KL("if (lid < %d) for (int a2 = 0; a2 < L; a2++) TH[a2 * %d + lid] = hd[(rb + a2) * %ldL + h * %ldL + %d + lid];",
-       NA, NA, ldh, W2, 2 * N);
+    KL("if (lid < %d) for (int a2 = 0; a2 < L; a2++) TH[a2 * %d + lid] = ha[(rb + a2) * %ldL + h * %d + lid];",
+       NA, NA, ldha, NA);
     KL("const int a = lid;");
     KL("const int own = a < L;");
     KL("const long tk = rb + (own ? a : 0);");
@@ -1622,7 +1704,7 @@ static int emit_bwd_scan(kgen *k, const ir_node *n, int node, m3_kdims d) {
     KL("for (int i = 0; i < %d; i++) {", NA);
     KL("const float tn = TANHF(ang[tk * %ldL + i]), Gv = TH[a * %d + i];", ldang, NA);
     KL("share += Gv * (" M3_PI_F " * tn);");
-    KL("hd[tk * %ldL + h * %ldL + %d + i] = Gv * DT * " M3_PI_F " * (1.0f - tn * tn);", ldh, W2, 2 * N);
+    KL("ha[tk * %ldL + h * %d + i] = Gv * DT * " M3_PI_F " * (1.0f - tn * tn);", ldha, NA);
     KL("}");
     KL("const float ow = dgam + dsc;");
     KL("float dDT = ow * lam + Av * dADT + share, dlam = ow * DT;");
@@ -1648,6 +1730,510 @@ static int emit_bwd_scan(kgen *k, const ir_node *n, int node, m3_kdims d) {
     return kg_end(k);
 }
 
+/* ---------------------------------------------------------------- chunk-parallel backward
+ *
+ * Where the forward's chunked kernels ran, the backward follows the same shape (design §7,
+ * "Backward"), all fp32, no atomics, every sum in a fixed order:
+ *  (1) mamba3_scan_bwd_chunk, per (chunk c >= 1, b, h): the chunk's increment of the state
+ *      gradient, sum_t exp(cs_t) dy_t Qr_t^T, formed in the chunk's local frame (keys and
+ *      queries rotated by the angle accumulated inside the chunk) and turned into the absolute
+ *      frame by the angle entering the chunk (the forward's `theta`); stored with the chunk's
+ *      total decay in the rows of chunk c-1 (`du`).
+ *  (2) mamba3_scan_bwd_walk, per (b, h): dS leaving chunk c-1 = decay_c * dS leaving c + du_c,
+ *      from the last chunk to the first (`dsl`).
+ *  (3) mamba3_scan_bwd_main, per (chunk, b, h): with the entering state (`saved`) and the
+ *      leaving state gradient (`dsl`) turned into the local frame, every product of the chunk
+ *      is differentiated at once as small matrix products in shared memory: G = dY V^T and
+ *      QK = Ql Kl^T masked by the decays, then dQl, dKl, dV; the per-token sums (dcs, dscale)
+ *      come from dot products of those results with their inputs (sum_s M_ts QK_ts =
+ *      Ql_t . sum_s M_ts Kl_s), so no CH x CH temporary is needed for them. Writes dx, d(dd_A),
+ *      the unrotated dK/dQ shares, and per token (`tk`) the in-chunk suffix of dTheta and the
+ *      partial dDT/dlam.
+ *  (4) mamba3_scan_bwd_fix, per (b, h): the angle gradient's carry from later chunks and the
+ *      trapezoid term that crosses into the previous chunk, finishing d(dd_dt), d(trap) and
+ *      the d(angles) shares.
+ * A work-item (row r, lane q) of the main kernel owns row r of every CH x X product and the
+ * columns q, q + TPR, ...; rows of shared tiles are padded by one float so the lanes of a
+ * warp fall in different banks. */
+
+/* threads per row of the main kernel's products */
+static int bwd_tpr(int CH) { return CH <= 64 ? 4 : CH <= 128 ? 2 : 1; }
+
+static long bwd_main_shared(m3_kdims d) {
+    const long CH = d.CH, N = d.N, P = d.P;
+    long mm = CH * (CH + 1);
+    if (CH * (N + 1) > mm) mm = CH * (N + 1);
+    long region = 2 * mm;
+    if (P * (N + 1) > region) region = P * (N + 1);
+    return 4L * (2 * CH * (N + 1) + 2 * CH * (P + 1) + region + CH * d.NA);
+}
+
+static int bwd_chunked_fits(m3_kdims d) {
+    /* 160 KiB: under what sm_80 and sm_90 let one block opt in to */
+    return d.CH <= 256 && bwd_main_shared(d) <= 160L * 1024 && 4L * d.CH * (d.N + d.P + d.NA) <= 160L * 1024;
+}
+
+/* ldt/ladt/lsc/lgm/lcs and the in-chunk angles LPH of the chunk's tokens (zeros past L) */
+static void bwd_emit_token_scalars(kgen *k, int NT, int CH, int NA, long lddt, long ldda, long ldtr, long ldang) {
+    char angx[96];
+    snprintf(angx, sizeof angx, "ang[(rb + a) * %ldL + i]", ldang);
+    KL("for (int a = lid; a < %d; a += %d) {", CH, NT);
+    KL("if (a < L) {");
+    KL("const long tk = rb + a;");
+    KL("const int hasn = c0 + a + 1 < S;");
+    KL("const long tkn = hasn ? tk + 1 : tk;");
+    emit_acts(k, "", "tk", lddt, ldda, ldtr);
+    emit_acts(k, "n", "tkn", lddt, ldda, ldtr);
+    KL("ldt[a] = DT; ladt[a] = Av * DT; lgm[a] = lam * DT;");
+    KL("lsc[a] = lam * DT + (hasn ? (1.0f - nlam) * nDT : 0.0f);");
+    KL("} else { ldt[a] = 0.0f; ladt[a] = 0.0f; lgm[a] = 0.0f; lsc[a] = 0.0f; }");
+    KL("}");
+    KL("BARRIER();");
+    /* the forward kernels' in-order prefix, so every kernel sees the same cs */
+    KL("for (int a = lid; a < %d; a += %d) { float cs = 0.0f; for (int j = 0; j <= a && j < L; j++) cs += ladt[j]; lcs[a] = cs; }",
+       CH, NT);
+    KL("for (int i = lid; i < %d; i += %d) {", NA, NT);
+    KL("float Tq = 0.0f;");
+    KL("for (int a = 0; a < L; a++) {");
+    emit_theta_step(k, "Tq", "ldt[a]", angx);
+    KL("LPH[a * %d + i] = Tq;", NA);
+    KL("}");
+    KL("}");
+}
+
+/* Q (or K) of token a, element nn, biased and rotated by the in-chunk angle, into `dst` */
+static void bwd_emit_rot_load(kgen *k, const char *dst, const char *src, const char *bias, long ld, int N, int NA) {
+    KL("{");
+    KL("float v = %s[(rb + a) * %ldL + nn] + %s[h * %d + nn];", src, ld, bias, N);
+    KL("if (nn < %d) {", 2 * NA);
+    KL("const int i = nn >> 1;");
+    KL("const float cq = COSF(LPH[a * %d + i]), sq = SINF(LPH[a * %d + i]);", NA, NA);
+    KL("const float v0 = %s[(rb + a) * %ldL + 2 * i] + %s[h * %d + 2 * i], v1 = %s[(rb + a) * %ldL + 2 * i + 1] + %s[h * %d + 2 * i + 1];",
+       src, ld, bias, N, src, ld, bias, N);
+    KL("v = (nn & 1) ? v0 * sq + v1 * cq : v0 * cq - v1 * sq;");
+    KL("}");
+    KL("%s = v;", dst);
+    KL("}");
+}
+
+static int emit_bwd_chunked(kgen *k, const ir_node *n, int node, m3_kdims d) {
+    const int H = d.H, P = d.P, N = d.N, NA = d.NA, CH = d.CH, NH = (N + 1) / 2;
+    const long W = d.W, PN = (long)P * N, Wd = m3_bwd_width(P, N, CH), W2 = m3_theta_width(NA, CH), Wt = NA + 3;
+    const long ldx = kg_ld(k, n->in[IN_X]), ldb = kg_ld(k, n->in[IN_BN]), ldc = kg_ld(k, n->in[IN_CN]),
+               lddt = kg_ld(k, n->in[IN_DDT]), ldda = kg_ld(k, n->in[IN_DDA]), ldtr = kg_ld(k, n->in[IN_TRAP]),
+               ldang = kg_ld(k, n->in[IN_ANG]), ldst = kg_ld(k, n->in[BIN_ST]), lddy = kg_ld(k, n->in[BIN_DY]),
+               ldth = kg_ld(k, n->in[BIN_TH]), ldgx = kg_ld(k, n->out[IN_X]), ldgt = kg_ld(k, n->out[IN_DDT]),
+               ldga = kg_ld(k, n->out[IN_DDA]), ldgr = kg_ld(k, n->out[IN_TRAP]), ldh = kg_ld(k, n->out[BOUT_HEAD]),
+               ldha = kg_ld(k, n->out[BOUT_HANG]), lddu = kg_ld(k, n->out[BOUT_DU]),
+               lddsl = kg_ld(k, n->out[BOUT_DSL]), ldtk = kg_ld(k, n->out[BOUT_TK]);
+    char a0[200], a1[200], a2[200], a3[200];
+
+    /* ---- (1) per-chunk increments of the state gradient */
+    {
+        const int NT = 256;
+        kg_begin(k, "mamba3_scan_bwd_chunk", node, node + 1);
+        args_common(k, n);
+        kg_in(k, "dy", n->in[BIN_DY]);
+        kg_in(k, "th", n->in[BIN_TH]);
+        kg_out(k, "du", n->out[BOUT_DU]);
+        KL("const long c0 = GID_X * %d, bh = GID_Y, b = bh / %d;", CH, H);
+        KL("const int h = (int)(bh - b * %d), lid = LID_X;", H);
+        KL("const long rb = b * S + c0, sb = rb - %d;", CH);
+        KL("const int L = (int)(S - c0 < %d ? S - c0 : %d);", CH, CH);
+        KL("LOCAL float ldt[%d], ladt[%d], lsc[%d], lgm[%d], lcs[%d], tc[%d], ts[%d];", CH, CH, CH, CH, CH, NA, NA);
+        kg_shared(k, "LPH", (long)CH * NA);
+        kg_shared(k, "QL", (long)CH * N);
+        kg_shared(k, "EY", (long)CH * P);
+        KL("const float dtbh = dtb[h];");
+        bwd_emit_token_scalars(k, NT, CH, NA, lddt, ldda, ldtr, ldang);
+        kl_spread(a0, sizeof a0, "sb", "2 * i", W2, ldth);
+        kl_spread(a1, sizeof a1, "sb", "2 * i + 1", W2, ldth);
+        KL("for (int i = lid; i < %d; i += %d) {", NA, NT);
+        KL("if (c0 > 0) { tc[i] = th[%s]; ts[i] = th[%s]; } else { tc[i] = 1.0f; ts[i] = 0.0f; }", a0, a1);
+        KL("}");
+        KL("BARRIER();");
+        KL("for (int j = lid; j < %d; j += %d) {", CH * N, NT);
+        KL("const int a = j / %d, nn = j - a * %d;", N, N);
+        KL("if (a < L) {");
+        bwd_emit_rot_load(k, "QL[j]", "Cn", "Cb", ldc, N, NA);
+        KL("} else QL[j] = 0.0f;");
+        KL("}");
+        KL("for (int j = lid; j < %d; j += %d) {", CH * P, NT);
+        KL("const int a = j / %d, p = j - a * %d;", P, P);
+        KL("EY[j] = a < L ? EXPF(FMINF(lcs[a], 0.0f)) * dy[(rb + a) * %ldL + h * %d + p] : 0.0f;", lddy, P);
+        KL("}");
+        KL("BARRIER();");
+        /* chunk 0's increment is the gradient of the zero initial state: not needed; its
+         * work-group clears the last chunk's rows instead (nothing leaves the last chunk) */
+        kl_spread(a0, sizeof a0, "sb", "e0", Wd, lddu);
+        kl_spread(a1, sizeof a1, "sb", "e0 + 1", Wd, lddu);
+        KL("if (c0 > 0) {");
+        KL("for (int q = lid; q < %d; q += %d) {", P * NH, NT);
+        KL("const int p = q / %d, j = q - p * %d;", NH, NH);
+        KL("const long e0 = (long)p * %d + 2 * j;", N);
+        KL("float u0 = 0.0f, u1 = 0.0f;");
+        KL("const int j1 = 2 * j + 1 < %d ? 2 * j + 1 : 2 * j;", N);
+        KL("for (int a = 0; a < L; a++) { const float e = EY[a * %d + p]; u0 += e * QL[a * %d + 2 * j]; u1 += e * QL[a * %d + j1]; }",
+           P, N, N);
+        KL("if (j < %d) { const float r0 = u0 * tc[j] - u1 * ts[j], r1 = u0 * ts[j] + u1 * tc[j]; u0 = r0; u1 = r1; }", NA);
+        KL("du[%s] = u0;", a0);
+        KL("if (2 * j + 1 < %d) du[%s] = u1;", N, a1);
+        KL("}");
+        kl_spread(a0, sizeof a0, "sb", "e", Wd, lddu);
+        KL("for (long e = %ldL + lid; e < %ldL; e += %d) du[%s] = e == %ldL ? EXPF(FMINF(lcs[L - 1], 0.0f)) : 0.0f;",
+           PN, (long)CH * Wd, NT, a0, PN);
+        KL("} else {");
+        KL("const long nch = (S + %d) / %d;", CH - 1, CH);
+        KL("const long lb = b * S + (nch - 1) * %d, LL = S - (nch - 1) * %d;", CH, CH);
+        kl_spread(a0, sizeof a0, "lb", "e", Wd, lddu);
+        KL("for (long e = lid; e < LL * %ldL; e += %d) du[%s] = 0.0f;", Wd, NT, a0);
+        KL("}");
+        kg_grid(k, 0, 0, 0, 1, 0, CH);
+        kg_grid(k, 1, 0, H, 0, 0, 1);
+        kg_block(k, NT, 1, 1);
+        if (kg_end(k) < 0) return -1;
+    }
+
+    /* ---- (2) the walk: gradients of the states leaving each chunk */
+    {
+        const int NT = 256, RQ = (int)((PN + NT - 1) / NT);
+        kg_begin(k, "mamba3_scan_bwd_walk", node, node + 1);
+        kg_in(k, "du", n->out[BOUT_DU]);
+        kg_out(k, "dsl", n->out[BOUT_DSL]);
+        KL("const long b = GID_X / %d;", H);
+        KL("const int h = (int)(GID_X - b * %d), lid = LID_X;", H);
+        KL("const long nch = (S + %d) / %d;", CH - 1, CH);
+        KL("float R[%d];", RQ);
+        KL("for (int r = 0; r < %d; r++) R[r] = 0.0f;", RQ);
+        KL("for (long c = nch - 1; c >= 1; c--) {");
+        KL("const long sb = b * S + (c - 1) * %d;", CH);
+        snprintf(a0, sizeof a0, "((sb) + %ldL / %ldL) * %ldL + h * %ldL + %ldL %% %ldL", PN, Wd, lddu, Wd, PN, Wd);
+        KL("const float dc = du[%s];", a0);
+        kl_spread(a0, sizeof a0, "sb", "e", Wd, lddu);
+        kl_spread(a1, sizeof a1, "sb", "e", W, lddsl);
+        KL("for (int r = 0; r < %d; r++) {", RQ);
+        KL("const long e = lid + (long)r * %d;", NT);
+        KL("if (e < %ldL) { R[r] = dc * R[r] + du[%s]; dsl[%s] = R[r]; }", PN, a0, a1);
+        KL("}");
+        KL("for (long e = %ldL + lid; e < %ldL; e += %d) dsl[%s] = 0.0f;", PN, (long)CH * W, NT, a1);
+        KL("}");
+        KL("const long lb = b * S + (nch - 1) * %d, LL = S - (nch - 1) * %d;", CH, CH);
+        kl_spread(a1, sizeof a1, "lb", "e", W, lddsl);
+        KL("for (long e = lid; e < LL * %ldL; e += %d) dsl[%s] = 0.0f;", W, NT, a1);
+        kg_grid(k, 0, 0, H, 0, 0, 1);
+        kg_block(k, NT, 1, 1);
+        if (kg_end(k) < 0) return -1;
+    }
+
+    /* ---- (3) the chunk's products */
+    {
+        const int TPR = bwd_tpr(CH), NT = CH * TPR;
+        const int CN = (N + TPR - 1) / TPR, CP = (P + TPR - 1) / TPR, CC = (CH + TPR - 1) / TPR;
+        const int N1 = N + 1, P1 = P + 1, C1 = CH + 1;
+        long mm = (long)CH * C1;
+        if ((long)CH * N1 > mm) mm = (long)CH * N1;
+        long region = 2 * mm;
+        if ((long)P * N1 > region) region = (long)P * N1;
+        kg_begin(k, "mamba3_scan_bwd_main", node, node + 1);
+        args_common(k, n);
+        kg_in(k, "Dp", n->in[IN_D]);
+        kg_in(k, "st", n->in[BIN_ST]);
+        kg_in(k, "dy", n->in[BIN_DY]);
+        kg_in(k, "th", n->in[BIN_TH]);
+        kg_in(k, "dsl", n->out[BOUT_DSL]);
+        kg_out(k, "gx", n->out[IN_X]);
+        kg_out(k, "gddA", n->out[IN_DDA]);
+        kg_out(k, "hd", n->out[BOUT_HEAD]);
+        kg_out(k, "tkw", n->out[BOUT_TK]);
+        KL("const long c0 = GID_X * %d, bh = GID_Y, b = bh / %d;", CH, H);
+        KL("const int h = (int)(bh - b * %d), lid = LID_X;", H);
+        KL("const int tr = lid / %d, tq = lid - tr * %d;   /* product row, column lane */", TPR, TPR);
+        KL("const long rb = b * S + c0, sb = rb - %d;", CH);
+        KL("const int L = (int)(S - c0 < %d ? S - c0 : %d);", CH, CH);
+        KL("const int last = c0 + %d >= S;   /* nothing leaves the last chunk */", CH);
+        KL("LOCAL float ldt[%d], ladt[%d], lsc[%d], lgm[%d], lcs[%d], tc[%d], ts[%d];", CH, CH, CH, CH, CH, NA, NA);
+        KL("LOCAL float ldcs[%d], ldsc[%d], lvdu[%d], lG[%d], lQK[%d], red[%d], lsd[1];", CH, CH, CH, CH, CH, 3 * NT);
+        kg_shared(k, "QL", (long)CH * N1);
+        kg_shared(k, "KL", (long)CH * N1);
+        kg_shared(k, "DY", (long)CH * P1);
+        kg_shared(k, "V", (long)CH * P1);
+        kg_shared(k, "RG", region);
+        kg_shared(k, "LPH", (long)CH * NA);
+        KL("LOCAL_PTR float *X = RG;   /* the state, then its gradient: P x N in the local frame */");
+        KL("LOCAL_PTR float *MA = RG, *MB = RG + %ld;", mm);
+        KL("const float dtbh = dtb[h], Dh = Dp[h];");
+        bwd_emit_token_scalars(k, NT, CH, NA, lddt, ldda, ldtr, ldang);
+        kl_spread(a0, sizeof a0, "sb", "2 * i", W2, ldth);
+        kl_spread(a1, sizeof a1, "sb", "2 * i + 1", W2, ldth);
+        KL("for (int i = lid; i < %d; i += %d) {", NA, NT);
+        KL("if (c0 > 0) { tc[i] = th[%s]; ts[i] = th[%s]; } else { tc[i] = 1.0f; ts[i] = 0.0f; }", a0, a1);
+        KL("}");
+        KL("BARRIER();");
+        /* tiles: rows past L are zero, so every product below may run over all CH rows */
+        KL("for (int j = lid; j < %d; j += %d) {", CH * N, NT);
+        KL("const int a = j / %d, nn = j - a * %d;", N, N);
+        KL("if (a < L) {");
+        snprintf(a2, sizeof a2, "QL[a * %d + nn]", N1);
+        bwd_emit_rot_load(k, a2, "Cn", "Cb", ldc, N, NA);
+        snprintf(a2, sizeof a2, "KL[a * %d + nn]", N1);
+        bwd_emit_rot_load(k, a2, "Bn", "Bb", ldb, N, NA);
+        KL("} else { QL[a * %d + nn] = 0.0f; KL[a * %d + nn] = 0.0f; }", N1, N1);
+        KL("}");
+        KL("for (int j = lid; j < %d; j += %d) {", CH * P, NT);
+        KL("const int a = j / %d, p = j - a * %d;", P, P);
+        KL("DY[a * %d + p] = a < L ? dy[(rb + a) * %ldL + h * %d + p] : 0.0f;", P1, lddy, P);
+        KL("V[a * %d + p] = a < L ? x[(rb + a) * %ldL + h * %d + p] : 0.0f;", P1, ldx, P);
+        KL("}");
+        /* X = S_in R(Theta_in): each state row turned into the chunk's frame */
+        kl_spread(a0, sizeof a0, "sb", "e0", W, ldst);
+        kl_spread(a1, sizeof a1, "sb", "e0 + 1", W, ldst);
+        KL("for (int q = lid; q < %d; q += %d) {", P * NH, NT);
+        KL("const int p = q / %d, j = q - p * %d;", NH, NH);
+        KL("const long e0 = (long)p * %d + 2 * j;", N);
+        KL("float s0 = 0.0f, s1 = 0.0f;");
+        KL("if (c0 > 0) { s0 = st[%s]; if (2 * j + 1 < %d) s1 = st[%s]; }", a0, N, a1);
+        KL("if (j < %d) { const float r0 = s0 * tc[j] + s1 * ts[j], r1 = s1 * tc[j] - s0 * ts[j]; s0 = r0; s1 = r1; }", NA);
+        KL("X[p * %d + 2 * j] = s0;", N1);
+        KL("if (2 * j + 1 < %d) X[p * %d + 2 * j + 1] = s1;", N, N1);
+        KL("}");
+        KL("BARRIER();");
+        KL("float dq[%d], dk[%d], dv[%d], acc[%d];", CN, CN, CP, CC > CN ? (CC > CP ? CC : CP) : (CN > CP ? CN : CP));
+        KL("for (int c = 0; c < %d; c++) { dq[c] = 0.0f; dk[c] = 0.0f; }", CN);
+        KL("for (int c = 0; c < %d; c++) dv[c] = 0.0f;", CP);
+        KL("const float et = EXPF(FMINF(lcs[tr], 0.0f));");
+        KL("const float wl = EXPF(FMINF(lcs[L - 1] - lcs[tr], 0.0f)) * lsc[tr];");
+        /* inter-chunk: y_t += e_t S_in Qr_t  ->  dQl_t = e_t X^T dy_t, dcs_t += e_t dy_t.X Ql_t */
+        KL("{");
+        KL("for (int c = 0; c < %d; c++) acc[c] = 0.0f;", CN);
+        KL("for (int p = 0; p < %d; p++) {", P);
+        KL("const float yv = DY[tr * %d + p];", P1);
+        KL("for (int c = 0; c < %d; c++) { const int nn = tq + c * %d; if (nn < %d) acc[c] += yv * X[p * %d + nn]; }", CN, TPR, N, N1);
+        KL("}");
+        KL("float zd = 0.0f;");
+        KL("for (int c = 0; c < %d; c++) { const int nn = tq + c * %d; if (nn < %d) { dq[c] = et * acc[c]; zd += acc[c] * QL[tr * %d + nn]; } }",
+           CN, TPR, N, N1);
+        KL("red[lid] = et * zd;");
+        KL("}");
+        KL("BARRIER();");
+        KL("if (lid < %d) { float s = 0.0f; for (int q = 0; q < %d; q++) s += red[lid * %d + q]; ldcs[lid] = s; }", CH, TPR, TPR);
+        KL("BARRIER();");
+        /* X = dS_out R(Theta_in); <dS_out, S_in> needs no rotation (both absolute) */
+        kl_spread(a2, sizeof a2, "rb", "e0", W, lddsl);
+        kl_spread(a3, sizeof a3, "rb", "e0 + 1", W, lddsl);
+        KL("{");
+        KL("float sd = 0.0f;");
+        KL("for (int q = lid; q < %d; q += %d) {", P * NH, NT);
+        KL("const int p = q / %d, j = q - p * %d;", NH, NH);
+        KL("const long e0 = (long)p * %d + 2 * j;", N);
+        KL("float g0 = 0.0f, g1 = 0.0f;");
+        KL("if (!last) {");
+        KL("g0 = dsl[%s]; if (2 * j + 1 < %d) g1 = dsl[%s];", a2, N, a3);
+        KL("if (c0 > 0) { sd += g0 * st[%s]; if (2 * j + 1 < %d) sd += g1 * st[%s]; }", a0, N, a1);
+        KL("}");
+        KL("if (j < %d) { const float r0 = g0 * tc[j] + g1 * ts[j], r1 = g1 * tc[j] - g0 * ts[j]; g0 = r0; g1 = r1; }", NA);
+        KL("X[p * %d + 2 * j] = g0;", N1);
+        KL("if (2 * j + 1 < %d) X[p * %d + 2 * j + 1] = g1;", N, N1);
+        KL("}");
+        KL("red[lid] = sd;");
+        KL("}");
+        KL("BARRIER();");
+        KL("if (lid == 0) { float s = 0.0f; for (int q = 0; q < %d; q++) s += red[q]; lsd[0] = s; }", NT);
+        /* the state update S_out += sum_s wl_s v_s Kl_s^T: dv_s += wl_s X Kl_s, dKl_s += wl_s X^T v_s */
+        KL("{");
+        KL("for (int c = 0; c < %d; c++) acc[c] = 0.0f;", CP);
+        KL("for (int nn = 0; nn < %d; nn++) {", N);
+        KL("const float kv = KL[tr * %d + nn];", N1);
+        KL("for (int c = 0; c < %d; c++) { const int p = tq + c * %d; if (p < %d) acc[c] += kv * X[p * %d + nn]; }", CP, TPR, P, N1);
+        KL("}");
+        KL("float vd = 0.0f;");
+        KL("for (int c = 0; c < %d; c++) { const int p = tq + c * %d; if (p < %d) { dv[c] = wl * acc[c]; vd += acc[c] * V[tr * %d + p]; } }",
+           CP, TPR, P, P1);
+        KL("for (int c = 0; c < %d; c++) acc[c] = 0.0f;", CN);
+        KL("for (int p = 0; p < %d; p++) {", P);
+        KL("const float vv = V[tr * %d + p];", P1);
+        KL("for (int c = 0; c < %d; c++) { const int nn = tq + c * %d; if (nn < %d) acc[c] += vv * X[p * %d + nn]; }", CN, TPR, N, N1);
+        KL("}");
+        KL("for (int c = 0; c < %d; c++) dk[c] = wl * acc[c];", CN);
+        KL("BARRIER();");
+        KL("red[lid] = vd;");
+        KL("}");
+        KL("BARRIER();");
+        KL("if (lid < %d) { float s = 0.0f; for (int q = 0; q < %d; q++) s += red[lid * %d + q]; lvdu[lid] = s; }", CH, TPR, TPR);
+        /* the masked CH x CH products: MA = decay * scale_s * dy_t.v_s, MB = decay * Ql_t.Kl_s
+         * (s < t); their diagonals go to lG, lQK */
+        KL("for (int c = 0; c < %d; c++) {", CC);
+        KL("const int s2 = tq + c * %d;", TPR);
+        KL("if (s2 < %d) {", CH);
+        KL("float gv = 0.0f, qk = 0.0f;");
+        KL("if (s2 <= tr && tr < L) {");
+        KL("for (int p = 0; p < %d; p++) gv += DY[tr * %d + p] * V[s2 * %d + p];", P, P1, P1);
+        KL("for (int nn = 0; nn < %d; nn++) qk += QL[tr * %d + nn] * KL[s2 * %d + nn];", N, N1, N1);
+        KL("}");
+        KL("if (s2 == tr) { lG[tr] = gv; lQK[tr] = qk; }");
+        KL("const float wd = s2 < tr ? EXPF(FMINF(lcs[tr] - lcs[s2], 0.0f)) : 0.0f;");
+        KL("acc[c] = wd * lsc[s2] * gv;");
+        KL("MB[tr * %d + s2] = wd * qk;", C1);
+        KL("}");
+        KL("}");
+        KL("BARRIER();   /* every read of X (aliasing MA) is done */");
+        KL("for (int c = 0; c < %d; c++) { const int s2 = tq + c * %d; if (s2 < %d) MA[tr * %d + s2] = acc[c]; }", CC, TPR, CH, C1);
+        KL("BARRIER();");
+        /* dQl_t += sum_s MA_ts Kl_s;  dKl_s += sum_t MA_ts Ql_t;  dV'_s = sum_t MB_ts dy_t */
+        KL("{");
+        KL("float rd = 0.0f, cd = 0.0f, sv = 0.0f;");
+        KL("for (int c = 0; c < %d; c++) acc[c] = 0.0f;", CN);
+        KL("for (int s2 = 0; s2 < tr; s2++) {");
+        KL("const float m = MA[tr * %d + s2];", C1);
+        KL("for (int c = 0; c < %d; c++) { const int nn = tq + c * %d; if (nn < %d) acc[c] += m * KL[s2 * %d + nn]; }", CN, TPR, N, N1);
+        KL("}");
+        KL("for (int c = 0; c < %d; c++) { const int nn = tq + c * %d; if (nn < %d) { dq[c] += acc[c]; rd += acc[c] * QL[tr * %d + nn]; } }",
+           CN, TPR, N, N1);
+        KL("for (int c = 0; c < %d; c++) acc[c] = 0.0f;", CN);
+        KL("for (int t2 = tr + 1; t2 < L; t2++) {");
+        KL("const float m = MA[t2 * %d + tr];", C1);
+        KL("for (int c = 0; c < %d; c++) { const int nn = tq + c * %d; if (nn < %d) acc[c] += m * QL[t2 * %d + nn]; }", CN, TPR, N, N1);
+        KL("}");
+        KL("for (int c = 0; c < %d; c++) { const int nn = tq + c * %d; if (nn < %d) { dk[c] += acc[c]; cd += acc[c] * KL[tr * %d + nn]; } }",
+           CN, TPR, N, N1);
+        KL("for (int c = 0; c < %d; c++) acc[c] = 0.0f;", CP);
+        KL("for (int t2 = tr + 1; t2 < L; t2++) {");
+        KL("const float m = MB[t2 * %d + tr];", C1);
+        KL("for (int c = 0; c < %d; c++) { const int p = tq + c * %d; if (p < %d) acc[c] += m * DY[t2 * %d + p]; }", CP, TPR, P, P1);
+        KL("}");
+        KL("for (int c = 0; c < %d; c++) { const int p = tq + c * %d; if (p < %d) { dv[c] += lsc[tr] * acc[c]; sv += acc[c] * V[tr * %d + p]; } }",
+           CP, TPR, P, P1);
+        KL("red[lid] = rd; red[%d + lid] = cd; red[%d + lid] = sv;", NT, 2 * NT);
+        KL("}");
+        /* the diagonal (gamma_t Q_t.K_t + D) v_t, rotation invariant */
+        KL("{");
+        KL("const float gg = lgm[tr] * lG[tr], gq = lgm[tr] * lQK[tr] + Dh;");
+        KL("for (int c = 0; c < %d; c++) { const int nn = tq + c * %d; if (nn < %d) { dq[c] += gg * KL[tr * %d + nn]; dk[c] += gg * QL[tr * %d + nn]; } }",
+           CN, TPR, N, N1, N1);
+        KL("for (int c = 0; c < %d; c++) { const int p = tq + c * %d; if (p < %d) dv[c] += gq * DY[tr * %d + p]; }", CP, TPR, P, P1);
+        KL("}");
+        KL("BARRIER();");
+        /* per token: dcs and dscale */
+        KL("if (lid < L) {");
+        KL("const int a = lid;");
+        KL("float r0 = 0.0f, r1 = 0.0f, r2 = 0.0f;");
+        KL("for (int q = 0; q < %d; q++) { r0 += red[a * %d + q]; r1 += red[%d + a * %d + q]; r2 += red[%d + a * %d + q]; }",
+           TPR, TPR, NT, TPR, 2 * NT, TPR);
+        KL("const float dl = EXPF(FMINF(lcs[L - 1] - lcs[a], 0.0f));");
+        KL("float dc = ldcs[a] + r0 - r1 - dl * lsc[a] * lvdu[a];");
+        KL("if (a == L - 1) {");
+        KL("dc += EXPF(FMINF(lcs[L - 1], 0.0f)) * lsd[0];");
+        KL("for (int s2 = 0; s2 < L; s2++) dc += EXPF(FMINF(lcs[L - 1] - lcs[s2], 0.0f)) * lsc[s2] * lvdu[s2];");
+        KL("}");
+        KL("ldcs[a] = dc;");
+        KL("ldsc[a] = r2 + dl * lvdu[a];");
+        KL("}");
+        /* dQl, dKl through shared memory (MA, MB are free): the angle pairs of a row sit in
+         * different lanes */
+        KL("for (int c = 0; c < %d; c++) { const int nn = tq + c * %d; if (nn < %d) { MA[tr * %d + nn] = dq[c]; MB[tr * %d + nn] = dk[c]; } }",
+           CN, TPR, N, N1, N1);
+        KL("for (int c = 0; c < %d; c++) { const int p = tq + c * %d; if (p < %d && tr < L) gx[(rb + tr) * %ldL + h * %d + p] = dv[c]; }",
+           CP, TPR, P, ldgx, P);
+        KL("BARRIER();");
+        /* rotation undo: dQ = R(phi)^T dQl; dTheta_t = dQl x Ql + dKl x Kl (rotation invariant) */
+        KL("for (int j = lid; j < L * %d; j += %d) {", NH, NT);
+        KL("const int a = j / %d, i = j - a * %d;", NH, NH);
+        KL("const long hb = (rb + a) * %ldL + h * %d;", ldh, 2 * N);
+        KL("const int i0 = 2 * i, i1 = 2 * i + 1 < %d ? 2 * i + 1 : 2 * i;", N);
+        KL("if (i < %d) {", NA);
+        KL("const float cq = COSF(LPH[a * %d + i]), sq = SINF(LPH[a * %d + i]);", NA, NA);
+        KL("const float gq0 = MA[a * %d + i0], gq1 = MA[a * %d + i1], gk0 = MB[a * %d + i0], gk1 = MB[a * %d + i1];", N1, N1, N1, N1);
+        KL("hd[hb + i0] = cq * gk0 + sq * gk1; hd[hb + i1] = -sq * gk0 + cq * gk1;");
+        KL("hd[hb + %d + i0] = cq * gq0 + sq * gq1; hd[hb + %d + i1] = -sq * gq0 + cq * gq1;", N, N);
+        KL("LPH[a * %d + i] = -gq0 * QL[a * %d + i1] + gq1 * QL[a * %d + i0] - gk0 * KL[a * %d + i1] + gk1 * KL[a * %d + i0];",
+           NA, N1, N1, N1, N1);
+        KL("} else {");
+        KL("hd[hb + i0] = MB[a * %d + i0]; hd[hb + %d + i0] = MA[a * %d + i0];", N1, N, N1);
+        KL("if (i1 != i0) { hd[hb + i1] = MB[a * %d + i1]; hd[hb + %d + i1] = MA[a * %d + i1]; }", N1, N, N1);
+        KL("}");
+        KL("}");
+        KL("BARRIER();");
+        /* per token: the in-chunk suffix of dTheta, dADT (in-chunk suffix of dcs), partial dDT/dlam */
+        KL("for (int i = lid; i < %d; i += %d) {", NA, NT);
+        KL("float G = 0.0f;");
+        KL("for (int a = L - 1; a >= 0; a--) { G += LPH[a * %d + i]; tkw[(rb + a) * %ldL + h * %ld + i] = G; }", NA, ldtk, Wt);
+        KL("}");
+        KL("if (lid < L) {");
+        KL("const int a = lid;");
+        KL("const long tk = rb + a;");
+        emit_acts(k, "", "tk", lddt, ldda, ldtr);
+        KL("float dADT = 0.0f;");
+        KL("for (int a2 = a; a2 < L; a2++) dADT += ldcs[a2];");
+        KL("const float ow = lQK[a] * lG[a] + ldsc[a];");
+        KL("float pdt = ow * lam + Av * dADT, plam = ow * DT;");
+        KL("if (a > 0) { pdt += ldsc[a - 1] * (1.0f - lam); plam -= ldsc[a - 1] * DT; }");
+        KL("gddA[tk * %ldL + h] = DT * dADT * dA;", ldga);
+        KL("tkw[tk * %ldL + h * %ld + %d] = pdt;", ldtk, Wt, NA);
+        KL("tkw[tk * %ldL + h * %ld + %d] = plam;", ldtk, Wt, NA + 1);
+        KL("tkw[tk * %ldL + h * %ld + %d] = ldsc[a];", ldtk, Wt, NA + 2);
+        KL("}");
+        kg_grid(k, 0, 0, 0, 1, 0, CH);
+        kg_grid(k, 1, 0, H, 0, 0, 1);
+        kg_block(k, NT, 1, 1);
+        if (kg_end(k) < 0) return -1;
+    }
+
+    /* ---- (4) the angle carry and the trapezoid term across chunk boundaries */
+    {
+        int NT = CH > NA ? CH : NA;
+        NT = (NT + 31) / 32 * 32;
+        if (NT > 256) NT = 256;
+        kg_begin(k, "mamba3_scan_bwd_fix", node, node + 1);
+        kg_in(k, "ddt", n->in[IN_DDT]);
+        kg_in(k, "trap", n->in[IN_TRAP]);
+        kg_in(k, "ang", n->in[IN_ANG]);
+        kg_in(k, "dtb", n->in[IN_DTB]);
+        kg_in(k, "tkw", n->out[BOUT_TK]);
+        kg_out(k, "gddt", n->out[IN_DDT]);
+        kg_out(k, "gtrap", n->out[IN_TRAP]);
+        kg_out(k, "ha", n->out[BOUT_HANG]);
+        KL("const long b = GID_X / %d;", H);
+        KL("const int h = (int)(GID_X - b * %d), lid = LID_X;", H);
+        KL("LOCAL float carry[%d], cur[%d];", NA, NA);
+        KL("const float dtbh = dtb[h];");
+        KL("for (int i = lid; i < %d; i += %d) carry[i] = 0.0f;", NA, NT);
+        KL("const long nch = (S + %d) / %d;", CH - 1, CH);
+        KL("for (long c = nch - 1; c >= 0; c--) {");
+        KL("const long rb = b * S + c * %d;", CH);
+        KL("const int L = (int)(S - c * %d < %d ? S - c * %d : %d);", CH, CH, CH, CH);
+        KL("BARRIER();");
+        KL("for (int i = lid; i < %d; i += %d) { cur[i] = carry[i]; carry[i] += tkw[rb * %ldL + h * %ld + i]; }", NA, NT, ldtk, Wt);
+        KL("BARRIER();");
+        KL("for (int a = lid; a < L; a += %d) {", NT);
+        KL("const long tk = rb + a;");
+        KL("const float u = ddt[tk * %ldL + h] + dtbh;", lddt);
+        KL("const float DT = u > 20.0f ? u : LOG1PF(EXPF(u));");
+        KL("const float sg = u > 20.0f ? 1.0f : (u >= 0.0f ? 1.0f / (1.0f + EXPF(-u)) : EXPF(u) / (1.0f + EXPF(u)));");
+        KL("const float tr = trap[tk * %ldL + h];", ldtr);
+        KL("const float lam = tr >= 0.0f ? 1.0f / (1.0f + EXPF(-tr)) : EXPF(tr) / (1.0f + EXPF(tr));");
+        KL("float share = 0.0f;");
+        KL("for (int i = 0; i < %d; i++) {", NA);
+        KL("const float Gv = tkw[tk * %ldL + h * %ld + i] + cur[i], tn = TANHF(ang[tk * %ldL + i]);", ldtk, Wt, ldang);
+        KL("share += Gv * (" M3_PI_F " * tn);");
+        KL("ha[tk * %ldL + h * %d + i] = Gv * DT * " M3_PI_F " * (1.0f - tn * tn);", ldha, NA);
+        KL("}");
+        KL("float dDT = tkw[tk * %ldL + h * %ld + %d] + share, dlam = tkw[tk * %ldL + h * %ld + %d];", ldtk, Wt, NA, ldtk, Wt,
+           NA + 1);
+        KL("if (a == 0 && c > 0) {");
+        KL("const float dp = tkw[(tk - 1) * %ldL + h * %ld + %d];", ldtk, Wt, NA + 2);
+        KL("dDT += dp * (1.0f - lam);");
+        KL("dlam -= dp * DT;");
+        KL("}");
+        KL("gddt[tk * %ldL + h] = dDT * sg;", ldgt);
+        KL("gtrap[tk * %ldL + h] = dlam * lam * (1.0f - lam);", ldgr);
+        KL("}");
+        KL("}");
+        kg_grid(k, 0, 0, H, 0, 0, 1);
+        kg_block(k, NT, 1, 1);
+        if (kg_end(k) < 0) return -1;
+    }
+    return 0;
+}
+
 static int emit_bwd(kgen *k, const ir_node *n) {
     const ir_graph *g = k->g;
     int node = (int)(n - g->n);
@@ -1655,18 +2241,22 @@ static int emit_bwd(kgen *k, const ir_node *n) {
     const int H = d.H, P = d.P, N = d.N, NA = d.NA, CH = d.CH;
     const long W2 = 2L * N + NA;
     long local = 4L * ((long)P * N + (long)CH * N + (long)CH * NA + 6L * CH + 4);
-    if (CH > 256 || NA > 256 || local > 48L * 1024) {
+    if (fwd_chunked(d) && bwd_chunked_fits(d)) {
+        if (emit_bwd_chunked(k, n, node, d) < 0) return -1;
+    } else if (CH > 256 || NA > 256 || local > 48L * 1024) {
         snprintf(k->err, sizeof k->err,
                  "mamba3_scan_bwd: the simple kernel needs chunk <= 256 and (P*N + chunk*(N+NA+6))*4 "
                  "<= 48 KiB of local memory; got P=%d N=%d NA=%d chunk=%d (%ld bytes)", P, N, NA, CH, local);
         return -1;
+    } else if (emit_bwd_scan(k, n, node, d) < 0) {
+        return -1;
     }
-    if (emit_bwd_scan(k, n, node, d) < 0) return -1;
 
     /* 2. shares summed over heads in order: dBn, dCn, d(angles) */
-    const long ldh = kg_ld(k, n->out[BOUT_HEAD]);
+    const long ldh = kg_ld(k, n->out[BOUT_HEAD]), ldha = kg_ld(k, n->out[BOUT_HANG]);
     kg_begin(k, "mamba3_scan_bwd_heads", node, node + 1);
     kg_in(k, "hd", n->out[BOUT_HEAD]);
+    kg_in(k, "ha", n->out[BOUT_HANG]);
     kg_out(k, "gBn", n->out[IN_BN]);
     kg_out(k, "gCn", n->out[IN_CN]);
     kg_out(k, "gang", n->out[IN_ANG]);
@@ -1675,7 +2265,8 @@ static int emit_bwd(kgen *k, const ir_node *n) {
     KL("const long tok = i / %ldL;", W2);
     KL("const int f = (int)(i - tok * %ldL);", W2);
     KL("float acc = 0.0f;");
-    KL("for (int hh = 0; hh < %d; hh++) acc += hd[tok * %ldL + hh * %ldL + f];", H, ldh, W2);
+    KL("if (f < %d) for (int hh = 0; hh < %d; hh++) acc += hd[tok * %ldL + hh * %d + f];", 2 * N, H, ldh, 2 * N);
+    KL("else for (int hh = 0; hh < %d; hh++) acc += ha[tok * %ldL + hh * %d + f - %d];", H, ldha, NA, 2 * N);
     KL("if (f < %d) gBn[tok * %ldL + f] = acc;", N, kg_ld(k, n->out[IN_BN]));
     KL("else if (f < %d) gCn[tok * %ldL + f - %d] = acc;", 2 * N, kg_ld(k, n->out[IN_CN]), N);
     KL("else gang[tok * %ldL + f - %d] = acc;", kg_ld(k, n->out[IN_ANG]), 2 * N);
@@ -1702,7 +2293,7 @@ static int emit_bwd(kgen *k, const ir_node *n) {
     KL("float acc = 0.0f, cmp = 0.0f;");
     KL("for (long tok = lid; tok < T; tok += 256) {");
     KL("float val;");
-    KL("if (j < %d) val = hd[tok * %ldL + h * %ldL + j];", 2 * N, ldh, W2);
+    KL("if (j < %d) val = hd[tok * %ldL + h * %d + j];", 2 * N, ldh, 2 * N);
     KL("else if (j == %d) val = gddt[tok * %ldL + h];", 2 * N, kg_ld(k, n->out[IN_DDT]));
     KL("else {");
     KL("float dv = 0.0f, dc = 0.0f;");

@@ -43,6 +43,21 @@ typedef struct {
      * hold dK_h (its share of dBn), + [N, 2N) dQ_h (share of dCn), + [2N, 2N+NA) the share of
      * d(angles). The kernels reduce them over heads in a fixed order. */
     double *head;   long head_ld;
+    /* Optional (NULL: not written): the workspaces of the chunk-parallel backward kernels, so
+     * each of its launches can be checked against this reference on its own. Layout like the
+     * saved states below (spread over a chunk's rows), per head:
+     *  du  (width m3_bwd_width): for every chunk c >= 1, in the rows of chunk c-1, its
+     *      increment of the state gradient sum_{t in c} exp(cs_t) dy_t Qr_t^T (slots
+     *      e < P*N) and, in slot P*N, exp(cs) of its last token (the chunk's total decay);
+     *      rows of the last chunk are zero;
+     *  dsl (width m3_states_width): in the rows of chunk c, the gradient of the state
+     *      leaving c; rows of the last chunk (nothing leaves it) are zero;
+     *  tk  ([tok, H*(NA+3)], per token and head): the in-chunk suffix sums of dTheta (NA),
+     *      dDT and dlam without the angle share and without the trapezoid term that
+     *      crosses into the previous chunk, and dscale. */
+    double *du;     long du_ld;
+    double *dsl;    long dsl_ld;
+    double *tk;     long tk_ld;
 } m3_grads;
 
 /* Recurrent state carried between calls (decode, prefill -> decode), one per sequence b. */
@@ -77,6 +92,8 @@ void m3_ref_recurrent(m3_dims d, const m3_inputs *in, const m3_state *init,
  * chunk the last chunk's rows hold the final state h_T. The decode state is m3_state, not
  * this. */
 long m3_states_width(int P, int N, int chunk);
+/* Per-head width of the backward's `du` workspace (m3_grads), ceil((P*N + 1)/chunk). */
+long m3_bwd_width(int P, int N, int chunk);
 /* Per-head width of the forward op's `theta` workspace, ceil(2*NA/chunk): the cos and sin of
  * the cumulative angle leaving every full chunk (slot 2i: cos Theta_i, 2i+1: sin Theta_i),
  * spread over the chunk's rows exactly like the states above. */

@@ -2,6 +2,7 @@
 #define KERNEL __kernel void
 #define GLOBAL __global
 #define LOCAL __local
+#define LOCAL_PTR __local
 #define BARRIER() barrier(CLK_LOCAL_MEM_FENCE)
 #define GID_X ((long)get_group_id(0))
 #define GID_Y ((long)get_group_id(1))

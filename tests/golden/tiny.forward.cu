@@ -2,6 +2,7 @@
 #define KERNEL extern "C" __global__ void
 #define GLOBAL 
 #define LOCAL __shared__
+#define LOCAL_PTR 
 #define BARRIER() __syncthreads()
 #define GID_X ((long)blockIdx.x)
 #define GID_Y ((long)blockIdx.y)

@@ -2,6 +2,7 @@
 #define KERNEL extern "C" __global__ void
 #define GLOBAL 
 #define LOCAL __shared__
+#define LOCAL_PTR 
 #define BARRIER() __syncthreads()
 #define GID_X ((long)blockIdx.x)
 #define GID_Y ((long)blockIdx.y)
@@ -1715,7 +1716,7 @@ KERNEL k35_fused(GLOBAL float *A, long B, long S, long o_in0, long o_in1, long o
     out2[tok * 304 + f] = v2;
 }
 
-KERNEL k36_mamba3_scan_bwd(GLOBAL float *A, long B, long S, long o_x, long o_Bn, long o_Cn, long o_ddt, long o_ddA, long o_trap, long o_ang, long o_dtb, long o_Bb, long o_Cb, long o_Dp, long o_st, long o_dy, long o_gx, long o_gddt, long o_gddA, long o_gtrap, long o_hd) {
+KERNEL k36_mamba3_scan_bwd_chunk(GLOBAL float *A, long B, long S, long o_x, long o_Bn, long o_Cn, long o_ddt, long o_ddA, long o_trap, long o_ang, long o_dtb, long o_Bb, long o_Cb, long o_dy, long o_th, long o_du) {
     const long T = B * S;
     (void)T;
     GLOBAL float *x = A + o_x;
@@ -1728,56 +1729,23 @@ KERNEL k36_mamba3_scan_bwd(GLOBAL float *A, long B, long S, long o_x, long o_Bn,
     GLOBAL float *dtb = A + o_dtb;
     GLOBAL float *Bb = A + o_Bb;
     GLOBAL float *Cb = A + o_Cb;
-    GLOBAL float *Dp = A + o_Dp;
-    GLOBAL float *st = A + o_st;
     GLOBAL float *dy = A + o_dy;
-    GLOBAL float *gx = A + o_gx;
-    GLOBAL float *gddt = A + o_gddt;
-    GLOBAL float *gddA = A + o_gddA;
-    GLOBAL float *gtrap = A + o_gtrap;
-    GLOBAL float *hd = A + o_hd;
-    const long b = GID_X / 4;
-    const int h = (int)(GID_X - b * 4);
-    const int lid = LID_X;
-    LOCAL float dS[512];
-    LOCAL float X[256];
-    LOCAL float TH[64];
-    LOCAL float ladt[16];
-    LOCAL float lcs[16];
-    LOCAL float lsc[16];
-    LOCAL float ldcs[16];
-    LOCAL float ldsc[16];
-    LOCAL float lT[16];
-    LOCAL float pend[4];
-    const float dtbh = dtb[h];
-    const float Dh = Dp[h];
-    float qr[16], kr[16], dqr[16], dkr[16];
-    float Gi = 0.0f;
-    if (lid < 4) {
-    float Tq = 0.0f;
-    for (long s = 0; s < S; s++) {
-    const long tok = b * S + s;
-    const float u = ddt[tok * 304L + h] + dtbh;
-    const float DT = u > 20.0f ? u : LOG1PF(EXPF(u));
-    Tq += DT * (3.14159265f * TANHF(ang[tok * 304L + lid]));
-    { const float kq = (float)(long)(Tq * 0.159154943f); Tq = (Tq - kq * 6.28318548f) + kq * 1.74845553e-7f; }
-    if (Tq < 0.0f) Tq = (Tq + 6.28318548f) - 1.74845553e-7f;
-    hd[tok * 144L + h * 36L + 32 + lid] = Tq;
-    }
-    }
-    for (int e = lid; e < 512; e += 32) dS[e] = 0.0f;
-    if (lid < 4) pend[lid] = 0.0f;
-    const long nch = (S + 15) / 16;
-    for (long c = nch - 1; c >= 0; c--) {
-    const long c0 = c * 16;
+    GLOBAL float *th = A + o_th;
+    GLOBAL float *du = A + o_du;
+    const long c0 = GID_X * 16, bh = GID_Y, b = bh / 4;
+    const int h = (int)(bh - b * 4), lid = LID_X;
+    const long rb = b * S + c0, sb = rb - 16;
     const int L = (int)(S - c0 < 16 ? S - c0 : 16);
-    const long rb = b * S + c0, sb = rb - 16;   /* chunk rows; rows of the entering state */
-    BARRIER();
-    if (lid < 4) for (int a2 = 0; a2 < L; a2++) TH[a2 * 4 + lid] = hd[(rb + a2) * 144L + h * 36L + 32 + lid];
-    const int a = lid;
-    const int own = a < L;
-    const long tk = rb + (own ? a : 0);
-    const int hasn = own && c0 + a + 1 < S;
+    LOCAL float ldt[16], ladt[16], lsc[16], lgm[16], lcs[16], tc[4], ts[4];
+    extern __shared__ float realm_shm[];
+    LOCAL_PTR float *LPH = realm_shm + 0;
+    LOCAL_PTR float *QL = realm_shm + 64;
+    LOCAL_PTR float *EY = realm_shm + 320;
+    const float dtbh = dtb[h];
+    for (int a = lid; a < 16; a += 256) {
+    if (a < L) {
+    const long tk = rb + a;
+    const int hasn = c0 + a + 1 < S;
     const long tkn = hasn ? tk + 1 : tk;
     const float u = ddt[(tk) * 304L + h] + dtbh;
     const float DT = u > 20.0f ? u : LOG1PF(EXPF(u));
@@ -1801,150 +1769,428 @@ KERNEL k36_mamba3_scan_bwd(GLOBAL float *A, long B, long S, long o_x, long o_Bn,
     const float ntr = trap[(tkn) * 304L + h];
     const float nlam = ntr >= 0.0f ? 1.0f / (1.0f + EXPF(-ntr)) : EXPF(ntr) / (1.0f + EXPF(ntr));
     (void)nsg; (void)ndA; (void)nAv;
-    const float gam = lam * DT;
-    const float scl = gam + (hasn ? (1.0f - nlam) * nDT : 0.0f);
-    if (own) { ladt[a] = Av * DT; lsc[a] = scl; }
-    BARRIER();
-    float cs = 0.0f;
-    if (own) {
-    for (int a2 = 0; a2 <= a; a2++) cs += ladt[a2];
-    lcs[a] = cs;
-    for (int i = 0; i < 4; i++) {
-    const float cq = COSF(TH[a * 4 + i]), sq = SINF(TH[a * 4 + i]);
-    const float k0 = Bn[tk * 16L + 2 * i] + Bb[h * 16 + 2 * i], k1 = Bn[tk * 16L + 2 * i + 1] + Bb[h * 16 + 2 * i + 1];
-    const float q0 = Cn[tk * 16L + 2 * i] + Cb[h * 16 + 2 * i], q1 = Cn[tk * 16L + 2 * i + 1] + Cb[h * 16 + 2 * i + 1];
-    kr[2 * i] = k0 * cq - k1 * sq; kr[2 * i + 1] = k0 * sq + k1 * cq;
-    qr[2 * i] = q0 * cq - q1 * sq; qr[2 * i + 1] = q0 * sq + q1 * cq;
-    }
-    for (int nn = 8; nn < 16; nn++) { kr[nn] = Bn[tk * 16L + nn] + Bb[h * 16 + nn]; qr[nn] = Cn[tk * 16L + nn] + Cb[h * 16 + nn]; }
-    for (int nn = 0; nn < 16; nn++) X[a * 16 + nn] = kr[nn];
+    ldt[a] = DT; ladt[a] = Av * DT; lgm[a] = lam * DT;
+    lsc[a] = lam * DT + (hasn ? (1.0f - nlam) * nDT : 0.0f);
+    } else { ldt[a] = 0.0f; ladt[a] = 0.0f; lgm[a] = 0.0f; lsc[a] = 0.0f; }
     }
     BARRIER();
-    const float eL = EXPF(FMINF(lcs[L - 1], 0.0f));
-    float dcs = 0.0f, dsc = 0.0f, dgam = 0.0f, dyv0 = 0.0f, qk0 = 0.0f;
-    if (own) {
-    const float ea = EXPF(FMINF(cs, 0.0f));
-    for (int nn = 0; nn < 16; nn++) { dqr[nn] = 0.0f; dkr[nn] = 0.0f; qk0 += qr[nn] * kr[nn]; }
-    for (int p = 0; p < 32; p++) dyv0 += dy[tk * 128L + h * 32 + p] * x[tk * 304L + h * 32 + p];
-    dgam = qk0 * dyv0;
-    for (int p = 0; p < 32; p++) gx[tk * 304L + h * 32 + p] = (gam * qk0 + Dh) * dy[tk * 128L + h * 32 + p];
-    if (c > 0) for (int p = 0; p < 32; p++) {
-    const float dyp = ea * dy[tk * 128L + h * 32 + p];
-    float sq = 0.0f;
-    for (int nn = 0; nn < 16; nn++) {
-    const long e = (long)p * 16 + nn;
-    const float sc = st[(sb + e / 32L) * 128L + h * 32L + e % 32L];
-    sq += sc * qr[nn];
-    dqr[nn] += dyp * sc;
+    for (int a = lid; a < 16; a += 256) { float cs = 0.0f; for (int j = 0; j <= a && j < L; j++) cs += ladt[j]; lcs[a] = cs; }
+    for (int i = lid; i < 4; i += 256) {
+    float Tq = 0.0f;
+    for (int a = 0; a < L; a++) {
+    Tq += ldt[a] * (3.14159265f * TANHF(ang[(rb + a) * 304L + i]));
+    { const float kq = (float)(long)(Tq * 0.159154943f); Tq = (Tq - kq * 6.28318548f) + kq * 1.74845553e-7f; }
+    if (Tq < 0.0f) Tq = (Tq + 6.28318548f) - 1.74845553e-7f;
+    LPH[a * 4 + i] = Tq;
     }
-    dcs += dyp * sq;
     }
-    for (int s2 = 0; s2 < a; s2++) {
-    float qk = 0.0f, dyv = 0.0f;
-    for (int nn = 0; nn < 16; nn++) qk += qr[nn] * X[s2 * 16 + nn];
-    for (int p = 0; p < 32; p++) dyv += dy[tk * 128L + h * 32 + p] * x[(rb + s2) * 304L + h * 32 + p];
-    const float f = EXPF(FMINF(cs - lcs[s2], 0.0f)) * lsc[s2] * dyv;
-    dcs += qk * f;
-    for (int nn = 0; nn < 16; nn++) dqr[nn] += f * X[s2 * 16 + nn];
+    for (int i = lid; i < 4; i += 256) {
+    if (c0 > 0) { tc[i] = th[((sb) + (2 * i) / 1L) * 4L + h * 1L + (2 * i) % 1L]; ts[i] = th[((sb) + (2 * i + 1) / 1L) * 4L + h * 1L + (2 * i + 1) % 1L]; } else { tc[i] = 1.0f; ts[i] = 0.0f; }
     }
-    const float wl = EXPF(FMINF(lcs[L - 1] - cs, 0.0f)) * scl;
-    float vdu = 0.0f;
+    BARRIER();
+    for (int j = lid; j < 256; j += 256) {
+    const int a = j / 16, nn = j - a * 16;
+    if (a < L) {
+    {
+    float v = Cn[(rb + a) * 16L + nn] + Cb[h * 16 + nn];
+    if (nn < 8) {
+    const int i = nn >> 1;
+    const float cq = COSF(LPH[a * 4 + i]), sq = SINF(LPH[a * 4 + i]);
+    const float v0 = Cn[(rb + a) * 16L + 2 * i] + Cb[h * 16 + 2 * i], v1 = Cn[(rb + a) * 16L + 2 * i + 1] + Cb[h * 16 + 2 * i + 1];
+    v = (nn & 1) ? v0 * sq + v1 * cq : v0 * cq - v1 * sq;
+    }
+    QL[j] = v;
+    }
+    } else QL[j] = 0.0f;
+    }
+    for (int j = lid; j < 512; j += 256) {
+    const int a = j / 32, p = j - a * 32;
+    EY[j] = a < L ? EXPF(FMINF(lcs[a], 0.0f)) * dy[(rb + a) * 128L + h * 32 + p] : 0.0f;
+    }
+    BARRIER();
+    if (c0 > 0) {
+    for (int q = lid; q < 256; q += 256) {
+    const int p = q / 8, j = q - p * 8;
+    const long e0 = (long)p * 16 + 2 * j;
+    float u0 = 0.0f, u1 = 0.0f;
+    const int j1 = 2 * j + 1 < 16 ? 2 * j + 1 : 2 * j;
+    for (int a = 0; a < L; a++) { const float e = EY[a * 32 + p]; u0 += e * QL[a * 16 + 2 * j]; u1 += e * QL[a * 16 + j1]; }
+    if (j < 4) { const float r0 = u0 * tc[j] - u1 * ts[j], r1 = u0 * ts[j] + u1 * tc[j]; u0 = r0; u1 = r1; }
+    du[((sb) + (e0) / 33L) * 132L + h * 33L + (e0) % 33L] = u0;
+    if (2 * j + 1 < 16) du[((sb) + (e0 + 1) / 33L) * 132L + h * 33L + (e0 + 1) % 33L] = u1;
+    }
+    for (long e = 512L + lid; e < 528L; e += 256) du[((sb) + (e) / 33L) * 132L + h * 33L + (e) % 33L] = e == 512L ? EXPF(FMINF(lcs[L - 1], 0.0f)) : 0.0f;
+    } else {
+    const long nch = (S + 15) / 16;
+    const long lb = b * S + (nch - 1) * 16, LL = S - (nch - 1) * 16;
+    for (long e = lid; e < LL * 33L; e += 256) du[((lb) + (e) / 33L) * 132L + h * 33L + (e) % 33L] = 0.0f;
+    }
+}
+
+KERNEL k37_mamba3_scan_bwd_walk(GLOBAL float *A, long B, long S, long o_du, long o_dsl) {
+    const long T = B * S;
+    (void)T;
+    GLOBAL float *du = A + o_du;
+    GLOBAL float *dsl = A + o_dsl;
+    const long b = GID_X / 4;
+    const int h = (int)(GID_X - b * 4), lid = LID_X;
+    const long nch = (S + 15) / 16;
+    float R[2];
+    for (int r = 0; r < 2; r++) R[r] = 0.0f;
+    for (long c = nch - 1; c >= 1; c--) {
+    const long sb = b * S + (c - 1) * 16;
+    const float dc = du[((sb) + 512L / 33L) * 132L + h * 33L + 512L % 33L];
+    for (int r = 0; r < 2; r++) {
+    const long e = lid + (long)r * 256;
+    if (e < 512L) { R[r] = dc * R[r] + du[((sb) + (e) / 33L) * 132L + h * 33L + (e) % 33L]; dsl[((sb) + (e) / 32L) * 128L + h * 32L + (e) % 32L] = R[r]; }
+    }
+    for (long e = 512L + lid; e < 512L; e += 256) dsl[((sb) + (e) / 32L) * 128L + h * 32L + (e) % 32L] = 0.0f;
+    }
+    const long lb = b * S + (nch - 1) * 16, LL = S - (nch - 1) * 16;
+    for (long e = lid; e < LL * 32L; e += 256) dsl[((lb) + (e) / 32L) * 128L + h * 32L + (e) % 32L] = 0.0f;
+}
+
+KERNEL k38_mamba3_scan_bwd_main(GLOBAL float *A, long B, long S, long o_x, long o_Bn, long o_Cn, long o_ddt, long o_ddA, long o_trap, long o_ang, long o_dtb, long o_Bb, long o_Cb, long o_Dp, long o_st, long o_dy, long o_th, long o_dsl, long o_gx, long o_gddA, long o_hd, long o_tkw) {
+    const long T = B * S;
+    (void)T;
+    GLOBAL float *x = A + o_x;
+    GLOBAL float *Bn = A + o_Bn;
+    GLOBAL float *Cn = A + o_Cn;
+    GLOBAL float *ddt = A + o_ddt;
+    GLOBAL float *ddA = A + o_ddA;
+    GLOBAL float *trap = A + o_trap;
+    GLOBAL float *ang = A + o_ang;
+    GLOBAL float *dtb = A + o_dtb;
+    GLOBAL float *Bb = A + o_Bb;
+    GLOBAL float *Cb = A + o_Cb;
+    GLOBAL float *Dp = A + o_Dp;
+    GLOBAL float *st = A + o_st;
+    GLOBAL float *dy = A + o_dy;
+    GLOBAL float *th = A + o_th;
+    GLOBAL float *dsl = A + o_dsl;
+    GLOBAL float *gx = A + o_gx;
+    GLOBAL float *gddA = A + o_gddA;
+    GLOBAL float *hd = A + o_hd;
+    GLOBAL float *tkw = A + o_tkw;
+    const long c0 = GID_X * 16, bh = GID_Y, b = bh / 4;
+    const int h = (int)(bh - b * 4), lid = LID_X;
+    const int tr = lid / 4, tq = lid - tr * 4;   /* product row, column lane */
+    const long rb = b * S + c0, sb = rb - 16;
+    const int L = (int)(S - c0 < 16 ? S - c0 : 16);
+    const int last = c0 + 16 >= S;   /* nothing leaves the last chunk */
+    LOCAL float ldt[16], ladt[16], lsc[16], lgm[16], lcs[16], tc[4], ts[4];
+    LOCAL float ldcs[16], ldsc[16], lvdu[16], lG[16], lQK[16], red[192], lsd[1];
+    extern __shared__ float realm_shm[];
+    LOCAL_PTR float *QL = realm_shm + 0;
+    LOCAL_PTR float *KL = realm_shm + 272;
+    LOCAL_PTR float *DY = realm_shm + 544;
+    LOCAL_PTR float *V = realm_shm + 1072;
+    LOCAL_PTR float *RG = realm_shm + 1600;
+    LOCAL_PTR float *LPH = realm_shm + 2144;
+    LOCAL_PTR float *X = RG;   /* the state, then its gradient: P x N in the local frame */
+    LOCAL_PTR float *MA = RG, *MB = RG + 272;
+    const float dtbh = dtb[h], Dh = Dp[h];
+    for (int a = lid; a < 16; a += 64) {
+    if (a < L) {
+    const long tk = rb + a;
+    const int hasn = c0 + a + 1 < S;
+    const long tkn = hasn ? tk + 1 : tk;
+    const float u = ddt[(tk) * 304L + h] + dtbh;
+    const float DT = u > 20.0f ? u : LOG1PF(EXPF(u));
+    const float sg = u > 20.0f ? 1.0f : (u >= 0.0f ? 1.0f / (1.0f + EXPF(-u)) : EXPF(u) / (1.0f + EXPF(u)));
+    const float ua = ddA[(tk) * 304L + h];
+    float fA, dfA;
+    if (ua >= 0.0f) { fA = 1.0f + ua; dfA = 1.0f; } else { fA = 1.0f / (1.0f - ua); dfA = fA * fA; }
+    const float Av = fA < 1e-4f ? -1e-4f : -fA;
+    const float dA = fA < 1e-4f ? 0.0f : -dfA;
+    const float tr = trap[(tk) * 304L + h];
+    const float lam = tr >= 0.0f ? 1.0f / (1.0f + EXPF(-tr)) : EXPF(tr) / (1.0f + EXPF(tr));
+    (void)sg; (void)dA; (void)Av;
+    const float nu = ddt[(tkn) * 304L + h] + dtbh;
+    const float nDT = nu > 20.0f ? nu : LOG1PF(EXPF(nu));
+    const float nsg = nu > 20.0f ? 1.0f : (nu >= 0.0f ? 1.0f / (1.0f + EXPF(-nu)) : EXPF(nu) / (1.0f + EXPF(nu)));
+    const float nua = ddA[(tkn) * 304L + h];
+    float nfA, ndfA;
+    if (nua >= 0.0f) { nfA = 1.0f + nua; ndfA = 1.0f; } else { nfA = 1.0f / (1.0f - nua); ndfA = nfA * nfA; }
+    const float nAv = nfA < 1e-4f ? -1e-4f : -nfA;
+    const float ndA = nfA < 1e-4f ? 0.0f : -ndfA;
+    const float ntr = trap[(tkn) * 304L + h];
+    const float nlam = ntr >= 0.0f ? 1.0f / (1.0f + EXPF(-ntr)) : EXPF(ntr) / (1.0f + EXPF(ntr));
+    (void)nsg; (void)ndA; (void)nAv;
+    ldt[a] = DT; ladt[a] = Av * DT; lgm[a] = lam * DT;
+    lsc[a] = lam * DT + (hasn ? (1.0f - nlam) * nDT : 0.0f);
+    } else { ldt[a] = 0.0f; ladt[a] = 0.0f; lgm[a] = 0.0f; lsc[a] = 0.0f; }
+    }
+    BARRIER();
+    for (int a = lid; a < 16; a += 64) { float cs = 0.0f; for (int j = 0; j <= a && j < L; j++) cs += ladt[j]; lcs[a] = cs; }
+    for (int i = lid; i < 4; i += 64) {
+    float Tq = 0.0f;
+    for (int a = 0; a < L; a++) {
+    Tq += ldt[a] * (3.14159265f * TANHF(ang[(rb + a) * 304L + i]));
+    { const float kq = (float)(long)(Tq * 0.159154943f); Tq = (Tq - kq * 6.28318548f) + kq * 1.74845553e-7f; }
+    if (Tq < 0.0f) Tq = (Tq + 6.28318548f) - 1.74845553e-7f;
+    LPH[a * 4 + i] = Tq;
+    }
+    }
+    for (int i = lid; i < 4; i += 64) {
+    if (c0 > 0) { tc[i] = th[((sb) + (2 * i) / 1L) * 4L + h * 1L + (2 * i) % 1L]; ts[i] = th[((sb) + (2 * i + 1) / 1L) * 4L + h * 1L + (2 * i + 1) % 1L]; } else { tc[i] = 1.0f; ts[i] = 0.0f; }
+    }
+    BARRIER();
+    for (int j = lid; j < 256; j += 64) {
+    const int a = j / 16, nn = j - a * 16;
+    if (a < L) {
+    {
+    float v = Cn[(rb + a) * 16L + nn] + Cb[h * 16 + nn];
+    if (nn < 8) {
+    const int i = nn >> 1;
+    const float cq = COSF(LPH[a * 4 + i]), sq = SINF(LPH[a * 4 + i]);
+    const float v0 = Cn[(rb + a) * 16L + 2 * i] + Cb[h * 16 + 2 * i], v1 = Cn[(rb + a) * 16L + 2 * i + 1] + Cb[h * 16 + 2 * i + 1];
+    v = (nn & 1) ? v0 * sq + v1 * cq : v0 * cq - v1 * sq;
+    }
+    QL[a * 17 + nn] = v;
+    }
+    {
+    float v = Bn[(rb + a) * 16L + nn] + Bb[h * 16 + nn];
+    if (nn < 8) {
+    const int i = nn >> 1;
+    const float cq = COSF(LPH[a * 4 + i]), sq = SINF(LPH[a * 4 + i]);
+    const float v0 = Bn[(rb + a) * 16L + 2 * i] + Bb[h * 16 + 2 * i], v1 = Bn[(rb + a) * 16L + 2 * i + 1] + Bb[h * 16 + 2 * i + 1];
+    v = (nn & 1) ? v0 * sq + v1 * cq : v0 * cq - v1 * sq;
+    }
+    KL[a * 17 + nn] = v;
+    }
+    } else { QL[a * 17 + nn] = 0.0f; KL[a * 17 + nn] = 0.0f; }
+    }
+    for (int j = lid; j < 512; j += 64) {
+    const int a = j / 32, p = j - a * 32;
+    DY[a * 33 + p] = a < L ? dy[(rb + a) * 128L + h * 32 + p] : 0.0f;
+    V[a * 33 + p] = a < L ? x[(rb + a) * 304L + h * 32 + p] : 0.0f;
+    }
+    for (int q = lid; q < 256; q += 64) {
+    const int p = q / 8, j = q - p * 8;
+    const long e0 = (long)p * 16 + 2 * j;
+    float s0 = 0.0f, s1 = 0.0f;
+    if (c0 > 0) { s0 = st[((sb) + (e0) / 32L) * 128L + h * 32L + (e0) % 32L]; if (2 * j + 1 < 16) s1 = st[((sb) + (e0 + 1) / 32L) * 128L + h * 32L + (e0 + 1) % 32L]; }
+    if (j < 4) { const float r0 = s0 * tc[j] + s1 * ts[j], r1 = s1 * tc[j] - s0 * ts[j]; s0 = r0; s1 = r1; }
+    X[p * 17 + 2 * j] = s0;
+    if (2 * j + 1 < 16) X[p * 17 + 2 * j + 1] = s1;
+    }
+    BARRIER();
+    float dq[4], dk[4], dv[8], acc[8];
+    for (int c = 0; c < 4; c++) { dq[c] = 0.0f; dk[c] = 0.0f; }
+    for (int c = 0; c < 8; c++) dv[c] = 0.0f;
+    const float et = EXPF(FMINF(lcs[tr], 0.0f));
+    const float wl = EXPF(FMINF(lcs[L - 1] - lcs[tr], 0.0f)) * lsc[tr];
+    {
+    for (int c = 0; c < 4; c++) acc[c] = 0.0f;
     for (int p = 0; p < 32; p++) {
-    float u = 0.0f;
-    for (int nn = 0; nn < 16; nn++) u += dS[p * 16 + nn] * kr[nn];
-    vdu += x[tk * 304L + h * 32 + p] * u;
-    gx[tk * 304L + h * 32 + p] += wl * u;
+    const float yv = DY[tr * 33 + p];
+    for (int c = 0; c < 4; c++) { const int nn = tq + c * 4; if (nn < 16) acc[c] += yv * X[p * 17 + nn]; }
     }
-    for (int nn = 0; nn < 16; nn++) {
-    float cl = 0.0f;
-    for (int p = 0; p < 32; p++) cl += dS[p * 16 + nn] * x[tk * 304L + h * 32 + p];
-    dkr[nn] += wl * cl;
-    }
-    dcs -= wl * vdu;
-    dsc += EXPF(FMINF(lcs[L - 1] - cs, 0.0f)) * vdu;
-    lT[a] = wl * vdu;
+    float zd = 0.0f;
+    for (int c = 0; c < 4; c++) { const int nn = tq + c * 4; if (nn < 16) { dq[c] = et * acc[c]; zd += acc[c] * QL[tr * 17 + nn]; } }
+    red[lid] = et * zd;
     }
     BARRIER();
-    if (own) for (int nn = 0; nn < 16; nn++) X[a * 16 + nn] = qr[nn];
+    if (lid < 16) { float s = 0.0f; for (int q = 0; q < 4; q++) s += red[lid * 4 + q]; ldcs[lid] = s; }
     BARRIER();
-    if (own) {
-    for (int t2 = a + 1; t2 < L; t2++) {
-    float qk = 0.0f, dyv = 0.0f;
-    for (int nn = 0; nn < 16; nn++) qk += X[t2 * 16 + nn] * kr[nn];
-    for (int p = 0; p < 32; p++) dyv += dy[(rb + t2) * 128L + h * 32 + p] * x[tk * 304L + h * 32 + p];
-    const float wd = EXPF(FMINF(lcs[t2] - cs, 0.0f));
-    dcs -= qk * wd * scl * dyv;
-    dsc += qk * wd * dyv;
-    const float f = wd * scl * dyv, fv = qk * wd * scl;
-    for (int nn = 0; nn < 16; nn++) dkr[nn] += f * X[t2 * 16 + nn];
-    for (int p = 0; p < 32; p++) gx[tk * 304L + h * 32 + p] += fv * dy[(rb + t2) * 128L + h * 32 + p];
-    }
-    if (a == L - 1) {
-    if (c > 0) {
+    {
     float sd = 0.0f;
-    for (long e = 0; e < 512L; e++) sd += dS[e] * st[(sb + e / 32L) * 128L + h * 32L + e % 32L];
-    dcs += eL * sd;
+    for (int q = lid; q < 256; q += 64) {
+    const int p = q / 8, j = q - p * 8;
+    const long e0 = (long)p * 16 + 2 * j;
+    float g0 = 0.0f, g1 = 0.0f;
+    if (!last) {
+    g0 = dsl[((rb) + (e0) / 32L) * 128L + h * 32L + (e0) % 32L]; if (2 * j + 1 < 16) g1 = dsl[((rb) + (e0 + 1) / 32L) * 128L + h * 32L + (e0 + 1) % 32L];
+    if (c0 > 0) { sd += g0 * st[((sb) + (e0) / 32L) * 128L + h * 32L + (e0) % 32L]; if (2 * j + 1 < 16) sd += g1 * st[((sb) + (e0 + 1) / 32L) * 128L + h * 32L + (e0 + 1) % 32L]; }
     }
-    for (int s2 = 0; s2 < L; s2++) dcs += lT[s2];
+    if (j < 4) { const float r0 = g0 * tc[j] + g1 * ts[j], r1 = g1 * tc[j] - g0 * ts[j]; g0 = r0; g1 = r1; }
+    X[p * 17 + 2 * j] = g0;
+    if (2 * j + 1 < 16) X[p * 17 + 2 * j + 1] = g1;
     }
-    for (int nn = 0; nn < 16; nn++) { const float q = qr[nn], kk = kr[nn]; dqr[nn] += gam * dyv0 * kk; dkr[nn] += gam * dyv0 * q; }
-    const long hb = tk * 144L + h * 36L;
-    for (int i = 0; i < 4; i++) {
-    const float cq = COSF(TH[a * 4 + i]), sq = SINF(TH[a * 4 + i]);
-    const int i0 = 2 * i, i1 = 2 * i + 1;
-    hd[hb + i0] = cq * dkr[i0] + sq * dkr[i1];
-    hd[hb + i1] = -sq * dkr[i0] + cq * dkr[i1];
-    hd[hb + 16 + i0] = cq * dqr[i0] + sq * dqr[i1];
-    hd[hb + 16 + i1] = -sq * dqr[i0] + cq * dqr[i1];
-    TH[a * 4 + i] = -dqr[i0] * qr[i1] + dqr[i1] * qr[i0] - dkr[i0] * kr[i1] + dkr[i1] * kr[i0];
-    }
-    for (int nn = 8; nn < 16; nn++) { hd[hb + nn] = dkr[nn]; hd[hb + 16 + nn] = dqr[nn]; }
-    ldcs[a] = dcs;
-    ldsc[a] = dsc;
+    red[lid] = sd;
     }
     BARRIER();
-    for (int e = lid; e < 512; e += 32) {
-    const int p = e / 16, nn = e % 16;
-    float acc = eL * dS[e];
-    for (int a2 = 0; a2 < L; a2++) acc += EXPF(FMINF(lcs[a2], 0.0f)) * dy[(rb + a2) * 128L + h * 32 + p] * X[a2 * 16 + nn];
-    dS[e] = acc;
+    if (lid == 0) { float s = 0.0f; for (int q = 0; q < 64; q++) s += red[q]; lsd[0] = s; }
+    {
+    for (int c = 0; c < 8; c++) acc[c] = 0.0f;
+    for (int nn = 0; nn < 16; nn++) {
+    const float kv = KL[tr * 17 + nn];
+    for (int c = 0; c < 8; c++) { const int p = tq + c * 4; if (p < 32) acc[c] += kv * X[p * 17 + nn]; }
     }
-    if (lid < 4) for (int a2 = L - 1; a2 >= 0; a2--) { Gi += TH[a2 * 4 + lid]; TH[a2 * 4 + lid] = Gi; }
+    float vd = 0.0f;
+    for (int c = 0; c < 8; c++) { const int p = tq + c * 4; if (p < 32) { dv[c] = wl * acc[c]; vd += acc[c] * V[tr * 33 + p]; } }
+    for (int c = 0; c < 4; c++) acc[c] = 0.0f;
+    for (int p = 0; p < 32; p++) {
+    const float vv = V[tr * 33 + p];
+    for (int c = 0; c < 4; c++) { const int nn = tq + c * 4; if (nn < 16) acc[c] += vv * X[p * 17 + nn]; }
+    }
+    for (int c = 0; c < 4; c++) dk[c] = wl * acc[c];
     BARRIER();
-    if (own) {
+    red[lid] = vd;
+    }
+    BARRIER();
+    if (lid < 16) { float s = 0.0f; for (int q = 0; q < 4; q++) s += red[lid * 4 + q]; lvdu[lid] = s; }
+    for (int c = 0; c < 4; c++) {
+    const int s2 = tq + c * 4;
+    if (s2 < 16) {
+    float gv = 0.0f, qk = 0.0f;
+    if (s2 <= tr && tr < L) {
+    for (int p = 0; p < 32; p++) gv += DY[tr * 33 + p] * V[s2 * 33 + p];
+    for (int nn = 0; nn < 16; nn++) qk += QL[tr * 17 + nn] * KL[s2 * 17 + nn];
+    }
+    if (s2 == tr) { lG[tr] = gv; lQK[tr] = qk; }
+    const float wd = s2 < tr ? EXPF(FMINF(lcs[tr] - lcs[s2], 0.0f)) : 0.0f;
+    acc[c] = wd * lsc[s2] * gv;
+    MB[tr * 17 + s2] = wd * qk;
+    }
+    }
+    BARRIER();   /* every read of X (aliasing MA) is done */
+    for (int c = 0; c < 4; c++) { const int s2 = tq + c * 4; if (s2 < 16) MA[tr * 17 + s2] = acc[c]; }
+    BARRIER();
+    {
+    float rd = 0.0f, cd = 0.0f, sv = 0.0f;
+    for (int c = 0; c < 4; c++) acc[c] = 0.0f;
+    for (int s2 = 0; s2 < tr; s2++) {
+    const float m = MA[tr * 17 + s2];
+    for (int c = 0; c < 4; c++) { const int nn = tq + c * 4; if (nn < 16) acc[c] += m * KL[s2 * 17 + nn]; }
+    }
+    for (int c = 0; c < 4; c++) { const int nn = tq + c * 4; if (nn < 16) { dq[c] += acc[c]; rd += acc[c] * QL[tr * 17 + nn]; } }
+    for (int c = 0; c < 4; c++) acc[c] = 0.0f;
+    for (int t2 = tr + 1; t2 < L; t2++) {
+    const float m = MA[t2 * 17 + tr];
+    for (int c = 0; c < 4; c++) { const int nn = tq + c * 4; if (nn < 16) acc[c] += m * QL[t2 * 17 + nn]; }
+    }
+    for (int c = 0; c < 4; c++) { const int nn = tq + c * 4; if (nn < 16) { dk[c] += acc[c]; cd += acc[c] * KL[tr * 17 + nn]; } }
+    for (int c = 0; c < 8; c++) acc[c] = 0.0f;
+    for (int t2 = tr + 1; t2 < L; t2++) {
+    const float m = MB[t2 * 17 + tr];
+    for (int c = 0; c < 8; c++) { const int p = tq + c * 4; if (p < 32) acc[c] += m * DY[t2 * 33 + p]; }
+    }
+    for (int c = 0; c < 8; c++) { const int p = tq + c * 4; if (p < 32) { dv[c] += lsc[tr] * acc[c]; sv += acc[c] * V[tr * 33 + p]; } }
+    red[lid] = rd; red[64 + lid] = cd; red[128 + lid] = sv;
+    }
+    {
+    const float gg = lgm[tr] * lG[tr], gq = lgm[tr] * lQK[tr] + Dh;
+    for (int c = 0; c < 4; c++) { const int nn = tq + c * 4; if (nn < 16) { dq[c] += gg * KL[tr * 17 + nn]; dk[c] += gg * QL[tr * 17 + nn]; } }
+    for (int c = 0; c < 8; c++) { const int p = tq + c * 4; if (p < 32) dv[c] += gq * DY[tr * 33 + p]; }
+    }
+    BARRIER();
+    if (lid < L) {
+    const int a = lid;
+    float r0 = 0.0f, r1 = 0.0f, r2 = 0.0f;
+    for (int q = 0; q < 4; q++) { r0 += red[a * 4 + q]; r1 += red[64 + a * 4 + q]; r2 += red[128 + a * 4 + q]; }
+    const float dl = EXPF(FMINF(lcs[L - 1] - lcs[a], 0.0f));
+    float dc = ldcs[a] + r0 - r1 - dl * lsc[a] * lvdu[a];
+    if (a == L - 1) {
+    dc += EXPF(FMINF(lcs[L - 1], 0.0f)) * lsd[0];
+    for (int s2 = 0; s2 < L; s2++) dc += EXPF(FMINF(lcs[L - 1] - lcs[s2], 0.0f)) * lsc[s2] * lvdu[s2];
+    }
+    ldcs[a] = dc;
+    ldsc[a] = r2 + dl * lvdu[a];
+    }
+    for (int c = 0; c < 4; c++) { const int nn = tq + c * 4; if (nn < 16) { MA[tr * 17 + nn] = dq[c]; MB[tr * 17 + nn] = dk[c]; } }
+    for (int c = 0; c < 8; c++) { const int p = tq + c * 4; if (p < 32 && tr < L) gx[(rb + tr) * 304L + h * 32 + p] = dv[c]; }
+    BARRIER();
+    for (int j = lid; j < L * 8; j += 64) {
+    const int a = j / 8, i = j - a * 8;
+    const long hb = (rb + a) * 128L + h * 32;
+    const int i0 = 2 * i, i1 = 2 * i + 1 < 16 ? 2 * i + 1 : 2 * i;
+    if (i < 4) {
+    const float cq = COSF(LPH[a * 4 + i]), sq = SINF(LPH[a * 4 + i]);
+    const float gq0 = MA[a * 17 + i0], gq1 = MA[a * 17 + i1], gk0 = MB[a * 17 + i0], gk1 = MB[a * 17 + i1];
+    hd[hb + i0] = cq * gk0 + sq * gk1; hd[hb + i1] = -sq * gk0 + cq * gk1;
+    hd[hb + 16 + i0] = cq * gq0 + sq * gq1; hd[hb + 16 + i1] = -sq * gq0 + cq * gq1;
+    LPH[a * 4 + i] = -gq0 * QL[a * 17 + i1] + gq1 * QL[a * 17 + i0] - gk0 * KL[a * 17 + i1] + gk1 * KL[a * 17 + i0];
+    } else {
+    hd[hb + i0] = MB[a * 17 + i0]; hd[hb + 16 + i0] = MA[a * 17 + i0];
+    if (i1 != i0) { hd[hb + i1] = MB[a * 17 + i1]; hd[hb + 16 + i1] = MA[a * 17 + i1]; }
+    }
+    }
+    BARRIER();
+    for (int i = lid; i < 4; i += 64) {
+    float G = 0.0f;
+    for (int a = L - 1; a >= 0; a--) { G += LPH[a * 4 + i]; tkw[(rb + a) * 28L + h * 7 + i] = G; }
+    }
+    if (lid < L) {
+    const int a = lid;
+    const long tk = rb + a;
+    const float u = ddt[(tk) * 304L + h] + dtbh;
+    const float DT = u > 20.0f ? u : LOG1PF(EXPF(u));
+    const float sg = u > 20.0f ? 1.0f : (u >= 0.0f ? 1.0f / (1.0f + EXPF(-u)) : EXPF(u) / (1.0f + EXPF(u)));
+    const float ua = ddA[(tk) * 304L + h];
+    float fA, dfA;
+    if (ua >= 0.0f) { fA = 1.0f + ua; dfA = 1.0f; } else { fA = 1.0f / (1.0f - ua); dfA = fA * fA; }
+    const float Av = fA < 1e-4f ? -1e-4f : -fA;
+    const float dA = fA < 1e-4f ? 0.0f : -dfA;
+    const float tr = trap[(tk) * 304L + h];
+    const float lam = tr >= 0.0f ? 1.0f / (1.0f + EXPF(-tr)) : EXPF(tr) / (1.0f + EXPF(tr));
+    (void)sg; (void)dA; (void)Av;
     float dADT = 0.0f;
     for (int a2 = a; a2 < L; a2++) dADT += ldcs[a2];
+    const float ow = lQK[a] * lG[a] + ldsc[a];
+    float pdt = ow * lam + Av * dADT, plam = ow * DT;
+    if (a > 0) { pdt += ldsc[a - 1] * (1.0f - lam); plam -= ldsc[a - 1] * DT; }
+    gddA[tk * 304L + h] = DT * dADT * dA;
+    tkw[tk * 28L + h * 7 + 4] = pdt;
+    tkw[tk * 28L + h * 7 + 5] = plam;
+    tkw[tk * 28L + h * 7 + 6] = ldsc[a];
+    }
+}
+
+KERNEL k39_mamba3_scan_bwd_fix(GLOBAL float *A, long B, long S, long o_ddt, long o_trap, long o_ang, long o_dtb, long o_tkw, long o_gddt, long o_gtrap, long o_ha) {
+    const long T = B * S;
+    (void)T;
+    GLOBAL float *ddt = A + o_ddt;
+    GLOBAL float *trap = A + o_trap;
+    GLOBAL float *ang = A + o_ang;
+    GLOBAL float *dtb = A + o_dtb;
+    GLOBAL float *tkw = A + o_tkw;
+    GLOBAL float *gddt = A + o_gddt;
+    GLOBAL float *gtrap = A + o_gtrap;
+    GLOBAL float *ha = A + o_ha;
+    const long b = GID_X / 4;
+    const int h = (int)(GID_X - b * 4), lid = LID_X;
+    LOCAL float carry[4], cur[4];
+    const float dtbh = dtb[h];
+    for (int i = lid; i < 4; i += 32) carry[i] = 0.0f;
+    const long nch = (S + 15) / 16;
+    for (long c = nch - 1; c >= 0; c--) {
+    const long rb = b * S + c * 16;
+    const int L = (int)(S - c * 16 < 16 ? S - c * 16 : 16);
+    BARRIER();
+    for (int i = lid; i < 4; i += 32) { cur[i] = carry[i]; carry[i] += tkw[rb * 28L + h * 7 + i]; }
+    BARRIER();
+    for (int a = lid; a < L; a += 32) {
+    const long tk = rb + a;
+    const float u = ddt[tk * 304L + h] + dtbh;
+    const float DT = u > 20.0f ? u : LOG1PF(EXPF(u));
+    const float sg = u > 20.0f ? 1.0f : (u >= 0.0f ? 1.0f / (1.0f + EXPF(-u)) : EXPF(u) / (1.0f + EXPF(u)));
+    const float tr = trap[tk * 304L + h];
+    const float lam = tr >= 0.0f ? 1.0f / (1.0f + EXPF(-tr)) : EXPF(tr) / (1.0f + EXPF(tr));
     float share = 0.0f;
     for (int i = 0; i < 4; i++) {
-    const float tn = TANHF(ang[tk * 304L + i]), Gv = TH[a * 4 + i];
+    const float Gv = tkw[tk * 28L + h * 7 + i] + cur[i], tn = TANHF(ang[tk * 304L + i]);
     share += Gv * (3.14159265f * tn);
-    hd[tk * 144L + h * 36L + 32 + i] = Gv * DT * 3.14159265f * (1.0f - tn * tn);
+    ha[tk * 16L + h * 4 + i] = Gv * DT * 3.14159265f * (1.0f - tn * tn);
     }
-    const float ow = dgam + dsc;
-    float dDT = ow * lam + Av * dADT + share, dlam = ow * DT;
-    if (a > 0) { dDT += ldsc[a - 1] * (1.0f - lam); dlam -= ldsc[a - 1] * DT; }
-    gddA[tk * 304L + h] = DT * dADT * dA;
-    if (a > 0 || c0 == 0) {
+    float dDT = tkw[tk * 28L + h * 7 + 4] + share, dlam = tkw[tk * 28L + h * 7 + 5];
+    if (a == 0 && c > 0) {
+    const float dp = tkw[(tk - 1) * 28L + h * 7 + 6];
+    dDT += dp * (1.0f - lam);
+    dlam -= dp * DT;
+    }
     gddt[tk * 304L + h] = dDT * sg;
     gtrap[tk * 304L + h] = dlam * lam * (1.0f - lam);
-    } else {   /* waits for dscale of the previous chunk's last token */
-    pend[(int)(c & 1) * 2] = dDT;
-    pend[(int)(c & 1) * 2 + 1] = dlam;
-    }
-    if (a == L - 1 && hasn) {   /* finish the next chunk's first token */
-    const float pd = pend[(int)((c + 1) & 1) * 2] + dsc * (1.0f - nlam);
-    const float pl = pend[(int)((c + 1) & 1) * 2 + 1] - dsc * nDT;
-    gddt[tkn * 304L + h] = pd * nsg;
-    gtrap[tkn * 304L + h] = pl * nlam * (1.0f - nlam);
-    }
     }
     }
 }
 
-KERNEL k37_mamba3_scan_bwd_heads(GLOBAL float *A, long B, long S, long o_hd, long o_gBn, long o_gCn, long o_gang) {
+KERNEL k40_mamba3_scan_bwd_heads(GLOBAL float *A, long B, long S, long o_hd, long o_ha, long o_gBn, long o_gCn, long o_gang) {
     const long T = B * S;
     (void)T;
     GLOBAL float *hd = A + o_hd;
+    GLOBAL float *ha = A + o_ha;
     GLOBAL float *gBn = A + o_gBn;
     GLOBAL float *gCn = A + o_gCn;
     GLOBAL float *gang = A + o_gang;
@@ -1953,13 +2199,14 @@ KERNEL k37_mamba3_scan_bwd_heads(GLOBAL float *A, long B, long S, long o_hd, lon
     const long tok = i / 36L;
     const int f = (int)(i - tok * 36L);
     float acc = 0.0f;
-    for (int hh = 0; hh < 4; hh++) acc += hd[tok * 144L + hh * 36L + f];
+    if (f < 32) for (int hh = 0; hh < 4; hh++) acc += hd[tok * 128L + hh * 32 + f];
+    else for (int hh = 0; hh < 4; hh++) acc += ha[tok * 16L + hh * 4 + f - 32];
     if (f < 16) gBn[tok * 16L + f] = acc;
     else if (f < 32) gCn[tok * 16L + f - 16] = acc;
     else gang[tok * 304L + f - 32] = acc;
 }
 
-KERNEL k38_mamba3_scan_bwd_params(GLOBAL float *A, long B, long S, long o_hd, long o_gddt, long o_x, long o_dy, long o_gdtb, long o_gBb, long o_gCb, long o_gD) {
+KERNEL k41_mamba3_scan_bwd_params(GLOBAL float *A, long B, long S, long o_hd, long o_gddt, long o_x, long o_dy, long o_gdtb, long o_gBb, long o_gCb, long o_gD) {
     const long T = B * S;
     (void)T;
     GLOBAL float *hd = A + o_hd;
@@ -1976,7 +2223,7 @@ KERNEL k38_mamba3_scan_bwd_params(GLOBAL float *A, long B, long S, long o_hd, lo
     float acc = 0.0f, cmp = 0.0f;
     for (long tok = lid; tok < T; tok += 256) {
     float val;
-    if (j < 32) val = hd[tok * 144L + h * 36L + j];
+    if (j < 32) val = hd[tok * 128L + h * 32 + j];
     else if (j == 32) val = gddt[tok * 304L + h];
     else {
     float dv = 0.0f, dc = 0.0f;
@@ -2007,7 +2254,7 @@ KERNEL k38_mamba3_scan_bwd_params(GLOBAL float *A, long B, long S, long o_hd, lo
     }
 }
 
-KERNEL k39_rmsnorm_bwd_dx(GLOBAL float *A, long B, long S, long o_x, long o_w, long o_dy, long o_dx, long o_part) {
+KERNEL k42_rmsnorm_bwd_dx(GLOBAL float *A, long B, long S, long o_x, long o_w, long o_dy, long o_dx, long o_part) {
     const long T = B * S;
     (void)T;
     GLOBAL float *x = A + o_x;
@@ -2067,7 +2314,7 @@ KERNEL k39_rmsnorm_bwd_dx(GLOBAL float *A, long B, long S, long o_x, long o_w, l
     BARRIER();
 }
 
-KERNEL k40_rmsnorm_bwd_dw(GLOBAL float *A, long B, long S, long o_part, long o_dw) {
+KERNEL k43_rmsnorm_bwd_dw(GLOBAL float *A, long B, long S, long o_part, long o_dw) {
     const long T = B * S;
     (void)T;
     GLOBAL float *part = A + o_part;
@@ -2091,7 +2338,7 @@ KERNEL k40_rmsnorm_bwd_dw(GLOBAL float *A, long B, long S, long o_part, long o_d
     }
 }
 
-KERNEL k41_matmul_nn(GLOBAL float *A, long B, long S, long o_x, long o_w, long o_y) {
+KERNEL k44_matmul_nn(GLOBAL float *A, long B, long S, long o_x, long o_w, long o_y) {
     const long T = B * S;
     (void)T;
     GLOBAL float *x = A + o_x;
@@ -2135,7 +2382,7 @@ KERNEL k41_matmul_nn(GLOBAL float *A, long B, long S, long o_x, long o_w, long o
     }
 }
 
-KERNEL k42_matmul_wgrad(GLOBAL float *A, long B, long S, long o_a, long o_b, long o_o) {
+KERNEL k45_matmul_wgrad(GLOBAL float *A, long B, long S, long o_a, long o_b, long o_o) {
     const long T = B * S;
     (void)T;
     GLOBAL float *a = A + o_a;
@@ -2175,7 +2422,7 @@ KERNEL k42_matmul_wgrad(GLOBAL float *A, long B, long S, long o_a, long o_b, lon
     }
 }
 
-KERNEL k43_embedding_bwd_part(GLOBAL float *A, long B, long S, long o_tok, long o_dy, long o_part) {
+KERNEL k46_embedding_bwd_part(GLOBAL float *A, long B, long S, long o_tok, long o_dy, long o_part) {
     const long T = B * S;
     (void)T;
     GLOBAL float *tok = A + o_tok;
@@ -2208,7 +2455,7 @@ KERNEL k43_embedding_bwd_part(GLOBAL float *A, long B, long S, long o_tok, long 
     }
 }
 
-KERNEL k44_embedding_bwd_sum(GLOBAL float *A, long B, long S, long o_part, long o_dt) {
+KERNEL k47_embedding_bwd_sum(GLOBAL float *A, long B, long S, long o_part, long o_dt) {
     const long T = B * S;
     (void)T;
     GLOBAL float *part = A + o_part;
@@ -2224,7 +2471,7 @@ KERNEL k44_embedding_bwd_sum(GLOBAL float *A, long B, long S, long o_part, long 
     dt[i] = s;
 }
 
-KERNEL k45_add(GLOBAL float *A, long B, long S, long o_in0, long o_in1, long o_out0) {
+KERNEL k48_add(GLOBAL float *A, long B, long S, long o_in0, long o_in1, long o_out0) {
     const long T = B * S;
     (void)T;
     GLOBAL float *in0 = A + o_in0;
@@ -2240,7 +2487,7 @@ KERNEL k45_add(GLOBAL float *A, long B, long S, long o_in0, long o_in1, long o_o
     out0[tok * 16384 + f] = v0;
 }
 
-KERNEL k46_sumsq_part(GLOBAL float *A, long B, long S, long o_g0, long o_g1, long o_g2, long o_g3, long o_g4, long o_g5, long o_g6, long o_g7, long o_g8, long o_g9, long o_g10, long o_g11, long o_g12, long o_g13, long o_g14, long o_g15, long o_part) {
+KERNEL k49_sumsq_part(GLOBAL float *A, long B, long S, long o_g0, long o_g1, long o_g2, long o_g3, long o_g4, long o_g5, long o_g6, long o_g7, long o_g8, long o_g9, long o_g10, long o_g11, long o_g12, long o_g13, long o_g14, long o_g15, long o_part) {
     const long T = B * S;
     (void)T;
     GLOBAL float *g0 = A + o_g0;
@@ -2334,7 +2581,7 @@ KERNEL k46_sumsq_part(GLOBAL float *A, long B, long S, long o_g0, long o_g1, lon
     if (l == 0) part[GID_X] = red[0];
 }
 
-KERNEL k47_sumsq_total(GLOBAL float *A, long B, long S, long o_part, long o_out) {
+KERNEL k50_sumsq_total(GLOBAL float *A, long B, long S, long o_part, long o_out) {
     const long T = B * S;
     (void)T;
     GLOBAL float *part = A + o_part;
@@ -2347,7 +2594,7 @@ KERNEL k47_sumsq_total(GLOBAL float *A, long B, long S, long o_part, long o_out)
     if (l == 0) out[0] = red[0];
 }
 
-KERNEL k48_sumsq_part(GLOBAL float *A, long B, long S, long o_g0, long o_g1, long o_g2, long o_g3, long o_g4, long o_g5, long o_g6, long o_g7, long o_g8, long o_g9, long o_g10, long o_g11, long o_g12, long o_g13, long o_g14, long o_g15, long o_part) {
+KERNEL k51_sumsq_part(GLOBAL float *A, long B, long S, long o_g0, long o_g1, long o_g2, long o_g3, long o_g4, long o_g5, long o_g6, long o_g7, long o_g8, long o_g9, long o_g10, long o_g11, long o_g12, long o_g13, long o_g14, long o_g15, long o_part) {
     const long T = B * S;
     (void)T;
     GLOBAL float *g0 = A + o_g0;
@@ -2441,7 +2688,7 @@ KERNEL k48_sumsq_part(GLOBAL float *A, long B, long S, long o_g0, long o_g1, lon
     if (l == 0) part[GID_X] = red[0];
 }
 
-KERNEL k49_add(GLOBAL float *A, long B, long S, long o_in0, long o_in1, long o_out0) {
+KERNEL k52_add(GLOBAL float *A, long B, long S, long o_in0, long o_in1, long o_out0) {
     const long T = B * S;
     (void)T;
     GLOBAL float *in0 = A + o_in0;
@@ -2457,7 +2704,7 @@ KERNEL k49_add(GLOBAL float *A, long B, long S, long o_in0, long o_in1, long o_o
     out0[tok * 1 + f] = v0;
 }
 
-KERNEL k50_adamw(GLOBAL float *A, long B, long S, long o_p, long o_g, long o_m, long o_v, long o_ss, long o_h, long o_po, long o_mo, long o_vo) {
+KERNEL k53_adamw(GLOBAL float *A, long B, long S, long o_p, long o_g, long o_m, long o_v, long o_ss, long o_h, long o_po, long o_mo, long o_vo) {
     const long T = B * S;
     (void)T;
     GLOBAL float *p = A + o_p;
@@ -2482,7 +2729,7 @@ KERNEL k50_adamw(GLOBAL float *A, long B, long S, long o_p, long o_g, long o_m, 
     vo[i] = vv;
 }
 
-KERNEL k51_adamw(GLOBAL float *A, long B, long S, long o_p, long o_g, long o_m, long o_v, long o_ss, long o_h, long o_po, long o_mo, long o_vo) {
+KERNEL k54_adamw(GLOBAL float *A, long B, long S, long o_p, long o_g, long o_m, long o_v, long o_ss, long o_h, long o_po, long o_mo, long o_vo) {
     const long T = B * S;
     (void)T;
     GLOBAL float *p = A + o_p;
@@ -2507,7 +2754,7 @@ KERNEL k51_adamw(GLOBAL float *A, long B, long S, long o_p, long o_g, long o_m, 
     vo[i] = vv;
 }
 
-KERNEL k52_adamw(GLOBAL float *A, long B, long S, long o_p, long o_g, long o_m, long o_v, long o_ss, long o_h, long o_po, long o_mo, long o_vo) {
+KERNEL k55_adamw(GLOBAL float *A, long B, long S, long o_p, long o_g, long o_m, long o_v, long o_ss, long o_h, long o_po, long o_mo, long o_vo) {
     const long T = B * S;
     (void)T;
     GLOBAL float *p = A + o_p;
@@ -2532,7 +2779,7 @@ KERNEL k52_adamw(GLOBAL float *A, long B, long S, long o_p, long o_g, long o_m, 
     vo[i] = vv;
 }
 
-KERNEL k53_adamw(GLOBAL float *A, long B, long S, long o_p, long o_g, long o_m, long o_v, long o_ss, long o_h, long o_po, long o_mo, long o_vo) {
+KERNEL k56_adamw(GLOBAL float *A, long B, long S, long o_p, long o_g, long o_m, long o_v, long o_ss, long o_h, long o_po, long o_mo, long o_vo) {
     const long T = B * S;
     (void)T;
     GLOBAL float *p = A + o_p;
@@ -2557,7 +2804,7 @@ KERNEL k53_adamw(GLOBAL float *A, long B, long S, long o_p, long o_g, long o_m, 
     vo[i] = vv;
 }
 
-KERNEL k54_adamw(GLOBAL float *A, long B, long S, long o_p, long o_g, long o_m, long o_v, long o_ss, long o_h, long o_po, long o_mo, long o_vo) {
+KERNEL k57_adamw(GLOBAL float *A, long B, long S, long o_p, long o_g, long o_m, long o_v, long o_ss, long o_h, long o_po, long o_mo, long o_vo) {
     const long T = B * S;
     (void)T;
     GLOBAL float *p = A + o_p;
@@ -2582,7 +2829,7 @@ KERNEL k54_adamw(GLOBAL float *A, long B, long S, long o_p, long o_g, long o_m, 
     vo[i] = vv;
 }
 
-KERNEL k55_adamw(GLOBAL float *A, long B, long S, long o_p, long o_g, long o_m, long o_v, long o_ss, long o_h, long o_po, long o_mo, long o_vo) {
+KERNEL k58_adamw(GLOBAL float *A, long B, long S, long o_p, long o_g, long o_m, long o_v, long o_ss, long o_h, long o_po, long o_mo, long o_vo) {
     const long T = B * S;
     (void)T;
     GLOBAL float *p = A + o_p;
@@ -2607,7 +2854,7 @@ KERNEL k55_adamw(GLOBAL float *A, long B, long S, long o_p, long o_g, long o_m, 
     vo[i] = vv;
 }
 
-KERNEL k56_adamw(GLOBAL float *A, long B, long S, long o_p, long o_g, long o_m, long o_v, long o_ss, long o_h, long o_po, long o_mo, long o_vo) {
+KERNEL k59_adamw(GLOBAL float *A, long B, long S, long o_p, long o_g, long o_m, long o_v, long o_ss, long o_h, long o_po, long o_mo, long o_vo) {
     const long T = B * S;
     (void)T;
     GLOBAL float *p = A + o_p;
@@ -2632,7 +2879,7 @@ KERNEL k56_adamw(GLOBAL float *A, long B, long S, long o_p, long o_g, long o_m, 
     vo[i] = vv;
 }
 
-KERNEL k57_adamw(GLOBAL float *A, long B, long S, long o_p, long o_g, long o_m, long o_v, long o_ss, long o_h, long o_po, long o_mo, long o_vo) {
+KERNEL k60_adamw(GLOBAL float *A, long B, long S, long o_p, long o_g, long o_m, long o_v, long o_ss, long o_h, long o_po, long o_mo, long o_vo) {
     const long T = B * S;
     (void)T;
     GLOBAL float *p = A + o_p;
