@@ -60,6 +60,32 @@ static int feed(session *s, rng_state *r, uint8_t *rows, long rowlen, char *err,
     return session_set_batch(s, rows, rowlen, err, errlen);
 }
 
+/* The distinct kernels that take the most time (launches of one kernel summed): where to look
+ * next when tuning. */
+static void print_top_kernels(const plan *p, const exec_prof *pr, long psteps) {
+    int nk = p->kg.nbodies, order[512];
+    double kms[512] = {0};
+    long kl[512] = {0};
+    if (nk > 512) nk = 512;
+    for (int i = 0; i < p->kg.nl; i++)
+        for (int b = 0; b < nk; b++)
+            if (strcmp(p->kg.names[b], p->kg.launches[i].kernel) == 0) {
+                kms[b] += pr->launch_ms[i];
+                kl[b]++;
+                break;
+            }
+    for (int b = 0; b < nk; b++) order[b] = b;
+    for (int a = 1; a < nk; a++)
+        for (int b = a; b > 0 && kms[order[b]] > kms[order[b - 1]]; b--) {
+            int t = order[b];
+            order[b] = order[b - 1];
+            order[b - 1] = t;
+        }
+    printf("\nslowest kernels:\n  %-40s %10s %12s\n", "kernel", "launches", "ms/step");
+    for (int r = 0; r < nk && r < 15; r++)
+        printf("  %-40s %10ld %12.3f\n", p->kg.names[order[r]], kl[order[r]], kms[order[r]] / (double)psteps);
+}
+
 int cmd_bench(int argc, char **argv) {
     const char *bkname = "auto", *batch_s = NULL, *seq_s = NULL, *steps_s = NULL, *warm_s = NULL, *dev_s = NULL,
                *prof_s = NULL, *prec_s = NULL;
@@ -231,6 +257,7 @@ int cmd_bench(int argc, char **argv) {
         for (int e = 0; e < pr->nop; e++)
             printf("  %-20s %10ld %12.3f\n", pr->by_op[e].name, pr->by_op[e].launches / psteps,
                    pr->by_op[e].ms / (double)psteps);
+        print_top_kernels(&s.p, pr, psteps);
     }
     /* One greppable line for scripts (bench/run.sh). */
     printf("\nRESULT backend=%s B=%ld S=%ld tok_s=%.1f ms_step=%.4f flops_tok=%.6g", bk_name(bk), B, S, tps, median,

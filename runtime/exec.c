@@ -51,6 +51,7 @@ static void prof_free(plan_exec *x) {
     free(pr->ev);
     free(pr->pending);
     free(pr->entry);
+    free(pr->launch_ms);
     free(pr->by_op);
     free(pr);
     x->prof = NULL;
@@ -83,9 +84,10 @@ int exec_profile_enable(plan_exec *x, char *err, size_t errlen) {
         pr->ev = calloc((size_t)(2 * nl + 1), sizeof *pr->ev);
         pr->pending = calloc((size_t)nl + 1, 1);
         pr->entry = calloc((size_t)nl + 1, sizeof *pr->entry);
+        pr->launch_ms = calloc((size_t)nl + 1, sizeof *pr->launch_ms);
         pr->by_op = calloc((size_t)nl + 1, sizeof *pr->by_op);
     }
-    if (!pr || !pr->ev || !pr->pending || !pr->entry || !pr->by_op) {
+    if (!pr || !pr->ev || !pr->pending || !pr->entry || !pr->launch_ms || !pr->by_op) {
         snprintf(err, errlen, "profiling: out of host memory");
         prof_free(x);
         return -1;
@@ -116,6 +118,7 @@ static int prof_read(plan_exec *x, int i, char *err, size_t errlen) {
         return -1;
     }
     pr->pending[i] = 0;
+    pr->launch_ms[i] += ms;
     pr->by_op[pr->entry[i]].ms += ms;
     pr->by_op[pr->entry[i]].launches++;
     pr->total_ms += ms;
@@ -133,6 +136,7 @@ void exec_profile_reset(plan_exec *x) {
     exec_prof *pr = x->prof;
     if (!pr) return;
     for (int e = 0; e < pr->nop; e++) pr->by_op[e].ms = 0, pr->by_op[e].launches = 0;
+    for (int i = 0; i < x->p->kg.nl; i++) pr->launch_ms[i] = 0;
     pr->total_ms = 0;
 }
 

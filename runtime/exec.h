@@ -18,6 +18,7 @@ typedef struct exec_prof {
     bk_event **ev;            /* 2 per launch: recorded just before and just after it */
     char *pending;            /* per launch: timed by exec_run, not yet read by collect */
     int *entry;               /* per launch: index into by_op */
+    double *launch_ms;        /* per launch: device milliseconds summed over collected runs */
     exec_prof_entry *by_op;
     int nop;
     double total_ms;          /* sum over by_op */

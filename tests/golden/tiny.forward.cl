@@ -328,8 +328,8 @@ KERNEL k6_mamba3_scan_out(GLOBAL float *A, long B, long S, long o_x, long o_Bn, 
     const int L = (int)(S - c0 < 16 ? S - c0 : 16);
     LOCAL float ldt[16], ladt[16], lsc[16], lgm[16], lcs[16];
     LOCAL float LPH[64], tc[4], ts[4];
-    LOCAL float QR[256];
-    LOCAL float KM[256];   /* Kl of the chunk, then M */
+    LOCAL float QR[272];
+    LOCAL float KM[272];   /* Kl of the chunk, then M */
     const float dtbh = dtb[h], Dh = Dp[h];
     for (int i = lid; i < 4; i += 256) {
     if (c0 > 0) {
@@ -390,7 +390,7 @@ KERNEL k6_mamba3_scan_out(GLOBAL float *A, long B, long S, long o_x, long o_Bn, 
     kv = (nn & 1) ? k0 * sq + k1 * cq : k0 * cq - k1 * sq;
     qv = (nn & 1) ? q0 * sq + q1 * cq : q0 * cq - q1 * sq;
     }
-    KM[j] = kv; QR[j] = qv;
+    KM[a * 17 + nn] = kv; QR[a * 17 + nn] = qv;
     }
     BARRIER();
     float mr[1];
@@ -400,7 +400,7 @@ KERNEL k6_mamba3_scan_out(GLOBAL float *A, long B, long S, long o_x, long o_Bn, 
     float m = 0.0f;
     if (t < L && s2 <= t) {
     float qk = 0.0f;
-    for (int nn = 0; nn < 16; nn++) qk += QR[t * 16 + nn] * KM[s2 * 16 + nn];
+    for (int nn = 0; nn < 16; nn++) qk += QR[t * 17 + nn] * KM[s2 * 17 + nn];
     m = s2 < t ? qk * EXPF(FMINF(lcs[t] - lcs[s2], 0.0f)) * lsc[s2] : lgm[t] * qk + Dh;
     }
     mr[r] = m;
@@ -419,7 +419,7 @@ KERNEL k6_mamba3_scan_out(GLOBAL float *A, long B, long S, long o_x, long o_Bn, 
     }
     for (int t = tg; t < L; t += 8) {
     float sq = 0.0f;
-    for (int nn = 0; nn < 16; nn++) sq += Sr[nn] * QR[t * 16 + nn];
+    for (int nn = 0; nn < 16; nn++) sq += Sr[nn] * QR[t * 17 + nn];
     float acc = EXPF(FMINF(lcs[t], 0.0f)) * sq;
     for (int s2 = 0; s2 <= t; s2++) acc += KM[t * 16 + s2] * x[(rb + s2) * 304L + h * 32 + p];
     y[(rb + t) * 128L + h * 32 + p] = acc;

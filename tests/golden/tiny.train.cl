@@ -328,8 +328,8 @@ KERNEL k6_mamba3_scan_out(GLOBAL float *A, long B, long S, long o_x, long o_Bn, 
     const int L = (int)(S - c0 < 16 ? S - c0 : 16);
     LOCAL float ldt[16], ladt[16], lsc[16], lgm[16], lcs[16];
     LOCAL float LPH[64], tc[4], ts[4];
-    LOCAL float QR[256];
-    LOCAL float KM[256];   /* Kl of the chunk, then M */
+    LOCAL float QR[272];
+    LOCAL float KM[272];   /* Kl of the chunk, then M */
     const float dtbh = dtb[h], Dh = Dp[h];
     for (int i = lid; i < 4; i += 256) {
     if (c0 > 0) {
@@ -390,7 +390,7 @@ KERNEL k6_mamba3_scan_out(GLOBAL float *A, long B, long S, long o_x, long o_Bn, 
     kv = (nn & 1) ? k0 * sq + k1 * cq : k0 * cq - k1 * sq;
     qv = (nn & 1) ? q0 * sq + q1 * cq : q0 * cq - q1 * sq;
     }
-    KM[j] = kv; QR[j] = qv;
+    KM[a * 17 + nn] = kv; QR[a * 17 + nn] = qv;
     }
     BARRIER();
     float mr[1];
@@ -400,7 +400,7 @@ KERNEL k6_mamba3_scan_out(GLOBAL float *A, long B, long S, long o_x, long o_Bn, 
     float m = 0.0f;
     if (t < L && s2 <= t) {
     float qk = 0.0f;
-    for (int nn = 0; nn < 16; nn++) qk += QR[t * 16 + nn] * KM[s2 * 16 + nn];
+    for (int nn = 0; nn < 16; nn++) qk += QR[t * 17 + nn] * KM[s2 * 17 + nn];
     m = s2 < t ? qk * EXPF(FMINF(lcs[t] - lcs[s2], 0.0f)) * lsc[s2] : lgm[t] * qk + Dh;
     }
     mr[r] = m;
@@ -419,7 +419,7 @@ KERNEL k6_mamba3_scan_out(GLOBAL float *A, long B, long S, long o_x, long o_Bn, 
     }
     for (int t = tg; t < L; t += 8) {
     float sq = 0.0f;
-    for (int nn = 0; nn < 16; nn++) sq += Sr[nn] * QR[t * 16 + nn];
+    for (int nn = 0; nn < 16; nn++) sq += Sr[nn] * QR[t * 17 + nn];
     float acc = EXPF(FMINF(lcs[t], 0.0f)) * sq;
     for (int s2 = 0; s2 <= t; s2++) acc += KM[t * 16 + s2] * x[(rb + s2) * 304L + h * 32 + p];
     y[(rb + t) * 128L + h * 32 + p] = acc;
@@ -2216,13 +2216,21 @@ KERNEL k41_mamba3_scan_bwd_params(GLOBAL float *A, long B, long S, long o_hd, lo
     GLOBAL float *gCb = A + o_gCb;
     GLOBAL float *gD = A + o_gD;
     LOCAL float red[256];
-    const int h = (int)(GID_X / 34), j = (int)(GID_X % 34);
+    const int h = (int)(GID_X / 3), jb = (int)(GID_X % 3);
     const int lid = LID_X;
     float acc = 0.0f, cmp = 0.0f;
+    if (jb < 1) {
+    const int col = jb * 32 + (lid & 31), lane = lid >> 5;
+    if (col < 32) for (long tok = lane; tok < T; tok += 8) {
+    const float yk = hd[tok * 128L + h * 32 + col] - cmp;
+    const float tk = acc + yk;
+    cmp = (tk - acc) - yk;
+    acc = tk;
+    }
+    } else {
     for (long tok = lid; tok < T; tok += 256) {
     float val;
-    if (j < 32) val = hd[tok * 128L + h * 32 + j];
-    else if (j == 32) val = gddt[tok * 304L + h];
+    if (jb == 1) val = gddt[tok * 304L + h];
     else {
     float dv = 0.0f, dc = 0.0f;
     for (int p = 0; p < 32; p++) {
@@ -2238,17 +2246,20 @@ KERNEL k41_mamba3_scan_bwd_params(GLOBAL float *A, long B, long S, long o_hd, lo
     cmp = (tk - acc) - yk;
     acc = tk;
     }
+    }
     red[lid] = acc;
     BARRIER();
-    for (int w = 128; w > 0; w >>= 1) {
-    if (lid < w) red[lid] += red[lid + w];
-    BARRIER();
+    if (jb < 1) {
+    const int col = jb * 32 + lid;
+    if (lid < 32 && col < 32) {
+    float s = 0.0f;
+    for (int l = 0; l < 8; l++) s += red[l * 32 + lid];
+    if (col < 16) gBb[h * 16 + col] = s; else gCb[h * 16 + col - 16] = s;
     }
-    if (lid == 0) {
-    if (j < 16) gBb[h * 16 + j] = red[0];
-    else if (j < 32) gCb[h * 16 + j - 16] = red[0];
-    else if (j == 32) gdtb[h] = red[0];
-    else gD[h] = red[0];
+    } else if (lid == 0) {
+    float s = 0.0f;
+    for (int l = 0; l < 256; l++) s += red[l];
+    if (jb == 1) gdtb[h] = s; else gD[h] = s;
     }
 }
 
