@@ -709,8 +709,8 @@ TEST(decode_cli_chat_tmux) {
     CHECK(strstr(tail, "hello") && strstr(tail, "again"), "typed lines not shown:\n%s", tail);
 }
 
-/* The step plan's CUDA source (every step primitive's template and the sampler) compiles with
- * NVRTC for the CI architectures, no GPU needed. */
+/* The step plan's CUDA source (every step primitive's template and the sampler) and the prefill
+ * plan's (mamba3_final, ring_fill) compile with NVRTC for the CI architectures, no GPU needed. */
 TEST(decode_step_nvrtc) {
     int major = 0, minor = 0;
     char err[4096];
@@ -718,23 +718,26 @@ TEST(decode_step_nvrtc) {
         printf("  (NVRTC not available: skipped)\n");
         return;
     }
-    realm_model m;
-    CHECK(model_load_step(SMALL, strlen(SMALL), "dec.lua", &m, err, sizeof err) == 0, "%s", err);
-    plan p;
-    if (plan_build(&p, &m.g, 0, m.g.nn, "cuda", NULL, 0, err, sizeof err) < 0) {
+    for (int which = 0; which < 2 && !t->failed; which++) {
+        realm_model m;
+        CHECK((which ? model_load_prefill : model_load_step)(SMALL, strlen(SMALL), "dec.lua", &m, err, sizeof err) == 0,
+              "%s", err);
+        plan p;
+        if (plan_build(&p, &m.g, 0, m.g.nn, "cuda", NULL, 0, err, sizeof err) < 0) {
+            model_free(&m);
+            CHECK(0, "%s", err);
+        }
+        const char *arches[] = {"sm_80", "sm_90", "sm_120"};
+        char log[8192];
+        int rc = 0;
+        for (int i = 0; i < 3 && rc == 0; i++) {
+            void *cubin = NULL;
+            size_t len = 0;
+            rc = cuda_compile_only(p.kg.src.s, arches[i], "--std=c++17", &cubin, &len, log, sizeof log);
+            free(cubin);
+            if (rc) t_fail(t, __FILE__, __LINE__, "NVRTC %s (%s plan): %s", arches[i], which ? "prefill" : "step", log);
+        }
+        plan_free(&p);
         model_free(&m);
-        CHECK(0, "%s", err);
     }
-    const char *arches[] = {"sm_80", "sm_90", "sm_120"};
-    char log[8192];
-    int rc = 0;
-    for (int i = 0; i < 3 && rc == 0; i++) {
-        void *cubin = NULL;
-        size_t len = 0;
-        rc = cuda_compile_only(p.kg.src.s, arches[i], "--std=c++17", &cubin, &len, log, sizeof log);
-        free(cubin);
-        if (rc) t_fail(t, __FILE__, __LINE__, "NVRTC %s: %s", arches[i], log);
-    }
-    plan_free(&p);
-    model_free(&m);
 }
