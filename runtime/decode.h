@@ -40,8 +40,8 @@ typedef struct {
 
 /* Prompts longer than this (in bytes times the batch) prefill their first DECODE_PREFILL_MAX / B
  * bytes (rounded down to the unit) in parallel and step through the rest: one parallel run
- * holds every position's activations. */
-#define DECODE_PREFILL_MAX (1L << 20)
+ * holds every position's activations (realm-9m: about 16 KB per byte, 4 GB at this size). */
+#define DECODE_PREFILL_MAX (1L << 18)
 
 typedef struct {
     realm_model m;            /* the step graph */
