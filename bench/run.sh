@@ -84,7 +84,8 @@ torchv=$(python3 -c 'import torch; print(torch.__version__)' 2>/dev/null)
 } | tee "$OUTDIR/table.md"
 
 # Decode: per-byte cost of the step graph at several positions (flat by design), batch 1 and
-# 64, beside the same recurrent step in eager PyTorch. A 2-step run gives a checkpoint (the
+# 64, beside the same recurrent step in eager PyTorch; and the parallel prefill of a prompt of
+# each length (realm's lines "position P: parallel prefill of ..."). A 2-step run gives a checkpoint (the
 # weights do not change the cost). BENCH_DECODE=0 skips it.
 if [ "${BENCH_DECODE:-1}" != 0 ]; then
   POS=${BENCH_POSITIONS:-1024,16384,262144}
@@ -94,7 +95,7 @@ if [ "${BENCH_DECODE:-1}" != 0 ]; then
     --batch 1 --seq 64 --steps 2 --eval-every 0 >"$OUTDIR/decode-train.log" 2>&1 || echo "bench: decode run failed" >&2
   {
     echo
-    echo "decode, ms per step (one byte per sequence) at positions $POS"
+    echo "decode, ms per step (one byte per sequence) and parallel prefill bytes/s at positions $POS"
     for B in 1 64; do
       "$REALM" generate "$run" --bench "$POS" --batch "$B" --backend "$BACKEND" 2>&1 | grep '^position' | sed "s/^/realm batch $B: /"
       if [ -n "$MODES" ]; then

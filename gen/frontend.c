@@ -17,6 +17,7 @@
 typedef struct {
     ir_graph *g;
     int step;                /* building the decode step graph (g.mode == "step") */
+    int prefill;             /* building the prefill graph (g.mode == "prefill") */
     const char *chunk;       /* model path as shown in messages */
     char origin[300];        /* "file:line" of the block being built, set by the library */
     int last_line;           /* last line of the model file that ran (survives tail calls) */
@@ -322,11 +323,12 @@ static int g_recompute(lua_State *L) {
 
 /* g:state(name, {dims}) -> a recurrent state tensor [B, dims...] named under the current
  * scope (ROLE_STATE: persistent in the arena, zeroed by the decoder at a reset). Only in the
- * step graph: the training graph has no state. */
+ * step graph, and in the prefill graph, which writes the states the step graph starts from
+ * (same names, same shapes): the training graph has no state. */
 static int g_state(lua_State *L) {
     fe_ctx *fe = check_graph(L);
     ir_graph *g = fe->g;
-    if (!fe->step) fe_error(L, "g:state is only available when g.mode == \"step\"");
+    if (!fe->step && !fe->prefill) fe_error(L, "g:state is only available when g.mode is \"step\" or \"prefill\"");
     const char *name = luaL_checkstring(L, 2);
     ir_shape f = feature_shape_arg(L, 3, "state shape");
     if (f.ndim + 1 > IR_MAX_DIMS) fe_error(L, "state shape has too many dims");
@@ -442,7 +444,7 @@ static void push_graph(lua_State *L, fe_ctx *fe) {
             lua_pushcclosure(L, g_primitive, 1);
             lua_setfield(L, -2, op_get(i)->name);
         }
-        lua_pushstring(L, fe->step ? "step" : "train");
+        lua_pushstring(L, fe->step ? "step" : fe->prefill ? "prefill" : "train");
         lua_setfield(L, -2, "mode");
         lua_setfield(L, -2, "__index");
     }
@@ -564,7 +566,7 @@ static int build_model(lua_State *L) {
     int tok_shape[2] = {DIM_B, DIM_S};
     m->tokens = ir_tensor_new(g, "tokens", ir_shape_make(2, tok_shape), DT_I32, ROLE_INPUT);
     if (fe->step) m->positions = ir_tensor_new(g, "positions", ir_shape_make(2, tok_shape), DT_I32, ROLE_INPUT);
-    else m->targets = ir_tensor_new(g, "targets", ir_shape_make(2, tok_shape), DT_I32, ROLE_INPUT);
+    else if (!fe->prefill) m->targets = ir_tensor_new(g, "targets", ir_shape_make(2, tok_shape), DT_I32, ROLE_INPUT);
     push_graph(L, fe);
     push_tensor(L, fe, m->tokens);
     if (fe->step) push_tensor(L, fe, m->positions);
@@ -594,6 +596,10 @@ static int build_model(lua_State *L) {
         g->loss = -1;
         return 0;
     }
+    if (fe->prefill) {
+        g->loss = -1;   /* the logits, and the states the block library assigned, are the outputs */
+        return 0;
+    }
     int prev = ir_scope_push(g, "loss", "loss");
     int in[2] = {m->logits, m->targets}, out[IR_MAX_IO];   /* out[1]: per-row losses (workspace) */
     if (ir_emit(g, "cross_entropy", in, 2, NULL, NULL, out) < 0) fe_error(L, "%s", g->err);
@@ -621,16 +627,18 @@ static void default_train(train_config *t) {
     snprintf(t->schedule, sizeof t->schedule, "cosine");
 }
 
-static int load(const char *src, size_t len, const char *chunkname, int step, realm_model *m, char *err,
+/* mode: 0 training, 1 step, 2 prefill */
+static int load(const char *src, size_t len, const char *chunkname, int mode, realm_model *m, char *err,
                 size_t errlen) {
     memset(m, 0, sizeof *m);
-    m->step = step;
+    m->step = mode == 1;
+    m->prefill = mode == 2;
     m->positions = m->sampling = m->sample_node = -1;
     snprintf(m->path, sizeof m->path, "%s", chunkname);
     default_train(&m->train);
     m->tokens = m->targets = m->logits = m->loss = -1;
     ir_init_graph(&m->g);
-    fe_ctx fe = {.g = &m->g, .chunk = m->path, .step = step};
+    fe_ctx fe = {.g = &m->g, .chunk = m->path, .step = mode == 1, .prefill = mode == 2};
     lua_State *L = lua_newstate(fe_alloc, &fe);
     if (!L) {
         snprintf(err, errlen, "%s: cannot create a Lua state", chunkname);
@@ -693,6 +701,11 @@ int model_load_string(const char *src, size_t len, const char *chunkname, realm_
 
 int model_load_step(const char *src, size_t len, const char *chunkname, realm_model *m, char *err, size_t errlen) {
     return load(src, len, chunkname, 1, m, err, errlen);
+}
+
+int model_load_prefill(const char *src, size_t len, const char *chunkname, realm_model *m, char *err,
+                       size_t errlen) {
+    return load(src, len, chunkname, 2, m, err, errlen);
 }
 
 /* The model file's text (at most 64 MiB). */

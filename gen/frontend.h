@@ -24,6 +24,7 @@ typedef struct {
      * a byte and write it (and position + 1) back into tokens/positions in place. */
     int positions, sampling, sample_node;
     int step;                          /* 1: built with g.mode == "step" */
+    int prefill;                       /* 1: built with g.mode == "prefill" */
 } realm_model;
 
 /* Load `path` and build the forward graph and loss. On failure returns -1 and writes one line
@@ -36,6 +37,14 @@ int model_load_string(const char *src, size_t len, const char *chunkname, realm_
  * tokens and positions [B,S] with S = 1, persistent ROLE_STATE tensors per layer (updated in
  * place), logits [B,S,vocab], then the on-device sampler. See docs/decode.md. */
 int model_load_step(const char *src, size_t len, const char *chunkname, realm_model *m, char *err, size_t errlen);
+/* The prefill graph of the same model file (g.mode == "prefill" in Lua): the parallel forward
+ * (tokens [B,S] in, logits [B,S,vocab] out, no targets or loss) that also writes, into
+ * ROLE_STATE tensors named and shaped exactly like the step graph's, the recurrent state at
+ * the end of the sequence, for a sequence that starts at position 0 from an empty state.
+ * Mamba-3 states are exact only when S is a multiple of every layer's chunk. See
+ * docs/decode.md "Prefill". */
+int model_load_prefill(const char *src, size_t len, const char *chunkname, realm_model *m, char *err,
+                       size_t errlen);
 void model_free(realm_model *m);
 /* Read a model file and check that it builds, without keeping the graph: its text (malloc'd,
  * for compiling sessions from) and its train settings. -1 with the one-line error. */

@@ -1,6 +1,7 @@
-/* realm kernels: render a model's training-step and forward kernels for a backend, write them
- * (and the launch plan) for inspection, and compile them — for CUDA with NVRTC alone, so
- * kernels for any architecture can be built on a machine without a GPU. */
+/* realm kernels: render a model's training-step and forward kernels, and the decoder's prefill
+ * and step kernels (docs/decode.md), for a backend, write them (and the launch plans) for
+ * inspection, and compile them — for CUDA with NVRTC alone, so kernels for any architecture
+ * can be built on a machine without a GPU. */
 #include "backend.h"
 #include "cli.h"
 #include "frontend.h"
@@ -97,8 +98,9 @@ int cmd_kernels(int argc, char **argv) {
     const char *pos[1];
     int npos, done;
     int rc = cli_parse("kernels", "MODEL.lua --backend cuda|opencl [--arch sm_XY] [--out DIR]",
-                       "Generate the kernels of a model's training step (forward, backward, optimizer) and of its\n"
-                       "forward pass, and compile them. CUDA needs only NVRTC, not a GPU.",
+                       "Generate the kernels of a model's training step (forward, backward, optimizer), of its\n"
+                       "forward pass and of the decoder's prefill and step plans (fp32, as generate and chat run\n"
+                       "them), and compile them. CUDA needs only NVRTC, not a GPU.",
                        argc, argv, opts, pos, 1, 1, &npos, &done);
     if (rc || done) return rc;
     if (!bkname || (strcmp(bkname, "cuda") != 0 && strcmp(bkname, "opencl") != 0)) {
@@ -147,5 +149,26 @@ int cmd_kernels(int argc, char **argv) {
     rc = one_plan("forward", &m.g, nfwd, keep, 2, bkname, arch, out, B, S, &po, &nk);
     if (rc == 0) rc = one_plan("train", &m.g, m.g.nn, keep, 1, bkname, arch, out, B, S, &po, &nk);
     model_free(&m);
+    /* the decoder's plans, built from the same file the way runtime/decode.c builds them */
+    char *src = NULL;
+    size_t len = 0;
+    train_config tc;
+    if (rc == 0 && model_probe(pos[0], &src, &len, &tc, err, sizeof err) < 0) {
+        fprintf(stderr, "%s\n", err);
+        return 2;
+    }
+    const plan_options fp32 = {0};
+    for (int which = 0; which < 2 && rc == 0; which++) {
+        realm_model dm;
+        if ((which ? model_load_step : model_load_prefill)(src, len, pos[0], &dm, err, sizeof err) < 0) {
+            fprintf(stderr, "%s\n", err);
+            rc = 2;
+            break;
+        }
+        rc = one_plan(which ? "step" : "prefill", &dm.g, dm.g.nn, &dm.logits, 1, bkname, arch, out, B, which ? 1 : S, &fp32,
+                      &nk);
+        model_free(&dm);
+    }
+    free(src);
     return rc;
 }

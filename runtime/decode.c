@@ -1,14 +1,112 @@
-/* The decoder: the step plan of docs/decode.md and the loop around it. Prefill runs the step
- * plan over the prompt one byte at a time (constant memory, no context limit); handing the
- * chunked forward's final states over instead is the faster prefill still to come. */
+/* The decoder: the step plan of docs/decode.md and the loop around it. A prompt fed to an
+ * empty state runs through the prefill plan (the parallel forward, chunked scan and flash
+ * attention) up to the longest multiple of the Mamba-3 chunk that leaves one byte; its final
+ * states are copied into the step plan through the host, and the remaining bytes go through
+ * the step plan one at a time, which also leaves the last byte's logits where the sampler
+ * reads them. Everything else (chat turns after the first, REALM_PREFILL=step) feeds the step
+ * plan byte by byte: constant memory, no context limit. */
 #include "decode.h"
 
+#include "op.h"
 #include "safetensors.h"
 
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
+
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+static long gcd_l(long a, long b) {
+    while (b) {
+        long r = a % b;
+        a = b;
+        b = r;
+    }
+    return a;
+}
+
+static int find_named(const ir_graph *g, const char *name, ir_role role) {
+    for (int j = 0; j < g->nt; j++)
+        if (g->t[j].role == role && g->t[j].base == j && strcmp(g->t[j].name, name) == 0) return j;
+    return -1;
+}
+
+/* Load the prefill graph and pair its states and parameters with the step graph's by name.
+ * A model whose blocks have no prefill branch (a state the prefill graph does not write) keeps
+ * pf.ok = 0 and decodes through the step plan alone. */
+static void prefill_open(decoder *d, const char *src, size_t len, const char *path) {
+    decode_prefill *pf = &d->pf;
+    char err[512];
+    if (model_load_prefill(src, len, path, &pf->m, err, sizeof err) < 0) {
+        snprintf(pf->why, sizeof pf->why, "the prefill graph does not build: %.200s", err);
+        return;
+    }
+    pf->loaded = 1;
+    const ir_graph *sg = &d->m.g, *pg = &pf->m.g;
+    pf->state_of = malloc(sizeof(int) * (size_t)sg->nt);
+    pf->param_of = malloc(sizeof(int) * (size_t)pg->nt);
+    if (!pf->state_of || !pf->param_of) {
+        snprintf(pf->why, sizeof pf->why, "out of host memory");
+        return;
+    }
+    int nstates = 0, paired = 0;
+    for (int j = 0; j < pg->nt; j++) {
+        const ir_tensor *t = &pg->t[j];
+        pf->param_of[j] = -1;
+        nstates += t->role == ROLE_STATE && t->base == j;
+        if (t->role != ROLE_PARAM || t->base != j) continue;
+        int i = find_named(sg, t->name, ROLE_PARAM);
+        if (i < 0 || !ir_shape_eq(&sg->t[i].shape, &t->shape)) {
+            snprintf(pf->why, sizeof pf->why, "parameter %.100s differs between the prefill and step graphs", t->name);
+            return;
+        }
+        pf->param_of[j] = i;
+    }
+    for (int i = 0; i < sg->nt; i++) {
+        const ir_tensor *t = &sg->t[i];
+        pf->state_of[i] = -1;
+        if (t->role != ROLE_STATE || t->base != i) continue;
+        int j = find_named(pg, t->name, ROLE_STATE);
+        if (j < 0 || !ir_shape_eq(&pg->t[j].shape, &t->shape)) {
+            snprintf(pf->why, sizeof pf->why, "state %.100s has no prefill twin (a block without a g.mode == \"prefill\" branch)",
+                     t->name);
+            return;
+        }
+        pf->state_of[i] = j;
+        paired++;
+    }
+    if (paired != nstates) {
+        snprintf(pf->why, sizeof pf->why, "the prefill graph writes states the step graph does not carry");
+        return;
+    }
+    /* the Mamba-3 hand-over is h_T only at a multiple of every layer's chunk */
+    pf->unit = 1;
+    const int fin = op_find("mamba3_final");
+    for (int k = 0; k < pg->nn; k++)
+        if (pg->n[k].op == fin) {
+            long c = pg->n[k].ia[0];
+            pf->unit = pf->unit / gcd_l(pf->unit, c) * c;
+            if (pf->unit > DECODE_PREFILL_MAX) {
+                snprintf(pf->why, sizeof pf->why, "the Mamba-3 chunks' least common multiple is too large");
+                return;
+            }
+        }
+    pf->ok = 1;
+}
+
+static void prefill_close(decode_prefill *pf) {
+    if (pf->x.arena) exec_destroy(&pf->x);
+    if (pf->planned) plan_free(&pf->p);
+    if (pf->loaded) model_free(&pf->m);
+    free(pf->state_of);
+    free(pf->param_of);
+}
 
 static long max_numel(const ir_graph *g, long B) {
     long m = 8;
@@ -26,7 +124,14 @@ int decoder_open(decoder *d, const char *src, size_t len, const char *path, back
     memset(d, 0, sizeof *d);
     d->bk = bk;
     d->B = B;
+    const char *pe = getenv("REALM_PREFILL");
+    if (pe && *pe && strcmp(pe, "step") != 0 && strcmp(pe, "parallel") != 0) {
+        snprintf(err, errlen, "REALM_PREFILL must be step or parallel, got '%.40s'", pe);
+        return -1;
+    }
+    d->parallel = !(pe && strcmp(pe, "step") == 0);
     if (model_load_step(src, len, path, &d->m, err, errlen) < 0) return -1;
+    prefill_open(d, src, len, path);
     const ir_graph *g = &d->m.g;
     if (bk) {
         int keep[1] = {d->m.logits};
@@ -56,6 +161,7 @@ int decoder_open(decoder *d, const char *src, size_t len, const char *path, back
     }
     return 0;
 fail:
+    prefill_close(&d->pf);
     model_free(&d->m);
     return -1;
 }
@@ -66,6 +172,7 @@ void decoder_close(decoder *d) {
         plan_free(&d->p);
     }
     ref_destroy(d->ref);
+    prefill_close(&d->pf);
     model_free(&d->m);
     free(d->host);
     memset(d, 0, sizeof *d);
@@ -121,6 +228,7 @@ static int run(decoder *d, int what, char *err, size_t errlen) {
 static int upload_params(decoder *d, int (*fill)(decoder *, int, float *, void *, char *, size_t), void *ctx,
                          char *err, size_t errlen) {
     const ir_graph *g = &d->m.g;
+    d->pf.stale = 1;
     for (int i = 0; i < g->nt; i++) {
         const ir_tensor *t = &g->t[i];
         if (t->role != ROLE_PARAM || t->base != i || !stored(d, i)) continue;
@@ -190,6 +298,7 @@ int decoder_reset(decoder *d, char *err, size_t errlen) {
     }
     d->pos = 0;
     d->pending = 0;
+    d->fresh = 1;
     return 0;
 }
 
@@ -216,10 +325,117 @@ static int flush_pending(decoder *d, char *err, size_t errlen) {
     return run(d, RUN_MODEL, err, errlen);
 }
 
+long decoder_prefill_len(const decoder *d, long n) {
+    if (!d->parallel || !d->fresh || d->pending || !d->pf.ok || n < 2) return 0;
+    long m = DECODE_PREFILL_MAX / d->B;
+    if (n - 1 < m) m = n - 1;   /* the last byte goes through the step plan: the sampler reads its logits */
+    return m / d->pf.unit * d->pf.unit;
+}
+
+/* Compile the prefill plan (once) and size its arena for m bytes per sequence: the arena is
+ * planned for a power of two and reused for every shorter prompt (exec_set_seq), so a new
+ * prompt recompiles nothing unless it is longer than every one before. The weights are copied
+ * from the step plan whenever they changed. */
+static int prefill_exec(decoder *d, long m, char *err, size_t errlen) {
+    decode_prefill *pf = &d->pf;
+    const ir_graph *pg = &pf->m.g;
+    if (!pf->planned) {
+        int keep[1] = {pf->m.logits};
+        if (plan_build(&pf->p, pg, 0, pg->nn, bk_name(d->bk), keep, 1, err, errlen) < 0) return -1;
+        pf->planned = 1;
+    }
+    if (pf->x.arena && pf->x.S_plan < m) exec_destroy(&pf->x);
+    if (!pf->x.arena) {
+        long cap = 256, most = DECODE_PREFILL_MAX / d->B;
+        while (cap < m) cap *= 2;
+        if (cap > most) cap = most > m ? most : m;
+        if (exec_create(&pf->x, d->bk, &pf->p, d->B, cap, err, errlen) < 0) {
+            memset(&pf->x, 0, sizeof pf->x);
+            return -1;
+        }
+        pf->stale = 1;
+    }
+    for (int j = 0; pf->stale && j < pg->nt; j++) {
+        const int i = pf->param_of[j];
+        if (i < 0 || pf->x.offset[j] == (size_t)-1) continue;
+        float *v = malloc(sizeof(float) * (size_t)ir_numel(&pg->t[j].shape, 1, 1));
+        int rc = !v ? (snprintf(err, errlen, "out of host memory"), -1) : get(d, i, v, err, errlen);
+        if (rc == 0) rc = exec_upload(&pf->x, j, v, err, errlen);
+        free(v);
+        if (rc < 0) return -1;
+    }
+    pf->stale = 0;
+    return exec_set_seq(&pf->x, m, err, errlen);
+}
+
+/* Dense rows of one reference tensor into another of the same shape (fp64, no rounding). */
+static void ref_copy(ref_buf dst, ref_buf src) {
+    for (long r = 0; r < dst.ntok; r++)
+        for (long f = 0; f < dst.feat; f++) dst.p[r * dst.ld + f] = src.p[r * src.ld + f];
+}
+
+/* The first m bytes of every sequence (bytes[b * n + i]) through the prefill plan; the step
+ * plan's state becomes the prefill plan's final state and the position m. The hand-over goes
+ * through the host (a few MB per prompt, once per prompt). */
+static int prefill(decoder *d, const uint8_t *bytes, long n, long m, float *logits, char *err, size_t errlen) {
+    const double t0 = now_s();
+    const long B = d->B, V = d->m.vocab;
+    decode_prefill *pf = &d->pf;
+    const ir_graph *sg = &d->m.g, *pg = &pf->m.g;
+    if (!d->bk) {
+        ref_ctx *c = ref_create(pg, B, m);
+        for (int j = 0; j < pg->nt; j++)
+            if (pf->param_of[j] >= 0) ref_copy(ref_get(c, j), ref_get(d->ref, pf->param_of[j]));
+        ref_buf tk = ref_get(c, pf->m.tokens);
+        for (long b = 0; b < B; b++)
+            for (long i = 0; i < m; i++) tk.p[(b * m + i) * tk.ld] = bytes[b * n + i];
+        ref_run(c, 0, pg->nn);
+        ref_buf L = ref_get(c, pf->m.logits);
+        for (long r = 0; logits && r < B * m; r++)
+            for (long f = 0; f < V; f++) logits[((r % m) * B + r / m) * V + f] = (float)L.p[r * L.ld + f];
+        for (int i = 0; i < sg->nt; i++)
+            if (pf->state_of[i] >= 0) ref_copy(ref_get(d->ref, i), ref_get(c, pf->state_of[i]));
+        ref_destroy(c);
+    } else {
+        if (prefill_exec(d, m, err, errlen) < 0) {
+            size_t k = strlen(err);
+            if (k < errlen) snprintf(err + k, errlen - k, " (REALM_PREFILL=step decodes without the prefill plan)");
+            return -1;
+        }
+        float *h = malloc(sizeof(float) * (size_t)(B * m) * (size_t)(logits ? V : 1));
+        if (!h) {
+            snprintf(err, errlen, "prefill: out of host memory");
+            return -1;
+        }
+        for (long b = 0; b < B; b++)
+            for (long i = 0; i < m; i++) h[b * m + i] = bytes[b * n + i];
+        int rc = exec_upload(&pf->x, pf->m.tokens, h, err, errlen);
+        if (rc == 0) rc = exec_run(&pf->x, 0, pf->p.kg.nl, err, errlen);
+        if (rc == 0 && logits) rc = exec_download(&pf->x, pf->m.logits, h, err, errlen);
+        for (long r = 0; rc == 0 && logits && r < B * m; r++)
+            memcpy(logits + ((r % m) * B + r / m) * V, h + r * V, sizeof(float) * (size_t)V);
+        free(h);
+        for (int i = 0; rc == 0 && i < sg->nt; i++)
+            if (pf->state_of[i] >= 0 && stored(d, i)) {
+                rc = exec_download(&pf->x, pf->state_of[i], d->host, err, errlen);
+                if (rc == 0) rc = put(d, i, d->host, err, errlen);
+            }
+        if (rc < 0) return -1;
+    }
+    d->pos = m;
+    d->fresh = 0;
+    d->prefill_bytes += m;
+    d->prefill_s += now_s() - t0;
+    return 0;
+}
+
 int decoder_feed(decoder *d, const uint8_t *bytes, long n, float *logits, char *err, size_t errlen) {
     if (flush_pending(d, err, errlen) < 0) return -1;
     const long B = d->B, V = d->m.vocab;
-    for (long i = 0; i < n; i++) {
+    long i0 = decoder_prefill_len(d, n);
+    if (i0 > 0 && prefill(d, bytes, n, i0, logits, err, errlen) < 0) return -1;
+    if (n > 0) d->fresh = 0;
+    for (long i = i0; i < n; i++) {
         for (long b = 0; b < B; b++) d->host[b] = bytes[b * n + i];
         if (put(d, d->m.tokens, d->host, err, errlen) < 0) return -1;
         for (long b = 0; b < B; b++) d->host[b] = (float)d->pos;
@@ -253,5 +469,6 @@ int decoder_next(decoder *d, uint8_t *out, char *err, size_t errlen) {
 int decoder_set_position(decoder *d, long pos, char *err, size_t errlen) {
     if (flush_pending(d, err, errlen) < 0) return -1;
     d->pos = pos;
+    d->fresh = 0;
     return 0;
 }

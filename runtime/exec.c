@@ -12,6 +12,7 @@ int exec_create(plan_exec *x, backend *bk, const plan *p, long B, long S, char *
     x->p = p;
     x->B = B;
     x->S = S;
+    x->S_plan = S;
     int nl = p->kg.nl;
     const char **names = calloc((size_t)nl + 1, sizeof *names);
     for (int i = 0; i < nl; i++) names[i] = p->kg.launches[i].kernel;
@@ -39,6 +40,16 @@ int exec_create(plan_exec *x, backend *bk, const plan *p, long B, long S, char *
         exec_destroy(x);
         return -1;
     }
+    return 0;
+}
+
+int exec_set_seq(plan_exec *x, long S, char *err, size_t errlen) {
+    if (S < 1 || S > x->S_plan || x->ngraph) {
+        snprintf(err, errlen, "sequence length %ld: the arena holds 1..%ld%s", S, x->S_plan,
+                 x->ngraph ? " and graphs are captured" : "");
+        return -1;
+    }
+    x->S = S;
     return 0;
 }
 

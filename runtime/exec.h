@@ -28,6 +28,7 @@ typedef struct {
     backend *bk;
     const plan *p;
     long B, S;
+    long S_plan;              /* the S the arena was planned for (exec_set_seq may lower S) */
     bk_module *mod;
     bk_kernel **kern;         /* per launch */
     bk_buf *arena;
@@ -42,6 +43,11 @@ typedef struct {
 /* Compile the plan's module and allocate the arena for (B, S). */
 int exec_create(plan_exec *x, backend *bk, const plan *p, long B, long S, char *err, size_t errlen);
 void exec_destroy(plan_exec *x);
+/* Run at sequence length S <= S_plan from now on, in the same arena: every tensor's size grows
+ * with S and the memory plan gave each owner its S_plan bytes, so at a shorter S each tensor
+ * uses a prefix of its own bytes and nothing overlaps. Lets one compiled module and arena serve
+ * prompts of any length up to S_plan. Not while graphs are captured (their S is fixed). */
+int exec_set_seq(plan_exec *x, long S, char *err, size_t errlen);
 /* Queue launches [l0, l1). */
 int exec_run(plan_exec *x, int l0, int l1, char *err, size_t errlen);
 /* Graphs (backends with bk_graph_supported: CUDA). exec_capture records launches [l0, l1) into

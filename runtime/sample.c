@@ -1,6 +1,7 @@
 /* realm generate / chat / eval. generate and chat run the model's step plan (runtime/decode.c,
  * docs/decode.md): constant cost per byte, sampling on the device, the state kept across chat
- * turns. eval scores windows of the training sequence length through the parallel forward. */
+ * turns; a prompt fed to an empty state goes through the parallel prefill plan first. eval
+ * scores windows of the training sequence length through the parallel forward. */
 #include "cli.h"
 #include "corpus.h"
 #include "decode.h"
@@ -63,9 +64,10 @@ static void runner_close(runner *r) {
     bk_destroy(r->bk);
 }
 
-/* A trained run's step plan with its latest weights. */
-static int decoder_from_run(decoder *d, backend **bk, const char *run, const char *bkname, long batch, char *err,
-                            size_t errlen) {
+/* A trained run's step plan with its latest weights. parallel: use the prefill plan for
+ * prompts (1) or step through them byte by byte (0). */
+static int decoder_from_run(decoder *d, backend **bk, const char *run, const char *bkname, long batch, int parallel,
+                            char *err, size_t errlen) {
     char dir[1200];
     long step;
     int f = train_find_checkpoint(run, dir, sizeof dir, &step, err, errlen);
@@ -92,14 +94,15 @@ static int decoder_from_run(decoder *d, backend **bk, const char *run, const cha
         bk_destroy(*bk);
         return 1;
     }
+    d->parallel = parallel;
     return 0;
 }
 
 typedef struct {
-    const char *bk, *prompt, *n, *temp, *topk, *topp, *seed, *ctx, *bench, *bench_steps, *batch;
+    const char *bk, *prompt, *n, *temp, *topk, *topp, *seed, *ctx, *bench, *bench_steps, *batch, *prefill;
 } gen_args;
 
-static int parse_sampling(const char *cmd, const gen_args *a, decode_sampling *sm, long *n) {
+static int parse_sampling(const char *cmd, const gen_args *a, decode_sampling *sm, long *n, int *parallel) {
     sm->temperature = 0.8;
     sm->top_p = 0.95;
     sm->top_k = 0;
@@ -112,6 +115,14 @@ static int parse_sampling(const char *cmd, const gen_args *a, decode_sampling *s
     rc |= a->seed && cli_long(cmd, "--seed", a->seed, 0, 1L << 62, &seed);
     rc |= a->ctx && cli_long(cmd, "--context", a->ctx, 1, 1L << 40, &ctx);
     sm->seed = (uint64_t)seed;
+    /* --prefill, else REALM_PREFILL, else parallel */
+    const char *pf = a->prefill ? a->prefill : getenv("REALM_PREFILL");
+    if (pf && *pf && strcmp(pf, "parallel") != 0 && strcmp(pf, "step") != 0) {
+        fprintf(stderr, "realm %s: %s must be parallel or step, got '%s'\n", cmd, a->prefill ? "--prefill" : "REALM_PREFILL",
+                pf);
+        rc = 1;
+    }
+    *parallel = !(pf && strcmp(pf, "step") == 0);
     return rc ? 2 : 0;
 }
 
@@ -122,7 +133,9 @@ static int parse_sampling(const char *cmd, const gen_args *a, decode_sampling *s
     {"--top-k", "K", "sample among the K most likely bytes (0 = all)", &(a).topk, NULL},                     \
     {"--top-p", "P", "nucleus sampling mass (default 0.95)", &(a).topp, NULL},                               \
     {"--seed", "N", "sampling seed (48 bits used): same seed, same text (default 1)", &(a).seed, NULL},      \
-    {"--context", "N", "accepted for compatibility; the step plan has no context limit", &(a).ctx, NULL}
+    {"--context", "N", "accepted for compatibility; the step plan has no context limit", &(a).ctx, NULL},      \
+    {"--prefill", "MODE", "parallel (default: the prompt through the parallel forward) or step (byte by byte)", \
+     &(a).prefill, NULL}
 
 /* Write bytes, holding back an incomplete UTF-8 sequence until it is complete. */
 typedef struct {
@@ -156,16 +169,47 @@ static double now_s(void) {
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
 
+/* The parallel prefill of a P-byte prompt: its throughput after a warm-up run (the first one
+ * compiles the prefill plan and sizes its arena). What the prefill plan takes of P bytes is
+ * what a real P-byte prompt would: a multiple of the Mamba-3 chunk, at least one byte left. */
+static int bench_prefill(decoder *d, long pos, long batch, char *err, size_t errlen) {
+    const long m = decoder_reset(d, err, errlen) < 0 ? -1 : decoder_prefill_len(d, pos);
+    if (m <= 0) return m < 0 ? -1 : 0;
+    uint8_t *bytes = malloc((size_t)(batch * (m + 1)));
+    if (!bytes) {
+        snprintf(err, errlen, "--bench: out of host memory");
+        return -1;
+    }
+    for (long i = 0; i < batch * (m + 1); i++) bytes[i] = (uint8_t)('a' + (i * 7) % 26);
+    int rc = 0;
+    double s0 = 0;
+    long n0 = 0;
+    for (int run = 0; run < 2 && rc == 0; run++) {
+        s0 = d->prefill_s, n0 = d->prefill_bytes;
+        rc = decoder_reset(d, err, errlen) < 0 || decoder_feed(d, bytes, m + 1, NULL, err, errlen) < 0 ? -1 : 0;
+    }
+    free(bytes);
+    if (rc == 0) {
+        const double dt = d->prefill_s - s0;
+        printf("position %ld: parallel prefill of %ld bytes in %.3f ms, %.0f bytes/s (batch %ld: %.0f bytes/s)\n", pos,
+               d->prefill_bytes - n0, dt * 1e3, (double)(d->prefill_bytes - n0) / dt, batch,
+               (double)(batch * (d->prefill_bytes - n0)) / dt);
+    }
+    return rc;
+}
+
 /* --bench P1,P2,...: per-token time of the whole step (model + sampler + reading the byte) at
  * each position. The sequence jumps to P - 1 without feeding the bytes before it: the step's
  * cost depends on the position (the attention ring is full from position `window` on), never
- * on what the state holds, so this times exactly what a real P-byte conversation costs. */
+ * on what the state holds, so this times exactly what a real P-byte conversation costs. With
+ * the parallel prefill on, each position also times the prefill of a P-byte prompt. */
 static int bench(decoder *d, const char *list, long steps, long batch, char *err, size_t errlen) {
     const char *p = list;
     uint8_t *in = calloc((size_t)batch, 1), *out = malloc((size_t)batch);
     int rc = 0;
-    printf("decode bench: batch %ld, %ld timed steps per position, %s\n", batch, steps,
-           d->use_graph ? "CUDA graph on" : d->bk && d->bk->kind == BK_CUDA ? "CUDA graph off" : "no graph");
+    printf("decode bench: batch %ld, %ld timed steps per position, %s, prefill %s\n", batch, steps,
+           d->use_graph ? "CUDA graph on" : d->bk && d->bk->kind == BK_CUDA ? "CUDA graph off" : "no graph",
+           !d->parallel ? "byte by byte (step)" : d->pf.ok ? "parallel" : d->pf.why);
     while (*p && rc == 0) {
         char *end;
         long pos = strtol(p, &end, 10);
@@ -175,6 +219,10 @@ static int bench(decoder *d, const char *list, long steps, long batch, char *err
             break;
         }
         p = *end == ',' ? end + 1 : end;
+        if (bench_prefill(d, pos, batch, err, errlen) < 0) {
+            rc = 1;
+            break;
+        }
         rc = decoder_reset(d, err, errlen) < 0 || decoder_set_position(d, pos - 1, err, errlen) < 0 ||
              decoder_feed(d, in, 1, NULL, err, errlen) < 0;
         for (long i = 0; i < 2 && rc == 0; i++) rc = decoder_next(d, out, err, errlen) < 0;   /* warm up */
@@ -191,7 +239,7 @@ static int bench(decoder *d, const char *list, long steps, long batch, char *err
 }
 
 int cmd_generate(int argc, char **argv) {
-    gen_args a = {"auto", NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL};
+    gen_args a = {"auto", NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL};
     const cli_opt opts[] = {{"--prompt", "TEXT", "text to continue (default: read standard input)", &a.prompt, NULL},
                             SAMPLER_OPTS(a),
                             {"--bench", "P1,P2,..", "time a decode step at these positions instead of generating", &a.bench,
@@ -202,13 +250,15 @@ int cmd_generate(int argc, char **argv) {
     const char *pos[1];
     int npos, done;
     int rc = cli_parse("generate", "RUN [--prompt TEXT] [-n N --temperature T --top-k K --top-p P --seed S]",
-                       "Continue a prompt with a trained run's latest checkpoint. Each byte costs one step of the\n"
-                       "model's recurrent step plan, whatever the position.",
+                       "Continue a prompt with a trained run's latest checkpoint. The prompt runs through the\n"
+                       "parallel forward (--prefill parallel, the default), which hands its final state to the\n"
+                       "recurrent step plan; each generated byte then costs one step, whatever the position.",
                        argc, argv, opts, pos, 1, 1, &npos, &done);
     if (rc || done) return rc;
     decode_sampling sm;
     long n = 200, steps = 64, batch = 1;
-    if (parse_sampling("generate", &a, &sm, &n)) return 2;
+    int parallel;
+    if (parse_sampling("generate", &a, &sm, &n, &parallel)) return 2;
     if ((a.bench_steps && cli_long("generate", "--bench-steps", a.bench_steps, 1, 1L << 30, &steps)) ||
         (a.batch && cli_long("generate", "--batch", a.batch, 1, 1L << 16, &batch)))
         return 2;
@@ -216,7 +266,7 @@ int cmd_generate(int argc, char **argv) {
     char err[4096];
     decoder d;
     backend *bk;
-    if ((rc = decoder_from_run(&d, &bk, pos[0], a.bk, batch, err, sizeof err)) != 0) {
+    if ((rc = decoder_from_run(&d, &bk, pos[0], a.bk, batch, parallel, err, sizeof err)) != 0) {
         fprintf(stderr, "realm generate: %s\n", err);
         return rc;
     }
@@ -307,24 +357,26 @@ static int chat_command(decoder *d, decode_sampling *sm, const char *line, char 
 }
 
 int cmd_chat(int argc, char **argv) {
-    gen_args a = {"auto", NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL};
+    gen_args a = {"auto", NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL};
     const cli_opt opts[] = {SAMPLER_OPTS(a), {NULL, NULL, NULL, NULL, NULL}};
     const char *pos[1];
     int npos, done;
     int rc = cli_parse("chat", "RUN [options]",
                        "Talk to a trained run: each line you type is added to the conversation and the model's\n"
                        "reply (up to -n bytes, ending at a blank line) is streamed back. The model keeps its state\n"
-                       "across turns, so a turn costs only its own bytes. Commands: /reset (start again),\n"
-                       "/temperature X, /seed N. Ctrl-D (end of input) leaves.",
+                       "across turns, so a turn costs only its own bytes. The first turn (and the first after\n"
+                       "/reset) runs through the parallel prefill; later turns continue the state byte by byte.\n"
+                       "Commands: /reset (start again), /temperature X, /seed N. Ctrl-D (end of input) leaves.",
                        argc, argv, opts, pos, 1, 1, &npos, &done);
     if (rc || done) return rc;
     decode_sampling sm;
     long n = 300;
-    if (parse_sampling("chat", &a, &sm, &n)) return 2;
+    int parallel;
+    if (parse_sampling("chat", &a, &sm, &n, &parallel)) return 2;
     char err[4096];
     decoder d;
     backend *bk;
-    if ((rc = decoder_from_run(&d, &bk, pos[0], a.bk, 1, err, sizeof err)) != 0) {
+    if ((rc = decoder_from_run(&d, &bk, pos[0], a.bk, 1, parallel, err, sizeof err)) != 0) {
         fprintf(stderr, "realm chat: %s\n", err);
         return rc;
     }

@@ -12,6 +12,9 @@
 #define F2 {DT_F32, DT_F32}
 #define M3(H, P, N, NA) {SHC(DIM_B, DIM_S, H, P), SHC(DIM_B, DIM_S, N), SHC(DIM_B, DIM_S, N), SHC(DIM_B, DIM_S, H), \
                           SHC(DIM_B, DIM_S, H), SHC(DIM_B, DIM_S, H), SHC(DIM_B, DIM_S, NA), SHC(H), SHC(H, N), SHC(H, N), SHC(H)}
+#define M3F(H, P, N, NA, W) {SHC(DIM_B, DIM_S, (H) * (W)), SHC(DIM_B, DIM_S, H, P), SHC(DIM_B, DIM_S, N), \
+                              SHC(DIM_B, DIM_S, H), SHC(DIM_B, DIM_S, NA), SHC(H), SHC(H, N)}
+#define F7 {DT_F32, DT_F32, DT_F32, DT_F32, DT_F32, DT_F32, DT_F32}
 #define F11 {DT_F32, DT_F32, DT_F32, DT_F32, DT_F32, DT_F32, DT_F32, DT_F32, DT_F32, DT_F32, DT_F32}
 #define TABLE(name) const kcase_table name = {name##_c, (int)(sizeof name##_c / sizeof name##_c[0])}
 
@@ -60,6 +63,9 @@ static const kcase kcases_attention_c[] = {
         {"attention", 3, {SHC(DIM_B, DIM_S, 2, 6), SHC(DIM_B, DIM_S, 1, 6), SHC(DIM_B, DIM_S, 1, 6)}, {DT_F32, DT_F32, DT_F32}, {5}, {0}, 0, 23},
         /* window longer than the sequence: plain causal */
         {"attention", 3, {SHC(DIM_B, DIM_S, 2, 16), SHC(DIM_B, DIM_S, 2, 16), SHC(DIM_B, DIM_S, 2, 16)}, {DT_F32, DT_F32, DT_F32}, {1000}, {0}, 0, 70},
+        /* the prefill rings: window shorter than S (slots overwritten), longer (zero slots) */
+        {"ring_fill", 1, {SHC(DIM_B, DIM_S, 2, 6)}, {DT_F32}, {5}, {0}, 0, 23},
+        {"ring_fill", 1, {SHC(DIM_B, DIM_S, 3, 64)}, {DT_F32}, {40}, {0}, 0, 13},
         /* heads too wide for the backward's tiles: the per-row fallback */
         {"attention", 3, {SHC(DIM_B, DIM_S, 1, 800), SHC(DIM_B, DIM_S, 1, 800), SHC(DIM_B, DIM_S, 1, 800)}, {DT_F32, DT_F32, DT_F32}, {4}, {0}, 0, 9},
     };
@@ -75,6 +81,13 @@ static const kcase kcases_mamba3_c[] = {
         {"mamba3_scan", 11, M3(2, 64, 64, 16), F11, {64}, {0}, 0, 150}, /* realm-9m's head shape */
         {"mamba3_scan", 11, M3(2, 2, 8, 4), F11, {3}, {0}, 0, 10},     /* chunked forward: NA > P, odd chunk */
         {"mamba3_scan", 11, M3(1, 5, 7, 2), F11, {5}, {0}, 0, 23},     /* odd N past the rotated pairs */
+        /* the prefill hand-over: saved [B,S,H*W] (W = ceil(P*N/chunk)), x, Bn, dd_dt, angles,
+         * dt_bias, B_bias; S a multiple of the chunk, not one (the last full chunk's rows), and
+         * shorter than one chunk (zeros) */
+        {"mamba3_final", 7, M3F(2, 8, 8, 2, 16), F7, {4}, {0}, 0, 16},
+        {"mamba3_final", 7, M3F(2, 8, 8, 2, 16), F7, {4}, {0}, 0, 13},
+        {"mamba3_final", 7, M3F(2, 8, 8, 2, 16), F7, {4}, {0}, 0, 3},
+        {"mamba3_final", 7, M3F(3, 16, 7, 3, 7), F7, {16}, {0}, 0, 300},   /* odd N; more tokens than work-items */
     };
 TABLE(kcases_mamba3);
 

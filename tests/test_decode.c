@@ -45,10 +45,11 @@ static void param_values(const ir_tensor *tt, uint64_t seed, double *d, long n) 
 }
 
 /* The parallel forward's logits [B,S,V] for bytes[b*S + s] (bk NULL: fp64 reference). */
-static int parallel_logits(tctx *t, backend *bk, const uint8_t *bytes, long B, long S, uint64_t seed, double *out) {
+static int parallel_logits(tctx *t, backend *bk, const char *src, const uint8_t *bytes, long B, long S, uint64_t seed,
+                           double *out) {
     char err[4096];
     realm_model m;
-    if (model_load_string(SMALL, strlen(SMALL), "dec.lua", &m, err, sizeof err) < 0) {
+    if (model_load_string(src, strlen(src), "dec.lua", &m, err, sizeof err) < 0) {
         t_fail(t, __FILE__, __LINE__, "%s", err);
         return -1;
     }
@@ -114,6 +115,7 @@ static int step_logits(tctx *t, backend *bk, const uint8_t *bytes, long B, long 
         t_fail(t, __FILE__, __LINE__, "%s", err);
         return -1;
     }
+    d.parallel = 0;   /* the step plan alone (the prefill plan has its own tests below) */
     uint8_t *col = malloc((size_t)B * (size_t)S);
     float *lg = malloc(sizeof(float) * (size_t)(S * B * V));
     for (long b = 0; b < B; b++)
@@ -156,7 +158,7 @@ static void equivalence(tctx *t, backend *bk, const char *what) {
     double *par = malloc(sizeof(double) * NB * SEQ * V), *stp = malloc(sizeof(double) * NB * SEQ * V);
     double *one = malloc(sizeof(double) * SEQ * V);
     long at = 0;
-    if (parallel_logits(t, bk, bytes, NB, SEQ, seed, par) == 0 && step_logits(t, bk, bytes, NB, SEQ, seed, stp) == 0) {
+    if (parallel_logits(t, bk, SMALL, bytes, NB, SEQ, seed, par) == 0 && step_logits(t, bk, bytes, NB, SEQ, seed, stp) == 0) {
         double e = worst_pos(stp, par, NB * SEQ, &at);
         if (!(e <= 1e-4))
             t_fail(t, __FILE__, __LINE__, "%s: step logits differ from the parallel forward at sequence %ld position %ld: %.3g",
@@ -191,6 +193,229 @@ TEST(decode_step_equals_parallel_cuda) {
         return;
     }
     equivalence(t, bk, "cuda");
+    bk_destroy(bk);
+}
+
+/* ---- prefill (the parallel forward handing its final states to the step plan) ---- */
+
+/* Chunks 4 and 8 (prefill unit 8), windows 8 and 5, grouped KV heads. */
+static const char *const PF =
+    "local nn = require 'realm.nn'\n"
+    "return nn.model { name = 'pf', d_model = 32,\n"
+    "  blocks = { nn.mamba3 { d_state = 16, headdim = 16, chunk = 4 }, nn.attention { heads = 2, window = 8 },\n"
+    "             nn.mamba3 { d_state = 16, headdim = 16, chunk = 8 }, nn.attention { heads = 4, kv_heads = 2, window = 5 } },\n"
+    "  mlp = nn.swiglu { hidden = 48 } }\n";
+
+enum { PSEQ = 40, PNB = 2 };
+
+/* Prompt lengths: shorter than a chunk (all stepped), a multiple of the unit (the last unit is
+ * stepped so one byte remains), one more than a multiple (prefill 16 exactly), neither, and
+ * past both windows. */
+static const long plen[] = {5, 16, 17, 21, 33};
+static const long pexpect[] = {0, 8, 16, 16, 32};
+
+static int open_pf(tctx *t, decoder *d, backend *bk, long B, uint64_t seed, int parallel) {
+    char err[4096];
+    if (decoder_open(d, PF, strlen(PF), "pf.lua", bk, B, err, sizeof err) < 0) {
+        t_fail(t, __FILE__, __LINE__, "%s", err);
+        return -1;
+    }
+    if (decoder_init_params(d, seed, err, sizeof err) < 0) {
+        t_fail(t, __FILE__, __LINE__, "%s", err);
+        decoder_close(d);
+        return -1;
+    }
+    d->parallel = parallel;
+    return 0;
+}
+
+/* Every state tensor of the step plan, dense fp64 (the reference's own values, or downloaded). */
+static int state_values(tctx *t, decoder *d, int i, double *out) {
+    const ir_tensor *tt = &d->m.g.t[i];
+    const long n = ir_numel(&tt->shape, d->B, 1);
+    if (!d->bk) {
+        ref_buf b = ref_get(d->ref, i);
+        for (long r = 0; r < b.ntok; r++)
+            for (long f = 0; f < b.feat; f++) out[r * b.feat + f] = b.p[r * b.ld + f];
+        return 0;
+    }
+    float *f = malloc(sizeof(float) * (size_t)n);
+    char err[1024];
+    int rc = exec_download(&d->x, i, f, err, sizeof err);
+    for (long k = 0; rc == 0 && k < n; k++) out[k] = f[k];
+    free(f);
+    if (rc < 0) t_fail(t, __FILE__, __LINE__, "%s", err);
+    return rc;
+}
+
+/* States of two decoders of the same model, tensor by tensor (normwise); angles compare as
+ * (cos, sin) so 2pi - eps and +eps agree. */
+static void same_states(tctx *t, decoder *a, decoder *b, double tol, const char *what) {
+    const ir_graph *g = &a->m.g;
+    int nstates = 0;
+    for (int i = 0; i < g->nt && !t->failed; i++) {
+        if (g->t[i].role != ROLE_STATE || g->t[i].base != i) continue;
+        nstates++;
+        const long n = ir_numel(&g->t[i].shape, a->B, 1);
+        double *x = malloc(sizeof(double) * 2 * (size_t)n), *y = malloc(sizeof(double) * 2 * (size_t)n);
+        long m = n;
+        if (state_values(t, a, i, x) == 0 && state_values(t, b, i, y) == 0) {
+            const char *nm = g->t[i].name;
+            if (strlen(nm) > 6 && strcmp(nm + strlen(nm) - 6, ".theta") == 0) {
+                for (long k = n - 1; k >= 0; k--) {
+                    x[2 * k + 1] = sin(x[k]), x[2 * k] = cos(x[k]);
+                    y[2 * k + 1] = sin(y[k]), y[2 * k] = cos(y[k]);
+                }
+                m = 2 * n;
+            }
+            double e = t_relerr(x, y, m);
+            if (!(e <= tol)) t_fail(t, __FILE__, __LINE__, "%s: state %s differs: %.3g", what, nm, e);
+        }
+        free(x);
+        free(y);
+    }
+    if (!t->failed && nstates != 12) t_fail(t, __FILE__, __LINE__, "expected 12 state tensors, found %d", nstates);
+}
+
+/* For each prompt length: prefill + step-by-step logits at every position equal the parallel
+ * forward's, the prefill plan really ran (decoder_prefill_len, prefill_bytes), and the state
+ * after the prompt equals the state after feeding it byte by byte. One decoder per path serves
+ * every length through decoder_reset (the prefill arena is reused). */
+static void prefill_equivalence(tctx *t, backend *bk, const char *what) {
+    uint8_t bytes[PNB * PSEQ];
+    for (int k = 0; k < PNB * PSEQ; k++) bytes[k] = (uint8_t)t_randint(t, 0, 255);
+    const uint64_t seed = t_next(t);
+    double *par = malloc(sizeof(double) * PNB * PSEQ * V), *got = malloc(sizeof(double) * PNB * PSEQ * V);
+    float *lg = malloc(sizeof(float) * PSEQ * PNB * V);
+    uint8_t *col = malloc(PNB * PSEQ);
+    decoder dp, ds;
+    char err[4096];
+    if (parallel_logits(t, bk, PF, bytes, PNB, PSEQ, seed, par) < 0 || open_pf(t, &dp, bk, PNB, seed, 1) < 0) goto out;
+    if (open_pf(t, &ds, bk, PNB, seed, 0) < 0) {
+        decoder_close(&dp);
+        goto out;
+    }
+    if (!dp.pf.ok) t_fail(t, __FILE__, __LINE__, "%s: no prefill plan: %s", what, dp.pf.why);
+    if (!t->failed && dp.pf.unit != 8) t_fail(t, __FILE__, __LINE__, "%s: prefill unit %ld, expected 8", what, dp.pf.unit);
+    for (size_t c = 0; c < sizeof plen / sizeof plen[0] && !t->failed; c++) {
+        const long n = plen[c];
+        int rc = decoder_reset(&dp, err, sizeof err) < 0 || decoder_reset(&ds, err, sizeof err) < 0;
+        const long before = dp.prefill_bytes, m = decoder_prefill_len(&dp, n);
+        if (m != pexpect[c]) {
+            t_fail(t, __FILE__, __LINE__, "%s: a %ld-byte prompt prefills %ld bytes, expected %ld", what, n, m, pexpect[c]);
+            break;
+        }
+        for (long b = 0; b < PNB; b++) memcpy(col + b * n, bytes + b * PSEQ, (size_t)n);
+        if (!rc) rc = decoder_feed(&dp, col, n, lg, err, sizeof err) < 0 || decoder_feed(&ds, col, n, NULL, err, sizeof err) < 0;
+        if (!rc && dp.prefill_bytes - before != m)
+            t_fail(t, __FILE__, __LINE__, "%s: prefill ran %ld bytes, expected %ld", what, dp.prefill_bytes - before, m);
+        if (!rc && !t->failed && dp.pos != n) t_fail(t, __FILE__, __LINE__, "%s: position %ld after %ld bytes", what, dp.pos, n);
+        if (!rc && !t->failed) {
+            char w[96];
+            snprintf(w, sizeof w, "%s, %ld-byte prompt", what, n);
+            same_states(t, &dp, &ds, 1e-4, w);
+        }
+        for (long s = n; !rc && s < PSEQ; s++) {
+            uint8_t one[PNB];
+            for (long b = 0; b < PNB; b++) one[b] = bytes[b * PSEQ + s];
+            rc = decoder_feed(&dp, one, 1, lg + s * PNB * V, err, sizeof err) < 0;
+        }
+        if (rc) {
+            t_fail(t, __FILE__, __LINE__, "%s: %s", what, err);
+            break;
+        }
+        for (long s = 0; s < PSEQ; s++)
+            for (long b = 0; b < PNB; b++)
+                for (long f = 0; f < V; f++) got[(b * PSEQ + s) * V + f] = lg[(s * PNB + b) * V + f];
+        long at = 0;
+        double e = worst_pos(got, par, PNB * PSEQ, &at);
+        if (!t->failed && !(e <= 1e-4))
+            t_fail(t, __FILE__, __LINE__,
+                   "%s: %ld-byte prompt: prefill + step logits differ from the parallel forward at sequence %ld position %ld: %.3g",
+                   what, n, at / PSEQ, at % PSEQ, e);
+    }
+    decoder_close(&dp);
+    decoder_close(&ds);
+out:
+    free(par);
+    free(got);
+    free(lg);
+    free(col);
+}
+
+TEST(prefill_equals_parallel_reference) { prefill_equivalence(t, NULL, "reference"); }
+
+TEST(prefill_equals_parallel_opencl) {
+    backend *bk = kc_opencl(t);
+    if (!bk) return;
+    prefill_equivalence(t, bk, "opencl");
+    bk_destroy(bk);
+}
+
+TEST(prefill_equals_parallel_cuda) {
+    backend *bk = gpu_backend(t);
+    if (!bk) {
+        if (!t->failed) printf("  (REALM_GPU not set: skipped)\n");
+        return;
+    }
+    prefill_equivalence(t, bk, "cuda");
+    bk_destroy(bk);
+}
+
+/* Same seed, same prompt: the prefill path samples the same bytes as the byte-by-byte path,
+ * greedy and at temperature 1 over all 256 bytes (whose draws depend on every position being
+ * right). Weights at init_std 0.25 spread the logits apart (at 0.02 the 256 logits sit within
+ * float noise of each other and an argmax would be a coin toss). */
+static void prefill_sampling(tctx *t, backend *bk, const char *what) {
+    char src[2048], err[4096];
+    snprintf(src, sizeof src, "%.*sinit_std = 0.25, mlp = nn.swiglu { hidden = 48 } }\n",
+             (int)(strstr(PF, "mlp = ") - PF), PF);
+    const decode_sampling modes[2] = {{0, 0, 0, 1}, {1.0, 0, 1.0, 4242}};
+    enum { NP = 37, NG = 24 };
+    uint8_t prompt[PNB * NP], out[2][PNB * NG];
+    for (int k = 0; k < PNB * NP; k++) prompt[k] = (uint8_t)t_randint(t, 32, 126);
+    const uint64_t seed = t_next(t);
+    for (int mode = 0; mode < 2 && !t->failed; mode++) {
+        for (int path = 0; path < 2 && !t->failed; path++) {
+            decoder d;
+            CHECK(decoder_open(&d, src, strlen(src), "pfs.lua", bk, PNB, err, sizeof err) == 0, "%s", err);
+            d.parallel = path == 0;
+            int rc = decoder_init_params(&d, seed, err, sizeof err) < 0 ||
+                     decoder_set_sampling(&d, &modes[mode], 0, err, sizeof err) < 0 ||
+                     decoder_feed(&d, prompt, NP, NULL, err, sizeof err) < 0;
+            if (!rc && d.prefill_bytes != (path == 0 ? 32 : 0))
+                t_fail(t, __FILE__, __LINE__, "%s: %ld bytes prefilled on path %d", what, d.prefill_bytes, path);
+            for (int i = 0; !rc && i < NG; i++) {
+                uint8_t o[PNB];
+                rc = decoder_next(&d, o, err, sizeof err) < 0;
+                for (int b = 0; b < PNB; b++) out[path][b * NG + i] = o[b];
+            }
+            decoder_close(&d);
+            CHECK(!rc, "%s: %s", what, err);
+        }
+        CHECK(memcmp(out[0], out[1], sizeof out[0]) == 0, "%s: %s sampling: prefill and byte-by-byte paths differ", what,
+              mode ? "temperature" : "greedy");
+    }
+}
+
+TEST(prefill_sampling_reference) { prefill_sampling(t, NULL, "reference"); }
+
+TEST(prefill_sampling_opencl) {
+    backend *bk = kc_opencl(t);
+    if (!bk) return;
+    prefill_sampling(t, bk, "opencl");
+    bk_destroy(bk);
+}
+
+/* The prefill graph itself: every kernel against the reference with poisoned outputs. */
+TEST(prefill_plan_kernels) {
+    backend *bk = kc_opencl(t);
+    if (!bk) return;
+    char err[4096];
+    realm_model m;
+    CHECK(model_load_prefill(PF, strlen(PF), "pf.lua", &m, err, sizeof err) == 0, "%s", err);
+    kc_check_graph(t, bk, &m.g, 2, 16, 1e-5, 256);
+    model_free(&m);
     bk_destroy(bk);
 }
 
@@ -341,6 +566,54 @@ TEST(decode_cli_generate) {
     CHECK(ok, "bench: %s", b);
 }
 
+/* A prompt longer than tiny.lua's window (64) and several of its chunks (16): generate and chat
+ * give the same text whether the prompt goes through the parallel prefill or byte by byte. */
+TEST(decode_cli_prefill) {
+    char dir[512], cmd[4096], a[8192], b[8192], path[600], msg[1200] = "";
+    if (trained_run(t, dir, sizeof dir) < 0) return;
+    snprintf(path, sizeof path, "%s/prompt.txt", dir);
+    FILE *f = fopen(path, "wb");
+    CHECK(f, "cannot write %s", path);
+    fprintf(f, "ROMEO: But soft, what light through yonder window breaks? It is the east, and Juliet is the sun.\n"
+               "Arise, fair sun, and kill the envious moon, who is already sick and pale with grief,\n"
+               "that thou, her maid, art far more fair than she.\n");
+    fclose(f);
+    const char *const sampling[] = {"--temperature 0", "--temperature 0.8 --seed 5"};
+    int ok = 1;
+    for (int i = 0; i < 2 && ok; i++) {
+        snprintf(cmd, sizeof cmd, "%s generate %s -n 48 %s --backend opencl < %s", t_realm_bin(), dir, sampling[i], path);
+        ok = run_out(cmd, a, sizeof a) == 0;
+        snprintf(cmd, sizeof cmd, "%s generate %s -n 48 %s --backend opencl --prefill step < %s", t_realm_bin(), dir,
+                 sampling[i], path);
+        ok = ok && run_out(cmd, b, sizeof b) == 0 && strcmp(a, b) == 0 && strlen(a) > 150;
+        if (!ok) snprintf(msg, sizeof msg, "generate (%s): parallel and step prefill differ:\n%.500s\n%.500s", sampling[i], a, b);
+    }
+    /* chat: the first turn (a long line) prefills in parallel, the second continues the state */
+    if (ok) {
+        snprintf(cmd, sizeof cmd, "{ cat %s | tr '\\n' ' '; printf '\\nwhat next\\n'; } | %s chat %s -n 20 --temperature 0 --backend opencl",
+                 path, t_realm_bin(), dir);
+        ok = run_out(cmd, a, sizeof a) == 0;
+        snprintf(cmd, sizeof cmd, "{ cat %s | tr '\\n' ' '; printf '\\nwhat next\\n'; } | REALM_PREFILL=step %s chat %s -n 20 --temperature 0 --backend opencl",
+                 path, t_realm_bin(), dir);
+        ok = ok && run_out(cmd, b, sizeof b) == 0 && strcmp(a, b) == 0 && strlen(a) > 0;
+        if (!ok) snprintf(msg, sizeof msg, "chat: parallel and step prefill differ:\n%.500s\n%.500s", a, b);
+    }
+    /* --bench reports the parallel prefill's throughput; a bad mode is refused */
+    if (ok) {
+        snprintf(cmd, sizeof cmd, "%s generate %s --bench 200 --bench-steps 2 --backend opencl", t_realm_bin(), dir);
+        ok = t_run(cmd, a, sizeof a) == 0 && strstr(a, "parallel prefill of 192 bytes") && strstr(a, "bytes/s");
+        if (!ok) snprintf(msg, sizeof msg, "bench: %.1000s", a);
+    }
+    if (ok) {
+        snprintf(cmd, sizeof cmd, "%s generate %s -n 2 --prefill sideways --backend opencl", t_realm_bin(), dir);
+        ok = t_run(cmd, a, sizeof a) == 2 && strstr(a, "--prefill must be parallel or step");
+        if (!ok) snprintf(msg, sizeof msg, "bad --prefill: %.1000s", a);
+    }
+    snprintf(cmd, sizeof cmd, "rm -rf %s", dir);
+    sh(cmd);
+    CHECK(ok, "%s", msg);
+}
+
 TEST(decode_cli_chat_pipe) {
     char dir[512], cmd[4096], out[8192], r1[8192], gen[8192];
     if (trained_run(t, dir, sizeof dir) < 0) return;
@@ -436,8 +709,8 @@ TEST(decode_cli_chat_tmux) {
     CHECK(strstr(tail, "hello") && strstr(tail, "again"), "typed lines not shown:\n%s", tail);
 }
 
-/* The step plan's CUDA source (every step primitive's template and the sampler) compiles with
- * NVRTC for the CI architectures, no GPU needed. */
+/* The step plan's CUDA source (every step primitive's template and the sampler) and the prefill
+ * plan's (mamba3_final, ring_fill) compile with NVRTC for the CI architectures, no GPU needed. */
 TEST(decode_step_nvrtc) {
     int major = 0, minor = 0;
     char err[4096];
@@ -445,23 +718,26 @@ TEST(decode_step_nvrtc) {
         printf("  (NVRTC not available: skipped)\n");
         return;
     }
-    realm_model m;
-    CHECK(model_load_step(SMALL, strlen(SMALL), "dec.lua", &m, err, sizeof err) == 0, "%s", err);
-    plan p;
-    if (plan_build(&p, &m.g, 0, m.g.nn, "cuda", NULL, 0, err, sizeof err) < 0) {
+    for (int which = 0; which < 2 && !t->failed; which++) {
+        realm_model m;
+        CHECK((which ? model_load_prefill : model_load_step)(SMALL, strlen(SMALL), "dec.lua", &m, err, sizeof err) == 0,
+              "%s", err);
+        plan p;
+        if (plan_build(&p, &m.g, 0, m.g.nn, "cuda", NULL, 0, err, sizeof err) < 0) {
+            model_free(&m);
+            CHECK(0, "%s", err);
+        }
+        const char *arches[] = {"sm_80", "sm_90", "sm_120"};
+        char log[8192];
+        int rc = 0;
+        for (int i = 0; i < 3 && rc == 0; i++) {
+            void *cubin = NULL;
+            size_t len = 0;
+            rc = cuda_compile_only(p.kg.src.s, arches[i], "--std=c++17", &cubin, &len, log, sizeof log);
+            free(cubin);
+            if (rc) t_fail(t, __FILE__, __LINE__, "NVRTC %s (%s plan): %s", arches[i], which ? "prefill" : "step", log);
+        }
+        plan_free(&p);
         model_free(&m);
-        CHECK(0, "%s", err);
     }
-    const char *arches[] = {"sm_80", "sm_90", "sm_120"};
-    char log[8192];
-    int rc = 0;
-    for (int i = 0; i < 3 && rc == 0; i++) {
-        void *cubin = NULL;
-        size_t len = 0;
-        rc = cuda_compile_only(p.kg.src.s, arches[i], "--std=c++17", &cubin, &len, log, sizeof log);
-        free(cubin);
-        if (rc) t_fail(t, __FILE__, __LINE__, "NVRTC %s: %s", arches[i], log);
-    }
-    plan_free(&p);
-    model_free(&m);
 }

@@ -20,7 +20,9 @@ TEST(generated_cuda_kernels_compile_for_every_arch) {
             snprintf(cmd, sizeof cmd, "%s kernels %s --backend cuda --arch %s", t_realm_bin(), models[m], archs[a]);
             int rc = t_run(cmd, out, sizeof out);
             CHECK(rc == 0, "%s for %s: status %d: %s", models[m], archs[a], rc, out);
-            CHECK(strstr(out, "forward") && strstr(out, "train") && strstr(out, "CUBIN"), "%s", out);
+            CHECK(strstr(out, "forward") && strstr(out, "train") && strstr(out, "prefill") && strstr(out, "step") &&
+                      strstr(out, "CUBIN"),
+                  "%s", out);
         }
 }
 
@@ -32,7 +34,8 @@ TEST(generated_cuda_kernels_written) {
              t_realm_bin(), dir);
     int rc = t_run(cmd, out, sizeof out);
     CHECK(rc == 0, "status %d: %s", rc, out);
-    const char *files[] = {"forward.cu", "forward.plan", "train.cu", "train.plan", NULL};
+    const char *files[] = {"forward.cu", "forward.plan", "train.cu",   "train.plan",
+                           "prefill.cu", "prefill.plan", "step.cu",    "step.plan", NULL};
     for (int i = 0; files[i]; i++) {
         char p[512];
         snprintf(p, sizeof p, "%s/%s", dir, files[i]);
@@ -40,7 +43,7 @@ TEST(generated_cuda_kernels_written) {
     }
     snprintf(cmd, sizeof cmd, "ls %s/*.cubin | wc -l && rm -rf %s", dir, dir);
     t_run(cmd, out, sizeof out);
-    CHECK(atoi(out) == 2, "expected two CUBINs, found %d", atoi(out));
+    CHECK(atoi(out) == 4, "expected four CUBINs (forward, train, prefill, step), found %d", atoi(out));
 }
 
 TEST(generated_opencl_kernels_written_and_built) {
@@ -49,7 +52,8 @@ TEST(generated_opencl_kernels_written_and_built) {
     snprintf(cmd, sizeof cmd, "rm -rf %s && %s kernels models/tiny.lua --backend opencl --out %s", dir, t_realm_bin(), dir);
     int rc = t_run(cmd, out, sizeof out);
     CHECK(rc == 0, "status %d: %s", rc, out);
-    const char *files[] = {"forward.cl", "forward.plan", "train.cl", "train.plan", NULL};
+    const char *files[] = {"forward.cl", "forward.plan", "train.cl",   "train.plan",
+                           "prefill.cl", "prefill.plan", "step.cl",    "step.plan", NULL};
     for (int i = 0; files[i]; i++) {
         char p[512];
         snprintf(p, sizeof p, "%s/%s", dir, files[i]);

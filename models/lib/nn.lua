@@ -106,8 +106,19 @@ function nn.mamba3(cfg)
                                              S, Th, Kr, vp)
         g:assign(S, S2); g:assign(Th, Th2); g:assign(Kr, Kr2); g:assign(vp, vp2)
       else
-        y = g:mamba3_scan(xv, Bn, Cn, dd_dt, dd_A, trap, ang, dt_bias, B_bias, C_bias, D,
-                          {chunk = c.chunk})
+        local saved
+        y, saved = g:mamba3_scan(xv, Bn, Cn, dd_dt, dd_A, trap, ang, dt_bias, B_bias, C_bias, D,
+                                 {chunk = c.chunk})
+        if g.mode == "prefill" then
+          -- Prefill: hand the step graph the state at the end of the prompt (the prompt
+          -- length is a multiple of the chunk, so the last chunk's saved state is h_T).
+          local S2, Th2, Kr2, vp2 = g:mamba3_final(saved, xv, Bn, dd_dt, ang, dt_bias, B_bias,
+                                                   {chunk = c.chunk})
+          g:assign(g:state("ssm", {H, c.P, N}), S2)
+          g:assign(g:state("theta", {H, NA}), Th2)
+          g:assign(g:state("k_prev", {H, N}), Kr2)
+          g:assign(g:state("v_prev", {H, c.P}), vp2)
+        end
       end
       y = g:reshape(y, {di}) * g:silu(z)
       return nn.linear(g, y, d, "out_proj", ctx.resid_std)
@@ -165,6 +176,11 @@ function nn.attention(cfg)
         k = g:rope(g:reshape(k, {Hkv, Dh}), {base = c.rope_base})
         v = g:reshape(v, {Hkv, Dh})
         o = g:attention(q, k, v, {window = c.window})
+        if g.mode == "prefill" then
+          -- Prefill: the step graph's rings of the last `window` keys (RoPE applied) and values
+          g:assign(g:state("k_cache", {c.window, Hkv, Dh}), g:ring_fill(k, {window = c.window}))
+          g:assign(g:state("v_cache", {c.window, Hkv, Dh}), g:ring_fill(v, {window = c.window}))
+        end
       end
       return nn.linear(g, g:reshape(o, {H * Dh}), d, "o_proj", ctx.resid_std)
     end,
