@@ -1394,6 +1394,7 @@ static int emit_fwd_chunked(kgen *k, const ir_node *n) {
      * at the same column, which would otherwise all fall in one bank */
     const int N1 = N + 1;
     const long big = (long)CH * N1 > (long)CH * CH ? (long)CH * N1 : (long)CH * CH;
+    const int MR = (CH * CH + NT3 - 1) / NT3;
     KL("const long c0 = GID_X * %d, bh = GID_Y, b = bh / %d;", CH, H);
     KL("const int h = (int)(bh - b * %d), lid = LID_X;", H);
     KL("const long rb = b * S + c0, sb = rb - %d;   /* the chunk's rows; the previous chunk's */", CH);
@@ -1448,39 +1449,27 @@ static int emit_fwd_chunked(kgen *k, const ir_node *n) {
     KL("KM[a * %d + nn] = kv; QR[a * %d + nn] = qv;", N1, N1);
     KL("}");
     KL("BARRIER();");
-    /* M in registers first: it overwrites Kl, which its own dot products still read. Item
-     * (row t, lane q) of CH x 4 owns columns q, q + 4, ... of row t; the contraction runs
-     * outermost so one load of Q_t[nn] serves all of them. */
-    const int CC = (CH + 3) / 4, RI = (CH * 4 + NT3 - 1) / NT3, NI = (CH + TG - 1) / TG;
-    KL("float mr[%d][%d];", RI, CC);
-    KL("for (int r = 0; r < %d; r++) {", RI);
-    KL("const int it = lid + r * %d, t = it >> 2, q = it & 3;", NT3);
-    KL("for (int c = 0; c < %d; c++) mr[r][c] = 0.0f;", CC);
-    KL("if (t < L) {");
-    KL("const int cmax = t >= q ? (t - q) / 4 + 1 : 0;   /* columns s2 <= t */");
-    KL("for (int nn = 0; nn < %d; nn++) {", N);
-    KL("const float qv = QR[t * %d + nn];", N1);
-    KL("for (int c = 0; c < %d; c++) if (c < cmax) mr[r][c] += qv * KM[(q + 4 * c) * %d + nn];", CC, N1);
+    /* M in registers first: it overwrites Kl, which its own dot products still read */
+    KL("float mr[%d];", MR);
+    KL("for (int r = 0; r < %d; r++) {", MR);
+    KL("const int j = lid + r * %d;", NT3);
+    KL("const int t = j / %d, s2 = j - t * %d;", CH, CH);
+    KL("float m = 0.0f;");
+    KL("if (t < L && s2 <= t) {");
+    KL("float qk = 0.0f;");
+    KL("for (int nn = 0; nn < %d; nn++) qk += QR[t * %d + nn] * KM[s2 * %d + nn];", N, N1, N1);
+    KL("m = s2 < t ? qk * EXPF(FMINF(lcs[t] - lcs[s2], 0.0f)) * lsc[s2] : lgm[t] * qk + Dh;");
     KL("}");
-    KL("for (int c = 0; c < %d; c++) {", CC);
-    KL("const int s2 = q + 4 * c;");
-    KL("const float qk = mr[r][c];");
-    KL("if (c < cmax) mr[r][c] = s2 < t ? qk * EXPF(FMINF(lcs[t] - lcs[s2], 0.0f)) * lsc[s2] : lgm[t] * qk + Dh;");
-    KL("}");
-    KL("}");
+    KL("mr[r] = m;");
     KL("}");
     KL("BARRIER();");
-    KL("for (int r = 0; r < %d; r++) {", RI);
-    KL("const int it = lid + r * %d, t = it >> 2, q = it & 3;", NT3);
-    KL("if (t < %d) for (int c = 0; c < %d; c++) if (q + 4 * c < %d) KM[t * %d + q + 4 * c] = mr[r][c];", CH, CC, CH, CH);
-    KL("}");
+    KL("for (int r = 0; r < %d; r++) { const int j = lid + r * %d; if (j < %d) KM[j] = mr[r]; }", MR, NT3, CH * CH);
     KL("BARRIER();");
     /* y: work-item (p, token group); its state row, turned into the chunk's local frame
-     * (R(Theta_in)^T per pair), stays in registers for all its tokens; each v_s is read once
-     * and applied to all of the work-item's tokens */
+     * (R(Theta_in)^T per pair), stays in registers for all its tokens */
     KL("if (lid < %d) {", P * TG);
     KL("const int p = lid %% %d, tg = lid / %d;", P, P);
-    KL("float Sr[%d], ya[%d];", N, NI);
+    KL("float Sr[%d];", N);
     kl_spread(as0, sizeof as0, "sb", "e", W, ldst);
     KL("if (c0 > 0) for (int nn = 0; nn < %d; nn++) { const long e = (long)p * %d + nn; Sr[nn] = st[%s]; }", N, N, as0);
     KL("else for (int nn = 0; nn < %d; nn++) Sr[nn] = 0.0f;", N);
@@ -1488,19 +1477,13 @@ static int emit_fwd_chunked(kgen *k, const ir_node *n) {
     KL("const float s0 = Sr[2 * i], s1 = Sr[2 * i + 1];");
     KL("Sr[2 * i] = s0 * tc[i] + s1 * ts[i]; Sr[2 * i + 1] = s1 * tc[i] - s0 * ts[i];");
     KL("}");
-    KL("for (int i = 0; i < %d; i++) {", NI);
-    KL("const int t = tg + i * %d;", TG);
+    KL("for (int t = tg; t < L; t += %d) {", TG);
     KL("float sq = 0.0f;");
-    KL("if (t < L) for (int nn = 0; nn < %d; nn++) sq += Sr[nn] * QR[t * %d + nn];", N, N1);
-    KL("ya[i] = t < L ? EXPF(FMINF(lcs[t], 0.0f)) * sq : 0.0f;");
+    KL("for (int nn = 0; nn < %d; nn++) sq += Sr[nn] * QR[t * %d + nn];", N, N1);
+    KL("float acc = EXPF(FMINF(lcs[t], 0.0f)) * sq;");
+    KL("for (int s2 = 0; s2 <= t; s2++) acc += KM[t * %d + s2] * x[(rb + s2) * %ldL + h * %d + p];", CH, ldx, P);
+    KL("y[(rb + t) * %ldL + h * %d + p] = acc;", ldy, P);
     KL("}");
-    KL("for (int s2 = 0; s2 < L; s2++) {");
-    KL("const float v = x[(rb + s2) * %ldL + h * %d + p];", ldx, P);
-    KL("for (int i = 0; i < %d; i++) { const int t = tg + i * %d; if (t < L && s2 <= t) ya[i] += KM[t * %d + s2] * v; }", NI, TG,
-       CH);
-    KL("}");
-    KL("for (int i = 0; i < %d; i++) { const int t = tg + i * %d; if (t < L) y[(rb + t) * %ldL + h * %d + p] = ya[i]; }", NI, TG,
-       ldy, P);
     KL("}");
     kg_grid(k, 0, 0, 0, 1, 0, CH);
     kg_grid(k, 1, 0, H, 0, 0, 1);
@@ -2081,32 +2064,18 @@ static int emit_bwd_chunked(kgen *k, const ir_node *n, int node, m3_kdims d) {
         KL("if (lid < %d) { float s = 0.0f; for (int q = 0; q < %d; q++) s += red[lid * %d + q]; lvdu[lid] = s; }", CH, TPR, TPR);
         /* the masked CH x CH products: MA = decay * scale_s * dy_t.v_s, MB = decay * Ql_t.Kl_s
          * (s < t); their diagonals go to lG, lQK */
-        /* the contraction outermost: one load of row tr's element serves all of the
-         * work-item's columns (columns past tr are masked, not skipped, to keep the loop
-         * uniform) */
-        KL("{");
-        KL("float gq[%d];", CC);
-        KL("for (int c = 0; c < %d; c++) { acc[c] = 0.0f; gq[c] = 0.0f; }", CC);
-        KL("const int cmax = tr < L ? (tr - tq) / %d + 1 : 0;   /* columns s2 <= tr */", TPR);
-        KL("for (int p = 0; p < %d; p++) {", P);
-        KL("const float yv = DY[tr * %d + p];", P1);
-        KL("for (int c = 0; c < %d; c++) { const int s2 = tq + c * %d; if (c < cmax) acc[c] += yv * V[s2 * %d + p]; }", CC, TPR,
-           P1);
-        KL("}");
-        KL("for (int nn = 0; nn < %d; nn++) {", N);
-        KL("const float qv = QL[tr * %d + nn];", N1);
-        KL("for (int c = 0; c < %d; c++) { const int s2 = tq + c * %d; if (c < cmax) gq[c] += qv * KL[s2 * %d + nn]; }", CC, TPR,
-           N1);
-        KL("}");
         KL("for (int c = 0; c < %d; c++) {", CC);
         KL("const int s2 = tq + c * %d;", TPR);
         KL("if (s2 < %d) {", CH);
-        KL("const float gv = acc[c], qk = gq[c];");
+        KL("float gv = 0.0f, qk = 0.0f;");
+        KL("if (s2 <= tr && tr < L) {");
+        KL("for (int p = 0; p < %d; p++) gv += DY[tr * %d + p] * V[s2 * %d + p];", P, P1, P1);
+        KL("for (int nn = 0; nn < %d; nn++) qk += QL[tr * %d + nn] * KL[s2 * %d + nn];", N, N1, N1);
+        KL("}");
         KL("if (s2 == tr) { lG[tr] = gv; lQK[tr] = qk; }");
         KL("const float wd = s2 < tr ? EXPF(FMINF(lcs[tr] - lcs[s2], 0.0f)) : 0.0f;");
         KL("acc[c] = wd * lsc[s2] * gv;");
         KL("MB[tr * %d + s2] = wd * qk;", C1);
-        KL("}");
         KL("}");
         KL("}");
         KL("BARRIER();   /* every read of X (aliasing MA) is done */");
@@ -2330,18 +2299,11 @@ static int emit_bwd(kgen *k, const ir_node *n) {
     KL("float acc = 0.0f, cmp = 0.0f;");
     KL("if (jb < %d) {", NCB);
     KL("const int col = jb * 32 + (lid & 31), lane = lid >> 5;");
-    /* eight loads in flight per work-item: the compensated sum is a serial chain, and one
-     * load per step left each lane waiting on memory (18 ms of realm-9m's step) */
-    KL("if (col < %d) for (long t0 = lane; t0 < T; t0 += 64) {", 2 * N);
-    KL("float v[8];");
-    KL("for (int u = 0; u < 8; u++) { const long tok = t0 + 8L * u; v[u] = tok < T ? hd[tok * %ldL + h * %d + col] : 0.0f; }",
-       ldh, 2 * N);
-    KL("for (int u = 0; u < 8; u++) {");
-    KL("const float yk = v[u] - cmp;");
+    KL("if (col < %d) for (long tok = lane; tok < T; tok += 8) {", 2 * N);
+    KL("const float yk = hd[tok * %ldL + h * %d + col] - cmp;", ldh, 2 * N);
     KL("const float tk = acc + yk;");
     KL("cmp = (tk - acc) - yk;");
     KL("acc = tk;");
-    KL("}");
     KL("}");
     KL("} else {");
     KL("for (long tok = lid; tok < T; tok += 256) {");
