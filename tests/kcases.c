@@ -165,7 +165,7 @@ int kc_build_dense_views(ir_graph *g) {
     long vocab[IR_MAX_IATTR] = {11};
     if (!(ir_emit_into(g, "matmul", (int[]){x7, w}, 2, NULL, NULL, y9) >= 0)) return -1;
     if (!(ir_emit(g, "matmul", (int[]){x7, w2}, 2, tr1, NULL, out) == 1)) return -1;
-    if (!(ir_emit(g, "matmul_wgrad", (int[]){x7, b6}, 2, NULL, NULL, out) == 1)) return -1;
+    if (!(ir_emit(g, "matmul_wgrad", (int[]){x7, b6}, 2, NULL, NULL, out) == 2)) return -1;
     if (!(ir_emit(g, "rmsnorm", (int[]){x13, nw}, 2, NULL, eps, out) == 1)) return -1;
     if (!(ir_emit(g, "rmsnorm_bwd", (int[]){x13, nw, x13}, 3, NULL, eps, out) == 3)) return -1;
     if (!(ir_emit(g, "cross_entropy", (int[]){x13, tg}, 2, NULL, NULL, out) == 2)) return -1;
