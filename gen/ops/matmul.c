@@ -23,11 +23,16 @@
  * splits, one work-group per (tile, split) writes its partial tile into `part`, and a second
  * kernel adds the G partials of each output in order g = 0, 1, ... . Both passes sum in a
  * fixed order, so the result is bitwise reproducible (no floating-point atomics).
- * G is chosen so that tiles x G is about WG_GROUPS work-groups, a few waves of a large GPU
- * (tail effects shrink with more waves; more splits cost workspace traffic, which stays
- * small next to the operands: `part` is about WG_GROUPS 64x64 fp32 tiles, 32 MiB, whatever
- * the shape). Splits are whole multiples of WG_ALIGN rows (the bf16 kernel's contraction
- * slice) so only the last non-empty split ends in a partial slice. */
+ * G is chosen so that tiles x G is about WG_GROUPS work-groups: the bf16 kernel takes ~125
+ * registers, so an H100 holds 4 of its blocks per SM, 528 in all, and 2048 is about four
+ * waves (the partly filled last wave costs less the more waves there are). More splits cost
+ * workspace traffic and memory, small next to the operands at training sizes: `part` holds
+ * at most about WG_GROUPS 64x64 fp32 tiles, 32 MiB (or, past WG_GROUPS tiles, G = 1 and one
+ * copy of the gradient), and the planner reuses
+ * its bytes once the sum has run (at realm-9m's 8 x 8192 the arena does not grow at all).
+ * G depends on P and Q only, not on B*S, which is known only at run time; a short contraction
+ * just leaves some splits empty. Splits are whole multiples of WG_ALIGN rows (the bf16
+ * kernel's contraction slice) so only the last non-empty split ends in a partial slice. */
 #define WG_GROUPS 2048
 #define WG_MAXSPLIT 32
 #define WG_ALIGN 32
