@@ -100,6 +100,13 @@ static const kcase kcases_dense_edges_c[] = {
         {"embedding", 2, {SHC(DIM_B, DIM_S), SHC(7, 300)}, {DT_I32, DT_F32}, {0}, {0}, 7, 300},
         {"cross_entropy", 2, {SHC(DIM_B, DIM_S, 300), SHC(DIM_B, DIM_S)}, {DT_F32, DT_I32}, {0}, {0}, 300, 200},
         {"cross_entropy", 2, {SHC(DIM_B, DIM_S, 2, 5), SHC(DIM_B, DIM_S, 2)}, {DT_F32, DT_I32}, {0}, {0}, 5, 0},
+        /* weight gradients split over rows (split-K): 85 tiles take fewer than the most splits,
+         * 840 rows fill some splits, end inside one and leave the rest empty */
+        {"matmul_wgrad", 2, {SHC(DIM_B, DIM_S, 1030), SHC(DIM_B, DIM_S, 260)}, F2, {0}, {0}, 0, 420},
+        /* three rows per token, 600 rows: more non-empty splits than one, a ragged last one */
+        {"matmul_wgrad", 2, {SHC(DIM_B, DIM_S, 3, 70), SHC(DIM_B, DIM_S, 3, 33)}, F2, {0}, {0}, 0, 100},
+        /* one row in all: every split but the first is empty */
+        {"matmul_wgrad", 2, {SHC(1, 5), SHC(1, 9)}, F2, {0}, {0}, 0, 0},
     };
 TABLE(kcases_dense_edges);
 
@@ -178,7 +185,7 @@ int kc_build_dense_views(ir_graph *g) {
     long vocab[IR_MAX_IATTR] = {11};
     if (!(ir_emit_into(g, "matmul", (int[]){x7, w}, 2, NULL, NULL, y9) >= 0)) return -1;
     if (!(ir_emit(g, "matmul", (int[]){x7, w2}, 2, tr1, NULL, out) == 1)) return -1;
-    if (!(ir_emit(g, "matmul_wgrad", (int[]){x7, b6}, 2, NULL, NULL, out) == 1)) return -1;
+    if (!(ir_emit(g, "matmul_wgrad", (int[]){x7, b6}, 2, NULL, NULL, out) == 2)) return -1;
     if (!(ir_emit(g, "rmsnorm", (int[]){x13, nw}, 2, NULL, eps, out) == 1)) return -1;
     if (!(ir_emit(g, "rmsnorm_bwd", (int[]){x13, nw, x13}, 3, NULL, eps, out) == 3)) return -1;
     if (!(ir_emit(g, "cross_entropy", (int[]){x13, tg}, 2, NULL, NULL, out) == 2)) return -1;

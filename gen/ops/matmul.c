@@ -1,11 +1,52 @@
 /* matmul: y = x W^T with W [N,K] (trans = 0, the nn.Linear layout), or y = x W with W [K,N]
  * (trans = 1). x is [..., K]; y is [..., N]. W must be a constant-shaped matrix.
  * Gradient: dx = matmul(dy, W) with the other transposition; dW = matmul_wgrad, which
- * contracts over every row: matmul_wgrad(a [..., P], b [..., Q]) = sum_rows a^T b : [P, Q]. */
+ * contracts over every row.
+ *
+ * The op interface of the weight gradient:
+ *
+ *   matmul_wgrad(a [..., P], b [..., Q]) -> o [P, Q], part [G, P, Q]
+ *   o = sum over all R rows of a^T b. part: the workspace of the split-K kernels; part[g] is
+ *   the same sum over rows [g rs, min(R, (g + 1) rs)) only, rs = wgrad_split_rows(R, G)
+ *   (splits past the last row hold zeros). G = wgrad_splits(P, Q) is fixed when the node is
+ *   made, because the row count (B*S) is only known at run time. No gradient flows through
+ *   part; the reference fills it too, for the per-launch kernel checks. */
 #include "kgen.h"
 #include "op.h"
 
 #include <stdio.h>
+
+/* ---- the split of a weight gradient's rows (split-K) ----
+ * A weight gradient has few output tiles (realm-9m: 24 to 162 tiles of 64x64, against an
+ * H100's 132 SMs) and a long contraction (B*S = 65536 rows). One work-group per tile would
+ * leave most of the GPU idle while each walks every row; so each tile's rows are cut into G
+ * splits, one work-group per (tile, split) writes its partial tile into `part`, and a second
+ * kernel adds the G partials of each output in order g = 0, 1, ... . Both passes sum in a
+ * fixed order, so the result is bitwise reproducible (no floating-point atomics).
+ * G is chosen so that tiles x G is about WG_GROUPS work-groups: the bf16 kernel takes ~125
+ * registers, so an H100 holds 4 of its blocks per SM, 528 in all, and 2048 is about four
+ * waves (the partly filled last wave costs less the more waves there are). More splits cost
+ * workspace traffic and memory, small next to the operands at training sizes: `part` holds
+ * at most about WG_GROUPS 64x64 fp32 tiles, 32 MiB (or, past WG_GROUPS tiles, G = 1 and one
+ * copy of the gradient), and the planner reuses
+ * its bytes once the sum has run (at realm-9m's 8 x 8192 the arena does not grow at all).
+ * G depends on P and Q only, not on B*S, which is known only at run time; a short contraction
+ * just leaves some splits empty. Splits are whole multiples of WG_ALIGN rows (the bf16
+ * kernel's contraction slice) so only the last non-empty split ends in a partial slice. */
+#define WG_GROUPS 2048
+#define WG_MAXSPLIT 32
+#define WG_ALIGN 32
+
+static long wgrad_splits(long P, long Q) {
+    long tiles = ((P + 63) / 64) * ((Q + 63) / 64), g = (WG_GROUPS + tiles - 1) / tiles;
+    return g > WG_MAXSPLIT ? WG_MAXSPLIT : g;
+}
+
+/* Rows per split: ceil(R / G) rounded up to WG_ALIGN. The kernels render the same formula
+ * (emit_split_range). */
+static long wgrad_split_rows(long R, long G) {
+    return ((R + G - 1) / G + WG_ALIGN - 1) / WG_ALIGN * WG_ALIGN;
+}
 
 static int infer(const ir_graph *g, const ir_node *n, ir_shape *out, ir_dtype *dt, char *err, size_t errlen) {
     const ir_shape *x = op_in_shape(g, n, 0), *w = op_in_shape(g, n, 1);
@@ -28,7 +69,8 @@ static int infer_wgrad(const ir_graph *g, const ir_node *n, ir_shape *out, ir_dt
     ra.d[ra.ndim - 1] = rb.d[rb.ndim - 1] = 1;
     if (!ir_shape_eq(&ra, &rb)) return OP_ERR("inputs have different row dims");
     out[0] = ir_shape_make(2, (int[]){P, Q});
-    dt[0] = DT_F32;
+    out[1] = ir_shape_make(3, (int[]){(int)wgrad_splits(P, Q), P, Q});
+    dt[0] = dt[1] = DT_F32;
     return 0;
 }
 
@@ -38,9 +80,11 @@ static int grad(ir_graph *g, int node, const int *dout, int *din) {
     long ia[IR_MAX_IATTR] = {!n.ia[0]};
     int in_dx[2] = {dout[0], w};
     if (ir_emit(g, "matmul", in_dx, 2, ia, NULL, &din[0]) < 0) return -1;
-    int in_dw[2] = {dout[0], x};
+    int in_dw[2] = {dout[0], x}, dw[2];
     if (n.ia[0]) in_dw[0] = x, in_dw[1] = dout[0];
-    return ir_emit(g, "matmul_wgrad", in_dw, 2, NULL, NULL, &din[1]) < 0 ? -1 : 0;
+    if (ir_emit(g, "matmul_wgrad", in_dw, 2, NULL, NULL, dw) < 0) return -1;
+    din[1] = dw[0];
+    return 0;
 }
 
 static void ref(const ref_ctx *c, const ir_node *n) {
@@ -59,14 +103,20 @@ static void ref(const ref_ctx *c, const ir_node *n) {
 }
 
 static void ref_wgrad(const ref_ctx *c, const ir_node *n) {
-    ref_buf a = ref_get(c, n->in[0]), b = ref_get(c, n->in[1]), o = ref_get(c, n->out[0]);
+    ref_buf a = ref_get(c, n->in[0]), b = ref_get(c, n->in[1]), o = ref_get(c, n->out[0]), part = ref_get(c, n->out[1]);
     const ir_shape *as = ref_shape(c, n->in[0]), *bs = ref_shape(c, n->in[1]);
     long P = as->d[as->ndim - 1], Q = bs->d[bs->ndim - 1], rows = ref_rows(a, P);
+    long G = ref_shape(c, n->out[1])->d[0], rs = wgrad_split_rows(rows, G);
     for (long i = 0; i < P * Q; i++) o.p[i] = 0;
+    for (long i = 0; i < G * P * Q; i++) part.p[i] = 0;
     for (long r = 0; r < rows; r++) {
         const double *ar = ref_row(a, r, P), *br = ref_row(b, r, Q);
+        double *pg = part.p + (r / rs) * P * Q;
         for (long p = 0; p < P; p++)
-            for (long q = 0; q < Q; q++) o.p[p * Q + q] += ar[p] * br[q];
+            for (long q = 0; q < Q; q++) {
+                o.p[p * Q + q] += ar[p] * br[q];
+                pg[p * Q + q] += ar[p] * br[q];
+            }
     }
 }
 
@@ -133,9 +183,9 @@ static void emit_tile_head(kgen *k) {
  * One 64x64 output tile per block of 128 threads (4 warps, each a 32x32 quarter made of 2x4
  * mma.sync m16n8k16 tiles with fp32 accumulators); the contraction goes through shared memory
  * 32 at a time. 64x64 rather than 128x128 because realm's matrices are narrow (d = 384): the
- * weight gradients of realm-9m have only ~40 tiles of 128x128, a third of an H100's SMs, and
- * splitting their long contraction over blocks would need a second reduction pass to stay
- * deterministic.
+ * forward matmuls of realm-9m at small batches, and the weight gradients before their rows
+ * were split (wgrad_splits), had too few 128x128 tiles to occupy an H100. With the split, the
+ * weight gradients could now take larger tiles (half the operand traffic per FLOP); not done.
  *
  * The arena stays fp32 in this first version: operands are converted to bf16 (round to nearest
  * even) while a tile is staged into shared memory. That keeps every other kernel, the
@@ -200,11 +250,11 @@ static void emit_mma_store(kgen *k, const mma_operand *o) {
 }
 
 /* The whole kernel body after the arguments: C[m][n] = sum_k A[m][k] B[n][k] over the tile
- * (m0, n0) (C expressions defined by the caller's prologue), `ktot` contraction indices
- * (K constant, or the row count for weight gradients); `store` writes acc value `v` at
- * (row m, col c) with both in range. */
-static void emit_mma_body(kgen *k, const mma_operand *a, const mma_operand *b, const char *ktot, int kguard,
-                          const char *store_row_ok, const char *store_col_lim, const char *store) {
+ * (m0, n0) (C expressions defined by the caller's prologue), contraction indices from `kbeg`
+ * to `ktot` (0 to K constant, or one split's rows for weight gradients); `store` writes acc
+ * value `v` at (row m, col c) with both in range. */
+static void emit_mma_body(kgen *k, const mma_operand *a, const mma_operand *b, const char *kbeg, const char *ktot,
+                          int kguard, const char *store_row_ok, const char *store_col_lim, const char *store) {
     kg_line(k, "LOCAL unsigned s%s[%d][%d], s%s[%d][%d];", a->name, BT, BK / 2 + 4, b->name, BT, BK / 2 + 4);
     kg_line(k, "const int tid = LID_X, lane = tid & 31, warp = tid >> 5;");
     kg_line(k, "const int wm = (warp >> 1) * 32, wn = (warp & 1) * 32, gq = lane >> 2, tq = lane & 3;");
@@ -228,11 +278,11 @@ static void emit_mma_body(kgen *k, const mma_operand *a, const mma_operand *b, c
         kg_line(k, "}");
     }
     kg_line(k, "{");
-    kg_line(k, "    const long k0 = 0;");
+    kg_line(k, "    const long k0 = %s;", kbeg);
     emit_mma_load(k, a, ktot, kguard);
     emit_mma_load(k, b, ktot, kguard);
     kg_line(k, "}");
-    kg_line(k, "for (long kb = 0; kb < %s; kb += %d) {", ktot, BK);
+    kg_line(k, "for (long kb = %s; kb < %s; kb += %d) {", kbeg, ktot, BK);
     emit_mma_store(k, a);
     emit_mma_store(k, b);
     kg_line(k, "    BARRIER();");
@@ -299,39 +349,69 @@ static int emit_bf16(kgen *k, const ir_node *n) {
         b = (mma_operand){.name = "w", .kcontig = 1, .roff = NULL, .ld = K, .base = "n0", .lim = nlim};
     }
     snprintf(st, sizeof st, "y[%s + c] = v", row_at(ry, sizeof ry, k, y, N, "m"));
-    emit_mma_body(k, &a, &b, klim, K % BK != 0, "m < M", nlim, st);
+    emit_mma_body(k, &a, &b, "0", klim, K % BK != 0, "m < M", nlim, st);
     grid_rows(k, 0, x, per, BT);
     kg_grid(k, 1, (N + BT - 1) / BT, 0, 0, 0, 1);
     kg_block(k, 128, 1, 1);
     return kg_end(k);
 }
 
-/* o[p][q] = sum_r a[r][p] b[r][q]: M is P, N is Q and the rows are the contraction, so both
- * operands are read along their rows and transposed into the shared tiles. */
+/* The rows [r0, r1) of this work-group's split (GID_Z), as wgrad_split_rows cuts them; r1 < r0
+ * for a split past the last row, which then stores a zero tile. */
+static void emit_split_range(kgen *k, const char *R, long G) {
+    kg_line(k, "const long rs = ((%s + %ld) / %ld + %d) / %d * %d;", R, G - 1, G, WG_ALIGN - 1, WG_ALIGN, WG_ALIGN);
+    kg_line(k, "const long r0 = GID_Z * rs, r1 = r0 + rs < %s ? r0 + rs : %s;", R, R);
+}
+
+/* The second pass: o = part[0] + part[1] + ... + part[G-1], in that order. */
+static int emit_wgrad_sum(kgen *k, const ir_node *n) {
+    const ir_shape *ps = &k->g->t[n->out[1]].shape;
+    long G = ps->d[0], PQ = (long)ps->d[1] * ps->d[2];
+    int node = (int)(n - k->g->n);
+    kg_begin(k, "matmul_wgrad_sum", node, node + 1);
+    kg_in(k, "part", n->out[1]);
+    kg_out(k, "o", n->out[0]);
+    kg_line(k, "const long i = GID_X * 256 + LID_X;");
+    kg_line(k, "if (i >= %ld) return;", PQ);
+    kg_line(k, "float s = part[i];");
+    kg_line(k, "for (int g = 1; g < %ld; g++) s += part[(long)g * %ld + i];", G, PQ);
+    kg_line(k, "o[i] = s;");
+    kg_grid(k, 0, PQ, 0, 0, 0, 256);
+    kg_block(k, 256, 1, 1);
+    return kg_end(k);
+}
+
+/* part[g][p][q] = sum over split g's rows r of a[r][p] b[r][q]: M is P, N is Q and the rows
+ * are the contraction, so both operands are read along their rows and transposed into the
+ * shared tiles. */
 static int emit_wgrad_bf16(kgen *k, const ir_node *n) {
-    int a = n->in[0], b = n->in[1], o = n->out[0];
+    int a = n->in[0], b = n->in[1], part = n->out[1];
     const ir_shape *as = &k->g->t[a].shape, *bs = &k->g->t[b].shape;
     long P = as->d[as->ndim - 1], Q = bs->d[bs->ndim - 1], per = kg_feat(k, a) / P;
+    long G = k->g->t[part].shape.d[0];
     int node = (int)(n - k->g->n);
     char ra[160], rb[160], plim[32], qlim[32], st[160];
     kg_begin(k, "matmul_wgrad_bf16", node, node + 1);
     kg_in(k, "a", a);
     kg_in(k, "b", b);
-    kg_out(k, "o", o);
+    kg_out(k, "part", part);
     kg_line(k, "const long R = %s * %ld;", kg_ntok_expr(k, a), per);
+    emit_split_range(k, "R", G);
     kg_line(k, "const long n0 = GID_X * %d, m0 = GID_Y * %d;", BT, BT);
     snprintf(plim, sizeof plim, "%ldL", P);
     snprintf(qlim, sizeof qlim, "%ldL", Q);
     mma_operand oa = {.name = "a", .kcontig = 0, .koff = row_at(ra, sizeof ra, k, a, P, "kx"), .base = "m0", .lim = plim};
     mma_operand ob = {.name = "b", .kcontig = 0, .koff = row_at(rb, sizeof rb, k, b, Q, "kx"), .base = "n0", .lim = qlim};
-    snprintf(st, sizeof st, "o[m * %ld + c] = v", Q);
+    snprintf(st, sizeof st, "part[GID_Z * %ld + m * %ld + c] = v", P * Q, Q);
     char rowok[48];
     snprintf(rowok, sizeof rowok, "m < %ld", P);
-    emit_mma_body(k, &oa, &ob, "R", 1, rowok, qlim, st);
+    emit_mma_body(k, &oa, &ob, "r0", "r1", 1, rowok, qlim, st);
     kg_grid(k, 0, (Q + BT - 1) / BT, 0, 0, 0, 1);
     kg_grid(k, 1, (P + BT - 1) / BT, 0, 0, 0, 1);
+    kg_grid(k, 2, G, 0, 0, 0, 1);
     kg_block(k, 128, 1, 1);
-    return kg_end(k);
+    if (kg_end(k) < 0) return -1;
+    return emit_wgrad_sum(k, n);
 }
 
 static int emit(kgen *k, const ir_node *n) {
@@ -391,28 +471,30 @@ static int emit(kgen *k, const ir_node *n) {
     return kg_end(k);
 }
 
-/* out [P,Q] = sum over rows of a^T b: a work-group owns an output tile and walks all rows in
- * order, KT rows per step. */
+/* part[g] = sum over split g's rows of a^T b: a work-group owns an output tile of one split
+ * and walks that split's rows in order, KT rows per step; emit_wgrad_sum adds the splits. */
 static int emit_wgrad(kgen *k, const ir_node *n) {
     if (k->bf16) return emit_wgrad_bf16(k, n);
-    int a = n->in[0], b = n->in[1], o = n->out[0];
+    int a = n->in[0], b = n->in[1], part = n->out[1];
     const ir_shape *as = &k->g->t[a].shape, *bs = &k->g->t[b].shape;
     long P = as->d[as->ndim - 1], Q = bs->d[bs->ndim - 1], per = kg_feat(k, a) / P;
+    long G = k->g->t[part].shape.d[0];
     int node = (int)(n - k->g->n);
     char ra[160], rb[160];
     kg_begin(k, "matmul_wgrad", node, node + 1);
     kg_in(k, "a", a);
     kg_in(k, "b", b);
-    kg_out(k, "o", o);
+    kg_out(k, "part", part);
     emit_tile_head(k);
     kg_line(k, "const long M = %s * %ld;", kg_ntok_expr(k, a), per);
+    emit_split_range(k, "M", G);
     kg_line(k, "const int q0 = (int)GID_X * %d, p0 = (int)GID_Y * %d;", MT, MT);
-    kg_line(k, "for (long r0 = 0; r0 < M; r0 += %d) {", KT);
+    kg_line(k, "for (long rb = r0; rb < r1; rb += %d) {", KT);
     kg_line(k, "    for (int i = 0; i < 4; i++) {");
     kg_line(k, "        const int e = LID_X + 256 * i, rr = e / %d, c = e %% %d;", MT, MT);
-    kg_line(k, "        const long r = r0 + rr;");
-    kg_line(k, "        as[rr][c] = (r < M && p0 + c < %ld) ? a[%s + p0 + c] : 0.0f;", P, row_at(ra, sizeof ra, k, a, P, "r"));
-    kg_line(k, "        bs[rr][c] = (r < M && q0 + c < %ld) ? b[%s + q0 + c] : 0.0f;", Q, row_at(rb, sizeof rb, k, b, Q, "r"));
+    kg_line(k, "        const long r = rb + rr;");
+    kg_line(k, "        as[rr][c] = (r < r1 && p0 + c < %ld) ? a[%s + p0 + c] : 0.0f;", P, row_at(ra, sizeof ra, k, a, P, "r"));
+    kg_line(k, "        bs[rr][c] = (r < r1 && q0 + c < %ld) ? b[%s + q0 + c] : 0.0f;", Q, row_at(rb, sizeof rb, k, b, Q, "r"));
     kg_line(k, "    }");
     emit_tile_mac(k);
     kg_line(k, "}");
@@ -421,16 +503,18 @@ static int emit_wgrad(kgen *k, const ir_node *n) {
     kg_line(k, "    if (p >= %ld) break;", P);
     kg_line(k, "    for (int j = 0; j < 4; j++) {");
     kg_line(k, "        const int q = q0 + tx + 16 * j;");
-    kg_line(k, "        if (q < %ld) o[(long)p * %ld + q] = acc[i][j];", Q, Q);
+    kg_line(k, "        if (q < %ld) part[GID_Z * %ld + (long)p * %ld + q] = acc[i][j];", Q, P * Q, Q);
     kg_line(k, "    }");
     kg_line(k, "}");
     kg_grid(k, 0, (Q + MT - 1) / MT, 0, 0, 0, 1);
     kg_grid(k, 1, (P + MT - 1) / MT, 0, 0, 0, 1);
+    kg_grid(k, 2, G, 0, 0, 0, 1);
     kg_block(k, 256, 1, 1);
-    return kg_end(k);
+    if (kg_end(k) < 0) return -1;
+    return emit_wgrad_sum(k, n);
 }
 
 const op_def op_matmul = {.name = "matmul", .nin = 2, .nout = 1, .infer = infer, .grad = grad, .ref = ref,
                           .flops = flops, .emit = emit, .iattr = {"trans", NULL}};
-const op_def op_matmul_wgrad = {.name = "matmul_wgrad", .nin = 2, .nout = 1, .infer = infer_wgrad,
+const op_def op_matmul_wgrad = {.name = "matmul_wgrad", .nin = 2, .nout = 2, .infer = infer_wgrad,
                                 .ref = ref_wgrad, .flops = flops_wgrad, .emit = emit_wgrad};

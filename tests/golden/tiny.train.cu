@@ -999,12 +999,12 @@ KERNEL k20_matmul_nn(GLOBAL float *A, long B, long S, long o_x, long o_w, long o
     }
 }
 
-KERNEL k21_matmul_wgrad(GLOBAL float *A, long B, long S, long o_a, long o_b, long o_o) {
+KERNEL k21_matmul_wgrad(GLOBAL float *A, long B, long S, long o_a, long o_b, long o_part) {
     const long T = B * S;
     (void)T;
     GLOBAL float *a = A + o_a;
     GLOBAL float *b = A + o_b;
-    GLOBAL float *o = A + o_o;
+    GLOBAL float *part = A + o_part;
     LOCAL float as[16][65];
     LOCAL float bs[16][65];
     const int tx = LID_X % 16, ty = LID_X / 16;
@@ -1012,13 +1012,15 @@ KERNEL k21_matmul_wgrad(GLOBAL float *A, long B, long S, long o_a, long o_b, lon
     for (int i = 0; i < 4; i++)
         for (int j = 0; j < 4; j++) acc[i][j] = 0.0f;
     const long M = T * 1;
+    const long rs = ((M + 31) / 32 + 31) / 32 * 32;
+    const long r0 = GID_Z * rs, r1 = r0 + rs < M ? r0 + rs : M;
     const int q0 = (int)GID_X * 64, p0 = (int)GID_Y * 64;
-    for (long r0 = 0; r0 < M; r0 += 16) {
+    for (long rb = r0; rb < r1; rb += 16) {
         for (int i = 0; i < 4; i++) {
             const int e = LID_X + 256 * i, rr = e / 64, c = e % 64;
-            const long r = r0 + rr;
-            as[rr][c] = (r < M && p0 + c < 256) ? a[(r) * 256 + p0 + c] : 0.0f;
-            bs[rr][c] = (r < M && q0 + c < 64) ? b[(r) * 64 + q0 + c] : 0.0f;
+            const long r = rb + rr;
+            as[rr][c] = (r < r1 && p0 + c < 256) ? a[(r) * 256 + p0 + c] : 0.0f;
+            bs[rr][c] = (r < r1 && q0 + c < 64) ? b[(r) * 64 + q0 + c] : 0.0f;
         }
         BARRIER();
         for (int kk = 0; kk < 16; kk++) {
@@ -1034,12 +1036,24 @@ KERNEL k21_matmul_wgrad(GLOBAL float *A, long B, long S, long o_a, long o_b, lon
         if (p >= 256) break;
         for (int j = 0; j < 4; j++) {
             const int q = q0 + tx + 16 * j;
-            if (q < 64) o[(long)p * 64 + q] = acc[i][j];
+            if (q < 64) part[GID_Z * 16384 + (long)p * 64 + q] = acc[i][j];
         }
     }
 }
 
-KERNEL k22_rmsnorm_bwd_dx(GLOBAL float *A, long B, long S, long o_x, long o_w, long o_dy, long o_dx, long o_part) {
+KERNEL k22_matmul_wgrad_sum(GLOBAL float *A, long B, long S, long o_part, long o_o) {
+    const long T = B * S;
+    (void)T;
+    GLOBAL float *part = A + o_part;
+    GLOBAL float *o = A + o_o;
+    const long i = GID_X * 256 + LID_X;
+    if (i >= 16384) return;
+    float s = part[i];
+    for (int g = 1; g < 32; g++) s += part[(long)g * 16384 + i];
+    o[i] = s;
+}
+
+KERNEL k23_rmsnorm_bwd_dx(GLOBAL float *A, long B, long S, long o_x, long o_w, long o_dy, long o_dx, long o_part) {
     const long T = B * S;
     (void)T;
     GLOBAL float *x = A + o_x;
@@ -1108,7 +1122,7 @@ KERNEL k22_rmsnorm_bwd_dx(GLOBAL float *A, long B, long S, long o_x, long o_w, l
     BARRIER();
 }
 
-KERNEL k23_rmsnorm_bwd_dw(GLOBAL float *A, long B, long S, long o_part, long o_dw) {
+KERNEL k24_rmsnorm_bwd_dw(GLOBAL float *A, long B, long S, long o_part, long o_dw) {
     const long T = B * S;
     (void)T;
     GLOBAL float *part = A + o_part;
@@ -1132,7 +1146,7 @@ KERNEL k23_rmsnorm_bwd_dw(GLOBAL float *A, long B, long S, long o_part, long o_d
     }
 }
 
-KERNEL k24_matmul_nn(GLOBAL float *A, long B, long S, long o_x, long o_w, long o_y) {
+KERNEL k25_matmul_nn(GLOBAL float *A, long B, long S, long o_x, long o_w, long o_y) {
     const long T = B * S;
     (void)T;
     GLOBAL float *x = A + o_x;
@@ -1176,12 +1190,12 @@ KERNEL k24_matmul_nn(GLOBAL float *A, long B, long S, long o_x, long o_w, long o
     }
 }
 
-KERNEL k25_matmul_wgrad(GLOBAL float *A, long B, long S, long o_a, long o_b, long o_o) {
+KERNEL k26_matmul_wgrad(GLOBAL float *A, long B, long S, long o_a, long o_b, long o_part) {
     const long T = B * S;
     (void)T;
     GLOBAL float *a = A + o_a;
     GLOBAL float *b = A + o_b;
-    GLOBAL float *o = A + o_o;
+    GLOBAL float *part = A + o_part;
     LOCAL float as[16][65];
     LOCAL float bs[16][65];
     const int tx = LID_X % 16, ty = LID_X / 16;
@@ -1189,13 +1203,15 @@ KERNEL k25_matmul_wgrad(GLOBAL float *A, long B, long S, long o_a, long o_b, lon
     for (int i = 0; i < 4; i++)
         for (int j = 0; j < 4; j++) acc[i][j] = 0.0f;
     const long M = T * 1;
+    const long rs = ((M + 31) / 32 + 31) / 32 * 32;
+    const long r0 = GID_Z * rs, r1 = r0 + rs < M ? r0 + rs : M;
     const int q0 = (int)GID_X * 64, p0 = (int)GID_Y * 64;
-    for (long r0 = 0; r0 < M; r0 += 16) {
+    for (long rb = r0; rb < r1; rb += 16) {
         for (int i = 0; i < 4; i++) {
             const int e = LID_X + 256 * i, rr = e / 64, c = e % 64;
-            const long r = r0 + rr;
-            as[rr][c] = (r < M && p0 + c < 64) ? a[(r) * 64 + p0 + c] : 0.0f;
-            bs[rr][c] = (r < M && q0 + c < 128) ? b[(r) * 128 + q0 + c] : 0.0f;
+            const long r = rb + rr;
+            as[rr][c] = (r < r1 && p0 + c < 64) ? a[(r) * 64 + p0 + c] : 0.0f;
+            bs[rr][c] = (r < r1 && q0 + c < 128) ? b[(r) * 128 + q0 + c] : 0.0f;
         }
         BARRIER();
         for (int kk = 0; kk < 16; kk++) {
@@ -1211,12 +1227,24 @@ KERNEL k25_matmul_wgrad(GLOBAL float *A, long B, long S, long o_a, long o_b, lon
         if (p >= 64) break;
         for (int j = 0; j < 4; j++) {
             const int q = q0 + tx + 16 * j;
-            if (q < 128) o[(long)p * 128 + q] = acc[i][j];
+            if (q < 128) part[GID_Z * 8192 + (long)p * 128 + q] = acc[i][j];
         }
     }
 }
 
-KERNEL k26_fused(GLOBAL float *A, long B, long S, long o_in0, long o_in1, long o_in2, long o_in3, long o_out1, long o_out2) {
+KERNEL k27_matmul_wgrad_sum(GLOBAL float *A, long B, long S, long o_part, long o_o) {
+    const long T = B * S;
+    (void)T;
+    GLOBAL float *part = A + o_part;
+    GLOBAL float *o = A + o_o;
+    const long i = GID_X * 256 + LID_X;
+    if (i >= 8192) return;
+    float s = part[i];
+    for (int g = 1; g < 32; g++) s += part[(long)g * 8192 + i];
+    o[i] = s;
+}
+
+KERNEL k28_fused(GLOBAL float *A, long B, long S, long o_in0, long o_in1, long o_in2, long o_in3, long o_out1, long o_out2) {
     const long T = B * S;
     (void)T;
     GLOBAL float *in0 = A + o_in0;
@@ -1240,7 +1268,7 @@ KERNEL k26_fused(GLOBAL float *A, long B, long S, long o_in0, long o_in1, long o
     out2[tok * 256 + f] = v2;
 }
 
-KERNEL k27_matmul_nn(GLOBAL float *A, long B, long S, long o_x, long o_w, long o_y) {
+KERNEL k29_matmul_nn(GLOBAL float *A, long B, long S, long o_x, long o_w, long o_y) {
     const long T = B * S;
     (void)T;
     GLOBAL float *x = A + o_x;
@@ -1284,12 +1312,12 @@ KERNEL k27_matmul_nn(GLOBAL float *A, long B, long S, long o_x, long o_w, long o
     }
 }
 
-KERNEL k28_matmul_wgrad(GLOBAL float *A, long B, long S, long o_a, long o_b, long o_o) {
+KERNEL k30_matmul_wgrad(GLOBAL float *A, long B, long S, long o_a, long o_b, long o_part) {
     const long T = B * S;
     (void)T;
     GLOBAL float *a = A + o_a;
     GLOBAL float *b = A + o_b;
-    GLOBAL float *o = A + o_o;
+    GLOBAL float *part = A + o_part;
     LOCAL float as[16][65];
     LOCAL float bs[16][65];
     const int tx = LID_X % 16, ty = LID_X / 16;
@@ -1297,13 +1325,15 @@ KERNEL k28_matmul_wgrad(GLOBAL float *A, long B, long S, long o_a, long o_b, lon
     for (int i = 0; i < 4; i++)
         for (int j = 0; j < 4; j++) acc[i][j] = 0.0f;
     const long M = T * 1;
+    const long rs = ((M + 31) / 32 + 31) / 32 * 32;
+    const long r0 = GID_Z * rs, r1 = r0 + rs < M ? r0 + rs : M;
     const int q0 = (int)GID_X * 64, p0 = (int)GID_Y * 64;
-    for (long r0 = 0; r0 < M; r0 += 16) {
+    for (long rb = r0; rb < r1; rb += 16) {
         for (int i = 0; i < 4; i++) {
             const int e = LID_X + 256 * i, rr = e / 64, c = e % 64;
-            const long r = r0 + rr;
-            as[rr][c] = (r < M && p0 + c < 64) ? a[(r) * 64 + p0 + c] : 0.0f;
-            bs[rr][c] = (r < M && q0 + c < 64) ? b[(r) * 64 + q0 + c] : 0.0f;
+            const long r = rb + rr;
+            as[rr][c] = (r < r1 && p0 + c < 64) ? a[(r) * 64 + p0 + c] : 0.0f;
+            bs[rr][c] = (r < r1 && q0 + c < 64) ? b[(r) * 64 + q0 + c] : 0.0f;
         }
         BARRIER();
         for (int kk = 0; kk < 16; kk++) {
@@ -1319,12 +1349,24 @@ KERNEL k28_matmul_wgrad(GLOBAL float *A, long B, long S, long o_a, long o_b, lon
         if (p >= 64) break;
         for (int j = 0; j < 4; j++) {
             const int q = q0 + tx + 16 * j;
-            if (q < 64) o[(long)p * 64 + q] = acc[i][j];
+            if (q < 64) part[GID_Z * 4096 + (long)p * 64 + q] = acc[i][j];
         }
     }
 }
 
-KERNEL k29_attention_bwd_d(GLOBAL float *A, long B, long S, long o_o, long o_dO, long o_Dw) {
+KERNEL k31_matmul_wgrad_sum(GLOBAL float *A, long B, long S, long o_part, long o_o) {
+    const long T = B * S;
+    (void)T;
+    GLOBAL float *part = A + o_part;
+    GLOBAL float *o = A + o_o;
+    const long i = GID_X * 256 + LID_X;
+    if (i >= 4096) return;
+    float s = part[i];
+    for (int g = 1; g < 32; g++) s += part[(long)g * 4096 + i];
+    o[i] = s;
+}
+
+KERNEL k32_attention_bwd_d(GLOBAL float *A, long B, long S, long o_o, long o_dO, long o_Dw) {
     const long T = B * S;
     (void)T;
     GLOBAL float *o = A + o_o;
@@ -1343,7 +1385,7 @@ KERNEL k29_attention_bwd_d(GLOBAL float *A, long B, long S, long o_o, long o_dO,
     Dw[tok * 2L + h] = acc;
 }
 
-KERNEL k30_attention_bwd_dkv(GLOBAL float *A, long B, long S, long o_q, long o_k, long o_v, long o_lse, long o_dO, long o_Dw, long o_dk, long o_dv) {
+KERNEL k33_attention_bwd_dkv(GLOBAL float *A, long B, long S, long o_q, long o_k, long o_v, long o_lse, long o_dO, long o_Dw, long o_dk, long o_dv) {
     const long T = B * S;
     (void)T;
     GLOBAL float *q = A + o_q;
@@ -1456,7 +1498,7 @@ KERNEL k30_attention_bwd_dkv(GLOBAL float *A, long B, long S, long o_q, long o_k
     }
 }
 
-KERNEL k31_attention_bwd_dq(GLOBAL float *A, long B, long S, long o_q, long o_k, long o_v, long o_lse, long o_dO, long o_Dw, long o_dq) {
+KERNEL k34_attention_bwd_dq(GLOBAL float *A, long B, long S, long o_q, long o_k, long o_v, long o_lse, long o_dO, long o_Dw, long o_dq) {
     const long T = B * S;
     (void)T;
     GLOBAL float *q = A + o_q;
@@ -1566,7 +1608,7 @@ KERNEL k31_attention_bwd_dq(GLOBAL float *A, long B, long S, long o_q, long o_k,
     }
 }
 
-KERNEL k32_rope(GLOBAL float *A, long B, long S, long o_x, long o_y) {
+KERNEL k35_rope(GLOBAL float *A, long B, long S, long o_x, long o_y) {
     const long T = B * S;
     (void)T;
     GLOBAL float *x = A + o_x;
@@ -1608,7 +1650,7 @@ KERNEL k32_rope(GLOBAL float *A, long B, long S, long o_x, long o_y) {
     }
 }
 
-KERNEL k33_matmul_nn(GLOBAL float *A, long B, long S, long o_x, long o_w, long o_y) {
+KERNEL k36_matmul_nn(GLOBAL float *A, long B, long S, long o_x, long o_w, long o_y) {
     const long T = B * S;
     (void)T;
     GLOBAL float *x = A + o_x;
@@ -1652,12 +1694,12 @@ KERNEL k33_matmul_nn(GLOBAL float *A, long B, long S, long o_x, long o_w, long o
     }
 }
 
-KERNEL k34_matmul_wgrad(GLOBAL float *A, long B, long S, long o_a, long o_b, long o_o) {
+KERNEL k37_matmul_wgrad(GLOBAL float *A, long B, long S, long o_a, long o_b, long o_part) {
     const long T = B * S;
     (void)T;
     GLOBAL float *a = A + o_a;
     GLOBAL float *b = A + o_b;
-    GLOBAL float *o = A + o_o;
+    GLOBAL float *part = A + o_part;
     LOCAL float as[16][65];
     LOCAL float bs[16][65];
     const int tx = LID_X % 16, ty = LID_X / 16;
@@ -1665,13 +1707,15 @@ KERNEL k34_matmul_wgrad(GLOBAL float *A, long B, long S, long o_a, long o_b, lon
     for (int i = 0; i < 4; i++)
         for (int j = 0; j < 4; j++) acc[i][j] = 0.0f;
     const long M = T * 1;
+    const long rs = ((M + 31) / 32 + 31) / 32 * 32;
+    const long r0 = GID_Z * rs, r1 = r0 + rs < M ? r0 + rs : M;
     const int q0 = (int)GID_X * 64, p0 = (int)GID_Y * 64;
-    for (long r0 = 0; r0 < M; r0 += 16) {
+    for (long rb = r0; rb < r1; rb += 16) {
         for (int i = 0; i < 4; i++) {
             const int e = LID_X + 256 * i, rr = e / 64, c = e % 64;
-            const long r = r0 + rr;
-            as[rr][c] = (r < M && p0 + c < 192) ? a[(r) * 192 + p0 + c] : 0.0f;
-            bs[rr][c] = (r < M && q0 + c < 64) ? b[(r) * 64 + q0 + c] : 0.0f;
+            const long r = rb + rr;
+            as[rr][c] = (r < r1 && p0 + c < 192) ? a[(r) * 192 + p0 + c] : 0.0f;
+            bs[rr][c] = (r < r1 && q0 + c < 64) ? b[(r) * 64 + q0 + c] : 0.0f;
         }
         BARRIER();
         for (int kk = 0; kk < 16; kk++) {
@@ -1687,12 +1731,24 @@ KERNEL k34_matmul_wgrad(GLOBAL float *A, long B, long S, long o_a, long o_b, lon
         if (p >= 192) break;
         for (int j = 0; j < 4; j++) {
             const int q = q0 + tx + 16 * j;
-            if (q < 64) o[(long)p * 64 + q] = acc[i][j];
+            if (q < 64) part[GID_Z * 12288 + (long)p * 64 + q] = acc[i][j];
         }
     }
 }
 
-KERNEL k35_fused(GLOBAL float *A, long B, long S, long o_in0, long o_in1, long o_in2, long o_in3, long o_out0, long o_out2) {
+KERNEL k38_matmul_wgrad_sum(GLOBAL float *A, long B, long S, long o_part, long o_o) {
+    const long T = B * S;
+    (void)T;
+    GLOBAL float *part = A + o_part;
+    GLOBAL float *o = A + o_o;
+    const long i = GID_X * 256 + LID_X;
+    if (i >= 12288) return;
+    float s = part[i];
+    for (int g = 1; g < 32; g++) s += part[(long)g * 12288 + i];
+    o[i] = s;
+}
+
+KERNEL k39_fused(GLOBAL float *A, long B, long S, long o_in0, long o_in1, long o_in2, long o_in3, long o_out0, long o_out2) {
     const long T = B * S;
     (void)T;
     GLOBAL float *in0 = A + o_in0;
@@ -1716,7 +1772,7 @@ KERNEL k35_fused(GLOBAL float *A, long B, long S, long o_in0, long o_in1, long o
     out2[tok * 304 + f] = v2;
 }
 
-KERNEL k36_mamba3_scan_bwd_chunk(GLOBAL float *A, long B, long S, long o_x, long o_Bn, long o_Cn, long o_ddt, long o_ddA, long o_trap, long o_ang, long o_dtb, long o_Bb, long o_Cb, long o_dy, long o_th, long o_du) {
+KERNEL k40_mamba3_scan_bwd_chunk(GLOBAL float *A, long B, long S, long o_x, long o_Bn, long o_Cn, long o_ddt, long o_ddA, long o_trap, long o_ang, long o_dtb, long o_Bb, long o_Cb, long o_dy, long o_th, long o_du) {
     const long T = B * S;
     (void)T;
     GLOBAL float *x = A + o_x;
@@ -1827,7 +1883,7 @@ KERNEL k36_mamba3_scan_bwd_chunk(GLOBAL float *A, long B, long S, long o_x, long
     }
 }
 
-KERNEL k37_mamba3_scan_bwd_walk(GLOBAL float *A, long B, long S, long o_du, long o_dsl) {
+KERNEL k41_mamba3_scan_bwd_walk(GLOBAL float *A, long B, long S, long o_du, long o_dsl) {
     const long T = B * S;
     (void)T;
     GLOBAL float *du = A + o_du;
@@ -1850,7 +1906,7 @@ KERNEL k37_mamba3_scan_bwd_walk(GLOBAL float *A, long B, long S, long o_du, long
     for (long e = lid; e < LL * 32L; e += 256) dsl[((lb) + (e) / 32L) * 128L + h * 32L + (e) % 32L] = 0.0f;
 }
 
-KERNEL k38_mamba3_scan_bwd_main(GLOBAL float *A, long B, long S, long o_x, long o_Bn, long o_Cn, long o_ddt, long o_ddA, long o_trap, long o_ang, long o_dtb, long o_Bb, long o_Cb, long o_Dp, long o_st, long o_dy, long o_th, long o_dsl, long o_gx, long o_gddA, long o_hd, long o_tkw) {
+KERNEL k42_mamba3_scan_bwd_main(GLOBAL float *A, long B, long S, long o_x, long o_Bn, long o_Cn, long o_ddt, long o_ddA, long o_trap, long o_ang, long o_dtb, long o_Bb, long o_Cb, long o_Dp, long o_st, long o_dy, long o_th, long o_dsl, long o_gx, long o_gddA, long o_hd, long o_tkw) {
     const long T = B * S;
     (void)T;
     GLOBAL float *x = A + o_x;
@@ -2138,7 +2194,7 @@ KERNEL k38_mamba3_scan_bwd_main(GLOBAL float *A, long B, long S, long o_x, long 
     }
 }
 
-KERNEL k39_mamba3_scan_bwd_fix(GLOBAL float *A, long B, long S, long o_ddt, long o_trap, long o_ang, long o_dtb, long o_tkw, long o_gddt, long o_gtrap, long o_ha) {
+KERNEL k43_mamba3_scan_bwd_fix(GLOBAL float *A, long B, long S, long o_ddt, long o_trap, long o_ang, long o_dtb, long o_tkw, long o_gddt, long o_gtrap, long o_ha) {
     const long T = B * S;
     (void)T;
     GLOBAL float *ddt = A + o_ddt;
@@ -2186,7 +2242,7 @@ KERNEL k39_mamba3_scan_bwd_fix(GLOBAL float *A, long B, long S, long o_ddt, long
     }
 }
 
-KERNEL k40_mamba3_scan_bwd_heads(GLOBAL float *A, long B, long S, long o_hd, long o_ha, long o_gBn, long o_gCn, long o_gang) {
+KERNEL k44_mamba3_scan_bwd_heads(GLOBAL float *A, long B, long S, long o_hd, long o_ha, long o_gBn, long o_gCn, long o_gang) {
     const long T = B * S;
     (void)T;
     GLOBAL float *hd = A + o_hd;
@@ -2206,7 +2262,7 @@ KERNEL k40_mamba3_scan_bwd_heads(GLOBAL float *A, long B, long S, long o_hd, lon
     else gang[tok * 304L + f - 32] = acc;
 }
 
-KERNEL k41_mamba3_scan_bwd_params(GLOBAL float *A, long B, long S, long o_hd, long o_gddt, long o_x, long o_dy, long o_gdtb, long o_gBb, long o_gCb, long o_gD) {
+KERNEL k45_mamba3_scan_bwd_params(GLOBAL float *A, long B, long S, long o_hd, long o_gddt, long o_x, long o_dy, long o_gdtb, long o_gBb, long o_gCb, long o_gD) {
     const long T = B * S;
     (void)T;
     GLOBAL float *hd = A + o_hd;
@@ -2265,7 +2321,7 @@ KERNEL k41_mamba3_scan_bwd_params(GLOBAL float *A, long B, long S, long o_hd, lo
     }
 }
 
-KERNEL k42_rmsnorm_bwd_dx(GLOBAL float *A, long B, long S, long o_x, long o_w, long o_dy, long o_dx, long o_part) {
+KERNEL k46_rmsnorm_bwd_dx(GLOBAL float *A, long B, long S, long o_x, long o_w, long o_dy, long o_dx, long o_part) {
     const long T = B * S;
     (void)T;
     GLOBAL float *x = A + o_x;
@@ -2325,7 +2381,7 @@ KERNEL k42_rmsnorm_bwd_dx(GLOBAL float *A, long B, long S, long o_x, long o_w, l
     BARRIER();
 }
 
-KERNEL k43_rmsnorm_bwd_dw(GLOBAL float *A, long B, long S, long o_part, long o_dw) {
+KERNEL k47_rmsnorm_bwd_dw(GLOBAL float *A, long B, long S, long o_part, long o_dw) {
     const long T = B * S;
     (void)T;
     GLOBAL float *part = A + o_part;
@@ -2349,7 +2405,7 @@ KERNEL k43_rmsnorm_bwd_dw(GLOBAL float *A, long B, long S, long o_part, long o_d
     }
 }
 
-KERNEL k44_matmul_nn(GLOBAL float *A, long B, long S, long o_x, long o_w, long o_y) {
+KERNEL k48_matmul_nn(GLOBAL float *A, long B, long S, long o_x, long o_w, long o_y) {
     const long T = B * S;
     (void)T;
     GLOBAL float *x = A + o_x;
@@ -2393,12 +2449,12 @@ KERNEL k44_matmul_nn(GLOBAL float *A, long B, long S, long o_x, long o_w, long o
     }
 }
 
-KERNEL k45_matmul_wgrad(GLOBAL float *A, long B, long S, long o_a, long o_b, long o_o) {
+KERNEL k49_matmul_wgrad(GLOBAL float *A, long B, long S, long o_a, long o_b, long o_part) {
     const long T = B * S;
     (void)T;
     GLOBAL float *a = A + o_a;
     GLOBAL float *b = A + o_b;
-    GLOBAL float *o = A + o_o;
+    GLOBAL float *part = A + o_part;
     LOCAL float as[16][65];
     LOCAL float bs[16][65];
     const int tx = LID_X % 16, ty = LID_X / 16;
@@ -2406,13 +2462,15 @@ KERNEL k45_matmul_wgrad(GLOBAL float *A, long B, long S, long o_a, long o_b, lon
     for (int i = 0; i < 4; i++)
         for (int j = 0; j < 4; j++) acc[i][j] = 0.0f;
     const long M = T * 1;
+    const long rs = ((M + 31) / 32 + 31) / 32 * 32;
+    const long r0 = GID_Z * rs, r1 = r0 + rs < M ? r0 + rs : M;
     const int q0 = (int)GID_X * 64, p0 = (int)GID_Y * 64;
-    for (long r0 = 0; r0 < M; r0 += 16) {
+    for (long rb = r0; rb < r1; rb += 16) {
         for (int i = 0; i < 4; i++) {
             const int e = LID_X + 256 * i, rr = e / 64, c = e % 64;
-            const long r = r0 + rr;
-            as[rr][c] = (r < M && p0 + c < 304) ? a[(r) * 304 + p0 + c] : 0.0f;
-            bs[rr][c] = (r < M && q0 + c < 64) ? b[(r) * 64 + q0 + c] : 0.0f;
+            const long r = rb + rr;
+            as[rr][c] = (r < r1 && p0 + c < 304) ? a[(r) * 304 + p0 + c] : 0.0f;
+            bs[rr][c] = (r < r1 && q0 + c < 64) ? b[(r) * 64 + q0 + c] : 0.0f;
         }
         BARRIER();
         for (int kk = 0; kk < 16; kk++) {
@@ -2428,12 +2486,24 @@ KERNEL k45_matmul_wgrad(GLOBAL float *A, long B, long S, long o_a, long o_b, lon
         if (p >= 304) break;
         for (int j = 0; j < 4; j++) {
             const int q = q0 + tx + 16 * j;
-            if (q < 64) o[(long)p * 64 + q] = acc[i][j];
+            if (q < 64) part[GID_Z * 19456 + (long)p * 64 + q] = acc[i][j];
         }
     }
 }
 
-KERNEL k46_embedding_bwd_part(GLOBAL float *A, long B, long S, long o_tok, long o_dy, long o_part) {
+KERNEL k50_matmul_wgrad_sum(GLOBAL float *A, long B, long S, long o_part, long o_o) {
+    const long T = B * S;
+    (void)T;
+    GLOBAL float *part = A + o_part;
+    GLOBAL float *o = A + o_o;
+    const long i = GID_X * 256 + LID_X;
+    if (i >= 19456) return;
+    float s = part[i];
+    for (int g = 1; g < 32; g++) s += part[(long)g * 19456 + i];
+    o[i] = s;
+}
+
+KERNEL k51_embedding_bwd_part(GLOBAL float *A, long B, long S, long o_tok, long o_dy, long o_part) {
     const long T = B * S;
     (void)T;
     GLOBAL float *tok = A + o_tok;
@@ -2466,7 +2536,7 @@ KERNEL k46_embedding_bwd_part(GLOBAL float *A, long B, long S, long o_tok, long 
     }
 }
 
-KERNEL k47_embedding_bwd_sum(GLOBAL float *A, long B, long S, long o_part, long o_dt) {
+KERNEL k52_embedding_bwd_sum(GLOBAL float *A, long B, long S, long o_part, long o_dt) {
     const long T = B * S;
     (void)T;
     GLOBAL float *part = A + o_part;
@@ -2482,7 +2552,7 @@ KERNEL k47_embedding_bwd_sum(GLOBAL float *A, long B, long S, long o_part, long 
     dt[i] = s;
 }
 
-KERNEL k48_add(GLOBAL float *A, long B, long S, long o_in0, long o_in1, long o_out0) {
+KERNEL k53_add(GLOBAL float *A, long B, long S, long o_in0, long o_in1, long o_out0) {
     const long T = B * S;
     (void)T;
     GLOBAL float *in0 = A + o_in0;
@@ -2498,7 +2568,7 @@ KERNEL k48_add(GLOBAL float *A, long B, long S, long o_in0, long o_in1, long o_o
     out0[tok * 16384 + f] = v0;
 }
 
-KERNEL k49_sumsq_part(GLOBAL float *A, long B, long S, long o_g0, long o_g1, long o_g2, long o_g3, long o_g4, long o_g5, long o_g6, long o_g7, long o_g8, long o_g9, long o_g10, long o_g11, long o_g12, long o_g13, long o_g14, long o_g15, long o_part) {
+KERNEL k54_sumsq_part(GLOBAL float *A, long B, long S, long o_g0, long o_g1, long o_g2, long o_g3, long o_g4, long o_g5, long o_g6, long o_g7, long o_g8, long o_g9, long o_g10, long o_g11, long o_g12, long o_g13, long o_g14, long o_g15, long o_part) {
     const long T = B * S;
     (void)T;
     GLOBAL float *g0 = A + o_g0;
@@ -2592,7 +2662,7 @@ KERNEL k49_sumsq_part(GLOBAL float *A, long B, long S, long o_g0, long o_g1, lon
     if (l == 0) part[GID_X] = red[0];
 }
 
-KERNEL k50_sumsq_total(GLOBAL float *A, long B, long S, long o_part, long o_out) {
+KERNEL k55_sumsq_total(GLOBAL float *A, long B, long S, long o_part, long o_out) {
     const long T = B * S;
     (void)T;
     GLOBAL float *part = A + o_part;
@@ -2605,7 +2675,7 @@ KERNEL k50_sumsq_total(GLOBAL float *A, long B, long S, long o_part, long o_out)
     if (l == 0) out[0] = red[0];
 }
 
-KERNEL k51_sumsq_part(GLOBAL float *A, long B, long S, long o_g0, long o_g1, long o_g2, long o_g3, long o_g4, long o_g5, long o_g6, long o_g7, long o_g8, long o_g9, long o_g10, long o_g11, long o_g12, long o_g13, long o_g14, long o_g15, long o_part) {
+KERNEL k56_sumsq_part(GLOBAL float *A, long B, long S, long o_g0, long o_g1, long o_g2, long o_g3, long o_g4, long o_g5, long o_g6, long o_g7, long o_g8, long o_g9, long o_g10, long o_g11, long o_g12, long o_g13, long o_g14, long o_g15, long o_part) {
     const long T = B * S;
     (void)T;
     GLOBAL float *g0 = A + o_g0;
@@ -2699,7 +2769,7 @@ KERNEL k51_sumsq_part(GLOBAL float *A, long B, long S, long o_g0, long o_g1, lon
     if (l == 0) part[GID_X] = red[0];
 }
 
-KERNEL k52_add(GLOBAL float *A, long B, long S, long o_in0, long o_in1, long o_out0) {
+KERNEL k57_add(GLOBAL float *A, long B, long S, long o_in0, long o_in1, long o_out0) {
     const long T = B * S;
     (void)T;
     GLOBAL float *in0 = A + o_in0;
@@ -2715,7 +2785,7 @@ KERNEL k52_add(GLOBAL float *A, long B, long S, long o_in0, long o_in1, long o_o
     out0[tok * 1 + f] = v0;
 }
 
-KERNEL k53_adamw(GLOBAL float *A, long B, long S, long o_p, long o_g, long o_m, long o_v, long o_ss, long o_h, long o_po, long o_mo, long o_vo) {
+KERNEL k58_adamw(GLOBAL float *A, long B, long S, long o_p, long o_g, long o_m, long o_v, long o_ss, long o_h, long o_po, long o_mo, long o_vo) {
     const long T = B * S;
     (void)T;
     GLOBAL float *p = A + o_p;
@@ -2740,7 +2810,7 @@ KERNEL k53_adamw(GLOBAL float *A, long B, long S, long o_p, long o_g, long o_m, 
     vo[i] = vv;
 }
 
-KERNEL k54_adamw(GLOBAL float *A, long B, long S, long o_p, long o_g, long o_m, long o_v, long o_ss, long o_h, long o_po, long o_mo, long o_vo) {
+KERNEL k59_adamw(GLOBAL float *A, long B, long S, long o_p, long o_g, long o_m, long o_v, long o_ss, long o_h, long o_po, long o_mo, long o_vo) {
     const long T = B * S;
     (void)T;
     GLOBAL float *p = A + o_p;
@@ -2765,7 +2835,7 @@ KERNEL k54_adamw(GLOBAL float *A, long B, long S, long o_p, long o_g, long o_m, 
     vo[i] = vv;
 }
 
-KERNEL k55_adamw(GLOBAL float *A, long B, long S, long o_p, long o_g, long o_m, long o_v, long o_ss, long o_h, long o_po, long o_mo, long o_vo) {
+KERNEL k60_adamw(GLOBAL float *A, long B, long S, long o_p, long o_g, long o_m, long o_v, long o_ss, long o_h, long o_po, long o_mo, long o_vo) {
     const long T = B * S;
     (void)T;
     GLOBAL float *p = A + o_p;
@@ -2790,7 +2860,7 @@ KERNEL k55_adamw(GLOBAL float *A, long B, long S, long o_p, long o_g, long o_m, 
     vo[i] = vv;
 }
 
-KERNEL k56_adamw(GLOBAL float *A, long B, long S, long o_p, long o_g, long o_m, long o_v, long o_ss, long o_h, long o_po, long o_mo, long o_vo) {
+KERNEL k61_adamw(GLOBAL float *A, long B, long S, long o_p, long o_g, long o_m, long o_v, long o_ss, long o_h, long o_po, long o_mo, long o_vo) {
     const long T = B * S;
     (void)T;
     GLOBAL float *p = A + o_p;
@@ -2815,7 +2885,7 @@ KERNEL k56_adamw(GLOBAL float *A, long B, long S, long o_p, long o_g, long o_m, 
     vo[i] = vv;
 }
 
-KERNEL k57_adamw(GLOBAL float *A, long B, long S, long o_p, long o_g, long o_m, long o_v, long o_ss, long o_h, long o_po, long o_mo, long o_vo) {
+KERNEL k62_adamw(GLOBAL float *A, long B, long S, long o_p, long o_g, long o_m, long o_v, long o_ss, long o_h, long o_po, long o_mo, long o_vo) {
     const long T = B * S;
     (void)T;
     GLOBAL float *p = A + o_p;
@@ -2840,7 +2910,7 @@ KERNEL k57_adamw(GLOBAL float *A, long B, long S, long o_p, long o_g, long o_m, 
     vo[i] = vv;
 }
 
-KERNEL k58_adamw(GLOBAL float *A, long B, long S, long o_p, long o_g, long o_m, long o_v, long o_ss, long o_h, long o_po, long o_mo, long o_vo) {
+KERNEL k63_adamw(GLOBAL float *A, long B, long S, long o_p, long o_g, long o_m, long o_v, long o_ss, long o_h, long o_po, long o_mo, long o_vo) {
     const long T = B * S;
     (void)T;
     GLOBAL float *p = A + o_p;
@@ -2865,7 +2935,7 @@ KERNEL k58_adamw(GLOBAL float *A, long B, long S, long o_p, long o_g, long o_m, 
     vo[i] = vv;
 }
 
-KERNEL k59_adamw(GLOBAL float *A, long B, long S, long o_p, long o_g, long o_m, long o_v, long o_ss, long o_h, long o_po, long o_mo, long o_vo) {
+KERNEL k64_adamw(GLOBAL float *A, long B, long S, long o_p, long o_g, long o_m, long o_v, long o_ss, long o_h, long o_po, long o_mo, long o_vo) {
     const long T = B * S;
     (void)T;
     GLOBAL float *p = A + o_p;
@@ -2890,7 +2960,7 @@ KERNEL k59_adamw(GLOBAL float *A, long B, long S, long o_p, long o_g, long o_m, 
     vo[i] = vv;
 }
 
-KERNEL k60_adamw(GLOBAL float *A, long B, long S, long o_p, long o_g, long o_m, long o_v, long o_ss, long o_h, long o_po, long o_mo, long o_vo) {
+KERNEL k65_adamw(GLOBAL float *A, long B, long S, long o_p, long o_g, long o_m, long o_v, long o_ss, long o_h, long o_po, long o_mo, long o_vo) {
     const long T = B * S;
     (void)T;
     GLOBAL float *p = A + o_p;
