@@ -52,9 +52,9 @@ typedef struct {
      *      rows of the last chunk are zero;
      *  dsl (width m3_states_width): in the rows of chunk c, the gradient of the state
      *      leaving c; rows of the last chunk (nothing leaves it) are zero;
-     *  tk  ([tok, H*(NA+3)], per token and head): the in-chunk suffix sums of dTheta (NA),
+     *  tk  ([tok, H*(NA+4)], per token and head): the in-chunk suffix sums of dTheta (NA),
      *      dDT and dlam without the angle share and without the trapezoid term that
-     *      crosses into the previous chunk, and dscale. */
+     *      crosses into the previous chunk, dscale, and dy . x (the token's share of dD). */
     double *du;     long du_ld;
     double *dsl;    long dsl_ld;
     double *tk;     long tk_ld;

@@ -2166,7 +2166,7 @@ KERNEL k42_mamba3_scan_bwd_main(GLOBAL float *A, long B, long S, long o_x, long 
     BARRIER();
     for (int i = lid; i < 4; i += 64) {
     float G = 0.0f;
-    for (int a = L - 1; a >= 0; a--) { G += LPH[a * 4 + i]; tkw[(rb + a) * 28L + h * 7 + i] = G; }
+    for (int a = L - 1; a >= 0; a--) { G += LPH[a * 4 + i]; tkw[(rb + a) * 32L + h * 8 + i] = G; }
     }
     if (lid < L) {
     const int a = lid;
@@ -2188,9 +2188,10 @@ KERNEL k42_mamba3_scan_bwd_main(GLOBAL float *A, long B, long S, long o_x, long 
     float pdt = ow * lam + Av * dADT, plam = ow * DT;
     if (a > 0) { pdt += ldsc[a - 1] * (1.0f - lam); plam -= ldsc[a - 1] * DT; }
     gddA[tk * 304L + h] = DT * dADT * dA;
-    tkw[tk * 28L + h * 7 + 4] = pdt;
-    tkw[tk * 28L + h * 7 + 5] = plam;
-    tkw[tk * 28L + h * 7 + 6] = ldsc[a];
+    tkw[tk * 32L + h * 8 + 4] = pdt;
+    tkw[tk * 32L + h * 8 + 5] = plam;
+    tkw[tk * 32L + h * 8 + 6] = ldsc[a];
+    tkw[tk * 32L + h * 8 + 7] = lG[a];
     }
 }
 
@@ -2215,7 +2216,7 @@ KERNEL k43_mamba3_scan_bwd_fix(GLOBAL float *A, long B, long S, long o_ddt, long
     const long rb = b * S + c * 16;
     const int L = (int)(S - c * 16 < 16 ? S - c * 16 : 16);
     BARRIER();
-    for (int i = lid; i < 4; i += 32) { cur[i] = carry[i]; carry[i] += tkw[rb * 28L + h * 7 + i]; }
+    for (int i = lid; i < 4; i += 32) { cur[i] = carry[i]; carry[i] += tkw[rb * 32L + h * 8 + i]; }
     BARRIER();
     for (int a = lid; a < L; a += 32) {
     const long tk = rb + a;
@@ -2226,13 +2227,13 @@ KERNEL k43_mamba3_scan_bwd_fix(GLOBAL float *A, long B, long S, long o_ddt, long
     const float lam = tr >= 0.0f ? 1.0f / (1.0f + EXPF(-tr)) : EXPF(tr) / (1.0f + EXPF(tr));
     float share = 0.0f;
     for (int i = 0; i < 4; i++) {
-    const float Gv = tkw[tk * 28L + h * 7 + i] + cur[i], tn = TANHF(ang[tk * 304L + i]);
+    const float Gv = tkw[tk * 32L + h * 8 + i] + cur[i], tn = TANHF(ang[tk * 304L + i]);
     share += Gv * (3.14159265f * tn);
     ha[tk * 16L + h * 4 + i] = Gv * DT * 3.14159265f * (1.0f - tn * tn);
     }
-    float dDT = tkw[tk * 28L + h * 7 + 4] + share, dlam = tkw[tk * 28L + h * 7 + 5];
+    float dDT = tkw[tk * 32L + h * 8 + 4] + share, dlam = tkw[tk * 32L + h * 8 + 5];
     if (a == 0 && c > 0) {
-    const float dp = tkw[(tk - 1) * 28L + h * 7 + 6];
+    const float dp = tkw[(tk - 1) * 32L + h * 8 + 6];
     dDT += dp * (1.0f - lam);
     dlam -= dp * DT;
     }
@@ -2262,13 +2263,14 @@ KERNEL k44_mamba3_scan_bwd_heads(GLOBAL float *A, long B, long S, long o_hd, lon
     else gang[tok * 304L + f - 32] = acc;
 }
 
-KERNEL k45_mamba3_scan_bwd_params(GLOBAL float *A, long B, long S, long o_hd, long o_gddt, long o_x, long o_dy, long o_gdtb, long o_gBb, long o_gCb, long o_gD) {
+KERNEL k45_mamba3_scan_bwd_params(GLOBAL float *A, long B, long S, long o_hd, long o_gddt, long o_x, long o_dy, long o_tkw, long o_gdtb, long o_gBb, long o_gCb, long o_gD) {
     const long T = B * S;
     (void)T;
     GLOBAL float *hd = A + o_hd;
     GLOBAL float *gddt = A + o_gddt;
     GLOBAL float *x = A + o_x;
     GLOBAL float *dy = A + o_dy;
+    GLOBAL float *tkw = A + o_tkw;
     GLOBAL float *gdtb = A + o_gdtb;
     GLOBAL float *gBb = A + o_gBb;
     GLOBAL float *gCb = A + o_gCb;
@@ -2289,16 +2291,7 @@ KERNEL k45_mamba3_scan_bwd_params(GLOBAL float *A, long B, long S, long o_hd, lo
     for (long tok = lid; tok < T; tok += 256) {
     float val;
     if (jb == 1) val = gddt[tok * 304L + h];
-    else {
-    float dv = 0.0f, dc = 0.0f;
-    for (int p = 0; p < 32; p++) {
-    const float yk = dy[tok * 128L + h * 32 + p] * x[tok * 304L + h * 32 + p] - dc;
-    const float tk = dv + yk;
-    dc = (tk - dv) - yk;
-    dv = tk;
-    }
-    val = dv;
-    }
+    else val = tkw[tok * 32L + h * 8 + 7];
     const float yk = val - cmp;
     const float tk = acc + yk;
     cmp = (tk - acc) - yk;
