@@ -87,9 +87,17 @@ static const kcase kcases_mamba3_c[] = {
         {"mamba3_final", 7, M3F(2, 8, 8, 2, 16), F7, {4}, {0}, 0, 16},
         {"mamba3_final", 7, M3F(2, 8, 8, 2, 16), F7, {4}, {0}, 0, 13},
         {"mamba3_final", 7, M3F(2, 8, 8, 2, 16), F7, {4}, {0}, 0, 3},
-        {"mamba3_final", 7, M3F(3, 16, 7, 3, 7), F7, {16}, {0}, 0, 300},   /* odd N; more tokens than work-items */
     };
 TABLE(kcases_mamba3);
+
+/* Long sums in fp32, checked at a looser tolerance (kcases_long_tol): mamba3_final's Theta
+ * adds all 300 tokens' DT * pi * tanh(angle), each rounded by ~1e-7 of its size, ~1e-5 rad at
+ * the end, which the rotated key k_prev carries (1e-5 normwise failed on some seeds). */
+static const kcase kcases_mamba3_long_c[] = {
+        {"mamba3_final", 7, M3F(3, 16, 7, 3, 7), F7, {16}, {0}, 0, 300},   /* odd N; more tokens than work-items */
+    };
+TABLE(kcases_mamba3_long);
+const double kcases_long_tol = 5e-5;
 
 static const kcase kcases_dense_edges_c[] = {
         {"matmul", 2, {SHC(DIM_B, DIM_S, 70), SHC(130, 70)}, F2, {0}, {0}, 0, 100},

@@ -24,7 +24,9 @@ typedef struct {
     int n;
 } kcase_table;
 
-extern const kcase_table kcases_elementwise, kcases_dense, kcases_attention, kcases_mamba3, kcases_dense_edges;
+extern const kcase_table kcases_elementwise, kcases_dense, kcases_attention, kcases_mamba3, kcases_dense_edges,
+    kcases_mamba3_long;
+extern const double kcases_long_tol;   /* the tolerance of kcases_mamba3_long */
 
 int kc_build_case(const kcase *kc, ir_graph *g, char *err, size_t len);
 /* Every case of a table on bk, each launch against the reference (tol normwise); `label`

@@ -67,7 +67,14 @@ TEST(gpu_kernels_dense) { run_table(t, kcases_dense); }
 
 TEST(gpu_kernels_attention) { run_table(t, kcases_attention); }
 
-TEST(gpu_kernels_mamba3) { run_table(t, kcases_mamba3); }
+TEST(gpu_kernels_mamba3) {
+    run_table(t, kcases_mamba3);
+    if (!gpu_on()) return;
+    backend *bk = kc_cuda(t);
+    if (!bk) return;
+    kc_run_table(t, bk, gpu_backend_name(), kcases_mamba3_long, kcases_long_tol);
+    bk_destroy(bk);
+}
 
 TEST(gpu_kernels_dense_edges) { run_table(t, kcases_dense_edges); }
 

@@ -45,6 +45,7 @@ TEST(kernels_mamba3) {
     backend *bk = kc_opencl(t);
     if (!bk) return;
     kc_run_table(t, bk, "opencl", kcases_mamba3, 1e-5);
+    kc_run_table(t, bk, "opencl", kcases_mamba3_long, kcases_long_tol);
     bk_destroy(bk);
 }
 

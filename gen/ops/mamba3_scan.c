@@ -1402,8 +1402,11 @@ static int emit_fwd_chunked(kgen *k, const ir_node *n) {
     KL("const int L = (int)(S - c0 < %d ? S - c0 : %d);", CH, CH);
     KL("LOCAL float ldt[%d], ladt[%d], lsc[%d], lgm[%d], lcs[%d];", CH, CH, CH, CH, CH);
     KL("LOCAL float LPH[%d], tc[%d], ts[%d];", CH * NA, NA, NA);
-    KL("LOCAL float QR[%d];", CH * N1);
-    KL("LOCAL float KM[%ld];   /* Kl of the chunk, then M */", big);
+    /* the tiles live in dynamic shared memory: with the chunk's inputs v staged too they pass
+     * the 48 KiB of static LOCAL arrays */
+    kg_shared(k, "QR", (long)CH * N1);
+    kg_shared(k, "KM", big);   /* Kl of the chunk, then M */
+    kg_shared(k, "XV", (long)CH * P);
     KL("const float dtbh = dtb[h], Dh = Dp[h];");
     /* cos/sin of the angle entering the chunk: left by the previous chunk (zero for chunk 0) */
     kl_spread(at, sizeof at, "sb", "2 * i", W2, ldth);
@@ -1449,6 +1452,7 @@ static int emit_fwd_chunked(kgen *k, const ir_node *n) {
     KL("}");
     KL("KM[a * %d + nn] = kv; QR[a * %d + nn] = qv;", N1, N1);
     KL("}");
+    KL("for (int j = lid; j < L * %d; j += %d) XV[j] = x[(rb + j / %d) * %ldL + h * %d + j %% %d];", P, NT3, P, ldx, P, P);
     KL("BARRIER();");
     /* M in registers first: it overwrites Kl, which its own dot products still read */
     KL("float mr[%d];", MR);
@@ -1482,7 +1486,7 @@ static int emit_fwd_chunked(kgen *k, const ir_node *n) {
     KL("float sq = 0.0f;");
     KL("for (int nn = 0; nn < %d; nn++) sq += Sr[nn] * QR[t * %d + nn];", N, N1);
     KL("float acc = EXPF(FMINF(lcs[t], 0.0f)) * sq;");
-    KL("for (int s2 = 0; s2 <= t; s2++) acc += KM[t * %d + s2] * x[(rb + s2) * %ldL + h * %d + p];", CH, ldx, P);
+    KL("for (int s2 = 0; s2 <= t; s2++) acc += KM[t * %d + s2] * XV[s2 * %d + p];", CH, P);
     KL("y[(rb + t) * %ldL + h * %d + p] = acc;", ldy, P);
     KL("}");
     KL("}");
@@ -1898,14 +1902,19 @@ static int emit_bwd_chunked(kgen *k, const ir_node *n, int node, m3_kdims d) {
         if (kg_end(k) < 0) return -1;
     }
 
-    /* ---- (2) the walk: gradients of the states leaving each chunk */
+    /* ---- (2) the walk: gradients of the states leaving each chunk. The P x N elements are
+     * independent chains, split over SL work-groups per (b, h) so more than B*H SMs wait on
+     * the chunk-by-chunk loads. */
     {
-        const int NT = 256, RQ = (int)((PN + NT - 1) / NT);
+        const int NT = 256, SL = PN >= 8L * NT ? 8 : 1;
+        const long ES = (PN + SL - 1) / SL;
+        const int RQ = (int)((ES + NT - 1) / NT);
         kg_begin(k, "mamba3_scan_bwd_walk", node, node + 1);
         kg_in(k, "du", n->out[BOUT_DU]);
         kg_out(k, "dsl", n->out[BOUT_DSL]);
         KL("const long b = GID_X / %d;", H);
         KL("const int h = (int)(GID_X - b * %d), lid = LID_X;", H);
+        KL("const long e0 = GID_Y * %ldL, e1 = e0 + %ldL < %ldL ? e0 + %ldL : %ldL;", ES, ES, PN, ES, PN);
         KL("const long nch = (S + %d) / %d;", CH - 1, CH);
         KL("float R[%d];", RQ);
         KL("for (int r = 0; r < %d; r++) R[r] = 0.0f;", RQ);
@@ -1916,15 +1925,18 @@ static int emit_bwd_chunked(kgen *k, const ir_node *n, int node, m3_kdims d) {
         kl_spread(a0, sizeof a0, "sb", "e", Wd, lddu);
         kl_spread(a1, sizeof a1, "sb", "e", W, lddsl);
         KL("for (int r = 0; r < %d; r++) {", RQ);
-        KL("const long e = lid + (long)r * %d;", NT);
-        KL("if (e < %ldL) { R[r] = dc * R[r] + du[%s]; dsl[%s] = R[r]; }", PN, a0, a1);
+        KL("const long e = e0 + lid + (long)r * %d;", NT);
+        KL("if (e < e1) { R[r] = dc * R[r] + du[%s]; dsl[%s] = R[r]; }", a0, a1);
         KL("}");
-        KL("for (long e = %ldL + lid; e < %ldL; e += %d) dsl[%s] = 0.0f;", PN, (long)CH * W, NT, a1);
+        KL("if (GID_Y == %d) for (long e = %ldL + lid; e < %ldL; e += %d) dsl[%s] = 0.0f;", SL - 1, PN, (long)CH * W, NT, a1);
         KL("}");
+        KL("if (GID_Y == 0) {");
         KL("const long lb = b * S + (nch - 1) * %d, LL = S - (nch - 1) * %d;", CH, CH);
         kl_spread(a1, sizeof a1, "lb", "e", W, lddsl);
         KL("for (long e = lid; e < LL * %ldL; e += %d) dsl[%s] = 0.0f;", W, NT, a1);
+        KL("}");
         kg_grid(k, 0, 0, H, 0, 0, 1);
+        kg_grid(k, 1, SL, 0, 0, 0, 1);
         kg_block(k, NT, 1, 1);
         if (kg_end(k) < 0) return -1;
     }

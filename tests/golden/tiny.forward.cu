@@ -328,8 +328,10 @@ KERNEL k6_mamba3_scan_out(GLOBAL float *A, long B, long S, long o_x, long o_Bn, 
     const int L = (int)(S - c0 < 16 ? S - c0 : 16);
     LOCAL float ldt[16], ladt[16], lsc[16], lgm[16], lcs[16];
     LOCAL float LPH[64], tc[4], ts[4];
-    LOCAL float QR[272];
-    LOCAL float KM[272];   /* Kl of the chunk, then M */
+    extern __shared__ float realm_shm[];
+    LOCAL_PTR float *QR = realm_shm + 0;
+    LOCAL_PTR float *KM = realm_shm + 272;
+    LOCAL_PTR float *XV = realm_shm + 544;
     const float dtbh = dtb[h], Dh = Dp[h];
     for (int i = lid; i < 4; i += 256) {
     if (c0 > 0) {
@@ -392,6 +394,7 @@ KERNEL k6_mamba3_scan_out(GLOBAL float *A, long B, long S, long o_x, long o_Bn, 
     }
     KM[a * 17 + nn] = kv; QR[a * 17 + nn] = qv;
     }
+    for (int j = lid; j < L * 32; j += 256) XV[j] = x[(rb + j / 32) * 304L + h * 32 + j % 32];
     BARRIER();
     float mr[1];
     for (int r = 0; r < 1; r++) {
@@ -421,7 +424,7 @@ KERNEL k6_mamba3_scan_out(GLOBAL float *A, long B, long S, long o_x, long o_Bn, 
     float sq = 0.0f;
     for (int nn = 0; nn < 16; nn++) sq += Sr[nn] * QR[t * 17 + nn];
     float acc = EXPF(FMINF(lcs[t], 0.0f)) * sq;
-    for (int s2 = 0; s2 <= t; s2++) acc += KM[t * 16 + s2] * x[(rb + s2) * 304L + h * 32 + p];
+    for (int s2 = 0; s2 <= t; s2++) acc += KM[t * 16 + s2] * XV[s2 * 32 + p];
     y[(rb + t) * 128L + h * 32 + p] = acc;
     }
     }

@@ -305,7 +305,7 @@ KERNEL k5_mamba3_scan_walk(GLOBAL float *A, long B, long S, long o_ddt, long o_d
     }
 }
 
-KERNEL k6_mamba3_scan_out(GLOBAL float *A, long B, long S, long o_x, long o_Bn, long o_Cn, long o_ddt, long o_ddA, long o_trap, long o_ang, long o_dtb, long o_Bb, long o_Cb, long o_Dp, long o_st, long o_th, long o_y) {
+KERNEL k6_mamba3_scan_out(GLOBAL float *A, long B, long S, long o_x, long o_Bn, long o_Cn, long o_ddt, long o_ddA, long o_trap, long o_ang, long o_dtb, long o_Bb, long o_Cb, long o_Dp, long o_st, long o_th, long o_y, __local float *realm_shm) {
     const long T = B * S;
     (void)T;
     GLOBAL float *x = A + o_x;
@@ -328,8 +328,9 @@ KERNEL k6_mamba3_scan_out(GLOBAL float *A, long B, long S, long o_x, long o_Bn, 
     const int L = (int)(S - c0 < 16 ? S - c0 : 16);
     LOCAL float ldt[16], ladt[16], lsc[16], lgm[16], lcs[16];
     LOCAL float LPH[64], tc[4], ts[4];
-    LOCAL float QR[272];
-    LOCAL float KM[272];   /* Kl of the chunk, then M */
+    LOCAL_PTR float *QR = realm_shm + 0;
+    LOCAL_PTR float *KM = realm_shm + 272;
+    LOCAL_PTR float *XV = realm_shm + 544;
     const float dtbh = dtb[h], Dh = Dp[h];
     for (int i = lid; i < 4; i += 256) {
     if (c0 > 0) {
@@ -392,6 +393,7 @@ KERNEL k6_mamba3_scan_out(GLOBAL float *A, long B, long S, long o_x, long o_Bn, 
     }
     KM[a * 17 + nn] = kv; QR[a * 17 + nn] = qv;
     }
+    for (int j = lid; j < L * 32; j += 256) XV[j] = x[(rb + j / 32) * 304L + h * 32 + j % 32];
     BARRIER();
     float mr[1];
     for (int r = 0; r < 1; r++) {
@@ -421,7 +423,7 @@ KERNEL k6_mamba3_scan_out(GLOBAL float *A, long B, long S, long o_x, long o_Bn, 
     float sq = 0.0f;
     for (int nn = 0; nn < 16; nn++) sq += Sr[nn] * QR[t * 17 + nn];
     float acc = EXPF(FMINF(lcs[t], 0.0f)) * sq;
-    for (int s2 = 0; s2 <= t; s2++) acc += KM[t * 16 + s2] * x[(rb + s2) * 304L + h * 32 + p];
+    for (int s2 = 0; s2 <= t; s2++) acc += KM[t * 16 + s2] * XV[s2 * 32 + p];
     y[(rb + t) * 128L + h * 32 + p] = acc;
     }
     }
@@ -1889,6 +1891,7 @@ KERNEL k41_mamba3_scan_bwd_walk(GLOBAL float *A, long B, long S, long o_du, long
     GLOBAL float *dsl = A + o_dsl;
     const long b = GID_X / 4;
     const int h = (int)(GID_X - b * 4), lid = LID_X;
+    const long e0 = GID_Y * 512L, e1 = e0 + 512L < 512L ? e0 + 512L : 512L;
     const long nch = (S + 15) / 16;
     float R[2];
     for (int r = 0; r < 2; r++) R[r] = 0.0f;
@@ -1896,13 +1899,15 @@ KERNEL k41_mamba3_scan_bwd_walk(GLOBAL float *A, long B, long S, long o_du, long
     const long sb = b * S + (c - 1) * 16;
     const float dc = du[((sb) + 512L / 33L) * 132L + h * 33L + 512L % 33L];
     for (int r = 0; r < 2; r++) {
-    const long e = lid + (long)r * 256;
-    if (e < 512L) { R[r] = dc * R[r] + du[((sb) + (e) / 33L) * 132L + h * 33L + (e) % 33L]; dsl[((sb) + (e) / 32L) * 128L + h * 32L + (e) % 32L] = R[r]; }
+    const long e = e0 + lid + (long)r * 256;
+    if (e < e1) { R[r] = dc * R[r] + du[((sb) + (e) / 33L) * 132L + h * 33L + (e) % 33L]; dsl[((sb) + (e) / 32L) * 128L + h * 32L + (e) % 32L] = R[r]; }
     }
-    for (long e = 512L + lid; e < 512L; e += 256) dsl[((sb) + (e) / 32L) * 128L + h * 32L + (e) % 32L] = 0.0f;
+    if (GID_Y == 0) for (long e = 512L + lid; e < 512L; e += 256) dsl[((sb) + (e) / 32L) * 128L + h * 32L + (e) % 32L] = 0.0f;
     }
+    if (GID_Y == 0) {
     const long lb = b * S + (nch - 1) * 16, LL = S - (nch - 1) * 16;
     for (long e = lid; e < LL * 32L; e += 256) dsl[((lb) + (e) / 32L) * 128L + h * 32L + (e) % 32L] = 0.0f;
+    }
 }
 
 KERNEL k42_mamba3_scan_bwd_main(GLOBAL float *A, long B, long S, long o_x, long o_Bn, long o_Cn, long o_ddt, long o_ddA, long o_trap, long o_ang, long o_dtb, long o_Bb, long o_Cb, long o_Dp, long o_st, long o_dy, long o_th, long o_dsl, long o_gx, long o_gddA, long o_hd, long o_tkw, __local float *realm_shm) {
