@@ -66,6 +66,7 @@ typedef struct kgen {
     int nbodies;
     char err[512];
     int bf16;                      /* matmuls take bf16 operands on tensor cores (fp32 accumulation) */
+    long shared_max;               /* bytes of shared memory a work-group may use (plan_options) */
 } kgen;
 
 void kg_init(kgen *k, const dialect *d, const ir_graph *g);

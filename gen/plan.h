@@ -21,6 +21,10 @@ typedef struct plan_options {
     /* Matmuls take bf16 operands on tensor cores with fp32 accumulation (CUDA); the arena and
      * every other kernel stay fp32. Dialects without a bf16 path (OpenCL) ignore it. */
     int bf16;
+    /* Bytes of shared (local) memory one work-group may use on the target device (0: assume
+     * 160 KiB, what sm_80 and sm_90 allow). Templates with a large-tile variant fall back to a
+     * smaller one past it (say, the scan backward on a 99 KiB sm_120 or a 48 KiB OpenCL GPU). */
+    long shared_max;
 } plan_options;
 
 /* Compile nodes [node0, node1) of g for `dialect` in fp32. `keep` lists tensors the host reads

@@ -140,7 +140,8 @@ int cmd_bench(int argc, char **argv) {
         return strcmp(bkname, "auto") == 0 ? 1 : 2;
     }
     int can_bf16 = bk->kind == BK_CUDA && bk_supports_dtype(bk, BK_BF16);
-    const plan_options popt = {.bf16 = prec_s ? strcmp(prec_s, "bf16") == 0 : can_bf16};
+    const plan_options popt = {.bf16 = prec_s ? strcmp(prec_s, "bf16") == 0 : can_bf16,
+                               .shared_max = (long)bk_info(bk)->max_shared_per_block};
     if (popt.bf16 && !can_bf16) {
         fprintf(stderr, "realm bench: --precision bf16 needs CUDA on sm_80 or newer\n");
         bk_destroy(bk);

@@ -341,7 +341,9 @@ static int prefill_exec(decoder *d, long m, char *err, size_t errlen) {
     const ir_graph *pg = &pf->m.g;
     if (!pf->planned) {
         int keep[1] = {pf->m.logits};
-        if (plan_build(&pf->p, pg, 0, pg->nn, bk_name(d->bk), keep, 1, err, errlen) < 0) return -1;
+        /* fp32, within the device's shared memory (the scan's large-tile variants check it) */
+        const plan_options po = {.shared_max = (long)bk_info(d->bk)->max_shared_per_block};
+        if (plan_build_opts(&pf->p, pg, 0, pg->nn, bk_name(d->bk), keep, 1, &po, err, errlen) < 0) return -1;
         pf->planned = 1;
     }
     if (pf->x.arena && pf->x.S_plan < m) exec_destroy(&pf->x);

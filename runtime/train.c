@@ -463,7 +463,8 @@ int cmd_train(int argc, char **argv) {
         free(src);
         return 2;
     }
-    const plan_options popt = {.bf16 = strcmp(st.precision, "bf16") == 0};
+    const plan_options popt = {.bf16 = strcmp(st.precision, "bf16") == 0,
+                               .shared_max = (long)bk_info(bk)->max_shared_per_block};
     session tr, ev;
     memset(&tr, 0, sizeof tr);
     memset(&ev, 0, sizeof ev);

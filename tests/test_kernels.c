@@ -41,6 +41,40 @@ TEST(kernels_attention) {
     bk_destroy(bk);
 }
 
+/* The scan backward's chunk-parallel kernels need ~111 KiB of shared memory at realm-9m's head
+ * shape: a device with less (plan_options.shared_max: a 99 KiB sm_120, a 48 KiB OpenCL GPU)
+ * gets the sequential backward instead of a launch that cannot run; that kernel's correctness
+ * is covered by the P > 256 case of kcases_mamba3. */
+TEST(kernels_scan_backward_follows_shared_memory) {
+    const kcase *kc = NULL;
+    for (int i = 0; i < kcases_mamba3.n; i++)
+        if (strcmp(kcases_mamba3.c[i].op, "mamba3_scan") == 0 && kcases_mamba3.c[i].in[0].d[3] == 64) kc = &kcases_mamba3.c[i];
+    CHECK(kc != NULL, "no mamba3_scan case at head dim 64");
+    const long limits[3] = {0, 99L * 1024, 48L * 1024};
+    const int want_main[3] = {1, 0, 0};
+    for (int l = 0; l < 3; l++) {
+        ir_graph g;
+        char err[600];
+        CHECK(kc_build_case(kc, &g, err, sizeof err) == 0, "%s", err);
+        plan p;
+        const plan_options po = {.shared_max = limits[l]};
+        CHECK(plan_build_opts(&p, &g, 0, g.nn, "cuda", NULL, 0, &po, err, sizeof err) == 0, "%s", err);
+        int main_k = 0, serial_k = 0;
+        long most = 0;
+        for (int i = 0; i < p.kg.nl; i++) {
+            main_k += strstr(p.kg.launches[i].kernel, "mamba3_scan_bwd_main") != NULL;
+            const char *u = strstr(p.kg.launches[i].kernel, "mamba3_scan_bwd");
+            serial_k += u && strcmp(u, "mamba3_scan_bwd") == 0;
+            if (p.kg.launches[i].shmem > most) most = p.kg.launches[i].shmem;
+        }
+        plan_free(&p);
+        ir_free(&g);
+        CHECK(main_k == want_main[l] && serial_k == !want_main[l],
+              "shared_max %ld: %d chunk-parallel and %d sequential backward launches", limits[l], main_k, serial_k);
+        CHECK(limits[l] == 0 || most <= limits[l], "shared_max %ld: a launch asks for %ld bytes", limits[l], most);
+    }
+}
+
 TEST(kernels_mamba3) {
     backend *bk = kc_opencl(t);
     if (!bk) return;

@@ -1406,7 +1406,10 @@ static int emit_fwd_chunked(kgen *k, const ir_node *n) {
      * the 48 KiB of static LOCAL arrays */
     kg_shared(k, "QR", (long)CH * N1);
     kg_shared(k, "KM", big);   /* Kl of the chunk, then M */
-    kg_shared(k, "XV", (long)CH * P);
+    /* the chunk's v too where the device has room (fwd_chunk_local counts the rest) */
+    int NT3x;
+    const int stage_v = fwd_chunk_local(d, &NT3x) + 4L * CH * P <= (k->shared_max > 0 ? k->shared_max : 160L * 1024);
+    if (stage_v) kg_shared(k, "XV", (long)CH * P);
     KL("const float dtbh = dtb[h], Dh = Dp[h];");
     /* cos/sin of the angle entering the chunk: left by the previous chunk (zero for chunk 0) */
     kl_spread(at, sizeof at, "sb", "2 * i", W2, ldth);
@@ -1452,7 +1455,8 @@ static int emit_fwd_chunked(kgen *k, const ir_node *n) {
     KL("}");
     KL("KM[a * %d + nn] = kv; QR[a * %d + nn] = qv;", N1, N1);
     KL("}");
-    KL("for (int j = lid; j < L * %d; j += %d) XV[j] = x[(rb + j / %d) * %ldL + h * %d + j %% %d];", P, NT3, P, ldx, P, P);
+    if (stage_v)
+        KL("for (int j = lid; j < L * %d; j += %d) XV[j] = x[(rb + j / %d) * %ldL + h * %d + j %% %d];", P, NT3, P, ldx, P, P);
     KL("BARRIER();");
     /* M in registers first: it overwrites Kl, which its own dot products still read */
     KL("float mr[%d];", MR);
@@ -1486,7 +1490,8 @@ static int emit_fwd_chunked(kgen *k, const ir_node *n) {
     KL("float sq = 0.0f;");
     KL("for (int nn = 0; nn < %d; nn++) sq += Sr[nn] * QR[t * %d + nn];", N, N1);
     KL("float acc = EXPF(FMINF(lcs[t], 0.0f)) * sq;");
-    KL("for (int s2 = 0; s2 <= t; s2++) acc += KM[t * %d + s2] * XV[s2 * %d + p];", CH, P);
+    if (stage_v) KL("for (int s2 = 0; s2 <= t; s2++) acc += KM[t * %d + s2] * XV[s2 * %d + p];", CH, P);
+    else KL("for (int s2 = 0; s2 <= t; s2++) acc += KM[t * %d + s2] * x[(rb + s2) * %ldL + h * %d + p];", CH, ldx, P);
     KL("y[(rb + t) * %ldL + h * %d + p] = acc;", ldy, P);
     KL("}");
     KL("}");
@@ -1776,9 +1781,10 @@ static long bwd_main_shared(m3_kdims d) {
     return 4L * (2 * CH * (N + 1) + 2 * CH * (P + 1) + region + CH * d.NA);
 }
 
-static int bwd_chunked_fits(m3_kdims d) {
-    /* 160 KiB: under what sm_80 and sm_90 let one block opt in to */
-    return d.CH <= 256 && bwd_main_shared(d) <= 160L * 1024 && 4L * d.CH * (d.N + d.P + d.NA) <= 160L * 1024;
+/* Past the device's shared memory (kgen.shared_max) the sequential backward runs instead. */
+static int bwd_chunked_fits(m3_kdims d, long shared_max) {
+    const long small = 4L * 16 * d.CH + 4L * 3 * 256;   /* the main kernel's static arrays */
+    return d.CH <= 256 && bwd_main_shared(d) + small <= shared_max && 4L * d.CH * (d.N + d.P + d.NA) <= shared_max;
 }
 
 /* ldt/ladt/lsc/lgm/lcs and the in-chunk angles LPH of the chunk's tokens (zeros past L) */
@@ -2258,7 +2264,7 @@ static int emit_bwd(kgen *k, const ir_node *n) {
     const int H = d.H, P = d.P, N = d.N, NA = d.NA, CH = d.CH;
     const long W2 = 2L * N + NA;
     long local = 4L * ((long)P * N + (long)CH * N + (long)CH * NA + 6L * CH + 4);
-    const int chunked = fwd_chunked(d) && bwd_chunked_fits(d);
+    const int chunked = fwd_chunked(d) && bwd_chunked_fits(d, k->shared_max > 0 ? k->shared_max : 160L * 1024);
     if (chunked) {
         if (emit_bwd_chunked(k, n, node, d) < 0) return -1;
     } else if (CH > 256 || NA > 256 || local > 48L * 1024) {
