@@ -1026,6 +1026,42 @@ static void emit_theta_step(kgen *k, const char *Tq, const char *DT, const char 
     emit_wrap(k, Tq);
 }
 
+/* LPH[a][i] = the angle accumulated inside the chunk up to token a, wrapped to [0, 2pi): an
+ * inclusive scan (Hillis-Steele, log2(CH) steps of wrapped pairwise sums) instead of one
+ * work-item per angle walking the chunk, which left the rest of the work-group waiting at the
+ * next barrier; each entry also collects fewer roundings (log2(CH) instead of up to CH).
+ * Expects ldt (the tokens' DT, zero past L) in local memory and a barrier passed since; every
+ * work-item must reach this call. `angle` names ang[token a, angle i] with a, i in scope. */
+static void emit_chunk_angles(kgen *k, int NT, int CH, int NA, const char *angle) {
+    const int R = (CH * NA + NT - 1) / NT;
+    KL("for (int j = lid; j < %d; j += %d) {", CH * NA, NT);
+    KL("const int a = j / %d, i = j - a * %d;", NA, NA);
+    KL("float v = 0.0f;");
+    KL("if (a < L) {");
+    KL("v = ldt[a] * (" M3_PI_F " * TANHF(%s));", angle);
+    emit_wrap(k, "v");
+    KL("}");
+    KL("LPH[j] = v;");
+    KL("}");
+    KL("for (int off = 1; off < %d; off <<= 1) {", CH);
+    KL("float nv[%d];", R);
+    KL("BARRIER();");
+    KL("for (int r = 0; r < %d; r++) {", R);
+    KL("const int j = lid + r * %d;", NT);
+    KL("float v = 0.0f;");
+    KL("if (j < %d) {", CH * NA);
+    KL("v = LPH[j];");
+    KL("if (j >= off * %d) { v += LPH[j - off * %d];", NA, NA);
+    emit_wrap(k, "v");
+    KL("}");
+    KL("}");
+    KL("nv[r] = v;");
+    KL("}");
+    KL("BARRIER();");
+    KL("for (int r = 0; r < %d; r++) { const int j = lid + r * %d; if (j < %d) LPH[j] = nv[r]; }", R, NT, CH * NA);
+    KL("}");
+}
+
 static void args_common(kgen *k, const ir_node *n) {
     kg_in(k, "x", n->in[IN_X]);
     kg_in(k, "Bn", n->in[IN_BN]);
@@ -1229,13 +1265,7 @@ static int emit_fwd_chunked(kgen *k, const ir_node *n) {
     KL("BARRIER();");
     /* the same in-order prefix as the backward and the walk, so all see the same cs */
     KL("for (int a = lid; a < L; a += %d) { float cs = 0.0f; for (int j = 0; j <= a; j++) cs += ladt[j]; lcs[a] = cs; }", NT);
-    KL("for (int i = lid; i < %d; i += %d) {", NA, NT);
-    KL("float Tq = 0.0f;");
-    KL("for (int a = 0; a < L; a++) {");
-    emit_theta_step(k, "Tq", "ldt[a]", angx);
-    KL("LPH[a * %d + i] = Tq;", NA);
-    KL("}");
-    KL("}");
+    emit_chunk_angles(k, NT, CH, NA, angx);
     KL("BARRIER();");
     KL("for (int j = lid; j < L * %d; j += %d) {", N, NT);
     KL("const int a = j / %d, nn = j - a * %d;", N, N);
@@ -1431,13 +1461,7 @@ static int emit_fwd_chunked(kgen *k, const ir_node *n) {
     KL("}");
     KL("BARRIER();");
     KL("for (int a = lid; a < L; a += %d) { float cs = 0.0f; for (int j = 0; j <= a; j++) cs += ladt[j]; lcs[a] = cs; }", NT3);
-    KL("for (int i = lid; i < %d; i += %d) {", NA, NT3);
-    KL("float Tq = 0.0f;");
-    KL("for (int a = 0; a < L; a++) {");
-    emit_theta_step(k, "Tq", "ldt[a]", angx);
-    KL("LPH[a * %d + i] = Tq;", NA);
-    KL("}");
-    KL("}");
+    emit_chunk_angles(k, NT3, CH, NA, angx);
     KL("BARRIER();");
     KL("for (int j = lid; j < L * %d; j += %d) {", N, NT3);
     KL("const int a = j / %d, nn = j - a * %d;", N, N);
@@ -1806,13 +1830,7 @@ static void bwd_emit_token_scalars(kgen *k, int NT, int CH, int NA, long lddt, l
     /* the forward kernels' in-order prefix, so every kernel sees the same cs */
     KL("for (int a = lid; a < %d; a += %d) { float cs = 0.0f; for (int j = 0; j <= a && j < L; j++) cs += ladt[j]; lcs[a] = cs; }",
        CH, NT);
-    KL("for (int i = lid; i < %d; i += %d) {", NA, NT);
-    KL("float Tq = 0.0f;");
-    KL("for (int a = 0; a < L; a++) {");
-    emit_theta_step(k, "Tq", "ldt[a]", angx);
-    KL("LPH[a * %d + i] = Tq;", NA);
-    KL("}");
-    KL("}");
+    emit_chunk_angles(k, NT, CH, NA, angx);
 }
 
 /* Q (or K) of token a, element nn, biased and rotated by the in-chunk angle, into `dst` */
@@ -2175,10 +2193,25 @@ static int emit_bwd_chunked(kgen *k, const ir_node *n, int node, m3_kdims d) {
         KL("}");
         KL("BARRIER();");
         /* per token: the in-chunk suffix of dTheta, dADT (in-chunk suffix of dcs), partial dDT/dlam */
-        KL("for (int i = lid; i < %d; i += %d) {", NA, NT);
-        KL("float G = 0.0f;");
-        KL("for (int a = L - 1; a >= 0; a--) { G += LPH[a * %d + i]; tkw[(rb + a) * %ldL + h * %ld + i] = G; }", NA, ldtk, Wt);
-        KL("}");
+        {
+            /* a reverse inclusive scan over the chunk's rows (rows past L count as zero), all
+             * work-items at once rather than one per angle walking the chunk */
+            const int R = (CH * NA + NT - 1) / NT;
+            KL("for (int off = 1; off < %d; off <<= 1) {", CH);
+            KL("float nv[%d];", R);
+            KL("for (int r = 0; r < %d; r++) {", R);
+            KL("const int j = lid + r * %d, a = j / %d;", NT, NA);
+            KL("float v = 0.0f;");
+            KL("if (j < %d && a < L) { v = LPH[j]; if (a + off < L) v += LPH[j + off * %d]; }", CH * NA, NA);
+            KL("nv[r] = v;");
+            KL("}");
+            KL("BARRIER();");
+            KL("for (int r = 0; r < %d; r++) { const int j = lid + r * %d; if (j < %d) LPH[j] = nv[r]; }", R, NT, CH * NA);
+            KL("BARRIER();");
+            KL("}");
+            KL("for (int j = lid; j < L * %d; j += %d) { const int a = j / %d, i = j - a * %d; tkw[(rb + a) * %ldL + h * %ld + i] = LPH[j]; }",
+               NA, NT, NA, NA, ldtk, Wt);
+        }
         KL("if (lid < L) {");
         KL("const int a = lid;");
         KL("const long tk = rb + a;");

@@ -180,14 +180,33 @@ KERNEL k4_mamba3_scan_chunk(GLOBAL float *A, long B, long S, long o_x, long o_Bn
     }
     BARRIER();
     for (int a = lid; a < L; a += 256) { float cs = 0.0f; for (int j = 0; j <= a; j++) cs += ladt[j]; lcs[a] = cs; }
-    for (int i = lid; i < 4; i += 256) {
-    float Tq = 0.0f;
-    for (int a = 0; a < L; a++) {
-    Tq += ldt[a] * (3.14159265f * TANHF(ang[(rb + a) * 304L + i]));
-    { const float kq = (float)(long)(Tq * 0.159154943f); Tq = (Tq - kq * 6.28318548f) + kq * 1.74845553e-7f; }
-    if (Tq < 0.0f) Tq = (Tq + 6.28318548f) - 1.74845553e-7f;
-    LPH[a * 4 + i] = Tq;
+    for (int j = lid; j < 64; j += 256) {
+    const int a = j / 4, i = j - a * 4;
+    float v = 0.0f;
+    if (a < L) {
+    v = ldt[a] * (3.14159265f * TANHF(ang[(rb + a) * 304L + i]));
+    { const float kq = (float)(long)(v * 0.159154943f); v = (v - kq * 6.28318548f) + kq * 1.74845553e-7f; }
+    if (v < 0.0f) v = (v + 6.28318548f) - 1.74845553e-7f;
     }
+    LPH[j] = v;
+    }
+    for (int off = 1; off < 16; off <<= 1) {
+    float nv[1];
+    BARRIER();
+    for (int r = 0; r < 1; r++) {
+    const int j = lid + r * 256;
+    float v = 0.0f;
+    if (j < 64) {
+    v = LPH[j];
+    if (j >= off * 4) { v += LPH[j - off * 4];
+    { const float kq = (float)(long)(v * 0.159154943f); v = (v - kq * 6.28318548f) + kq * 1.74845553e-7f; }
+    if (v < 0.0f) v = (v + 6.28318548f) - 1.74845553e-7f;
+    }
+    }
+    nv[r] = v;
+    }
+    BARRIER();
+    for (int r = 0; r < 1; r++) { const int j = lid + r * 256; if (j < 64) LPH[j] = nv[r]; }
     }
     BARRIER();
     for (int j = lid; j < L * 16; j += 256) {
@@ -369,14 +388,33 @@ KERNEL k6_mamba3_scan_out(GLOBAL float *A, long B, long S, long o_x, long o_Bn, 
     }
     BARRIER();
     for (int a = lid; a < L; a += 256) { float cs = 0.0f; for (int j = 0; j <= a; j++) cs += ladt[j]; lcs[a] = cs; }
-    for (int i = lid; i < 4; i += 256) {
-    float Tq = 0.0f;
-    for (int a = 0; a < L; a++) {
-    Tq += ldt[a] * (3.14159265f * TANHF(ang[(rb + a) * 304L + i]));
-    { const float kq = (float)(long)(Tq * 0.159154943f); Tq = (Tq - kq * 6.28318548f) + kq * 1.74845553e-7f; }
-    if (Tq < 0.0f) Tq = (Tq + 6.28318548f) - 1.74845553e-7f;
-    LPH[a * 4 + i] = Tq;
+    for (int j = lid; j < 64; j += 256) {
+    const int a = j / 4, i = j - a * 4;
+    float v = 0.0f;
+    if (a < L) {
+    v = ldt[a] * (3.14159265f * TANHF(ang[(rb + a) * 304L + i]));
+    { const float kq = (float)(long)(v * 0.159154943f); v = (v - kq * 6.28318548f) + kq * 1.74845553e-7f; }
+    if (v < 0.0f) v = (v + 6.28318548f) - 1.74845553e-7f;
     }
+    LPH[j] = v;
+    }
+    for (int off = 1; off < 16; off <<= 1) {
+    float nv[1];
+    BARRIER();
+    for (int r = 0; r < 1; r++) {
+    const int j = lid + r * 256;
+    float v = 0.0f;
+    if (j < 64) {
+    v = LPH[j];
+    if (j >= off * 4) { v += LPH[j - off * 4];
+    { const float kq = (float)(long)(v * 0.159154943f); v = (v - kq * 6.28318548f) + kq * 1.74845553e-7f; }
+    if (v < 0.0f) v = (v + 6.28318548f) - 1.74845553e-7f;
+    }
+    }
+    nv[r] = v;
+    }
+    BARRIER();
+    for (int r = 0; r < 1; r++) { const int j = lid + r * 256; if (j < 64) LPH[j] = nv[r]; }
     }
     BARRIER();
     for (int j = lid; j < L * 16; j += 256) {

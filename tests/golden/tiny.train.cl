@@ -180,14 +180,33 @@ KERNEL k4_mamba3_scan_chunk(GLOBAL float *A, long B, long S, long o_x, long o_Bn
     }
     BARRIER();
     for (int a = lid; a < L; a += 256) { float cs = 0.0f; for (int j = 0; j <= a; j++) cs += ladt[j]; lcs[a] = cs; }
-    for (int i = lid; i < 4; i += 256) {
-    float Tq = 0.0f;
-    for (int a = 0; a < L; a++) {
-    Tq += ldt[a] * (3.14159265f * TANHF(ang[(rb + a) * 304L + i]));
-    { const float kq = (float)(long)(Tq * 0.159154943f); Tq = (Tq - kq * 6.28318548f) + kq * 1.74845553e-7f; }
-    if (Tq < 0.0f) Tq = (Tq + 6.28318548f) - 1.74845553e-7f;
-    LPH[a * 4 + i] = Tq;
+    for (int j = lid; j < 64; j += 256) {
+    const int a = j / 4, i = j - a * 4;
+    float v = 0.0f;
+    if (a < L) {
+    v = ldt[a] * (3.14159265f * TANHF(ang[(rb + a) * 304L + i]));
+    { const float kq = (float)(long)(v * 0.159154943f); v = (v - kq * 6.28318548f) + kq * 1.74845553e-7f; }
+    if (v < 0.0f) v = (v + 6.28318548f) - 1.74845553e-7f;
     }
+    LPH[j] = v;
+    }
+    for (int off = 1; off < 16; off <<= 1) {
+    float nv[1];
+    BARRIER();
+    for (int r = 0; r < 1; r++) {
+    const int j = lid + r * 256;
+    float v = 0.0f;
+    if (j < 64) {
+    v = LPH[j];
+    if (j >= off * 4) { v += LPH[j - off * 4];
+    { const float kq = (float)(long)(v * 0.159154943f); v = (v - kq * 6.28318548f) + kq * 1.74845553e-7f; }
+    if (v < 0.0f) v = (v + 6.28318548f) - 1.74845553e-7f;
+    }
+    }
+    nv[r] = v;
+    }
+    BARRIER();
+    for (int r = 0; r < 1; r++) { const int j = lid + r * 256; if (j < 64) LPH[j] = nv[r]; }
     }
     BARRIER();
     for (int j = lid; j < L * 16; j += 256) {
@@ -369,14 +388,33 @@ KERNEL k6_mamba3_scan_out(GLOBAL float *A, long B, long S, long o_x, long o_Bn, 
     }
     BARRIER();
     for (int a = lid; a < L; a += 256) { float cs = 0.0f; for (int j = 0; j <= a; j++) cs += ladt[j]; lcs[a] = cs; }
-    for (int i = lid; i < 4; i += 256) {
-    float Tq = 0.0f;
-    for (int a = 0; a < L; a++) {
-    Tq += ldt[a] * (3.14159265f * TANHF(ang[(rb + a) * 304L + i]));
-    { const float kq = (float)(long)(Tq * 0.159154943f); Tq = (Tq - kq * 6.28318548f) + kq * 1.74845553e-7f; }
-    if (Tq < 0.0f) Tq = (Tq + 6.28318548f) - 1.74845553e-7f;
-    LPH[a * 4 + i] = Tq;
+    for (int j = lid; j < 64; j += 256) {
+    const int a = j / 4, i = j - a * 4;
+    float v = 0.0f;
+    if (a < L) {
+    v = ldt[a] * (3.14159265f * TANHF(ang[(rb + a) * 304L + i]));
+    { const float kq = (float)(long)(v * 0.159154943f); v = (v - kq * 6.28318548f) + kq * 1.74845553e-7f; }
+    if (v < 0.0f) v = (v + 6.28318548f) - 1.74845553e-7f;
     }
+    LPH[j] = v;
+    }
+    for (int off = 1; off < 16; off <<= 1) {
+    float nv[1];
+    BARRIER();
+    for (int r = 0; r < 1; r++) {
+    const int j = lid + r * 256;
+    float v = 0.0f;
+    if (j < 64) {
+    v = LPH[j];
+    if (j >= off * 4) { v += LPH[j - off * 4];
+    { const float kq = (float)(long)(v * 0.159154943f); v = (v - kq * 6.28318548f) + kq * 1.74845553e-7f; }
+    if (v < 0.0f) v = (v + 6.28318548f) - 1.74845553e-7f;
+    }
+    }
+    nv[r] = v;
+    }
+    BARRIER();
+    for (int r = 0; r < 1; r++) { const int j = lid + r * 256; if (j < 64) LPH[j] = nv[r]; }
     }
     BARRIER();
     for (int j = lid; j < L * 16; j += 256) {
@@ -1832,14 +1870,33 @@ KERNEL k40_mamba3_scan_bwd_chunk(GLOBAL float *A, long B, long S, long o_x, long
     }
     BARRIER();
     for (int a = lid; a < 16; a += 256) { float cs = 0.0f; for (int j = 0; j <= a && j < L; j++) cs += ladt[j]; lcs[a] = cs; }
-    for (int i = lid; i < 4; i += 256) {
-    float Tq = 0.0f;
-    for (int a = 0; a < L; a++) {
-    Tq += ldt[a] * (3.14159265f * TANHF(ang[(rb + a) * 304L + i]));
-    { const float kq = (float)(long)(Tq * 0.159154943f); Tq = (Tq - kq * 6.28318548f) + kq * 1.74845553e-7f; }
-    if (Tq < 0.0f) Tq = (Tq + 6.28318548f) - 1.74845553e-7f;
-    LPH[a * 4 + i] = Tq;
+    for (int j = lid; j < 64; j += 256) {
+    const int a = j / 4, i = j - a * 4;
+    float v = 0.0f;
+    if (a < L) {
+    v = ldt[a] * (3.14159265f * TANHF(ang[(rb + a) * 304L + i]));
+    { const float kq = (float)(long)(v * 0.159154943f); v = (v - kq * 6.28318548f) + kq * 1.74845553e-7f; }
+    if (v < 0.0f) v = (v + 6.28318548f) - 1.74845553e-7f;
     }
+    LPH[j] = v;
+    }
+    for (int off = 1; off < 16; off <<= 1) {
+    float nv[1];
+    BARRIER();
+    for (int r = 0; r < 1; r++) {
+    const int j = lid + r * 256;
+    float v = 0.0f;
+    if (j < 64) {
+    v = LPH[j];
+    if (j >= off * 4) { v += LPH[j - off * 4];
+    { const float kq = (float)(long)(v * 0.159154943f); v = (v - kq * 6.28318548f) + kq * 1.74845553e-7f; }
+    if (v < 0.0f) v = (v + 6.28318548f) - 1.74845553e-7f;
+    }
+    }
+    nv[r] = v;
+    }
+    BARRIER();
+    for (int r = 0; r < 1; r++) { const int j = lid + r * 256; if (j < 64) LPH[j] = nv[r]; }
     }
     for (int i = lid; i < 4; i += 256) {
     if (c0 > 0) { tc[i] = th[((sb) + (2 * i) / 1L) * 4L + h * 1L + (2 * i) % 1L]; ts[i] = th[((sb) + (2 * i + 1) / 1L) * 4L + h * 1L + (2 * i + 1) % 1L]; } else { tc[i] = 1.0f; ts[i] = 0.0f; }
@@ -1982,14 +2039,33 @@ KERNEL k42_mamba3_scan_bwd_main(GLOBAL float *A, long B, long S, long o_x, long 
     }
     BARRIER();
     for (int a = lid; a < 16; a += 64) { float cs = 0.0f; for (int j = 0; j <= a && j < L; j++) cs += ladt[j]; lcs[a] = cs; }
-    for (int i = lid; i < 4; i += 64) {
-    float Tq = 0.0f;
-    for (int a = 0; a < L; a++) {
-    Tq += ldt[a] * (3.14159265f * TANHF(ang[(rb + a) * 304L + i]));
-    { const float kq = (float)(long)(Tq * 0.159154943f); Tq = (Tq - kq * 6.28318548f) + kq * 1.74845553e-7f; }
-    if (Tq < 0.0f) Tq = (Tq + 6.28318548f) - 1.74845553e-7f;
-    LPH[a * 4 + i] = Tq;
+    for (int j = lid; j < 64; j += 64) {
+    const int a = j / 4, i = j - a * 4;
+    float v = 0.0f;
+    if (a < L) {
+    v = ldt[a] * (3.14159265f * TANHF(ang[(rb + a) * 304L + i]));
+    { const float kq = (float)(long)(v * 0.159154943f); v = (v - kq * 6.28318548f) + kq * 1.74845553e-7f; }
+    if (v < 0.0f) v = (v + 6.28318548f) - 1.74845553e-7f;
     }
+    LPH[j] = v;
+    }
+    for (int off = 1; off < 16; off <<= 1) {
+    float nv[1];
+    BARRIER();
+    for (int r = 0; r < 1; r++) {
+    const int j = lid + r * 64;
+    float v = 0.0f;
+    if (j < 64) {
+    v = LPH[j];
+    if (j >= off * 4) { v += LPH[j - off * 4];
+    { const float kq = (float)(long)(v * 0.159154943f); v = (v - kq * 6.28318548f) + kq * 1.74845553e-7f; }
+    if (v < 0.0f) v = (v + 6.28318548f) - 1.74845553e-7f;
+    }
+    }
+    nv[r] = v;
+    }
+    BARRIER();
+    for (int r = 0; r < 1; r++) { const int j = lid + r * 64; if (j < 64) LPH[j] = nv[r]; }
     }
     for (int i = lid; i < 4; i += 64) {
     if (c0 > 0) { tc[i] = th[((sb) + (2 * i) / 1L) * 4L + h * 1L + (2 * i) % 1L]; ts[i] = th[((sb) + (2 * i + 1) / 1L) * 4L + h * 1L + (2 * i + 1) % 1L]; } else { tc[i] = 1.0f; ts[i] = 0.0f; }
@@ -2167,10 +2243,19 @@ KERNEL k42_mamba3_scan_bwd_main(GLOBAL float *A, long B, long S, long o_x, long 
     }
     }
     BARRIER();
-    for (int i = lid; i < 4; i += 64) {
-    float G = 0.0f;
-    for (int a = L - 1; a >= 0; a--) { G += LPH[a * 4 + i]; tkw[(rb + a) * 32L + h * 8 + i] = G; }
+    for (int off = 1; off < 16; off <<= 1) {
+    float nv[1];
+    for (int r = 0; r < 1; r++) {
+    const int j = lid + r * 64, a = j / 4;
+    float v = 0.0f;
+    if (j < 64 && a < L) { v = LPH[j]; if (a + off < L) v += LPH[j + off * 4]; }
+    nv[r] = v;
     }
+    BARRIER();
+    for (int r = 0; r < 1; r++) { const int j = lid + r * 64; if (j < 64) LPH[j] = nv[r]; }
+    BARRIER();
+    }
+    for (int j = lid; j < L * 4; j += 64) { const int a = j / 4, i = j - a * 4; tkw[(rb + a) * 32L + h * 8 + i] = LPH[j]; }
     if (lid < L) {
     const int a = lid;
     const long tk = rb + a;
