@@ -1300,11 +1300,16 @@ static int emit_fwd_chunked(kgen *k, const ir_node *n) {
     kg_block(k, NT, 1, 1);
     if (kg_end(k) < 0) return -1;
 
-    /* ---- (2) the walk over chunks, per (b, h) */
+    /* ---- (2) the walk over chunks, per (b, h) and slice of the state's element pairs: the
+     * pairs are independent chains, so SL work-groups share them (each recomputes the tile's
+     * decays and angles, which is cheap; slice 0 alone writes `theta` and the padding) */
     int TC = 4096 / (3 * NA + 1);
     if (TC > 64) TC = 64;
     if (TC < 1) TC = 1;
-    const int RQ = (int)(((long)P * NH + NT - 1) / NT);
+    const long NPR = (long)P * NH;
+    const int SL = NPR >= 8L * NT ? 8 : 1;
+    const long QS = (NPR + SL - 1) / SL;
+    const int RQ = (int)((QS + NT - 1) / NT);
     kg_begin(k, "mamba3_scan_walk", node, node + 1);
     kg_in(k, "ddt", n->in[IN_DDT]);
     kg_in(k, "ddA", n->in[IN_DDA]);
@@ -1315,6 +1320,8 @@ static int emit_fwd_chunked(kgen *k, const ir_node *n) {
     kg_out(k, "th", n->out[OUT_TH]);
     KL("const long b = GID_X / %d;", H);
     KL("const int h = (int)(GID_X - b * %d), lid = LID_X;", H);
+    KL("const int sl = (int)GID_Y;");
+    KL("const long q0 = sl * %ldL, q1 = q0 + %ldL < %ldL ? q0 + %ldL : %ldL;", QS, QS, NPR, QS, NPR);
     KL("LOCAL float dec[%d], tph[%d], tcs[%d], tsn[%d];", TC, TC * NA, TC * NA, TC * NA);
     KL("const float dtbh = dtb[h];");
     KL("const long nch = (S + %d) / %d, nfull = S / %d;", CH - 1, CH, CH);
@@ -1353,9 +1360,9 @@ static int emit_fwd_chunked(kgen *k, const ir_node *n) {
     KL("tcs[ci * %d + i] = COSF(Tin); tsn[ci * %d + i] = SINF(Tin);", NA, NA);
     KL("Tin += tph[ci * %d + i];", NA);
     emit_wrap(k, "Tin");
-    KL("th[%s] = COSF(Tin);", at);
+    KL("if (sl == 0) th[%s] = COSF(Tin);", at);
     kl_spread(at, sizeof at, "rb", "2 * i + 1", W2, ldth);
-    KL("th[%s] = SINF(Tin);", at);
+    KL("if (sl == 0) th[%s] = SINF(Tin);", at);
     KL("}");
     KL("}");
     KL("BARRIER();");
@@ -1366,9 +1373,9 @@ static int emit_fwd_chunked(kgen *k, const ir_node *n) {
     KL("const long rb = b * S + (ct + ci) * %d;", CH);
     KL("const float dc = dec[ci];");
     KL("for (int r = 0; r < %d; r++) {", RQ);
-    KL("const int q = lid + r * %d;", NT);
-    KL("if (q >= %d) break;", P * NH);
-    KL("const int p = q / %d, j = q - p * %d;", NH, NH);
+    KL("const long q = q0 + lid + (long)r * %d;", NT);
+    KL("if (q >= q1) break;");
+    KL("const int p = (int)(q / %d), j = (int)(q - (long)p * %d);", NH, NH);
     KL("const long e0 = (long)p * %d + 2 * j;", N);
     KL("float x0 = ds[%s], x1 = 0.0f;", ad);
     kl_spread(ad, sizeof ad, "rb", "e0 + 1", W, ldds);
@@ -1388,6 +1395,7 @@ static int emit_fwd_chunked(kgen *k, const ir_node *n) {
     /* the slots past the state / the angles of every full chunk, and all rows of a partial
      * last chunk, hold zeros (the reference's layout) */
     const long padS = (long)CH * W - PN, padT = (long)CH * W2 - 2L * NA;
+    KL("if (sl == 0) {");
     if (padS > 0) {
         KL("for (long i = lid; i < nfull * %ldL; i += %d) {", padS, NT);
         KL("const long rb = b * S + (i / %ldL) * %d, e = %ldL + i %% %ldL;", padS, CH, PN, padS);
@@ -1410,7 +1418,9 @@ static int emit_fwd_chunked(kgen *k, const ir_node *n) {
     kl_spread(at, sizeof at, "rb", "i", W2, ldth);
     KL("for (long i = lid; i < L * %ldL; i += %d) th[%s] = 0.0f;", W2, NT, at);
     KL("}");
+    KL("}");
     kg_grid(k, 0, 0, H, 0, 0, 1);
+    kg_grid(k, 1, SL, 0, 0, 0, 1);
     kg_block(k, NT, 1, 1);
     if (kg_end(k) < 0) return -1;
 

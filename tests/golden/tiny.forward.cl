@@ -248,6 +248,8 @@ KERNEL k5_mamba3_scan_walk(GLOBAL float *A, long B, long S, long o_ddt, long o_d
     GLOBAL float *th = A + o_th;
     const long b = GID_X / 4;
     const int h = (int)(GID_X - b * 4), lid = LID_X;
+    const int sl = (int)GID_Y;
+    const long q0 = sl * 256L, q1 = q0 + 256L < 256L ? q0 + 256L : 256L;
     LOCAL float dec[64], tph[256], tcs[256], tsn[256];
     const float dtbh = dtb[h];
     const long nch = (S + 15) / 16, nfull = S / 16;
@@ -286,8 +288,8 @@ KERNEL k5_mamba3_scan_walk(GLOBAL float *A, long B, long S, long o_ddt, long o_d
     Tin += tph[ci * 4 + i];
     { const float kq = (float)(long)(Tin * 0.159154943f); Tin = (Tin - kq * 6.28318548f) + kq * 1.74845553e-7f; }
     if (Tin < 0.0f) Tin = (Tin + 6.28318548f) - 1.74845553e-7f;
-    th[((rb) + (2 * i) / 1L) * 4L + h * 1L + (2 * i) % 1L] = COSF(Tin);
-    th[((rb) + (2 * i + 1) / 1L) * 4L + h * 1L + (2 * i + 1) % 1L] = SINF(Tin);
+    if (sl == 0) th[((rb) + (2 * i) / 1L) * 4L + h * 1L + (2 * i) % 1L] = COSF(Tin);
+    if (sl == 0) th[((rb) + (2 * i + 1) / 1L) * 4L + h * 1L + (2 * i + 1) % 1L] = SINF(Tin);
     }
     }
     BARRIER();
@@ -295,9 +297,9 @@ KERNEL k5_mamba3_scan_walk(GLOBAL float *A, long B, long S, long o_ddt, long o_d
     const long rb = b * S + (ct + ci) * 16;
     const float dc = dec[ci];
     for (int r = 0; r < 1; r++) {
-    const int q = lid + r * 256;
-    if (q >= 256) break;
-    const int p = q / 8, j = q - p * 8;
+    const long q = q0 + lid + (long)r * 256;
+    if (q >= q1) break;
+    const int p = (int)(q / 8), j = (int)(q - (long)p * 8);
     const long e0 = (long)p * 16 + 2 * j;
     float x0 = ds[((rb) + (e0) / 32L) * 128L + h * 32L + (e0) % 32L], x1 = 0.0f;
     if (2 * j + 1 < 16) x1 = ds[((rb) + (e0 + 1) / 32L) * 128L + h * 32L + (e0 + 1) % 32L];
@@ -312,6 +314,7 @@ KERNEL k5_mamba3_scan_walk(GLOBAL float *A, long B, long S, long o_ddt, long o_d
     }
     }
     }
+    if (sl == 0) {
     for (long i = lid; i < nfull * 8L; i += 256) {
     const long rb = b * S + (i / 8L) * 16, e = 8L + i % 8L;
     th[((rb) + (e) / 1L) * 4L + h * 1L + (e) % 1L] = 0.0f;
@@ -321,6 +324,7 @@ KERNEL k5_mamba3_scan_walk(GLOBAL float *A, long B, long S, long o_ddt, long o_d
     const long L = S - nfull * 16;
     for (long i = lid; i < L * 32L; i += 256) st[((rb) + (i) / 32L) * 128L + h * 32L + (i) % 32L] = 0.0f;
     for (long i = lid; i < L * 1L; i += 256) th[((rb) + (i) / 1L) * 4L + h * 1L + (i) % 1L] = 0.0f;
+    }
     }
 }
 
