@@ -23,8 +23,8 @@
  * splits, one work-group per (tile, split) writes its partial tile into `part`, and a second
  * kernel adds the G partials of each output in order g = 0, 1, ... . Both passes sum in a
  * fixed order, so the result is bitwise reproducible (no floating-point atomics).
- * G is chosen so that tiles x G is about WG_GROUPS work-groups: the bf16 kernel takes ~125
- * registers, so an H100 holds 4 of its blocks per SM, 528 in all, and 2048 is about four
+ * G is chosen so that tiles x G is about WG_GROUPS work-groups: the bf16 kernel (64x64 tiles,
+ * 128 threads) takes ~128 registers, so an H100 holds 4 of its blocks per SM, 528 in all, and 2048 is about four
  * waves (the partly filled last wave costs less the more waves there are). More splits cost
  * workspace traffic and memory, small next to the operands at training sizes: `part` holds
  * at most about WG_GROUPS 64x64 fp32 tiles, 32 MiB (or, past WG_GROUPS tiles, G = 1 and one
