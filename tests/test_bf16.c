@@ -81,6 +81,14 @@ TEST(bf16_kernels_matmul) {
         /* 6000 rows: the weight gradient's splits span several contraction slices each, the
          * last non-empty one ends inside a slice and the ones after it are empty */
         {SH(DIM_B, DIM_S, 384), SH(768, 384), 0, 3000},
+        /* the 128x128 forward/dgrad tiles: M = 258, N = 257, K = 161 each one past whole
+         * tiles (slices); then the transposed weight */
+        {SH(DIM_B, DIM_S, 161), SH(257, 161), 0, 129},
+        {SH(DIM_B, DIM_S, 161), SH(161, 257), 1, 129},
+        {SH(DIM_B, DIM_S, 96), SH(128, 96), 0, 128},         /* whole tiles, K a multiple of the slice */
+        {SH(DIM_B, DIM_S, 20), SH(20, 130), 1, 65},          /* K < slice, M and N two past a tile */
+        {SH(DIM_B, DIM_S, 64), SH(64, 255), 1, 127},         /* M and N one or two short of whole tiles */
+        {SH(DIM_B, DIM_S, 3, 32), SH(200, 32), 0, 43},       /* 3 rows per token, M = 258 */
     };
     backend *bk = cuda_dev(t);
     if (!bk) return;
@@ -403,6 +411,58 @@ TEST(bf16_plan_compiles_for_every_arch) {
     CHECK(fp32_clean, "plan_build (fp32) emitted bf16 code");
     CHECK(ocl_fp32, "the OpenCL dialect did not ignore bf16");
     CHECK(compiled, "NVRTC: %s", err);
+}
+
+/* The forward/dgrad bf16 kernels number their 128x128 tiles along one grid dim, column tiles
+ * fastest, from a formula in B and S that may overshoot (those blocks return at once): every
+ * tile must get a block, and at most one row of tiles may be spare. */
+TEST(bf16_matmul_grid_covers_every_tile) {
+    const mcase c[] = {
+        {SH(DIM_B, DIM_S, 384), SH(1716, 384), 0, 0},
+        {SH(DIM_B, DIM_S, 3, 5), SH(5, 70), 1, 0},
+        {SH(6, 7), SH(5, 7), 0, 0},
+        {SH(DIM_B, DIM_S, 20), SH(20, 130), 1, 0},
+    };
+    const long bs[][2] = {{1, 1}, {2, 63}, {2, 64}, {3, 129}, {8, 8192}, {5, 1000}};
+    int checked = 0;
+    for (size_t i = 0; i < sizeof c / sizeof c[0]; i++) {
+        ir_graph g;
+        char err[1024];
+        CHECK(build_matmul(&c[i], &g) == 0, "%s", g.err);
+        plan p;
+        if (plan_build_opts(&p, &g, 0, g.nn, "cuda", NULL, 0, &bf16_on, err, sizeof err) < 0) {
+            ir_free(&g);
+            CHECK(0, "plan: %s", err);
+        }
+        for (int l = 0; l < p.kg.nl; l++) {
+            const plan_launch *pl = &p.kg.launches[l];
+            if (!strstr(pl->kernel, "matmul_nt_bf16") && !strstr(pl->kernel, "matmul_nn_bf16")) continue;
+            const ir_node *n = &g.n[pl->node0];
+            const ir_shape *xs = &g.t[n->in[0]].shape;
+            long K = xs->d[xs->ndim - 1], N = ir_feat(&g.t[n->in[1]].shape) / K, per = ir_feat(xs) / K;
+            for (size_t j = 0; j < sizeof bs / sizeof bs[0]; j++) {
+                size_t gr[3];
+                plan_grid(pl, bs[j][0], bs[j][1], gr);
+                int nt = ir_ntok_dims(xs);
+                long M = per * (nt == 2 ? bs[j][0] * bs[j][1] : nt == 1 ? bs[j][0] : 1);
+                long nct = (N + 127) / 128, need = nct * ((M + 127) / 128);
+                int ok = pl->block[0] == 256 && gr[1] == 1 && gr[2] == 1 && (long)gr[0] >= need &&
+                         (long)gr[0] <= need + nct;
+                if (!ok) {
+                    char m[sizeof t->msg];
+                    snprintf(m, sizeof m, "case %zu, %s at B=%ld S=%ld: grid %zux%zux%zu, block %d for %ld tiles", i,
+                             pl->kernel, bs[j][0], bs[j][1], gr[0], gr[1], gr[2], pl->block[0], need);
+                    plan_free(&p);
+                    ir_free(&g);
+                    CHECK(0, "%s", m);
+                }
+                checked++;
+            }
+        }
+        plan_free(&p);
+        ir_free(&g);
+    }
+    CHECK(checked == 4 * 2 * 6, "checked %d grids", checked);
 }
 
 TEST(bf16_cli_precision) {

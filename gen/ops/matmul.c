@@ -23,8 +23,8 @@
  * splits, one work-group per (tile, split) writes its partial tile into `part`, and a second
  * kernel adds the G partials of each output in order g = 0, 1, ... . Both passes sum in a
  * fixed order, so the result is bitwise reproducible (no floating-point atomics).
- * G is chosen so that tiles x G is about WG_GROUPS work-groups: the bf16 kernel takes ~125
- * registers, so an H100 holds 4 of its blocks per SM, 528 in all, and 2048 is about four
+ * G is chosen so that tiles x G is about WG_GROUPS work-groups: the bf16 kernel (64x64 tiles,
+ * 128 threads) takes ~128 registers, so an H100 holds 4 of its blocks per SM, 528 in all, and 2048 is about four
  * waves (the partly filled last wave costs less the more waves there are). More splits cost
  * workspace traffic and memory, small next to the operands at training sizes: `part` holds
  * at most about WG_GROUPS 64x64 fp32 tiles, 32 MiB (or, past WG_GROUPS tiles, G = 1 and one
@@ -180,14 +180,25 @@ static void emit_tile_head(kgen *k) {
 }
 
 /* ---- bf16 tensor-core templates (CUDA, k->bf16) ----
- * One 64x64 output tile per block of 128 threads (4 warps, each a 32x32 quarter made of 2x4
- * mma.sync m16n8k16 tiles with fp32 accumulators); the contraction goes through shared memory
- * 32 at a time. 64x64 rather than 128x128 because realm's matrices are narrow (d = 384): the
- * forward matmuls of realm-9m at small batches, and the weight gradients before their rows
- * were split (wgrad_splits), had too few 128x128 tiles to occupy an H100. With the split, the
- * weight gradients could now take larger tiles (half the operand traffic per FLOP); not done.
+ * An output tile of BM x BN per block of 32 x WGM x WGN threads: the warps form a WGM x WGN
+ * grid, each owning a (BM/WGM) x (BN/WGN) sub-tile made of m16n8k16 mma.sync tiles with fp32
+ * accumulators; the contraction goes through shared memory BK at a time.
  *
- * The arena stays fp32 in this first version: operands are converted to bf16 (round to nearest
+ * Forward and dgrad matmuls (matmul_nt_bf16, matmul_nn_bf16) take 128x128 tiles, 256 threads,
+ * warps 64x32: every operand element staged into shared memory feeds 128 outputs instead of
+ * 64 (half the global and shared traffic per FLOP of the 64x64 tiles used before), and a warp
+ * reads 24 fragment words per 16 mma instead of 16 per 8. 64 fp32 accumulators per thread is
+ * as far as this goes without spilling. The cost is fewer blocks on small inputs; realm trains
+ * on B*S in the tens of thousands of rows, so at d = 384 a matmul still has hundreds of tiles.
+ * Blocks are numbered with the N tiles fastest: the blocks resident at any moment cover a few
+ * row blocks across every column tile, so each row of x is fetched from memory about once and
+ * re-read by the other column tiles from L2, while the whole weight (a few MiB) stays in L2.
+ * With the row blocks outermost, as before, x (~100 MiB at 65536 x 384 fp32) came from memory
+ * once per column tile.
+ * Weight gradients (matmul_wgrad_bf16) keep 64x64 tiles of 128 threads: they have few output
+ * tiles and reach the GPU's width by splitting the rows (wgrad_splits counts 64x64 tiles).
+ *
+ * The arena stays fp32 in this version: operands are converted to bf16 (round to nearest
  * even) while a tile is staged into shared memory. That keeps every other kernel, the
  * optimizer (fp32 master weights), checkpoints and the memory plan unchanged, and the bf16
  * switch is local to this file; it costs the bandwidth of reading fp32 operands, which a
@@ -196,13 +207,24 @@ static void emit_tile_head(kgen *k) {
  * Shared tiles hold bf16 pairs as 32-bit words, [row][k/2] with k contiguous for both
  * operands (the row-major A and column-major B that mma's fragments want), 16 words of data
  * plus 4 of padding: the fragment reads (8 rows x 4 words per warp) then hit 32 distinct banks.
- * The next slice's global loads are issued into registers before the current slice's MMAs, so
- * their latency hides behind the tensor-core work. Every output is summed by one thread in a
- * fixed order (slices in order, mma's fixed internal order): deterministic. */
-#define BT 64      /* output tile edge */
+ * There are two of each (double buffering): the next slice's global loads are issued into
+ * registers before the current slice's MMAs, so their latency hides behind the tensor-core
+ * work, and are stored into the other buffer afterwards; one barrier per slice then both
+ * publishes that buffer and retires the one just read. Every output is summed by one thread
+ * in a fixed order (slices in order, mma's fixed internal order): deterministic. */
 #define BK 32      /* contraction slice */
 
-/* How one operand tile (64 rows along M or N, BK along the contraction) is read from global
+typedef struct {
+    int bm, bn;     /* output tile */
+    int wgm, wgn;   /* warps along M and along N */
+} mma_tile;
+
+static const mma_tile TILE_MM = {128, 128, 2, 4};
+static const mma_tile TILE_WGRAD = {64, 64, 2, 2};
+
+static int tile_threads(const mma_tile *t) { return 32 * t->wgm * t->wgn; }
+
+/* How one operand tile (`rows` along M or N, BK along the contraction) is read from global
  * memory. kcontig: the contraction is contiguous; `roff` is a C expression for the element
  * offset of row `r` (a long) or, for a constant-shaped matrix, NULL with `ld` its row length.
  * Otherwise the tile's rows run along memory: element (row, kx) is at `koff` + row, with `koff`
@@ -215,14 +237,27 @@ typedef struct {
     const char *koff;       /* !kcontig: offset of contraction index `kx` */
     const char *base;       /* first row of the tile: "m0" or "n0" */
     const char *lim;        /* rows in the matrix (C expression) */
+    int rows;               /* rows of the tile: bm or bn */
 } mma_operand;
 
-/* Registers r<name>[8][2] <- the slice starting at contraction index `k0`. */
-static void emit_mma_load(kgen *k, const mma_operand *o, const char *ktot, int kguard) {
+/* Staging: each thread moves `mma_iters` bf16 pairs of an operand tile per slice. kcontig: 16
+ * consecutive threads read one row's BK values (pairs 2 (tid & 15), +1), the block covers
+ * nt / 16 rows per step, and iteration i takes row (tid >> 4) + (nt / 16) i. Otherwise
+ * consecutive threads read consecutive rows (consecutive addresses) of one contraction pair:
+ * row tid % rows, pair tid / rows + (nt / rows) i. */
+static int mma_iters(const mma_operand *o, int nt) { return o->rows * (BK / 2) / nt; }
+
+/* Registers r<name>[iters][2] <- the slice starting at contraction index `k0`. */
+static void emit_mma_load(kgen *k, const mma_operand *o, int nt, const char *ktot, int kguard) {
     kg_line(k, "    #pragma unroll");
-    kg_line(k, "    for (int i = 0; i < 8; i++) {");
+    kg_line(k, "    for (int i = 0; i < %d; i++) {", mma_iters(o, nt));
     if (o->kcontig) {
-        kg_line(k, "        const long kx = k0 + 2 * (tid & 15), ro = %soff[i];", o->name);
+        if (o->roff) {
+            kg_line(k, "        const long kx = k0 + 2 * (tid & 15), ro = %soff[i];", o->name);
+        } else {
+            kg_line(k, "        const long kx = k0 + 2 * (tid & 15), r = %s + (tid >> 4) + %d * i;", o->base, nt / 16);
+            kg_line(k, "        const long ro = r < %s ? r * %ld : -1;", o->lim, o->ld);
+        }
         if (kguard) {
             kg_line(k, "        r%s[i][0] = (ro >= 0 && kx < %s) ? %s[ro + kx] : 0.0f;", o->name, ktot, o->name);
             kg_line(k, "        r%s[i][1] = (ro >= 0 && kx + 1 < %s) ? %s[ro + kx + 1] : 0.0f;", o->name, ktot, o->name);
@@ -231,7 +266,8 @@ static void emit_mma_load(kgen *k, const mma_operand *o, const char *ktot, int k
             kg_line(k, "        r%s[i][1] = ro >= 0 ? %s[ro + kx + 1] : 0.0f;", o->name, o->name);
         }
     } else {
-        kg_line(k, "        const long k2 = k0 + 2 * ((tid >> 6) + 2 * i), c = %s + (tid & 63);", o->base);
+        kg_line(k, "        const long k2 = k0 + 2 * (tid / %d + %d * i), c = %s + tid %% %d;", o->rows, nt / o->rows,
+                o->base, o->rows);
         kg_line(k, "        { const long kx = k2; r%s[i][0] = (c < %s && kx < %s) ? %s[%s + c] : 0.0f; }", o->name, o->lim,
                 ktot, o->name, o->koff);
         kg_line(k, "        { const long kx = k2 + 1; r%s[i][1] = (c < %s && kx < %s) ? %s[%s + c] : 0.0f; }", o->name,
@@ -240,96 +276,138 @@ static void emit_mma_load(kgen *k, const mma_operand *o, const char *ktot, int k
     kg_line(k, "    }");
 }
 
-static void emit_mma_store(kgen *k, const mma_operand *o) {
+/* The registers -> shared buffer `buf` (a C expression), converted to bf16 pairs. */
+static void emit_mma_store(kgen *k, const mma_operand *o, int nt, const char *buf) {
     kg_line(k, "    #pragma unroll");
-    kg_line(k, "    for (int i = 0; i < 8; i++)");
+    kg_line(k, "    for (int i = 0; i < %d; i++)", mma_iters(o, nt));
     if (o->kcontig)
-        kg_line(k, "        s%s[(tid >> 4) + 8 * i][tid & 15] = pack_bf16x2(r%s[i][0], r%s[i][1]);", o->name, o->name, o->name);
+        kg_line(k, "        s%s[%s][(tid >> 4) + %d * i][tid & 15] = pack_bf16x2(r%s[i][0], r%s[i][1]);", o->name, buf,
+                nt / 16, o->name, o->name);
     else
-        kg_line(k, "        s%s[tid & 63][(tid >> 6) + 2 * i] = pack_bf16x2(r%s[i][0], r%s[i][1]);", o->name, o->name, o->name);
+        kg_line(k, "        s%s[%s][tid %% %d][tid / %d + %d * i] = pack_bf16x2(r%s[i][0], r%s[i][1]);", o->name, buf,
+                o->rows, o->rows, nt / o->rows, o->name, o->name);
 }
 
 /* The whole kernel body after the arguments: C[m][n] = sum_k A[m][k] B[n][k] over the tile
  * (m0, n0) (C expressions defined by the caller's prologue), contraction indices from `kbeg`
  * to `ktot` (0 to K constant, or one split's rows for weight gradients); `store` writes acc
- * value `v` at (row m, col c) with both in range. */
-static void emit_mma_body(kgen *k, const mma_operand *a, const mma_operand *b, const char *kbeg, const char *ktot,
-                          int kguard, const char *store_row_ok, const char *store_col_lim, const char *store) {
-    kg_line(k, "LOCAL unsigned s%s[%d][%d], s%s[%d][%d];", a->name, BT, BK / 2 + 4, b->name, BT, BK / 2 + 4);
-    kg_line(k, "const int tid = LID_X, lane = tid & 31, warp = tid >> 5;");
-    kg_line(k, "const int wm = (warp >> 1) * 32, wn = (warp & 1) * 32, gq = lane >> 2, tq = lane & 3;");
-    kg_line(k, "float acc[2][4][4];");
-    kg_line(k, "#pragma unroll");
-    kg_line(k, "for (int i = 0; i < 2; i++)");
-    kg_line(k, "    for (int j = 0; j < 4; j++)");
-    kg_line(k, "        for (int e = 0; e < 4; e++) acc[i][j][e] = 0.0f;");
-    kg_line(k, "float r%s[8][2], r%s[8][2];", a->name, b->name);
-    /* row offsets of the k-contiguous operands are fixed for the whole contraction */
+ * value `v` at (row m, col c) with both in range. a->rows and b->rows are the tile's. */
+static int emit_mma_body(kgen *k, const mma_tile *t, const mma_operand *a, const mma_operand *b, const char *kbeg,
+                         const char *ktot, int kguard, const char *store_row_ok, const char *store_col_lim,
+                         const char *store) {
+    const int nt = tile_threads(t), wm = t->bm / t->wgm, wn = t->bn / t->wgn, mi = wm / 16, nj = wn / 8;
     const mma_operand *ops[2] = {a, b};
+    /* the staging maps above need whole iterations and, for the transposing one, a block at
+     * least one tile edge wide */
+    for (int q = 0; q < 2; q++)
+        if (ops[q]->rows * (BK / 2) % nt || (!ops[q]->kcontig && nt % ops[q]->rows) || nt % 16) {
+            snprintf(k->err, sizeof k->err, "matmul: tile %dx%d cannot be staged by %d threads", t->bm, t->bn, nt);
+            return -1;
+        }
+    if (wm % 16 || wn % 8) {
+        snprintf(k->err, sizeof k->err, "matmul: warp tile %dx%d is not made of m16n8 tiles", wm, wn);
+        return -1;
+    }
+    kg_line(k, "LOCAL unsigned s%s[2][%d][%d], s%s[2][%d][%d];", a->name, a->rows, BK / 2 + 4, b->name, b->rows,
+            BK / 2 + 4);
+    kg_line(k, "const int tid = LID_X, lane = tid & 31, warp = tid >> 5;");
+    kg_line(k, "const int wm = (warp / %d) * %d, wn = (warp %% %d) * %d, gq = lane >> 2, tq = lane & 3;", t->wgn, wm,
+            t->wgn, wn);
+    kg_line(k, "float acc[%d][%d][4];", mi, nj);
+    kg_line(k, "#pragma unroll");
+    kg_line(k, "for (int i = 0; i < %d; i++)", mi);
+    kg_line(k, "    for (int j = 0; j < %d; j++)", nj);
+    kg_line(k, "        for (int e = 0; e < 4; e++) acc[i][j][e] = 0.0f;");
+    kg_line(k, "float r%s[%d][2], r%s[%d][2];", a->name, mma_iters(a, nt), b->name, mma_iters(b, nt));
+    /* row offsets of the k-contiguous operands read through a view expression are fixed for
+     * the whole contraction: computed once */
     for (int q = 0; q < 2; q++) {
         const mma_operand *o = ops[q];
-        if (!o->kcontig) continue;
-        kg_line(k, "long %soff[8];", o->name);
+        if (!o->kcontig || !o->roff) continue;
+        kg_line(k, "long %soff[%d];", o->name, mma_iters(o, nt));
         kg_line(k, "#pragma unroll");
-        kg_line(k, "for (int i = 0; i < 8; i++) {");
-        kg_line(k, "    const long r = %s + (tid >> 4) + 8 * i;", o->base);
-        if (o->roff) kg_line(k, "    %soff[i] = r < %s ? %s : -1;", o->name, o->lim, o->roff);
-        else kg_line(k, "    %soff[i] = r < %s ? r * %ld : -1;", o->name, o->lim, o->ld);
+        kg_line(k, "for (int i = 0; i < %d; i++) {", mma_iters(o, nt));
+        kg_line(k, "    const long r = %s + (tid >> 4) + %d * i;", o->base, nt / 16);
+        kg_line(k, "    %soff[i] = r < %s ? %s : -1;", o->name, o->lim, o->roff);
         kg_line(k, "}");
     }
     kg_line(k, "{");
     kg_line(k, "    const long k0 = %s;", kbeg);
-    emit_mma_load(k, a, ktot, kguard);
-    emit_mma_load(k, b, ktot, kguard);
+    emit_mma_load(k, a, nt, ktot, kguard);
+    emit_mma_load(k, b, nt, ktot, kguard);
+    emit_mma_store(k, a, nt, "0");
+    emit_mma_store(k, b, nt, "0");
     kg_line(k, "}");
+    kg_line(k, "BARRIER();");
+    kg_line(k, "int buf = 0;");
     kg_line(k, "for (long kb = %s; kb < %s; kb += %d) {", kbeg, ktot, BK);
-    emit_mma_store(k, a);
-    emit_mma_store(k, b);
-    kg_line(k, "    BARRIER();");
-    kg_line(k, "    if (kb + %d < %s) {", BK, ktot);
+    kg_line(k, "    const int more = kb + %d < %s;", BK, ktot);
+    kg_line(k, "    if (more) {");
     kg_line(k, "        const long k0 = kb + %d;", BK);
-    emit_mma_load(k, a, ktot, kguard);
-    emit_mma_load(k, b, ktot, kguard);
+    emit_mma_load(k, a, nt, ktot, kguard);
+    emit_mma_load(k, b, nt, ktot, kguard);
     kg_line(k, "    }");
     kg_line(k, "    #pragma unroll");
     kg_line(k, "    for (int kk = 0; kk < %d; kk += 8) {", BK / 2);
-    kg_line(k, "        unsigned af[2][4], bf[4][2];");
+    kg_line(k, "        unsigned af[%d][4], bf[%d][2];", mi, nj);
     kg_line(k, "        #pragma unroll");
-    kg_line(k, "        for (int i = 0; i < 2; i++) {");
+    kg_line(k, "        for (int i = 0; i < %d; i++) {", mi);
     kg_line(k, "            const int r = wm + 16 * i + gq;");
-    kg_line(k, "            af[i][0] = s%s[r][kk + tq]; af[i][1] = s%s[r + 8][kk + tq];", a->name, a->name);
-    kg_line(k, "            af[i][2] = s%s[r][kk + tq + 4]; af[i][3] = s%s[r + 8][kk + tq + 4];", a->name, a->name);
+    kg_line(k, "            af[i][0] = s%s[buf][r][kk + tq]; af[i][1] = s%s[buf][r + 8][kk + tq];", a->name, a->name);
+    kg_line(k, "            af[i][2] = s%s[buf][r][kk + tq + 4]; af[i][3] = s%s[buf][r + 8][kk + tq + 4];", a->name,
+            a->name);
     kg_line(k, "        }");
     kg_line(k, "        #pragma unroll");
-    kg_line(k, "        for (int j = 0; j < 4; j++) {");
+    kg_line(k, "        for (int j = 0; j < %d; j++) {", nj);
     kg_line(k, "            const int c = wn + 8 * j + gq;");
-    kg_line(k, "            bf[j][0] = s%s[c][kk + tq]; bf[j][1] = s%s[c][kk + tq + 4];", b->name, b->name);
+    kg_line(k, "            bf[j][0] = s%s[buf][c][kk + tq]; bf[j][1] = s%s[buf][c][kk + tq + 4];", b->name, b->name);
     kg_line(k, "        }");
     kg_line(k, "        #pragma unroll");
-    kg_line(k, "        for (int i = 0; i < 2; i++)");
-    kg_line(k, "            for (int j = 0; j < 4; j++) mma_bf16_16816(acc[i][j], af[i], bf[j]);");
+    kg_line(k, "        for (int i = 0; i < %d; i++)", mi);
+    kg_line(k, "            for (int j = 0; j < %d; j++) mma_bf16_16816(acc[i][j], af[i], bf[j]);", nj);
+    kg_line(k, "    }");
+    /* buf ^ 1 was last read in the previous slice, which every thread finished before the
+     * barrier that ended it */
+    kg_line(k, "    if (more) {");
+    emit_mma_store(k, a, nt, "buf ^ 1");
+    emit_mma_store(k, b, nt, "buf ^ 1");
     kg_line(k, "    }");
     kg_line(k, "    BARRIER();");
+    kg_line(k, "    buf ^= 1;");
     kg_line(k, "}");
     /* accumulator e of tile (i, j): row gq (+8 for e >= 2), columns 2 tq and 2 tq + 1 */
     kg_line(k, "#pragma unroll");
-    kg_line(k, "for (int i = 0; i < 2; i++)");
+    kg_line(k, "for (int i = 0; i < %d; i++)", mi);
     kg_line(k, "    for (int h = 0; h < 2; h++) {");
     kg_line(k, "        const long m = m0 + wm + 16 * i + gq + 8 * h;");
     kg_line(k, "        if (!(%s)) continue;", store_row_ok);
-    kg_line(k, "        for (int j = 0; j < 4; j++)");
+    kg_line(k, "        for (int j = 0; j < %d; j++)", nj);
     kg_line(k, "            for (int e = 0; e < 2; e++) {");
     kg_line(k, "                const long c = n0 + wn + 8 * j + 2 * tq + e;");
     kg_line(k, "                const float v = acc[i][j][2 * h + e];");
     kg_line(k, "                if (c < %s) %s;", store_col_lim, store);
     kg_line(k, "            }");
     kg_line(k, "    }");
+    return 0;
+}
+
+/* Grid dim `dim` numbering the (row block, column tile) pairs of a matmul, column tiles
+ * fastest: ceil(ntile (M + bm - 1) / bm) >= ntile ceil(M / bm) blocks, M = per x (token count
+ * of t); the at most ntile blocks past the last row block return at once. */
+static void grid_tiles(kgen *k, int dim, int t, long per, long ntile, long bm) {
+    const ir_shape *s = &k->g->t[t].shape;
+    int nt = ir_ntok_dims(s);
+    long c = per * ntile, pad = ntile * (bm - 1);
+    if (nt == 2) kg_grid(k, dim, pad, 0, 0, c, bm);
+    else if (nt == 1) kg_grid(k, dim, pad, s->d[0] == DIM_B ? c : 0, s->d[0] == DIM_S ? c : 0, 0, bm);
+    else kg_grid(k, dim, pad + c, 0, 0, 0, bm);
 }
 
 static int emit_bf16(kgen *k, const ir_node *n) {
     int x = n->in[0], w = n->in[1], y = n->out[0];
     const ir_shape *xs = &k->g->t[x].shape;
-    long K = xs->d[xs->ndim - 1], N = kg_feat(k, w) / K, per = kg_feat(k, x) / K;
+    const mma_tile *t = &TILE_MM;
+    long K = xs->d[xs->ndim - 1], N = kg_feat(k, w) / K, per = kg_feat(k, x) / K, ntile = (N + t->bn - 1) / t->bn;
     int node = (int)(n - k->g->n);
     char rx[160], ry[160], st[240], nlim[32], klim[32], wk[64];
     kg_begin(k, n->ia[0] ? "matmul_nn_bf16" : "matmul_nt_bf16", node, node + 1);
@@ -337,22 +415,23 @@ static int emit_bf16(kgen *k, const ir_node *n) {
     kg_in(k, "w", w);
     kg_out(k, "y", y);
     kg_line(k, "const long M = %s * %ld;", kg_ntok_expr(k, x), per);
-    kg_line(k, "const long m0 = GID_X * %d, n0 = GID_Y * %d;", BT, BT);
+    kg_line(k, "const long m0 = (GID_X / %ld) * %d, n0 = (GID_X %% %ld) * %d;", ntile, t->bm, ntile, t->bn);
+    kg_line(k, "if (m0 >= M) return;");
     snprintf(nlim, sizeof nlim, "%ldL", N);
     snprintf(klim, sizeof klim, "%ldL", K);
-    mma_operand a = {.name = "x", .kcontig = 1, .roff = row_at(rx, sizeof rx, k, x, K, "r"), .base = "m0", .lim = "M"};
+    mma_operand a = {.name = "x", .kcontig = 1, .roff = row_at(rx, sizeof rx, k, x, K, "r"), .base = "m0", .lim = "M",
+                     .rows = t->bm};
     mma_operand b;
     if (n->ia[0]) {   /* W [K,N]: the contraction index selects the row */
         snprintf(wk, sizeof wk, "kx * %ld", N);
-        b = (mma_operand){.name = "w", .kcontig = 0, .koff = wk, .base = "n0", .lim = nlim};
+        b = (mma_operand){.name = "w", .kcontig = 0, .koff = wk, .base = "n0", .lim = nlim, .rows = t->bn};
     } else {          /* W [N,K] */
-        b = (mma_operand){.name = "w", .kcontig = 1, .roff = NULL, .ld = K, .base = "n0", .lim = nlim};
+        b = (mma_operand){.name = "w", .kcontig = 1, .roff = NULL, .ld = K, .base = "n0", .lim = nlim, .rows = t->bn};
     }
     snprintf(st, sizeof st, "y[%s + c] = v", row_at(ry, sizeof ry, k, y, N, "m"));
-    emit_mma_body(k, &a, &b, "0", klim, K % BK != 0, "m < M", nlim, st);
-    grid_rows(k, 0, x, per, BT);
-    kg_grid(k, 1, (N + BT - 1) / BT, 0, 0, 0, 1);
-    kg_block(k, 128, 1, 1);
+    if (emit_mma_body(k, t, &a, &b, "0", klim, K % BK != 0, "m < M", nlim, st) < 0) return -1;
+    grid_tiles(k, 0, x, per, ntile, t->bm);
+    kg_block(k, tile_threads(t), 1, 1);
     return kg_end(k);
 }
 
@@ -389,6 +468,7 @@ static int emit_wgrad_bf16(kgen *k, const ir_node *n) {
     const ir_shape *as = &k->g->t[a].shape, *bs = &k->g->t[b].shape;
     long P = as->d[as->ndim - 1], Q = bs->d[bs->ndim - 1], per = kg_feat(k, a) / P;
     long G = k->g->t[part].shape.d[0];
+    const mma_tile *t = &TILE_WGRAD;
     int node = (int)(n - k->g->n);
     char ra[160], rb[160], plim[32], qlim[32], st[160];
     kg_begin(k, "matmul_wgrad_bf16", node, node + 1);
@@ -397,19 +477,21 @@ static int emit_wgrad_bf16(kgen *k, const ir_node *n) {
     kg_out(k, "part", part);
     kg_line(k, "const long R = %s * %ld;", kg_ntok_expr(k, a), per);
     emit_split_range(k, "R", G);
-    kg_line(k, "const long n0 = GID_X * %d, m0 = GID_Y * %d;", BT, BT);
+    kg_line(k, "const long n0 = GID_X * %d, m0 = GID_Y * %d;", t->bn, t->bm);
     snprintf(plim, sizeof plim, "%ldL", P);
     snprintf(qlim, sizeof qlim, "%ldL", Q);
-    mma_operand oa = {.name = "a", .kcontig = 0, .koff = row_at(ra, sizeof ra, k, a, P, "kx"), .base = "m0", .lim = plim};
-    mma_operand ob = {.name = "b", .kcontig = 0, .koff = row_at(rb, sizeof rb, k, b, Q, "kx"), .base = "n0", .lim = qlim};
+    mma_operand oa = {.name = "a", .kcontig = 0, .koff = row_at(ra, sizeof ra, k, a, P, "kx"), .base = "m0", .lim = plim,
+                      .rows = t->bm};
+    mma_operand ob = {.name = "b", .kcontig = 0, .koff = row_at(rb, sizeof rb, k, b, Q, "kx"), .base = "n0", .lim = qlim,
+                      .rows = t->bn};
     snprintf(st, sizeof st, "part[GID_Z * %ld + m * %ld + c] = v", P * Q, Q);
     char rowok[48];
     snprintf(rowok, sizeof rowok, "m < %ld", P);
-    emit_mma_body(k, &oa, &ob, "r0", "r1", 1, rowok, qlim, st);
-    kg_grid(k, 0, (Q + BT - 1) / BT, 0, 0, 0, 1);
-    kg_grid(k, 1, (P + BT - 1) / BT, 0, 0, 0, 1);
+    if (emit_mma_body(k, t, &oa, &ob, "r0", "r1", 1, rowok, qlim, st) < 0) return -1;
+    kg_grid(k, 0, (Q + t->bn - 1) / t->bn, 0, 0, 0, 1);
+    kg_grid(k, 1, (P + t->bm - 1) / t->bm, 0, 0, 0, 1);
     kg_grid(k, 2, G, 0, 0, 0, 1);
-    kg_block(k, 128, 1, 1);
+    kg_block(k, tile_threads(t), 1, 1);
     if (kg_end(k) < 0) return -1;
     return emit_wgrad_sum(k, n);
 }
