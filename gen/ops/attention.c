@@ -401,6 +401,7 @@ static void emit_row_prologue(kgen *k, long nh, const char *hname) {
  * shared memory only up to 64. */
 #define TC_T 64            /* rows of every tile: 4 warps x 16 */
 #define TC_FWD_MAXD 128
+#define TC_BWD_MAXD 64
 
 static long tc_dp(long Dh) { return (Dh + 15) / 16 * 16; }
 
@@ -1043,13 +1044,99 @@ static int emit_bwd_dq(kgen *k, const ir_node *n, const attn_consts *c, const at
     return kg_end(k);
 }
 
+/* ---- the backward on tensor cores (bf16 plans; see "bf16 tensor-core kernels" above) ----
+ * The same blocks and order as the fp32 tiled kernels, with 64-row tiles and the products on
+ * mma.sync. dq: a block's 64 queries keep Q and dO as A fragments; per key tile S = Q K^T and
+ * dP = dO V^T, then dS = P (dP - D) scale is repacked in registers and dQ += dS K takes K^T
+ * staged [e][key pair]. dkv: a block's 64 keys keep K and V as A fragments, so the score
+ * tiles come out transposed (S^T = K Q^T, dP^T = V dO^T, keys in rows) and dV += P^T dO,
+ * dK += dS^T Q take dO^T and Q^T staged [e][query pair]; lse and D of the query tile, which
+ * index the columns there, go through shared memory. */
+static void emit_tc_ds(kgen *k, const attn_consts *c) {
+    kg_line(k, "        const float p = vis ? EXPF(%s * sacc[j][e] - L) : 0.0f;", c->scale);
+    /* window 1: one term per softmax, dS exactly zero (as in the fp32 kernels) */
+    if (c->window == 1) kg_line(k, "        const float ds = 0.0f; (void)Dd;");
+    else kg_line(k, "        const float ds = p * (dpacc[j][e] - Dd) * %s;", c->scale);
+}
+
+static int emit_bwd_dq_tc(kgen *k, const ir_node *n, const attn_consts *c) {
+    const int node = (int)(n - k->g->n);
+    const long D = c->Dh, DP = tc_dp(D), NO = DP / 8;
+    kg_begin(k, "attention_bwd_dq_tc", node, node + 1);
+    emit_tiled_args(k, n);
+    kg_out(k, "dq", n->out[0]);
+    kg_line(k, "__shared__ unsigned Ks[%ld], Vs[%ld], Kt[%ld];", TC_T * tc_ws(DP), TC_T * tc_ws(DP), DP * tc_ws(TC_T));
+    emit_tc_prologue(k);
+    kg_line(k, "const long bh = GID_Y, b = bh / %ld, h = bh %% %ld;", c->H, c->H);
+    kg_line(k, "const long t0 = b * S, q0 = GID_X * %d, qo = h * %ld, kvo = (h / %ld) * %ld;", TC_T, D, c->group, D);
+    kg_line(k, "const long q1 = (q0 + %d < S ? q0 + %d : S) - 1;", TC_T, TC_T);
+    kg_line(k, "long klo = q0 - %ld;", c->window - 1);
+    kg_line(k, "if (klo < 0) klo = 0;");
+    kg_line(k, "const long qr = q0 + warp * 16 + gq;   /* this thread's rows: qr, qr + 8 */");
+    /* Q and dO go through the K and V tiles once; their fragments then stay in registers */
+    emit_tc_rows(k, c, DP, "Ks", "q", kg_ld(k, n->in[0]), "q0", "qo");
+    emit_tc_rows(k, c, DP, "Vs", "dO", kg_ld(k, n->in[5]), "q0", "qo");
+    kg_line(k, "BARRIER();");
+    emit_tc_afrag(k, DP, "qf", "Ks");
+    emit_tc_afrag(k, DP, "df", "Vs");
+    kg_line(k, "BARRIER();");
+    kg_line(k, "float Lr[2], Dr[2];");
+    kg_line(k, "#pragma unroll");
+    kg_line(k, "for (int r = 0; r < 2; r++) {");
+    kg_line(k, "    const long qs = qr + 8 * r;");
+    kg_line(k, "    Lr[r] = qs < S ? lse[(t0 + qs) * %ldL + h] : 0.0f;", kg_ld(k, n->in[4]));
+    kg_line(k, "    Dr[r] = qs < S ? Dw[(t0 + qs) * %ldL + h] : 0.0f;", kg_ld(k, n->out[3]));
+    kg_line(k, "}");
+    emit_tc_zero(k, "dqa", NO);
+    kg_line(k, "for (long k0 = klo; k0 <= q1; k0 += %d) {", TC_T);
+    emit_tc_rows(k, c, DP, "Ks", "k", kg_ld(k, n->in[1]), "k0", "kvo");
+    emit_tc_rows(k, c, DP, "Vs", "v", kg_ld(k, n->in[2]), "k0", "kvo");
+    emit_tc_cols(k, c, DP, "Kt", "k", kg_ld(k, n->in[1]), "k0", "kvo");
+    kg_line(k, "BARRIER();");
+    emit_tc_zero(k, "sacc", 8);
+    emit_tc_zero(k, "dpacc", 8);
+    emit_tc_mma(k, "sacc", "qf[kk]", "Ks", tc_ws(DP), 8, DP / 16);
+    emit_tc_mma(k, "dpacc", "df[kk]", "Vs", tc_ws(DP), 8, DP / 16);
+    kg_line(k, "#pragma unroll");
+    kg_line(k, "for (int j = 0; j < 8; j++)");
+    kg_line(k, "    for (int e = 0; e < 4; e++) {");
+    kg_line(k, "        const long qs = qr + 8 * (e >> 1), ks = k0 + 8 * j + 2 * tq + (e & 1);");
+    kg_line(k, "        const int vis = qs < S && ks <= qs && qs - ks < %ld;", c->window);
+    kg_line(k, "        const float L = Lr[e >> 1], Dd = Dr[e >> 1];");
+    emit_tc_ds(k, c);
+    kg_line(k, "        sacc[j][e] = ds;");
+    kg_line(k, "    }");
+    emit_tc_repack(k, "sf", "sacc");
+    emit_tc_mma(k, "dqa", "sf[kk]", "Kt", tc_ws(TC_T), NO, 4);
+    kg_line(k, "BARRIER();");
+    kg_line(k, "}");
+    kg_line(k, "#pragma unroll");
+    kg_line(k, "for (int r = 0; r < 2; r++) {");
+    kg_line(k, "    const long qs = qr + 8 * r;");
+    kg_line(k, "    if (qs >= S) continue;");
+    kg_line(k, "    float *dqi = dq + (t0 + qs) * %ldL + qo;", kg_ld(k, n->out[0]));
+    kg_line(k, "    #pragma unroll");
+    kg_line(k, "    for (int j = 0; j < %ld; j++)", NO);
+    kg_line(k, "        for (int e = 0; e < 2; e++) {");
+    kg_line(k, "            const int col = 8 * j + 2 * tq + e;");
+    if (DP != D) kg_line(k, "            if (col >= %ld) continue;", D);
+    kg_line(k, "            dqi[col] = dqa[j][2 * r + e];");
+    kg_line(k, "        }");
+    kg_line(k, "}");
+    kg_grid(k, 0, 0, 0, 1, 0, TC_T);
+    kg_grid(k, 1, 0, c->H, 0, 0, 1);
+    kg_block(k, 128, 1, 1);
+    return kg_end(k);
+}
+
 static int attention_bwd_emit(struct kgen *k, const ir_node *n) {
     const attn_consts c = emit_consts(k, n);
     attn_tiles t;
     if (emit_bwd_d(k, n, &c) < 0) return -1;
     if (bwd_tiles(c.Dh, &t) < 0) return emit_bwd_rows(k, n);
+    const int tc = k->bf16 && tc_dp(c.Dh) <= TC_BWD_MAXD;
     if (emit_bwd_dkv(k, n, &c, &t) < 0) return -1;
-    return emit_bwd_dq(k, n, &c, &t);
+    return tc ? emit_bwd_dq_tc(k, n, &c) : emit_bwd_dq(k, n, &c, &t);
 }
 
 const op_def op_attention = {
