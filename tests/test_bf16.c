@@ -524,7 +524,7 @@ TEST(bf16_plan_compiles_for_every_arch) {
  * (head dim 64) all do, the fp32 plan's none; every tensor-core case above compiles with NVRTC
  * (padded head dims, window 1, the widest forward) so a template slip fails here, not only on
  * a GPU. tc_kernels: the kernels that must have a _tc version. */
-static const char *const tc_kernels[] = {"attention", "attention_bwd_dq", NULL};
+static const char *const tc_kernels[] = {"attention", "attention_bwd_dq", "attention_bwd_dkv", NULL};
 
 static int is_tc_kernel(const char *name) { return strstr(name, "_tc") != NULL; }
 

@@ -1129,13 +1129,94 @@ static int emit_bwd_dq_tc(kgen *k, const ir_node *n, const attn_consts *c) {
     return kg_end(k);
 }
 
+static int emit_bwd_dkv_tc(kgen *k, const ir_node *n, const attn_consts *c) {
+    const int node = (int)(n - k->g->n);
+    const long D = c->Dh, DP = tc_dp(D), NO = DP / 8;
+    kg_begin(k, "attention_bwd_dkv_tc", node, node + 1);
+    emit_tiled_args(k, n);
+    kg_out(k, "dk", n->out[1]);
+    kg_out(k, "dv", n->out[2]);
+    kg_line(k, "__shared__ unsigned Qs[%ld], dOs[%ld], Qt[%ld], dOt[%ld];", TC_T * tc_ws(DP), TC_T * tc_ws(DP),
+            DP * tc_ws(TC_T), DP * tc_ws(TC_T));
+    kg_line(k, "__shared__ float Ls[%d], Ds[%d];", TC_T, TC_T);
+    emit_tc_prologue(k);
+    kg_line(k, "const long bg = GID_Y, b = bg / %ld, g = bg %% %ld;", c->Hkv, c->Hkv);
+    kg_line(k, "const long t0 = b * S, k0 = GID_X * %d, kvo = g * %ld;", TC_T, D);
+    kg_line(k, "const long kr = k0 + warp * 16 + gq;   /* this thread's keys: kr, kr + 8 */");
+    /* the last query that sees a key of the block */
+    kg_line(k, "long qend = (k0 + %d < S ? k0 + %d : S - 1) + %ld;", TC_T - 1, TC_T - 1, c->window - 1);
+    kg_line(k, "if (qend > S - 1) qend = S - 1;");
+    /* K and V go through the Q and dO tiles once; their fragments then stay in registers */
+    emit_tc_rows(k, c, DP, "Qs", "k", kg_ld(k, n->in[1]), "k0", "kvo");
+    emit_tc_rows(k, c, DP, "dOs", "v", kg_ld(k, n->in[2]), "k0", "kvo");
+    kg_line(k, "BARRIER();");
+    emit_tc_afrag(k, DP, "kf", "Qs");
+    emit_tc_afrag(k, DP, "vf", "dOs");
+    kg_line(k, "BARRIER();");
+    emit_tc_zero(k, "dka", NO);
+    emit_tc_zero(k, "dva", NO);
+    kg_line(k, "for (long h = g * %ld; h < (g + 1) * %ld; h++) {", c->group, c->group);
+    kg_line(k, "const long qo = h * %ld;", D);
+    kg_line(k, "for (long q0 = k0; q0 <= qend; q0 += %d) {", TC_T);
+    emit_tc_rows(k, c, DP, "Qs", "q", kg_ld(k, n->in[0]), "q0", "qo");
+    emit_tc_rows(k, c, DP, "dOs", "dO", kg_ld(k, n->in[5]), "q0", "qo");
+    emit_tc_cols(k, c, DP, "Qt", "q", kg_ld(k, n->in[0]), "q0", "qo");
+    emit_tc_cols(k, c, DP, "dOt", "dO", kg_ld(k, n->in[5]), "q0", "qo");
+    kg_line(k, "if (LID_X < %d) {", TC_T);
+    kg_line(k, "    const long ps = q0 + LID_X;");
+    kg_line(k, "    Ls[LID_X] = ps < S ? lse[(t0 + ps) * %ldL + h] : 0.0f;", kg_ld(k, n->in[4]));
+    kg_line(k, "    Ds[LID_X] = ps < S ? Dw[(t0 + ps) * %ldL + h] : 0.0f;", kg_ld(k, n->out[3]));
+    kg_line(k, "}");
+    kg_line(k, "BARRIER();");
+    emit_tc_zero(k, "sacc", 8);
+    emit_tc_zero(k, "dpacc", 8);
+    emit_tc_mma(k, "sacc", "kf[kk]", "Qs", tc_ws(DP), 8, DP / 16);
+    emit_tc_mma(k, "dpacc", "vf[kk]", "dOs", tc_ws(DP), 8, DP / 16);
+    kg_line(k, "#pragma unroll");
+    kg_line(k, "for (int j = 0; j < 8; j++)");
+    kg_line(k, "    for (int e = 0; e < 4; e++) {");
+    kg_line(k, "        const int col = 8 * j + 2 * tq + (e & 1);");
+    kg_line(k, "        const long ks = kr + 8 * (e >> 1), qs = q0 + col;");
+    kg_line(k, "        const int vis = qs < S && ks <= qs && qs - ks < %ld;", c->window);
+    kg_line(k, "        const float L = Ls[col], Dd = Ds[col];");
+    emit_tc_ds(k, c);
+    kg_line(k, "        sacc[j][e] = p; dpacc[j][e] = ds;");
+    kg_line(k, "    }");
+    emit_tc_repack(k, "pf", "sacc");
+    emit_tc_mma(k, "dva", "pf[kk]", "dOt", tc_ws(TC_T), NO, 4);
+    emit_tc_repack(k, "sf", "dpacc");
+    emit_tc_mma(k, "dka", "sf[kk]", "Qt", tc_ws(TC_T), NO, 4);
+    kg_line(k, "BARRIER();");   /* before the next tile's loads overwrite the tiles */
+    kg_line(k, "}");
+    kg_line(k, "}");
+    kg_line(k, "#pragma unroll");
+    kg_line(k, "for (int r = 0; r < 2; r++) {");
+    kg_line(k, "    const long ks = kr + 8 * r;");
+    kg_line(k, "    if (ks >= S) continue;");
+    kg_line(k, "    float *dki = dk + (t0 + ks) * %ldL + kvo, *dvi = dv + (t0 + ks) * %ldL + kvo;",
+            kg_ld(k, n->out[1]), kg_ld(k, n->out[2]));
+    kg_line(k, "    #pragma unroll");
+    kg_line(k, "    for (int j = 0; j < %ld; j++)", NO);
+    kg_line(k, "        for (int e = 0; e < 2; e++) {");
+    kg_line(k, "            const int col = 8 * j + 2 * tq + e;");
+    if (DP != D) kg_line(k, "            if (col >= %ld) continue;", D);
+    kg_line(k, "            dki[col] = dka[j][2 * r + e];");
+    kg_line(k, "            dvi[col] = dva[j][2 * r + e];");
+    kg_line(k, "        }");
+    kg_line(k, "}");
+    kg_grid(k, 0, 0, 0, 1, 0, TC_T);
+    kg_grid(k, 1, 0, c->Hkv, 0, 0, 1);
+    kg_block(k, 128, 1, 1);
+    return kg_end(k);
+}
+
 static int attention_bwd_emit(struct kgen *k, const ir_node *n) {
     const attn_consts c = emit_consts(k, n);
     attn_tiles t;
     if (emit_bwd_d(k, n, &c) < 0) return -1;
     if (bwd_tiles(c.Dh, &t) < 0) return emit_bwd_rows(k, n);
     const int tc = k->bf16 && tc_dp(c.Dh) <= TC_BWD_MAXD;
-    if (emit_bwd_dkv(k, n, &c, &t) < 0) return -1;
+    if ((tc ? emit_bwd_dkv_tc(k, n, &c) : emit_bwd_dkv(k, n, &c, &t)) < 0) return -1;
     return tc ? emit_bwd_dq_tc(k, n, &c) : emit_bwd_dq(k, n, &c, &t);
 }
 
