@@ -10,6 +10,7 @@
  * OpenCL ignores the option, and the CLI's --precision is checked. */
 #include "exec.h"
 #include "frontend.h"
+#include "kcases.h"
 #include "kernelcheck.h"
 #include "op.h"
 #include "optimizer.h"
@@ -144,6 +145,120 @@ TEST(bf16_kernels_matmul_views) {
         }
     }
     ir_free(&g);
+}
+
+/* ---- attention on tensor cores ----
+ * The attention cases of the kernel table (forward plus backward, each launch against the fp64
+ * reference with poisoned outputs) with the plan in bf16, and shapes that reach the corners of
+ * the tensor-core tiles: several 64-row blocks with S no multiple of 64, windows that end
+ * inside a tile, padded head dims, GQA, and a window longer than S. */
+#define ATT(H, HKV, DH, W, S) {"attention", 3, {SHC(DIM_B, DIM_S, H, DH), SHC(DIM_B, DIM_S, HKV, DH), \
+                                SHC(DIM_B, DIM_S, HKV, DH)}, {DT_F32, DT_F32, DT_F32}, {W}, {0}, 0, S}
+#define SHC(...) {(int)(sizeof((int[]){__VA_ARGS__}) / sizeof(int)), {__VA_ARGS__}}
+static const kcase bf16_attention_cases[] = {
+    ATT(6, 6, 64, 96, 200),     /* realm-9m's heads, window shorter than S */
+    ATT(6, 2, 64, 96, 300),     /* GQA 6 / 2 */
+    ATT(6, 6, 64, 1000, 150),   /* window longer than S: plain causal over three blocks */
+    ATT(2, 1, 40, 33, 100),     /* head dim 40: padded to 48 inside the tiles */
+    ATT(2, 2, 128, 70, 150),    /* the widest tensor-core forward (fp32 backward) */
+    ATT(2, 2, 64, 64, 129),     /* window exactly one tile; one query past two blocks */
+    ATT(1, 1, 64, 1, 70),       /* window 1: every softmax has one term */
+};
+
+static void bf16_attention_table(tctx *t, backend *bk, const kcase *c, int n, const char *label) {
+    for (int i = 0; i < n && !t->failed; i++) {
+        if (strcmp(c[i].op, "attention") != 0) continue;
+        ir_graph g;
+        char err[600];
+        if (kc_build_case(&c[i], &g, err, sizeof err) < 0) {
+            t_fail(t, __FILE__, __LINE__, "%s case %d: %s", label, i, err);
+        } else {
+            kc_check_graph_opts(t, bk, &g, 2, c[i].S ? c[i].S : 13, 1e-2, 1, &bf16_on);
+            if (t->failed) {
+                char m[sizeof t->msg];
+                snprintf(m, sizeof m, "%s", t->msg);
+                snprintf(t->msg, sizeof t->msg, "bf16 attention %s case %d: %.900s", label, i, m);
+            }
+        }
+        ir_free(&g);
+    }
+}
+
+TEST(bf16_kernels_attention) {
+    if (!gpu_on()) return;
+    backend *bk = cuda_dev(t);
+    if (!bk) return;
+    bf16_attention_table(t, bk, kcases_attention.c, kcases_attention.n, "table");
+    bf16_attention_table(t, bk, bf16_attention_cases, (int)(sizeof bf16_attention_cases / sizeof bf16_attention_cases[0]),
+                         "tc");
+    bk_destroy(bk);
+}
+
+/* The tensor-core attention kernels give the same bits run to run (no atomics, fixed order):
+ * forward and backward twice on the same inputs. */
+TEST(bf16_attention_deterministic) {
+    if (!gpu_on()) return;
+    const kcase c = ATT(6, 2, 64, 96, 300);
+    ir_graph g;
+    char err[1024];
+    if (kc_build_case(&c, &g, err, sizeof err) < 0) {
+        ir_free(&g);
+        CHECK(0, "%s", err);
+    }
+    backend *bk = cuda_dev(t);
+    plan p;
+    plan_exec x;
+    int planned = 0, created = 0, rc = -1;
+    const long B = 2, S = c.S;
+    float *h = NULL, *first[IR_MAX_IO * 2] = {0};
+    if (!bk) goto out;
+    if (plan_build_opts(&p, &g, 0, g.nn, "cuda", NULL, 0, &bf16_on, err, sizeof err) < 0) goto out;
+    planned = 1;
+    if (exec_create(&x, bk, &p, B, S, err, sizeof err) < 0) goto out;
+    created = 1;
+    long maxn = 1;
+    for (int i = 0; i < g.nt; i++)
+        if (ir_numel(&g.t[i].shape, B, S) > maxn) maxn = ir_numel(&g.t[i].shape, B, S);
+    h = malloc(sizeof(float) * (size_t)maxn);
+    for (int i = 0; i < g.nt; i++) {
+        if (g.t[i].base != i || g.t[i].producer >= 0) continue;
+        long n = ir_numel(&g.t[i].shape, B, S);
+        for (long k = 0; k < n; k++) h[k] = (float)t_normal(t);
+        if (exec_upload(&x, i, h, err, sizeof err) < 0) goto out;
+    }
+    /* every output of the two nodes: o, lse; dq, dk, dv and the workspace D */
+    int outs[8], nout = 0;
+    for (int ni = 0; ni < g.nn; ni++)
+        for (int j = 0; j < g.n[ni].nout && nout < 8; j++) outs[nout++] = g.n[ni].out[j];
+    int same = 1;
+    for (int run = 0; run < 2 && same; run++) {
+        if (exec_run(&x, 0, p.kg.nl, err, sizeof err) < 0) goto out;
+        if (bk_sync(bk, NULL) < 0) {
+            snprintf(err, sizeof err, "%s", bk_error(bk));
+            goto out;
+        }
+        for (int o = 0; o < nout; o++) {
+            long n = ir_numel(&g.t[outs[o]].shape, B, S);
+            if (exec_download(&x, outs[o], h, err, sizeof err) < 0) goto out;
+            if (run == 0) {
+                first[o] = malloc(sizeof(float) * (size_t)n);
+                memcpy(first[o], h, sizeof(float) * (size_t)n);
+            } else if (memcmp(first[o], h, sizeof(float) * (size_t)n) != 0) {
+                same = 0;
+                snprintf(err, sizeof err, "output %s differs between two runs", g.t[outs[o]].name);
+            }
+        }
+    }
+    rc = same && nout == 6 ? 0 : -1;
+    if (same && nout != 6) snprintf(err, sizeof err, "expected 6 outputs, found %d", nout);
+out:
+    for (int o = 0; o < IR_MAX_IO * 2; o++) free(first[o]);
+    free(h);
+    if (created) exec_destroy(&x);
+    if (planned) plan_free(&p);
+    if (bk) bk_destroy(bk);
+    ir_free(&g);
+    CHECK(rc == 0, "%s", err);
 }
 
 static void check_model(tctx *t, const char *path, long B, long S) {
@@ -463,6 +578,72 @@ TEST(bf16_matmul_grid_covers_every_tile) {
         ir_free(&g);
     }
     CHECK(checked == 4 * 2 * 6, "checked %d grids", checked);
+}
+
+/* Which attention launches of a bf16 plan run on tensor cores: kernels named *_tc. realm-9m's
+ * (head dim 64) all do, the fp32 plan's none; every tensor-core case above compiles with NVRTC
+ * (padded head dims, window 1, the widest forward) so a template slip fails here, not only on
+ * a GPU. tc_kernels: the kernels that must have a _tc version. */
+static const char *const tc_kernels[] = {"attention", "attention_bwd_dq", "attention_bwd_dkv", NULL};
+
+static int is_tc_kernel(const char *name) { return strstr(name, "_tc") != NULL; }
+
+TEST(bf16_attention_plan_uses_tensor_cores) {
+    realm_model m;
+    char err[4096];
+    CHECK(model_load("models/realm-9m.lua", &m, err, sizeof err) == 0, "%s", err);
+    if (ir_autodiff(&m.g) < 0) {
+        model_free(&m);
+        CHECK(0, "%s", m.g.err);
+    }
+    int keep[1] = {m.loss};
+    plan pb, pf;
+    int okb = plan_build_opts(&pb, &m.g, 0, m.g.nn, "cuda", keep, 1, &bf16_on, err, sizeof err) == 0;
+    int okf = okb && plan_build(&pf, &m.g, 0, m.g.nn, "cuda", keep, 1, err, sizeof err) == 0;
+    int missing = 0, fp32_tc = 0, seen = 0;
+    char which[256] = "";
+    for (int w = 0; okf && tc_kernels[w]; w++)
+        for (int l = 0; l < pb.kg.nl; l++) {
+            const char *kn = pb.kg.launches[l].kernel, *u = strchr(kn, '_');
+            /* k<N>_<name>[_tc]: compare the name without the index and the suffix */
+            char base[64];
+            snprintf(base, sizeof base, "%s", u ? u + 1 : kn);
+            char *tc = strstr(base, "_tc");
+            if (tc) *tc = 0;
+            if (strcmp(base, tc_kernels[w]) != 0) continue;
+            seen++;
+            if (!tc) {
+                missing++;
+                snprintf(which, sizeof which, "%s", kn);
+            }
+        }
+    for (int l = 0; okf && l < pf.kg.nl; l++) fp32_tc += is_tc_kernel(pf.kg.launches[l].kernel);
+    if (okf) plan_free(&pf);
+    if (okb) plan_free(&pb);
+    model_free(&m);
+    CHECK(okf, "plan: %s", err);
+    CHECK(seen > 0 && missing == 0, "%d of %d attention launches without tensor cores (%s)", missing, seen, which);
+    CHECK(fp32_tc == 0, "the fp32 plan has %d tensor-core attention launches", fp32_tc);
+    const int nc = (int)(sizeof bf16_attention_cases / sizeof bf16_attention_cases[0]);
+    for (int i = 0; i < nc; i++) {
+        ir_graph g;
+        plan p;
+        int ntc = 0, built = kc_build_case(&bf16_attention_cases[i], &g, err, sizeof err) == 0 &&
+                             plan_build_opts(&p, &g, 0, g.nn, "cuda", NULL, 0, &bf16_on, err, sizeof err) == 0;
+        int compiled = 0;
+        if (built) {
+            for (int l = 0; l < p.kg.nl; l++) ntc += is_tc_kernel(p.kg.launches[l].kernel);
+            void *cubin = NULL;
+            size_t len = 0;
+            compiled = cuda_compile_only(p.kg.src.s, "sm_80", "", &cubin, &len, err, sizeof err) == 0;
+            free(cubin);
+            plan_free(&p);
+        }
+        ir_free(&g);
+        CHECK(built, "case %d: %s", i, err);
+        CHECK(ntc > 0, "case %d: no tensor-core attention kernel", i);
+        CHECK(compiled, "case %d: NVRTC: %.3000s", i, err);
+    }
 }
 
 TEST(bf16_cli_precision) {

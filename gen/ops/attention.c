@@ -378,6 +378,224 @@ static void emit_row_prologue(kgen *k, long nh, const char *hname) {
     kg_line(k, "(void)t0;");
 }
 
+/* ---- bf16 tensor-core kernels (CUDA, k->bf16) ----
+ * With bf16 matmuls the attention products run on tensor cores too: mma.sync m16n8k16 (bf16
+ * operands, fp32 accumulation) with the fragment conventions of gen/ops/matmul.c. Operands are
+ * rounded from the fp32 arena while a tile is staged into shared memory; the softmax
+ * statistics (running max, sum, lse, D) and the scaling stay fp32. A block is 4 warps; each
+ * warp owns 16 rows of a 64-row tile (queries in the forward and dq kernels, keys in dkv) and
+ * takes the other side 64 at a time, so the score tile of a warp is 16 x 64: eight n-tiles of
+ * 8 columns, accumulator e of n-tile j at row gq (+8 for e >= 2), column 8j + 2tq + (e & 1).
+ * Those accumulators become the A operand of the second product without leaving registers:
+ * n-tiles 2t and 2t+1 hold exactly the (row, k) pairs of the A fragment of k-step t (rows
+ * gq / gq+8, k pairs 2tq and 2tq+8), which is what tc_repack relies on.
+ * Shared tiles hold bf16 pairs as 32-bit words with the contraction contiguous, rows padded by
+ * 4 words so a warp's fragment reads (8 rows x 4 words) hit 32 distinct banks. A product whose
+ * contraction runs over the tile's rows (P V, dS K, P^T dO, dS^T Q) needs its B operand
+ * transposed: those tiles are staged [column][row pair].
+ * Masking is exact (the fp32 kernels' visibility test per element), blocks outside the window
+ * are never visited, and every output is summed by one thread in a fixed order (tiles in
+ * order, mma's fixed internal order, a fixed quad shuffle for the row sums): no atomics, the
+ * same bits run to run. Heads wider than TC_FWD_MAXD (forward) or TC_BWD_MAXD (backward) keep
+ * the fp32 kernels; the backward's tiles are four 64 x Dh operands, which fit in static
+ * shared memory only up to 64. */
+#define TC_T 64            /* rows of every tile: 4 warps x 16 */
+#define TC_FWD_MAXD 128
+#define TC_BWD_MAXD 64
+
+static long tc_dp(long Dh) { return (Dh + 15) / 16 * 16; }
+
+/* Words per padded row of a tile with `cols` bf16 columns. */
+static long tc_ws(long cols) { return cols / 2 + 4; }
+
+/* dst[r * ws + w] = bf16 pair (x[pos0 + r][2w], x[pos0 + r][2w + 1]) for TC_T rows of head
+ * offset `hoff` of tensor `src`; rows past the sequence and columns past Dh are zeros (0 * a
+ * stray NaN beyond the tensor would poison a whole product). */
+static void emit_tc_rows(kgen *k, const attn_consts *c, long DP, const char *dst, const char *src, long ld,
+                         const char *pos0, const char *hoff) {
+    const long W = DP / 2;
+    kg_line(k, "for (int x = LID_X; x < %ld; x += 128) {", TC_T * W);
+    kg_line(k, "    const int r = x / %ld, w = x %% %ld, e = 2 * w;", W, W);
+    kg_line(k, "    const long ps = %s + r;", pos0);
+    kg_line(k, "    float lo = 0.0f, hi = 0.0f;");
+    kg_line(k, "    if (ps < S) {");
+    kg_line(k, "        const float *p = %s + (t0 + ps) * %ldL + %s + e;", src, ld, hoff);
+    if (DP == c->Dh) {
+        kg_line(k, "        lo = p[0]; hi = p[1];");
+    } else {
+        kg_line(k, "        if (e < %ld) lo = p[0];", c->Dh);
+        kg_line(k, "        if (e + 1 < %ld) hi = p[1];", c->Dh);
+    }
+    kg_line(k, "    }");
+    kg_line(k, "    %s[r * %ld + w] = pack_bf16x2(lo, hi);", dst, tc_ws(DP));
+    kg_line(k, "}");
+}
+
+/* The transposed tile: dst[e * ws + w] = bf16 pair (x[pos0 + 2w][e], x[pos0 + 2w + 1][e]).
+ * A warp covers 8 consecutive e (one 32-byte sector per row read) by 4 row pairs, so its
+ * global reads are whole sectors and its shared stores 32 distinct banks. */
+static void emit_tc_cols(kgen *k, const attn_consts *c, long DP, const char *dst, const char *src, long ld,
+                         const char *pos0, const char *hoff) {
+    const long E8 = DP / 8;
+    kg_line(k, "for (int x = LID_X; x < %ld; x += 128) {", DP * (TC_T / 2));
+    kg_line(k, "    const int w = (x & 3) + 4 * ((x >> 5) / %ld), e = ((x >> 2) & 7) + 8 * ((x >> 5) %% %ld);", E8, E8);
+    kg_line(k, "    const long ps = %s + 2 * w;", pos0);
+    kg_line(k, "    float lo = 0.0f, hi = 0.0f;");
+    if (DP != c->Dh) kg_line(k, "    if (e < %ld) {", c->Dh);
+    else kg_line(k, "    {");
+    kg_line(k, "        if (ps < S) lo = %s[(t0 + ps) * %ldL + %s + e];", src, ld, hoff);
+    kg_line(k, "        if (ps + 1 < S) hi = %s[(t0 + ps + 1) * %ldL + %s + e];", src, ld, hoff);
+    kg_line(k, "    }");
+    kg_line(k, "    %s[e * %ld + w] = pack_bf16x2(lo, hi);", dst, tc_ws(TC_T));
+    kg_line(k, "}");
+}
+
+/* The warp's A fragments of its 16 rows of a staged row tile, all DP/16 k-steps, kept in
+ * registers for the whole kernel. */
+static void emit_tc_afrag(kgen *k, long DP, const char *frag, const char *tile) {
+    const long ws = tc_ws(DP);
+    kg_line(k, "unsigned %s[%ld][4];", frag, DP / 16);
+    kg_line(k, "#pragma unroll");
+    kg_line(k, "for (int kk = 0; kk < %ld; kk++) {", DP / 16);
+    kg_line(k, "    const int r = warp * 16 + gq;");
+    kg_line(k, "    %s[kk][0] = %s[r * %ld + 8 * kk + tq]; %s[kk][1] = %s[(r + 8) * %ld + 8 * kk + tq];", frag, tile, ws,
+            frag, tile, ws);
+    kg_line(k, "    %s[kk][2] = %s[r * %ld + 8 * kk + tq + 4]; %s[kk][3] = %s[(r + 8) * %ld + 8 * kk + tq + 4];", frag,
+            tile, ws, frag, tile, ws);
+    kg_line(k, "}");
+}
+
+/* acc[j] (j < nt n-tiles of 8 columns) += A B over ks k-steps, B from a tile whose row 8j + gq
+ * is column j's and whose words run along the contraction (ws words a row). `afrag` is a C
+ * expression for the unsigned[4] A fragment of k-step kk. */
+static void emit_tc_mma(kgen *k, const char *acc, const char *afrag, const char *tile, long ws, long nt, long ks) {
+    kg_line(k, "#pragma unroll");
+    kg_line(k, "for (int kk = 0; kk < %ld; kk++) {", ks);
+    kg_line(k, "    #pragma unroll");
+    kg_line(k, "    for (int j = 0; j < %ld; j++) {", nt);
+    kg_line(k, "        const int cb = (8 * j + gq) * %ld + 8 * kk + tq;", ws);
+    kg_line(k, "        const unsigned bfr[2] = {%s[cb], %s[cb + 4]};", tile, tile);
+    kg_line(k, "        mma_bf16_16816(%s[j], %s, bfr);", acc, afrag);
+    kg_line(k, "    }");
+    kg_line(k, "}");
+}
+
+/* A fragments of k-step kt from a 16 x 64 accumulator tile (see the section comment). */
+static void emit_tc_repack(kgen *k, const char *frag, const char *acc) {
+    kg_line(k, "unsigned %s[4][4];", frag);
+    kg_line(k, "#pragma unroll");
+    kg_line(k, "for (int kt = 0; kt < 4; kt++) {");
+    kg_line(k, "    %s[kt][0] = pack_bf16x2(%s[2 * kt][0], %s[2 * kt][1]);", frag, acc, acc);
+    kg_line(k, "    %s[kt][1] = pack_bf16x2(%s[2 * kt][2], %s[2 * kt][3]);", frag, acc, acc);
+    kg_line(k, "    %s[kt][2] = pack_bf16x2(%s[2 * kt + 1][0], %s[2 * kt + 1][1]);", frag, acc, acc);
+    kg_line(k, "    %s[kt][3] = pack_bf16x2(%s[2 * kt + 1][2], %s[2 * kt + 1][3]);", frag, acc, acc);
+    kg_line(k, "}");
+}
+
+static void emit_tc_zero(kgen *k, const char *acc, long nt) {
+    kg_line(k, "float %s[%ld][4];", acc, nt);
+    kg_line(k, "#pragma unroll");
+    kg_line(k, "for (int j = 0; j < %ld; j++)", nt);
+    kg_line(k, "    for (int e = 0; e < 4; e++) %s[j][e] = 0.0f;", acc);
+}
+
+static void emit_tc_prologue(kgen *k) {
+    kg_line(k, "const int tid = LID_X, lane = tid & 31, warp = tid >> 5, gq = lane >> 2, tq = lane & 3;");
+    kg_line(k, "(void)tid;");
+}
+
+/* Forward: block = 64 queries of one (sequence, head); Q's fragments live in registers, K and
+ * V tiles of 64 keys stream through shared memory over the band the block's queries see.
+ * Per key tile: S = Q K^T (scaled, masked to -inf), the online softmax on the accumulators
+ * (row max over the quad by shuffles), then O = O corr + P V with P repacked as A fragments.
+ * Each thread keeps partial row sums l over its own columns; the quad adds them at the end. */
+static int attention_emit_tc(kgen *k, const ir_node *n, const attn_consts *c) {
+    const int node = (int)(n - k->g->n);
+    const int q = n->in[0], kk = n->in[1], v = n->in[2], o = n->out[0], lse = n->out[1];
+    const long D = c->Dh, DP = tc_dp(D), NO = DP / 8;
+    kg_begin(k, "attention_tc", node, node + 1);
+    kg_in(k, "q", q);
+    kg_in(k, "k", kk);
+    kg_in(k, "v", v);
+    kg_out(k, "o", o);
+    kg_out(k, "lse", lse);
+    kg_line(k, "__shared__ unsigned Ks[%ld], Vt[%ld];", TC_T * tc_ws(DP), DP * tc_ws(TC_T));
+    emit_tc_prologue(k);
+    kg_line(k, "const long bh = GID_Y, b = bh / %ld, h = bh %% %ld;", c->H, c->H);
+    kg_line(k, "const long t0 = b * S, q0 = GID_X * %d, qo = h * %ld, kvo = (h / %ld) * %ld;", TC_T, D, c->group, D);
+    kg_line(k, "const long q1 = (q0 + %d < S ? q0 + %d : S) - 1;", TC_T, TC_T);
+    kg_line(k, "long klo = q0 - %ld;", c->window - 1);
+    kg_line(k, "if (klo < 0) klo = 0;");
+    kg_line(k, "const long qr = q0 + warp * 16 + gq;   /* this thread's rows: qr, qr + 8 */");
+    kg_line(k, "const float NEG_INF = __int_as_float(0xff800000);");
+    /* Q goes through the K tile once; its fragments then stay in registers */
+    emit_tc_rows(k, c, DP, "Ks", "q", kg_ld(k, q), "q0", "qo");
+    kg_line(k, "BARRIER();");
+    emit_tc_afrag(k, DP, "qf", "Ks");
+    kg_line(k, "BARRIER();");
+    emit_tc_zero(k, "oacc", NO);
+    /* -1e30, not -inf: a row that has seen only masked keys keeps corr = exp(0) and p = 0 */
+    kg_line(k, "float m[2] = {-1.0e30f, -1.0e30f}, l[2] = {0.0f, 0.0f};");
+    kg_line(k, "for (long k0 = klo; k0 <= q1; k0 += %d) {", TC_T);
+    emit_tc_rows(k, c, DP, "Ks", "k", kg_ld(k, kk), "k0", "kvo");
+    emit_tc_cols(k, c, DP, "Vt", "v", kg_ld(k, v), "k0", "kvo");
+    kg_line(k, "BARRIER();");
+    emit_tc_zero(k, "sacc", 8);
+    emit_tc_mma(k, "sacc", "qf[kk]", "Ks", tc_ws(DP), 8, DP / 16);
+    kg_line(k, "float mx[2] = {m[0], m[1]};");
+    kg_line(k, "#pragma unroll");
+    kg_line(k, "for (int j = 0; j < 8; j++)");
+    kg_line(k, "    for (int e = 0; e < 4; e++) {");
+    kg_line(k, "        const long qs = qr + 8 * (e >> 1), ks = k0 + 8 * j + 2 * tq + (e & 1);");
+    kg_line(k, "        const int vis = qs < S && ks <= qs && qs - ks < %ld;", c->window);
+    kg_line(k, "        sacc[j][e] = vis ? %s * sacc[j][e] : NEG_INF;", c->scale);
+    kg_line(k, "        mx[e >> 1] = FMAXF(mx[e >> 1], sacc[j][e]);");
+    kg_line(k, "    }");
+    kg_line(k, "float corr[2];");
+    kg_line(k, "#pragma unroll");
+    kg_line(k, "for (int r = 0; r < 2; r++) {");
+    kg_line(k, "    mx[r] = FMAXF(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));");
+    kg_line(k, "    mx[r] = FMAXF(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));");
+    kg_line(k, "    corr[r] = EXPF(m[r] - mx[r]);");
+    kg_line(k, "    m[r] = mx[r];");
+    kg_line(k, "    l[r] *= corr[r];");
+    kg_line(k, "}");
+    kg_line(k, "#pragma unroll");
+    kg_line(k, "for (int j = 0; j < %ld; j++)", NO);
+    kg_line(k, "    for (int e = 0; e < 4; e++) oacc[j][e] *= corr[e >> 1];");
+    kg_line(k, "#pragma unroll");
+    kg_line(k, "for (int j = 0; j < 8; j++)");
+    kg_line(k, "    for (int e = 0; e < 4; e++) {");
+    kg_line(k, "        const float p = EXPF(sacc[j][e] - m[e >> 1]);");
+    kg_line(k, "        l[e >> 1] += p;");
+    kg_line(k, "        sacc[j][e] = p;");
+    kg_line(k, "    }");
+    emit_tc_repack(k, "pf", "sacc");
+    emit_tc_mma(k, "oacc", "pf[kk]", "Vt", tc_ws(TC_T), NO, 4);
+    kg_line(k, "BARRIER();");
+    kg_line(k, "}");
+    kg_line(k, "#pragma unroll");
+    kg_line(k, "for (int r = 0; r < 2; r++) {");
+    kg_line(k, "    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);");
+    kg_line(k, "    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);");
+    kg_line(k, "    const long qs = qr + 8 * r;");
+    kg_line(k, "    if (qs >= S) continue;");
+    kg_line(k, "    float *oi = o + (t0 + qs) * %ldL + qo;", kg_ld(k, o));
+    kg_line(k, "    #pragma unroll");
+    kg_line(k, "    for (int j = 0; j < %ld; j++)", NO);
+    kg_line(k, "        for (int e = 0; e < 2; e++) {");
+    kg_line(k, "            const int col = 8 * j + 2 * tq + e;");
+    if (DP != D) kg_line(k, "            if (col >= %ld) continue;", D);
+    kg_line(k, "            oi[col] = oacc[j][2 * r + e] / l[r];");
+    kg_line(k, "        }");
+    kg_line(k, "    if (tq == 0) lse[(t0 + qs) * %ldL + h] = m[r] + LOGF(l[r]);", kg_ld(k, lse));
+    kg_line(k, "}");
+    kg_grid(k, 0, 0, 0, 1, 0, TC_T);
+    kg_grid(k, 1, 0, c->H, 0, 0, 1);
+    kg_block(k, 128, 1, 1);
+    return kg_end(k);
+}
+
 /* Forward, work-group tiled: a work-group is ATTN_WG consecutive query positions of one
  * (sequence, head); grid x over query blocks, y over B*H. Key/value tiles of `bk` rows are
  * staged in LOCAL memory; the tile loop covers the whole group's band (uniform trip count
@@ -389,6 +607,7 @@ static int attention_emit(struct kgen *k, const ir_node *n) {
     const int node = (int)(n - k->g->n);
     const int q = n->in[0], kk = n->in[1], v = n->in[2], o = n->out[0], lse = n->out[1];
     const long D = c.Dh;
+    if (k->bf16 && tc_dp(D) <= TC_FWD_MAXD) return attention_emit_tc(k, n, &c);
     /* two tiles of bk x Dh floats within the 48 KiB of static LOCAL memory CUDA allows */
     long bk = 6144 / D;
     if (bk > 64) bk = 64;
@@ -825,13 +1044,180 @@ static int emit_bwd_dq(kgen *k, const ir_node *n, const attn_consts *c, const at
     return kg_end(k);
 }
 
+/* ---- the backward on tensor cores (bf16 plans; see "bf16 tensor-core kernels" above) ----
+ * The same blocks and order as the fp32 tiled kernels, with 64-row tiles and the products on
+ * mma.sync. dq: a block's 64 queries keep Q and dO as A fragments; per key tile S = Q K^T and
+ * dP = dO V^T, then dS = P (dP - D) scale is repacked in registers and dQ += dS K takes K^T
+ * staged [e][key pair]. dkv: a block's 64 keys keep K and V as A fragments, so the score
+ * tiles come out transposed (S^T = K Q^T, dP^T = V dO^T, keys in rows) and dV += P^T dO,
+ * dK += dS^T Q take dO^T and Q^T staged [e][query pair]; lse and D of the query tile, which
+ * index the columns there, go through shared memory. */
+static void emit_tc_ds(kgen *k, const attn_consts *c) {
+    kg_line(k, "        const float p = vis ? EXPF(%s * sacc[j][e] - L) : 0.0f;", c->scale);
+    /* window 1: one term per softmax, dS exactly zero (as in the fp32 kernels) */
+    if (c->window == 1) kg_line(k, "        const float ds = 0.0f; (void)Dd;");
+    else kg_line(k, "        const float ds = p * (dpacc[j][e] - Dd) * %s;", c->scale);
+}
+
+static int emit_bwd_dq_tc(kgen *k, const ir_node *n, const attn_consts *c) {
+    const int node = (int)(n - k->g->n);
+    const long D = c->Dh, DP = tc_dp(D), NO = DP / 8;
+    kg_begin(k, "attention_bwd_dq_tc", node, node + 1);
+    emit_tiled_args(k, n);
+    kg_out(k, "dq", n->out[0]);
+    kg_line(k, "__shared__ unsigned Ks[%ld], Vs[%ld], Kt[%ld];", TC_T * tc_ws(DP), TC_T * tc_ws(DP), DP * tc_ws(TC_T));
+    emit_tc_prologue(k);
+    kg_line(k, "const long bh = GID_Y, b = bh / %ld, h = bh %% %ld;", c->H, c->H);
+    kg_line(k, "const long t0 = b * S, q0 = GID_X * %d, qo = h * %ld, kvo = (h / %ld) * %ld;", TC_T, D, c->group, D);
+    kg_line(k, "const long q1 = (q0 + %d < S ? q0 + %d : S) - 1;", TC_T, TC_T);
+    kg_line(k, "long klo = q0 - %ld;", c->window - 1);
+    kg_line(k, "if (klo < 0) klo = 0;");
+    kg_line(k, "const long qr = q0 + warp * 16 + gq;   /* this thread's rows: qr, qr + 8 */");
+    /* Q and dO go through the K and V tiles once; their fragments then stay in registers */
+    emit_tc_rows(k, c, DP, "Ks", "q", kg_ld(k, n->in[0]), "q0", "qo");
+    emit_tc_rows(k, c, DP, "Vs", "dO", kg_ld(k, n->in[5]), "q0", "qo");
+    kg_line(k, "BARRIER();");
+    emit_tc_afrag(k, DP, "qf", "Ks");
+    emit_tc_afrag(k, DP, "df", "Vs");
+    kg_line(k, "BARRIER();");
+    kg_line(k, "float Lr[2], Dr[2];");
+    kg_line(k, "#pragma unroll");
+    kg_line(k, "for (int r = 0; r < 2; r++) {");
+    kg_line(k, "    const long qs = qr + 8 * r;");
+    kg_line(k, "    Lr[r] = qs < S ? lse[(t0 + qs) * %ldL + h] : 0.0f;", kg_ld(k, n->in[4]));
+    kg_line(k, "    Dr[r] = qs < S ? Dw[(t0 + qs) * %ldL + h] : 0.0f;", kg_ld(k, n->out[3]));
+    kg_line(k, "}");
+    emit_tc_zero(k, "dqa", NO);
+    kg_line(k, "for (long k0 = klo; k0 <= q1; k0 += %d) {", TC_T);
+    emit_tc_rows(k, c, DP, "Ks", "k", kg_ld(k, n->in[1]), "k0", "kvo");
+    emit_tc_rows(k, c, DP, "Vs", "v", kg_ld(k, n->in[2]), "k0", "kvo");
+    emit_tc_cols(k, c, DP, "Kt", "k", kg_ld(k, n->in[1]), "k0", "kvo");
+    kg_line(k, "BARRIER();");
+    emit_tc_zero(k, "sacc", 8);
+    emit_tc_zero(k, "dpacc", 8);
+    emit_tc_mma(k, "sacc", "qf[kk]", "Ks", tc_ws(DP), 8, DP / 16);
+    emit_tc_mma(k, "dpacc", "df[kk]", "Vs", tc_ws(DP), 8, DP / 16);
+    kg_line(k, "#pragma unroll");
+    kg_line(k, "for (int j = 0; j < 8; j++)");
+    kg_line(k, "    for (int e = 0; e < 4; e++) {");
+    kg_line(k, "        const long qs = qr + 8 * (e >> 1), ks = k0 + 8 * j + 2 * tq + (e & 1);");
+    kg_line(k, "        const int vis = qs < S && ks <= qs && qs - ks < %ld;", c->window);
+    kg_line(k, "        const float L = Lr[e >> 1], Dd = Dr[e >> 1];");
+    emit_tc_ds(k, c);
+    kg_line(k, "        sacc[j][e] = ds;");
+    kg_line(k, "    }");
+    emit_tc_repack(k, "sf", "sacc");
+    emit_tc_mma(k, "dqa", "sf[kk]", "Kt", tc_ws(TC_T), NO, 4);
+    kg_line(k, "BARRIER();");
+    kg_line(k, "}");
+    kg_line(k, "#pragma unroll");
+    kg_line(k, "for (int r = 0; r < 2; r++) {");
+    kg_line(k, "    const long qs = qr + 8 * r;");
+    kg_line(k, "    if (qs >= S) continue;");
+    kg_line(k, "    float *dqi = dq + (t0 + qs) * %ldL + qo;", kg_ld(k, n->out[0]));
+    kg_line(k, "    #pragma unroll");
+    kg_line(k, "    for (int j = 0; j < %ld; j++)", NO);
+    kg_line(k, "        for (int e = 0; e < 2; e++) {");
+    kg_line(k, "            const int col = 8 * j + 2 * tq + e;");
+    if (DP != D) kg_line(k, "            if (col >= %ld) continue;", D);
+    kg_line(k, "            dqi[col] = dqa[j][2 * r + e];");
+    kg_line(k, "        }");
+    kg_line(k, "}");
+    kg_grid(k, 0, 0, 0, 1, 0, TC_T);
+    kg_grid(k, 1, 0, c->H, 0, 0, 1);
+    kg_block(k, 128, 1, 1);
+    return kg_end(k);
+}
+
+static int emit_bwd_dkv_tc(kgen *k, const ir_node *n, const attn_consts *c) {
+    const int node = (int)(n - k->g->n);
+    const long D = c->Dh, DP = tc_dp(D), NO = DP / 8;
+    kg_begin(k, "attention_bwd_dkv_tc", node, node + 1);
+    emit_tiled_args(k, n);
+    kg_out(k, "dk", n->out[1]);
+    kg_out(k, "dv", n->out[2]);
+    kg_line(k, "__shared__ unsigned Qs[%ld], dOs[%ld], Qt[%ld], dOt[%ld];", TC_T * tc_ws(DP), TC_T * tc_ws(DP),
+            DP * tc_ws(TC_T), DP * tc_ws(TC_T));
+    kg_line(k, "__shared__ float Ls[%d], Ds[%d];", TC_T, TC_T);
+    emit_tc_prologue(k);
+    kg_line(k, "const long bg = GID_Y, b = bg / %ld, g = bg %% %ld;", c->Hkv, c->Hkv);
+    kg_line(k, "const long t0 = b * S, k0 = GID_X * %d, kvo = g * %ld;", TC_T, D);
+    kg_line(k, "const long kr = k0 + warp * 16 + gq;   /* this thread's keys: kr, kr + 8 */");
+    /* the last query that sees a key of the block */
+    kg_line(k, "long qend = (k0 + %d < S ? k0 + %d : S - 1) + %ld;", TC_T - 1, TC_T - 1, c->window - 1);
+    kg_line(k, "if (qend > S - 1) qend = S - 1;");
+    /* K and V go through the Q and dO tiles once; their fragments then stay in registers */
+    emit_tc_rows(k, c, DP, "Qs", "k", kg_ld(k, n->in[1]), "k0", "kvo");
+    emit_tc_rows(k, c, DP, "dOs", "v", kg_ld(k, n->in[2]), "k0", "kvo");
+    kg_line(k, "BARRIER();");
+    emit_tc_afrag(k, DP, "kf", "Qs");
+    emit_tc_afrag(k, DP, "vf", "dOs");
+    kg_line(k, "BARRIER();");
+    emit_tc_zero(k, "dka", NO);
+    emit_tc_zero(k, "dva", NO);
+    kg_line(k, "for (long h = g * %ld; h < (g + 1) * %ld; h++) {", c->group, c->group);
+    kg_line(k, "const long qo = h * %ld;", D);
+    kg_line(k, "for (long q0 = k0; q0 <= qend; q0 += %d) {", TC_T);
+    emit_tc_rows(k, c, DP, "Qs", "q", kg_ld(k, n->in[0]), "q0", "qo");
+    emit_tc_rows(k, c, DP, "dOs", "dO", kg_ld(k, n->in[5]), "q0", "qo");
+    emit_tc_cols(k, c, DP, "Qt", "q", kg_ld(k, n->in[0]), "q0", "qo");
+    emit_tc_cols(k, c, DP, "dOt", "dO", kg_ld(k, n->in[5]), "q0", "qo");
+    kg_line(k, "if (LID_X < %d) {", TC_T);
+    kg_line(k, "    const long ps = q0 + LID_X;");
+    kg_line(k, "    Ls[LID_X] = ps < S ? lse[(t0 + ps) * %ldL + h] : 0.0f;", kg_ld(k, n->in[4]));
+    kg_line(k, "    Ds[LID_X] = ps < S ? Dw[(t0 + ps) * %ldL + h] : 0.0f;", kg_ld(k, n->out[3]));
+    kg_line(k, "}");
+    kg_line(k, "BARRIER();");
+    emit_tc_zero(k, "sacc", 8);
+    emit_tc_zero(k, "dpacc", 8);
+    emit_tc_mma(k, "sacc", "kf[kk]", "Qs", tc_ws(DP), 8, DP / 16);
+    emit_tc_mma(k, "dpacc", "vf[kk]", "dOs", tc_ws(DP), 8, DP / 16);
+    kg_line(k, "#pragma unroll");
+    kg_line(k, "for (int j = 0; j < 8; j++)");
+    kg_line(k, "    for (int e = 0; e < 4; e++) {");
+    kg_line(k, "        const int col = 8 * j + 2 * tq + (e & 1);");
+    kg_line(k, "        const long ks = kr + 8 * (e >> 1), qs = q0 + col;");
+    kg_line(k, "        const int vis = qs < S && ks <= qs && qs - ks < %ld;", c->window);
+    kg_line(k, "        const float L = Ls[col], Dd = Ds[col];");
+    emit_tc_ds(k, c);
+    kg_line(k, "        sacc[j][e] = p; dpacc[j][e] = ds;");
+    kg_line(k, "    }");
+    emit_tc_repack(k, "pf", "sacc");
+    emit_tc_mma(k, "dva", "pf[kk]", "dOt", tc_ws(TC_T), NO, 4);
+    emit_tc_repack(k, "sf", "dpacc");
+    emit_tc_mma(k, "dka", "sf[kk]", "Qt", tc_ws(TC_T), NO, 4);
+    kg_line(k, "BARRIER();");   /* before the next tile's loads overwrite the tiles */
+    kg_line(k, "}");
+    kg_line(k, "}");
+    kg_line(k, "#pragma unroll");
+    kg_line(k, "for (int r = 0; r < 2; r++) {");
+    kg_line(k, "    const long ks = kr + 8 * r;");
+    kg_line(k, "    if (ks >= S) continue;");
+    kg_line(k, "    float *dki = dk + (t0 + ks) * %ldL + kvo, *dvi = dv + (t0 + ks) * %ldL + kvo;",
+            kg_ld(k, n->out[1]), kg_ld(k, n->out[2]));
+    kg_line(k, "    #pragma unroll");
+    kg_line(k, "    for (int j = 0; j < %ld; j++)", NO);
+    kg_line(k, "        for (int e = 0; e < 2; e++) {");
+    kg_line(k, "            const int col = 8 * j + 2 * tq + e;");
+    if (DP != D) kg_line(k, "            if (col >= %ld) continue;", D);
+    kg_line(k, "            dki[col] = dka[j][2 * r + e];");
+    kg_line(k, "            dvi[col] = dva[j][2 * r + e];");
+    kg_line(k, "        }");
+    kg_line(k, "}");
+    kg_grid(k, 0, 0, 0, 1, 0, TC_T);
+    kg_grid(k, 1, 0, c->Hkv, 0, 0, 1);
+    kg_block(k, 128, 1, 1);
+    return kg_end(k);
+}
+
 static int attention_bwd_emit(struct kgen *k, const ir_node *n) {
     const attn_consts c = emit_consts(k, n);
     attn_tiles t;
     if (emit_bwd_d(k, n, &c) < 0) return -1;
     if (bwd_tiles(c.Dh, &t) < 0) return emit_bwd_rows(k, n);
-    if (emit_bwd_dkv(k, n, &c, &t) < 0) return -1;
-    return emit_bwd_dq(k, n, &c, &t);
+    const int tc = k->bf16 && tc_dp(c.Dh) <= TC_BWD_MAXD;
+    if ((tc ? emit_bwd_dkv_tc(k, n, &c) : emit_bwd_dkv(k, n, &c, &t)) < 0) return -1;
+    return tc ? emit_bwd_dq_tc(k, n, &c) : emit_bwd_dq(k, n, &c, &t);
 }
 
 const op_def op_attention = {
