@@ -200,7 +200,7 @@ TEST(bf16_attention_deterministic) {
     if (!gpu_on()) return;
     const kcase c = ATT(6, 2, 64, 96, 300);
     ir_graph g;
-    char err[1024];
+    char err[1024] = "";
     if (kc_build_case(&c, &g, err, sizeof err) < 0) {
         ir_free(&g);
         CHECK(0, "%s", err);

@@ -332,7 +332,8 @@ static double attention_bwd_flops(const ir_graph *g, const ir_node *n, long B, l
 }
 
 /* ---- kernel templates ----
- * fp32 throughout, deterministic (no atomics), every size, stride, window and the scale baked
+ * fp32 (bf16 plans on CUDA take the tensor-core kernels further down instead, for heads up to
+ * their limits), deterministic (no atomics), every size, stride, window and the scale baked
  * into the source; only B, S and T = B*S are runtime values. The forward is below; the
  * backward is the tiled one further down, with these per-row kernels (no LOCAL memory) as
  * the fallback for heads too wide for its tiles:
@@ -388,7 +389,8 @@ static void emit_row_prologue(kgen *k, long nh, const char *hname) {
  * 8 columns, accumulator e of n-tile j at row gq (+8 for e >= 2), column 8j + 2tq + (e & 1).
  * Those accumulators become the A operand of the second product without leaving registers:
  * n-tiles 2t and 2t+1 hold exactly the (row, k) pairs of the A fragment of k-step t (rows
- * gq / gq+8, k pairs 2tq and 2tq+8), which is what tc_repack relies on.
+ * gq / gq+8, k pairs 2tq and 2tq+8), which is what emit_tc_repack relies on. The head dim is
+ * padded to a multiple of 16 (one k-step) with zeros.
  * Shared tiles hold bf16 pairs as 32-bit words with the contraction contiguous, rows padded by
  * 4 words so a warp's fragment reads (8 rows x 4 words) hit 32 distinct banks. A product whose
  * contraction runs over the tile's rows (P V, dS K, P^T dO, dS^T Q) needs its B operand
@@ -398,7 +400,9 @@ static void emit_row_prologue(kgen *k, long nh, const char *hname) {
  * order, mma's fixed internal order, a fixed quad shuffle for the row sums): no atomics, the
  * same bits run to run. Heads wider than TC_FWD_MAXD (forward) or TC_BWD_MAXD (backward) keep
  * the fp32 kernels; the backward's tiles are four 64 x Dh operands, which fit in static
- * shared memory only up to 64. */
+ * shared memory only up to 64. At Dh 64 on sm_90 ptxas gives the forward 168 registers and
+ * the two backward kernels 255 (no spills): 2 to 3 blocks of 4 warps per SM, the first thing
+ * to revisit if they turn out latency-bound. */
 #define TC_T 64            /* rows of every tile: 4 warps x 16 */
 #define TC_FWD_MAXD 128
 #define TC_BWD_MAXD 64
