@@ -1207,6 +1207,62 @@ static int emit_fwd_seq(kgen *k, const ir_node *n) {
  * Deterministic: every sum has a fixed order, no atomics. Needs P <= 256 and the local tiles to
  * fit; otherwise emit_fwd falls back to the sequential kernel (which leaves the two
  * workspaces unwritten: nothing reads them). */
+/* the element address of slot e (of a per-chunk vector of width w per head) in a token-major
+ * array spread over a chunk's rows starting at row `rb` (the layout of `saved`) */
+static void kl_spread(char *buf, size_t len, const char *rb, const char *e, long w, long ld) {
+    snprintf(buf, len, "((%s) + (%s) / %ldL) * %ldL + h * %ldL + (%s) %% %ldL", rb, e, w, ld, w, e, w);
+}
+
+/* The chunk kernels' per-token scalars in local memory: DT (ldt), A DT (ladt), the trapezoid
+ * weights scale (lsc) and gamma (lgm), the in-order prefix cs (lcs), zeros past L, then the
+ * in-chunk angles LPH. Expects c0, rb, L, h, lid and dtbh in scope. */
+static void emit_chunk_scalars(kgen *k, int NT, int CH, int NA, long lddt, long ldda, long ldtr, long ldang) {
+    char angx[96];
+    snprintf(angx, sizeof angx, "ang[(rb + a) * %ldL + i]", ldang);
+    KL("for (int a = lid; a < %d; a += %d) {", CH, NT);
+    KL("if (a < L) {");
+    KL("const long tk = rb + a;");
+    KL("const int hasn = c0 + a + 1 < S;");
+    KL("const long tkn = hasn ? tk + 1 : tk;");
+    emit_acts(k, "", "tk", lddt, ldda, ldtr);
+    emit_acts(k, "n", "tkn", lddt, ldda, ldtr);
+    KL("ldt[a] = DT; ladt[a] = Av * DT; lgm[a] = lam * DT;");
+    KL("lsc[a] = lam * DT + (hasn ? (1.0f - nlam) * nDT : 0.0f);");
+    KL("} else { ldt[a] = 0.0f; ladt[a] = 0.0f; lgm[a] = 0.0f; lsc[a] = 0.0f; }");
+    KL("}");
+    KL("BARRIER();");
+    /* the forward kernels' in-order prefix, so every kernel sees the same cs */
+    KL("for (int a = lid; a < %d; a += %d) { float cs = 0.0f; for (int j = 0; j <= a && j < L; j++) cs += ladt[j]; lcs[a] = cs; }",
+       CH, NT);
+    emit_chunk_angles(k, NT, CH, NA, angx);
+}
+
+/* Q (or K) of token a, element nn, biased and rotated by the in-chunk angle, into `dst` */
+static void emit_rot_load(kgen *k, const char *dst, const char *src, const char *bias, long ld, int N, int NA) {
+    KL("{");
+    KL("float v = %s[(rb + a) * %ldL + nn] + %s[h * %d + nn];", src, ld, bias, N);
+    KL("if (nn < %d) {", 2 * NA);
+    KL("const int i = nn >> 1;");
+    KL("const float cq = COSF(LPH[a * %d + i]), sq = SINF(LPH[a * %d + i]);", NA, NA);
+    KL("const float v0 = %s[(rb + a) * %ldL + 2 * i] + %s[h * %d + 2 * i], v1 = %s[(rb + a) * %ldL + 2 * i + 1] + %s[h * %d + 2 * i + 1];",
+       src, ld, bias, N, src, ld, bias, N);
+    KL("v = (nn & 1) ? v0 * sq + v1 * cq : v0 * cq - v1 * sq;");
+    KL("}");
+    KL("%s = v;", dst);
+    KL("}");
+}
+
+/* cos/sin of the angle entering the chunk into tc/ts: left in `th` by the previous chunk (the
+ * forward walk), the identity for chunk 0. Expects c0, sb, h and lid in scope. */
+static void emit_entering_angle(kgen *k, int NT, int NA, long W2, long ldth) {
+    char a0[200], a1[200];
+    kl_spread(a0, sizeof a0, "sb", "2 * i", W2, ldth);
+    kl_spread(a1, sizeof a1, "sb", "2 * i + 1", W2, ldth);
+    KL("for (int i = lid; i < %d; i += %d) {", NA, NT);
+    KL("if (c0 > 0) { tc[i] = th[%s]; ts[i] = th[%s]; } else { tc[i] = 1.0f; ts[i] = 0.0f; }", a0, a1);
+    KL("}");
+}
+
 static long fwd_chunk_local(m3_kdims d, int *NT3) {
     const int P = d.P, N = d.N, NA = d.NA, CH = d.CH;
     int tg = 256 / P;
@@ -1215,12 +1271,6 @@ static long fwd_chunk_local(m3_kdims d, int *NT3) {
     long big = (long)CH * (N + 1) > (long)CH * CH ? (long)CH * (N + 1) : (long)CH * CH;
     long k3 = 4L * (5L * CH + (long)CH * NA + 2L * NA + (long)CH * (N + 1) + big);
     return k1 > k3 ? k1 : k3;
-}
-
-/* the element address of slot e (of a per-chunk vector of width w per head) in a token-major
- * array spread over a chunk's rows starting at row `rb` (the layout of `saved`) */
-static void kl_spread(char *buf, size_t len, const char *rb, const char *e, long w, long ld) {
-    snprintf(buf, len, "((%s) + (%s) / %ldL) * %ldL + h * %ldL + (%s) %% %ldL", rb, e, w, ld, w, e, w);
 }
 
 static int emit_fwd_chunked(kgen *k, const ir_node *n) {
@@ -1248,37 +1298,16 @@ static int emit_fwd_chunked(kgen *k, const ir_node *n) {
     KL("const long rb = b * S + c0;");
     KL("const int L = (int)(S - c0 < %d ? S - c0 : %d);", CH, CH);
     kl_spread(ad, sizeof ad, "rb", "i", W, ldds);
-    KL("LOCAL float ldt[%d], ladt[%d], lsc[%d], lcs[%d];", CH, CH, CH, CH);
+    KL("LOCAL float ldt[%d], ladt[%d], lsc[%d], lgm[%d], lcs[%d];", CH, CH, CH, CH, CH);
     KL("LOCAL float LPH[%d];", CH * NA);
     KL("LOCAL float KR[%d];", CH * N);
     KL("LOCAL float VW[%d];", CH * P);
     KL("const float dtbh = dtb[h];");
-    KL("for (int a = lid; a < L; a += %d) {", NT);
-    KL("const long tk = rb + a;");
-    KL("const int hasn = c0 + a + 1 < S;");
-    KL("const long tkn = hasn ? tk + 1 : tk;");
-    emit_acts(k, "", "tk", lddt, ldda, ldtr);
-    emit_acts(k, "n", "tkn", lddt, ldda, ldtr);
-    KL("ldt[a] = DT; ladt[a] = Av * DT;");
-    KL("lsc[a] = lam * DT + (hasn ? (1.0f - nlam) * nDT : 0.0f);");
-    KL("}");
-    KL("BARRIER();");
-    /* the same in-order prefix as the backward and the walk, so all see the same cs */
-    KL("for (int a = lid; a < L; a += %d) { float cs = 0.0f; for (int j = 0; j <= a; j++) cs += ladt[j]; lcs[a] = cs; }", NT);
-    emit_chunk_angles(k, NT, CH, NA, angx);
+    emit_chunk_scalars(k, NT, CH, NA, lddt, ldda, ldtr, ldang);
     KL("BARRIER();");
     KL("for (int j = lid; j < L * %d; j += %d) {", N, NT);
     KL("const int a = j / %d, nn = j - a * %d;", N, N);
-    KL("const long tk = rb + a;");
-    KL("float kv = Bn[tk * %ldL + nn] + Bb[h * %d + nn];", ldb, N);
-    KL("if (nn < %d) {", 2 * NA);
-    KL("const int i = nn >> 1;");
-    KL("const float cq = COSF(LPH[a * %d + i]), sq = SINF(LPH[a * %d + i]);", NA, NA);
-    KL("const float k0 = Bn[tk * %ldL + 2 * i] + Bb[h * %d + 2 * i], k1 = Bn[tk * %ldL + 2 * i + 1] + Bb[h * %d + 2 * i + 1];",
-       ldb, N, ldb, N);
-    KL("kv = (nn & 1) ? k0 * sq + k1 * cq : k0 * cq - k1 * sq;");
-    KL("}");
-    KL("KR[j] = kv;");
+    emit_rot_load(k, "KR[j]", "Bn", "Bb", ldb, N, NA);
     KL("}");
     KL("for (int j = lid; j < L * %d; j += %d) {", P, NT);
     KL("const int a = j / %d, p = j - a * %d;", P, P);
@@ -1451,43 +1480,15 @@ static int emit_fwd_chunked(kgen *k, const ir_node *n) {
     const int stage_v = fwd_chunk_local(d, &NT3x) + 4L * CH * P <= (k->shared_max > 0 ? k->shared_max : 160L * 1024);
     if (stage_v) kg_shared(k, "XV", (long)CH * P);
     KL("const float dtbh = dtb[h], Dh = Dp[h];");
-    /* cos/sin of the angle entering the chunk: left by the previous chunk (zero for chunk 0) */
-    kl_spread(at, sizeof at, "sb", "2 * i", W2, ldth);
-    KL("for (int i = lid; i < %d; i += %d) {", NA, NT3);
-    KL("if (c0 > 0) {");
-    KL("tc[i] = th[%s];", at);
-    kl_spread(at, sizeof at, "sb", "2 * i + 1", W2, ldth);
-    KL("ts[i] = th[%s];", at);
-    KL("} else { tc[i] = 1.0f; ts[i] = 0.0f; }");
-    KL("}");
-    KL("for (int a = lid; a < L; a += %d) {", NT3);
-    KL("const long tk = rb + a;");
-    KL("const int hasn = c0 + a + 1 < S;");
-    KL("const long tkn = hasn ? tk + 1 : tk;");
-    emit_acts(k, "", "tk", lddt, ldda, ldtr);
-    emit_acts(k, "n", "tkn", lddt, ldda, ldtr);
-    KL("ldt[a] = DT; ladt[a] = Av * DT; lgm[a] = lam * DT;");
-    KL("lsc[a] = lam * DT + (hasn ? (1.0f - nlam) * nDT : 0.0f);");
-    KL("}");
-    KL("BARRIER();");
-    KL("for (int a = lid; a < L; a += %d) { float cs = 0.0f; for (int j = 0; j <= a; j++) cs += ladt[j]; lcs[a] = cs; }", NT3);
-    emit_chunk_angles(k, NT3, CH, NA, angx);
+    emit_entering_angle(k, NT3, NA, W2, ldth);
+    emit_chunk_scalars(k, NT3, CH, NA, lddt, ldda, ldtr, ldang);
     KL("BARRIER();");
     KL("for (int j = lid; j < L * %d; j += %d) {", N, NT3);
     KL("const int a = j / %d, nn = j - a * %d;", N, N);
-    KL("const long tk = rb + a;");
-    KL("float kv = Bn[tk * %ldL + nn] + Bb[h * %d + nn], qv = Cn[tk * %ldL + nn] + Cb[h * %d + nn];", ldb, N, ldc, N);
-    KL("if (nn < %d) {", 2 * NA);
-    KL("const int i = nn >> 1;");
-    KL("const float cq = COSF(LPH[a * %d + i]), sq = SINF(LPH[a * %d + i]);", NA, NA);
-    KL("const float k0 = Bn[tk * %ldL + 2 * i] + Bb[h * %d + 2 * i], k1 = Bn[tk * %ldL + 2 * i + 1] + Bb[h * %d + 2 * i + 1];",
-       ldb, N, ldb, N);
-    KL("const float q0 = Cn[tk * %ldL + 2 * i] + Cb[h * %d + 2 * i], q1 = Cn[tk * %ldL + 2 * i + 1] + Cb[h * %d + 2 * i + 1];",
-       ldc, N, ldc, N);
-    KL("kv = (nn & 1) ? k0 * sq + k1 * cq : k0 * cq - k1 * sq;");
-    KL("qv = (nn & 1) ? q0 * sq + q1 * cq : q0 * cq - q1 * sq;");
-    KL("}");
-    KL("KM[a * %d + nn] = kv; QR[a * %d + nn] = qv;", N1, N1);
+    snprintf(at, sizeof at, "KM[a * %d + nn]", N1);
+    emit_rot_load(k, at, "Bn", "Bb", ldb, N, NA);
+    snprintf(at, sizeof at, "QR[a * %d + nn]", N1);
+    emit_rot_load(k, at, "Cn", "Cb", ldc, N, NA);
     KL("}");
     if (stage_v)
         KL("for (int j = lid; j < L * %d; j += %d) XV[j] = x[(rb + j / %d) * %ldL + h * %d + j %% %d];", P, NT3, P, ldx, P, P);
@@ -1821,43 +1822,6 @@ static int bwd_chunked_fits(m3_kdims d, long shared_max) {
     return d.CH <= 256 && bwd_main_shared(d) + small <= shared_max && 4L * d.CH * (d.N + d.P + d.NA) <= shared_max;
 }
 
-/* ldt/ladt/lsc/lgm/lcs and the in-chunk angles LPH of the chunk's tokens (zeros past L) */
-static void bwd_emit_token_scalars(kgen *k, int NT, int CH, int NA, long lddt, long ldda, long ldtr, long ldang) {
-    char angx[96];
-    snprintf(angx, sizeof angx, "ang[(rb + a) * %ldL + i]", ldang);
-    KL("for (int a = lid; a < %d; a += %d) {", CH, NT);
-    KL("if (a < L) {");
-    KL("const long tk = rb + a;");
-    KL("const int hasn = c0 + a + 1 < S;");
-    KL("const long tkn = hasn ? tk + 1 : tk;");
-    emit_acts(k, "", "tk", lddt, ldda, ldtr);
-    emit_acts(k, "n", "tkn", lddt, ldda, ldtr);
-    KL("ldt[a] = DT; ladt[a] = Av * DT; lgm[a] = lam * DT;");
-    KL("lsc[a] = lam * DT + (hasn ? (1.0f - nlam) * nDT : 0.0f);");
-    KL("} else { ldt[a] = 0.0f; ladt[a] = 0.0f; lgm[a] = 0.0f; lsc[a] = 0.0f; }");
-    KL("}");
-    KL("BARRIER();");
-    /* the forward kernels' in-order prefix, so every kernel sees the same cs */
-    KL("for (int a = lid; a < %d; a += %d) { float cs = 0.0f; for (int j = 0; j <= a && j < L; j++) cs += ladt[j]; lcs[a] = cs; }",
-       CH, NT);
-    emit_chunk_angles(k, NT, CH, NA, angx);
-}
-
-/* Q (or K) of token a, element nn, biased and rotated by the in-chunk angle, into `dst` */
-static void bwd_emit_rot_load(kgen *k, const char *dst, const char *src, const char *bias, long ld, int N, int NA) {
-    KL("{");
-    KL("float v = %s[(rb + a) * %ldL + nn] + %s[h * %d + nn];", src, ld, bias, N);
-    KL("if (nn < %d) {", 2 * NA);
-    KL("const int i = nn >> 1;");
-    KL("const float cq = COSF(LPH[a * %d + i]), sq = SINF(LPH[a * %d + i]);", NA, NA);
-    KL("const float v0 = %s[(rb + a) * %ldL + 2 * i] + %s[h * %d + 2 * i], v1 = %s[(rb + a) * %ldL + 2 * i + 1] + %s[h * %d + 2 * i + 1];",
-       src, ld, bias, N, src, ld, bias, N);
-    KL("v = (nn & 1) ? v0 * sq + v1 * cq : v0 * cq - v1 * sq;");
-    KL("}");
-    KL("%s = v;", dst);
-    KL("}");
-}
-
 static int emit_bwd_chunked(kgen *k, const ir_node *n, int node, m3_kdims d) {
     const int H = d.H, P = d.P, N = d.N, NA = d.NA, CH = d.CH, NH = (N + 1) / 2;
     const long W = d.W, PN = (long)P * N, Wd = m3_bwd_width(P, N, CH), W2 = m3_theta_width(NA, CH), Wt = NA + 4;
@@ -1887,17 +1851,13 @@ static int emit_bwd_chunked(kgen *k, const ir_node *n, int node, m3_kdims d) {
         kg_shared(k, "QL", (long)CH * N);
         kg_shared(k, "EY", (long)CH * P);
         KL("const float dtbh = dtb[h];");
-        bwd_emit_token_scalars(k, NT, CH, NA, lddt, ldda, ldtr, ldang);
-        kl_spread(a0, sizeof a0, "sb", "2 * i", W2, ldth);
-        kl_spread(a1, sizeof a1, "sb", "2 * i + 1", W2, ldth);
-        KL("for (int i = lid; i < %d; i += %d) {", NA, NT);
-        KL("if (c0 > 0) { tc[i] = th[%s]; ts[i] = th[%s]; } else { tc[i] = 1.0f; ts[i] = 0.0f; }", a0, a1);
-        KL("}");
+        emit_chunk_scalars(k, NT, CH, NA, lddt, ldda, ldtr, ldang);
+        emit_entering_angle(k, NT, NA, W2, ldth);
         KL("BARRIER();");
         KL("for (int j = lid; j < %d; j += %d) {", CH * N, NT);
         KL("const int a = j / %d, nn = j - a * %d;", N, N);
         KL("if (a < L) {");
-        bwd_emit_rot_load(k, "QL[j]", "Cn", "Cb", ldc, N, NA);
+        emit_rot_load(k, "QL[j]", "Cn", "Cb", ldc, N, NA);
         KL("} else QL[j] = 0.0f;");
         KL("}");
         KL("for (int j = lid; j < %d; j += %d) {", CH * P, NT);
@@ -2012,21 +1972,17 @@ static int emit_bwd_chunked(kgen *k, const ir_node *n, int node, m3_kdims d) {
         KL("LOCAL_PTR float *X = RG;   /* the state, then its gradient: P x N in the local frame */");
         KL("LOCAL_PTR float *MA = RG, *MB = RG + %ld;", mm);
         KL("const float dtbh = dtb[h], Dh = Dp[h];");
-        bwd_emit_token_scalars(k, NT, CH, NA, lddt, ldda, ldtr, ldang);
-        kl_spread(a0, sizeof a0, "sb", "2 * i", W2, ldth);
-        kl_spread(a1, sizeof a1, "sb", "2 * i + 1", W2, ldth);
-        KL("for (int i = lid; i < %d; i += %d) {", NA, NT);
-        KL("if (c0 > 0) { tc[i] = th[%s]; ts[i] = th[%s]; } else { tc[i] = 1.0f; ts[i] = 0.0f; }", a0, a1);
-        KL("}");
+        emit_chunk_scalars(k, NT, CH, NA, lddt, ldda, ldtr, ldang);
+        emit_entering_angle(k, NT, NA, W2, ldth);
         KL("BARRIER();");
         /* tiles: rows past L are zero, so every product below may run over all CH rows */
         KL("for (int j = lid; j < %d; j += %d) {", CH * N, NT);
         KL("const int a = j / %d, nn = j - a * %d;", N, N);
         KL("if (a < L) {");
         snprintf(a2, sizeof a2, "QL[a * %d + nn]", N1);
-        bwd_emit_rot_load(k, a2, "Cn", "Cb", ldc, N, NA);
+        emit_rot_load(k, a2, "Cn", "Cb", ldc, N, NA);
         snprintf(a2, sizeof a2, "KL[a * %d + nn]", N1);
-        bwd_emit_rot_load(k, a2, "Bn", "Bb", ldb, N, NA);
+        emit_rot_load(k, a2, "Bn", "Bb", ldb, N, NA);
         KL("} else { QL[a * %d + nn] = 0.0f; KL[a * %d + nn] = 0.0f; }", N1, N1);
         KL("}");
         KL("for (int j = lid; j < %d; j += %d) {", CH * P, NT);

@@ -144,12 +144,13 @@ KERNEL k4_mamba3_scan_chunk(GLOBAL float *A, long B, long S, long o_x, long o_Bn
     const int h = (int)(bh - b * 4), lid = LID_X;
     const long rb = b * S + c0;
     const int L = (int)(S - c0 < 16 ? S - c0 : 16);
-    LOCAL float ldt[16], ladt[16], lsc[16], lcs[16];
+    LOCAL float ldt[16], ladt[16], lsc[16], lgm[16], lcs[16];
     LOCAL float LPH[64];
     LOCAL float KR[256];
     LOCAL float VW[512];
     const float dtbh = dtb[h];
-    for (int a = lid; a < L; a += 256) {
+    for (int a = lid; a < 16; a += 256) {
+    if (a < L) {
     const long tk = rb + a;
     const int hasn = c0 + a + 1 < S;
     const long tkn = hasn ? tk + 1 : tk;
@@ -175,11 +176,12 @@ KERNEL k4_mamba3_scan_chunk(GLOBAL float *A, long B, long S, long o_x, long o_Bn
     const float ntr = trap[(tkn) * 304L + h];
     const float nlam = ntr >= 0.0f ? 1.0f / (1.0f + EXPF(-ntr)) : EXPF(ntr) / (1.0f + EXPF(ntr));
     (void)nsg; (void)ndA; (void)nAv;
-    ldt[a] = DT; ladt[a] = Av * DT;
+    ldt[a] = DT; ladt[a] = Av * DT; lgm[a] = lam * DT;
     lsc[a] = lam * DT + (hasn ? (1.0f - nlam) * nDT : 0.0f);
+    } else { ldt[a] = 0.0f; ladt[a] = 0.0f; lgm[a] = 0.0f; lsc[a] = 0.0f; }
     }
     BARRIER();
-    for (int a = lid; a < L; a += 256) { float cs = 0.0f; for (int j = 0; j <= a; j++) cs += ladt[j]; lcs[a] = cs; }
+    for (int a = lid; a < 16; a += 256) { float cs = 0.0f; for (int j = 0; j <= a && j < L; j++) cs += ladt[j]; lcs[a] = cs; }
     for (int j = lid; j < 64; j += 256) {
     const int a = j / 4, i = j - a * 4;
     float v = 0.0f;
@@ -211,15 +213,16 @@ KERNEL k4_mamba3_scan_chunk(GLOBAL float *A, long B, long S, long o_x, long o_Bn
     BARRIER();
     for (int j = lid; j < L * 16; j += 256) {
     const int a = j / 16, nn = j - a * 16;
-    const long tk = rb + a;
-    float kv = Bn[tk * 16L + nn] + Bb[h * 16 + nn];
+    {
+    float v = Bn[(rb + a) * 16L + nn] + Bb[h * 16 + nn];
     if (nn < 8) {
     const int i = nn >> 1;
     const float cq = COSF(LPH[a * 4 + i]), sq = SINF(LPH[a * 4 + i]);
-    const float k0 = Bn[tk * 16L + 2 * i] + Bb[h * 16 + 2 * i], k1 = Bn[tk * 16L + 2 * i + 1] + Bb[h * 16 + 2 * i + 1];
-    kv = (nn & 1) ? k0 * sq + k1 * cq : k0 * cq - k1 * sq;
+    const float v0 = Bn[(rb + a) * 16L + 2 * i] + Bb[h * 16 + 2 * i], v1 = Bn[(rb + a) * 16L + 2 * i + 1] + Bb[h * 16 + 2 * i + 1];
+    v = (nn & 1) ? v0 * sq + v1 * cq : v0 * cq - v1 * sq;
     }
-    KR[j] = kv;
+    KR[j] = v;
+    }
     }
     for (int j = lid; j < L * 32; j += 256) {
     const int a = j / 32, p = j - a * 32;
@@ -357,12 +360,10 @@ KERNEL k6_mamba3_scan_out(GLOBAL float *A, long B, long S, long o_x, long o_Bn, 
     LOCAL_PTR float *XV = realm_shm + 544;
     const float dtbh = dtb[h], Dh = Dp[h];
     for (int i = lid; i < 4; i += 256) {
-    if (c0 > 0) {
-    tc[i] = th[((sb) + (2 * i) / 1L) * 4L + h * 1L + (2 * i) % 1L];
-    ts[i] = th[((sb) + (2 * i + 1) / 1L) * 4L + h * 1L + (2 * i + 1) % 1L];
-    } else { tc[i] = 1.0f; ts[i] = 0.0f; }
+    if (c0 > 0) { tc[i] = th[((sb) + (2 * i) / 1L) * 4L + h * 1L + (2 * i) % 1L]; ts[i] = th[((sb) + (2 * i + 1) / 1L) * 4L + h * 1L + (2 * i + 1) % 1L]; } else { tc[i] = 1.0f; ts[i] = 0.0f; }
     }
-    for (int a = lid; a < L; a += 256) {
+    for (int a = lid; a < 16; a += 256) {
+    if (a < L) {
     const long tk = rb + a;
     const int hasn = c0 + a + 1 < S;
     const long tkn = hasn ? tk + 1 : tk;
@@ -390,9 +391,10 @@ KERNEL k6_mamba3_scan_out(GLOBAL float *A, long B, long S, long o_x, long o_Bn, 
     (void)nsg; (void)ndA; (void)nAv;
     ldt[a] = DT; ladt[a] = Av * DT; lgm[a] = lam * DT;
     lsc[a] = lam * DT + (hasn ? (1.0f - nlam) * nDT : 0.0f);
+    } else { ldt[a] = 0.0f; ladt[a] = 0.0f; lgm[a] = 0.0f; lsc[a] = 0.0f; }
     }
     BARRIER();
-    for (int a = lid; a < L; a += 256) { float cs = 0.0f; for (int j = 0; j <= a; j++) cs += ladt[j]; lcs[a] = cs; }
+    for (int a = lid; a < 16; a += 256) { float cs = 0.0f; for (int j = 0; j <= a && j < L; j++) cs += ladt[j]; lcs[a] = cs; }
     for (int j = lid; j < 64; j += 256) {
     const int a = j / 4, i = j - a * 4;
     float v = 0.0f;
@@ -424,17 +426,26 @@ KERNEL k6_mamba3_scan_out(GLOBAL float *A, long B, long S, long o_x, long o_Bn, 
     BARRIER();
     for (int j = lid; j < L * 16; j += 256) {
     const int a = j / 16, nn = j - a * 16;
-    const long tk = rb + a;
-    float kv = Bn[tk * 16L + nn] + Bb[h * 16 + nn], qv = Cn[tk * 16L + nn] + Cb[h * 16 + nn];
+    {
+    float v = Bn[(rb + a) * 16L + nn] + Bb[h * 16 + nn];
     if (nn < 8) {
     const int i = nn >> 1;
     const float cq = COSF(LPH[a * 4 + i]), sq = SINF(LPH[a * 4 + i]);
-    const float k0 = Bn[tk * 16L + 2 * i] + Bb[h * 16 + 2 * i], k1 = Bn[tk * 16L + 2 * i + 1] + Bb[h * 16 + 2 * i + 1];
-    const float q0 = Cn[tk * 16L + 2 * i] + Cb[h * 16 + 2 * i], q1 = Cn[tk * 16L + 2 * i + 1] + Cb[h * 16 + 2 * i + 1];
-    kv = (nn & 1) ? k0 * sq + k1 * cq : k0 * cq - k1 * sq;
-    qv = (nn & 1) ? q0 * sq + q1 * cq : q0 * cq - q1 * sq;
+    const float v0 = Bn[(rb + a) * 16L + 2 * i] + Bb[h * 16 + 2 * i], v1 = Bn[(rb + a) * 16L + 2 * i + 1] + Bb[h * 16 + 2 * i + 1];
+    v = (nn & 1) ? v0 * sq + v1 * cq : v0 * cq - v1 * sq;
     }
-    KM[a * 17 + nn] = kv; QR[a * 17 + nn] = qv;
+    KM[a * 17 + nn] = v;
+    }
+    {
+    float v = Cn[(rb + a) * 16L + nn] + Cb[h * 16 + nn];
+    if (nn < 8) {
+    const int i = nn >> 1;
+    const float cq = COSF(LPH[a * 4 + i]), sq = SINF(LPH[a * 4 + i]);
+    const float v0 = Cn[(rb + a) * 16L + 2 * i] + Cb[h * 16 + 2 * i], v1 = Cn[(rb + a) * 16L + 2 * i + 1] + Cb[h * 16 + 2 * i + 1];
+    v = (nn & 1) ? v0 * sq + v1 * cq : v0 * cq - v1 * sq;
+    }
+    QR[a * 17 + nn] = v;
+    }
     }
     for (int j = lid; j < L * 32; j += 256) XV[j] = x[(rb + j / 32) * 304L + h * 32 + j % 32];
     BARRIER();
