@@ -63,5 +63,10 @@ int op_find(const char *name);     /* -1 if unknown */
 #define OP_ERR(...) (snprintf(err, errlen, __VA_ARGS__), -1)
 const ir_shape *op_in_shape(const ir_graph *g, const ir_node *n, int i);
 ir_dtype op_in_dtype(const ir_graph *g, const ir_node *n, int i);
+/* Input i must be a float tensor of shape [lead dims, d[0..nd)], the lead dims being [B,S]
+ * (lead 2), [B] (1) or none (0); otherwise -1 with "input i+1 (name) must be a float tensor of
+ * shape [..], got [..]" in err. */
+int op_want_input(const ir_graph *g, const ir_node *n, int i, int lead, const int *d, int nd, const char *name,
+                  char *err, size_t errlen);
 
 #endif

@@ -26,20 +26,7 @@ static const char *const names[IN_N] = {"x", "Bn", "Cn", "dd_dt", "dd_A", "trap"
 /* lead: 2 for [B,S,...], 1 for [B,...], 0 for a parameter; then the trailing dims. */
 static int want(const ir_graph *g, const ir_node *n, int i, int lead, const int *d, int nd, char *err,
                 size_t errlen) {
-    const ir_shape *s = op_in_shape(g, n, i);
-    int ok = s->ndim == lead + nd;
-    if (ok && lead >= 1) ok = s->d[0] == DIM_B;
-    if (ok && lead == 2) ok = s->d[1] == DIM_S;
-    for (int j = 0; ok && j < nd; j++) ok = s->d[lead + j] == d[j];
-    if (ok && op_in_dtype(g, n, i) == DT_I32) ok = 0;
-    if (ok) return 0;
-    char got[96], exp_[96];
-    int k = snprintf(exp_, sizeof exp_, "[%s", lead == 2 ? "B,S" : lead == 1 ? "B" : "");
-    for (int j = 0; j < nd && k < (int)sizeof exp_ - 12; j++)
-        k += snprintf(exp_ + k, sizeof exp_ - (size_t)k, "%s%d", (j || lead) ? "," : "", d[j]);
-    snprintf(exp_ + k, sizeof exp_ - (size_t)k, "]");
-    ir_shape_str(s, got, sizeof got);
-    return OP_ERR("input %d (%s) must be a float tensor of shape %s, got %s", i + 1, names[i], exp_, got);
+    return op_want_input(g, n, i, lead, d, nd, names[i], err, errlen);
 }
 
 static int dims(const ir_graph *g, const ir_node *n, int *H, int *P, int *N, int *NA, char *err, size_t errlen) {

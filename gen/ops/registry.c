@@ -1,6 +1,7 @@
 /* The list of primitives. Adding one: write gen/ops/NAME.c and add its line here. */
 #include "op.h"
 
+#include <stdio.h>
 #include <string.h>
 
 extern const op_def op_embedding, op_embedding_bwd;
@@ -44,4 +45,22 @@ int op_find(const char *name) {
 }
 
 const ir_shape *op_in_shape(const ir_graph *g, const ir_node *n, int i) { return &g->t[n->in[i]].shape; }
+
+int op_want_input(const ir_graph *g, const ir_node *n, int i, int lead, const int *d, int nd, const char *name,
+                  char *err, size_t errlen) {
+    const ir_shape *s = op_in_shape(g, n, i);
+    int ok = s->ndim == lead + nd;
+    if (ok && lead >= 1) ok = s->d[0] == DIM_B;
+    if (ok && lead == 2) ok = s->d[1] == DIM_S;
+    for (int j = 0; ok && j < nd; j++) ok = s->d[lead + j] == d[j];
+    if (ok && op_in_dtype(g, n, i) == DT_I32) ok = 0;
+    if (ok) return 0;
+    char got[96], exp_[96];
+    int k = snprintf(exp_, sizeof exp_, "[%s", lead == 2 ? "B,S" : lead == 1 ? "B" : "");
+    for (int j = 0; j < nd && k < (int)sizeof exp_ - 12; j++)
+        k += snprintf(exp_ + k, sizeof exp_ - (size_t)k, "%s%d", (j || lead) ? "," : "", d[j]);
+    snprintf(exp_ + k, sizeof exp_ - (size_t)k, "]");
+    ir_shape_str(s, got, sizeof got);
+    return OP_ERR("input %d (%s) must be a float tensor of shape %s, got %s", i + 1, name, exp_, got);
+}
 ir_dtype op_in_dtype(const ir_graph *g, const ir_node *n, int i) { return g->t[n->in[i]].dtype; }
