@@ -522,9 +522,11 @@ TEST(mamba3_op_reference) {
     CHECK(rc == 4, "mamba3_scan rejected valid inputs: %s", g.err);
     int y = yo[0];
     long sw = (long)d.H * m3_states_width(d.P, d.N, chunk), tw = (long)d.H * m3_theta_width(d.NA, chunk);
-    /* saved states, then the chunk-parallel kernels' workspaces dstate (like saved) and theta */
+    long dw = (long)d.H * m3_dstate_width(d.P, d.N, d.NA, chunk);
+    /* saved states, then the chunk-parallel kernels' workspaces dstate (the states plus each
+     * chunk's decay and in-chunk angles) and theta */
     for (int o = 1; o <= 3; o++) {
-        long want = o == 3 ? tw : sw;
+        long want = o == 3 ? tw : o == 2 ? dw : sw;
         CHECK(g.t[yo[o]].shape.ndim == 3 && g.t[yo[o]].shape.d[0] == DIM_B && g.t[yo[o]].shape.d[1] == DIM_S &&
               g.t[yo[o]].shape.d[2] == want, "output %d must be [B,S,%ld]", o + 1, want);
     }

@@ -287,6 +287,11 @@ long m3_states_width(int P, int N, int chunk) {
 
 long m3_theta_width(int NA, int chunk) { return m3_states_width(2, NA, chunk); }
 
+long m3_dstate_width(int P, int N, int NA, int chunk) {
+    if (chunk < 1) chunk = 1;
+    return ((long)P * N + 1 + 2L * NA + chunk - 1) / chunk;
+}
+
 long m3_bwd_width(int P, int N, int chunk) {
     if (chunk < 1) chunk = 1;
     return ((long)P * N + 1 + chunk - 1) / chunk;
@@ -663,13 +668,14 @@ double m3_flops_bwd(m3_dims d, int chunk) { return count(d, chunk, bwd_chunk); }
 /* The op interface.
  *
  *   mamba3_scan(x, Bn, Cn, dd_dt, dd_A, trap, angles, dt_bias, B_bias, C_bias, D; chunk)
- *     -> y [B,S,H,P], saved [B,S,H*W], dstate [B,S,H*W], theta [B,S,H*W2]
+ *     -> y [B,S,H,P], saved [B,S,H*W], dstate [B,S,H*Wd], theta [B,S,H*W2]
  *   saved: the chunk states (layout in mamba3_scan.h, W = m3_states_width(P, N, chunk)).
  *   dstate, theta: workspaces of the chunk-parallel kernels, which pass them from one launch
  *   to the next (so the reference fills them too, for the per-launch kernel checks); no
  *   gradient flows through them and the backward does not read them. dstate: each full
  *   chunk's state increment sum_s exp(cs_L - cs_s) scale_s v_s Kl_s^T with Kl_s the key
- *   rotated by the angle accumulated inside the chunk only (layout of saved); theta: cos/sin
+ *   rotated by the angle accumulated inside the chunk only, then the chunk's total decay and the
+ *   cos/sin of its in-chunk angles (m3_dstate_width in mamba3_scan.h); theta: cos/sin
  *   of the cumulative angle leaving each full chunk (W2 = m3_theta_width(NA, chunk), layout
  *   in mamba3_scan.h). Rows of a partial last chunk and unused slots hold zeros.
  *
@@ -786,7 +792,7 @@ static int infer_fwd(const ir_graph *g, const ir_node *n, ir_shape *out, ir_dtyp
     if (check_all(g, n, 0, &H, &P, &N, &NA, err, errlen)) return -1;
     out[0] = *op_in_shape(g, n, IN_X);
     out[OUT_ST] = tok_shape((int)(H * m3_states_width(P, N, (int)n->ia[0])));
-    out[OUT_DST] = out[OUT_ST];
+    out[OUT_DST] = tok_shape((int)(H * m3_dstate_width(P, N, NA, (int)n->ia[0])));
     out[OUT_TH] = tok_shape((int)(H * m3_theta_width(NA, (int)n->ia[0])));
     dt[OUT_Y] = dt[OUT_ST] = dt[OUT_DST] = dt[OUT_TH] = DT_F32;
     return 0;
@@ -858,7 +864,7 @@ static void collect(const ref_ctx *c, const ir_node *n, m3_dims *d, m3_inputs *i
 static void ref_workspaces(const m3_dims *d, int chunk, const m3_inputs *in, double *ds, long ds_ld,
                            double *th, long th_ld) {
     const int H = d->H, P = d->P, N = d->N, NA = d->NA;
-    const long S = d->S, W = m3_states_width(P, N, chunk), W2 = m3_theta_width(NA, chunk);
+    const long S = d->S, W = m3_dstate_width(P, N, NA, chunk), W2 = m3_theta_width(NA, chunk);
     const long PN = (long)P * N;
     m3_head w;
     head_alloc(&w, S, P, N, NA);
@@ -882,8 +888,17 @@ static void ref_workspaces(const m3_dims *d, int chunk, const m3_inputs *in, dou
                     for (int p = 0; p < P; p++)
                         for (int nn = 0; nn < N; nn++) inc[p * N + nn] += cf * vs[p] * kl[nn];
                 }
-                for (long e = 0; e < L * W; e++)
-                    ds[(b * S + c0 + e / W) * ds_ld + (long)h * W + e % W] = full && e < PN ? inc[e] : 0.0;
+                for (long e = 0; e < L * W; e++) {
+                    double v = 0.0;
+                    if (full && e < PN) v = inc[e];
+                    else if (full && e == PN) v = exp(fmin(cs[L - 1], 0.0));
+                    else if (full && e <= PN + 2L * NA) {
+                        const long i = (e - PN - 1) / 2, s = c0 + L - 1;
+                        const double a = w.Th[s * NA + i] - (c0 ? w.Th[(c0 - 1) * NA + i] : 0.0);
+                        v = (e - PN - 1) % 2 ? sin(a) : cos(a);
+                    }
+                    ds[(b * S + c0 + e / W) * ds_ld + (long)h * W + e % W] = v;
+                }
                 for (long e = 0; e < L * W2; e++) {
                     double v = 0.0;
                     if (full && e < 2L * NA) {
@@ -1278,7 +1293,7 @@ static int emit_fwd_chunked(kgen *k, const ir_node *n) {
     int node = (int)(n - g->n);
     m3_kdims d = kdims(k, n);
     const int H = d.H, P = d.P, N = d.N, NA = d.NA, CH = d.CH, NH = (N + 1) / 2;
-    const long W = d.W, PN = (long)P * N, W2 = m3_theta_width(NA, CH);
+    const long W = d.W, PN = (long)P * N, W2 = m3_theta_width(NA, CH), Wd = m3_dstate_width(P, N, NA, CH);
     int NT3;
     (void)fwd_chunk_local(d, &NT3);
     const int NT = 256, TG = NT3 / P;
@@ -1297,7 +1312,7 @@ static int emit_fwd_chunked(kgen *k, const ir_node *n) {
     KL("const int h = (int)(bh - b * %d), lid = LID_X;", H);
     KL("const long rb = b * S + c0;");
     KL("const int L = (int)(S - c0 < %d ? S - c0 : %d);", CH, CH);
-    kl_spread(ad, sizeof ad, "rb", "i", W, ldds);
+    kl_spread(ad, sizeof ad, "rb", "i", Wd, ldds);
     KL("LOCAL float ldt[%d], ladt[%d], lsc[%d], lgm[%d], lcs[%d];", CH, CH, CH, CH, CH);
     KL("LOCAL float LPH[%d];", CH * NA);
     KL("LOCAL float KR[%d];", CH * N);
@@ -1316,11 +1331,16 @@ static int emit_fwd_chunked(kgen *k, const ir_node *n) {
     KL("BARRIER();");
     /* a partial last chunk (no early return: PoCL miscompiled barriers after one) runs the
      * same steps on its L tokens, but no state leaves it, so its rows hold zeros */
-    KL("for (long i = lid; i < (long)L * %ldL; i += %d) {", W, NT);
+    KL("for (long i = lid; i < (long)L * %ldL; i += %d) {", Wd, NT);
     KL("float acc = 0.0f;");
     KL("if (L == %d && i < %ldL) {", CH, PN);
     KL("const int p = (int)(i / %d), nn = (int)(i - (long)p * %d);", N, N);
     KL("for (int a = 0; a < %d; a++) acc += VW[a * %d + p] * KR[a * %d + nn];", CH, P, N);
+    KL("} else if (L == %d && i == %ldL) {", CH, PN);
+    KL("acc = EXPF(FMINF(lcs[%d], 0.0f));", CH - 1);
+    KL("} else if (L == %d && i <= %ldL) {", CH, PN + 2L * NA);
+    KL("const int e = (int)(i - %ldL), a = e >> 1;", PN + 1);
+    KL("acc = (e & 1) ? SINF(LPH[%d + a]) : COSF(LPH[%d + a]);", (CH - 1) * NA, (CH - 1) * NA);
     KL("}");
     KL("ds[%s] = acc;", ad);
     KL("}");
@@ -1329,102 +1349,26 @@ static int emit_fwd_chunked(kgen *k, const ir_node *n) {
     kg_block(k, NT, 1, 1);
     if (kg_end(k) < 0) return -1;
 
-    /* ---- (2) the walk over chunks, per (b, h) and slice of the state's element pairs: the
-     * pairs are independent chains, so SL work-groups share them (each recomputes the tile's
-     * decays and angles, which is cheap; slice 0 alone writes `theta` and the padding) */
-    int TC = 4096 / (3 * NA + 1);
-    if (TC > 64) TC = 64;
-    if (TC < 1) TC = 1;
+    /* ---- (2) the walk over chunks. Every pair (p, j) of the state's elements is its own chain
+     * through the chunks (rotations act on pairs), so each work-item walks one pair, reading the
+     * chunk's decay and in-chunk angle (cos, sin) that kernel (1) left in `dstate`; the angle
+     * entering a chunk is kept as (cos, sin) and composed with each chunk's rotation,
+     * renormalised so rounding cannot change its length over thousands of chunks. Loads of a
+     * batch of WU chunks come first: a store to `saved` could alias the next chunk's loads
+     * (one arena), so without the batch every step would wait for its own load. */
     const long NPR = (long)P * NH;
-    const int SL = NPR >= 8L * NT ? 8 : 1;
-    const long QS = (NPR + SL - 1) / SL;
-    const int RQ = (int)((QS + NT - 1) / NT);
+    const int WU = 8;
     kg_begin(k, "mamba3_scan_walk", node, node + 1);
-    kg_in(k, "ddt", n->in[IN_DDT]);
-    kg_in(k, "ddA", n->in[IN_DDA]);
-    kg_in(k, "ang", n->in[IN_ANG]);
-    kg_in(k, "dtb", n->in[IN_DTB]);
     kg_in(k, "ds", n->out[OUT_DST]);
     kg_out(k, "st", n->out[OUT_ST]);
     kg_out(k, "th", n->out[OUT_TH]);
-    KL("const long b = GID_X / %d;", H);
-    KL("const int h = (int)(GID_X - b * %d), lid = LID_X;", H);
-    KL("const int sl = (int)GID_Y;");
-    KL("const long q0 = sl * %ldL, q1 = q0 + %ldL < %ldL ? q0 + %ldL : %ldL;", QS, QS, NPR, QS, NPR);
-    KL("LOCAL float dec[%d], tph[%d], tcs[%d], tsn[%d];", TC, TC * NA, TC * NA, TC * NA);
-    KL("const float dtbh = dtb[h];");
+    KL("const long bh = GID_Y, b = bh / %d;", H);
+    KL("const int h = (int)(bh - b * %d), lid = LID_X;", H);
     KL("const long nch = (S + %d) / %d, nfull = S / %d;", CH - 1, CH, CH);
-    KL("float S0[%d], S1[%d];", RQ, RQ);
-    KL("for (int r = 0; r < %d; r++) { S0[r] = 0.0f; S1[r] = 0.0f; }", RQ);
-    KL("float Tin = 0.0f;   /* angle owners (lid < NA): the angle entering the current chunk */");
-    KL("for (long ct = 0; ct < nfull; ct += %d) {", TC);
-    KL("BARRIER();");
-    /* per full chunk of the tile: its total decay (q = 0) and wrapped angle sums, in parallel */
-    KL("for (int j = lid; j < %d; j += %d) {", TC * (NA + 1), NT);
-    KL("const int ci = j / %d, q = j - ci * %d;", NA + 1, NA + 1);
-    KL("if (ct + ci >= nfull) continue;");
-    KL("const long rb = b * S + (ct + ci) * %d;", CH);
-    KL("float Tq = 0.0f;");
-    KL("for (int a = 0; a < %d; a++) {", CH);
-    KL("const long tk = rb + a;");
-    KL("const float u = ddt[tk * %ldL + h] + dtbh;", lddt);
-    KL("const float DT = u > 20.0f ? u : LOG1PF(EXPF(u));");
-    KL("if (q == 0) {");
-    KL("const float ua = ddA[tk * %ldL + h];", ldda);
-    KL("const float fA = ua >= 0.0f ? 1.0f + ua : 1.0f / (1.0f - ua);");
-    KL("Tq += (fA < 1e-4f ? -1e-4f : -fA) * DT;");
-    KL("} else {");
-    KL("const int i = q - 1;");
-    emit_theta_step(k, "Tq", "DT", angx);
-    KL("}");
-    KL("}");
-    KL("if (q == 0) dec[ci] = EXPF(FMINF(Tq, 0.0f)); else tph[ci * %d + q - 1] = Tq;", NA);
-    KL("}");
-    KL("BARRIER();");
-    /* the angle chains across the tile's chunks: NA items, one add per chunk */
-    kl_spread(at, sizeof at, "rb", "2 * i", W2, ldth);
-    KL("for (int i = lid; i < %d; i += %d) {", NA, NT);
-    KL("for (int ci = 0; ci < %d && ct + ci < nfull; ci++) {", TC);
-    KL("const long rb = b * S + (ct + ci) * %d;", CH);
-    KL("tcs[ci * %d + i] = COSF(Tin); tsn[ci * %d + i] = SINF(Tin);", NA, NA);
-    KL("Tin += tph[ci * %d + i];", NA);
-    emit_wrap(k, "Tin");
-    KL("if (sl == 0) th[%s] = COSF(Tin);", at);
-    kl_spread(at, sizeof at, "rb", "2 * i + 1", W2, ldth);
-    KL("if (sl == 0) th[%s] = SINF(Tin);", at);
-    KL("}");
-    KL("}");
-    KL("BARRIER();");
-    kl_spread(as0, sizeof as0, "rb", "e0", W, ldst);
-    kl_spread(as1, sizeof as1, "rb", "e0 + 1", W, ldst);
-    kl_spread(ad, sizeof ad, "rb", "e0", W, ldds);
-    KL("for (int ci = 0; ci < %d && ct + ci < nfull; ci++) {", TC);
-    KL("const long rb = b * S + (ct + ci) * %d;", CH);
-    KL("const float dc = dec[ci];");
-    KL("for (int r = 0; r < %d; r++) {", RQ);
-    KL("const long q = q0 + lid + (long)r * %d;", NT);
-    KL("if (q >= q1) break;");
-    KL("const int p = (int)(q / %d), j = (int)(q - (long)p * %d);", NH, NH);
-    KL("const long e0 = (long)p * %d + 2 * j;", N);
-    KL("float x0 = ds[%s], x1 = 0.0f;", ad);
-    kl_spread(ad, sizeof ad, "rb", "e0 + 1", W, ldds);
-    KL("if (2 * j + 1 < %d) x1 = ds[%s];", N, ad);
-    kl_spread(ad, sizeof ad, "rb", "e0", W, ldds);
-    KL("if (j < %d) {", NA);
-    KL("const float cq = tcs[ci * %d + j], sq = tsn[ci * %d + j];", NA, NA);
-    KL("const float r0 = x0 * cq - x1 * sq, r1 = x0 * sq + x1 * cq;");
-    KL("x0 = r0; x1 = r1;");
-    KL("}");
-    KL("S0[r] = dc * S0[r] + x0; S1[r] = dc * S1[r] + x1;");
-    KL("st[%s] = S0[r];", as0);
-    KL("if (2 * j + 1 < %d) st[%s] = S1[r];", N, as1);
-    KL("}");
-    KL("}");
-    KL("}");
     /* the slots past the state / the angles of every full chunk, and all rows of a partial
      * last chunk, hold zeros (the reference's layout) */
     const long padS = (long)CH * W - PN, padT = (long)CH * W2 - 2L * NA;
-    KL("if (sl == 0) {");
+    KL("if (GID_X == 0) {");
     if (padS > 0) {
         KL("for (long i = lid; i < nfull * %ldL; i += %d) {", padS, NT);
         KL("const long rb = b * S + (i / %ldL) * %d, e = %ldL + i %% %ldL;", padS, CH, PN, padS);
@@ -1448,8 +1392,49 @@ static int emit_fwd_chunked(kgen *k, const ir_node *n) {
     KL("for (long i = lid; i < L * %ldL; i += %d) th[%s] = 0.0f;", W2, NT, at);
     KL("}");
     KL("}");
-    kg_grid(k, 0, 0, H, 0, 0, 1);
-    kg_grid(k, 1, SL, 0, 0, 0, 1);
+    KL("const long q = GID_X * %d + lid;", NT);
+    KL("if (q < %ldL) {", NPR);
+    KL("const int p = (int)(q / %d), j = (int)(q - (long)p * %d);", NH, NH);
+    KL("const long e0 = (long)p * %d + 2 * j;", N);
+    KL("const int odd = 2 * j + 1 < %d, turns = j < %d;", N, NA);
+    KL("float S0 = 0.0f, S1 = 0.0f, ce = 1.0f, se = 0.0f;   /* state pair; angle entering the chunk */");
+    KL("for (long cb = 0; cb < nfull; cb += %d) {", WU);
+    KL("float vd[%d], v0[%d], v1[%d], vc[%d], vs[%d];", WU, WU, WU, WU, WU);
+    KL("for (int u = 0; u < %d; u++) {", WU);
+    KL("vd[u] = 1.0f; v0[u] = 0.0f; v1[u] = 0.0f; vc[u] = 1.0f; vs[u] = 0.0f;");
+    KL("if (cb + u < nfull) {");
+    KL("const long rb = b * S + (cb + u) * %d;", CH);
+    kl_spread(ad, sizeof ad, "rb", "e", Wd, ldds);
+    KL("long e = %ldL; vd[u] = ds[%s];", PN, ad);
+    KL("e = e0; v0[u] = ds[%s];", ad);
+    KL("e = e0 + 1; if (odd) v1[u] = ds[%s];", ad);
+    KL("e = %ldL + 2 * j; if (turns) { vc[u] = ds[%s]; e++; vs[u] = ds[%s]; }", PN + 1, ad, ad);
+    KL("}");
+    KL("}");
+    KL("for (int u = 0; u < %d && cb + u < nfull; u++) {", WU);
+    KL("const long rb = b * S + (cb + u) * %d;", CH);
+    KL("float x0 = v0[u], x1 = v1[u];");
+    KL("if (turns) {");
+    KL("const float r0 = x0 * ce - x1 * se, r1 = x0 * se + x1 * ce;");
+    KL("x0 = r0; x1 = r1;");
+    KL("const float nc = ce * vc[u] - se * vs[u], ns = se * vc[u] + ce * vs[u];");
+    KL("const float rn = RSQRTF(nc * nc + ns * ns);");
+    KL("ce = nc * rn; se = ns * rn;");
+    kl_spread(at, sizeof at, "rb", "2 * j", W2, ldth);
+    KL("if (p == 0) th[%s] = ce;", at);
+    kl_spread(at, sizeof at, "rb", "2 * j + 1", W2, ldth);
+    KL("if (p == 0) th[%s] = se;", at);
+    KL("}");
+    KL("S0 = vd[u] * S0 + x0; S1 = vd[u] * S1 + x1;");
+    kl_spread(as0, sizeof as0, "rb", "e0", W, ldst);
+    kl_spread(as1, sizeof as1, "rb", "e0 + 1", W, ldst);
+    KL("st[%s] = S0;", as0);
+    KL("if (odd) st[%s] = S1;", as1);
+    KL("}");
+    KL("}");
+    KL("}");
+    kg_grid(k, 0, (NPR + NT - 1) / NT, 0, 0, 0, 1);
+    kg_grid(k, 1, 0, H, 0, 0, 1);
     kg_block(k, NT, 1, 1);
     if (kg_end(k) < 0) return -1;
 
@@ -1912,17 +1897,33 @@ static int emit_bwd_chunked(kgen *k, const ir_node *n, int node, m3_kdims d) {
         KL("const long nch = (S + %d) / %d;", CH - 1, CH);
         KL("float R[%d];", RQ);
         KL("for (int r = 0; r < %d; r++) R[r] = 0.0f;", RQ);
-        KL("for (long c = nch - 1; c >= 1; c--) {");
+        /* a batch of WU chunks' loads first: the stores to dsl could alias them (one arena) */
+        const int WU = 8;
+        KL("for (long cb = nch - 1; cb >= 1; cb -= %d) {", WU);
+        KL("float vd[%d], vu[%d][%d];", WU, WU, RQ);
+        KL("for (int u = 0; u < %d; u++) {", WU);
+        KL("const long c = cb - u;");
+        KL("vd[u] = 1.0f;");
+        KL("for (int r = 0; r < %d; r++) vu[u][r] = 0.0f;", RQ);
+        KL("if (c < 1) continue;");
         KL("const long sb = b * S + (c - 1) * %d;", CH);
         snprintf(a0, sizeof a0, "((sb) + %ldL / %ldL) * %ldL + h * %ldL + %ldL %% %ldL", PN, Wd, lddu, Wd, PN, Wd);
-        KL("const float dc = du[%s];", a0);
+        KL("vd[u] = du[%s];", a0);
         kl_spread(a0, sizeof a0, "sb", "e", Wd, lddu);
+        KL("for (int r = 0; r < %d; r++) {", RQ);
+        KL("const long e = e0 + lid + (long)r * %d;", NT);
+        KL("if (e < e1) vu[u][r] = du[%s];", a0);
+        KL("}");
+        KL("}");
+        KL("for (int u = 0; u < %d && cb - u >= 1; u++) {", WU);
+        KL("const long sb = b * S + (cb - u - 1) * %d;", CH);
         kl_spread(a1, sizeof a1, "sb", "e", W, lddsl);
         KL("for (int r = 0; r < %d; r++) {", RQ);
         KL("const long e = e0 + lid + (long)r * %d;", NT);
-        KL("if (e < e1) { R[r] = dc * R[r] + du[%s]; dsl[%s] = R[r]; }", a0, a1);
+        KL("if (e < e1) { R[r] = vd[u] * R[r] + vu[u][r]; dsl[%s] = R[r]; }", a1);
         KL("}");
         KL("if (GID_Y == %d) for (long e = %ldL + lid; e < %ldL; e += %d) dsl[%s] = 0.0f;", SL - 1, PN, (long)CH * W, NT, a1);
+        KL("}");
         KL("}");
         KL("if (GID_Y == 0) {");
         KL("const long lb = b * S + (nch - 1) * %d, LL = S - (nch - 1) * %d;", CH, CH);

@@ -94,6 +94,12 @@ void m3_ref_recurrent(m3_dims d, const m3_inputs *in, const m3_state *init,
 long m3_states_width(int P, int N, int chunk);
 /* Per-head width of the backward's `du` workspace (m3_grads), ceil((P*N + 1)/chunk). */
 long m3_bwd_width(int P, int N, int chunk);
+/* Per-head width of the forward op's `dstate` workspace, ceil((P*N + 1 + 2*NA)/chunk), spread
+ * over a full chunk's rows like the states above: slots e < P*N the chunk's state increment in
+ * its local frame, slot P*N its total decay exp(min(cs_L, 0)), slots P*N + 1 + 2i and
+ * P*N + 2 + 2i the cos and sin of the angle accumulated inside the chunk (angle i), so the walk
+ * over chunks reads per-chunk scalars instead of recomputing them from the tokens. */
+long m3_dstate_width(int P, int N, int NA, int chunk);
 /* Per-head width of the forward op's `theta` workspace, ceil(2*NA/chunk): the cos and sin of
  * the cumulative angle leaving every full chunk (slot 2i: cos Theta_i, 2i+1: sin Theta_i),
  * spread over the chunk's rows exactly like the states above. */

@@ -229,95 +229,31 @@ KERNEL k4_mamba3_scan_chunk(GLOBAL float *A, long B, long S, long o_x, long o_Bn
     VW[j] = EXPF(FMINF(lcs[L - 1] - lcs[a], 0.0f)) * lsc[a] * x[(rb + a) * 304L + h * 32 + p];
     }
     BARRIER();
-    for (long i = lid; i < (long)L * 32L; i += 256) {
+    for (long i = lid; i < (long)L * 33L; i += 256) {
     float acc = 0.0f;
     if (L == 16 && i < 512L) {
     const int p = (int)(i / 16), nn = (int)(i - (long)p * 16);
     for (int a = 0; a < 16; a++) acc += VW[a * 32 + p] * KR[a * 16 + nn];
+    } else if (L == 16 && i == 512L) {
+    acc = EXPF(FMINF(lcs[15], 0.0f));
+    } else if (L == 16 && i <= 520L) {
+    const int e = (int)(i - 513L), a = e >> 1;
+    acc = (e & 1) ? SINF(LPH[60 + a]) : COSF(LPH[60 + a]);
     }
-    ds[((rb) + (i) / 32L) * 128L + h * 32L + (i) % 32L] = acc;
+    ds[((rb) + (i) / 33L) * 132L + h * 33L + (i) % 33L] = acc;
     }
 }
 
-KERNEL k5_mamba3_scan_walk(GLOBAL float *A, long B, long S, long o_ddt, long o_ddA, long o_ang, long o_dtb, long o_ds, long o_st, long o_th) {
+KERNEL k5_mamba3_scan_walk(GLOBAL float *A, long B, long S, long o_ds, long o_st, long o_th) {
     const long T = B * S;
     (void)T;
-    GLOBAL float *ddt = A + o_ddt;
-    GLOBAL float *ddA = A + o_ddA;
-    GLOBAL float *ang = A + o_ang;
-    GLOBAL float *dtb = A + o_dtb;
     GLOBAL float *ds = A + o_ds;
     GLOBAL float *st = A + o_st;
     GLOBAL float *th = A + o_th;
-    const long b = GID_X / 4;
-    const int h = (int)(GID_X - b * 4), lid = LID_X;
-    const int sl = (int)GID_Y;
-    const long q0 = sl * 256L, q1 = q0 + 256L < 256L ? q0 + 256L : 256L;
-    LOCAL float dec[64], tph[256], tcs[256], tsn[256];
-    const float dtbh = dtb[h];
+    const long bh = GID_Y, b = bh / 4;
+    const int h = (int)(bh - b * 4), lid = LID_X;
     const long nch = (S + 15) / 16, nfull = S / 16;
-    float S0[1], S1[1];
-    for (int r = 0; r < 1; r++) { S0[r] = 0.0f; S1[r] = 0.0f; }
-    float Tin = 0.0f;   /* angle owners (lid < NA): the angle entering the current chunk */
-    for (long ct = 0; ct < nfull; ct += 64) {
-    BARRIER();
-    for (int j = lid; j < 320; j += 256) {
-    const int ci = j / 5, q = j - ci * 5;
-    if (ct + ci >= nfull) continue;
-    const long rb = b * S + (ct + ci) * 16;
-    float Tq = 0.0f;
-    for (int a = 0; a < 16; a++) {
-    const long tk = rb + a;
-    const float u = ddt[tk * 304L + h] + dtbh;
-    const float DT = u > 20.0f ? u : LOG1PF(EXPF(u));
-    if (q == 0) {
-    const float ua = ddA[tk * 304L + h];
-    const float fA = ua >= 0.0f ? 1.0f + ua : 1.0f / (1.0f - ua);
-    Tq += (fA < 1e-4f ? -1e-4f : -fA) * DT;
-    } else {
-    const int i = q - 1;
-    Tq += DT * (3.14159265f * TANHF(ang[(rb + a) * 304L + i]));
-    { const float kq = (float)(long)(Tq * 0.159154943f); Tq = (Tq - kq * 6.28318548f) + kq * 1.74845553e-7f; }
-    if (Tq < 0.0f) Tq = (Tq + 6.28318548f) - 1.74845553e-7f;
-    }
-    }
-    if (q == 0) dec[ci] = EXPF(FMINF(Tq, 0.0f)); else tph[ci * 4 + q - 1] = Tq;
-    }
-    BARRIER();
-    for (int i = lid; i < 4; i += 256) {
-    for (int ci = 0; ci < 64 && ct + ci < nfull; ci++) {
-    const long rb = b * S + (ct + ci) * 16;
-    tcs[ci * 4 + i] = COSF(Tin); tsn[ci * 4 + i] = SINF(Tin);
-    Tin += tph[ci * 4 + i];
-    { const float kq = (float)(long)(Tin * 0.159154943f); Tin = (Tin - kq * 6.28318548f) + kq * 1.74845553e-7f; }
-    if (Tin < 0.0f) Tin = (Tin + 6.28318548f) - 1.74845553e-7f;
-    if (sl == 0) th[((rb) + (2 * i) / 1L) * 4L + h * 1L + (2 * i) % 1L] = COSF(Tin);
-    if (sl == 0) th[((rb) + (2 * i + 1) / 1L) * 4L + h * 1L + (2 * i + 1) % 1L] = SINF(Tin);
-    }
-    }
-    BARRIER();
-    for (int ci = 0; ci < 64 && ct + ci < nfull; ci++) {
-    const long rb = b * S + (ct + ci) * 16;
-    const float dc = dec[ci];
-    for (int r = 0; r < 1; r++) {
-    const long q = q0 + lid + (long)r * 256;
-    if (q >= q1) break;
-    const int p = (int)(q / 8), j = (int)(q - (long)p * 8);
-    const long e0 = (long)p * 16 + 2 * j;
-    float x0 = ds[((rb) + (e0) / 32L) * 128L + h * 32L + (e0) % 32L], x1 = 0.0f;
-    if (2 * j + 1 < 16) x1 = ds[((rb) + (e0 + 1) / 32L) * 128L + h * 32L + (e0 + 1) % 32L];
-    if (j < 4) {
-    const float cq = tcs[ci * 4 + j], sq = tsn[ci * 4 + j];
-    const float r0 = x0 * cq - x1 * sq, r1 = x0 * sq + x1 * cq;
-    x0 = r0; x1 = r1;
-    }
-    S0[r] = dc * S0[r] + x0; S1[r] = dc * S1[r] + x1;
-    st[((rb) + (e0) / 32L) * 128L + h * 32L + (e0) % 32L] = S0[r];
-    if (2 * j + 1 < 16) st[((rb) + (e0 + 1) / 32L) * 128L + h * 32L + (e0 + 1) % 32L] = S1[r];
-    }
-    }
-    }
-    if (sl == 0) {
+    if (GID_X == 0) {
     for (long i = lid; i < nfull * 8L; i += 256) {
     const long rb = b * S + (i / 8L) * 16, e = 8L + i % 8L;
     th[((rb) + (e) / 1L) * 4L + h * 1L + (e) % 1L] = 0.0f;
@@ -327,6 +263,42 @@ KERNEL k5_mamba3_scan_walk(GLOBAL float *A, long B, long S, long o_ddt, long o_d
     const long L = S - nfull * 16;
     for (long i = lid; i < L * 32L; i += 256) st[((rb) + (i) / 32L) * 128L + h * 32L + (i) % 32L] = 0.0f;
     for (long i = lid; i < L * 1L; i += 256) th[((rb) + (i) / 1L) * 4L + h * 1L + (i) % 1L] = 0.0f;
+    }
+    }
+    const long q = GID_X * 256 + lid;
+    if (q < 256L) {
+    const int p = (int)(q / 8), j = (int)(q - (long)p * 8);
+    const long e0 = (long)p * 16 + 2 * j;
+    const int odd = 2 * j + 1 < 16, turns = j < 4;
+    float S0 = 0.0f, S1 = 0.0f, ce = 1.0f, se = 0.0f;   /* state pair; angle entering the chunk */
+    for (long cb = 0; cb < nfull; cb += 8) {
+    float vd[8], v0[8], v1[8], vc[8], vs[8];
+    for (int u = 0; u < 8; u++) {
+    vd[u] = 1.0f; v0[u] = 0.0f; v1[u] = 0.0f; vc[u] = 1.0f; vs[u] = 0.0f;
+    if (cb + u < nfull) {
+    const long rb = b * S + (cb + u) * 16;
+    long e = 512L; vd[u] = ds[((rb) + (e) / 33L) * 132L + h * 33L + (e) % 33L];
+    e = e0; v0[u] = ds[((rb) + (e) / 33L) * 132L + h * 33L + (e) % 33L];
+    e = e0 + 1; if (odd) v1[u] = ds[((rb) + (e) / 33L) * 132L + h * 33L + (e) % 33L];
+    e = 513L + 2 * j; if (turns) { vc[u] = ds[((rb) + (e) / 33L) * 132L + h * 33L + (e) % 33L]; e++; vs[u] = ds[((rb) + (e) / 33L) * 132L + h * 33L + (e) % 33L]; }
+    }
+    }
+    for (int u = 0; u < 8 && cb + u < nfull; u++) {
+    const long rb = b * S + (cb + u) * 16;
+    float x0 = v0[u], x1 = v1[u];
+    if (turns) {
+    const float r0 = x0 * ce - x1 * se, r1 = x0 * se + x1 * ce;
+    x0 = r0; x1 = r1;
+    const float nc = ce * vc[u] - se * vs[u], ns = se * vc[u] + ce * vs[u];
+    const float rn = RSQRTF(nc * nc + ns * ns);
+    ce = nc * rn; se = ns * rn;
+    if (p == 0) th[((rb) + (2 * j) / 1L) * 4L + h * 1L + (2 * j) % 1L] = ce;
+    if (p == 0) th[((rb) + (2 * j + 1) / 1L) * 4L + h * 1L + (2 * j + 1) % 1L] = se;
+    }
+    S0 = vd[u] * S0 + x0; S1 = vd[u] * S1 + x1;
+    st[((rb) + (e0) / 32L) * 128L + h * 32L + (e0) % 32L] = S0;
+    if (odd) st[((rb) + (e0 + 1) / 32L) * 128L + h * 32L + (e0 + 1) % 32L] = S1;
+    }
     }
     }
 }
@@ -1967,14 +1939,28 @@ KERNEL k41_mamba3_scan_bwd_walk(GLOBAL float *A, long B, long S, long o_du, long
     const long nch = (S + 15) / 16;
     float R[2];
     for (int r = 0; r < 2; r++) R[r] = 0.0f;
-    for (long c = nch - 1; c >= 1; c--) {
+    for (long cb = nch - 1; cb >= 1; cb -= 8) {
+    float vd[8], vu[8][2];
+    for (int u = 0; u < 8; u++) {
+    const long c = cb - u;
+    vd[u] = 1.0f;
+    for (int r = 0; r < 2; r++) vu[u][r] = 0.0f;
+    if (c < 1) continue;
     const long sb = b * S + (c - 1) * 16;
-    const float dc = du[((sb) + 512L / 33L) * 132L + h * 33L + 512L % 33L];
+    vd[u] = du[((sb) + 512L / 33L) * 132L + h * 33L + 512L % 33L];
     for (int r = 0; r < 2; r++) {
     const long e = e0 + lid + (long)r * 256;
-    if (e < e1) { R[r] = dc * R[r] + du[((sb) + (e) / 33L) * 132L + h * 33L + (e) % 33L]; dsl[((sb) + (e) / 32L) * 128L + h * 32L + (e) % 32L] = R[r]; }
+    if (e < e1) vu[u][r] = du[((sb) + (e) / 33L) * 132L + h * 33L + (e) % 33L];
+    }
+    }
+    for (int u = 0; u < 8 && cb - u >= 1; u++) {
+    const long sb = b * S + (cb - u - 1) * 16;
+    for (int r = 0; r < 2; r++) {
+    const long e = e0 + lid + (long)r * 256;
+    if (e < e1) { R[r] = vd[u] * R[r] + vu[u][r]; dsl[((sb) + (e) / 32L) * 128L + h * 32L + (e) % 32L] = R[r]; }
     }
     if (GID_Y == 0) for (long e = 512L + lid; e < 512L; e += 256) dsl[((sb) + (e) / 32L) * 128L + h * 32L + (e) % 32L] = 0.0f;
+    }
     }
     if (GID_Y == 0) {
     const long lb = b * S + (nch - 1) * 16, LL = S - (nch - 1) * 16;
