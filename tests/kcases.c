@@ -81,6 +81,7 @@ static const kcase kcases_mamba3_c[] = {
         {"mamba3_scan", 11, M3(2, 64, 64, 16), F11, {64}, {0}, 0, 150}, /* realm-9m's head shape */
         {"mamba3_scan", 11, M3(2, 2, 8, 4), F11, {3}, {0}, 0, 10},     /* chunked forward: NA > P, odd chunk */
         {"mamba3_scan", 11, M3(1, 5, 7, 2), F11, {5}, {0}, 0, 23},     /* odd N past the rotated pairs */
+        {"mamba3_scan", 11, M3(2, 8, 8, 2), F11, {4}, {0}, 0, 61},     /* more chunks than the walks' slices */
         /* the prefill hand-over: saved [B,S,H*W] (W = ceil(P*N/chunk)), x, Bn, dd_dt, angles,
          * dt_bias, B_bias; S a multiple of the chunk, not one (the last full chunk's rows), and
          * shorter than one chunk (zeros) */

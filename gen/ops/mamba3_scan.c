@@ -2200,11 +2200,16 @@ static int emit_bwd_chunked(kgen *k, const ir_node *n, int node, m3_kdims d) {
         if (kg_end(k) < 0) return -1;
     }
 
-    /* ---- (4) the angle carry and the trapezoid term across chunk boundaries */
+    /* ---- (4) the angle carry and the trapezoid term across chunk boundaries. The carry into
+     * a chunk is the sum of the later chunks' in-chunk totals (their first row of `tk`), so
+     * SL work-groups per (b, h) each take a range of chunks: one first sums the totals of the
+     * chunks after its range (strided partial sums added in a fixed order), then walks its
+     * own chunks from last to first. Inside a chunk TPA work-items share a token's angles and
+     * add their parts of its dDT share in order. */
     {
-        int NT = CH > NA ? CH : NA;
-        NT = (NT + 31) / 32 * 32;
-        if (NT > 256) NT = 256;
+        const int NT = 256, SL = 8;
+        const int TPA = CH >= NT ? 1 : (NT / CH < NA ? NT / CH : NA);
+        const int NPART = NA >= NT ? 1 : NT / NA;
         kg_begin(k, "mamba3_scan_bwd_fix", node, node + 1);
         kg_in(k, "ddt", n->in[IN_DDT]);
         kg_in(k, "trap", n->in[IN_TRAP]);
@@ -2216,15 +2221,43 @@ static int emit_bwd_chunked(kgen *k, const ir_node *n, int node, m3_kdims d) {
         kg_out(k, "ha", n->out[BOUT_HANG]);
         KL("const long b = GID_X / %d;", H);
         KL("const int h = (int)(GID_X - b * %d), lid = LID_X;", H);
-        KL("LOCAL float carry[%d], cur[%d];", NA, NA);
+        KL("LOCAL float carry[%d], cur[%d], part[%d], shr[%d];", NA, NA, NA * NPART, CH * TPA);
         KL("const float dtbh = dtb[h];");
-        KL("for (int i = lid; i < %d; i += %d) carry[i] = 0.0f;", NA, NT);
-        KL("const long nch = (S + %d) / %d;", CH - 1, CH);
-        KL("for (long c = nch - 1; c >= 0; c--) {");
+        KL("const long nch = (S + %d) / %d, per = (nch + %d) / %d;", CH - 1, CH, SL - 1, SL);
+        KL("const long clo = GID_Y * per, chi = clo + per < nch ? clo + per : nch;");
+        KL("for (int j = lid; j < %d; j += %d) {", NA * NPART, NT);
+        KL("const int i = j %% %d, q = j / %d;", NA, NA);
+        KL("float acc = 0.0f;");
+        KL("for (long c = chi + q; c < nch; c += %d) acc += tkw[(b * S + c * %d) * %ldL + h * %ld + i];", NPART, CH, ldtk, Wt);
+        KL("part[j] = acc;");
+        KL("}");
+        KL("BARRIER();");
+        KL("for (int i = lid; i < %d; i += %d) {", NA, NT);
+        KL("float acc = 0.0f;");
+        KL("for (int q = 0; q < %d; q++) acc += part[q * %d + i];", NPART, NA);
+        KL("carry[i] = acc;");
+        KL("}");
+        KL("for (long c = chi - 1; c >= clo; c--) {");
         KL("const long rb = b * S + c * %d;", CH);
         KL("const int L = (int)(S - c * %d < %d ? S - c * %d : %d);", CH, CH, CH, CH);
         KL("BARRIER();");
         KL("for (int i = lid; i < %d; i += %d) { cur[i] = carry[i]; carry[i] += tkw[rb * %ldL + h * %ld + i]; }", NA, NT, ldtk, Wt);
+        KL("BARRIER();");
+        KL("for (int j = lid; j < %d; j += %d) {", CH * TPA, NT);
+        KL("const int a = j / %d, s0 = j - a * %d;", TPA, TPA);
+        KL("float share = 0.0f;");
+        KL("if (a < L) {");
+        KL("const long tk = rb + a;");
+        KL("const float u = ddt[tk * %ldL + h] + dtbh;", lddt);
+        KL("const float DT = u > 20.0f ? u : LOG1PF(EXPF(u));");
+        KL("for (int i = s0; i < %d; i += %d) {", NA, TPA);
+        KL("const float Gv = tkw[tk * %ldL + h * %ld + i] + cur[i], tn = TANHF(ang[tk * %ldL + i]);", ldtk, Wt, ldang);
+        KL("share += Gv * (" M3_PI_F " * tn);");
+        KL("ha[tk * %ldL + h * %d + i] = Gv * DT * " M3_PI_F " * (1.0f - tn * tn);", ldha, NA);
+        KL("}");
+        KL("}");
+        KL("shr[j] = share;");
+        KL("}");
         KL("BARRIER();");
         KL("for (int a = lid; a < L; a += %d) {", NT);
         KL("const long tk = rb + a;");
@@ -2234,11 +2267,7 @@ static int emit_bwd_chunked(kgen *k, const ir_node *n, int node, m3_kdims d) {
         KL("const float tr = trap[tk * %ldL + h];", ldtr);
         KL("const float lam = tr >= 0.0f ? 1.0f / (1.0f + EXPF(-tr)) : EXPF(tr) / (1.0f + EXPF(tr));");
         KL("float share = 0.0f;");
-        KL("for (int i = 0; i < %d; i++) {", NA);
-        KL("const float Gv = tkw[tk * %ldL + h * %ld + i] + cur[i], tn = TANHF(ang[tk * %ldL + i]);", ldtk, Wt, ldang);
-        KL("share += Gv * (" M3_PI_F " * tn);");
-        KL("ha[tk * %ldL + h * %d + i] = Gv * DT * " M3_PI_F " * (1.0f - tn * tn);", ldha, NA);
-        KL("}");
+        KL("for (int s0 = 0; s0 < %d; s0++) share += shr[a * %d + s0];", TPA, TPA);
         KL("float dDT = tkw[tk * %ldL + h * %ld + %d] + share, dlam = tkw[tk * %ldL + h * %ld + %d];", ldtk, Wt, NA, ldtk, Wt,
            NA + 1);
         KL("if (a == 0 && c > 0) {");
@@ -2251,6 +2280,7 @@ static int emit_bwd_chunked(kgen *k, const ir_node *n, int node, m3_kdims d) {
         KL("}");
         KL("}");
         kg_grid(k, 0, 0, H, 0, 0, 1);
+        kg_grid(k, 1, SL, 0, 0, 0, 1);
         kg_block(k, NT, 1, 1);
         if (kg_end(k) < 0) return -1;
     }

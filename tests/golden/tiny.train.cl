@@ -2297,17 +2297,45 @@ KERNEL k43_mamba3_scan_bwd_fix(GLOBAL float *A, long B, long S, long o_ddt, long
     GLOBAL float *ha = A + o_ha;
     const long b = GID_X / 4;
     const int h = (int)(GID_X - b * 4), lid = LID_X;
-    LOCAL float carry[4], cur[4];
+    LOCAL float carry[4], cur[4], part[256], shr[64];
     const float dtbh = dtb[h];
-    for (int i = lid; i < 4; i += 32) carry[i] = 0.0f;
-    const long nch = (S + 15) / 16;
-    for (long c = nch - 1; c >= 0; c--) {
+    const long nch = (S + 15) / 16, per = (nch + 7) / 8;
+    const long clo = GID_Y * per, chi = clo + per < nch ? clo + per : nch;
+    for (int j = lid; j < 256; j += 256) {
+    const int i = j % 4, q = j / 4;
+    float acc = 0.0f;
+    for (long c = chi + q; c < nch; c += 64) acc += tkw[(b * S + c * 16) * 32L + h * 8 + i];
+    part[j] = acc;
+    }
+    BARRIER();
+    for (int i = lid; i < 4; i += 256) {
+    float acc = 0.0f;
+    for (int q = 0; q < 64; q++) acc += part[q * 4 + i];
+    carry[i] = acc;
+    }
+    for (long c = chi - 1; c >= clo; c--) {
     const long rb = b * S + c * 16;
     const int L = (int)(S - c * 16 < 16 ? S - c * 16 : 16);
     BARRIER();
-    for (int i = lid; i < 4; i += 32) { cur[i] = carry[i]; carry[i] += tkw[rb * 32L + h * 8 + i]; }
+    for (int i = lid; i < 4; i += 256) { cur[i] = carry[i]; carry[i] += tkw[rb * 32L + h * 8 + i]; }
     BARRIER();
-    for (int a = lid; a < L; a += 32) {
+    for (int j = lid; j < 64; j += 256) {
+    const int a = j / 4, s0 = j - a * 4;
+    float share = 0.0f;
+    if (a < L) {
+    const long tk = rb + a;
+    const float u = ddt[tk * 304L + h] + dtbh;
+    const float DT = u > 20.0f ? u : LOG1PF(EXPF(u));
+    for (int i = s0; i < 4; i += 4) {
+    const float Gv = tkw[tk * 32L + h * 8 + i] + cur[i], tn = TANHF(ang[tk * 304L + i]);
+    share += Gv * (3.14159265f * tn);
+    ha[tk * 16L + h * 4 + i] = Gv * DT * 3.14159265f * (1.0f - tn * tn);
+    }
+    }
+    shr[j] = share;
+    }
+    BARRIER();
+    for (int a = lid; a < L; a += 256) {
     const long tk = rb + a;
     const float u = ddt[tk * 304L + h] + dtbh;
     const float DT = u > 20.0f ? u : LOG1PF(EXPF(u));
@@ -2315,11 +2343,7 @@ KERNEL k43_mamba3_scan_bwd_fix(GLOBAL float *A, long B, long S, long o_ddt, long
     const float tr = trap[tk * 304L + h];
     const float lam = tr >= 0.0f ? 1.0f / (1.0f + EXPF(-tr)) : EXPF(tr) / (1.0f + EXPF(tr));
     float share = 0.0f;
-    for (int i = 0; i < 4; i++) {
-    const float Gv = tkw[tk * 32L + h * 8 + i] + cur[i], tn = TANHF(ang[tk * 304L + i]);
-    share += Gv * (3.14159265f * tn);
-    ha[tk * 16L + h * 4 + i] = Gv * DT * 3.14159265f * (1.0f - tn * tn);
-    }
+    for (int s0 = 0; s0 < 4; s0++) share += shr[a * 4 + s0];
     float dDT = tkw[tk * 32L + h * 8 + 4] + share, dlam = tkw[tk * 32L + h * 8 + 5];
     if (a == 0 && c > 0) {
     const float dp = tkw[(tk - 1) * 32L + h * 8 + 6];
