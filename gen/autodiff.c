@@ -41,10 +41,30 @@ static void count_use(ad_state *s, int t) {
     s->uses[t]++;
 }
 
+/* Folds the sum acc + v into the rmsnorm_bwd that produced v, through its optional accumulate
+ * input, when v is that node's dx, nothing else reads v and acc exists before the node runs:
+ * the residual stream's gradient then costs no separate add pass over the activations. */
+static int fold_sum(ir_graph *g, int acc, int v) {
+    const int pn = g->t[v].producer;
+    if (pn < 0 || g->n[pn].op != op_find("rmsnorm_bwd") || g->n[pn].nin != 3 || g->n[pn].out[0] != v) return 0;
+    if (g->t[acc].producer >= pn || !ir_shape_eq(&g->t[acc].shape, &g->t[v].shape)) return 0;
+    for (int i = 0; i < g->nn; i++)
+        for (int j = 0; j < g->n[i].nin; j++)
+            if (g->n[i].in[j] == v) return 0;
+    g->n[pn].in[3] = acc;
+    g->n[pn].nin = 4;
+    return 1;
+}
+
 static int sum_list(ad_state *s, const ilist *l) {
     if (l->n == 0) return -1;
     int acc = l->v[0];
     for (int i = 1; i < l->n; i++) {
+        if (fold_sum(s->g, acc, l->v[i])) {
+            acc = l->v[i];
+            continue;
+        }
+        if (fold_sum(s->g, l->v[i], acc)) continue;
         int in[2] = {acc, l->v[i]}, out;
         if (ir_emit(s->g, "add", in, 2, NULL, NULL, &out) < 0) return -2;
         acc = out;

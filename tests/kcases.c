@@ -186,6 +186,7 @@ int kc_build_dense_views(ir_graph *g) {
     int d13 = ir_view(g, xb, SH(DIM_B, DIM_S, 13), 9, "d13");
     int y9 = ir_view(g, ya, SH(DIM_B, DIM_S, 2, 9), 5, "y9");
     int e6 = ir_view(g, ya, SH(DIM_B, DIM_S, 6), 23, "e6");
+    int a13 = ir_view(g, ya, SH(DIM_B, DIM_S, 2, 13), 2, "a13");
     int tg = ir_view(g, ids, SH(DIM_B, DIM_S, 2), 1, "tg");
     int tok = ir_view(g, ids, SH(DIM_B, DIM_S), 2, "tok");
     int out[IR_MAX_IO];
@@ -197,6 +198,8 @@ int kc_build_dense_views(ir_graph *g) {
     if (!(ir_emit(g, "matmul_wgrad", (int[]){x7, b6}, 2, NULL, NULL, out) == 2)) return -1;
     if (!(ir_emit(g, "rmsnorm", (int[]){x13, nw}, 2, NULL, eps, out) == 1)) return -1;
     if (!(ir_emit(g, "rmsnorm_bwd", (int[]){x13, nw, x13}, 3, NULL, eps, out) == 3)) return -1;
+    /* with the accumulate input autodiff folds the residual stream's gradient into */
+    if (!(ir_emit(g, "rmsnorm_bwd", (int[]){x13, nw, x13, a13}, 4, NULL, eps, out) == 3)) return -1;
     if (!(ir_emit(g, "cross_entropy", (int[]){x13, tg}, 2, NULL, NULL, out) == 2)) return -1;
     if (!(ir_emit(g, "cross_entropy_bwd", (int[]){x13, tg, dl}, 3, NULL, NULL, out) == 1)) return -1;
     if (!(ir_emit_into(g, "embedding", (int[]){tok, tab}, 2, NULL, NULL, e6) >= 0)) return -1;

@@ -4,7 +4,9 @@
  * dw_partial [RMS_CHUNKS, d] is a workspace nobody differentiates: the rows are split into
  * RMS_CHUNKS fixed chunks and row c of it holds chunk c's share of dw, so the weight gradient is
  * a two-level reduction in a fixed order (deterministic, no atomics) instead of one serial loop
- * over every token. */
+ * over every token.
+ * An optional fourth input `acc` (same shape as x) is added to dx: autodiff hands it the other
+ * contributions to x's gradient (the residual stream's), so the sum costs no separate pass. */
 #include "kgen.h"
 #include "op.h"
 
@@ -34,6 +36,8 @@ static int infer(const ir_graph *g, const ir_node *n, ir_shape *out, ir_dtype *d
 
 static int infer_bwd(const ir_graph *g, const ir_node *n, ir_shape *out, ir_dtype *dt, char *err, size_t errlen) {
     if (!ir_shape_eq(op_in_shape(g, n, 0), op_in_shape(g, n, 2))) return OP_ERR("x and dy shapes differ");
+    if (n->nin > 4) return OP_ERR("at most 4 inputs (x, w, dy, acc)");
+    if (n->nin == 4 && !ir_shape_eq(op_in_shape(g, n, 0), op_in_shape(g, n, 3))) return OP_ERR("x and acc shapes differ");
     const ir_shape *w = op_in_shape(g, n, 1);
     if (w->ndim != 1) return OP_ERR("weight must be one-dimensional");
     out[0] = *op_in_shape(g, n, 0);
@@ -67,6 +71,7 @@ static void ref(const ref_ctx *c, const ir_node *n) {
 static void ref_bwd(const ref_ctx *c, const ir_node *n) {
     ref_buf x = ref_get(c, n->in[0]), w = ref_get(c, n->in[1]), dy = ref_get(c, n->in[2]);
     ref_buf dx = ref_get(c, n->out[0]), dw = ref_get(c, n->out[1]), part = ref_get(c, n->out[2]);
+    ref_buf acc = n->nin == 4 ? ref_get(c, n->in[3]) : (ref_buf){0};
     long d = w.feat, rows = ref_rows(x, d), per = chunk_rows(rows);
     for (long i = 0; i < d; i++) dw.p[i] = 0;
     memset(part.p, 0, sizeof(double) * (size_t)(RMS_CHUNKS * d));
@@ -79,7 +84,7 @@ static void ref_bwd(const ref_ctx *c, const ir_node *n) {
         }
         double rs = 1.0 / sqrt(ss / (double)d + n->fa[0]);
         for (long i = 0; i < d; i++) {
-            dxr[i] = rs * w.p[i] * dyr[i] - rs * rs * rs / (double)d * xr[i] * dot;
+            dxr[i] = (acc.p ? ref_row(acc, r, d)[i] : 0.0) + rs * w.p[i] * dyr[i] - rs * rs * rs / (double)d * xr[i] * dot;
             dw.p[i] += dyr[i] * xr[i] * rs;
             part.p[(r / per) * d + i] += dyr[i] * xr[i] * rs;
         }
@@ -192,6 +197,7 @@ static int emit_bwd(kgen *k, const ir_node *n) {
     kg_in(k, "x", x);
     kg_in(k, "w", w);
     kg_in(k, "dy", dy);
+    if (n->nin == 4) kg_in(k, "acc", n->in[3]);
     kg_out(k, "dx", dx);
     kg_out(k, "part", part);
     kg_line(k, "LOCAL float r1[256];");
@@ -214,6 +220,7 @@ static int emit_bwd(kgen *k, const ir_node *n) {
     kg_line(k, "    GLOBAL float *xr = x + %s;", row_at(rx, sizeof rx, k, x, d, "(ok ? r : c0)"));
     kg_line(k, "    GLOBAL float *dyr = dy + %s;", row_at(rdy, sizeof rdy, k, dy, d, "(ok ? r : c0)"));
     kg_line(k, "    GLOBAL float *dxr = dx + %s;", row_at(rdx, sizeof rdx, k, dx, d, "(ok ? r : c0)"));
+    if (n->nin == 4) kg_line(k, "    GLOBAL float *ar = acc + %s;", row_at(rdx, sizeof rdx, k, n->in[3], d, "(ok ? r : c0)"));
     kg_line(k, "    float ss = 0.0f, dot = 0.0f;");
     kg_line(k, "    if (ok) {");
     for (int i = 0; i < ci; i++)
@@ -237,7 +244,8 @@ static int emit_bwd(kgen *k, const ir_node *n) {
     kg_line(k, "    const float cc = rs * rs * rs / %ld.0f * r2[team * %d];", d, rt);
     kg_line(k, "    if (ok) {");
     for (int i = 0; i < ci; i++) {
-        kg_line(k, "        %sdxr[f%d] = rs * w%d * g%d - cc * x%d;", slot_guard(gd, sizeof gd, i, rt, d), i, i, i, i);
+        kg_line(k, "        %sdxr[f%d] = %srs * w%d * g%d - cc * x%d;", slot_guard(gd, sizeof gd, i, rt, d), i,
+                n->nin == 4 ? (snprintf(rdx, sizeof rdx, "ar[f%d] + ", i), rdx) : "", i, i, i);
         kg_line(k, "        a%d += g%d * x%d * rs;", i, i, i);   /* zero past the row end */
     }
     kg_line(k, "    }");
@@ -290,5 +298,5 @@ static int emit_bwd(kgen *k, const ir_node *n) {
 
 const op_def op_rmsnorm = {.name = "rmsnorm", .nin = 2, .nout = 1, .infer = infer, .grad = grad, .ref = ref,
                            .flops = flops, .emit = emit, .fattr = {"eps", NULL}, .fa_default = {1e-5}};
-const op_def op_rmsnorm_bwd = {.name = "rmsnorm_bwd", .nin = 3, .nout = 3, .infer = infer_bwd, .ref = ref_bwd,
+const op_def op_rmsnorm_bwd = {.name = "rmsnorm_bwd", .nin = -3, .nout = 3, .infer = infer_bwd, .ref = ref_bwd,
                                .flops = flops, .emit = emit_bwd, .fattr = {"eps", NULL}, .fa_default = {1e-5}};

@@ -1295,7 +1295,78 @@ KERNEL k28_fused(GLOBAL float *A, long B, long S, long o_in0, long o_in1, long o
     out2[tok * 256 + f] = v2;
 }
 
-KERNEL k29_matmul_nn(GLOBAL float *A, long B, long S, long o_x, long o_w, long o_y) {
+KERNEL k29_rmsnorm_bwd_dx(GLOBAL float *A, long B, long S, long o_x, long o_w, long o_dy, long o_acc, long o_dx, long o_part) {
+    const long T = B * S;
+    (void)T;
+    GLOBAL float *x = A + o_x;
+    GLOBAL float *w = A + o_w;
+    GLOBAL float *dy = A + o_dy;
+    GLOBAL float *acc = A + o_acc;
+    GLOBAL float *dx = A + o_dx;
+    GLOBAL float *part = A + o_part;
+    LOCAL float r1[256];
+    LOCAL float r2[256];
+    LOCAL float comb[512];
+    const long M = T * 1, per = (M + 511) / 512;
+    const long c0 = GID_X * per, c1 = c0 + per < M ? c0 + per : M;
+    const int lane = LID_X % 32, team = LID_X / 32;
+    const int f0 = lane + 0;
+    float w0 = 0.0f, a0 = 0.0f, x0 = 0.0f, g0 = 0.0f;
+    w0 = w[f0];
+    const int f1 = lane + 32;
+    float w1 = 0.0f, a1 = 0.0f, x1 = 0.0f, g1 = 0.0f;
+    w1 = w[f1];
+    for (long rb = c0; rb < c1; rb += 8) {
+        const long r = rb + team;
+        const int ok = r < c1;
+        GLOBAL float *xr = x + ((ok ? r : c0)) * 64;
+        GLOBAL float *dyr = dy + ((ok ? r : c0)) * 64;
+        GLOBAL float *dxr = dx + ((ok ? r : c0)) * 64;
+        GLOBAL float *ar = acc + ((ok ? r : c0)) * 64;
+        float ss = 0.0f, dot = 0.0f;
+        if (ok) {
+            { x0 = xr[f0]; g0 = dyr[f0]; }
+            { x1 = xr[f1]; g1 = dyr[f1]; }
+            ss += x0 * x0;
+            dot += w0 * g0 * x0;
+            ss += x1 * x1;
+            dot += w1 * g1 * x1;
+        }
+        r1[LID_X] = ss;
+        r2[LID_X] = dot;
+        BARRIER();
+        for (int s = 16; s > 0; s >>= 1) {
+            if (lane < s) {
+                r1[LID_X] += r1[LID_X + s];
+                r2[LID_X] += r2[LID_X + s];
+            }
+            BARRIER();
+        }
+        const float rs = RSQRTF(r1[team * 32] / 64.0f + 1.000000000e-05f);
+        const float cc = rs * rs * rs / 64.0f * r2[team * 32];
+        if (ok) {
+            dxr[f0] = ar[f0] + rs * w0 * g0 - cc * x0;
+            a0 += g0 * x0 * rs;
+            dxr[f1] = ar[f1] + rs * w1 * g1 - cc * x1;
+            a1 += g1 * x1 * rs;
+        }
+        BARRIER();   /* r1, r2 are rewritten by the next step */
+    }
+    GLOBAL float *pr = part + GID_X * 64;
+    comb[0 + LID_X] = a0;
+    comb[256 + LID_X] = a1;
+    BARRIER();
+    for (int q = LID_X; q < 64; q += 256) {
+        const int f = 0 + q;
+        const int sl = q / 32, ln = q % 32;
+        float s = 0.0f;
+        for (int j = 0; j < 8; j++) s += comb[sl * 256 + j * 32 + ln];
+        if (f < 64) pr[f] = s;
+    }
+    BARRIER();
+}
+
+KERNEL k30_matmul_nn(GLOBAL float *A, long B, long S, long o_x, long o_w, long o_y) {
     const long T = B * S;
     (void)T;
     GLOBAL float *x = A + o_x;
@@ -1339,7 +1410,7 @@ KERNEL k29_matmul_nn(GLOBAL float *A, long B, long S, long o_x, long o_w, long o
     }
 }
 
-KERNEL k30_matmul_wgrad(GLOBAL float *A, long B, long S, long o_a, long o_b, long o_part) {
+KERNEL k31_matmul_wgrad(GLOBAL float *A, long B, long S, long o_a, long o_b, long o_part) {
     const long T = B * S;
     (void)T;
     GLOBAL float *a = A + o_a;
@@ -1381,7 +1452,7 @@ KERNEL k30_matmul_wgrad(GLOBAL float *A, long B, long S, long o_a, long o_b, lon
     }
 }
 
-KERNEL k31_matmul_wgrad_sum(GLOBAL float *A, long B, long S, long o_part, long o_o) {
+KERNEL k32_matmul_wgrad_sum(GLOBAL float *A, long B, long S, long o_part, long o_o) {
     const long T = B * S;
     (void)T;
     GLOBAL float *part = A + o_part;
@@ -1393,7 +1464,7 @@ KERNEL k31_matmul_wgrad_sum(GLOBAL float *A, long B, long S, long o_part, long o
     o[i] = s;
 }
 
-KERNEL k32_attention_bwd_d(GLOBAL float *A, long B, long S, long o_o, long o_dO, long o_Dw) {
+KERNEL k33_attention_bwd_d(GLOBAL float *A, long B, long S, long o_o, long o_dO, long o_Dw) {
     const long T = B * S;
     (void)T;
     GLOBAL float *o = A + o_o;
@@ -1412,7 +1483,7 @@ KERNEL k32_attention_bwd_d(GLOBAL float *A, long B, long S, long o_o, long o_dO,
     Dw[tok * 2L + h] = acc;
 }
 
-KERNEL k33_attention_bwd_dkv(GLOBAL float *A, long B, long S, long o_q, long o_k, long o_v, long o_lse, long o_dO, long o_Dw, long o_dk, long o_dv) {
+KERNEL k34_attention_bwd_dkv(GLOBAL float *A, long B, long S, long o_q, long o_k, long o_v, long o_lse, long o_dO, long o_Dw, long o_dk, long o_dv) {
     const long T = B * S;
     (void)T;
     GLOBAL float *q = A + o_q;
@@ -1525,7 +1596,7 @@ KERNEL k33_attention_bwd_dkv(GLOBAL float *A, long B, long S, long o_q, long o_k
     }
 }
 
-KERNEL k34_attention_bwd_dq(GLOBAL float *A, long B, long S, long o_q, long o_k, long o_v, long o_lse, long o_dO, long o_Dw, long o_dq) {
+KERNEL k35_attention_bwd_dq(GLOBAL float *A, long B, long S, long o_q, long o_k, long o_v, long o_lse, long o_dO, long o_Dw, long o_dq) {
     const long T = B * S;
     (void)T;
     GLOBAL float *q = A + o_q;
@@ -1635,7 +1706,7 @@ KERNEL k34_attention_bwd_dq(GLOBAL float *A, long B, long S, long o_q, long o_k,
     }
 }
 
-KERNEL k35_rope(GLOBAL float *A, long B, long S, long o_x, long o_y) {
+KERNEL k36_rope(GLOBAL float *A, long B, long S, long o_x, long o_y) {
     const long T = B * S;
     (void)T;
     GLOBAL float *x = A + o_x;
@@ -1677,7 +1748,7 @@ KERNEL k35_rope(GLOBAL float *A, long B, long S, long o_x, long o_y) {
     }
 }
 
-KERNEL k36_matmul_nn(GLOBAL float *A, long B, long S, long o_x, long o_w, long o_y) {
+KERNEL k37_matmul_nn(GLOBAL float *A, long B, long S, long o_x, long o_w, long o_y) {
     const long T = B * S;
     (void)T;
     GLOBAL float *x = A + o_x;
@@ -1721,7 +1792,7 @@ KERNEL k36_matmul_nn(GLOBAL float *A, long B, long S, long o_x, long o_w, long o
     }
 }
 
-KERNEL k37_matmul_wgrad(GLOBAL float *A, long B, long S, long o_a, long o_b, long o_part) {
+KERNEL k38_matmul_wgrad(GLOBAL float *A, long B, long S, long o_a, long o_b, long o_part) {
     const long T = B * S;
     (void)T;
     GLOBAL float *a = A + o_a;
@@ -1763,7 +1834,7 @@ KERNEL k37_matmul_wgrad(GLOBAL float *A, long B, long S, long o_a, long o_b, lon
     }
 }
 
-KERNEL k38_matmul_wgrad_sum(GLOBAL float *A, long B, long S, long o_part, long o_o) {
+KERNEL k39_matmul_wgrad_sum(GLOBAL float *A, long B, long S, long o_part, long o_o) {
     const long T = B * S;
     (void)T;
     GLOBAL float *part = A + o_part;
@@ -1775,7 +1846,7 @@ KERNEL k38_matmul_wgrad_sum(GLOBAL float *A, long B, long S, long o_part, long o
     o[i] = s;
 }
 
-KERNEL k39_fused(GLOBAL float *A, long B, long S, long o_in0, long o_in1, long o_in2, long o_in3, long o_out0, long o_out2) {
+KERNEL k40_fused(GLOBAL float *A, long B, long S, long o_in0, long o_in1, long o_in2, long o_in3, long o_out0, long o_out2) {
     const long T = B * S;
     (void)T;
     GLOBAL float *in0 = A + o_in0;
@@ -1799,7 +1870,7 @@ KERNEL k39_fused(GLOBAL float *A, long B, long S, long o_in0, long o_in1, long o
     out2[tok * 304 + f] = v2;
 }
 
-KERNEL k40_mamba3_scan_bwd_chunk(GLOBAL float *A, long B, long S, long o_x, long o_Bn, long o_Cn, long o_ddt, long o_ddA, long o_trap, long o_ang, long o_dtb, long o_Bb, long o_Cb, long o_dy, long o_th, long o_du, __local float *realm_shm) {
+KERNEL k41_mamba3_scan_bwd_chunk(GLOBAL float *A, long B, long S, long o_x, long o_Bn, long o_Cn, long o_ddt, long o_ddA, long o_trap, long o_ang, long o_dtb, long o_Bb, long o_Cb, long o_dy, long o_th, long o_du, __local float *realm_shm) {
     const long T = B * S;
     (void)T;
     GLOBAL float *x = A + o_x;
@@ -1928,7 +1999,7 @@ KERNEL k40_mamba3_scan_bwd_chunk(GLOBAL float *A, long B, long S, long o_x, long
     }
 }
 
-KERNEL k41_mamba3_scan_bwd_walk(GLOBAL float *A, long B, long S, long o_du, long o_dsl) {
+KERNEL k42_mamba3_scan_bwd_walk(GLOBAL float *A, long B, long S, long o_du, long o_dsl) {
     const long T = B * S;
     (void)T;
     GLOBAL float *du = A + o_du;
@@ -1968,7 +2039,7 @@ KERNEL k41_mamba3_scan_bwd_walk(GLOBAL float *A, long B, long S, long o_du, long
     }
 }
 
-KERNEL k42_mamba3_scan_bwd_main(GLOBAL float *A, long B, long S, long o_x, long o_Bn, long o_Cn, long o_ddt, long o_ddA, long o_trap, long o_ang, long o_dtb, long o_Bb, long o_Cb, long o_Dp, long o_st, long o_dy, long o_th, long o_dsl, long o_gx, long o_gddA, long o_hd, long o_tkw, __local float *realm_shm) {
+KERNEL k43_mamba3_scan_bwd_main(GLOBAL float *A, long B, long S, long o_x, long o_Bn, long o_Cn, long o_ddt, long o_ddA, long o_trap, long o_ang, long o_dtb, long o_Bb, long o_Cb, long o_Dp, long o_st, long o_dy, long o_th, long o_dsl, long o_gx, long o_gddA, long o_hd, long o_tkw, __local float *realm_shm) {
     const long T = B * S;
     (void)T;
     GLOBAL float *x = A + o_x;
@@ -2284,7 +2355,7 @@ KERNEL k42_mamba3_scan_bwd_main(GLOBAL float *A, long B, long S, long o_x, long 
     }
 }
 
-KERNEL k43_mamba3_scan_bwd_fix(GLOBAL float *A, long B, long S, long o_ddt, long o_trap, long o_ang, long o_dtb, long o_tkw, long o_gddt, long o_gtrap, long o_ha) {
+KERNEL k44_mamba3_scan_bwd_fix(GLOBAL float *A, long B, long S, long o_ddt, long o_trap, long o_ang, long o_dtb, long o_tkw, long o_gddt, long o_gtrap, long o_ha) {
     const long T = B * S;
     (void)T;
     GLOBAL float *ddt = A + o_ddt;
@@ -2356,7 +2427,7 @@ KERNEL k43_mamba3_scan_bwd_fix(GLOBAL float *A, long B, long S, long o_ddt, long
     }
 }
 
-KERNEL k44_mamba3_scan_bwd_heads(GLOBAL float *A, long B, long S, long o_hd, long o_ha, long o_gBn, long o_gCn, long o_gang) {
+KERNEL k45_mamba3_scan_bwd_heads(GLOBAL float *A, long B, long S, long o_hd, long o_ha, long o_gBn, long o_gCn, long o_gang) {
     const long T = B * S;
     (void)T;
     GLOBAL float *hd = A + o_hd;
@@ -2376,7 +2447,7 @@ KERNEL k44_mamba3_scan_bwd_heads(GLOBAL float *A, long B, long S, long o_hd, lon
     else gang[tok * 304L + f - 32] = acc;
 }
 
-KERNEL k45_mamba3_scan_bwd_params(GLOBAL float *A, long B, long S, long o_hd, long o_gddt, long o_x, long o_dy, long o_tkw, long o_gdtb, long o_gBb, long o_gCb, long o_gD) {
+KERNEL k46_mamba3_scan_bwd_params(GLOBAL float *A, long B, long S, long o_hd, long o_gddt, long o_x, long o_dy, long o_tkw, long o_gdtb, long o_gBb, long o_gCb, long o_gD) {
     const long T = B * S;
     (void)T;
     GLOBAL float *hd = A + o_hd;
@@ -2427,7 +2498,7 @@ KERNEL k45_mamba3_scan_bwd_params(GLOBAL float *A, long B, long S, long o_hd, lo
     }
 }
 
-KERNEL k46_rmsnorm_bwd_dx(GLOBAL float *A, long B, long S, long o_x, long o_w, long o_dy, long o_dx, long o_part) {
+KERNEL k47_rmsnorm_bwd_dx(GLOBAL float *A, long B, long S, long o_x, long o_w, long o_dy, long o_dx, long o_part) {
     const long T = B * S;
     (void)T;
     GLOBAL float *x = A + o_x;
@@ -2487,7 +2558,7 @@ KERNEL k46_rmsnorm_bwd_dx(GLOBAL float *A, long B, long S, long o_x, long o_w, l
     BARRIER();
 }
 
-KERNEL k47_rmsnorm_bwd_dw(GLOBAL float *A, long B, long S, long o_part, long o_dw) {
+KERNEL k48_rmsnorm_bwd_dw(GLOBAL float *A, long B, long S, long o_part, long o_dw) {
     const long T = B * S;
     (void)T;
     GLOBAL float *part = A + o_part;
@@ -2511,7 +2582,7 @@ KERNEL k47_rmsnorm_bwd_dw(GLOBAL float *A, long B, long S, long o_part, long o_d
     }
 }
 
-KERNEL k48_matmul_nn(GLOBAL float *A, long B, long S, long o_x, long o_w, long o_y) {
+KERNEL k49_matmul_nn(GLOBAL float *A, long B, long S, long o_x, long o_w, long o_y) {
     const long T = B * S;
     (void)T;
     GLOBAL float *x = A + o_x;
@@ -2555,7 +2626,7 @@ KERNEL k48_matmul_nn(GLOBAL float *A, long B, long S, long o_x, long o_w, long o
     }
 }
 
-KERNEL k49_matmul_wgrad(GLOBAL float *A, long B, long S, long o_a, long o_b, long o_part) {
+KERNEL k50_matmul_wgrad(GLOBAL float *A, long B, long S, long o_a, long o_b, long o_part) {
     const long T = B * S;
     (void)T;
     GLOBAL float *a = A + o_a;
@@ -2597,7 +2668,7 @@ KERNEL k49_matmul_wgrad(GLOBAL float *A, long B, long S, long o_a, long o_b, lon
     }
 }
 
-KERNEL k50_matmul_wgrad_sum(GLOBAL float *A, long B, long S, long o_part, long o_o) {
+KERNEL k51_matmul_wgrad_sum(GLOBAL float *A, long B, long S, long o_part, long o_o) {
     const long T = B * S;
     (void)T;
     GLOBAL float *part = A + o_part;
@@ -2609,7 +2680,7 @@ KERNEL k50_matmul_wgrad_sum(GLOBAL float *A, long B, long S, long o_part, long o
     o[i] = s;
 }
 
-KERNEL k51_embedding_bwd_part(GLOBAL float *A, long B, long S, long o_tok, long o_dy, long o_part) {
+KERNEL k52_embedding_bwd_part(GLOBAL float *A, long B, long S, long o_tok, long o_dy, long o_part) {
     const long T = B * S;
     (void)T;
     GLOBAL float *tok = A + o_tok;
@@ -2642,7 +2713,7 @@ KERNEL k51_embedding_bwd_part(GLOBAL float *A, long B, long S, long o_tok, long 
     }
 }
 
-KERNEL k52_embedding_bwd_sum(GLOBAL float *A, long B, long S, long o_part, long o_dt) {
+KERNEL k53_embedding_bwd_sum(GLOBAL float *A, long B, long S, long o_part, long o_dt) {
     const long T = B * S;
     (void)T;
     GLOBAL float *part = A + o_part;
@@ -2658,7 +2729,7 @@ KERNEL k52_embedding_bwd_sum(GLOBAL float *A, long B, long S, long o_part, long 
     dt[i] = s;
 }
 
-KERNEL k53_add(GLOBAL float *A, long B, long S, long o_in0, long o_in1, long o_out0) {
+KERNEL k54_add(GLOBAL float *A, long B, long S, long o_in0, long o_in1, long o_out0) {
     const long T = B * S;
     (void)T;
     GLOBAL float *in0 = A + o_in0;
@@ -2674,7 +2745,7 @@ KERNEL k53_add(GLOBAL float *A, long B, long S, long o_in0, long o_in1, long o_o
     out0[tok * 16384 + f] = v0;
 }
 
-KERNEL k54_sumsq_part(GLOBAL float *A, long B, long S, long o_g0, long o_g1, long o_g2, long o_g3, long o_g4, long o_g5, long o_g6, long o_g7, long o_g8, long o_g9, long o_g10, long o_g11, long o_g12, long o_g13, long o_g14, long o_g15, long o_part) {
+KERNEL k55_sumsq_part(GLOBAL float *A, long B, long S, long o_g0, long o_g1, long o_g2, long o_g3, long o_g4, long o_g5, long o_g6, long o_g7, long o_g8, long o_g9, long o_g10, long o_g11, long o_g12, long o_g13, long o_g14, long o_g15, long o_part) {
     const long T = B * S;
     (void)T;
     GLOBAL float *g0 = A + o_g0;
@@ -2768,7 +2839,7 @@ KERNEL k54_sumsq_part(GLOBAL float *A, long B, long S, long o_g0, long o_g1, lon
     if (l == 0) part[GID_X] = red[0];
 }
 
-KERNEL k55_sumsq_total(GLOBAL float *A, long B, long S, long o_part, long o_out) {
+KERNEL k56_sumsq_total(GLOBAL float *A, long B, long S, long o_part, long o_out) {
     const long T = B * S;
     (void)T;
     GLOBAL float *part = A + o_part;
@@ -2781,7 +2852,7 @@ KERNEL k55_sumsq_total(GLOBAL float *A, long B, long S, long o_part, long o_out)
     if (l == 0) out[0] = red[0];
 }
 
-KERNEL k56_sumsq_part(GLOBAL float *A, long B, long S, long o_g0, long o_g1, long o_g2, long o_g3, long o_g4, long o_g5, long o_g6, long o_g7, long o_g8, long o_g9, long o_g10, long o_g11, long o_g12, long o_g13, long o_g14, long o_g15, long o_part) {
+KERNEL k57_sumsq_part(GLOBAL float *A, long B, long S, long o_g0, long o_g1, long o_g2, long o_g3, long o_g4, long o_g5, long o_g6, long o_g7, long o_g8, long o_g9, long o_g10, long o_g11, long o_g12, long o_g13, long o_g14, long o_g15, long o_part) {
     const long T = B * S;
     (void)T;
     GLOBAL float *g0 = A + o_g0;
@@ -2875,7 +2946,7 @@ KERNEL k56_sumsq_part(GLOBAL float *A, long B, long S, long o_g0, long o_g1, lon
     if (l == 0) part[GID_X] = red[0];
 }
 
-KERNEL k57_add(GLOBAL float *A, long B, long S, long o_in0, long o_in1, long o_out0) {
+KERNEL k58_add(GLOBAL float *A, long B, long S, long o_in0, long o_in1, long o_out0) {
     const long T = B * S;
     (void)T;
     GLOBAL float *in0 = A + o_in0;
@@ -2891,7 +2962,7 @@ KERNEL k57_add(GLOBAL float *A, long B, long S, long o_in0, long o_in1, long o_o
     out0[tok * 1 + f] = v0;
 }
 
-KERNEL k58_adamw(GLOBAL float *A, long B, long S, long o_p, long o_g, long o_m, long o_v, long o_ss, long o_h, long o_po, long o_mo, long o_vo) {
+KERNEL k59_adamw(GLOBAL float *A, long B, long S, long o_p, long o_g, long o_m, long o_v, long o_ss, long o_h, long o_po, long o_mo, long o_vo) {
     const long T = B * S;
     (void)T;
     GLOBAL float *p = A + o_p;
@@ -2916,7 +2987,7 @@ KERNEL k58_adamw(GLOBAL float *A, long B, long S, long o_p, long o_g, long o_m, 
     vo[i] = vv;
 }
 
-KERNEL k59_adamw(GLOBAL float *A, long B, long S, long o_p, long o_g, long o_m, long o_v, long o_ss, long o_h, long o_po, long o_mo, long o_vo) {
+KERNEL k60_adamw(GLOBAL float *A, long B, long S, long o_p, long o_g, long o_m, long o_v, long o_ss, long o_h, long o_po, long o_mo, long o_vo) {
     const long T = B * S;
     (void)T;
     GLOBAL float *p = A + o_p;
@@ -2941,7 +3012,7 @@ KERNEL k59_adamw(GLOBAL float *A, long B, long S, long o_p, long o_g, long o_m, 
     vo[i] = vv;
 }
 
-KERNEL k60_adamw(GLOBAL float *A, long B, long S, long o_p, long o_g, long o_m, long o_v, long o_ss, long o_h, long o_po, long o_mo, long o_vo) {
+KERNEL k61_adamw(GLOBAL float *A, long B, long S, long o_p, long o_g, long o_m, long o_v, long o_ss, long o_h, long o_po, long o_mo, long o_vo) {
     const long T = B * S;
     (void)T;
     GLOBAL float *p = A + o_p;
@@ -2966,7 +3037,7 @@ KERNEL k60_adamw(GLOBAL float *A, long B, long S, long o_p, long o_g, long o_m, 
     vo[i] = vv;
 }
 
-KERNEL k61_adamw(GLOBAL float *A, long B, long S, long o_p, long o_g, long o_m, long o_v, long o_ss, long o_h, long o_po, long o_mo, long o_vo) {
+KERNEL k62_adamw(GLOBAL float *A, long B, long S, long o_p, long o_g, long o_m, long o_v, long o_ss, long o_h, long o_po, long o_mo, long o_vo) {
     const long T = B * S;
     (void)T;
     GLOBAL float *p = A + o_p;
@@ -2991,7 +3062,7 @@ KERNEL k61_adamw(GLOBAL float *A, long B, long S, long o_p, long o_g, long o_m, 
     vo[i] = vv;
 }
 
-KERNEL k62_adamw(GLOBAL float *A, long B, long S, long o_p, long o_g, long o_m, long o_v, long o_ss, long o_h, long o_po, long o_mo, long o_vo) {
+KERNEL k63_adamw(GLOBAL float *A, long B, long S, long o_p, long o_g, long o_m, long o_v, long o_ss, long o_h, long o_po, long o_mo, long o_vo) {
     const long T = B * S;
     (void)T;
     GLOBAL float *p = A + o_p;
@@ -3016,7 +3087,7 @@ KERNEL k62_adamw(GLOBAL float *A, long B, long S, long o_p, long o_g, long o_m, 
     vo[i] = vv;
 }
 
-KERNEL k63_adamw(GLOBAL float *A, long B, long S, long o_p, long o_g, long o_m, long o_v, long o_ss, long o_h, long o_po, long o_mo, long o_vo) {
+KERNEL k64_adamw(GLOBAL float *A, long B, long S, long o_p, long o_g, long o_m, long o_v, long o_ss, long o_h, long o_po, long o_mo, long o_vo) {
     const long T = B * S;
     (void)T;
     GLOBAL float *p = A + o_p;
@@ -3041,7 +3112,7 @@ KERNEL k63_adamw(GLOBAL float *A, long B, long S, long o_p, long o_g, long o_m, 
     vo[i] = vv;
 }
 
-KERNEL k64_adamw(GLOBAL float *A, long B, long S, long o_p, long o_g, long o_m, long o_v, long o_ss, long o_h, long o_po, long o_mo, long o_vo) {
+KERNEL k65_adamw(GLOBAL float *A, long B, long S, long o_p, long o_g, long o_m, long o_v, long o_ss, long o_h, long o_po, long o_mo, long o_vo) {
     const long T = B * S;
     (void)T;
     GLOBAL float *p = A + o_p;
@@ -3066,7 +3137,7 @@ KERNEL k64_adamw(GLOBAL float *A, long B, long S, long o_p, long o_g, long o_m, 
     vo[i] = vv;
 }
 
-KERNEL k65_adamw(GLOBAL float *A, long B, long S, long o_p, long o_g, long o_m, long o_v, long o_ss, long o_h, long o_po, long o_mo, long o_vo) {
+KERNEL k66_adamw(GLOBAL float *A, long B, long S, long o_p, long o_g, long o_m, long o_v, long o_ss, long o_h, long o_po, long o_mo, long o_vo) {
     const long T = B * S;
     (void)T;
     GLOBAL float *p = A + o_p;

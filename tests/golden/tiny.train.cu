@@ -1296,7 +1296,78 @@ KERNEL k28_fused(GLOBAL float *A, long B, long S, long o_in0, long o_in1, long o
     out2[tok * 256 + f] = v2;
 }
 
-KERNEL k29_matmul_nn(GLOBAL float *A, long B, long S, long o_x, long o_w, long o_y) {
+KERNEL k29_rmsnorm_bwd_dx(GLOBAL float *A, long B, long S, long o_x, long o_w, long o_dy, long o_acc, long o_dx, long o_part) {
+    const long T = B * S;
+    (void)T;
+    GLOBAL float *x = A + o_x;
+    GLOBAL float *w = A + o_w;
+    GLOBAL float *dy = A + o_dy;
+    GLOBAL float *acc = A + o_acc;
+    GLOBAL float *dx = A + o_dx;
+    GLOBAL float *part = A + o_part;
+    LOCAL float r1[256];
+    LOCAL float r2[256];
+    LOCAL float comb[512];
+    const long M = T * 1, per = (M + 511) / 512;
+    const long c0 = GID_X * per, c1 = c0 + per < M ? c0 + per : M;
+    const int lane = LID_X % 32, team = LID_X / 32;
+    const int f0 = lane + 0;
+    float w0 = 0.0f, a0 = 0.0f, x0 = 0.0f, g0 = 0.0f;
+    w0 = w[f0];
+    const int f1 = lane + 32;
+    float w1 = 0.0f, a1 = 0.0f, x1 = 0.0f, g1 = 0.0f;
+    w1 = w[f1];
+    for (long rb = c0; rb < c1; rb += 8) {
+        const long r = rb + team;
+        const int ok = r < c1;
+        GLOBAL float *xr = x + ((ok ? r : c0)) * 64;
+        GLOBAL float *dyr = dy + ((ok ? r : c0)) * 64;
+        GLOBAL float *dxr = dx + ((ok ? r : c0)) * 64;
+        GLOBAL float *ar = acc + ((ok ? r : c0)) * 64;
+        float ss = 0.0f, dot = 0.0f;
+        if (ok) {
+            { x0 = xr[f0]; g0 = dyr[f0]; }
+            { x1 = xr[f1]; g1 = dyr[f1]; }
+            ss += x0 * x0;
+            dot += w0 * g0 * x0;
+            ss += x1 * x1;
+            dot += w1 * g1 * x1;
+        }
+        r1[LID_X] = ss;
+        r2[LID_X] = dot;
+        BARRIER();
+        for (int s = 16; s > 0; s >>= 1) {
+            if (lane < s) {
+                r1[LID_X] += r1[LID_X + s];
+                r2[LID_X] += r2[LID_X + s];
+            }
+            BARRIER();
+        }
+        const float rs = RSQRTF(r1[team * 32] / 64.0f + 1.000000000e-05f);
+        const float cc = rs * rs * rs / 64.0f * r2[team * 32];
+        if (ok) {
+            dxr[f0] = ar[f0] + rs * w0 * g0 - cc * x0;
+            a0 += g0 * x0 * rs;
+            dxr[f1] = ar[f1] + rs * w1 * g1 - cc * x1;
+            a1 += g1 * x1 * rs;
+        }
+        BARRIER();   /* r1, r2 are rewritten by the next step */
+    }
+    GLOBAL float *pr = part + GID_X * 64;
+    comb[0 + LID_X] = a0;
+    comb[256 + LID_X] = a1;
+    BARRIER();
+    for (int q = LID_X; q < 64; q += 256) {
+        const int f = 0 + q;
+        const int sl = q / 32, ln = q % 32;
+        float s = 0.0f;
+        for (int j = 0; j < 8; j++) s += comb[sl * 256 + j * 32 + ln];
+        if (f < 64) pr[f] = s;
+    }
+    BARRIER();
+}
+
+KERNEL k30_matmul_nn(GLOBAL float *A, long B, long S, long o_x, long o_w, long o_y) {
     const long T = B * S;
     (void)T;
     GLOBAL float *x = A + o_x;
@@ -1340,7 +1411,7 @@ KERNEL k29_matmul_nn(GLOBAL float *A, long B, long S, long o_x, long o_w, long o
     }
 }
 
-KERNEL k30_matmul_wgrad(GLOBAL float *A, long B, long S, long o_a, long o_b, long o_part) {
+KERNEL k31_matmul_wgrad(GLOBAL float *A, long B, long S, long o_a, long o_b, long o_part) {
     const long T = B * S;
     (void)T;
     GLOBAL float *a = A + o_a;
@@ -1382,7 +1453,7 @@ KERNEL k30_matmul_wgrad(GLOBAL float *A, long B, long S, long o_a, long o_b, lon
     }
 }
 
-KERNEL k31_matmul_wgrad_sum(GLOBAL float *A, long B, long S, long o_part, long o_o) {
+KERNEL k32_matmul_wgrad_sum(GLOBAL float *A, long B, long S, long o_part, long o_o) {
     const long T = B * S;
     (void)T;
     GLOBAL float *part = A + o_part;
@@ -1394,7 +1465,7 @@ KERNEL k31_matmul_wgrad_sum(GLOBAL float *A, long B, long S, long o_part, long o
     o[i] = s;
 }
 
-KERNEL k32_attention_bwd_d(GLOBAL float *A, long B, long S, long o_o, long o_dO, long o_Dw) {
+KERNEL k33_attention_bwd_d(GLOBAL float *A, long B, long S, long o_o, long o_dO, long o_Dw) {
     const long T = B * S;
     (void)T;
     GLOBAL float *o = A + o_o;
@@ -1413,7 +1484,7 @@ KERNEL k32_attention_bwd_d(GLOBAL float *A, long B, long S, long o_o, long o_dO,
     Dw[tok * 2L + h] = acc;
 }
 
-KERNEL k33_attention_bwd_dkv(GLOBAL float *A, long B, long S, long o_q, long o_k, long o_v, long o_lse, long o_dO, long o_Dw, long o_dk, long o_dv) {
+KERNEL k34_attention_bwd_dkv(GLOBAL float *A, long B, long S, long o_q, long o_k, long o_v, long o_lse, long o_dO, long o_Dw, long o_dk, long o_dv) {
     const long T = B * S;
     (void)T;
     GLOBAL float *q = A + o_q;
@@ -1526,7 +1597,7 @@ KERNEL k33_attention_bwd_dkv(GLOBAL float *A, long B, long S, long o_q, long o_k
     }
 }
 
-KERNEL k34_attention_bwd_dq(GLOBAL float *A, long B, long S, long o_q, long o_k, long o_v, long o_lse, long o_dO, long o_Dw, long o_dq) {
+KERNEL k35_attention_bwd_dq(GLOBAL float *A, long B, long S, long o_q, long o_k, long o_v, long o_lse, long o_dO, long o_Dw, long o_dq) {
     const long T = B * S;
     (void)T;
     GLOBAL float *q = A + o_q;
@@ -1636,7 +1707,7 @@ KERNEL k34_attention_bwd_dq(GLOBAL float *A, long B, long S, long o_q, long o_k,
     }
 }
 
-KERNEL k35_rope(GLOBAL float *A, long B, long S, long o_x, long o_y) {
+KERNEL k36_rope(GLOBAL float *A, long B, long S, long o_x, long o_y) {
     const long T = B * S;
     (void)T;
     GLOBAL float *x = A + o_x;
@@ -1678,7 +1749,7 @@ KERNEL k35_rope(GLOBAL float *A, long B, long S, long o_x, long o_y) {
     }
 }
 
-KERNEL k36_matmul_nn(GLOBAL float *A, long B, long S, long o_x, long o_w, long o_y) {
+KERNEL k37_matmul_nn(GLOBAL float *A, long B, long S, long o_x, long o_w, long o_y) {
     const long T = B * S;
     (void)T;
     GLOBAL float *x = A + o_x;
@@ -1722,7 +1793,7 @@ KERNEL k36_matmul_nn(GLOBAL float *A, long B, long S, long o_x, long o_w, long o
     }
 }
 
-KERNEL k37_matmul_wgrad(GLOBAL float *A, long B, long S, long o_a, long o_b, long o_part) {
+KERNEL k38_matmul_wgrad(GLOBAL float *A, long B, long S, long o_a, long o_b, long o_part) {
     const long T = B * S;
     (void)T;
     GLOBAL float *a = A + o_a;
@@ -1764,7 +1835,7 @@ KERNEL k37_matmul_wgrad(GLOBAL float *A, long B, long S, long o_a, long o_b, lon
     }
 }
 
-KERNEL k38_matmul_wgrad_sum(GLOBAL float *A, long B, long S, long o_part, long o_o) {
+KERNEL k39_matmul_wgrad_sum(GLOBAL float *A, long B, long S, long o_part, long o_o) {
     const long T = B * S;
     (void)T;
     GLOBAL float *part = A + o_part;
@@ -1776,7 +1847,7 @@ KERNEL k38_matmul_wgrad_sum(GLOBAL float *A, long B, long S, long o_part, long o
     o[i] = s;
 }
 
-KERNEL k39_fused(GLOBAL float *A, long B, long S, long o_in0, long o_in1, long o_in2, long o_in3, long o_out0, long o_out2) {
+KERNEL k40_fused(GLOBAL float *A, long B, long S, long o_in0, long o_in1, long o_in2, long o_in3, long o_out0, long o_out2) {
     const long T = B * S;
     (void)T;
     GLOBAL float *in0 = A + o_in0;
@@ -1800,7 +1871,7 @@ KERNEL k39_fused(GLOBAL float *A, long B, long S, long o_in0, long o_in1, long o
     out2[tok * 304 + f] = v2;
 }
 
-KERNEL k40_mamba3_scan_bwd_chunk(GLOBAL float *A, long B, long S, long o_x, long o_Bn, long o_Cn, long o_ddt, long o_ddA, long o_trap, long o_ang, long o_dtb, long o_Bb, long o_Cb, long o_dy, long o_th, long o_du) {
+KERNEL k41_mamba3_scan_bwd_chunk(GLOBAL float *A, long B, long S, long o_x, long o_Bn, long o_Cn, long o_ddt, long o_ddA, long o_trap, long o_ang, long o_dtb, long o_Bb, long o_Cb, long o_dy, long o_th, long o_du) {
     const long T = B * S;
     (void)T;
     GLOBAL float *x = A + o_x;
@@ -1930,7 +2001,7 @@ KERNEL k40_mamba3_scan_bwd_chunk(GLOBAL float *A, long B, long S, long o_x, long
     }
 }
 
-KERNEL k41_mamba3_scan_bwd_walk(GLOBAL float *A, long B, long S, long o_du, long o_dsl) {
+KERNEL k42_mamba3_scan_bwd_walk(GLOBAL float *A, long B, long S, long o_du, long o_dsl) {
     const long T = B * S;
     (void)T;
     GLOBAL float *du = A + o_du;
@@ -1970,7 +2041,7 @@ KERNEL k41_mamba3_scan_bwd_walk(GLOBAL float *A, long B, long S, long o_du, long
     }
 }
 
-KERNEL k42_mamba3_scan_bwd_main(GLOBAL float *A, long B, long S, long o_x, long o_Bn, long o_Cn, long o_ddt, long o_ddA, long o_trap, long o_ang, long o_dtb, long o_Bb, long o_Cb, long o_Dp, long o_st, long o_dy, long o_th, long o_dsl, long o_gx, long o_gddA, long o_hd, long o_tkw) {
+KERNEL k43_mamba3_scan_bwd_main(GLOBAL float *A, long B, long S, long o_x, long o_Bn, long o_Cn, long o_ddt, long o_ddA, long o_trap, long o_ang, long o_dtb, long o_Bb, long o_Cb, long o_Dp, long o_st, long o_dy, long o_th, long o_dsl, long o_gx, long o_gddA, long o_hd, long o_tkw) {
     const long T = B * S;
     (void)T;
     GLOBAL float *x = A + o_x;
@@ -2287,7 +2358,7 @@ KERNEL k42_mamba3_scan_bwd_main(GLOBAL float *A, long B, long S, long o_x, long 
     }
 }
 
-KERNEL k43_mamba3_scan_bwd_fix(GLOBAL float *A, long B, long S, long o_ddt, long o_trap, long o_ang, long o_dtb, long o_tkw, long o_gddt, long o_gtrap, long o_ha) {
+KERNEL k44_mamba3_scan_bwd_fix(GLOBAL float *A, long B, long S, long o_ddt, long o_trap, long o_ang, long o_dtb, long o_tkw, long o_gddt, long o_gtrap, long o_ha) {
     const long T = B * S;
     (void)T;
     GLOBAL float *ddt = A + o_ddt;
@@ -2359,7 +2430,7 @@ KERNEL k43_mamba3_scan_bwd_fix(GLOBAL float *A, long B, long S, long o_ddt, long
     }
 }
 
-KERNEL k44_mamba3_scan_bwd_heads(GLOBAL float *A, long B, long S, long o_hd, long o_ha, long o_gBn, long o_gCn, long o_gang) {
+KERNEL k45_mamba3_scan_bwd_heads(GLOBAL float *A, long B, long S, long o_hd, long o_ha, long o_gBn, long o_gCn, long o_gang) {
     const long T = B * S;
     (void)T;
     GLOBAL float *hd = A + o_hd;
@@ -2379,7 +2450,7 @@ KERNEL k44_mamba3_scan_bwd_heads(GLOBAL float *A, long B, long S, long o_hd, lon
     else gang[tok * 304L + f - 32] = acc;
 }
 
-KERNEL k45_mamba3_scan_bwd_params(GLOBAL float *A, long B, long S, long o_hd, long o_gddt, long o_x, long o_dy, long o_tkw, long o_gdtb, long o_gBb, long o_gCb, long o_gD) {
+KERNEL k46_mamba3_scan_bwd_params(GLOBAL float *A, long B, long S, long o_hd, long o_gddt, long o_x, long o_dy, long o_tkw, long o_gdtb, long o_gBb, long o_gCb, long o_gD) {
     const long T = B * S;
     (void)T;
     GLOBAL float *hd = A + o_hd;
@@ -2430,7 +2501,7 @@ KERNEL k45_mamba3_scan_bwd_params(GLOBAL float *A, long B, long S, long o_hd, lo
     }
 }
 
-KERNEL k46_rmsnorm_bwd_dx(GLOBAL float *A, long B, long S, long o_x, long o_w, long o_dy, long o_dx, long o_part) {
+KERNEL k47_rmsnorm_bwd_dx(GLOBAL float *A, long B, long S, long o_x, long o_w, long o_dy, long o_dx, long o_part) {
     const long T = B * S;
     (void)T;
     GLOBAL float *x = A + o_x;
@@ -2490,7 +2561,7 @@ KERNEL k46_rmsnorm_bwd_dx(GLOBAL float *A, long B, long S, long o_x, long o_w, l
     BARRIER();
 }
 
-KERNEL k47_rmsnorm_bwd_dw(GLOBAL float *A, long B, long S, long o_part, long o_dw) {
+KERNEL k48_rmsnorm_bwd_dw(GLOBAL float *A, long B, long S, long o_part, long o_dw) {
     const long T = B * S;
     (void)T;
     GLOBAL float *part = A + o_part;
@@ -2514,7 +2585,7 @@ KERNEL k47_rmsnorm_bwd_dw(GLOBAL float *A, long B, long S, long o_part, long o_d
     }
 }
 
-KERNEL k48_matmul_nn(GLOBAL float *A, long B, long S, long o_x, long o_w, long o_y) {
+KERNEL k49_matmul_nn(GLOBAL float *A, long B, long S, long o_x, long o_w, long o_y) {
     const long T = B * S;
     (void)T;
     GLOBAL float *x = A + o_x;
@@ -2558,7 +2629,7 @@ KERNEL k48_matmul_nn(GLOBAL float *A, long B, long S, long o_x, long o_w, long o
     }
 }
 
-KERNEL k49_matmul_wgrad(GLOBAL float *A, long B, long S, long o_a, long o_b, long o_part) {
+KERNEL k50_matmul_wgrad(GLOBAL float *A, long B, long S, long o_a, long o_b, long o_part) {
     const long T = B * S;
     (void)T;
     GLOBAL float *a = A + o_a;
@@ -2600,7 +2671,7 @@ KERNEL k49_matmul_wgrad(GLOBAL float *A, long B, long S, long o_a, long o_b, lon
     }
 }
 
-KERNEL k50_matmul_wgrad_sum(GLOBAL float *A, long B, long S, long o_part, long o_o) {
+KERNEL k51_matmul_wgrad_sum(GLOBAL float *A, long B, long S, long o_part, long o_o) {
     const long T = B * S;
     (void)T;
     GLOBAL float *part = A + o_part;
@@ -2612,7 +2683,7 @@ KERNEL k50_matmul_wgrad_sum(GLOBAL float *A, long B, long S, long o_part, long o
     o[i] = s;
 }
 
-KERNEL k51_embedding_bwd_part(GLOBAL float *A, long B, long S, long o_tok, long o_dy, long o_part) {
+KERNEL k52_embedding_bwd_part(GLOBAL float *A, long B, long S, long o_tok, long o_dy, long o_part) {
     const long T = B * S;
     (void)T;
     GLOBAL float *tok = A + o_tok;
@@ -2645,7 +2716,7 @@ KERNEL k51_embedding_bwd_part(GLOBAL float *A, long B, long S, long o_tok, long 
     }
 }
 
-KERNEL k52_embedding_bwd_sum(GLOBAL float *A, long B, long S, long o_part, long o_dt) {
+KERNEL k53_embedding_bwd_sum(GLOBAL float *A, long B, long S, long o_part, long o_dt) {
     const long T = B * S;
     (void)T;
     GLOBAL float *part = A + o_part;
@@ -2661,7 +2732,7 @@ KERNEL k52_embedding_bwd_sum(GLOBAL float *A, long B, long S, long o_part, long 
     dt[i] = s;
 }
 
-KERNEL k53_add(GLOBAL float *A, long B, long S, long o_in0, long o_in1, long o_out0) {
+KERNEL k54_add(GLOBAL float *A, long B, long S, long o_in0, long o_in1, long o_out0) {
     const long T = B * S;
     (void)T;
     GLOBAL float *in0 = A + o_in0;
@@ -2677,7 +2748,7 @@ KERNEL k53_add(GLOBAL float *A, long B, long S, long o_in0, long o_in1, long o_o
     out0[tok * 16384 + f] = v0;
 }
 
-KERNEL k54_sumsq_part(GLOBAL float *A, long B, long S, long o_g0, long o_g1, long o_g2, long o_g3, long o_g4, long o_g5, long o_g6, long o_g7, long o_g8, long o_g9, long o_g10, long o_g11, long o_g12, long o_g13, long o_g14, long o_g15, long o_part) {
+KERNEL k55_sumsq_part(GLOBAL float *A, long B, long S, long o_g0, long o_g1, long o_g2, long o_g3, long o_g4, long o_g5, long o_g6, long o_g7, long o_g8, long o_g9, long o_g10, long o_g11, long o_g12, long o_g13, long o_g14, long o_g15, long o_part) {
     const long T = B * S;
     (void)T;
     GLOBAL float *g0 = A + o_g0;
@@ -2771,7 +2842,7 @@ KERNEL k54_sumsq_part(GLOBAL float *A, long B, long S, long o_g0, long o_g1, lon
     if (l == 0) part[GID_X] = red[0];
 }
 
-KERNEL k55_sumsq_total(GLOBAL float *A, long B, long S, long o_part, long o_out) {
+KERNEL k56_sumsq_total(GLOBAL float *A, long B, long S, long o_part, long o_out) {
     const long T = B * S;
     (void)T;
     GLOBAL float *part = A + o_part;
@@ -2784,7 +2855,7 @@ KERNEL k55_sumsq_total(GLOBAL float *A, long B, long S, long o_part, long o_out)
     if (l == 0) out[0] = red[0];
 }
 
-KERNEL k56_sumsq_part(GLOBAL float *A, long B, long S, long o_g0, long o_g1, long o_g2, long o_g3, long o_g4, long o_g5, long o_g6, long o_g7, long o_g8, long o_g9, long o_g10, long o_g11, long o_g12, long o_g13, long o_g14, long o_g15, long o_part) {
+KERNEL k57_sumsq_part(GLOBAL float *A, long B, long S, long o_g0, long o_g1, long o_g2, long o_g3, long o_g4, long o_g5, long o_g6, long o_g7, long o_g8, long o_g9, long o_g10, long o_g11, long o_g12, long o_g13, long o_g14, long o_g15, long o_part) {
     const long T = B * S;
     (void)T;
     GLOBAL float *g0 = A + o_g0;
@@ -2878,7 +2949,7 @@ KERNEL k56_sumsq_part(GLOBAL float *A, long B, long S, long o_g0, long o_g1, lon
     if (l == 0) part[GID_X] = red[0];
 }
 
-KERNEL k57_add(GLOBAL float *A, long B, long S, long o_in0, long o_in1, long o_out0) {
+KERNEL k58_add(GLOBAL float *A, long B, long S, long o_in0, long o_in1, long o_out0) {
     const long T = B * S;
     (void)T;
     GLOBAL float *in0 = A + o_in0;
@@ -2894,7 +2965,7 @@ KERNEL k57_add(GLOBAL float *A, long B, long S, long o_in0, long o_in1, long o_o
     out0[tok * 1 + f] = v0;
 }
 
-KERNEL k58_adamw(GLOBAL float *A, long B, long S, long o_p, long o_g, long o_m, long o_v, long o_ss, long o_h, long o_po, long o_mo, long o_vo) {
+KERNEL k59_adamw(GLOBAL float *A, long B, long S, long o_p, long o_g, long o_m, long o_v, long o_ss, long o_h, long o_po, long o_mo, long o_vo) {
     const long T = B * S;
     (void)T;
     GLOBAL float *p = A + o_p;
@@ -2919,7 +2990,7 @@ KERNEL k58_adamw(GLOBAL float *A, long B, long S, long o_p, long o_g, long o_m, 
     vo[i] = vv;
 }
 
-KERNEL k59_adamw(GLOBAL float *A, long B, long S, long o_p, long o_g, long o_m, long o_v, long o_ss, long o_h, long o_po, long o_mo, long o_vo) {
+KERNEL k60_adamw(GLOBAL float *A, long B, long S, long o_p, long o_g, long o_m, long o_v, long o_ss, long o_h, long o_po, long o_mo, long o_vo) {
     const long T = B * S;
     (void)T;
     GLOBAL float *p = A + o_p;
@@ -2944,7 +3015,7 @@ KERNEL k59_adamw(GLOBAL float *A, long B, long S, long o_p, long o_g, long o_m, 
     vo[i] = vv;
 }
 
-KERNEL k60_adamw(GLOBAL float *A, long B, long S, long o_p, long o_g, long o_m, long o_v, long o_ss, long o_h, long o_po, long o_mo, long o_vo) {
+KERNEL k61_adamw(GLOBAL float *A, long B, long S, long o_p, long o_g, long o_m, long o_v, long o_ss, long o_h, long o_po, long o_mo, long o_vo) {
     const long T = B * S;
     (void)T;
     GLOBAL float *p = A + o_p;
@@ -2969,7 +3040,7 @@ KERNEL k60_adamw(GLOBAL float *A, long B, long S, long o_p, long o_g, long o_m, 
     vo[i] = vv;
 }
 
-KERNEL k61_adamw(GLOBAL float *A, long B, long S, long o_p, long o_g, long o_m, long o_v, long o_ss, long o_h, long o_po, long o_mo, long o_vo) {
+KERNEL k62_adamw(GLOBAL float *A, long B, long S, long o_p, long o_g, long o_m, long o_v, long o_ss, long o_h, long o_po, long o_mo, long o_vo) {
     const long T = B * S;
     (void)T;
     GLOBAL float *p = A + o_p;
@@ -2994,7 +3065,7 @@ KERNEL k61_adamw(GLOBAL float *A, long B, long S, long o_p, long o_g, long o_m, 
     vo[i] = vv;
 }
 
-KERNEL k62_adamw(GLOBAL float *A, long B, long S, long o_p, long o_g, long o_m, long o_v, long o_ss, long o_h, long o_po, long o_mo, long o_vo) {
+KERNEL k63_adamw(GLOBAL float *A, long B, long S, long o_p, long o_g, long o_m, long o_v, long o_ss, long o_h, long o_po, long o_mo, long o_vo) {
     const long T = B * S;
     (void)T;
     GLOBAL float *p = A + o_p;
@@ -3019,7 +3090,7 @@ KERNEL k62_adamw(GLOBAL float *A, long B, long S, long o_p, long o_g, long o_m, 
     vo[i] = vv;
 }
 
-KERNEL k63_adamw(GLOBAL float *A, long B, long S, long o_p, long o_g, long o_m, long o_v, long o_ss, long o_h, long o_po, long o_mo, long o_vo) {
+KERNEL k64_adamw(GLOBAL float *A, long B, long S, long o_p, long o_g, long o_m, long o_v, long o_ss, long o_h, long o_po, long o_mo, long o_vo) {
     const long T = B * S;
     (void)T;
     GLOBAL float *p = A + o_p;
@@ -3044,7 +3115,7 @@ KERNEL k63_adamw(GLOBAL float *A, long B, long S, long o_p, long o_g, long o_m, 
     vo[i] = vv;
 }
 
-KERNEL k64_adamw(GLOBAL float *A, long B, long S, long o_p, long o_g, long o_m, long o_v, long o_ss, long o_h, long o_po, long o_mo, long o_vo) {
+KERNEL k65_adamw(GLOBAL float *A, long B, long S, long o_p, long o_g, long o_m, long o_v, long o_ss, long o_h, long o_po, long o_mo, long o_vo) {
     const long T = B * S;
     (void)T;
     GLOBAL float *p = A + o_p;
@@ -3069,7 +3140,7 @@ KERNEL k64_adamw(GLOBAL float *A, long B, long S, long o_p, long o_g, long o_m, 
     vo[i] = vv;
 }
 
-KERNEL k65_adamw(GLOBAL float *A, long B, long S, long o_p, long o_g, long o_m, long o_v, long o_ss, long o_h, long o_po, long o_mo, long o_vo) {
+KERNEL k66_adamw(GLOBAL float *A, long B, long S, long o_p, long o_g, long o_m, long o_v, long o_ss, long o_h, long o_po, long o_mo, long o_vo) {
     const long T = B * S;
     (void)T;
     GLOBAL float *p = A + o_p;
