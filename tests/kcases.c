@@ -71,16 +71,19 @@ static const kcase kcases_attention_c[] = {
     };
 TABLE(kcases_attention);
 
+/* Every case has H >= 2: dD (and d dt_bias) are sums over all tokens of terms of either sign,
+ * and one head's sum can cancel to a value whose fp32 error (from its fp32 terms) exceeds the
+ * relative tolerance; normwise over two heads that needs both to cancel at once. */
 static const kcase kcases_mamba3_c[] = {
         {"mamba3_scan", 11, M3(2, 8, 8, 2), F11, {4}, {0}, 0, 13},
         {"mamba3_scan", 11, M3(3, 16, 16, 4), F11, {16}, {0}, 0, 37},
-        {"mamba3_scan", 11, M3(1, 4, 8, 1), F11, {64}, {0}, 0, 9},
+        {"mamba3_scan", 11, M3(2, 4, 8, 1), F11, {64}, {0}, 0, 9},
         {"mamba3_scan", 11, M3(2, 3, 6, 3), F11, {4}, {0}, 0, 16},     /* S a multiple of chunk */
         {"mamba3_scan", 11, M3(2, 5, 4, 1), F11, {1}, {0}, 0, 7},      /* chunk 1 */
-        {"mamba3_scan", 11, M3(1, 300, 4, 1), F11, {8}, {0}, 0, 13},   /* P > 256: two rows per item */
+        {"mamba3_scan", 11, M3(2, 300, 4, 1), F11, {8}, {0}, 0, 13},   /* P > 256: two rows per item */
         {"mamba3_scan", 11, M3(2, 64, 64, 16), F11, {64}, {0}, 0, 150}, /* realm-9m's head shape */
         {"mamba3_scan", 11, M3(2, 2, 8, 4), F11, {3}, {0}, 0, 10},     /* chunked forward: NA > P, odd chunk */
-        {"mamba3_scan", 11, M3(1, 5, 7, 2), F11, {5}, {0}, 0, 23},     /* odd N past the rotated pairs */
+        {"mamba3_scan", 11, M3(2, 5, 7, 2), F11, {5}, {0}, 0, 23},     /* odd N past the rotated pairs */
         {"mamba3_scan", 11, M3(2, 8, 8, 2), F11, {4}, {0}, 0, 61},     /* more chunks than the walks' slices */
         /* the prefill hand-over: saved [B,S,H*W] (W = ceil(P*N/chunk)), x, Bn, dd_dt, angles,
          * dt_bias, B_bias; S a multiple of the chunk, not one (the last full chunk's rows), and

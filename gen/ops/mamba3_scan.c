@@ -2345,7 +2345,7 @@ static int emit_bwd(kgen *k, const ir_node *n) {
     kg_out(k, "gBb", n->out[IN_BB]);
     kg_out(k, "gCb", n->out[IN_CB]);
     kg_out(k, "gD", n->out[IN_D]);
-    KL("LOCAL float red[256];");
+    KL("LOCAL float red[256], redc[256];");
     KL("const int h = (int)(GID_X / %d), jb = (int)(GID_X %% %d);", J, J);
     KL("const int lid = LID_X;");
     KL("float acc = 0.0f, cmp = 0.0f;");
@@ -2384,18 +2384,28 @@ static int emit_bwd(kgen *k, const ir_node *n) {
     KL("}");
     KL("}");
     /* one barrier outside the branches (PoCL mishandles barriers inside them) */
+    /* the partials and their compensations are added in one more compensated sum: a
+     * parameter gradient is a sum over every token that can cancel to far below its terms
+     * (dD = sum dy . x), where a plain sum of the partials would lose its leading digits */
     KL("red[lid] = acc;");
+    KL("redc[lid] = -cmp;");
     KL("BARRIER();");
     KL("if (jb < %d) {", NCB);
     KL("const int col = jb * 32 + lid;");
     KL("if (lid < 32 && col < %d) {", 2 * N);
-    KL("float s = 0.0f;");
-    KL("for (int l = 0; l < 8; l++) s += red[l * 32 + lid];");
+    KL("float s = 0.0f, c = 0.0f;");
+    KL("for (int l = 0; l < 16; l++) {");
+    KL("const float yk = ((l & 1) ? redc[(l >> 1) * 32 + lid] : red[(l >> 1) * 32 + lid]) - c, tk = s + yk;");
+    KL("c = (tk - s) - yk; s = tk;");
+    KL("}");
     KL("if (col < %d) gBb[h * %d + col] = s; else gCb[h * %d + col - %d] = s;", N, N, N, N);
     KL("}");
     KL("} else if (lid == 0) {");
-    KL("float s = 0.0f;");
-    KL("for (int l = 0; l < 256; l++) s += red[l];");
+    KL("float s = 0.0f, c = 0.0f;");
+    KL("for (int l = 0; l < 512; l++) {");
+    KL("const float yk = ((l & 1) ? redc[l >> 1] : red[l >> 1]) - c, tk = s + yk;");
+    KL("c = (tk - s) - yk; s = tk;");
+    KL("}");
     KL("if (jb == %d) gdtb[h] = s; else gD[h] = s;", NCB);
     KL("}");
     kg_grid(k, 0, (long)H * J, 0, 0, 0, 1);

@@ -106,56 +106,16 @@ static const char *row_at(char *buf, size_t n, const kgen *k, int t, long len, c
     return buf;
 }
 
-/* Grid dim 0: one group per row of t read as rows of d. */
-static void grid_rows(kgen *k, int t, long per) {
+/* Grid dim 0: one group per `div` rows of t read as rows of d. */
+static void grid_rows(kgen *k, int t, long per, long div) {
     const ir_shape *s = &k->g->t[t].shape;
     int nt = ir_ntok_dims(s);
-    if (nt == 2) kg_grid(k, 0, 0, 0, 0, per, 1);
-    else if (nt == 1) kg_grid(k, 0, 0, s->d[0] == DIM_B ? per : 0, s->d[0] == DIM_S ? per : 0, 0, 1);
-    else kg_grid(k, 0, per, 0, 0, 0, 1);
+    if (nt == 2) kg_grid(k, 0, 0, 0, 0, per, div);
+    else if (nt == 1) kg_grid(k, 0, 0, s->d[0] == DIM_B ? per : 0, s->d[0] == DIM_S ? per : 0, 0, div);
+    else kg_grid(k, 0, per, 0, 0, 0, div);
 }
 
-/* Work-group size for one row of d values: a power of two (tree reductions), 32..256. */
-static int row_block(long d) {
-    int bs = 32;
-    while (bs < 256 && bs < d) bs *= 2;
-    return bs;
-}
-
-/* Sum `var` over the work-group into red[0] in a fixed tree order. */
-static void tree_sum(kgen *k, const char *red, const char *var, int bs) {
-    kg_line(k, "%s[LID_X] = %s;", red, var);
-    kg_line(k, "BARRIER();");
-    kg_line(k, "for (int s = %d; s > 0; s >>= 1) {", bs / 2);
-    kg_line(k, "    if (LID_X < s) %s[LID_X] += %s[LID_X + s];", red, red);
-    kg_line(k, "    BARRIER();");
-    kg_line(k, "}");
-}
-
-/* One work-group per row. */
-static int emit(kgen *k, const ir_node *n) {
-    int x = n->in[0], w = n->in[1], y = n->out[0];
-    long d = kg_feat(k, w), per = kg_feat(k, x) / d;
-    int bs = row_block(d), node = (int)(n - k->g->n);
-    char rx[160], ry[160];
-    kg_begin(k, "rmsnorm", node, node + 1);
-    kg_in(k, "x", x);
-    kg_in(k, "w", w);
-    kg_out(k, "y", y);
-    kg_line(k, "LOCAL float red[%d];", bs);
-    kg_line(k, "GLOBAL float *xr = x + %s;", row_at(rx, sizeof rx, k, x, d, "GID_X"));
-    kg_line(k, "GLOBAL float *yr = y + %s;", row_at(ry, sizeof ry, k, y, d, "GID_X"));
-    kg_line(k, "float ss = 0.0f;");
-    kg_line(k, "for (int f = LID_X; f < %ld; f += %d) ss += xr[f] * xr[f];", d, bs);
-    tree_sum(k, "red", "ss", bs);
-    kg_line(k, "const float rs = RSQRTF(red[0] / %ld.0f + %.9ef);", d, n->fa[0]);
-    kg_line(k, "for (int f = LID_X; f < %ld; f += %d) yr[f] = xr[f] * rs * w[f];", d, bs);
-    grid_rows(k, x, per);
-    kg_block(k, bs, 1, 1);
-    return kg_end(k);
-}
-
-/* Threads per row ("team") in rmsnorm_bwd_dx: 32 (one warp) for the usual widths, fewer for
+/* Threads per row ("team") in rmsnorm and rmsnorm_bwd_dx: 32 (one warp) for the usual widths, fewer for
  * narrow rows so lanes are not idle, more for very wide ones so a thread keeps at most 16
  * values of a row in registers. A power of two (tree reductions) dividing 256. */
 static int team_size(long d) {
@@ -172,6 +132,48 @@ static const char *slot_guard(char *buf, size_t n, int i, int rt, long d) {
     if ((long)(i + 1) * rt > d) snprintf(buf, n, "if (f%d < %ld) ", i, d);
     else buf[0] = 0;
     return buf;
+}
+
+/* 256 / RT teams of RT threads per work-group, a row per team (like rmsnorm_bwd_dx below):
+ * lane l keeps features l, l + RT, ... in registers, so the row is read once, and a group of
+ * narrow rows is not mostly idle threads waiting on a 256-wide tree. */
+static int emit(kgen *k, const ir_node *n) {
+    int x = n->in[0], w = n->in[1], y = n->out[0];
+    long d = kg_feat(k, w), per = kg_feat(k, x) / d;
+    int node = (int)(n - k->g->n), rt = team_size(d), nteam = 256 / rt;
+    int ci = (int)((d + rt - 1) / rt);
+    char rx[160], ry[160], gd[48];
+    kg_begin(k, "rmsnorm", node, node + 1);
+    kg_in(k, "x", x);
+    kg_in(k, "w", w);
+    kg_out(k, "y", y);
+    kg_line(k, "LOCAL float red[256];");
+    kg_line(k, "const long M = %s * %ld;", kg_ntok_expr(k, x), per);
+    kg_line(k, "const int lane = LID_X %% %d, team = LID_X / %d;", rt, rt);
+    kg_line(k, "const long r = GID_X * %d + team;", nteam);
+    kg_line(k, "const int ok = r < M;");
+    kg_line(k, "GLOBAL float *xr = x + %s;", row_at(rx, sizeof rx, k, x, d, "(ok ? r : 0)"));
+    kg_line(k, "GLOBAL float *yr = y + %s;", row_at(ry, sizeof ry, k, y, d, "(ok ? r : 0)"));
+    kg_line(k, "float ss = 0.0f;");
+    for (int i = 0; i < ci; i++) {
+        kg_line(k, "const int f%d = lane + %d;", i, i * rt);
+        kg_line(k, "float x%d = 0.0f;", i);
+        kg_line(k, "if (ok) { %sx%d = xr[f%d]; }", slot_guard(gd, sizeof gd, i, rt, d), i, i);
+        kg_line(k, "ss += x%d * x%d;", i, i);
+    }
+    kg_line(k, "red[LID_X] = ss;");
+    kg_line(k, "BARRIER();");
+    kg_line(k, "for (int s = %d; s > 0; s >>= 1) {", rt / 2);
+    kg_line(k, "    if (lane < s) red[LID_X] += red[LID_X + s];");
+    kg_line(k, "    BARRIER();");
+    kg_line(k, "}");
+    kg_line(k, "const float rs = RSQRTF(red[team * %d] / %ld.0f + %.9ef);", rt, d, n->fa[0]);
+    kg_line(k, "if (ok) {");
+    for (int i = 0; i < ci; i++) kg_line(k, "    %syr[f%d] = x%d * rs * w[f%d];", slot_guard(gd, sizeof gd, i, rt, d), i, i, i);
+    kg_line(k, "}");
+    grid_rows(k, x, per, nteam);
+    kg_block(k, 256, 1, 1);
+    return kg_end(k);
 }
 
 /* Two launches.

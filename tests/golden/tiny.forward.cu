@@ -46,19 +46,33 @@ KERNEL k1_rmsnorm(GLOBAL float *A, long B, long S, long o_x, long o_w, long o_y)
     GLOBAL float *x = A + o_x;
     GLOBAL float *w = A + o_w;
     GLOBAL float *y = A + o_y;
-    LOCAL float red[64];
-    GLOBAL float *xr = x + (GID_X) * 64;
-    GLOBAL float *yr = y + (GID_X) * 64;
+    LOCAL float red[256];
+    const long M = T * 1;
+    const int lane = LID_X % 32, team = LID_X / 32;
+    const long r = GID_X * 8 + team;
+    const int ok = r < M;
+    GLOBAL float *xr = x + ((ok ? r : 0)) * 64;
+    GLOBAL float *yr = y + ((ok ? r : 0)) * 64;
     float ss = 0.0f;
-    for (int f = LID_X; f < 64; f += 64) ss += xr[f] * xr[f];
+    const int f0 = lane + 0;
+    float x0 = 0.0f;
+    if (ok) { x0 = xr[f0]; }
+    ss += x0 * x0;
+    const int f1 = lane + 32;
+    float x1 = 0.0f;
+    if (ok) { x1 = xr[f1]; }
+    ss += x1 * x1;
     red[LID_X] = ss;
     BARRIER();
-    for (int s = 32; s > 0; s >>= 1) {
-        if (LID_X < s) red[LID_X] += red[LID_X + s];
+    for (int s = 16; s > 0; s >>= 1) {
+        if (lane < s) red[LID_X] += red[LID_X + s];
         BARRIER();
     }
-    const float rs = RSQRTF(red[0] / 64.0f + 1.000000000e-05f);
-    for (int f = LID_X; f < 64; f += 64) yr[f] = xr[f] * rs * w[f];
+    const float rs = RSQRTF(red[team * 32] / 64.0f + 1.000000000e-05f);
+    if (ok) {
+        yr[f0] = x0 * rs * w[f0];
+        yr[f1] = x1 * rs * w[f1];
+    }
 }
 
 KERNEL k2_matmul_nt(GLOBAL float *A, long B, long S, long o_x, long o_w, long o_y) {
@@ -111,19 +125,28 @@ KERNEL k3_rmsnorm(GLOBAL float *A, long B, long S, long o_x, long o_w, long o_y)
     GLOBAL float *x = A + o_x;
     GLOBAL float *w = A + o_w;
     GLOBAL float *y = A + o_y;
-    LOCAL float red[32];
-    GLOBAL float *xr = x + (GID_X) * 304;
-    GLOBAL float *yr = y + (GID_X) * 16;
+    LOCAL float red[256];
+    const long M = T * 1;
+    const int lane = LID_X % 16, team = LID_X / 16;
+    const long r = GID_X * 16 + team;
+    const int ok = r < M;
+    GLOBAL float *xr = x + ((ok ? r : 0)) * 304;
+    GLOBAL float *yr = y + ((ok ? r : 0)) * 16;
     float ss = 0.0f;
-    for (int f = LID_X; f < 16; f += 32) ss += xr[f] * xr[f];
+    const int f0 = lane + 0;
+    float x0 = 0.0f;
+    if (ok) { x0 = xr[f0]; }
+    ss += x0 * x0;
     red[LID_X] = ss;
     BARRIER();
-    for (int s = 16; s > 0; s >>= 1) {
-        if (LID_X < s) red[LID_X] += red[LID_X + s];
+    for (int s = 8; s > 0; s >>= 1) {
+        if (lane < s) red[LID_X] += red[LID_X + s];
         BARRIER();
     }
-    const float rs = RSQRTF(red[0] / 16.0f + 1.000000000e-05f);
-    for (int f = LID_X; f < 16; f += 32) yr[f] = xr[f] * rs * w[f];
+    const float rs = RSQRTF(red[team * 16] / 16.0f + 1.000000000e-05f);
+    if (ok) {
+        yr[f0] = x0 * rs * w[f0];
+    }
 }
 
 KERNEL k4_mamba3_scan_chunk(GLOBAL float *A, long B, long S, long o_x, long o_Bn, long o_Cn, long o_ddt, long o_ddA, long o_trap, long o_ang, long o_dtb, long o_Bb, long o_Cb, long o_ds) {

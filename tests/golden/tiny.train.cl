@@ -46,19 +46,33 @@ KERNEL k1_rmsnorm(GLOBAL float *A, long B, long S, long o_x, long o_w, long o_y)
     GLOBAL float *x = A + o_x;
     GLOBAL float *w = A + o_w;
     GLOBAL float *y = A + o_y;
-    LOCAL float red[64];
-    GLOBAL float *xr = x + (GID_X) * 64;
-    GLOBAL float *yr = y + (GID_X) * 64;
+    LOCAL float red[256];
+    const long M = T * 1;
+    const int lane = LID_X % 32, team = LID_X / 32;
+    const long r = GID_X * 8 + team;
+    const int ok = r < M;
+    GLOBAL float *xr = x + ((ok ? r : 0)) * 64;
+    GLOBAL float *yr = y + ((ok ? r : 0)) * 64;
     float ss = 0.0f;
-    for (int f = LID_X; f < 64; f += 64) ss += xr[f] * xr[f];
+    const int f0 = lane + 0;
+    float x0 = 0.0f;
+    if (ok) { x0 = xr[f0]; }
+    ss += x0 * x0;
+    const int f1 = lane + 32;
+    float x1 = 0.0f;
+    if (ok) { x1 = xr[f1]; }
+    ss += x1 * x1;
     red[LID_X] = ss;
     BARRIER();
-    for (int s = 32; s > 0; s >>= 1) {
-        if (LID_X < s) red[LID_X] += red[LID_X + s];
+    for (int s = 16; s > 0; s >>= 1) {
+        if (lane < s) red[LID_X] += red[LID_X + s];
         BARRIER();
     }
-    const float rs = RSQRTF(red[0] / 64.0f + 1.000000000e-05f);
-    for (int f = LID_X; f < 64; f += 64) yr[f] = xr[f] * rs * w[f];
+    const float rs = RSQRTF(red[team * 32] / 64.0f + 1.000000000e-05f);
+    if (ok) {
+        yr[f0] = x0 * rs * w[f0];
+        yr[f1] = x1 * rs * w[f1];
+    }
 }
 
 KERNEL k2_matmul_nt(GLOBAL float *A, long B, long S, long o_x, long o_w, long o_y) {
@@ -111,19 +125,28 @@ KERNEL k3_rmsnorm(GLOBAL float *A, long B, long S, long o_x, long o_w, long o_y)
     GLOBAL float *x = A + o_x;
     GLOBAL float *w = A + o_w;
     GLOBAL float *y = A + o_y;
-    LOCAL float red[32];
-    GLOBAL float *xr = x + (GID_X) * 304;
-    GLOBAL float *yr = y + (GID_X) * 16;
+    LOCAL float red[256];
+    const long M = T * 1;
+    const int lane = LID_X % 16, team = LID_X / 16;
+    const long r = GID_X * 16 + team;
+    const int ok = r < M;
+    GLOBAL float *xr = x + ((ok ? r : 0)) * 304;
+    GLOBAL float *yr = y + ((ok ? r : 0)) * 16;
     float ss = 0.0f;
-    for (int f = LID_X; f < 16; f += 32) ss += xr[f] * xr[f];
+    const int f0 = lane + 0;
+    float x0 = 0.0f;
+    if (ok) { x0 = xr[f0]; }
+    ss += x0 * x0;
     red[LID_X] = ss;
     BARRIER();
-    for (int s = 16; s > 0; s >>= 1) {
-        if (LID_X < s) red[LID_X] += red[LID_X + s];
+    for (int s = 8; s > 0; s >>= 1) {
+        if (lane < s) red[LID_X] += red[LID_X + s];
         BARRIER();
     }
-    const float rs = RSQRTF(red[0] / 16.0f + 1.000000000e-05f);
-    for (int f = LID_X; f < 16; f += 32) yr[f] = xr[f] * rs * w[f];
+    const float rs = RSQRTF(red[team * 16] / 16.0f + 1.000000000e-05f);
+    if (ok) {
+        yr[f0] = x0 * rs * w[f0];
+    }
 }
 
 KERNEL k4_mamba3_scan_chunk(GLOBAL float *A, long B, long S, long o_x, long o_Bn, long o_Cn, long o_ddt, long o_ddA, long o_trap, long o_ang, long o_dtb, long o_Bb, long o_Cb, long o_ds) {
@@ -2459,7 +2482,7 @@ KERNEL k46_mamba3_scan_bwd_params(GLOBAL float *A, long B, long S, long o_hd, lo
     GLOBAL float *gBb = A + o_gBb;
     GLOBAL float *gCb = A + o_gCb;
     GLOBAL float *gD = A + o_gD;
-    LOCAL float red[256];
+    LOCAL float red[256], redc[256];
     const int h = (int)(GID_X / 3), jb = (int)(GID_X % 3);
     const int lid = LID_X;
     float acc = 0.0f, cmp = 0.0f;
@@ -2483,17 +2506,24 @@ KERNEL k46_mamba3_scan_bwd_params(GLOBAL float *A, long B, long S, long o_hd, lo
     }
     }
     red[lid] = acc;
+    redc[lid] = -cmp;
     BARRIER();
     if (jb < 1) {
     const int col = jb * 32 + lid;
     if (lid < 32 && col < 32) {
-    float s = 0.0f;
-    for (int l = 0; l < 8; l++) s += red[l * 32 + lid];
+    float s = 0.0f, c = 0.0f;
+    for (int l = 0; l < 16; l++) {
+    const float yk = ((l & 1) ? redc[(l >> 1) * 32 + lid] : red[(l >> 1) * 32 + lid]) - c, tk = s + yk;
+    c = (tk - s) - yk; s = tk;
+    }
     if (col < 16) gBb[h * 16 + col] = s; else gCb[h * 16 + col - 16] = s;
     }
     } else if (lid == 0) {
-    float s = 0.0f;
-    for (int l = 0; l < 256; l++) s += red[l];
+    float s = 0.0f, c = 0.0f;
+    for (int l = 0; l < 512; l++) {
+    const float yk = ((l & 1) ? redc[l >> 1] : red[l >> 1]) - c, tk = s + yk;
+    c = (tk - s) - yk; s = tk;
+    }
     if (jb == 1) gdtb[h] = s; else gD[h] = s;
     }
 }
