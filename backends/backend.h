@@ -93,7 +93,7 @@ typedef struct bk_arg {
     bk_arg_type type;
     union { bk_buf *buf; int64_t i64; int32_t i32; float f32; } v;
 } bk_arg;
-#define BK_MAX_ARGS 64
+#define BK_MAX_ARGS 128
 #define BK_BUF(b) ((bk_arg){.type = BK_ARG_BUF, .v.buf = (b)})
 #define BK_I64(x) ((bk_arg){.type = BK_ARG_I64, .v.i64 = (int64_t)(x)})
 #define BK_I32(x) ((bk_arg){.type = BK_ARG_I32, .v.i32 = (int32_t)(x)})

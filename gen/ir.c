@@ -153,7 +153,6 @@ int ir_node_add(ir_graph *g, int op, const int *in, int nin, const long *ia, con
     memset(&n, 0, sizeof n);
     n.op = op;
     n.nin = nin;
-    n.nout = d->nout;
     n.scope = g->cur_scope;
     for (int i = 0; i < nin; i++) {
         if (in[i] < 0 || in[i] >= g->nt) {
@@ -161,6 +160,11 @@ int ir_node_add(ir_graph *g, int op, const int *in, int nin, const long *ia, con
             return -1;
         }
         n.in[i] = in[i];
+    }
+    n.nout = d->nout >= 0 ? d->nout : d->count_out(&n);
+    if (n.nout < 1 || n.nout > IR_MAX_IO) {
+        snprintf(g->err, sizeof g->err, "%s: %d inputs make %d outputs (1..%d)", d->name, nin, n.nout, IR_MAX_IO);
+        return -1;
     }
     for (int i = 0; i < IR_MAX_IATTR; i++) n.ia[i] = ia ? ia[i] : d->ia_default[i];
     for (int i = 0; i < IR_MAX_FATTR; i++) n.fa[i] = fa ? fa[i] : d->fa_default[i];
@@ -176,11 +180,11 @@ int ir_node_add(ir_graph *g, int op, const int *in, int nin, const long *ia, con
     g->n = grow(g->n, &g->cap_n, g->nn + 1, sizeof *g->n);
     int id = g->nn++;
     n.backward = g->backward_start > 0 && id >= g->backward_start;
-    for (int i = 0; i < d->nout; i++) {
+    for (int i = 0; i < n.nout; i++) {
         char name[128];
-        snprintf(name, sizeof name, "%s%s%d", d->name, d->nout > 1 ? "." : "", d->nout > 1 ? i : id);
+        snprintf(name, sizeof name, "%s%s%d", d->name, n.nout > 1 ? "." : "", n.nout > 1 ? i : id);
         int t = ir_tensor_new(g, name, outs[i], dts[i], n.backward ? ROLE_GRAD : ROLE_ACT);
-        if (d->nout == 1) snprintf(g->t[t].name, sizeof g->t[t].name, "%s#%d", d->name, t);
+        if (n.nout == 1) snprintf(g->t[t].name, sizeof g->t[t].name, "%s#%d", d->name, t);
         else snprintf(g->t[t].name, sizeof g->t[t].name, "%s.%d#%d", d->name, i, t);
         g->t[t].producer = id;
         n.out[i] = t;

@@ -15,7 +15,7 @@
 
 enum { DIM_B = -1, DIM_S = -2 };
 #define IR_MAX_DIMS 5
-#define IR_MAX_IO 16
+#define IR_MAX_IO 64
 #define IR_MAX_IATTR 8
 #define IR_MAX_FATTR 4
 

@@ -35,7 +35,7 @@ typedef struct dialect {
 } dialect;
 const dialect *dialect_find(const char *name);
 
-#define KG_MAX_ARGS 40
+#define KG_MAX_ARGS 96
 
 /* groups along one grid dim = ceil((c0 + cB*B + cS*S + cBS*B*S) / div) */
 typedef struct {

@@ -31,7 +31,9 @@ const ir_shape *ref_shape(const ref_ctx *c, int tensor);
 
 typedef struct op_def {
     const char *name;
-    int nin, nout;                 /* nin < 0: variadic, at least -nin inputs */
+    int nin, nout;                 /* nin < 0: variadic, at least -nin inputs; nout < 0: see count_out */
+    /* Outputs of a node with these inputs (n->nin, n->in set), when nout < 0. */
+    int (*count_out)(const ir_node *n);
     /* Lua-facing attribute names (NULL-terminated lists); g:NAME(a, b, {key = value}) fills
      * ia[i] / fa[i] from the table, in the order given here. */
     const char *iattr[IR_MAX_IATTR + 1];

@@ -1,6 +1,6 @@
 /* Appends the optimizer to a differentiated graph, so one plan is one whole training step:
- * the global gradient norm (sumsq over every parameter gradient) and one in-place AdamW node
- * per parameter. Weight decay applies to the weight matrices (parameters initialised from a
+ * the global gradient norm (sumsq over every parameter gradient) and in-place multi-tensor
+ * AdamW nodes, one per ADAMW_GROUP parameters. Weight decay applies to the weight matrices (parameters initialised from a
  * normal distribution: linear layers and the embedding), not to norms, biases, dt or D. */
 #include "optimizer.h"
 
@@ -32,20 +32,29 @@ int ir_add_optimizer(ir_graph *g, ir_optimizer *o) {
         }
     }
     o->sumsq = total;
-    for (int i = 0; i < np; i++) {
-        int p = params[i];
-        char name[160];
-        snprintf(name, sizeof name, "%.120s.m", g->t[p].name);
-        int m = ir_tensor_new(g, name, g->t[p].shape, DT_F32, ROLE_OPT);
-        snprintf(name, sizeof name, "%.120s.v", g->t[p].name);
-        int v = ir_tensor_new(g, name, g->t[p].shape, DT_F32, ROLE_OPT);
-        g->t[m].init = g->t[v].init = INIT_ZEROS;
-        long ia[IR_MAX_IATTR] = {g->t[p].init == INIT_NORMAL};
-        int in[6] = {p, g->t[p].grad, m, v, total, o->hyper}, out[3];
-        if (ir_emit(g, "adamw", in, 6, ia, NULL, out) < 0) return -1;
-        ir_retarget(g, out[0], p, 0);
-        ir_retarget(g, out[1], m, 0);
-        ir_retarget(g, out[2], v, 0);
+    for (int i0 = 0; i0 < np; i0 += ADAMW_GROUP) {
+        int in[IR_MAX_IO] = {total, o->hyper}, out[IR_MAX_IO], k = 0;
+        long ia[IR_MAX_IATTR] = {0};
+        for (; k < ADAMW_GROUP && i0 + k < np; k++) {
+            int p = params[i0 + k];
+            char name[160];
+            snprintf(name, sizeof name, "%.120s.m", g->t[p].name);
+            int m = ir_tensor_new(g, name, g->t[p].shape, DT_F32, ROLE_OPT);
+            snprintf(name, sizeof name, "%.120s.v", g->t[p].name);
+            int v = ir_tensor_new(g, name, g->t[p].shape, DT_F32, ROLE_OPT);
+            g->t[m].init = g->t[v].init = INIT_ZEROS;
+            if (g->t[p].init == INIT_NORMAL) ia[0] |= 1L << k;
+            in[2 + 4 * k] = p;
+            in[3 + 4 * k] = g->t[p].grad;
+            in[4 + 4 * k] = m;
+            in[5 + 4 * k] = v;
+        }
+        if (ir_emit(g, "adamw", in, 2 + 4 * k, ia, NULL, out) < 0) return -1;
+        for (int j = 0; j < k; j++) {
+            ir_retarget(g, out[3 * j], in[2 + 4 * j], 0);
+            ir_retarget(g, out[3 * j + 1], in[4 + 4 * j], 0);
+            ir_retarget(g, out[3 * j + 2], in[5 + 4 * j], 0);
+        }
     }
     ir_scope_set(g, prev);
     return 0;

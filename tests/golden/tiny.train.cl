@@ -2775,7 +2775,7 @@ KERNEL k54_add(GLOBAL float *A, long B, long S, long o_in0, long o_in1, long o_o
     out0[tok * 16384 + f] = v0;
 }
 
-KERNEL k55_sumsq_part(GLOBAL float *A, long B, long S, long o_g0, long o_g1, long o_g2, long o_g3, long o_g4, long o_g5, long o_g6, long o_g7, long o_g8, long o_g9, long o_g10, long o_g11, long o_g12, long o_g13, long o_g14, long o_g15, long o_part) {
+KERNEL k55_sumsq_part(GLOBAL float *A, long B, long S, long o_g0, long o_g1, long o_g2, long o_g3, long o_g4, long o_g5, long o_g6, long o_g7, long o_g8, long o_g9, long o_g10, long o_g11, long o_g12, long o_g13, long o_g14, long o_g15, long o_g16, long o_g17, long o_g18, long o_g19, long o_g20, long o_g21, long o_g22, long o_g23, long o_g24, long o_g25, long o_g26, long o_g27, long o_g28, long o_g29, long o_g30, long o_g31, long o_part) {
     const long T = B * S;
     (void)T;
     GLOBAL float *g0 = A + o_g0;
@@ -2794,10 +2794,26 @@ KERNEL k55_sumsq_part(GLOBAL float *A, long B, long S, long o_g0, long o_g1, lon
     GLOBAL float *g13 = A + o_g13;
     GLOBAL float *g14 = A + o_g14;
     GLOBAL float *g15 = A + o_g15;
+    GLOBAL float *g16 = A + o_g16;
+    GLOBAL float *g17 = A + o_g17;
+    GLOBAL float *g18 = A + o_g18;
+    GLOBAL float *g19 = A + o_g19;
+    GLOBAL float *g20 = A + o_g20;
+    GLOBAL float *g21 = A + o_g21;
+    GLOBAL float *g22 = A + o_g22;
+    GLOBAL float *g23 = A + o_g23;
+    GLOBAL float *g24 = A + o_g24;
+    GLOBAL float *g25 = A + o_g25;
+    GLOBAL float *g26 = A + o_g26;
+    GLOBAL float *g27 = A + o_g27;
+    GLOBAL float *g28 = A + o_g28;
+    GLOBAL float *g29 = A + o_g29;
+    GLOBAL float *g30 = A + o_g30;
+    GLOBAL float *g31 = A + o_g31;
     GLOBAL float *part = A + o_part;
     LOCAL float red[256];
     const int l = LID_X;
-    const long c0 = GID_X * 346, c1 = c0 + 346;
+    const long c0 = GID_X * 636, c1 = c0 + 636;
     float acc = 0.0f;
     {
         const long lo = c0 > 0 ? c0 - 0 : 0, hi = c1 < 16384 ? c1 - 0 : 16384;
@@ -2863,6 +2879,70 @@ KERNEL k55_sumsq_part(GLOBAL float *A, long B, long S, long o_g0, long o_g1, lon
         const long lo = c0 > 88424 ? c0 - 88424 : 0, hi = c1 < 88440 ? c1 - 88424 : 16;
         for (long j = lo + l; j < hi; j += 256) { const float v = g15[j]; acc += v * v; }
     }
+    {
+        const long lo = c0 > 88440 ? c0 - 88440 : 0, hi = c1 < 88456 ? c1 - 88440 : 16;
+        for (long j = lo + l; j < hi; j += 256) { const float v = g16[j]; acc += v * v; }
+    }
+    {
+        const long lo = c0 > 88456 ? c0 - 88456 : 0, hi = c1 < 88460 ? c1 - 88456 : 4;
+        for (long j = lo + l; j < hi; j += 256) { const float v = g17[j]; acc += v * v; }
+    }
+    {
+        const long lo = c0 > 88460 ? c0 - 88460 : 0, hi = c1 < 88524 ? c1 - 88460 : 64;
+        for (long j = lo + l; j < hi; j += 256) { const float v = g18[j]; acc += v * v; }
+    }
+    {
+        const long lo = c0 > 88524 ? c0 - 88524 : 0, hi = c1 < 88588 ? c1 - 88524 : 64;
+        for (long j = lo + l; j < hi; j += 256) { const float v = g19[j]; acc += v * v; }
+    }
+    {
+        const long lo = c0 > 88588 ? c0 - 88588 : 0, hi = c1 < 88592 ? c1 - 88588 : 4;
+        for (long j = lo + l; j < hi; j += 256) { const float v = g20[j]; acc += v * v; }
+    }
+    {
+        const long lo = c0 > 88592 ? c0 - 88592 : 0, hi = c1 < 96784 ? c1 - 88592 : 8192;
+        for (long j = lo + l; j < hi; j += 256) { const float v = g21[j]; acc += v * v; }
+    }
+    {
+        const long lo = c0 > 96784 ? c0 - 96784 : 0, hi = c1 < 96848 ? c1 - 96784 : 64;
+        for (long j = lo + l; j < hi; j += 256) { const float v = g22[j]; acc += v * v; }
+    }
+    {
+        const long lo = c0 > 96848 ? c0 - 96848 : 0, hi = c1 < 113232 ? c1 - 96848 : 16384;
+        for (long j = lo + l; j < hi; j += 256) { const float v = g23[j]; acc += v * v; }
+    }
+    {
+        const long lo = c0 > 113232 ? c0 - 113232 : 0, hi = c1 < 121424 ? c1 - 113232 : 8192;
+        for (long j = lo + l; j < hi; j += 256) { const float v = g24[j]; acc += v * v; }
+    }
+    {
+        const long lo = c0 > 121424 ? c0 - 121424 : 0, hi = c1 < 121488 ? c1 - 121424 : 64;
+        for (long j = lo + l; j < hi; j += 256) { const float v = g25[j]; acc += v * v; }
+    }
+    {
+        const long lo = c0 > 121488 ? c0 - 121488 : 0, hi = c1 < 133776 ? c1 - 121488 : 12288;
+        for (long j = lo + l; j < hi; j += 256) { const float v = g26[j]; acc += v * v; }
+    }
+    {
+        const long lo = c0 > 133776 ? c0 - 133776 : 0, hi = c1 < 137872 ? c1 - 133776 : 4096;
+        for (long j = lo + l; j < hi; j += 256) { const float v = g27[j]; acc += v * v; }
+    }
+    {
+        const long lo = c0 > 137872 ? c0 - 137872 : 0, hi = c1 < 137936 ? c1 - 137872 : 64;
+        for (long j = lo + l; j < hi; j += 256) { const float v = g28[j]; acc += v * v; }
+    }
+    {
+        const long lo = c0 > 137936 ? c0 - 137936 : 0, hi = c1 < 154320 ? c1 - 137936 : 16384;
+        for (long j = lo + l; j < hi; j += 256) { const float v = g29[j]; acc += v * v; }
+    }
+    {
+        const long lo = c0 > 154320 ? c0 - 154320 : 0, hi = c1 < 162512 ? c1 - 154320 : 8192;
+        for (long j = lo + l; j < hi; j += 256) { const float v = g30[j]; acc += v * v; }
+    }
+    {
+        const long lo = c0 > 162512 ? c0 - 162512 : 0, hi = c1 < 162576 ? c1 - 162512 : 64;
+        for (long j = lo + l; j < hi; j += 256) { const float v = g31[j]; acc += v * v; }
+    }
     red[l] = acc;
     BARRIER();
     for (int s = 128; s > 0; s >>= 1) { if (l < s) red[l] += red[l + s]; BARRIER(); }
@@ -2882,312 +2962,417 @@ KERNEL k56_sumsq_total(GLOBAL float *A, long B, long S, long o_part, long o_out)
     if (l == 0) out[0] = red[0];
 }
 
-KERNEL k57_sumsq_part(GLOBAL float *A, long B, long S, long o_g0, long o_g1, long o_g2, long o_g3, long o_g4, long o_g5, long o_g6, long o_g7, long o_g8, long o_g9, long o_g10, long o_g11, long o_g12, long o_g13, long o_g14, long o_g15, long o_part) {
+KERNEL k57_adamw(GLOBAL float *A, long B, long S, long o_ss, long o_h, long o_p0, long o_g0, long o_m0, long o_v0, long o_p1, long o_g1, long o_m1, long o_v1, long o_p2, long o_g2, long o_m2, long o_v2, long o_p3, long o_g3, long o_m3, long o_v3, long o_p4, long o_g4, long o_m4, long o_v4, long o_p5, long o_g5, long o_m5, long o_v5, long o_p6, long o_g6, long o_m6, long o_v6, long o_p7, long o_g7, long o_m7, long o_v7, long o_p8, long o_g8, long o_m8, long o_v8, long o_p9, long o_g9, long o_m9, long o_v9, long o_p10, long o_g10, long o_m10, long o_v10, long o_p11, long o_g11, long o_m11, long o_v11, long o_po0, long o_mo0, long o_vo0, long o_po1, long o_mo1, long o_vo1, long o_po2, long o_mo2, long o_vo2, long o_po3, long o_mo3, long o_vo3, long o_po4, long o_mo4, long o_vo4, long o_po5, long o_mo5, long o_vo5, long o_po6, long o_mo6, long o_vo6, long o_po7, long o_mo7, long o_vo7, long o_po8, long o_mo8, long o_vo8, long o_po9, long o_mo9, long o_vo9, long o_po10, long o_mo10, long o_vo10, long o_po11, long o_mo11, long o_vo11) {
     const long T = B * S;
     (void)T;
+    GLOBAL float *ss = A + o_ss;
+    GLOBAL float *h = A + o_h;
+    GLOBAL float *p0 = A + o_p0;
     GLOBAL float *g0 = A + o_g0;
+    GLOBAL float *m0 = A + o_m0;
+    GLOBAL float *v0 = A + o_v0;
+    GLOBAL float *p1 = A + o_p1;
     GLOBAL float *g1 = A + o_g1;
+    GLOBAL float *m1 = A + o_m1;
+    GLOBAL float *v1 = A + o_v1;
+    GLOBAL float *p2 = A + o_p2;
     GLOBAL float *g2 = A + o_g2;
+    GLOBAL float *m2 = A + o_m2;
+    GLOBAL float *v2 = A + o_v2;
+    GLOBAL float *p3 = A + o_p3;
     GLOBAL float *g3 = A + o_g3;
+    GLOBAL float *m3 = A + o_m3;
+    GLOBAL float *v3 = A + o_v3;
+    GLOBAL float *p4 = A + o_p4;
     GLOBAL float *g4 = A + o_g4;
+    GLOBAL float *m4 = A + o_m4;
+    GLOBAL float *v4 = A + o_v4;
+    GLOBAL float *p5 = A + o_p5;
     GLOBAL float *g5 = A + o_g5;
+    GLOBAL float *m5 = A + o_m5;
+    GLOBAL float *v5 = A + o_v5;
+    GLOBAL float *p6 = A + o_p6;
     GLOBAL float *g6 = A + o_g6;
+    GLOBAL float *m6 = A + o_m6;
+    GLOBAL float *v6 = A + o_v6;
+    GLOBAL float *p7 = A + o_p7;
     GLOBAL float *g7 = A + o_g7;
+    GLOBAL float *m7 = A + o_m7;
+    GLOBAL float *v7 = A + o_v7;
+    GLOBAL float *p8 = A + o_p8;
     GLOBAL float *g8 = A + o_g8;
+    GLOBAL float *m8 = A + o_m8;
+    GLOBAL float *v8 = A + o_v8;
+    GLOBAL float *p9 = A + o_p9;
     GLOBAL float *g9 = A + o_g9;
+    GLOBAL float *m9 = A + o_m9;
+    GLOBAL float *v9 = A + o_v9;
+    GLOBAL float *p10 = A + o_p10;
     GLOBAL float *g10 = A + o_g10;
+    GLOBAL float *m10 = A + o_m10;
+    GLOBAL float *v10 = A + o_v10;
+    GLOBAL float *p11 = A + o_p11;
     GLOBAL float *g11 = A + o_g11;
-    GLOBAL float *g12 = A + o_g12;
-    GLOBAL float *g13 = A + o_g13;
-    GLOBAL float *g14 = A + o_g14;
-    GLOBAL float *g15 = A + o_g15;
-    GLOBAL float *part = A + o_part;
-    LOCAL float red[256];
-    const int l = LID_X;
-    const long c0 = GID_X * 290, c1 = c0 + 290;
-    float acc = 0.0f;
-    {
-        const long lo = c0 > 0 ? c0 - 0 : 0, hi = c1 < 16 ? c1 - 0 : 16;
-        for (long j = lo + l; j < hi; j += 256) { const float v = g0[j]; acc += v * v; }
-    }
-    {
-        const long lo = c0 > 16 ? c0 - 16 : 0, hi = c1 < 20 ? c1 - 16 : 4;
-        for (long j = lo + l; j < hi; j += 256) { const float v = g1[j]; acc += v * v; }
-    }
-    {
-        const long lo = c0 > 20 ? c0 - 20 : 0, hi = c1 < 84 ? c1 - 20 : 64;
-        for (long j = lo + l; j < hi; j += 256) { const float v = g2[j]; acc += v * v; }
-    }
-    {
-        const long lo = c0 > 84 ? c0 - 84 : 0, hi = c1 < 148 ? c1 - 84 : 64;
-        for (long j = lo + l; j < hi; j += 256) { const float v = g3[j]; acc += v * v; }
-    }
-    {
-        const long lo = c0 > 148 ? c0 - 148 : 0, hi = c1 < 152 ? c1 - 148 : 4;
-        for (long j = lo + l; j < hi; j += 256) { const float v = g4[j]; acc += v * v; }
-    }
-    {
-        const long lo = c0 > 152 ? c0 - 152 : 0, hi = c1 < 8344 ? c1 - 152 : 8192;
-        for (long j = lo + l; j < hi; j += 256) { const float v = g5[j]; acc += v * v; }
-    }
-    {
-        const long lo = c0 > 8344 ? c0 - 8344 : 0, hi = c1 < 8408 ? c1 - 8344 : 64;
-        for (long j = lo + l; j < hi; j += 256) { const float v = g6[j]; acc += v * v; }
-    }
-    {
-        const long lo = c0 > 8408 ? c0 - 8408 : 0, hi = c1 < 24792 ? c1 - 8408 : 16384;
-        for (long j = lo + l; j < hi; j += 256) { const float v = g7[j]; acc += v * v; }
-    }
-    {
-        const long lo = c0 > 24792 ? c0 - 24792 : 0, hi = c1 < 32984 ? c1 - 24792 : 8192;
-        for (long j = lo + l; j < hi; j += 256) { const float v = g8[j]; acc += v * v; }
-    }
-    {
-        const long lo = c0 > 32984 ? c0 - 32984 : 0, hi = c1 < 33048 ? c1 - 32984 : 64;
-        for (long j = lo + l; j < hi; j += 256) { const float v = g9[j]; acc += v * v; }
-    }
-    {
-        const long lo = c0 > 33048 ? c0 - 33048 : 0, hi = c1 < 45336 ? c1 - 33048 : 12288;
-        for (long j = lo + l; j < hi; j += 256) { const float v = g10[j]; acc += v * v; }
-    }
-    {
-        const long lo = c0 > 45336 ? c0 - 45336 : 0, hi = c1 < 49432 ? c1 - 45336 : 4096;
-        for (long j = lo + l; j < hi; j += 256) { const float v = g11[j]; acc += v * v; }
-    }
-    {
-        const long lo = c0 > 49432 ? c0 - 49432 : 0, hi = c1 < 49496 ? c1 - 49432 : 64;
-        for (long j = lo + l; j < hi; j += 256) { const float v = g12[j]; acc += v * v; }
-    }
-    {
-        const long lo = c0 > 49496 ? c0 - 49496 : 0, hi = c1 < 65880 ? c1 - 49496 : 16384;
-        for (long j = lo + l; j < hi; j += 256) { const float v = g13[j]; acc += v * v; }
-    }
-    {
-        const long lo = c0 > 65880 ? c0 - 65880 : 0, hi = c1 < 74072 ? c1 - 65880 : 8192;
-        for (long j = lo + l; j < hi; j += 256) { const float v = g14[j]; acc += v * v; }
-    }
-    {
-        const long lo = c0 > 74072 ? c0 - 74072 : 0, hi = c1 < 74136 ? c1 - 74072 : 64;
-        for (long j = lo + l; j < hi; j += 256) { const float v = g15[j]; acc += v * v; }
-    }
-    red[l] = acc;
-    BARRIER();
-    for (int s = 128; s > 0; s >>= 1) { if (l < s) red[l] += red[l + s]; BARRIER(); }
-    if (l == 0) part[GID_X] = red[0];
-}
-
-KERNEL k58_add(GLOBAL float *A, long B, long S, long o_in0, long o_in1, long o_out0) {
-    const long T = B * S;
-    (void)T;
-    GLOBAL float *in0 = A + o_in0;
-    GLOBAL float *in1 = A + o_in1;
-    GLOBAL float *out0 = A + o_out0;
+    GLOBAL float *m11 = A + o_m11;
+    GLOBAL float *v11 = A + o_v11;
+    GLOBAL float *po0 = A + o_po0;
+    GLOBAL float *mo0 = A + o_mo0;
+    GLOBAL float *vo0 = A + o_vo0;
+    GLOBAL float *po1 = A + o_po1;
+    GLOBAL float *mo1 = A + o_mo1;
+    GLOBAL float *vo1 = A + o_vo1;
+    GLOBAL float *po2 = A + o_po2;
+    GLOBAL float *mo2 = A + o_mo2;
+    GLOBAL float *vo2 = A + o_vo2;
+    GLOBAL float *po3 = A + o_po3;
+    GLOBAL float *mo3 = A + o_mo3;
+    GLOBAL float *vo3 = A + o_vo3;
+    GLOBAL float *po4 = A + o_po4;
+    GLOBAL float *mo4 = A + o_mo4;
+    GLOBAL float *vo4 = A + o_vo4;
+    GLOBAL float *po5 = A + o_po5;
+    GLOBAL float *mo5 = A + o_mo5;
+    GLOBAL float *vo5 = A + o_vo5;
+    GLOBAL float *po6 = A + o_po6;
+    GLOBAL float *mo6 = A + o_mo6;
+    GLOBAL float *vo6 = A + o_vo6;
+    GLOBAL float *po7 = A + o_po7;
+    GLOBAL float *mo7 = A + o_mo7;
+    GLOBAL float *vo7 = A + o_vo7;
+    GLOBAL float *po8 = A + o_po8;
+    GLOBAL float *mo8 = A + o_mo8;
+    GLOBAL float *vo8 = A + o_vo8;
+    GLOBAL float *po9 = A + o_po9;
+    GLOBAL float *mo9 = A + o_mo9;
+    GLOBAL float *vo9 = A + o_vo9;
+    GLOBAL float *po10 = A + o_po10;
+    GLOBAL float *mo10 = A + o_mo10;
+    GLOBAL float *vo10 = A + o_vo10;
+    GLOBAL float *po11 = A + o_po11;
+    GLOBAL float *mo11 = A + o_mo11;
+    GLOBAL float *vo11 = A + o_vo11;
     const long i = GID_X * 256 + LID_X;
-    if (i >= 1 * 1) return;
-    const long tok = i / 1, f = i % 1;
-    (void)tok; (void)f;
-    const float x0 = in0[tok * 1 + f];
-    const float x1 = in1[tok * 1 + f];
-    const float v0 = (x0 + x1);
-    out0[tok * 1 + f] = v0;
+    GLOBAL float *P, *G, *M, *V, *PO, *MO, *VO;
+    long e;
+    int decay;
+    if (i < 16384) {
+        P = p0; G = g0; M = m0; V = v0; PO = po0; MO = mo0; VO = vo0;
+        e = i - 0; decay = 1;
+    }
+    else if (i < 16448) {
+        P = p1; G = g1; M = m1; V = v1; PO = po1; MO = mo1; VO = vo1;
+        e = i - 16384; decay = 0;
+    }
+    else if (i < 35904) {
+        P = p2; G = g2; M = m2; V = v2; PO = po2; MO = mo2; VO = vo2;
+        e = i - 16448; decay = 1;
+    }
+    else if (i < 35920) {
+        P = p3; G = g3; M = m3; V = v3; PO = po3; MO = mo3; VO = vo3;
+        e = i - 35904; decay = 0;
+    }
+    else if (i < 35936) {
+        P = p4; G = g4; M = m4; V = v4; PO = po4; MO = mo4; VO = vo4;
+        e = i - 35920; decay = 0;
+    }
+    else if (i < 35940) {
+        P = p5; G = g5; M = m5; V = v5; PO = po5; MO = mo5; VO = vo5;
+        e = i - 35936; decay = 0;
+    }
+    else if (i < 36004) {
+        P = p6; G = g6; M = m6; V = v6; PO = po6; MO = mo6; VO = vo6;
+        e = i - 35940; decay = 0;
+    }
+    else if (i < 36068) {
+        P = p7; G = g7; M = m7; V = v7; PO = po7; MO = mo7; VO = vo7;
+        e = i - 36004; decay = 0;
+    }
+    else if (i < 36072) {
+        P = p8; G = g8; M = m8; V = v8; PO = po8; MO = mo8; VO = vo8;
+        e = i - 36068; decay = 0;
+    }
+    else if (i < 44264) {
+        P = p9; G = g9; M = m9; V = v9; PO = po9; MO = mo9; VO = vo9;
+        e = i - 36072; decay = 1;
+    }
+    else if (i < 44328) {
+        P = p10; G = g10; M = m10; V = v10; PO = po10; MO = mo10; VO = vo10;
+        e = i - 44264; decay = 0;
+    }
+    else if (i < 60712) {
+        P = p11; G = g11; M = m11; V = v11; PO = po11; MO = mo11; VO = vo11;
+        e = i - 44328; decay = 1;
+    }
+    else return;
+    const float clip = FMINF(1.0f, h[7] / (SQRTF(ss[0]) + 1e-6f));
+    const float gg = clip * G[e];
+    const float mm = h[1] * M[e] + (1.0f - h[1]) * gg;
+    const float vv = h[2] * V[e] + (1.0f - h[2]) * gg * gg;
+    const float pp = P[e];
+    const float step = (mm / h[5]) / (SQRTF(vv / h[6]) + h[3]) + (decay ? h[4] * pp : 0.0f);
+    PO[e] = pp - h[0] * step;
+    MO[e] = mm;
+    VO[e] = vv;
 }
 
-KERNEL k59_adamw(GLOBAL float *A, long B, long S, long o_p, long o_g, long o_m, long o_v, long o_ss, long o_h, long o_po, long o_mo, long o_vo) {
+KERNEL k58_adamw(GLOBAL float *A, long B, long S, long o_ss, long o_h, long o_p0, long o_g0, long o_m0, long o_v0, long o_p1, long o_g1, long o_m1, long o_v1, long o_p2, long o_g2, long o_m2, long o_v2, long o_p3, long o_g3, long o_m3, long o_v3, long o_p4, long o_g4, long o_m4, long o_v4, long o_p5, long o_g5, long o_m5, long o_v5, long o_p6, long o_g6, long o_m6, long o_v6, long o_p7, long o_g7, long o_m7, long o_v7, long o_p8, long o_g8, long o_m8, long o_v8, long o_p9, long o_g9, long o_m9, long o_v9, long o_p10, long o_g10, long o_m10, long o_v10, long o_p11, long o_g11, long o_m11, long o_v11, long o_po0, long o_mo0, long o_vo0, long o_po1, long o_mo1, long o_vo1, long o_po2, long o_mo2, long o_vo2, long o_po3, long o_mo3, long o_vo3, long o_po4, long o_mo4, long o_vo4, long o_po5, long o_mo5, long o_vo5, long o_po6, long o_mo6, long o_vo6, long o_po7, long o_mo7, long o_vo7, long o_po8, long o_mo8, long o_vo8, long o_po9, long o_mo9, long o_vo9, long o_po10, long o_mo10, long o_vo10, long o_po11, long o_mo11, long o_vo11) {
     const long T = B * S;
     (void)T;
-    GLOBAL float *p = A + o_p;
-    GLOBAL float *g = A + o_g;
-    GLOBAL float *m = A + o_m;
-    GLOBAL float *v = A + o_v;
     GLOBAL float *ss = A + o_ss;
     GLOBAL float *h = A + o_h;
-    GLOBAL float *po = A + o_po;
-    GLOBAL float *mo = A + o_mo;
-    GLOBAL float *vo = A + o_vo;
+    GLOBAL float *p0 = A + o_p0;
+    GLOBAL float *g0 = A + o_g0;
+    GLOBAL float *m0 = A + o_m0;
+    GLOBAL float *v0 = A + o_v0;
+    GLOBAL float *p1 = A + o_p1;
+    GLOBAL float *g1 = A + o_g1;
+    GLOBAL float *m1 = A + o_m1;
+    GLOBAL float *v1 = A + o_v1;
+    GLOBAL float *p2 = A + o_p2;
+    GLOBAL float *g2 = A + o_g2;
+    GLOBAL float *m2 = A + o_m2;
+    GLOBAL float *v2 = A + o_v2;
+    GLOBAL float *p3 = A + o_p3;
+    GLOBAL float *g3 = A + o_g3;
+    GLOBAL float *m3 = A + o_m3;
+    GLOBAL float *v3 = A + o_v3;
+    GLOBAL float *p4 = A + o_p4;
+    GLOBAL float *g4 = A + o_g4;
+    GLOBAL float *m4 = A + o_m4;
+    GLOBAL float *v4 = A + o_v4;
+    GLOBAL float *p5 = A + o_p5;
+    GLOBAL float *g5 = A + o_g5;
+    GLOBAL float *m5 = A + o_m5;
+    GLOBAL float *v5 = A + o_v5;
+    GLOBAL float *p6 = A + o_p6;
+    GLOBAL float *g6 = A + o_g6;
+    GLOBAL float *m6 = A + o_m6;
+    GLOBAL float *v6 = A + o_v6;
+    GLOBAL float *p7 = A + o_p7;
+    GLOBAL float *g7 = A + o_g7;
+    GLOBAL float *m7 = A + o_m7;
+    GLOBAL float *v7 = A + o_v7;
+    GLOBAL float *p8 = A + o_p8;
+    GLOBAL float *g8 = A + o_g8;
+    GLOBAL float *m8 = A + o_m8;
+    GLOBAL float *v8 = A + o_v8;
+    GLOBAL float *p9 = A + o_p9;
+    GLOBAL float *g9 = A + o_g9;
+    GLOBAL float *m9 = A + o_m9;
+    GLOBAL float *v9 = A + o_v9;
+    GLOBAL float *p10 = A + o_p10;
+    GLOBAL float *g10 = A + o_g10;
+    GLOBAL float *m10 = A + o_m10;
+    GLOBAL float *v10 = A + o_v10;
+    GLOBAL float *p11 = A + o_p11;
+    GLOBAL float *g11 = A + o_g11;
+    GLOBAL float *m11 = A + o_m11;
+    GLOBAL float *v11 = A + o_v11;
+    GLOBAL float *po0 = A + o_po0;
+    GLOBAL float *mo0 = A + o_mo0;
+    GLOBAL float *vo0 = A + o_vo0;
+    GLOBAL float *po1 = A + o_po1;
+    GLOBAL float *mo1 = A + o_mo1;
+    GLOBAL float *vo1 = A + o_vo1;
+    GLOBAL float *po2 = A + o_po2;
+    GLOBAL float *mo2 = A + o_mo2;
+    GLOBAL float *vo2 = A + o_vo2;
+    GLOBAL float *po3 = A + o_po3;
+    GLOBAL float *mo3 = A + o_mo3;
+    GLOBAL float *vo3 = A + o_vo3;
+    GLOBAL float *po4 = A + o_po4;
+    GLOBAL float *mo4 = A + o_mo4;
+    GLOBAL float *vo4 = A + o_vo4;
+    GLOBAL float *po5 = A + o_po5;
+    GLOBAL float *mo5 = A + o_mo5;
+    GLOBAL float *vo5 = A + o_vo5;
+    GLOBAL float *po6 = A + o_po6;
+    GLOBAL float *mo6 = A + o_mo6;
+    GLOBAL float *vo6 = A + o_vo6;
+    GLOBAL float *po7 = A + o_po7;
+    GLOBAL float *mo7 = A + o_mo7;
+    GLOBAL float *vo7 = A + o_vo7;
+    GLOBAL float *po8 = A + o_po8;
+    GLOBAL float *mo8 = A + o_mo8;
+    GLOBAL float *vo8 = A + o_vo8;
+    GLOBAL float *po9 = A + o_po9;
+    GLOBAL float *mo9 = A + o_mo9;
+    GLOBAL float *vo9 = A + o_vo9;
+    GLOBAL float *po10 = A + o_po10;
+    GLOBAL float *mo10 = A + o_mo10;
+    GLOBAL float *vo10 = A + o_vo10;
+    GLOBAL float *po11 = A + o_po11;
+    GLOBAL float *mo11 = A + o_mo11;
+    GLOBAL float *vo11 = A + o_vo11;
     const long i = GID_X * 256 + LID_X;
-    if (i >= 16384) return;
+    GLOBAL float *P, *G, *M, *V, *PO, *MO, *VO;
+    long e;
+    int decay;
+    if (i < 8192) {
+        P = p0; G = g0; M = m0; V = v0; PO = po0; MO = mo0; VO = vo0;
+        e = i - 0; decay = 1;
+    }
+    else if (i < 8256) {
+        P = p1; G = g1; M = m1; V = v1; PO = po1; MO = mo1; VO = vo1;
+        e = i - 8192; decay = 0;
+    }
+    else if (i < 27712) {
+        P = p2; G = g2; M = m2; V = v2; PO = po2; MO = mo2; VO = vo2;
+        e = i - 8256; decay = 1;
+    }
+    else if (i < 27728) {
+        P = p3; G = g3; M = m3; V = v3; PO = po3; MO = mo3; VO = vo3;
+        e = i - 27712; decay = 0;
+    }
+    else if (i < 27744) {
+        P = p4; G = g4; M = m4; V = v4; PO = po4; MO = mo4; VO = vo4;
+        e = i - 27728; decay = 0;
+    }
+    else if (i < 27748) {
+        P = p5; G = g5; M = m5; V = v5; PO = po5; MO = mo5; VO = vo5;
+        e = i - 27744; decay = 0;
+    }
+    else if (i < 27812) {
+        P = p6; G = g6; M = m6; V = v6; PO = po6; MO = mo6; VO = vo6;
+        e = i - 27748; decay = 0;
+    }
+    else if (i < 27876) {
+        P = p7; G = g7; M = m7; V = v7; PO = po7; MO = mo7; VO = vo7;
+        e = i - 27812; decay = 0;
+    }
+    else if (i < 27880) {
+        P = p8; G = g8; M = m8; V = v8; PO = po8; MO = mo8; VO = vo8;
+        e = i - 27876; decay = 0;
+    }
+    else if (i < 36072) {
+        P = p9; G = g9; M = m9; V = v9; PO = po9; MO = mo9; VO = vo9;
+        e = i - 27880; decay = 1;
+    }
+    else if (i < 36136) {
+        P = p10; G = g10; M = m10; V = v10; PO = po10; MO = mo10; VO = vo10;
+        e = i - 36072; decay = 0;
+    }
+    else if (i < 52520) {
+        P = p11; G = g11; M = m11; V = v11; PO = po11; MO = mo11; VO = vo11;
+        e = i - 36136; decay = 1;
+    }
+    else return;
     const float clip = FMINF(1.0f, h[7] / (SQRTF(ss[0]) + 1e-6f));
-    const float gg = clip * g[i];
-    const float mm = h[1] * m[i] + (1.0f - h[1]) * gg;
-    const float vv = h[2] * v[i] + (1.0f - h[2]) * gg * gg;
-    const float pp = p[i];
-    const float step = (mm / h[5]) / (SQRTF(vv / h[6]) + h[3]) + h[4] * pp;
-    po[i] = pp - h[0] * step;
-    mo[i] = mm;
-    vo[i] = vv;
+    const float gg = clip * G[e];
+    const float mm = h[1] * M[e] + (1.0f - h[1]) * gg;
+    const float vv = h[2] * V[e] + (1.0f - h[2]) * gg * gg;
+    const float pp = P[e];
+    const float step = (mm / h[5]) / (SQRTF(vv / h[6]) + h[3]) + (decay ? h[4] * pp : 0.0f);
+    PO[e] = pp - h[0] * step;
+    MO[e] = mm;
+    VO[e] = vv;
 }
 
-KERNEL k60_adamw(GLOBAL float *A, long B, long S, long o_p, long o_g, long o_m, long o_v, long o_ss, long o_h, long o_po, long o_mo, long o_vo) {
+KERNEL k59_adamw(GLOBAL float *A, long B, long S, long o_ss, long o_h, long o_p0, long o_g0, long o_m0, long o_v0, long o_p1, long o_g1, long o_m1, long o_v1, long o_p2, long o_g2, long o_m2, long o_v2, long o_p3, long o_g3, long o_m3, long o_v3, long o_p4, long o_g4, long o_m4, long o_v4, long o_p5, long o_g5, long o_m5, long o_v5, long o_p6, long o_g6, long o_m6, long o_v6, long o_p7, long o_g7, long o_m7, long o_v7, long o_po0, long o_mo0, long o_vo0, long o_po1, long o_mo1, long o_vo1, long o_po2, long o_mo2, long o_vo2, long o_po3, long o_mo3, long o_vo3, long o_po4, long o_mo4, long o_vo4, long o_po5, long o_mo5, long o_vo5, long o_po6, long o_mo6, long o_vo6, long o_po7, long o_mo7, long o_vo7) {
     const long T = B * S;
     (void)T;
-    GLOBAL float *p = A + o_p;
-    GLOBAL float *g = A + o_g;
-    GLOBAL float *m = A + o_m;
-    GLOBAL float *v = A + o_v;
     GLOBAL float *ss = A + o_ss;
     GLOBAL float *h = A + o_h;
-    GLOBAL float *po = A + o_po;
-    GLOBAL float *mo = A + o_mo;
-    GLOBAL float *vo = A + o_vo;
+    GLOBAL float *p0 = A + o_p0;
+    GLOBAL float *g0 = A + o_g0;
+    GLOBAL float *m0 = A + o_m0;
+    GLOBAL float *v0 = A + o_v0;
+    GLOBAL float *p1 = A + o_p1;
+    GLOBAL float *g1 = A + o_g1;
+    GLOBAL float *m1 = A + o_m1;
+    GLOBAL float *v1 = A + o_v1;
+    GLOBAL float *p2 = A + o_p2;
+    GLOBAL float *g2 = A + o_g2;
+    GLOBAL float *m2 = A + o_m2;
+    GLOBAL float *v2 = A + o_v2;
+    GLOBAL float *p3 = A + o_p3;
+    GLOBAL float *g3 = A + o_g3;
+    GLOBAL float *m3 = A + o_m3;
+    GLOBAL float *v3 = A + o_v3;
+    GLOBAL float *p4 = A + o_p4;
+    GLOBAL float *g4 = A + o_g4;
+    GLOBAL float *m4 = A + o_m4;
+    GLOBAL float *v4 = A + o_v4;
+    GLOBAL float *p5 = A + o_p5;
+    GLOBAL float *g5 = A + o_g5;
+    GLOBAL float *m5 = A + o_m5;
+    GLOBAL float *v5 = A + o_v5;
+    GLOBAL float *p6 = A + o_p6;
+    GLOBAL float *g6 = A + o_g6;
+    GLOBAL float *m6 = A + o_m6;
+    GLOBAL float *v6 = A + o_v6;
+    GLOBAL float *p7 = A + o_p7;
+    GLOBAL float *g7 = A + o_g7;
+    GLOBAL float *m7 = A + o_m7;
+    GLOBAL float *v7 = A + o_v7;
+    GLOBAL float *po0 = A + o_po0;
+    GLOBAL float *mo0 = A + o_mo0;
+    GLOBAL float *vo0 = A + o_vo0;
+    GLOBAL float *po1 = A + o_po1;
+    GLOBAL float *mo1 = A + o_mo1;
+    GLOBAL float *vo1 = A + o_vo1;
+    GLOBAL float *po2 = A + o_po2;
+    GLOBAL float *mo2 = A + o_mo2;
+    GLOBAL float *vo2 = A + o_vo2;
+    GLOBAL float *po3 = A + o_po3;
+    GLOBAL float *mo3 = A + o_mo3;
+    GLOBAL float *vo3 = A + o_vo3;
+    GLOBAL float *po4 = A + o_po4;
+    GLOBAL float *mo4 = A + o_mo4;
+    GLOBAL float *vo4 = A + o_vo4;
+    GLOBAL float *po5 = A + o_po5;
+    GLOBAL float *mo5 = A + o_mo5;
+    GLOBAL float *vo5 = A + o_vo5;
+    GLOBAL float *po6 = A + o_po6;
+    GLOBAL float *mo6 = A + o_mo6;
+    GLOBAL float *vo6 = A + o_vo6;
+    GLOBAL float *po7 = A + o_po7;
+    GLOBAL float *mo7 = A + o_mo7;
+    GLOBAL float *vo7 = A + o_vo7;
     const long i = GID_X * 256 + LID_X;
-    if (i >= 64) return;
+    GLOBAL float *P, *G, *M, *V, *PO, *MO, *VO;
+    long e;
+    int decay;
+    if (i < 8192) {
+        P = p0; G = g0; M = m0; V = v0; PO = po0; MO = mo0; VO = vo0;
+        e = i - 0; decay = 1;
+    }
+    else if (i < 8256) {
+        P = p1; G = g1; M = m1; V = v1; PO = po1; MO = mo1; VO = vo1;
+        e = i - 8192; decay = 0;
+    }
+    else if (i < 20544) {
+        P = p2; G = g2; M = m2; V = v2; PO = po2; MO = mo2; VO = vo2;
+        e = i - 8256; decay = 1;
+    }
+    else if (i < 24640) {
+        P = p3; G = g3; M = m3; V = v3; PO = po3; MO = mo3; VO = vo3;
+        e = i - 20544; decay = 1;
+    }
+    else if (i < 24704) {
+        P = p4; G = g4; M = m4; V = v4; PO = po4; MO = mo4; VO = vo4;
+        e = i - 24640; decay = 0;
+    }
+    else if (i < 41088) {
+        P = p5; G = g5; M = m5; V = v5; PO = po5; MO = mo5; VO = vo5;
+        e = i - 24704; decay = 1;
+    }
+    else if (i < 49280) {
+        P = p6; G = g6; M = m6; V = v6; PO = po6; MO = mo6; VO = vo6;
+        e = i - 41088; decay = 1;
+    }
+    else if (i < 49344) {
+        P = p7; G = g7; M = m7; V = v7; PO = po7; MO = mo7; VO = vo7;
+        e = i - 49280; decay = 0;
+    }
+    else return;
     const float clip = FMINF(1.0f, h[7] / (SQRTF(ss[0]) + 1e-6f));
-    const float gg = clip * g[i];
-    const float mm = h[1] * m[i] + (1.0f - h[1]) * gg;
-    const float vv = h[2] * v[i] + (1.0f - h[2]) * gg * gg;
-    const float pp = p[i];
-    const float step = (mm / h[5]) / (SQRTF(vv / h[6]) + h[3]);
-    po[i] = pp - h[0] * step;
-    mo[i] = mm;
-    vo[i] = vv;
-}
-
-KERNEL k61_adamw(GLOBAL float *A, long B, long S, long o_p, long o_g, long o_m, long o_v, long o_ss, long o_h, long o_po, long o_mo, long o_vo) {
-    const long T = B * S;
-    (void)T;
-    GLOBAL float *p = A + o_p;
-    GLOBAL float *g = A + o_g;
-    GLOBAL float *m = A + o_m;
-    GLOBAL float *v = A + o_v;
-    GLOBAL float *ss = A + o_ss;
-    GLOBAL float *h = A + o_h;
-    GLOBAL float *po = A + o_po;
-    GLOBAL float *mo = A + o_mo;
-    GLOBAL float *vo = A + o_vo;
-    const long i = GID_X * 256 + LID_X;
-    if (i >= 19456) return;
-    const float clip = FMINF(1.0f, h[7] / (SQRTF(ss[0]) + 1e-6f));
-    const float gg = clip * g[i];
-    const float mm = h[1] * m[i] + (1.0f - h[1]) * gg;
-    const float vv = h[2] * v[i] + (1.0f - h[2]) * gg * gg;
-    const float pp = p[i];
-    const float step = (mm / h[5]) / (SQRTF(vv / h[6]) + h[3]) + h[4] * pp;
-    po[i] = pp - h[0] * step;
-    mo[i] = mm;
-    vo[i] = vv;
-}
-
-KERNEL k62_adamw(GLOBAL float *A, long B, long S, long o_p, long o_g, long o_m, long o_v, long o_ss, long o_h, long o_po, long o_mo, long o_vo) {
-    const long T = B * S;
-    (void)T;
-    GLOBAL float *p = A + o_p;
-    GLOBAL float *g = A + o_g;
-    GLOBAL float *m = A + o_m;
-    GLOBAL float *v = A + o_v;
-    GLOBAL float *ss = A + o_ss;
-    GLOBAL float *h = A + o_h;
-    GLOBAL float *po = A + o_po;
-    GLOBAL float *mo = A + o_mo;
-    GLOBAL float *vo = A + o_vo;
-    const long i = GID_X * 256 + LID_X;
-    if (i >= 16) return;
-    const float clip = FMINF(1.0f, h[7] / (SQRTF(ss[0]) + 1e-6f));
-    const float gg = clip * g[i];
-    const float mm = h[1] * m[i] + (1.0f - h[1]) * gg;
-    const float vv = h[2] * v[i] + (1.0f - h[2]) * gg * gg;
-    const float pp = p[i];
-    const float step = (mm / h[5]) / (SQRTF(vv / h[6]) + h[3]);
-    po[i] = pp - h[0] * step;
-    mo[i] = mm;
-    vo[i] = vv;
-}
-
-KERNEL k63_adamw(GLOBAL float *A, long B, long S, long o_p, long o_g, long o_m, long o_v, long o_ss, long o_h, long o_po, long o_mo, long o_vo) {
-    const long T = B * S;
-    (void)T;
-    GLOBAL float *p = A + o_p;
-    GLOBAL float *g = A + o_g;
-    GLOBAL float *m = A + o_m;
-    GLOBAL float *v = A + o_v;
-    GLOBAL float *ss = A + o_ss;
-    GLOBAL float *h = A + o_h;
-    GLOBAL float *po = A + o_po;
-    GLOBAL float *mo = A + o_mo;
-    GLOBAL float *vo = A + o_vo;
-    const long i = GID_X * 256 + LID_X;
-    if (i >= 4) return;
-    const float clip = FMINF(1.0f, h[7] / (SQRTF(ss[0]) + 1e-6f));
-    const float gg = clip * g[i];
-    const float mm = h[1] * m[i] + (1.0f - h[1]) * gg;
-    const float vv = h[2] * v[i] + (1.0f - h[2]) * gg * gg;
-    const float pp = p[i];
-    const float step = (mm / h[5]) / (SQRTF(vv / h[6]) + h[3]);
-    po[i] = pp - h[0] * step;
-    mo[i] = mm;
-    vo[i] = vv;
-}
-
-KERNEL k64_adamw(GLOBAL float *A, long B, long S, long o_p, long o_g, long o_m, long o_v, long o_ss, long o_h, long o_po, long o_mo, long o_vo) {
-    const long T = B * S;
-    (void)T;
-    GLOBAL float *p = A + o_p;
-    GLOBAL float *g = A + o_g;
-    GLOBAL float *m = A + o_m;
-    GLOBAL float *v = A + o_v;
-    GLOBAL float *ss = A + o_ss;
-    GLOBAL float *h = A + o_h;
-    GLOBAL float *po = A + o_po;
-    GLOBAL float *mo = A + o_mo;
-    GLOBAL float *vo = A + o_vo;
-    const long i = GID_X * 256 + LID_X;
-    if (i >= 8192) return;
-    const float clip = FMINF(1.0f, h[7] / (SQRTF(ss[0]) + 1e-6f));
-    const float gg = clip * g[i];
-    const float mm = h[1] * m[i] + (1.0f - h[1]) * gg;
-    const float vv = h[2] * v[i] + (1.0f - h[2]) * gg * gg;
-    const float pp = p[i];
-    const float step = (mm / h[5]) / (SQRTF(vv / h[6]) + h[3]) + h[4] * pp;
-    po[i] = pp - h[0] * step;
-    mo[i] = mm;
-    vo[i] = vv;
-}
-
-KERNEL k65_adamw(GLOBAL float *A, long B, long S, long o_p, long o_g, long o_m, long o_v, long o_ss, long o_h, long o_po, long o_mo, long o_vo) {
-    const long T = B * S;
-    (void)T;
-    GLOBAL float *p = A + o_p;
-    GLOBAL float *g = A + o_g;
-    GLOBAL float *m = A + o_m;
-    GLOBAL float *v = A + o_v;
-    GLOBAL float *ss = A + o_ss;
-    GLOBAL float *h = A + o_h;
-    GLOBAL float *po = A + o_po;
-    GLOBAL float *mo = A + o_mo;
-    GLOBAL float *vo = A + o_vo;
-    const long i = GID_X * 256 + LID_X;
-    if (i >= 12288) return;
-    const float clip = FMINF(1.0f, h[7] / (SQRTF(ss[0]) + 1e-6f));
-    const float gg = clip * g[i];
-    const float mm = h[1] * m[i] + (1.0f - h[1]) * gg;
-    const float vv = h[2] * v[i] + (1.0f - h[2]) * gg * gg;
-    const float pp = p[i];
-    const float step = (mm / h[5]) / (SQRTF(vv / h[6]) + h[3]) + h[4] * pp;
-    po[i] = pp - h[0] * step;
-    mo[i] = mm;
-    vo[i] = vv;
-}
-
-KERNEL k66_adamw(GLOBAL float *A, long B, long S, long o_p, long o_g, long o_m, long o_v, long o_ss, long o_h, long o_po, long o_mo, long o_vo) {
-    const long T = B * S;
-    (void)T;
-    GLOBAL float *p = A + o_p;
-    GLOBAL float *g = A + o_g;
-    GLOBAL float *m = A + o_m;
-    GLOBAL float *v = A + o_v;
-    GLOBAL float *ss = A + o_ss;
-    GLOBAL float *h = A + o_h;
-    GLOBAL float *po = A + o_po;
-    GLOBAL float *mo = A + o_mo;
-    GLOBAL float *vo = A + o_vo;
-    const long i = GID_X * 256 + LID_X;
-    if (i >= 4096) return;
-    const float clip = FMINF(1.0f, h[7] / (SQRTF(ss[0]) + 1e-6f));
-    const float gg = clip * g[i];
-    const float mm = h[1] * m[i] + (1.0f - h[1]) * gg;
-    const float vv = h[2] * v[i] + (1.0f - h[2]) * gg * gg;
-    const float pp = p[i];
-    const float step = (mm / h[5]) / (SQRTF(vv / h[6]) + h[3]) + h[4] * pp;
-    po[i] = pp - h[0] * step;
-    mo[i] = mm;
-    vo[i] = vv;
+    const float gg = clip * G[e];
+    const float mm = h[1] * M[e] + (1.0f - h[1]) * gg;
+    const float vv = h[2] * V[e] + (1.0f - h[2]) * gg * gg;
+    const float pp = P[e];
+    const float step = (mm / h[5]) / (SQRTF(vv / h[6]) + h[3]) + (decay ? h[4] * pp : 0.0f);
+    PO[e] = pp - h[0] * step;
+    MO[e] = mm;
+    VO[e] = vv;
 }
