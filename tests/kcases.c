@@ -20,6 +20,13 @@
                            SHC(DIM_B, DIM_S, H), SHC(DIM_B, DIM_S, H), SHC(DIM_B, DIM_S, NA), SHC(H), SHC(H, N), SHC(H, N), SHC(H), \
                            SHC(DIM_B, H, P, N), SHC(DIM_B, H, NA), SHC(DIM_B, H, N), SHC(DIM_B, H, P)}
 #define F15 {DT_F32, DT_F32, DT_F32, DT_F32, DT_F32, DT_F32, DT_F32, DT_F32, DT_F32, DT_F32, DT_F32, DT_F32, DT_F32, DT_F32, DT_F32}
+#define M3FI(H, P, N, NA, W) {SHC(DIM_B, DIM_S, (H) * (W)), SHC(DIM_B, DIM_S, H, P), SHC(DIM_B, DIM_S, N), \
+                               SHC(DIM_B, DIM_S, H), SHC(DIM_B, DIM_S, NA), SHC(H), SHC(H, N), SHC(DIM_B, H, NA)}
+#define F8 {DT_F32, DT_F32, DT_F32, DT_F32, DT_F32, DT_F32, DT_F32, DT_F32}
+/* attention_prefix(o, lse, q, K, V, pos) for H query heads, HKV kv heads, head dim DH, window W */
+#define APX(H, HKV, DH, W, S) {"attention_prefix", 6, {SHC(DIM_B, DIM_S, H, DH), SHC(DIM_B, DIM_S, H), SHC(DIM_B, DIM_S, H, DH), \
+                               SHC(DIM_B, W, HKV, DH), SHC(DIM_B, W, HKV, DH), SHC(DIM_B, DIM_S)}, \
+                               {DT_F32, DT_F32, DT_F32, DT_F32, DT_F32, DT_I32}, {0}, {0}, 40, S, 0}
 #define F7 {DT_F32, DT_F32, DT_F32, DT_F32, DT_F32, DT_F32, DT_F32}
 #define F11 {DT_F32, DT_F32, DT_F32, DT_F32, DT_F32, DT_F32, DT_F32, DT_F32, DT_F32, DT_F32, DT_F32}
 #define TABLE(name) const kcase_table name = {name##_c, (int)(sizeof name##_c / sizeof name##_c[0])}
@@ -69,9 +76,14 @@ static const kcase kcases_attention_c[] = {
         {"attention", 3, {SHC(DIM_B, DIM_S, 2, 6), SHC(DIM_B, DIM_S, 1, 6), SHC(DIM_B, DIM_S, 1, 6)}, {DT_F32, DT_F32, DT_F32}, {5}, {0}, 0, 23, 0},
         /* window longer than the sequence: plain causal */
         {"attention", 3, {SHC(DIM_B, DIM_S, 2, 16), SHC(DIM_B, DIM_S, 2, 16), SHC(DIM_B, DIM_S, 2, 16)}, {DT_F32, DT_F32, DT_F32}, {1000}, {0}, 0, 70, 0},
-        /* the prefill rings: window shorter than S (slots overwritten), longer (zero slots) */
-        {"ring_fill", 1, {SHC(DIM_B, DIM_S, 2, 6)}, {DT_F32}, {5}, {0}, 0, 23, 0},
-        {"ring_fill", 1, {SHC(DIM_B, DIM_S, 3, 64)}, {DT_F32}, {40}, {0}, 0, 13, 0},
+        /* the prefill rings, continuing an old ring from a first position drawn in [0, 40): window
+         * shorter than S (slots overwritten), longer (old slots kept) */
+        {"ring_fill", 3, {SHC(DIM_B, DIM_S, 2, 6), SHC(DIM_B, 5, 2, 6), SHC(DIM_B, DIM_S)}, {DT_F32, DT_F32, DT_I32}, {0}, {0}, 40, 23, 0},
+        {"ring_fill", 3, {SHC(DIM_B, DIM_S, 3, 64), SHC(DIM_B, 40, 3, 64), SHC(DIM_B, DIM_S)}, {DT_F32, DT_F32, DT_I32}, {0}, {0}, 40, 13, 0},
+        /* the previous turns' ring as a prefix (o, lse, q, K, V, pos; first positions in [0, 40),
+         * so some rows start at 0 and see no ring): window shorter than S, longer, GQA at head
+         * dim 64, window 1 (no prefix at all) */
+        APX(2, 2, 6, 5, 23), APX(4, 2, 8, 40, 13), APX(6, 2, 64, 9, 20), APX(2, 1, 4, 1, 7),
         /* heads too wide for the backward's tiles: the per-row fallback */
         {"attention", 3, {SHC(DIM_B, DIM_S, 1, 800), SHC(DIM_B, DIM_S, 1, 800), SHC(DIM_B, DIM_S, 1, 800)}, {DT_F32, DT_F32, DT_F32}, {4}, {0}, 0, 9, 0},
     };
@@ -101,6 +113,9 @@ static const kcase kcases_mamba3_c[] = {
         {"mamba3_final", 7, M3F(2, 8, 8, 2, 16), F7, {4}, {0}, 0, 16, 0},
         {"mamba3_final", 7, M3F(2, 8, 8, 2, 16), F7, {4}, {0}, 0, 13, 0},
         {"mamba3_final", 7, M3F(2, 8, 8, 2, 16), F7, {4}, {0}, 0, 3, 0},
+        /* the angle continuing a carried Theta0 */
+        {"mamba3_final", 8, M3FI(2, 8, 8, 2, 16), F8, {4}, {0}, 0, 16, 0},
+        {"mamba3_final", 8, M3FI(2, 8, 8, 2, 16), F8, {4}, {0}, 0, 3, 0},
     };
 TABLE(kcases_mamba3);
 
