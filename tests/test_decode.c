@@ -697,15 +697,30 @@ TEST(decode_cli_prefill) {
         ok = ok && run_out(cmd, b, sizeof b) == 0 && strcmp(a, b) == 0 && strlen(a) > 150;
         if (!ok) snprintf(msg, sizeof msg, "generate (%s): parallel and step prefill differ:\n%.500s\n%.500s", sampling[i], a, b);
     }
-    /* chat: the first turn (a long line) prefills in parallel, the second continues the state */
-    if (ok) {
-        snprintf(cmd, sizeof cmd, "{ cat %s | tr '\\n' ' '; printf '\\nwhat next\\n'; } | %s chat %s -n 20 --temperature 0 --backend opencl",
-                 path, t_realm_bin(), dir);
-        ok = run_out(cmd, a, sizeof a) == 0;
-        snprintf(cmd, sizeof cmd, "{ cat %s | tr '\\n' ' '; printf '\\nwhat next\\n'; } | REALM_PREFILL=step %s chat %s -n 20 --temperature 0 --backend opencl",
-                 path, t_realm_bin(), dir);
-        ok = ok && run_out(cmd, b, sizeof b) == 0 && strcmp(a, b) == 0 && strlen(a) > 0;
-        if (!ok) snprintf(msg, sizeof msg, "chat: parallel and step prefill differ:\n%.500s\n%.500s", a, b);
+    /* chat: a short first turn (stepped), then the long line, which prefills in parallel from the
+     * state the first turn and its reply left (the only parallel bytes of the conversation: the
+     * longest multiple of tiny's chunk, 16, that leaves one byte of the line), then a short one;
+     * every reply equals the byte-by-byte chat's, greedy and seeded */
+    const long line = (long)strlen("ROMEO: But soft, what light through yonder window breaks? It is the east, and Juliet is the sun. "
+                                   "Arise, fair sun, and kill the envious moon, who is already sick and pale with grief, "
+                                   "that thou, her maid, art far more fair than she. ") + 1;
+    for (int i = 0; i < 2 && ok; i++) {
+        char want[64], feed[700];
+        snprintf(want, sizeof want, "[%ld bytes of the conversation prefilled in parallel]", (line - 1) / 16 * 16);
+        snprintf(feed, sizeof feed, "{ printf 'hello\\n'; cat %s | tr '\\n' ' '; printf '\\nwhat next\\n'; }", path);
+        snprintf(cmd, sizeof cmd, "%s | %s chat %s -n 20 %s --backend opencl", feed, t_realm_bin(), dir, sampling[i]);
+        ok = run_out(cmd, a, sizeof a) == 0 && t_run(cmd, b, sizeof b) == 0 && strstr(b, want);
+        if (!ok) snprintf(msg, sizeof msg, "chat (%s): expected '%s' on stderr:\n%.1000s", sampling[i], want, b);
+        snprintf(cmd, sizeof cmd, "%s | REALM_PREFILL=step %s chat %s -n 20 %s --backend opencl", feed, t_realm_bin(), dir,
+                 sampling[i]);
+        if (ok) {
+            ok = run_out(cmd, b, sizeof b) == 0 && strcmp(a, b) == 0 && strlen(a) > 0;
+            if (!ok) snprintf(msg, sizeof msg, "chat (%s): parallel and step prefill differ:\n%.500s\n%.500s", sampling[i], a, b);
+        }
+        if (ok) {
+            ok = t_run(cmd, b, sizeof b) == 0 && strstr(b, "[0 bytes of the conversation prefilled in parallel]");
+            if (!ok) snprintf(msg, sizeof msg, "chat --prefill step prefilled something:\n%.1000s", b);
+        }
     }
     /* --bench reports the parallel prefill's throughput; a bad mode is refused */
     if (ok) {
