@@ -1,8 +1,9 @@
 /* Constant-cost decoding (docs/decode.md): the model file's step graph (g.mode == "step")
  * compiled once, its recurrent state and sampler living in the arena. Each call advances
  * every sequence of the batch by one byte at a cost that does not depend on the position.
- * A prompt fed to an empty state goes through the model's prefill graph (g.mode ==
- * "prefill": the parallel forward, which hands its final states to the step graph) instead.
+ * Bytes fed at once (a prompt, a chat turn) go through the model's prefill graph instead
+ * (g.mode == "prefill": the parallel forward from the step graph's state, which hands its
+ * final states back to the step graph).
  * Runs on a backend, or (bk == NULL) on the fp64 reference executor, which tests use as the
  * oracle. */
 #ifndef REALM_DECODE_H
