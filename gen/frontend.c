@@ -386,7 +386,8 @@ static int g_primitive(lua_State *L) {
     int has_attrs = top >= 2 && lua_istable(L, top) && !luaL_testudata(L, top, TENSOR_MT);
     int nin = top - 1 - has_attrs;
     if ((d->nin >= 0 && nin != d->nin) || (d->nin < 0 && nin < -d->nin) || nin > IR_MAX_IO)
-        fe_error(L, "%s takes %d tensor argument%s, got %d", d->name, d->nin, d->nin == 1 ? "" : "s", nin);
+        fe_error(L, "%s takes %s%d tensor argument%s, got %d", d->name, d->nin < 0 ? "at least " : "",
+                 d->nin < 0 ? -d->nin : d->nin, d->nin == 1 ? "" : "s", nin);
     int in[IR_MAX_IO];
     for (int i = 0; i < nin; i++) {
         char what[64];
@@ -565,12 +566,15 @@ static int build_model(lua_State *L) {
     ir_graph *g = fe->g;
     int tok_shape[2] = {DIM_B, DIM_S};
     m->tokens = ir_tensor_new(g, "tokens", ir_shape_make(2, tok_shape), DT_I32, ROLE_INPUT);
-    if (fe->step) m->positions = ir_tensor_new(g, "positions", ir_shape_make(2, tok_shape), DT_I32, ROLE_INPUT);
-    else if (!fe->prefill) m->targets = ir_tensor_new(g, "targets", ir_shape_make(2, tok_shape), DT_I32, ROLE_INPUT);
+    /* positions: each token's absolute position, in the step graph and in the prefill graph
+     * (which may continue a state at any position) */
+    if (fe->step || fe->prefill)
+        m->positions = ir_tensor_new(g, "positions", ir_shape_make(2, tok_shape), DT_I32, ROLE_INPUT);
+    else m->targets = ir_tensor_new(g, "targets", ir_shape_make(2, tok_shape), DT_I32, ROLE_INPUT);
     push_graph(L, fe);
     push_tensor(L, fe, m->tokens);
-    if (fe->step) push_tensor(L, fe, m->positions);
-    lua_call(L, fe->step ? 3 : 2, 1);
+    if (m->positions >= 0) push_tensor(L, fe, m->positions);
+    lua_call(L, m->positions >= 0 ? 3 : 2, 1);
     fe->origin[0] = 0;
     lua_tensor *lt = luaL_testudata(L, -1, TENSOR_MT);
     if (!lt) fe_error(L, "forward must return the logits tensor");

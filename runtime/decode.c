@@ -1,10 +1,11 @@
-/* The decoder: the step plan of docs/decode.md and the loop around it. A prompt fed to an
- * empty state runs through the prefill plan (the parallel forward, chunked scan and flash
- * attention) up to the longest multiple of the Mamba-3 chunk that leaves one byte; its final
- * states are copied into the step plan through the host, and the remaining bytes go through
- * the step plan one at a time, which also leaves the last byte's logits where the sampler
- * reads them. Everything else (chat turns after the first, REALM_PREFILL=step) feeds the step
- * plan byte by byte: constant memory, no context limit. */
+/* The decoder: the step plan of docs/decode.md and the loop around it. The bytes fed at once
+ * (a prompt, a chat turn) run through the prefill plan (the parallel forward, chunked scan and
+ * flash attention, started from the step plan's state at its position) up to the longest
+ * multiple of the Mamba-3 chunks that leaves one byte; the step plan's state goes into the
+ * prefill plan and its final states come back, through the host, and the remaining bytes go
+ * through the step plan one at a time, which also leaves the last byte's logits where the
+ * sampler reads them. REALM_PREFILL=step feeds the step plan byte by byte: constant memory, no
+ * context limit. */
 #include "decode.h"
 
 #include "op.h"
@@ -298,7 +299,6 @@ int decoder_reset(decoder *d, char *err, size_t errlen) {
     }
     d->pos = 0;
     d->pending = 0;
-    d->fresh = 1;
     return 0;
 }
 
@@ -326,7 +326,7 @@ static int flush_pending(decoder *d, char *err, size_t errlen) {
 }
 
 long decoder_prefill_len(const decoder *d, long n) {
-    if (!d->parallel || !d->fresh || d->pending || !d->pf.ok || n < 2) return 0;
+    if (!d->parallel || d->pending || !d->pf.ok || n < 2) return 0;
     long m = DECODE_PREFILL_MAX / d->B;
     if (n - 1 < m) m = n - 1;   /* the last byte goes through the step plan: the sampler reads its logits */
     return m / d->pf.unit * d->pf.unit;
@@ -376,21 +376,27 @@ static void ref_copy(ref_buf dst, ref_buf src) {
         for (long f = 0; f < dst.feat; f++) dst.p[r * dst.ld + f] = src.p[r * src.ld + f];
 }
 
-/* The first m bytes of every sequence (bytes[b * n + i]) through the prefill plan; the step
- * plan's state becomes the prefill plan's final state and the position m. The hand-over goes
- * through the host (a few MB per prompt, once per prompt). */
+/* The first m bytes of every sequence (bytes[b * n + i]) through the prefill plan, at positions
+ * pos .. pos + m - 1 from the step plan's state; the step plan's state becomes the prefill
+ * plan's final state and the position pos + m. The hand-over goes through the host both ways
+ * (a few MB per prompt or chat turn). */
 static int prefill(decoder *d, const uint8_t *bytes, long n, long m, float *logits, char *err, size_t errlen) {
     const double t0 = now_s();
-    const long B = d->B, V = d->m.vocab;
+    const long B = d->B, V = d->m.vocab, p0 = d->pos;
     decode_prefill *pf = &d->pf;
     const ir_graph *sg = &d->m.g, *pg = &pf->m.g;
     if (!d->bk) {
         ref_ctx *c = ref_create(pg, B, m);
         for (int j = 0; j < pg->nt; j++)
             if (pf->param_of[j] >= 0) ref_copy(ref_get(c, j), ref_get(d->ref, pf->param_of[j]));
-        ref_buf tk = ref_get(c, pf->m.tokens);
+        for (int i = 0; i < sg->nt; i++)
+            if (pf->state_of[i] >= 0) ref_copy(ref_get(c, pf->state_of[i]), ref_get(d->ref, i));
+        ref_buf tk = ref_get(c, pf->m.tokens), ps = ref_get(c, pf->m.positions);
         for (long b = 0; b < B; b++)
-            for (long i = 0; i < m; i++) tk.p[(b * m + i) * tk.ld] = bytes[b * n + i];
+            for (long i = 0; i < m; i++) {
+                tk.p[(b * m + i) * tk.ld] = bytes[b * n + i];
+                ps.p[(b * m + i) * ps.ld] = (double)(p0 + i);
+            }
         ref_run(c, 0, pg->nn);
         ref_buf L = ref_get(c, pf->m.logits);
         for (long r = 0; logits && r < B * m; r++)
@@ -409,9 +415,21 @@ static int prefill(decoder *d, const uint8_t *bytes, long n, long m, float *logi
             snprintf(err, errlen, "prefill: out of host memory");
             return -1;
         }
+        /* the carried state in (zeros after a reset: the same path serves a new prompt) */
+        int rc = 0;
+        for (int i = 0; rc == 0 && i < sg->nt; i++)
+            if (pf->state_of[i] >= 0 && pf->x.offset[pf->state_of[i]] != (size_t)-1) {
+                if (stored(d, i)) rc = get(d, i, d->host, err, errlen);
+                else memset(d->host, 0, sizeof(float) * (size_t)ir_numel(&sg->t[i].shape, B, 1));
+                if (rc == 0) rc = exec_upload(&pf->x, pf->state_of[i], d->host, err, errlen);
+            }
         for (long b = 0; b < B; b++)
             for (long i = 0; i < m; i++) h[b * m + i] = bytes[b * n + i];
-        int rc = exec_upload(&pf->x, pf->m.tokens, h, err, errlen);
+        if (rc == 0) rc = exec_upload(&pf->x, pf->m.tokens, h, err, errlen);
+        for (long b = 0; b < B; b++)
+            for (long i = 0; i < m; i++) h[b * m + i] = (float)(p0 + i);
+        if (rc == 0 && pf->x.offset[pf->m.positions] != (size_t)-1)
+            rc = exec_upload(&pf->x, pf->m.positions, h, err, errlen);
         if (rc == 0) rc = exec_run(&pf->x, 0, pf->p.kg.nl, err, errlen);
         if (rc == 0 && logits) rc = exec_download(&pf->x, pf->m.logits, h, err, errlen);
         for (long r = 0; rc == 0 && logits && r < B * m; r++)
@@ -424,8 +442,7 @@ static int prefill(decoder *d, const uint8_t *bytes, long n, long m, float *logi
             }
         if (rc < 0) return -1;
     }
-    d->pos = m;
-    d->fresh = 0;
+    d->pos = p0 + m;
     d->prefill_bytes += m;
     d->prefill_s += now_s() - t0;
     return 0;
@@ -436,7 +453,6 @@ int decoder_feed(decoder *d, const uint8_t *bytes, long n, float *logits, char *
     const long B = d->B, V = d->m.vocab;
     long i0 = decoder_prefill_len(d, n);
     if (i0 > 0 && prefill(d, bytes, n, i0, logits, err, errlen) < 0) return -1;
-    if (n > 0) d->fresh = 0;
     for (long i = i0; i < n; i++) {
         for (long b = 0; b < B; b++) d->host[b] = bytes[b * n + i];
         if (put(d, d->m.tokens, d->host, err, errlen) < 0) return -1;
@@ -471,6 +487,5 @@ int decoder_next(decoder *d, uint8_t *out, char *err, size_t errlen) {
 int decoder_set_position(decoder *d, long pos, char *err, size_t errlen) {
     if (flush_pending(d, err, errlen) < 0) return -1;
     d->pos = pos;
-    d->fresh = 0;
     return 0;
 }

@@ -1,8 +1,9 @@
 /* Constant-cost decoding (docs/decode.md): the model file's step graph (g.mode == "step")
  * compiled once, its recurrent state and sampler living in the arena. Each call advances
  * every sequence of the batch by one byte at a cost that does not depend on the position.
- * A prompt fed to an empty state goes through the model's prefill graph (g.mode ==
- * "prefill": the parallel forward, which hands its final states to the step graph) instead.
+ * Bytes fed at once (a prompt, a chat turn) go through the model's prefill graph instead
+ * (g.mode == "prefill": the parallel forward from the step graph's state, which hands its
+ * final states back to the step graph).
  * Runs on a backend, or (bk == NULL) on the fp64 reference executor, which tests use as the
  * oracle. */
 #ifndef REALM_DECODE_H
@@ -61,11 +62,9 @@ typedef struct {
     int use_graph;
     int graph[3];             /* exec_capture ids of the model / sampler / whole step; -1: not yet */
     /* Prefill: parallel is 1 unless REALM_PREFILL=step (tests and callers may set it either way
-     * before a feed). fresh: the state is empty and the position 0 (after a reset), the only
-     * state the prefill graph starts from; a chat turn after the first, which continues a
-     * state, goes through the step graph. */
+     * before a feed). The prefill graph starts from the step plan's state at its position, so a
+     * new prompt and a chat turn that continues a conversation take the same path. */
     int parallel;
-    int fresh;
     decode_prefill pf;
     long prefill_bytes;       /* bytes (per sequence) prefilled in parallel so far */
     double prefill_s;         /* seconds spent on them (uploads, the run, the hand-over) */
@@ -84,10 +83,11 @@ int decoder_reset(decoder *d, char *err, size_t errlen);
 /* Per-sequence sampling parameters (s[b]); one entry for all when `each` is 0. */
 int decoder_set_sampling(decoder *d, const decode_sampling *s, int each, char *err, size_t errlen);
 /* Feed n bytes to every sequence (bytes[b * n + i]). logits (may be NULL): receives
- * [n][B][vocab], the logits after each byte. From an empty state (d->fresh) with d->parallel
- * and a prefill graph, the longest prefix that is a multiple of pf.unit and leaves at least one
- * byte runs through the prefill graph, whose final states are copied into the step plan; the
- * rest goes through the step plan one byte at a time. */
+ * [n][B][vocab], the logits after each byte. With d->parallel and a prefill graph, the longest
+ * prefix that is a multiple of pf.unit and leaves at least one byte runs through the prefill
+ * graph, started from the step plan's state at the current position (empty after a reset, or
+ * the conversation so far), whose final states are copied back into the step plan; the rest
+ * goes through the step plan one byte at a time. */
 int decoder_feed(decoder *d, const uint8_t *bytes, long n, float *logits, char *err, size_t errlen);
 /* Sample the next byte of every sequence on the device (out[b]); the byte is the next step's
  * input, already on the device. */

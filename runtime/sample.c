@@ -1,6 +1,7 @@
 /* realm generate / chat / eval. generate and chat run the model's step plan (runtime/decode.c,
  * docs/decode.md): constant cost per byte, sampling on the device, the state kept across chat
- * turns; a prompt fed to an empty state goes through the parallel prefill plan first. eval
+ * turns; a prompt, and each chat turn from the state so far, goes through the parallel prefill
+ * plan first. eval
  * scores windows of the training sequence length through the parallel forward. */
 #include "cli.h"
 #include "corpus.h"
@@ -364,8 +365,9 @@ int cmd_chat(int argc, char **argv) {
     int rc = cli_parse("chat", "RUN [options]",
                        "Talk to a trained run: each line you type is added to the conversation and the model's\n"
                        "reply (up to -n bytes, ending at a blank line) is streamed back. The model keeps its state\n"
-                       "across turns, so a turn costs only its own bytes. The first turn (and the first after\n"
-                       "/reset) runs through the parallel prefill; later turns continue the state byte by byte.\n"
+                       "across turns, so a turn costs only its own bytes. Each turn runs through the parallel\n"
+                       "prefill from the state so far (--prefill step: byte by byte); at the end, stderr says\n"
+                       "how many bytes went through it.\n"
                        "Commands: /reset (start again), /temperature X, /seed N. Ctrl-D (end of input) leaves.",
                        argc, argv, opts, pos, 1, 1, &npos, &done);
     if (rc || done) return rc;
@@ -410,7 +412,7 @@ int cmd_chat(int argc, char **argv) {
         }
         fflush(stdout);
     }
-    fputc('\n', stderr);
+    fprintf(stderr, "\n[%ld bytes of the conversation prefilled in parallel]\n", d.prefill_bytes);
     decoder_close(&d);
     bk_destroy(bk);
     return 0;

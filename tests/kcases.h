@@ -11,12 +11,13 @@
 typedef struct {
     const char *op;
     int nin;
-    ir_shape in[12];
-    ir_dtype dt[12];
+    ir_shape in[16];
+    ir_dtype dt[16];
     long ia[IR_MAX_IATTR];
     double fa[IR_MAX_FATTR];
     int vocab;               /* range of integer inputs */
     long S;                  /* sequence length (0: 13) */
+    int fwd_only;            /* the forward node alone (a form without a gradient rule) */
 } kcase;
 
 typedef struct {

@@ -153,7 +153,7 @@ TEST(bf16_kernels_matmul_views) {
  * the tensor-core tiles: several 64-row blocks with S no multiple of 64, windows that end
  * inside a tile, padded head dims, GQA, and a window longer than S. */
 #define ATT(H, HKV, DH, W, S) {"attention", 3, {SHC(DIM_B, DIM_S, H, DH), SHC(DIM_B, DIM_S, HKV, DH), \
-                                SHC(DIM_B, DIM_S, HKV, DH)}, {DT_F32, DT_F32, DT_F32}, {W}, {0}, 0, S}
+                                SHC(DIM_B, DIM_S, HKV, DH)}, {DT_F32, DT_F32, DT_F32}, {W}, {0}, 0, S, 0}
 #define SHC(...) {(int)(sizeof((int[]){__VA_ARGS__}) / sizeof(int)), {__VA_ARGS__}}
 static const kcase bf16_attention_cases[] = {
     ATT(6, 6, 64, 96, 200),     /* realm-9m's heads, window shorter than S */

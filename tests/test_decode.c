@@ -362,6 +362,115 @@ TEST(prefill_equals_parallel_cuda) {
     bk_destroy(bk);
 }
 
+/* ---- prefill from a carried state (a chat turn after the first) ---- */
+
+/* Windows 12 and 5, so an 8-byte prefill (the unit) is shorter than one window and longer than
+ * the other: its ring update keeps old slots in one layer and overwrites all in the other. */
+static const char *const PFC =
+    "local nn = require 'realm.nn'\n"
+    "return nn.model { name = 'pfc', d_model = 32,\n"
+    "  blocks = { nn.mamba3 { d_state = 16, headdim = 16, chunk = 4 }, nn.attention { heads = 2, window = 12 },\n"
+    "             nn.mamba3 { d_state = 16, headdim = 16, chunk = 8 }, nn.attention { heads = 4, kv_heads = 2, window = 5 } },\n"
+    "  mlp = nn.swiglu { hidden = 48 } }\n";
+
+enum { CSEQ = 120 };
+
+/* Feeds of a conversation, in order (then single bytes to CSEQ), and what each prefills: 3
+ * (stepped), 10 at position 3 (8 prefilled, starting inside the first window: the ring prefix
+ * is partly before position 0), a byte, 21 at 14 (16: past both windows, not chunk-aligned),
+ * 3 (stepped), 9 at 38 (8: shorter than the 12-window), a byte, 17 at 48, 5 (stepped), 40 at
+ * 70 (32, several chunks of both layers). */
+static const long cfeed[] = {3, 10, 1, 21, 3, 9, 1, 17, 5, 40};
+static const long cexpect[] = {0, 8, 0, 16, 0, 8, 0, 16, 0, 32};
+
+/* A conversation fed in turns: every turn from the carried state goes through the prefill plan
+ * as far as it can, and the logits at every position equal the parallel forward over the whole
+ * concatenation (normwise <= 1e-4); each turn prefills what it should, and the final state
+ * equals the byte-by-byte decoder's. */
+static void turns_equivalence(tctx *t, backend *bk, const char *what) {
+    uint8_t bytes[PNB * CSEQ];
+    for (int k = 0; k < PNB * CSEQ; k++) bytes[k] = (uint8_t)t_randint(t, 0, 255);
+    const uint64_t seed = t_next(t);
+    double *par = malloc(sizeof(double) * PNB * CSEQ * V), *got = malloc(sizeof(double) * PNB * CSEQ * V);
+    float *lg = malloc(sizeof(float) * CSEQ * PNB * V);
+    uint8_t *col = malloc(PNB * CSEQ);
+    decoder dp, ds;
+    char err[4096];
+    int rc = 0;
+    if (parallel_logits(t, bk, PFC, bytes, PNB, CSEQ, seed, par) < 0) goto out;
+    CHECK(decoder_open(&dp, PFC, strlen(PFC), "pfc.lua", bk, PNB, err, sizeof err) == 0, "%s", err);
+    if (decoder_open(&ds, PFC, strlen(PFC), "pfc.lua", bk, PNB, err, sizeof err) < 0) {
+        t_fail(t, __FILE__, __LINE__, "%s", err);
+        decoder_close(&dp);
+        goto out;
+    }
+    dp.parallel = 1;
+    ds.parallel = 0;
+    rc = decoder_init_params(&dp, seed, err, sizeof err) < 0 || decoder_init_params(&ds, seed, err, sizeof err) < 0;
+    if (!rc && (!dp.pf.ok || dp.pf.unit != 8))
+        t_fail(t, __FILE__, __LINE__, "%s: prefill plan %s, unit %ld (expected 8)", what, dp.pf.ok ? "ok" : dp.pf.why,
+               dp.pf.unit);
+    long at = 0;
+    for (size_t c = 0; !rc && !t->failed && at < CSEQ; c++) {
+        const long n = c < sizeof cfeed / sizeof cfeed[0] ? cfeed[c] : 1;
+        const long want = c < sizeof cfeed / sizeof cfeed[0] ? cexpect[c] : 0;
+        const long before = dp.prefill_bytes, m = decoder_prefill_len(&dp, n);
+        if (m != want) {
+            t_fail(t, __FILE__, __LINE__, "%s: a %ld-byte turn at position %ld prefills %ld bytes, expected %ld", what, n,
+                   at, m, want);
+            break;
+        }
+        for (long b = 0; b < PNB; b++) memcpy(col + b * n, bytes + b * CSEQ + at, (size_t)n);
+        rc = decoder_feed(&dp, col, n, lg + at * PNB * V, err, sizeof err) < 0 ||
+             decoder_feed(&ds, col, n, NULL, err, sizeof err) < 0;
+        if (!rc && dp.prefill_bytes - before != m)
+            t_fail(t, __FILE__, __LINE__, "%s: turn at %ld ran %ld bytes in parallel, expected %ld", what, at,
+                   dp.prefill_bytes - before, m);
+        at += n;
+        if (!rc && !t->failed && dp.pos != at) t_fail(t, __FILE__, __LINE__, "%s: position %ld, expected %ld", what, dp.pos, at);
+    }
+    if (rc) t_fail(t, __FILE__, __LINE__, "%s: %s", what, err);
+    if (!t->failed && dp.prefill_bytes != 80)
+        t_fail(t, __FILE__, __LINE__, "%s: %ld bytes prefilled in all, expected 80", what, dp.prefill_bytes);
+    if (!t->failed) same_states(t, &dp, &ds, 1e-4, what);
+    if (!t->failed) {
+        for (long s = 0; s < CSEQ; s++)
+            for (long b = 0; b < PNB; b++)
+                for (long f = 0; f < V; f++) got[(b * CSEQ + s) * V + f] = lg[(s * PNB + b) * V + f];
+        long w = 0;
+        double e = worst_pos(got, par, PNB * CSEQ, &w);
+        if (!(e <= 1e-4))
+            t_fail(t, __FILE__, __LINE__, "%s: turn-by-turn logits differ from the parallel forward at sequence %ld position %ld: %.3g",
+                   what, w / CSEQ, w % CSEQ, e);
+    }
+    decoder_close(&dp);
+    decoder_close(&ds);
+out:
+    free(par);
+    free(got);
+    free(lg);
+    free(col);
+}
+
+TEST(prefill_turns_equal_parallel_reference) { turns_equivalence(t, NULL, "reference"); }
+
+TEST(prefill_turns_equal_parallel_opencl) {
+    backend *bk = kc_opencl(t);
+    if (!bk) return;
+    turns_equivalence(t, bk, "opencl");
+    bk_destroy(bk);
+}
+
+TEST(prefill_turns_equal_parallel_cuda) {
+    backend *bk = gpu_backend(t);
+    if (!bk) {
+        if (!t->failed) printf("  (REALM_GPU not set: skipped)\n");
+        return;
+    }
+    turns_equivalence(t, bk, "cuda");
+    bk_destroy(bk);
+}
+
 /* Same seed, same prompt: the prefill path samples the same bytes as the byte-by-byte path,
  * greedy and at temperature 1 over all 256 bytes (whose draws depend on every position being
  * right). Weights at init_std 0.25 spread the logits apart (at 0.02 the 256 logits sit within
@@ -588,15 +697,30 @@ TEST(decode_cli_prefill) {
         ok = ok && run_out(cmd, b, sizeof b) == 0 && strcmp(a, b) == 0 && strlen(a) > 150;
         if (!ok) snprintf(msg, sizeof msg, "generate (%s): parallel and step prefill differ:\n%.500s\n%.500s", sampling[i], a, b);
     }
-    /* chat: the first turn (a long line) prefills in parallel, the second continues the state */
-    if (ok) {
-        snprintf(cmd, sizeof cmd, "{ cat %s | tr '\\n' ' '; printf '\\nwhat next\\n'; } | %s chat %s -n 20 --temperature 0 --backend opencl",
-                 path, t_realm_bin(), dir);
-        ok = run_out(cmd, a, sizeof a) == 0;
-        snprintf(cmd, sizeof cmd, "{ cat %s | tr '\\n' ' '; printf '\\nwhat next\\n'; } | REALM_PREFILL=step %s chat %s -n 20 --temperature 0 --backend opencl",
-                 path, t_realm_bin(), dir);
-        ok = ok && run_out(cmd, b, sizeof b) == 0 && strcmp(a, b) == 0 && strlen(a) > 0;
-        if (!ok) snprintf(msg, sizeof msg, "chat: parallel and step prefill differ:\n%.500s\n%.500s", a, b);
+    /* chat: a short first turn (stepped), then the long line, which prefills in parallel from the
+     * state the first turn and its reply left (the only parallel bytes of the conversation: the
+     * longest multiple of tiny's chunk, 16, that leaves one byte of the line), then a short one;
+     * every reply equals the byte-by-byte chat's, greedy and seeded */
+    const long line = (long)strlen("ROMEO: But soft, what light through yonder window breaks? It is the east, and Juliet is the sun. "
+                                   "Arise, fair sun, and kill the envious moon, who is already sick and pale with grief, "
+                                   "that thou, her maid, art far more fair than she. ") + 1;
+    for (int i = 0; i < 2 && ok; i++) {
+        char want[64], feed[700];
+        snprintf(want, sizeof want, "[%ld bytes of the conversation prefilled in parallel]", (line - 1) / 16 * 16);
+        snprintf(feed, sizeof feed, "{ printf 'hello\\n'; cat %s | tr '\\n' ' '; printf '\\nwhat next\\n'; }", path);
+        snprintf(cmd, sizeof cmd, "%s | %s chat %s -n 20 %s --backend opencl", feed, t_realm_bin(), dir, sampling[i]);
+        ok = run_out(cmd, a, sizeof a) == 0 && t_run(cmd, b, sizeof b) == 0 && strstr(b, want);
+        if (!ok) snprintf(msg, sizeof msg, "chat (%s): expected '%s' on stderr:\n%.1000s", sampling[i], want, b);
+        snprintf(cmd, sizeof cmd, "%s | REALM_PREFILL=step %s chat %s -n 20 %s --backend opencl", feed, t_realm_bin(), dir,
+                 sampling[i]);
+        if (ok) {
+            ok = run_out(cmd, b, sizeof b) == 0 && strcmp(a, b) == 0 && strlen(a) > 0;
+            if (!ok) snprintf(msg, sizeof msg, "chat (%s): parallel and step prefill differ:\n%.500s\n%.500s", sampling[i], a, b);
+        }
+        if (ok) {
+            ok = t_run(cmd, b, sizeof b) == 0 && strstr(b, "[0 bytes of the conversation prefilled in parallel]");
+            if (!ok) snprintf(msg, sizeof msg, "chat --prefill step prefilled something:\n%.1000s", b);
+        }
     }
     /* --bench reports the parallel prefill's throughput; a bad mode is refused */
     if (ok) {

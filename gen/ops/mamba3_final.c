@@ -1,14 +1,15 @@
 /* Prefill hand-over for Mamba-3 (docs/decode.md "Prefill"): the decode step's carried state
  * at the end of a sequence that went through the chunked forward.
  *
- *   mamba3_final(saved, x, Bn, dd_dt, angles, dt_bias, B_bias; chunk)
+ *   mamba3_final(saved, x, Bn, dd_dt, angles, dt_bias, B_bias [, Theta0]; chunk)
  *     -> S [B,H,P,N], Theta [B,H,NA], Kr [B,H,N], v [B,H,P]
  *
  * saved is mamba3_scan's chunk-state output (layout in mamba3_scan.h, same chunk). S is the
  * state stored for the last full chunk, which is h_T when the sequence length is a multiple of
  * chunk (the prefill plan runs only such lengths); zeros when there is no full chunk. Theta is
  * the cumulative angle over the whole sequence, wrapped to [0, 2pi) per token as the step and
- * the reference do; Kr is the last token's key (B_bias added) rotated by it, v its input x.
+ * the reference do, starting from Theta0 [B,H,NA] when the scan started from a carried state
+ * (then `saved` already holds the state that continues it); Kr is the last token's key (B_bias added) rotated by it, v its input x.
  * These are exactly mamba3_step's state tensors, so the prefill graph assigns them onto the
  * same-named states the step graph carries.
  *
@@ -23,10 +24,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 
-enum { IN_SAVED, IN_X, IN_BN, IN_DDT, IN_ANG, IN_DTB, IN_BB, IN_N };
+enum { IN_SAVED, IN_X, IN_BN, IN_DDT, IN_ANG, IN_DTB, IN_BB, IN_N, IN_TH0 = IN_N };
 enum { OUT_S, OUT_TH, OUT_KR, OUT_V, OUT_N };
 
-static const char *const names[IN_N] = {"saved", "x", "Bn", "dd_dt", "angles", "dt_bias", "B_bias"};
+static const char *const names[IN_N + 1] = {"saved", "x", "Bn", "dd_dt", "angles", "dt_bias", "B_bias", "Theta0"};
 static const double PI_D = 3.14159265358979323846;
 
 /* lead: 2 for [B,S,...], 0 for a parameter; then the trailing dims. */
@@ -36,7 +37,8 @@ static int want(const ir_graph *g, const ir_node *n, int i, int lead, const int 
 }
 
 static int dims(const ir_graph *g, const ir_node *n, int *H, int *P, int *N, int *NA, char *err, size_t errlen) {
-    if (n->nin != IN_N) return OP_ERR("expects %d inputs, got %d", IN_N, n->nin);
+    if (n->nin != IN_N && n->nin != IN_N + 1)
+        return OP_ERR("expects %d inputs (%d with the initial angle Theta0), got %d", IN_N, IN_N + 1, n->nin);
     if (n->ia[0] < 1) return OP_ERR("chunk must be >= 1, got %ld", n->ia[0]);
     const ir_shape *x = op_in_shape(g, n, IN_X), *bn = op_in_shape(g, n, IN_BN), *an = op_in_shape(g, n, IN_ANG);
     if (x->ndim != 4 || x->d[0] != DIM_B || x->d[1] != DIM_S || x->d[2] <= 0 || x->d[3] <= 0) {
@@ -55,6 +57,8 @@ static int dims(const ir_graph *g, const ir_node *n, int *H, int *P, int *N, int
         want(g, n, IN_ANG, 2, na, 1, err, errlen) || want(g, n, IN_DTB, 0, h1, 1, err, errlen) ||
         want(g, n, IN_BB, 0, hn, 2, err, errlen))
         return -1;
+    const int ha[2] = {*H, *NA};
+    if (n->nin > IN_TH0 && want(g, n, IN_TH0, 1, ha, 2, err, errlen)) return -1;
     return 0;
 }
 
@@ -70,8 +74,8 @@ static int infer(const ir_graph *g, const ir_node *n, ir_shape *out, ir_dtype *d
 }
 
 static void ref(const ref_ctx *c, const ir_node *n) {
-    ref_buf in[IN_N], out[OUT_N];
-    for (int i = 0; i < IN_N; i++) in[i] = ref_get(c, n->in[i]);
+    ref_buf in[IN_N + 1], out[OUT_N];
+    for (int i = 0; i < n->nin; i++) in[i] = ref_get(c, n->in[i]);
     for (int i = 0; i < OUT_N; i++) out[i] = ref_get(c, n->out[i]);
     const ir_shape *xs = ref_shape(c, n->in[IN_X]);
     const long B = ref_B(c), S = ref_S(c), CH = n->ia[0];
@@ -81,7 +85,9 @@ static void ref(const ref_ctx *c, const ir_node *n) {
     for (long b = 0; b < B; b++) {
         const long last = b * S + S - 1;
         for (int h = 0; h < H; h++) {
-            for (int i = 0; i < NA; i++) th[i] = 0.0;
+            /* read before any output is written: Theta may be updated in place over Theta0 */
+            for (int i = 0; i < NA; i++)
+                th[i] = n->nin > IN_TH0 ? in[IN_TH0].p[b * in[IN_TH0].ld + (long)h * NA + i] : 0.0;
             for (long s = 0; s < S; s++) {
                 const long tok = b * S + s;
                 const double DT = m3_dt_act(in[IN_DDT].p[tok * in[IN_DDT].ld + h] + in[IN_DTB].p[h], NULL);
@@ -151,6 +157,8 @@ static int emit(kgen *k, const ir_node *n) {
     kg_in(k, "ang", n->in[IN_ANG]);
     kg_in(k, "dtb", n->in[IN_DTB]);
     kg_in(k, "Bb", n->in[IN_BB]);
+    const int init = n->nin > IN_TH0;
+    if (init) kg_in(k, "Thi", n->in[IN_TH0]);
     kg_out(k, "So", n->out[OUT_S]);
     kg_out(k, "Tho", n->out[OUT_TH]);
     kg_out(k, "Kro", n->out[OUT_KR]);
@@ -185,7 +193,17 @@ static int emit(kgen *k, const ir_node *n) {
     KL("}");
     KL("BARRIER();");
     KL("}");
-    KL("if (lid == 0) sTh[i] = red[0];");
+    if (init) {
+        /* the carried angle last, read before the barrier that precedes every write of Tho
+         * (which may be Thi itself: the prefill graph updates its state in place) */
+        KL("if (lid == 0) {");
+        KL("float a = red[0] + Thi[b * %ldL + h * %d + i];", kg_ld(k, n->in[IN_TH0]), NA);
+        emit_wrap(k, "a");
+        KL("sTh[i] = a;");
+        KL("}");
+    } else {
+        KL("if (lid == 0) sTh[i] = red[0];");
+    }
     KL("BARRIER();");
     KL("}");
     KL("const long last = b * S + S - 1;");
@@ -217,7 +235,7 @@ static int emit(kgen *k, const ir_node *n) {
 
 const op_def op_mamba3_final = {
     .name = "mamba3_final",
-    .nin = IN_N, .nout = OUT_N,
+    .nin = -IN_N, .nout = OUT_N,   /* 7, or 8 with Theta0 */
     .iattr = {"chunk", NULL},
     .fattr = {NULL},
     .ia_default = {64},

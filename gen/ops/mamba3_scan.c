@@ -690,12 +690,15 @@ double m3_flops_bwd(m3_dims d, int chunk) { return count(d, chunk, bwd_chunk); }
  *   of the angle leaving each chunk). */
 
 enum { IN_X, IN_BN, IN_CN, IN_DDT, IN_DDA, IN_TRAP, IN_ANG, IN_DTB, IN_BB, IN_CB, IN_D, IN_NFWD };
+/* the optional carried state of the prefill form (m3_state): inputs 12..15 */
+enum { IN_S0 = IN_NFWD, IN_TH0, IN_KR0, IN_V0, IN_NINIT };
 enum { BIN_ST = 11, BIN_DY = 12, BIN_TH = 13, BIN_N = 14 };
 enum { BOUT_HEAD = 11, BOUT_HANG, BOUT_DU, BOUT_DSL, BOUT_TK, BOUT_N };
 enum { OUT_Y, OUT_ST, OUT_DST, OUT_TH, OUT_N };
 
-static const char *const fwd_names[IN_NFWD] = {
-    "x", "Bn", "Cn", "dd_dt", "dd_A", "trap", "angles", "dt_bias", "B_bias", "C_bias", "D"};
+static const char *const fwd_names[IN_NINIT] = {
+    "x", "Bn", "Cn", "dd_dt", "dd_A", "trap", "angles", "dt_bias", "B_bias", "C_bias", "D",
+    "S0", "Theta0", "Kr0", "v0"};
 static const char *const bwd_names[BIN_N] = {
     "x", "Bn", "Cn", "dd_dt", "dd_A", "trap", "angles", "dt_bias", "B_bias", "C_bias", "D", "saved", "dy", "theta"};
 
@@ -722,7 +725,12 @@ static int check_all(const ir_graph *g, const ir_node *n, int bwd, int *H, int *
                      int *NA, char *err, size_t errlen) {
     int nin = bwd ? BIN_N : IN_NFWD;
     const char *const *names = bwd ? bwd_names : fwd_names;
-    if (n->nin != nin) return OP_ERR("expects %d inputs, got %d", nin, n->nin);
+    if (!bwd && n->nin == IN_NINIT) nin = IN_NINIT;
+    if (n->nin != nin) {
+        if (bwd) return OP_ERR("expects %d inputs, got %d", nin, n->nin);
+        return OP_ERR("expects %d inputs (or %d with the initial state S0, Theta0, Kr0, v0), got %d", IN_NFWD,
+                      IN_NINIT, n->nin);
+    }
     const ir_shape *x = op_in_shape(g, n, IN_X), *bn = op_in_shape(g, n, IN_BN),
                    *an = op_in_shape(g, n, IN_ANG);
     if (x->ndim != 4 || x->d[0] != DIM_B || x->d[1] != DIM_S || x->d[2] <= 0 || x->d[3] <= 0) {
@@ -774,6 +782,14 @@ static int check_all(const ir_graph *g, const ir_node *n, int bwd, int *H, int *
     int thw[1] = {(int)(*H * m3_theta_width(*NA, (int)n->ia[0]))};
     char sth[64];
     snprintf(sth, sizeof sth, "[B,S,%d]", thw[0]);
+    if (nin == IN_NINIT) {
+        const int spn[3] = {*H, *P, *N}, sna[2] = {*H, *NA}, snn[2] = {*H, *N}, sp[2] = {*H, *P};
+        if (op_want_input(g, n, IN_S0, 1, spn, 3, names[IN_S0], err, errlen) ||
+            op_want_input(g, n, IN_TH0, 1, sna, 2, names[IN_TH0], err, errlen) ||
+            op_want_input(g, n, IN_KR0, 1, snn, 2, names[IN_KR0], err, errlen) ||
+            op_want_input(g, n, IN_V0, 1, sp, 2, names[IN_V0], err, errlen))
+            return -1;
+    }
     if (bwd && (check_in(g, n, BIN_ST, 1, stw, 1, sst, names, err, errlen) ||
                 check_in(g, n, BIN_DY, 1, hp, 2, shp, names, err, errlen) ||
                 check_in(g, n, BIN_TH, 1, thw, 1, sth, names, err, errlen)))
@@ -817,8 +833,13 @@ static int infer_bwd(const ir_graph *g, const ir_node *n, ir_shape *out, ir_dtyp
 /* Only y carries a gradient: the saved states only feed the backward, dstate and theta are
  * the forward kernels' workspaces. */
 static int grad_fwd(ir_graph *g, int node, const int *dout, int *din) {
-    for (int i = 0; i < IN_NFWD; i++) din[i] = -1;
+    for (int i = 0; i < g->n[node].nin; i++) din[i] = -1;
     if (dout[0] < 0) return 0;
+    if (g->n[node].nin != IN_NFWD) {
+        /* the backward (m3_ref_backward and its kernels) is for a zero initial state */
+        snprintf(g->err, sizeof g->err, "mamba3_scan: no gradient through a scan with an initial state (prefill only)");
+        return -1;
+    }
     /* Copy what we need: ir_emit may grow g->n and move the node. */
     const ir_node *n = &g->n[node];
     int ins[BIN_N];
@@ -861,8 +882,8 @@ static void collect(const ref_ctx *c, const ir_node *n, m3_dims *d, m3_inputs *i
 /* The chunk-parallel kernels' workspaces (layout: the op interface above), in fp64 from the
  * same per-head quantities as m3_ref_chunked: dstate with the in-chunk angle Th_s - Th_in,
  * theta as cos/sin of the wrapped cumulative angle at each full chunk's last token. */
-static void ref_workspaces(const m3_dims *d, int chunk, const m3_inputs *in, double *ds, long ds_ld,
-                           double *th, long th_ld) {
+static void ref_workspaces(const m3_dims *d, int chunk, const m3_inputs *in, const double *Theta0, double *ds,
+                           long ds_ld, double *th, long th_ld) {
     const int H = d->H, P = d->P, N = d->N, NA = d->NA;
     const long S = d->S, W = m3_dstate_width(P, N, NA, chunk), W2 = m3_theta_width(NA, chunk);
     const long PN = (long)P * N;
@@ -872,7 +893,8 @@ static void ref_workspaces(const m3_dims *d, int chunk, const m3_inputs *in, dou
     double *cs = inc + PN, *kl = cs + chunk, *ph = kl + N;
     for (long b = 0; b < d->B; b++) {
         for (int h = 0; h < H; h++) {
-            head_prep(&w, d, in, b, h, NULL);
+            const double *th0 = Theta0 ? Theta0 + (b * H + h) * NA : NULL;
+            head_prep(&w, d, in, b, h, th0);
             for (long c0 = 0; c0 < S; c0 += chunk) {
                 long L = S - c0 < chunk ? S - c0 : chunk;
                 int full = L == chunk;
@@ -881,7 +903,8 @@ static void ref_workspaces(const m3_dims *d, int chunk, const m3_inputs *in, dou
                 for (long a = 0; a < L; a++) cs[a] = (acc += w.ADT[c0 + a]);
                 for (long a = 0; full && a < L; a++) {
                     long s = c0 + a;
-                    for (int i = 0; i < NA; i++) ph[i] = w.Th[s * NA + i] - (c0 ? w.Th[(c0 - 1) * NA + i] : 0.0);
+                    for (int i = 0; i < NA; i++)
+                        ph[i] = w.Th[s * NA + i] - (c0 ? w.Th[(c0 - 1) * NA + i] : th0 ? th0[i] : 0.0);
                     rot(w.K + s * N, ph, N, NA, kl);
                     double cf = exp(fmin(cs[L - 1] - cs[a], 0.0)) * w.scale[s];
                     const double *vs = in->x + (b * S + s) * in->x_ld + (long)h * P;
@@ -894,7 +917,7 @@ static void ref_workspaces(const m3_dims *d, int chunk, const m3_inputs *in, dou
                     else if (full && e == PN) v = exp(fmin(cs[L - 1], 0.0));
                     else if (full && e <= PN + 2L * NA) {
                         const long i = (e - PN - 1) / 2, s = c0 + L - 1;
-                        const double a = w.Th[s * NA + i] - (c0 ? w.Th[(c0 - 1) * NA + i] : 0.0);
+                        const double a = w.Th[s * NA + i] - (c0 ? w.Th[(c0 - 1) * NA + i] : th0 ? th0[i] : 0.0);
                         v = (e - PN - 1) % 2 ? sin(a) : cos(a);
                     }
                     ds[(b * S + c0 + e / W) * ds_ld + (long)h * W + e % W] = v;
@@ -919,9 +942,15 @@ static void ref_fwd(const ref_ctx *c, const ir_node *n) {
     m3_inputs in;
     collect(c, n, &d, &in, ref_get(c, n->in[IN_D]).p);
     ref_buf y = ref_get(c, n->out[OUT_Y]), st = ref_get(c, n->out[OUT_ST]);
-    m3_ref_chunked(d, (int)n->ia[0], &in, NULL, y.p, y.ld, NULL, st.p, st.ld);
+    /* the carried state tensors are dense [B, ...] owners (g:state), m3_state's layout */
+    const m3_state init = n->nin == IN_NINIT
+                              ? (m3_state){ref_get(c, n->in[IN_S0]).p, ref_get(c, n->in[IN_TH0]).p,
+                                           ref_get(c, n->in[IN_KR0]).p, ref_get(c, n->in[IN_V0]).p}
+                              : (m3_state){NULL, NULL, NULL, NULL};
+    const m3_state *ip = n->nin == IN_NINIT ? &init : NULL;
+    m3_ref_chunked(d, (int)n->ia[0], &in, ip, y.p, y.ld, NULL, st.p, st.ld);
     ref_buf ds = ref_get(c, n->out[OUT_DST]), th = ref_get(c, n->out[OUT_TH]);
-    ref_workspaces(&d, (int)n->ia[0], &in, ds.p, ds.ld, th.p, th.ld);
+    ref_workspaces(&d, (int)n->ia[0], &in, ip ? init.Theta : NULL, ds.p, ds.ld, th.p, th.ld);
 }
 
 static void ref_bwd(const ref_ctx *c, const ir_node *n) {
@@ -1090,6 +1119,15 @@ static void args_common(kgen *k, const ir_node *n) {
     kg_in(k, "Cb", n->in[IN_CB]);
 }
 
+/* The carried state of the prefill form (inputs IN_S0..IN_V0), only when the node has it, so
+ * the training graph's kernels keep their parameter lists. */
+static void args_init(kgen *k, const ir_node *n) {
+    kg_in(k, "Si", n->in[IN_S0]);
+    kg_in(k, "Thi", n->in[IN_TH0]);
+    kg_in(k, "Kri", n->in[IN_KR0]);
+    kg_in(k, "vi", n->in[IN_V0]);
+}
+
 /* One token of the recurrence for the work-group of head h (both the serial forward kernel
  * and the decode step render it): rotate this token's K and Q into sK/sQ slots kc/qc while the
  * owners of the angle pairs advance Theta in sTh, then each work-item updates its state rows
@@ -1144,9 +1182,11 @@ static int emit_fwd_seq(kgen *k, const ir_node *n) {
     const int PB = P < 256 ? P : 256, RP = (P + PB - 1) / PB;
     const long ldx = kg_ld(k, n->in[IN_X]), ldb = kg_ld(k, n->in[IN_BN]), ldc = kg_ld(k, n->in[IN_CN]),
                ldang = kg_ld(k, n->in[IN_ANG]), ldy = kg_ld(k, n->out[0]), ldst = kg_ld(k, n->out[1]);
+    const int init = n->nin == IN_NINIT;
     kg_begin(k, "mamba3_scan", node, node + 1);
     args_common(k, n);
     kg_in(k, "Dp", n->in[IN_D]);
+    if (init) args_init(k, n);
     kg_out(k, "y", n->out[0]);
     kg_out(k, "st", n->out[1]);
     KL("const long b = GID_X / %d;", H);
@@ -1157,10 +1197,23 @@ static int emit_fwd_seq(kgen *k, const ir_node *n) {
     KL("LOCAL float sTh[%d];", NA);
     KL("float Srow[%d];", RP * N);
     KL("float vprev[%d];", RP);
-    KL("for (int i = 0; i < %d; i++) Srow[i] = 0.0f;", RP * N);
-    KL("for (int r = 0; r < %d; r++) vprev[r] = 0.0f;", RP);
-    KL("for (int j = lid; j < %d; j += %d) sTh[j] = 0.0f;", NA, PB);
-    KL("for (int j = lid; j < %d; j += %d) sK[%d + j] = 0.0f;   /* Kr of token -1 */", N, PB, 2 * N);
+    if (init) {
+        /* the carried state, as the decode step loads it (dense [B, ...] rows, row b*H + h) */
+        KL("const long bh = b * %d + h;", H);
+        KL("for (int r = 0; r < %d; r++) {", RP);
+        KL("const int p = lid + r * %d;", PB);
+        KL("vprev[r] = p < %d ? vi[bh * %d + p] : 0.0f;", P, P);
+        KL("for (int nn = 0; nn < %d; nn++) Srow[r * %d + nn] = p < %d ? Si[bh * %ldL + (long)p * %d + nn] : 0.0f;",
+           N, N, P, PN, N);
+        KL("}");
+        KL("for (int j = lid; j < %d; j += %d) sTh[j] = Thi[bh * %d + j];", NA, PB, NA);
+        KL("for (int j = lid; j < %d; j += %d) sK[%d + j] = Kri[bh * %d + j];   /* Kr of token -1 */", N, PB, 2 * N, N);
+    } else {
+        KL("for (int i = 0; i < %d; i++) Srow[i] = 0.0f;", RP * N);
+        KL("for (int r = 0; r < %d; r++) vprev[r] = 0.0f;", RP);
+        KL("for (int j = lid; j < %d; j += %d) sTh[j] = 0.0f;", NA, PB);
+        KL("for (int j = lid; j < %d; j += %d) sK[%d + j] = 0.0f;   /* Kr of token -1 */", N, PB, 2 * N);
+    }
     KL("const float dtbh = dtb[h], Dh = Dp[h];");
     KL("BARRIER();");
     KL("for (long s = 0; s < S; s++) {");
@@ -1268,14 +1321,29 @@ static void emit_rot_load(kgen *k, const char *dst, const char *src, const char 
 }
 
 /* cos/sin of the angle entering the chunk into tc/ts: left in `th` by the previous chunk (the
- * forward walk), the identity for chunk 0. Expects c0, sb, h and lid in scope. */
-static void emit_entering_angle(kgen *k, int NT, int NA, long W2, long ldth) {
+ * forward walk); for chunk 0 the identity, or with a carried state (init: H, else 0) its angle
+ * Theta0 (input Thi). Expects c0, sb, b, h and lid in scope. */
+static void emit_entering_angle(kgen *k, int NT, int NA, long W2, long ldth, int init) {
     char a0[200], a1[200];
     kl_spread(a0, sizeof a0, "sb", "2 * i", W2, ldth);
     kl_spread(a1, sizeof a1, "sb", "2 * i + 1", W2, ldth);
     KL("for (int i = lid; i < %d; i += %d) {", NA, NT);
-    KL("if (c0 > 0) { tc[i] = th[%s]; ts[i] = th[%s]; } else { tc[i] = 1.0f; ts[i] = 0.0f; }", a0, a1);
+    if (init)
+        KL("if (c0 > 0) { tc[i] = th[%s]; ts[i] = th[%s]; } else { const float a0 = Thi[(b * %d + h) * %d + i]; "
+           "tc[i] = COSF(a0); ts[i] = SINF(a0); }", a0, a1, init, NA);
+    else KL("if (c0 > 0) { tc[i] = th[%s]; ts[i] = th[%s]; } else { tc[i] = 1.0f; ts[i] = 0.0f; }", a0, a1);
     KL("}");
+}
+
+/* cb = (1 - lam_0) DT_0 of the first token of sequence b (row b * S): the weight of the b-term
+ * that couples it to the carried (v0, Kr0), folded into the state entering chunk 0 as the
+ * reference's aug_init does. Expects b, h and dtbh in scope. */
+static void emit_init_bcoef(kgen *k, long lddt, long ldtr) {
+    KL("const float cb_u = ddt[(b * S) * %ldL + h] + dtbh;", lddt);
+    KL("const float cb_DT = cb_u > 20.0f ? cb_u : LOG1PF(EXPF(cb_u));");
+    KL("const float cb_tr = trap[(b * S) * %ldL + h];", ldtr);
+    KL("const float cb_lam = cb_tr >= 0.0f ? 1.0f / (1.0f + EXPF(-cb_tr)) : EXPF(cb_tr) / (1.0f + EXPF(cb_tr));");
+    KL("const float cb = (1.0f - cb_lam) * cb_DT;");
 }
 
 static long fwd_chunk_local(m3_kdims d, int *NT3) {
@@ -1291,6 +1359,7 @@ static long fwd_chunk_local(m3_kdims d, int *NT3) {
 static int emit_fwd_chunked(kgen *k, const ir_node *n) {
     const ir_graph *g = k->g;
     int node = (int)(n - g->n);
+    const int init = n->nin == IN_NINIT;
     m3_kdims d = kdims(k, n);
     const int H = d.H, P = d.P, N = d.N, NA = d.NA, CH = d.CH, NH = (N + 1) / 2;
     const long W = d.W, PN = (long)P * N, W2 = m3_theta_width(NA, CH), Wd = m3_dstate_width(P, N, NA, CH);
@@ -1360,6 +1429,12 @@ static int emit_fwd_chunked(kgen *k, const ir_node *n) {
     const int WU = 8;
     kg_begin(k, "mamba3_scan_walk", node, node + 1);
     kg_in(k, "ds", n->out[OUT_DST]);
+    if (init) {
+        kg_in(k, "ddt", n->in[IN_DDT]);
+        kg_in(k, "trap", n->in[IN_TRAP]);
+        kg_in(k, "dtb", n->in[IN_DTB]);
+        args_init(k, n);
+    }
     kg_out(k, "st", n->out[OUT_ST]);
     kg_out(k, "th", n->out[OUT_TH]);
     KL("const long bh = GID_Y, b = bh / %d;", H);
@@ -1398,12 +1473,21 @@ static int emit_fwd_chunked(kgen *k, const ir_node *n) {
     KL("const long e0 = (long)p * %d + 2 * j;", N);
     KL("const int odd = 2 * j + 1 < %d, turns = j < %d;", N, NA);
     KL("float S0 = 0.0f, S1 = 0.0f, ce = 1.0f, se = 0.0f;   /* state pair; angle entering the chunk */");
-    KL("for (long cb = 0; cb < nfull; cb += %d) {", WU);
+    if (init) {
+        /* from the carried state plus token 0's b-term (aug_init), the angle from Theta0 */
+        KL("const float dtbh = dtb[h];");
+        emit_init_bcoef(k, lddt, kg_ld(k, n->in[IN_TRAP]));
+        KL("const float cv = cb * vi[bh * %d + p];", P);
+        KL("S0 = Si[bh * %ldL + e0] + cv * Kri[bh * %d + 2 * j];", PN, N);
+        KL("if (odd) S1 = Si[bh * %ldL + e0 + 1] + cv * Kri[bh * %d + 2 * j + 1];", PN, N);
+        KL("if (turns) { ce = COSF(Thi[bh * %d + j]); se = SINF(Thi[bh * %d + j]); }", NA, NA);
+    }
+    KL("for (long cbk = 0; cbk < nfull; cbk += %d) {", WU);
     KL("float vd[%d], v0[%d], v1[%d], vc[%d], vs[%d];", WU, WU, WU, WU, WU);
     KL("for (int u = 0; u < %d; u++) {", WU);
     KL("vd[u] = 1.0f; v0[u] = 0.0f; v1[u] = 0.0f; vc[u] = 1.0f; vs[u] = 0.0f;");
-    KL("if (cb + u < nfull) {");
-    KL("const long rb = b * S + (cb + u) * %d;", CH);
+    KL("if (cbk + u < nfull) {");
+    KL("const long rb = b * S + (cbk + u) * %d;", CH);
     kl_spread(ad, sizeof ad, "rb", "e", Wd, ldds);
     KL("long e = %ldL; vd[u] = ds[%s];", PN, ad);
     KL("e = e0; v0[u] = ds[%s];", ad);
@@ -1411,8 +1495,8 @@ static int emit_fwd_chunked(kgen *k, const ir_node *n) {
     KL("e = %ldL + 2 * j; if (turns) { vc[u] = ds[%s]; e++; vs[u] = ds[%s]; }", PN + 1, ad, ad);
     KL("}");
     KL("}");
-    KL("for (int u = 0; u < %d && cb + u < nfull; u++) {", WU);
-    KL("const long rb = b * S + (cb + u) * %d;", CH);
+    KL("for (int u = 0; u < %d && cbk + u < nfull; u++) {", WU);
+    KL("const long rb = b * S + (cbk + u) * %d;", CH);
     KL("float x0 = v0[u], x1 = v1[u];");
     KL("if (turns) {");
     KL("const float r0 = x0 * ce - x1 * se, r1 = x0 * se + x1 * ce;");
@@ -1444,6 +1528,7 @@ static int emit_fwd_chunked(kgen *k, const ir_node *n) {
     kg_in(k, "Dp", n->in[IN_D]);
     kg_in(k, "st", n->out[OUT_ST]);
     kg_in(k, "th", n->out[OUT_TH]);
+    if (init) args_init(k, n);
     kg_out(k, "y", n->out[OUT_Y]);
     /* QR and Kl rows padded by one float: the M dot products of a warp read 32 different rows
      * at the same column, which would otherwise all fall in one bank */
@@ -1465,7 +1550,7 @@ static int emit_fwd_chunked(kgen *k, const ir_node *n) {
     const int stage_v = fwd_chunk_local(d, &NT3x) + 4L * CH * P <= (k->shared_max > 0 ? k->shared_max : 160L * 1024);
     if (stage_v) kg_shared(k, "XV", (long)CH * P);
     KL("const float dtbh = dtb[h], Dh = Dp[h];");
-    emit_entering_angle(k, NT3, NA, W2, ldth);
+    emit_entering_angle(k, NT3, NA, W2, ldth, init ? H : 0);
     emit_chunk_scalars(k, NT3, CH, NA, lddt, ldda, ldtr, ldang);
     KL("BARRIER();");
     KL("for (int j = lid; j < L * %d; j += %d) {", N, NT3);
@@ -1501,7 +1586,17 @@ static int emit_fwd_chunked(kgen *k, const ir_node *n) {
     KL("float Sr[%d];", N);
     kl_spread(as0, sizeof as0, "sb", "e", W, ldst);
     KL("if (c0 > 0) for (int nn = 0; nn < %d; nn++) { const long e = (long)p * %d + nn; Sr[nn] = st[%s]; }", N, N, as0);
-    KL("else for (int nn = 0; nn < %d; nn++) Sr[nn] = 0.0f;", N);
+    if (init) {
+        /* chunk 0 enters with the carried state plus token 0's b-term, as the walk starts */
+        KL("else {");
+        emit_init_bcoef(k, lddt, ldtr);
+        KL("const float cv = cb * vi[bh * %d + p];", P);
+        KL("for (int nn = 0; nn < %d; nn++) Sr[nn] = Si[bh * %ldL + (long)p * %d + nn] + cv * Kri[bh * %d + nn];", N,
+           PN, N, N);
+        KL("}");
+    } else {
+        KL("else for (int nn = 0; nn < %d; nn++) Sr[nn] = 0.0f;", N);
+    }
     KL("for (int i = 0; i < %d; i++) {", NA);
     KL("const float s0 = Sr[2 * i], s1 = Sr[2 * i + 1];");
     KL("Sr[2 * i] = s0 * tc[i] + s1 * ts[i]; Sr[2 * i + 1] = s1 * tc[i] - s0 * ts[i];");
@@ -1837,7 +1932,7 @@ static int emit_bwd_chunked(kgen *k, const ir_node *n, int node, m3_kdims d) {
         kg_shared(k, "EY", (long)CH * P);
         KL("const float dtbh = dtb[h];");
         emit_chunk_scalars(k, NT, CH, NA, lddt, ldda, ldtr, ldang);
-        emit_entering_angle(k, NT, NA, W2, ldth);
+        emit_entering_angle(k, NT, NA, W2, ldth, 0);
         KL("BARRIER();");
         KL("for (int j = lid; j < %d; j += %d) {", CH * N, NT);
         KL("const int a = j / %d, nn = j - a * %d;", N, N);
@@ -1974,7 +2069,7 @@ static int emit_bwd_chunked(kgen *k, const ir_node *n, int node, m3_kdims d) {
         KL("LOCAL_PTR float *MA = RG, *MB = RG + %ld;", mm);
         KL("const float dtbh = dtb[h], Dh = Dp[h];");
         emit_chunk_scalars(k, NT, CH, NA, lddt, ldda, ldtr, ldang);
-        emit_entering_angle(k, NT, NA, W2, ldth);
+        emit_entering_angle(k, NT, NA, W2, ldth, 0);
         KL("BARRIER();");
         /* tiles: rows past L are zero, so every product below may run over all CH rows */
         KL("for (int j = lid; j < %d; j += %d) {", CH * N, NT);
@@ -2415,7 +2510,7 @@ static int emit_bwd(kgen *k, const ir_node *n) {
 
 const op_def op_mamba3_scan = {
     .name = "mamba3_scan",
-    .nin = IN_NFWD,
+    .nin = -IN_NFWD,   /* 11, or 15 with the carried state (prefill) */
     .nout = OUT_N,
     .iattr = {"chunk", NULL},
     .fattr = {NULL},

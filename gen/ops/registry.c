@@ -16,7 +16,7 @@ extern const op_def op_sumsq, op_adamw;
 extern const op_def op_mamba3_step;
 extern const op_def op_rope_at, op_ring_write, op_attention_ring;
 extern const op_def op_sample;
-extern const op_def op_mamba3_final, op_ring_fill;
+extern const op_def op_mamba3_final, op_ring_fill, op_attention_prefix;
 
 static const op_def *const registry[] = {
     &op_embedding, &op_embedding_bwd,
@@ -31,7 +31,7 @@ static const op_def *const registry[] = {
     &op_mamba3_step,
     &op_rope_at, &op_ring_write, &op_attention_ring,
     &op_sample,
-    &op_mamba3_final, &op_ring_fill,
+    &op_mamba3_final, &op_ring_fill, &op_attention_prefix,
 };
 
 int op_count(void) { return (int)(sizeof registry / sizeof registry[0]); }

@@ -105,20 +105,23 @@ function nn.mamba3(cfg)
         y, S2, Th2, Kr2, vp2 = g:mamba3_step(xv, Bn, Cn, dd_dt, dd_A, trap, ang, dt_bias, B_bias, C_bias, D,
                                              S, Th, Kr, vp)
         g:assign(S, S2); g:assign(Th, Th2); g:assign(Kr, Kr2); g:assign(vp, vp2)
-      else
+      elseif g.mode == "prefill" then
+        -- Prefill: the chunked scan from the carried state (zeros for a new prompt, the end of
+        -- the previous turn in a chat), handing the step graph the state at the end of the
+        -- prompt (its length is a multiple of the chunk, so the last chunk's saved state is h_T).
+        local S = g:state("ssm", {H, c.P, N})
+        local Th = g:state("theta", {H, NA})
+        local Kr = g:state("k_prev", {H, N})
+        local vp = g:state("v_prev", {H, c.P})
         local saved
         y, saved = g:mamba3_scan(xv, Bn, Cn, dd_dt, dd_A, trap, ang, dt_bias, B_bias, C_bias, D,
-                                 {chunk = c.chunk})
-        if g.mode == "prefill" then
-          -- Prefill: hand the step graph the state at the end of the prompt (the prompt
-          -- length is a multiple of the chunk, so the last chunk's saved state is h_T).
-          local S2, Th2, Kr2, vp2 = g:mamba3_final(saved, xv, Bn, dd_dt, ang, dt_bias, B_bias,
-                                                   {chunk = c.chunk})
-          g:assign(g:state("ssm", {H, c.P, N}), S2)
-          g:assign(g:state("theta", {H, NA}), Th2)
-          g:assign(g:state("k_prev", {H, N}), Kr2)
-          g:assign(g:state("v_prev", {H, c.P}), vp2)
-        end
+                                 S, Th, Kr, vp, {chunk = c.chunk})
+        local S2, Th2, Kr2, vp2 = g:mamba3_final(saved, xv, Bn, dd_dt, ang, dt_bias, B_bias, Th,
+                                                 {chunk = c.chunk})
+        g:assign(S, S2); g:assign(Th, Th2); g:assign(Kr, Kr2); g:assign(vp, vp2)
+      else
+        y = g:mamba3_scan(xv, Bn, Cn, dd_dt, dd_A, trap, ang, dt_bias, B_bias, C_bias, D,
+                          {chunk = c.chunk})
       end
       y = g:reshape(y, {di}) * g:silu(z)
       return nn.linear(g, y, d, "out_proj", ctx.resid_std)
@@ -171,16 +174,24 @@ function nn.attention(cfg)
         local K2, V2 = g:ring_write(Kc, k, pos), g:ring_write(Vc, v, pos)
         g:assign(Kc, K2); g:assign(Vc, V2)
         o = g:attention_ring(q, K2, V2, pos)
+      elseif g.mode == "prefill" then
+        -- Prefill: the parallel attention over the prompt at its absolute positions, merged with
+        -- the previous turns' keys still in the rings (the first window-1 queries see them),
+        -- then the rings updated with the prompt's last keys and values.
+        local pos = ctx.positions
+        q = g:rope_at(g:reshape(q, {H, Dh}), pos, {base = c.rope_base})
+        k = g:rope_at(g:reshape(k, {Hkv, Dh}), pos, {base = c.rope_base})
+        v = g:reshape(v, {Hkv, Dh})
+        local Kc = g:state("k_cache", {c.window, Hkv, Dh})
+        local Vc = g:state("v_cache", {c.window, Hkv, Dh})
+        local o_in, lse = g:attention(q, k, v, {window = c.window})
+        o = g:attention_prefix(o_in, lse, q, Kc, Vc, pos)
+        g:assign(Kc, g:ring_fill(k, Kc, pos)); g:assign(Vc, g:ring_fill(v, Vc, pos))
       else
         q = g:rope(g:reshape(q, {H, Dh}), {base = c.rope_base})
         k = g:rope(g:reshape(k, {Hkv, Dh}), {base = c.rope_base})
         v = g:reshape(v, {Hkv, Dh})
         o = g:attention(q, k, v, {window = c.window})
-        if g.mode == "prefill" then
-          -- Prefill: the step graph's rings of the last `window` keys (RoPE applied) and values
-          g:assign(g:state("k_cache", {c.window, Hkv, Dh}), g:ring_fill(k, {window = c.window}))
-          g:assign(g:state("v_cache", {c.window, Hkv, Dh}), g:ring_fill(v, {window = c.window}))
-        end
       end
       return nn.linear(g, g:reshape(o, {H * Dh}), d, "o_proj", ctx.resid_std)
     end,
@@ -273,7 +284,7 @@ function nn.model(cfg)
   local ctx = {d_model = d, n_layers = n_layers, resid_std = std / math.sqrt(2 * n_layers)}
   return {
     name = cfg.name or "model", vocab = vocab, d_model = d, n_layers = n_layers, train = train,
-    -- positions: [B,S] absolute positions, given only in step mode (g.mode == "step")
+    -- positions: [B,S] absolute positions, given in step and prefill modes
     forward = function(g, tokens, positions)
       ctx.positions = positions
       local emb, x = g:scope("embed", "embedding", function()

@@ -294,20 +294,20 @@ KERNEL k5_mamba3_scan_walk(GLOBAL float *A, long B, long S, long o_ds, long o_st
     const long e0 = (long)p * 16 + 2 * j;
     const int odd = 2 * j + 1 < 16, turns = j < 4;
     float S0 = 0.0f, S1 = 0.0f, ce = 1.0f, se = 0.0f;   /* state pair; angle entering the chunk */
-    for (long cb = 0; cb < nfull; cb += 8) {
+    for (long cbk = 0; cbk < nfull; cbk += 8) {
     float vd[8], v0[8], v1[8], vc[8], vs[8];
     for (int u = 0; u < 8; u++) {
     vd[u] = 1.0f; v0[u] = 0.0f; v1[u] = 0.0f; vc[u] = 1.0f; vs[u] = 0.0f;
-    if (cb + u < nfull) {
-    const long rb = b * S + (cb + u) * 16;
+    if (cbk + u < nfull) {
+    const long rb = b * S + (cbk + u) * 16;
     long e = 512L; vd[u] = ds[((rb) + (e) / 33L) * 132L + h * 33L + (e) % 33L];
     e = e0; v0[u] = ds[((rb) + (e) / 33L) * 132L + h * 33L + (e) % 33L];
     e = e0 + 1; if (odd) v1[u] = ds[((rb) + (e) / 33L) * 132L + h * 33L + (e) % 33L];
     e = 513L + 2 * j; if (turns) { vc[u] = ds[((rb) + (e) / 33L) * 132L + h * 33L + (e) % 33L]; e++; vs[u] = ds[((rb) + (e) / 33L) * 132L + h * 33L + (e) % 33L]; }
     }
     }
-    for (int u = 0; u < 8 && cb + u < nfull; u++) {
-    const long rb = b * S + (cb + u) * 16;
+    for (int u = 0; u < 8 && cbk + u < nfull; u++) {
+    const long rb = b * S + (cbk + u) * 16;
     float x0 = v0[u], x1 = v1[u];
     if (turns) {
     const float r0 = x0 * ce - x1 * se, r1 = x0 * se + x1 * ce;
