@@ -165,9 +165,10 @@ static const kcase bf16_attention_cases[] = {
     ATT(1, 1, 64, 1, 70),       /* window 1: every softmax has one term */
 };
 
-static void bf16_attention_table(tctx *t, backend *bk, const kcase *c, int n, const char *label) {
+/* The cases of a table whose op starts with `op`, each launch against the reference at 1e-2 */
+static void bf16_table(tctx *t, backend *bk, const kcase *c, int n, const char *op, const char *label) {
     for (int i = 0; i < n && !t->failed; i++) {
-        if (strcmp(c[i].op, "attention") != 0) continue;
+        if (strncmp(c[i].op, op, strlen(op)) != 0) continue;
         ir_graph g;
         char err[600];
         if (kc_build_case(&c[i], &g, err, sizeof err) < 0) {
@@ -177,7 +178,7 @@ static void bf16_attention_table(tctx *t, backend *bk, const kcase *c, int n, co
             if (t->failed) {
                 char m[sizeof t->msg];
                 snprintf(m, sizeof m, "%s", t->msg);
-                snprintf(t->msg, sizeof t->msg, "bf16 attention %s case %d: %.900s", label, i, m);
+                snprintf(t->msg, sizeof t->msg, "bf16 %s %s case %d: %.900s", op, label, i, m);
             }
         }
         ir_free(&g);
@@ -188,9 +189,21 @@ TEST(bf16_kernels_attention) {
     if (!gpu_on()) return;
     backend *bk = cuda_dev(t);
     if (!bk) return;
-    bf16_attention_table(t, bk, kcases_attention.c, kcases_attention.n, "table");
-    bf16_attention_table(t, bk, bf16_attention_cases, (int)(sizeof bf16_attention_cases / sizeof bf16_attention_cases[0]),
-                         "tc");
+    bf16_table(t, bk, kcases_attention.c, kcases_attention.n, "attention", "table");
+    bf16_table(t, bk, bf16_attention_cases, (int)(sizeof bf16_attention_cases / sizeof bf16_attention_cases[0]),
+               "attention", "tc");
+    bk_destroy(bk);
+}
+
+/* ---- the Mamba-3 scan on tensor cores ----
+ * The scan's kernel table and the shapes of kcases_mamba3_tc (partial chunks, padded tiles,
+ * P != N, few rotated pairs), forward and backward, with the plan in bf16. */
+TEST(bf16_kernels_mamba3) {
+    if (!gpu_on()) return;
+    backend *bk = cuda_dev(t);
+    if (!bk) return;
+    bf16_table(t, bk, kcases_mamba3.c, kcases_mamba3.n, "mamba3", "table");
+    bf16_table(t, bk, kcases_mamba3_tc.c, kcases_mamba3_tc.n, "mamba3", "tc");
     bk_destroy(bk);
 }
 
@@ -580,15 +593,14 @@ TEST(bf16_matmul_grid_covers_every_tile) {
     CHECK(checked == 4 * 2 * 6, "checked %d grids", checked);
 }
 
-/* Which attention launches of a bf16 plan run on tensor cores: kernels named *_tc. realm-9m's
- * (head dim 64) all do, the fp32 plan's none; every tensor-core case above compiles with NVRTC
- * (padded head dims, window 1, the widest forward) so a template slip fails here, not only on
- * a GPU. tc_kernels: the kernels that must have a _tc version. */
-static const char *const tc_kernels[] = {"attention", "attention_bwd_dq", "attention_bwd_dkv", NULL};
-
+/* Which launches of a bf16 plan run on tensor cores: kernels named *_tc. In realm-9m's bf16
+ * training plan every launch of the kernels named in `want` (k<N>_<name>[_tc]) must be the _tc
+ * version, the fp32 plan has none; every case of `cases` plans with at least one _tc kernel
+ * and compiles with NVRTC (padded tiles, the odd shapes) so a template slip fails here, not
+ * only on a GPU. */
 static int is_tc_kernel(const char *name) { return strstr(name, "_tc") != NULL; }
 
-TEST(bf16_attention_plan_uses_tensor_cores) {
+static void check_tc_plans(tctx *t, const char *const *want, const kcase *cases, int nc) {
     realm_model m;
     char err[4096];
     CHECK(model_load("models/realm-9m.lua", &m, err, sizeof err) == 0, "%s", err);
@@ -602,7 +614,7 @@ TEST(bf16_attention_plan_uses_tensor_cores) {
     int okf = okb && plan_build(&pf, &m.g, 0, m.g.nn, "cuda", keep, 1, err, sizeof err) == 0;
     int missing = 0, fp32_tc = 0, seen = 0;
     char which[256] = "";
-    for (int w = 0; okf && tc_kernels[w]; w++)
+    for (int w = 0; okf && want[w]; w++)
         for (int l = 0; l < pb.kg.nl; l++) {
             const char *kn = pb.kg.launches[l].kernel, *u = strchr(kn, '_');
             /* k<N>_<name>[_tc]: compare the name without the index and the suffix */
@@ -610,7 +622,7 @@ TEST(bf16_attention_plan_uses_tensor_cores) {
             snprintf(base, sizeof base, "%s", u ? u + 1 : kn);
             char *tc = strstr(base, "_tc");
             if (tc) *tc = 0;
-            if (strcmp(base, tc_kernels[w]) != 0) continue;
+            if (strcmp(base, want[w]) != 0) continue;
             seen++;
             if (!tc) {
                 missing++;
@@ -622,13 +634,12 @@ TEST(bf16_attention_plan_uses_tensor_cores) {
     if (okb) plan_free(&pb);
     model_free(&m);
     CHECK(okf, "plan: %s", err);
-    CHECK(seen > 0 && missing == 0, "%d of %d attention launches without tensor cores (%s)", missing, seen, which);
-    CHECK(fp32_tc == 0, "the fp32 plan has %d tensor-core attention launches", fp32_tc);
-    const int nc = (int)(sizeof bf16_attention_cases / sizeof bf16_attention_cases[0]);
+    CHECK(seen > 0 && missing == 0, "%d of %d %s... launches without tensor cores (%s)", missing, seen, want[0], which);
+    CHECK(fp32_tc == 0, "the fp32 plan has %d tensor-core launches", fp32_tc);
     for (int i = 0; i < nc; i++) {
         ir_graph g;
         plan p;
-        int ntc = 0, built = kc_build_case(&bf16_attention_cases[i], &g, err, sizeof err) == 0 &&
+        int ntc = 0, built = kc_build_case(&cases[i], &g, err, sizeof err) == 0 &&
                              plan_build_opts(&p, &g, 0, g.nn, "cuda", NULL, 0, &bf16_on, err, sizeof err) == 0;
         int compiled = 0;
         if (built) {
@@ -640,10 +651,20 @@ TEST(bf16_attention_plan_uses_tensor_cores) {
             plan_free(&p);
         }
         ir_free(&g);
-        CHECK(built, "case %d: %s", i, err);
-        CHECK(ntc > 0, "case %d: no tensor-core attention kernel", i);
-        CHECK(compiled, "case %d: NVRTC: %.3000s", i, err);
+        CHECK(built, "%s case %d: %s", cases[i].op, i, err);
+        CHECK(ntc > 0, "%s case %d: no tensor-core kernel", cases[i].op, i);
+        CHECK(compiled, "%s case %d: NVRTC: %.3000s", cases[i].op, i, err);
     }
+}
+
+TEST(bf16_attention_plan_uses_tensor_cores) {
+    static const char *const want[] = {"attention", "attention_bwd_dq", "attention_bwd_dkv", NULL};
+    check_tc_plans(t, want, bf16_attention_cases, (int)(sizeof bf16_attention_cases / sizeof bf16_attention_cases[0]));
+}
+
+TEST(bf16_mamba3_plan_uses_tensor_cores) {
+    static const char *const want[] = {"mamba3_scan_out", NULL};
+    check_tc_plans(t, want, kcases_mamba3_tc.c, kcases_mamba3_tc.n);
 }
 
 TEST(bf16_cli_precision) {

@@ -1273,6 +1273,203 @@ static long fwd_chunk_local(m3_kdims d, int *NT3) {
     return k1 > k3 ? k1 : k3;
 }
 
+/* ---------------------------------------------------------------- bf16 tensor-core chunk kernels
+ *
+ * In bf16 plans on CUDA (k->bf16) the chunk products run on tensor cores: mma.sync m16n8k16,
+ * bf16 operands, fp32 accumulation, the fragment conventions of kgen.h (kg_tc_*). Rounded to
+ * bf16 are only the operands of the products (the rotated keys and queries, x, dy, the masked
+ * decay matrix, the state): the decays, cumulative sums, DT, angles and the rotations
+ * themselves are computed in fp32 as in the fp32 kernels and rounded once, when a tile is
+ * staged into shared memory. A work-group is one chunk of one (sequence, head) as before, with
+ * CHP/16 warps (CHP: the chunk rounded up to 16), warp w owning the 16 tokens 16w..16w+15 of
+ * every product whose rows are tokens. Tiles are padded with zeros to whole fragments (rows
+ * past the chunk's L tokens, columns past N or P) so that every mma may run over all of them.
+ * The rotation pairs (2i, 2i+1) are exactly the bf16 pairs of a word, so a tile word is one
+ * rotated pair, computed by one work-item. Deterministic as the fp32 kernels: every sum has a
+ * fixed order (mma's internal order is fixed). */
+
+static long m3_up16(long n) { return (n + 15) / 16 * 16; }
+static long m3_up8(long n) { return (n + 7) / 8 * 8; }
+
+/* Row tiles of the chunk's keys and queries in its local frame, one word per rotated pair:
+ * dk[a * ws + w] = bf16 pair (Kl[a][2w], Kl[a][2w+1]), dq likewise for Ql; zeros past L tokens
+ * and past N. Expects rb, L, h, lid and LPH in scope. */
+static void emit_tc_kq_rows(kgen *k, int NT, int CHP, int N, int NA, const char *dk, const char *dq, long ldb,
+                            long ldc) {
+    const int NW = (int)(m3_up16(N) / 2);
+    const long ws = kg_tc_ws(m3_up16(N));
+    KL("for (int it = lid; it < %d; it += %d) {", CHP * NW, NT);
+    KL("const int a = it / %d, w = it - a * %d, n0 = 2 * w;", NW, NW);
+    KL("float k0 = 0.0f, k1 = 0.0f, q0 = 0.0f, q1 = 0.0f;");
+    KL("if (a < L && n0 < %d) {", N);
+    KL("k0 = Bn[(rb + a) * %ldL + n0] + Bb[h * %d + n0]; q0 = Cn[(rb + a) * %ldL + n0] + Cb[h * %d + n0];", ldb, N, ldc,
+       N);
+    if (N % 2) KL("if (n0 + 1 < %d) {", N);
+    else KL("{");
+    KL("k1 = Bn[(rb + a) * %ldL + n0 + 1] + Bb[h * %d + n0 + 1]; q1 = Cn[(rb + a) * %ldL + n0 + 1] + Cb[h * %d + n0 + 1];",
+       ldb, N, ldc, N);
+    KL("}");
+    KL("if (w < %d) {", NA);
+    KL("const float cq = COSF(LPH[a * %d + w]), sq = SINF(LPH[a * %d + w]);", NA, NA);
+    KL("const float rk0 = k0 * cq - k1 * sq, rk1 = k0 * sq + k1 * cq, rq0 = q0 * cq - q1 * sq, rq1 = q0 * sq + q1 * cq;");
+    KL("k0 = rk0; k1 = rk1; q0 = rq0; q1 = rq1;");
+    KL("}");
+    KL("}");
+    KL("%s[a * %ld + w] = pack_bf16x2(k0, k1);", dk, ws);
+    KL("%s[a * %ld + w] = pack_bf16x2(q0, q1);", dq, ws);
+    KL("}");
+}
+
+/* The transposed tile of a per-token [CH, P] input of head h: dst[p * ws + w] = bf16 pair
+ * (v[2w][p], v[2w+1][p]) (v = src * the per-token factor `fac` if given, an expression in the
+ * token a), zeros past L tokens and past P. A warp covers 8 consecutive p (32-byte sectors of a
+ * token row) by 4 token pairs, so its shared stores hit 32 distinct banks. Expects rb, L, h,
+ * lid. */
+static void emit_tc_tok_cols(kgen *k, int NT, int CHP, int P, const char *dst, const char *src, long ld,
+                             const char *fac) {
+    const long PP = m3_up8(P), E8 = PP / 8, ws = kg_tc_ws(CHP);
+    KL("for (int it = lid; it < %ld; it += %d) {", PP * (CHP / 2), NT);
+    KL("const int w = (it & 3) + 4 * ((it >> 5) / %ld), p = ((it >> 2) & 7) + 8 * ((it >> 5) %% %ld);", E8, E8);
+    KL("float lo = 0.0f, hi = 0.0f;");
+    KL("if (p < %d) {", P);
+    KL("int a = 2 * w;");
+    KL("if (a < L) lo = %s%s%s[(rb + a) * %ldL + h * %d + p];", fac ? fac : "", fac ? " * " : "", src, ld, P);
+    KL("a = 2 * w + 1;");
+    KL("if (a < L) hi = %s%s%s[(rb + a) * %ldL + h * %d + p];", fac ? fac : "", fac ? " * " : "", src, ld, P);
+    KL("}");
+    KL("%s[p * %ld + w] = pack_bf16x2(lo, hi);", dst, ws);
+    KL("}");
+}
+
+/* A P x N state of head h stored in the rows of the previous chunk (`saved` layout, rows from
+ * sb; zero for chunk 0) as a row tile in the chunk's local frame, each row's pairs rotated by
+ * -Theta_in: dst[p * ws + w] = bf16 pair (X[p][2w], X[p][2w+1]), X = S R(Theta_in). Expects c0,
+ * sb, h, lid, tc, ts. */
+static void emit_tc_state_rows(kgen *k, int NT, int P, int N, int NA, const char *dst, const char *src, long W,
+                               long ld) {
+    const int NW = (int)(m3_up16(N) / 2);
+    const long PP = m3_up8(P), ws = kg_tc_ws(m3_up16(N));
+    char a0[200], a1[200];
+    kl_spread(a0, sizeof a0, "sb", "e0", W, ld);
+    kl_spread(a1, sizeof a1, "sb", "e0 + 1", W, ld);
+    KL("for (int it = lid; it < %ld; it += %d) {", PP * NW, NT);
+    KL("const int p = it / %d, w = it - p * %d;", NW, NW);
+    KL("float s0 = 0.0f, s1 = 0.0f;");
+    KL("if (c0 > 0 && p < %d && 2 * w < %d) {", P, N);
+    KL("const long e0 = (long)p * %d + 2 * w;", N);
+    KL("s0 = %s[%s];", src, a0);
+    KL("if (2 * w + 1 < %d) s1 = %s[%s];", N, src, a1);
+    KL("}");
+    KL("if (w < %d) { const float r0 = s0 * tc[w] + s1 * ts[w], r1 = s1 * tc[w] - s0 * ts[w]; s0 = r0; s1 = r1; }", NA);
+    KL("%s[p * %ld + w] = pack_bf16x2(s0, s1);", dst, ws);
+    KL("}");
+}
+
+/* Whether the output kernel runs on tensor cores: bf16 plan, fragments of at most 128 rows,
+ * columns and contraction (the accumulators stay in registers), tiles within the device. */
+static long out_tc_shared(m3_kdims d) {
+    const long CHP = m3_up16(d.CH), NP = m3_up16(d.N), PP = m3_up8(d.P);
+    return 4L * (2 * CHP * kg_tc_ws(NP) + PP * kg_tc_ws(CHP) + PP * kg_tc_ws(NP));
+}
+
+static int out_tc(const kgen *k, m3_kdims d) {
+    const long small = 4L * (5L * d.CH + (long)d.CH * d.NA + 2L * d.NA);
+    const long max = k->shared_max > 0 ? k->shared_max : 160L * 1024;
+    return k->bf16 && m3_up16(d.CH) <= 128 && m3_up16(d.N) <= 128 && m3_up8(d.P) <= 128 && small <= 40L * 1024 &&
+           out_tc_shared(d) + small <= max;
+}
+
+/* mamba3_scan_out_tc, one work-group of CHP/16 warps per (chunk, b, h): y_t = exp(cs_t) Ql_t .
+ * (S_in R(Theta_in))_p + sum_{s<=t} M_ts v_s + D v_t in three products per warp, its tokens
+ * t = 16w + gq (+8) as rows. (1) The inter-chunk term: yacc = Ql Xs^T (contraction N) with the
+ * state tile Xs = S_in R(Theta_in) as B (its rows p are the output columns), then each row
+ * scaled by exp(cs_t) in fp32. (2) QK = Ql Kl^T (contraction N, Kl's rows s as columns), only
+ * the n-tiles s < 16(w+1) that the causal mask keeps; masked in fp32 in the accumulators into
+ * M_ts = QK_ts exp(cs_t - cs_s) scale_s (s < t), gamma_t QK_tt (s = t), 0 otherwise. (3) The
+ * accumulators of n-tiles 2kt, 2kt+1 are M's A fragment of k-step kt (kg_tc_repack), and
+ * yacc += M X with X^T staged [p][token pair] (contraction over the tokens s <= t: k-steps
+ * kt <= w only). The skip term D v_t is added in fp32 from global memory when y is written. */
+static int emit_out_tc(kgen *k, const ir_node *n, int node, m3_kdims d) {
+    const int H = d.H, P = d.P, N = d.N, NA = d.NA, CH = d.CH;
+    const long W = d.W, W2 = m3_theta_width(NA, CH);
+    const int CHP = (int)m3_up16(CH), NP = (int)m3_up16(N), PP = (int)m3_up8(P), NT = 2 * CHP;
+    const long wsN = kg_tc_ws(NP), wsC = kg_tc_ws(CHP), NO = PP / 8;
+    const long ldx = kg_ld(k, n->in[IN_X]), ldb = kg_ld(k, n->in[IN_BN]), ldc = kg_ld(k, n->in[IN_CN]),
+               lddt = kg_ld(k, n->in[IN_DDT]), ldda = kg_ld(k, n->in[IN_DDA]), ldtr = kg_ld(k, n->in[IN_TRAP]),
+               ldang = kg_ld(k, n->in[IN_ANG]), ldy = kg_ld(k, n->out[OUT_Y]), ldst = kg_ld(k, n->out[OUT_ST]),
+               ldth = kg_ld(k, n->out[OUT_TH]);
+    kg_begin(k, "mamba3_scan_out_tc", node, node + 1);
+    args_common(k, n);
+    kg_in(k, "Dp", n->in[IN_D]);
+    kg_in(k, "st", n->out[OUT_ST]);
+    kg_in(k, "th", n->out[OUT_TH]);
+    kg_out(k, "y", n->out[OUT_Y]);
+    KL("const long c0 = GID_X * %d, bh = GID_Y, b = bh / %d;", CH, H);
+    KL("const int h = (int)(bh - b * %d), lid = LID_X;", H);
+    KL("const long rb = b * S + c0, sb = rb - %d;   /* the chunk's rows; the previous chunk's */", CH);
+    KL("const int L = (int)(S - c0 < %d ? S - c0 : %d);", CH, CH);
+    KL("LOCAL float ldt[%d], ladt[%d], lsc[%d], lgm[%d], lcs[%d];", CH, CH, CH, CH, CH);
+    KL("LOCAL float LPH[%d], tc[%d], ts[%d];", CH * NA, NA, NA);
+    kg_shared(k, "shK", (long)CHP * wsN);
+    kg_shared(k, "shQ", (long)CHP * wsN);
+    kg_shared(k, "shX", (long)PP * wsC);
+    kg_shared(k, "shS", (long)PP * wsN);
+    KL("unsigned *Ks = (unsigned *)shK, *Qs = (unsigned *)shQ, *Xt = (unsigned *)shX, *Ss = (unsigned *)shS;");
+    KL("const float dtbh = dtb[h], Dh = Dp[h];");
+    emit_entering_angle(k, NT, NA, W2, ldth);
+    emit_chunk_scalars(k, NT, CH, NA, lddt, ldda, ldtr, ldang);
+    KL("BARRIER();");
+    emit_tc_kq_rows(k, NT, CHP, N, NA, "Ks", "Qs", ldb, ldc);
+    emit_tc_tok_cols(k, NT, CHP, P, "Xt", "x", ldx, NULL);
+    emit_tc_state_rows(k, NT, P, N, NA, "Ss", "st", W, ldst);
+    KL("BARRIER();");
+    kg_tc_prologue(k);
+    KL("const int tr = warp * 16 + gq;   /* this thread's tokens: tr, tr + 8 */");
+    kg_tc_afrag(k, NP, "qf", "Qs");
+    /* (1) inter-chunk */
+    kg_tc_zero(k, "yacc", NO);
+    kg_tc_mma(k, "yacc", "qf[kk]", "Ss", wsN, NO, NP / 16);
+    KL("float et[2];");
+    KL("for (int r = 0; r < 2; r++) et[r] = tr + 8 * r < L ? EXPF(FMINF(lcs[tr + 8 * r], 0.0f)) : 0.0f;");
+    KL("#pragma unroll");
+    KL("for (int j = 0; j < %ld; j++)", NO);
+    KL("    for (int e = 0; e < 4; e++) yacc[j][e] *= et[e >> 1];");
+    /* (2) the masked decay matrix */
+    kg_tc_zero(k, "macc", CHP / 8);
+    kg_tc_mma_if(k, "macc", "qf[kk]", "Ks", wsN, CHP / 8, NP / 16, NULL, "j < 2 * warp + 2");
+    KL("#pragma unroll");
+    KL("for (int j = 0; j < %d; j++)", CHP / 8);
+    KL("    for (int e = 0; e < 4; e++) {");
+    KL("        const int t = tr + 8 * (e >> 1), s2 = 8 * j + 2 * tq + (e & 1);");
+    KL("        float m = 0.0f;");
+    KL("        if (t < L) {");
+    KL("            if (s2 < t) m = macc[j][e] * EXPF(FMINF(lcs[t] - lcs[s2], 0.0f)) * lsc[s2];");
+    KL("            else if (s2 == t) m = lgm[t] * macc[j][e];");
+    KL("        }");
+    KL("        macc[j][e] = m;");
+    KL("    }");
+    /* (3) y += M X */
+    kg_tc_repack(k, "mf", "macc", CHP / 16);
+    kg_tc_mma_if(k, "yacc", "mf[kk]", "Xt", wsC, NO, CHP / 16, "kk <= warp", NULL);
+    KL("#pragma unroll");
+    KL("for (int r = 0; r < 2; r++) {");
+    KL("    const int t = tr + 8 * r;");
+    KL("    if (t >= L) continue;");
+    KL("    #pragma unroll");
+    KL("    for (int j = 0; j < %ld; j++)", NO);
+    KL("        for (int e = 0; e < 2; e++) {");
+    KL("            const int p = 8 * j + 2 * tq + e;");
+    if (PP != P) KL("            if (p >= %d) continue;", P);
+    KL("            y[(rb + t) * %ldL + h * %d + p] = yacc[j][2 * r + e] + Dh * x[(rb + t) * %ldL + h * %d + p];", ldy, P,
+       ldx, P);
+    KL("        }");
+    KL("}");
+    kg_grid(k, 0, 0, 0, 1, 0, CH);
+    kg_grid(k, 1, 0, H, 0, 0, 1);
+    kg_block(k, NT, 1, 1);
+    return kg_end(k);
+}
+
 static int emit_fwd_chunked(kgen *k, const ir_node *n) {
     const ir_graph *g = k->g;
     int node = (int)(n - g->n);
@@ -1454,6 +1651,7 @@ static int emit_fwd_chunked(kgen *k, const ir_node *n) {
     if (kg_end(k) < 0) return -1;
 
     /* ---- (3) outputs, per (chunk, b, h) */
+    if (out_tc(k, d)) return emit_out_tc(k, n, node, d);
     kg_begin(k, "mamba3_scan_out", node, node + 1);
     args_common(k, n);
     kg_in(k, "Dp", n->in[IN_D]);
