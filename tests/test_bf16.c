@@ -672,7 +672,8 @@ TEST(bf16_attention_plan_uses_tensor_cores) {
 }
 
 TEST(bf16_mamba3_plan_uses_tensor_cores) {
-    static const char *const want[] = {"mamba3_scan_out", "mamba3_scan_bwd_main", NULL};
+    static const char *const want[] = {"mamba3_scan_out", "mamba3_scan_bwd_main", "mamba3_scan_chunk",
+                                       "mamba3_scan_bwd_chunk", NULL};
     check_tc_plans(t, want, kcases_mamba3_tc.c, kcases_mamba3_tc.n);
 }
 

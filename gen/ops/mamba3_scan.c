@@ -1298,36 +1298,41 @@ static void emit_tc_kq_rows(kgen *k, int NT, int CHP, int N, int NA, const char 
                             long ldc) {
     const int NW = (int)(m3_up16(N) / 2);
     const long ws = kg_tc_ws(m3_up16(N));
+    /* the keys (from Bn + Bb) and/or the queries (Cn + Cb), whichever is asked for */
+    const char *dst[2] = {dk, dq}, *src[2] = {"Bn", "Cn"}, *bias[2] = {"Bb", "Cb"}, *v[2] = {"k", "q"};
+    const long ld[2] = {ldb, ldc};
     KL("for (int it = lid; it < %d; it += %d) {", CHP * NW, NT);
     KL("const int a = it / %d, w = it - a * %d, n0 = 2 * w;", NW, NW);
-    KL("float k0 = 0.0f, k1 = 0.0f, q0 = 0.0f, q1 = 0.0f;");
+    for (int u = 0; u < 2; u++)
+        if (dst[u]) KL("float %s0 = 0.0f, %s1 = 0.0f;", v[u], v[u]);
     KL("if (a < L && n0 < %d) {", N);
-    KL("k0 = Bn[(rb + a) * %ldL + n0] + Bb[h * %d + n0]; q0 = Cn[(rb + a) * %ldL + n0] + Cb[h * %d + n0];", ldb, N, ldc,
-       N);
-    if (N % 2) KL("if (n0 + 1 < %d) {", N);
-    else KL("{");
-    KL("k1 = Bn[(rb + a) * %ldL + n0 + 1] + Bb[h * %d + n0 + 1]; q1 = Cn[(rb + a) * %ldL + n0 + 1] + Cb[h * %d + n0 + 1];",
-       ldb, N, ldc, N);
-    KL("}");
+    for (int u = 0; u < 2; u++) {
+        if (!dst[u]) continue;
+        KL("%s0 = %s[(rb + a) * %ldL + n0] + %s[h * %d + n0];", v[u], src[u], ld[u], bias[u], N);
+        if (N % 2) KL("if (n0 + 1 < %d) %s1 = %s[(rb + a) * %ldL + n0 + 1] + %s[h * %d + n0 + 1];", N, v[u], src[u], ld[u], bias[u], N);
+        else KL("%s1 = %s[(rb + a) * %ldL + n0 + 1] + %s[h * %d + n0 + 1];", v[u], src[u], ld[u], bias[u], N);
+    }
     KL("if (w < %d) {", NA);
     KL("const float cq = COSF(LPH[a * %d + w]), sq = SINF(LPH[a * %d + w]);", NA, NA);
-    KL("const float rk0 = k0 * cq - k1 * sq, rk1 = k0 * sq + k1 * cq, rq0 = q0 * cq - q1 * sq, rq1 = q0 * sq + q1 * cq;");
-    KL("k0 = rk0; k1 = rk1; q0 = rq0; q1 = rq1;");
+    for (int u = 0; u < 2; u++)
+        if (dst[u])
+            KL("{ const float r0 = %s0 * cq - %s1 * sq, r1 = %s0 * sq + %s1 * cq; %s0 = r0; %s1 = r1; }", v[u], v[u], v[u],
+               v[u], v[u], v[u]);
     KL("}");
     KL("}");
-    KL("%s[a * %ld + w] = pack_bf16x2(k0, k1);", dk, ws);
-    KL("%s[a * %ld + w] = pack_bf16x2(q0, q1);", dq, ws);
+    for (int u = 0; u < 2; u++)
+        if (dst[u]) KL("%s[a * %ld + w] = pack_bf16x2(%s0, %s1);", dst[u], ws, v[u], v[u]);
     KL("}");
 }
 
 /* The transposed tile of a per-token [CH, P] input of head h: dst[p * ws + w] = bf16 pair
- * (v[2w][p], v[2w+1][p]) (v = src * the per-token factor `fac` if given, an expression in the
- * token a), zeros past L tokens and past P. A warp covers 8 consecutive p (32-byte sectors of a
+ * (v[2w][p], v[2w+1][p]) for PP rows p (a multiple of 8; v = src * the per-token factor `fac`
+ * if given, an expression in the token a), zeros past L tokens and past P. A warp covers 8 consecutive p (32-byte sectors of a
  * token row) by 4 token pairs, so its shared stores hit 32 distinct banks. Expects rb, L, h,
  * lid. */
-static void emit_tc_tok_cols(kgen *k, int NT, int CHP, int P, const char *dst, const char *src, long ld,
+static void emit_tc_tok_cols(kgen *k, int NT, int CHP, int P, long PP, const char *dst, const char *src, long ld,
                              const char *fac) {
-    const long PP = m3_up8(P), E8 = PP / 8, ws = kg_tc_ws(CHP);
+    const long E8 = PP / 8, ws = kg_tc_ws(CHP);
     KL("for (int it = lid; it < %ld; it += %d) {", PP * (CHP / 2), NT);
     KL("const int w = (it & 3) + 4 * ((it >> 5) / %ld), p = ((it >> 2) & 7) + 8 * ((it >> 5) %% %ld);", E8, E8);
     KL("float lo = 0.0f, hi = 0.0f;");
@@ -1494,7 +1499,7 @@ static int emit_out_tc(kgen *k, const ir_node *n, int node, m3_kdims d) {
     emit_chunk_scalars(k, NT, CH, NA, lddt, ldda, ldtr, ldang);
     KL("BARRIER();");
     emit_tc_kq_rows(k, NT, CHP, N, NA, "Ks", "Qs", ldb, ldc);
-    emit_tc_tok_cols(k, NT, CHP, P, "Xt", "x", ldx, NULL);
+    emit_tc_tok_cols(k, NT, CHP, P, PP, "Xt", "x", ldx, NULL);
     emit_tc_state_rows(k, NT, P, PP, N, NA, "Ss", "st", W, ldst, "sb", "c0 > 0");
     KL("BARRIER();");
     kg_tc_prologue(k);
@@ -1544,6 +1549,117 @@ static int emit_out_tc(kgen *k, const ir_node *n, int node, m3_kdims d) {
     return kg_end(k);
 }
 
+/* Whether the chunk-increment kernels (forward and backward) run on tensor cores: bf16 plan, at
+ * most 128 state rows P and columns N (accumulators in registers), tiles within the device. */
+static int chunk_tc(const kgen *k, m3_kdims d) {
+    const long CHP = m3_up16(d.CH), NK = m3_up16(d.N), PK = m3_up16(d.P);
+    const long sh = 4L * (CHP * kg_tc_ws(NK) + NK * kg_tc_ws(CHP) + PK * kg_tc_ws(CHP) + (long)d.CH * d.NA) +
+                    4L * (5L * d.CH + 2L * d.NA);
+    const long max = k->shared_max > 0 ? k->shared_max : 160L * 1024;
+    return k->bf16 && CHP <= 256 && NK <= 128 && PK <= 128 && sh <= max;
+}
+
+/* mamba3_scan_chunk_tc (bwd = 0) and mamba3_scan_bwd_chunk_tc (bwd = 1), one work-group of
+ * PK/16 warps per (chunk, b, h): a P x N chunk increment as one product over the chunk's
+ * tokens, U = A^T Z, warp w owning the state rows p = 16w..16w+15. Forward: A_ap = exp(cs_L -
+ * cs_a) scale_a x_ap and Z = Kl, the state increment in the chunk's frame (full chunks only);
+ * backward: A_ap = exp(cs_a) dy_ap and Z = Ql, the state gradient's increment, then turned by
+ * the entering angle in registers (a thread's accumulators of columns 8j + 2tq, + 1 are a whole
+ * rotation pair). The decay factors multiply in fp32 before A is rounded; A^T is staged
+ * [p][token pair] as the A operand, Z's row tile [token][pair] is built as in the other
+ * kernels and transposed as integers to [n][token pair], the B operand. The outputs and their
+ * zero padding are the fp32 kernels'. */
+static int emit_chunk_tc(kgen *k, const ir_node *n, int node, m3_kdims d, int bwd) {
+    const int H = d.H, P = d.P, N = d.N, NA = d.NA, CH = d.CH;
+    const int CHP = (int)m3_up16(CH), NK = (int)m3_up16(N), PK = (int)m3_up16(P), NT = 2 * PK;
+    const long wsN = kg_tc_ws(NK), wsC = kg_tc_ws(CHP), NO = m3_up8(N) / 8, PN = (long)P * N;
+    const long W = bwd ? m3_bwd_width(P, N, CH) : d.W, W2 = m3_theta_width(NA, CH);
+    const long ldb = kg_ld(k, n->in[IN_BN]), ldc = kg_ld(k, n->in[IN_CN]), lddt = kg_ld(k, n->in[IN_DDT]),
+               ldda = kg_ld(k, n->in[IN_DDA]), ldtr = kg_ld(k, n->in[IN_TRAP]), ldang = kg_ld(k, n->in[IN_ANG]);
+    const int out = bwd ? n->out[BOUT_DU] : n->out[OUT_DST];
+    const long ldo = kg_ld(k, out);
+    const char *o = bwd ? "du" : "ds", *base = bwd ? "sb" : "rb";
+    char a0[200], a1[200];
+    kg_begin(k, bwd ? "mamba3_scan_bwd_chunk_tc" : "mamba3_scan_chunk_tc", node, node + 1);
+    args_common(k, n);
+    if (bwd) {
+        kg_in(k, "dy", n->in[BIN_DY]);
+        kg_in(k, "th", n->in[BIN_TH]);
+    }
+    kg_out(k, o, out);
+    KL("const long c0 = GID_X * %d, bh = GID_Y, b = bh / %d;", CH, H);
+    KL("const int h = (int)(bh - b * %d), lid = LID_X;", H);
+    KL("const long rb = b * S + c0, sb = rb - %d;", CH);
+    KL("const int L = (int)(S - c0 < %d ? S - c0 : %d);", CH, CH);
+    KL("(void)sb;");
+    KL("LOCAL float ldt[%d], ladt[%d], lsc[%d], lgm[%d], lcs[%d], tc[%d], ts[%d];", CH, CH, CH, CH, CH, NA, NA);
+    kg_shared(k, "LPH", (long)CH * NA);
+    kg_shared(k, "shZ", (long)CHP * wsN);
+    kg_shared(k, "shT", (long)NK * wsC);
+    kg_shared(k, "shA", (long)PK * wsC);
+    KL("unsigned *Zs = (unsigned *)shZ, *Zt = (unsigned *)shT, *At = (unsigned *)shA;");
+    KL("const float dtbh = dtb[h];");
+    emit_chunk_scalars(k, NT, CH, NA, lddt, ldda, ldtr, ldang);
+    if (bwd) emit_entering_angle(k, NT, NA, W2, kg_ld(k, n->in[BIN_TH]));
+    KL("BARRIER();");
+    emit_tc_kq_rows(k, NT, CHP, N, NA, bwd ? NULL : "Zs", bwd ? "Zs" : NULL, ldb, ldc);
+    if (bwd) emit_tc_tok_cols(k, NT, CHP, P, PK, "At", "dy", kg_ld(k, n->in[BIN_DY]), "EXPF(FMINF(lcs[a], 0.0f))");
+    else emit_tc_tok_cols(k, NT, CHP, P, PK, "At", "x", kg_ld(k, n->in[IN_X]),
+                          "EXPF(FMINF(lcs[L - 1] - lcs[a], 0.0f)) * lsc[a]");
+    KL("BARRIER();");
+    emit_tc_transpose(k, NT, "Zt", NK, CHP / 2, "Zs", wsN);
+    KL("BARRIER();");
+    kg_tc_prologue(k);
+    KL("const int tr = warp * 16 + gq;   /* this thread's state rows: tr, tr + 8 */");
+    /* the forward's partial last chunk and the backward's chunk 0 write no product */
+    if (bwd) KL("if (c0 > 0) {");
+    else KL("if (L == %d) {", CH);
+    kg_tc_afrag(k, CHP, "af", "At");
+    kg_tc_zero(k, "acc", NO);
+    kg_tc_mma(k, "acc", "af[kk]", "Zt", wsC, NO, CHP / 16);
+    kl_spread(a0, sizeof a0, base, "e0", W, ldo);
+    kl_spread(a1, sizeof a1, base, "e0 + 1", W, ldo);
+    KL("#pragma unroll");
+    KL("for (int r = 0; r < 2; r++) {");
+    KL("    const int p = tr + 8 * r;");
+    KL("    if (p >= %d) continue;", P);
+    KL("    #pragma unroll");
+    KL("    for (int j = 0; j < %ld; j++) {", NO);
+    KL("        const int i = 4 * j + tq, n0 = 2 * i;");
+    KL("        if (n0 >= %d) continue;", N);
+    KL("        float u0 = acc[j][2 * r], u1 = acc[j][2 * r + 1];");
+    if (bwd)
+        KL("        if (i < %d) { const float r0 = u0 * tc[i] - u1 * ts[i], r1 = u0 * ts[i] + u1 * tc[i]; u0 = r0; u1 = r1; }",
+           NA);
+    KL("        const long e0 = (long)p * %d + n0;", N);
+    KL("        %s[%s] = u0;", o, a0);
+    if (N % 2) KL("        if (n0 + 1 < %d) %s[%s] = u1;", N, o, a1);
+    else KL("        %s[%s] = u1;", o, a1);
+    KL("    }");
+    KL("}");
+    kl_spread(a0, sizeof a0, base, "e", W, ldo);
+    if (bwd) {
+        KL("for (long e = %ldL + lid; e < %ldL; e += %d) du[%s] = e == %ldL ? EXPF(FMINF(lcs[L - 1], 0.0f)) : 0.0f;", PN,
+           (long)CH * W, NT, a0, PN);
+        KL("} else {");
+        /* chunk 0's work-group clears the last chunk's rows instead (nothing leaves it) */
+        KL("const long nch = (S + %d) / %d;", CH - 1, CH);
+        KL("const long lb = b * S + (nch - 1) * %d, LL = S - (nch - 1) * %d;", CH, CH);
+        kl_spread(a0, sizeof a0, "lb", "e", W, ldo);
+        KL("for (long e = lid; e < LL * %ldL; e += %d) du[%s] = 0.0f;", W, NT, a0);
+        KL("}");
+    } else {
+        if ((long)CH * W > PN) KL("for (long e = %ldL + lid; e < %ldL; e += %d) ds[%s] = 0.0f;", PN, (long)CH * W, NT, a0);
+        KL("} else {");
+        KL("for (long e = lid; e < (long)L * %ldL; e += %d) ds[%s] = 0.0f;", W, NT, a0);
+        KL("}");
+    }
+    kg_grid(k, 0, 0, 0, 1, 0, CH);
+    kg_grid(k, 1, 0, H, 0, 0, 1);
+    kg_block(k, NT, 1, 1);
+    return kg_end(k);
+}
+
 static int emit_fwd_chunked(kgen *k, const ir_node *n) {
     const ir_graph *g = k->g;
     int node = (int)(n - g->n);
@@ -1561,44 +1677,48 @@ static int emit_fwd_chunked(kgen *k, const ir_node *n) {
     snprintf(angx, sizeof angx, "ang[(rb + a) * %ldL + i]", ldang);
 
     /* ---- (1) chunk increments in the local frame */
-    kg_begin(k, "mamba3_scan_chunk", node, node + 1);
-    args_common(k, n);
-    kg_out(k, "ds", n->out[OUT_DST]);
-    KL("const long c0 = GID_X * %d, bh = GID_Y, b = bh / %d;", CH, H);
-    KL("const int h = (int)(bh - b * %d), lid = LID_X;", H);
-    KL("const long rb = b * S + c0;");
-    KL("const int L = (int)(S - c0 < %d ? S - c0 : %d);", CH, CH);
-    kl_spread(ad, sizeof ad, "rb", "i", W, ldds);
-    KL("LOCAL float ldt[%d], ladt[%d], lsc[%d], lgm[%d], lcs[%d];", CH, CH, CH, CH, CH);
-    KL("LOCAL float LPH[%d];", CH * NA);
-    KL("LOCAL float KR[%d];", CH * N);
-    KL("LOCAL float VW[%d];", CH * P);
-    KL("const float dtbh = dtb[h];");
-    emit_chunk_scalars(k, NT, CH, NA, lddt, ldda, ldtr, ldang);
-    KL("BARRIER();");
-    KL("for (int j = lid; j < L * %d; j += %d) {", N, NT);
-    KL("const int a = j / %d, nn = j - a * %d;", N, N);
-    emit_rot_load(k, "KR[j]", "Bn", "Bb", ldb, N, NA);
-    KL("}");
-    KL("for (int j = lid; j < L * %d; j += %d) {", P, NT);
-    KL("const int a = j / %d, p = j - a * %d;", P, P);
-    KL("VW[j] = EXPF(FMINF(lcs[L - 1] - lcs[a], 0.0f)) * lsc[a] * x[(rb + a) * %ldL + h * %d + p];", ldx, P);
-    KL("}");
-    KL("BARRIER();");
-    /* a partial last chunk (no early return: PoCL miscompiled barriers after one) runs the
-     * same steps on its L tokens, but no state leaves it, so its rows hold zeros */
-    KL("for (long i = lid; i < (long)L * %ldL; i += %d) {", W, NT);
-    KL("float acc = 0.0f;");
-    KL("if (L == %d && i < %ldL) {", CH, PN);
-    KL("const int p = (int)(i / %d), nn = (int)(i - (long)p * %d);", N, N);
-    KL("for (int a = 0; a < %d; a++) acc += VW[a * %d + p] * KR[a * %d + nn];", CH, P, N);
-    KL("}");
-    KL("ds[%s] = acc;", ad);
-    KL("}");
-    kg_grid(k, 0, 0, 0, 1, 0, CH);
-    kg_grid(k, 1, 0, H, 0, 0, 1);
-    kg_block(k, NT, 1, 1);
-    if (kg_end(k) < 0) return -1;
+    if (chunk_tc(k, d)) {
+        if (emit_chunk_tc(k, n, node, d, 0) < 0) return -1;
+    } else {
+        kg_begin(k, "mamba3_scan_chunk", node, node + 1);
+        args_common(k, n);
+        kg_out(k, "ds", n->out[OUT_DST]);
+        KL("const long c0 = GID_X * %d, bh = GID_Y, b = bh / %d;", CH, H);
+        KL("const int h = (int)(bh - b * %d), lid = LID_X;", H);
+        KL("const long rb = b * S + c0;");
+        KL("const int L = (int)(S - c0 < %d ? S - c0 : %d);", CH, CH);
+        kl_spread(ad, sizeof ad, "rb", "i", W, ldds);
+        KL("LOCAL float ldt[%d], ladt[%d], lsc[%d], lgm[%d], lcs[%d];", CH, CH, CH, CH, CH);
+        KL("LOCAL float LPH[%d];", CH * NA);
+        KL("LOCAL float KR[%d];", CH * N);
+        KL("LOCAL float VW[%d];", CH * P);
+        KL("const float dtbh = dtb[h];");
+        emit_chunk_scalars(k, NT, CH, NA, lddt, ldda, ldtr, ldang);
+        KL("BARRIER();");
+        KL("for (int j = lid; j < L * %d; j += %d) {", N, NT);
+        KL("const int a = j / %d, nn = j - a * %d;", N, N);
+        emit_rot_load(k, "KR[j]", "Bn", "Bb", ldb, N, NA);
+        KL("}");
+        KL("for (int j = lid; j < L * %d; j += %d) {", P, NT);
+        KL("const int a = j / %d, p = j - a * %d;", P, P);
+        KL("VW[j] = EXPF(FMINF(lcs[L - 1] - lcs[a], 0.0f)) * lsc[a] * x[(rb + a) * %ldL + h * %d + p];", ldx, P);
+        KL("}");
+        KL("BARRIER();");
+        /* a partial last chunk (no early return: PoCL miscompiled barriers after one) runs the
+         * same steps on its L tokens, but no state leaves it, so its rows hold zeros */
+        KL("for (long i = lid; i < (long)L * %ldL; i += %d) {", W, NT);
+        KL("float acc = 0.0f;");
+        KL("if (L == %d && i < %ldL) {", CH, PN);
+        KL("const int p = (int)(i / %d), nn = (int)(i - (long)p * %d);", N, N);
+        KL("for (int a = 0; a < %d; a++) acc += VW[a * %d + p] * KR[a * %d + nn];", CH, P, N);
+        KL("}");
+        KL("ds[%s] = acc;", ad);
+        KL("}");
+        kg_grid(k, 0, 0, 0, 1, 0, CH);
+        kg_grid(k, 1, 0, H, 0, 0, 1);
+        kg_block(k, NT, 1, 1);
+        if (kg_end(k) < 0) return -1;
+    }
 
     /* ---- (2) the walk over chunks, per (b, h) and slice of the state's element pairs: the
      * pairs are independent chains, so SL work-groups share them (each recomputes the tile's
@@ -2424,7 +2544,9 @@ static int emit_bwd_chunked(kgen *k, const ir_node *n, int node, m3_kdims d) {
     char a0[200], a1[200], a2[200], a3[200];
 
     /* ---- (1) per-chunk increments of the state gradient */
-    {
+    if (chunk_tc(k, d)) {
+        if (emit_chunk_tc(k, n, node, d, 1) < 0) return -1;
+    } else {
         const int NT = 256;
         kg_begin(k, "mamba3_scan_bwd_chunk", node, node + 1);
         args_common(k, n);
