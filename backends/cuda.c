@@ -43,7 +43,6 @@ enum {
     CU_STREAM_CAPTURE_MODE_THREAD_LOCAL = 1,
 };
 /* Statically allocated shared memory above this needs an explicit opt-in per function. */
-#define CU_SHARED_DEFAULT_LIMIT (48u * 1024u)
 
 /* Entry points: field, primary symbol, fallback symbol (older drivers) or NULL. The _v2
  * names are what cuda.h's macros map the plain names to; calling the unversioned symbol
@@ -792,7 +791,9 @@ static int cu_launch(backend *b, bk_stream *s, bk_kernel *k, const size_t grid[3
         return -1;
     }
     CUresult r;
-    if (shared > CU_SHARED_DEFAULT_LIMIT &&
+    /* The default cap on dynamic shared memory is 48 KiB less the kernel's static arrays, so a
+     * kernel with both may need the opt-in below 48 KiB of dynamic memory too: always ask. */
+    if (shared > 0 &&
         (r = c->cu.cuFuncSetAttribute((CUfunction)k->h, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                                       (int)shared)) != CUDA_SUCCESS) {
         cufail(c, "cuFuncSetAttribute(MAX_DYNAMIC_SHARED_SIZE_BYTES)", r);

@@ -238,6 +238,65 @@ int kg_end(kgen *k) {
     return 0;
 }
 
+/* ---- tensor-core fragments (see kgen.h) ---- */
+
+long kg_tc_ws(long cols) { return cols / 2 + 4; }
+
+void kg_tc_prologue(kgen *k) {
+    kg_line(k, "const int tid = LID_X, lane = tid & 31, warp = tid >> 5, gq = lane >> 2, tq = lane & 3;");
+    kg_line(k, "(void)tid;");
+}
+
+void kg_tc_afrag(kgen *k, long DP, const char *frag, const char *tile) {
+    const long ws = kg_tc_ws(DP);
+    kg_line(k, "unsigned %s[%ld][4];", frag, DP / 16);
+    kg_line(k, "#pragma unroll");
+    kg_line(k, "for (int kk = 0; kk < %ld; kk++) {", DP / 16);
+    kg_line(k, "    const int r = warp * 16 + gq;");
+    kg_line(k, "    %s[kk][0] = %s[r * %ld + 8 * kk + tq]; %s[kk][1] = %s[(r + 8) * %ld + 8 * kk + tq];", frag, tile, ws,
+            frag, tile, ws);
+    kg_line(k, "    %s[kk][2] = %s[r * %ld + 8 * kk + tq + 4]; %s[kk][3] = %s[(r + 8) * %ld + 8 * kk + tq + 4];", frag,
+            tile, ws, frag, tile, ws);
+    kg_line(k, "}");
+}
+
+void kg_tc_mma_if(kgen *k, const char *acc, const char *afrag, const char *tile, long ws, long nt, long ks,
+                  const char *kcond, const char *jcond) {
+    kg_line(k, "#pragma unroll");
+    kg_line(k, "for (int kk = 0; kk < %ld; kk++) {", ks);
+    if (kcond) kg_line(k, "    if (!(%s)) continue;", kcond);
+    kg_line(k, "    #pragma unroll");
+    kg_line(k, "    for (int j = 0; j < %ld; j++) {", nt);
+    if (jcond) kg_line(k, "        if (!(%s)) continue;", jcond);
+    kg_line(k, "        const int cb = (8 * j + gq) * %ld + 8 * kk + tq;", ws);
+    kg_line(k, "        const unsigned bfr[2] = {%s[cb], %s[cb + 4]};", tile, tile);
+    kg_line(k, "        mma_bf16_16816(%s[j], %s, bfr);", acc, afrag);
+    kg_line(k, "    }");
+    kg_line(k, "}");
+}
+
+void kg_tc_mma(kgen *k, const char *acc, const char *afrag, const char *tile, long ws, long nt, long ks) {
+    kg_tc_mma_if(k, acc, afrag, tile, ws, nt, ks, NULL, NULL);
+}
+
+void kg_tc_repack(kgen *k, const char *frag, const char *acc, long ks) {
+    kg_line(k, "unsigned %s[%ld][4];", frag, ks);
+    kg_line(k, "#pragma unroll");
+    kg_line(k, "for (int kt = 0; kt < %ld; kt++) {", ks);
+    kg_line(k, "    %s[kt][0] = pack_bf16x2(%s[2 * kt][0], %s[2 * kt][1]);", frag, acc, acc);
+    kg_line(k, "    %s[kt][1] = pack_bf16x2(%s[2 * kt][2], %s[2 * kt][3]);", frag, acc, acc);
+    kg_line(k, "    %s[kt][2] = pack_bf16x2(%s[2 * kt + 1][0], %s[2 * kt + 1][1]);", frag, acc, acc);
+    kg_line(k, "    %s[kt][3] = pack_bf16x2(%s[2 * kt + 1][2], %s[2 * kt + 1][3]);", frag, acc, acc);
+    kg_line(k, "}");
+}
+
+void kg_tc_zero(kgen *k, const char *acc, long nt) {
+    kg_line(k, "float %s[%ld][4];", acc, nt);
+    kg_line(k, "#pragma unroll");
+    kg_line(k, "for (int j = 0; j < %ld; j++)", nt);
+    kg_line(k, "    for (int e = 0; e < 4; e++) %s[j][e] = 0.0f;", acc);
+}
+
 long kg_ld(const kgen *k, int t) { return k->g->t[t].tok_stride; }
 long kg_feat(const kgen *k, int t) { return ir_feat(&k->g->t[t].shape); }
 int kg_tokdims(const kgen *k, int t) { return ir_ntok_dims(&k->g->t[t].shape); }

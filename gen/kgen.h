@@ -92,6 +92,36 @@ void kg_shared(kgen *k, const char *name, long n);
 /* Finish the kernel: identical kernels (same parameters and body) are emitted once and shared. */
 int kg_end(kgen *k);
 
+/* ---- tensor-core fragments (CUDA bf16 plans: mma.sync m16n8k16, bf16 operands, fp32
+ * accumulation; the prelude's mma_bf16_16816 and pack_bf16x2) ----
+ * Conventions shared by the kernels that use them (gen/ops/attention.c, mamba3_scan.c): a warp
+ * owns 16 rows of its tiles; lane = 4 gq + tq. Shared tiles hold bf16 pairs as 32-bit words,
+ * the contraction contiguous, rows padded by 4 words (kg_tc_ws) so that a fragment read (8 rows
+ * x 4 words) hits 32 distinct banks. Accumulator e of n-tile j sits at row gq (+8 for e >= 2),
+ * column 8j + 2tq + (e & 1); so the accumulators of n-tiles 2t and 2t+1 are exactly the A
+ * fragment of k-step t of a following product (kg_tc_repack). */
+/* Words per padded row of a tile with `cols` bf16 columns. */
+long kg_tc_ws(long cols);
+/* tid, lane, warp, gq, tq */
+void kg_tc_prologue(kgen *k);
+/* unsigned frag[DP/16][4]: the A fragments of the warp's 16 rows (warp * 16 + gq, + 8) of a
+ * row tile of DP columns, every k-step, kept in registers. */
+void kg_tc_afrag(kgen *k, long DP, const char *frag, const char *tile);
+/* acc[j] (j < nt n-tiles of 8 columns) += A B over ks k-steps, B from a tile whose row 8j + gq
+ * is column j's and whose words run along the contraction (ws words a row). `afrag` is a C
+ * expression for the unsigned[4] A fragment of k-step kk. */
+void kg_tc_mma(kgen *k, const char *acc, const char *afrag, const char *tile, long ws, long nt, long ks);
+/* The same, only over the k-steps and n-tiles for which the C conditions kcond (on kk) and
+ * jcond (on j) hold (NULL: all): a warp skips the blocks a causal mask zeroes. The conditions
+ * must be warp-uniform (mma.sync needs the whole warp). */
+void kg_tc_mma_if(kgen *k, const char *acc, const char *afrag, const char *tile, long ws, long nt, long ks,
+                  const char *kcond, const char *jcond);
+/* unsigned frag[ks][4]: A fragments of k-steps 0..ks-1 from the accumulators acc[2 ks][4] of a
+ * 16 x 16ks result, rounded to bf16. */
+void kg_tc_repack(kgen *k, const char *frag, const char *acc, long ks);
+/* float acc[nt][4] = 0 */
+void kg_tc_zero(kgen *k, const char *acc, long nt);
+
 /* Layout helpers for templates: token stride and feature size of a tensor, and whether its
  * leading dims are [B,S] (2), [B] (1) or none (0). */
 long kg_ld(const kgen *k, int t);

@@ -124,6 +124,22 @@ static const kcase kcases_mamba3_c[] = {
     };
 TABLE(kcases_mamba3);
 
+/* The shapes that reach the corners of the scan's bf16 tensor-core kernels (test_bf16.c runs
+ * them in bf16 plans; the fp32 suites may too): partial last chunks, S a multiple of the chunk,
+ * P != N, NA < N/2 and NA = N/2, P and N no multiples of a fragment, odd N, chunks that are no
+ * multiple of 16 (padded rows) and of five warps. */
+static const kcase kcases_mamba3_tc_c[] = {
+        {"mamba3_scan", 11, M3(2, 64, 64, 16), F11, {64}, {0}, 0, 150, 0},   /* realm-9m's heads, 22 tokens in the last chunk */
+        {"mamba3_scan", 11, M3(2, 64, 64, 16), F11, {64}, {0}, 0, 128, 0},   /* S a multiple of the chunk */
+        {"mamba3_scan", 11, M3(3, 32, 64, 8), F11, {64}, {0}, 0, 100, 0},    /* P < N, NA = N/8 */
+        {"mamba3_scan", 11, M3(2, 64, 32, 4), F11, {32}, {0}, 0, 77, 0},     /* P > N */
+        {"mamba3_scan", 11, M3(1, 20, 24, 3), F11, {16}, {0}, 0, 40, 0},     /* P, N no multiple of 8, 16 */
+        {"mamba3_scan", 11, M3(2, 16, 7, 2), F11, {8}, {0}, 0, 23, 0},       /* odd N; chunk 8 in a 16-row tile */
+        {"mamba3_scan", 11, M3(1, 48, 40, 10), F11, {72}, {0}, 0, 230, 0},   /* five warps, 72 of 80 rows */
+        {"mamba3_scan", 11, M3(1, 8, 16, 8), F11, {20}, {0}, 0, 45, 0},      /* every dim rotated */
+    };
+TABLE(kcases_mamba3_tc);
+
 /* Long sums in fp32, checked at a looser tolerance (kcases_long_tol): mamba3_final's Theta
  * adds all 300 tokens' DT * pi * tanh(angle), each rounded by ~1e-7 of its size, ~1e-5 rad at
  * the end, which the rotated key k_prev carries (1e-5 normwise failed on some seeds). */

@@ -26,7 +26,7 @@ typedef struct {
 } kcase_table;
 
 extern const kcase_table kcases_elementwise, kcases_dense, kcases_attention, kcases_mamba3, kcases_dense_edges,
-    kcases_mamba3_long;
+    kcases_mamba3_long, kcases_mamba3_tc;
 extern const double kcases_long_tol;   /* the tolerance of kcases_mamba3_long */
 
 int kc_build_case(const kcase *kc, ir_graph *g, char *err, size_t len);

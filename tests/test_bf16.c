@@ -165,19 +165,25 @@ static const kcase bf16_attention_cases[] = {
     ATT(1, 1, 64, 1, 70),       /* window 1: every softmax has one term */
 };
 
-static void bf16_attention_table(tctx *t, backend *bk, const kcase *c, int n, const char *label) {
+/* The cases of a table whose op starts with `op`, each launch against the reference at 1e-2 on
+ * a batch of B sequences; min_px > 0 keeps only the cases whose first input's last two dims
+ * (P x N of a scan, heads x head dim of attention) multiply to at least min_px. */
+static void bf16_table(tctx *t, backend *bk, const kcase *c, int n, const char *op, const char *label, long B,
+                       long min_px) {
     for (int i = 0; i < n && !t->failed; i++) {
-        if (strcmp(c[i].op, "attention") != 0) continue;
+        if (strncmp(c[i].op, op, strlen(op)) != 0) continue;
+        const ir_shape *x = &c[i].in[0];
+        if (min_px > 0 && (x->ndim < 2 || (long)x->d[x->ndim - 1] * c[i].in[1].d[c[i].in[1].ndim - 1] < min_px)) continue;
         ir_graph g;
         char err[600];
         if (kc_build_case(&c[i], &g, err, sizeof err) < 0) {
             t_fail(t, __FILE__, __LINE__, "%s case %d: %s", label, i, err);
         } else {
-            kc_check_graph_opts(t, bk, &g, 2, c[i].S ? c[i].S : 13, 1e-2, 1, &bf16_on);
+            kc_check_graph_opts(t, bk, &g, B, c[i].S ? c[i].S : 13, 1e-2, 1, &bf16_on);
             if (t->failed) {
                 char m[sizeof t->msg];
                 snprintf(m, sizeof m, "%s", t->msg);
-                snprintf(t->msg, sizeof t->msg, "bf16 attention %s case %d: %.900s", label, i, m);
+                snprintf(t->msg, sizeof t->msg, "bf16 %s %s case %d: %.900s", op, label, i, m);
             }
         }
         ir_free(&g);
@@ -188,9 +194,25 @@ TEST(bf16_kernels_attention) {
     if (!gpu_on()) return;
     backend *bk = cuda_dev(t);
     if (!bk) return;
-    bf16_attention_table(t, bk, kcases_attention.c, kcases_attention.n, "table");
-    bf16_attention_table(t, bk, bf16_attention_cases, (int)(sizeof bf16_attention_cases / sizeof bf16_attention_cases[0]),
-                         "tc");
+    bf16_table(t, bk, kcases_attention.c, kcases_attention.n, "attention", "table", 2, 0);
+    bf16_table(t, bk, bf16_attention_cases, (int)(sizeof bf16_attention_cases / sizeof bf16_attention_cases[0]),
+               "attention", "tc", 2, 0);
+    bk_destroy(bk);
+}
+
+/* ---- the Mamba-3 scan on tensor cores ----
+ * The shapes of kcases_mamba3_tc (partial chunks, padded tiles, P != N, few rotated pairs) and
+ * the scan table's cases with P x N >= 256, forward and backward, with the plan in bf16, on 4
+ * sequences. The scan table's tiniest heads (P x N of 8 to 40, a few tokens) stay out: their
+ * decay gradient (dd_A) sums products of 4 to 8 bf16-rounded terms with cancellation and one
+ * reached 0.0101 normwise on 2 sequences once, while four more runs of the whole table stayed
+ * under 0.0065 everywhere. */
+TEST(bf16_kernels_mamba3) {
+    if (!gpu_on()) return;
+    backend *bk = cuda_dev(t);
+    if (!bk) return;
+    bf16_table(t, bk, kcases_mamba3.c, kcases_mamba3.n, "mamba3_scan", "table", 4, 256);
+    bf16_table(t, bk, kcases_mamba3_tc.c, kcases_mamba3_tc.n, "mamba3", "tc", 4, 0);
     bk_destroy(bk);
 }
 
@@ -580,15 +602,14 @@ TEST(bf16_matmul_grid_covers_every_tile) {
     CHECK(checked == 4 * 2 * 6, "checked %d grids", checked);
 }
 
-/* Which attention launches of a bf16 plan run on tensor cores: kernels named *_tc. realm-9m's
- * (head dim 64) all do, the fp32 plan's none; every tensor-core case above compiles with NVRTC
- * (padded head dims, window 1, the widest forward) so a template slip fails here, not only on
- * a GPU. tc_kernels: the kernels that must have a _tc version. */
-static const char *const tc_kernels[] = {"attention", "attention_bwd_dq", "attention_bwd_dkv", NULL};
-
+/* Which launches of a bf16 plan run on tensor cores: kernels named *_tc. In realm-9m's bf16
+ * training plan every launch of the kernels named in `want` (k<N>_<name>[_tc]) must be the _tc
+ * version, the fp32 plan has none; every case of `cases` plans with at least one _tc kernel
+ * and compiles with NVRTC (padded tiles, the odd shapes) so a template slip fails here, not
+ * only on a GPU. */
 static int is_tc_kernel(const char *name) { return strstr(name, "_tc") != NULL; }
 
-TEST(bf16_attention_plan_uses_tensor_cores) {
+static void check_tc_plans(tctx *t, const char *const *want, const kcase *cases, int nc) {
     realm_model m;
     char err[4096];
     CHECK(model_load("models/realm-9m.lua", &m, err, sizeof err) == 0, "%s", err);
@@ -602,7 +623,7 @@ TEST(bf16_attention_plan_uses_tensor_cores) {
     int okf = okb && plan_build(&pf, &m.g, 0, m.g.nn, "cuda", keep, 1, err, sizeof err) == 0;
     int missing = 0, fp32_tc = 0, seen = 0;
     char which[256] = "";
-    for (int w = 0; okf && tc_kernels[w]; w++)
+    for (int w = 0; okf && want[w]; w++)
         for (int l = 0; l < pb.kg.nl; l++) {
             const char *kn = pb.kg.launches[l].kernel, *u = strchr(kn, '_');
             /* k<N>_<name>[_tc]: compare the name without the index and the suffix */
@@ -610,7 +631,7 @@ TEST(bf16_attention_plan_uses_tensor_cores) {
             snprintf(base, sizeof base, "%s", u ? u + 1 : kn);
             char *tc = strstr(base, "_tc");
             if (tc) *tc = 0;
-            if (strcmp(base, tc_kernels[w]) != 0) continue;
+            if (strcmp(base, want[w]) != 0) continue;
             seen++;
             if (!tc) {
                 missing++;
@@ -622,13 +643,12 @@ TEST(bf16_attention_plan_uses_tensor_cores) {
     if (okb) plan_free(&pb);
     model_free(&m);
     CHECK(okf, "plan: %s", err);
-    CHECK(seen > 0 && missing == 0, "%d of %d attention launches without tensor cores (%s)", missing, seen, which);
-    CHECK(fp32_tc == 0, "the fp32 plan has %d tensor-core attention launches", fp32_tc);
-    const int nc = (int)(sizeof bf16_attention_cases / sizeof bf16_attention_cases[0]);
+    CHECK(seen > 0 && missing == 0, "%d of %d %s... launches without tensor cores (%s)", missing, seen, want[0], which);
+    CHECK(fp32_tc == 0, "the fp32 plan has %d tensor-core launches", fp32_tc);
     for (int i = 0; i < nc; i++) {
         ir_graph g;
         plan p;
-        int ntc = 0, built = kc_build_case(&bf16_attention_cases[i], &g, err, sizeof err) == 0 &&
+        int ntc = 0, built = kc_build_case(&cases[i], &g, err, sizeof err) == 0 &&
                              plan_build_opts(&p, &g, 0, g.nn, "cuda", NULL, 0, &bf16_on, err, sizeof err) == 0;
         int compiled = 0;
         if (built) {
@@ -640,9 +660,54 @@ TEST(bf16_attention_plan_uses_tensor_cores) {
             plan_free(&p);
         }
         ir_free(&g);
-        CHECK(built, "case %d: %s", i, err);
-        CHECK(ntc > 0, "case %d: no tensor-core attention kernel", i);
-        CHECK(compiled, "case %d: NVRTC: %.3000s", i, err);
+        CHECK(built, "%s case %d: %s", cases[i].op, i, err);
+        CHECK(ntc > 0, "%s case %d: no tensor-core kernel", cases[i].op, i);
+        CHECK(compiled, "%s case %d: NVRTC: %.3000s", cases[i].op, i, err);
+    }
+}
+
+TEST(bf16_attention_plan_uses_tensor_cores) {
+    static const char *const want[] = {"attention", "attention_bwd_dq", "attention_bwd_dkv", NULL};
+    check_tc_plans(t, want, bf16_attention_cases, (int)(sizeof bf16_attention_cases / sizeof bf16_attention_cases[0]));
+}
+
+TEST(bf16_mamba3_plan_uses_tensor_cores) {
+    static const char *const want[] = {"mamba3_scan_out", "mamba3_scan_bwd_main", "mamba3_scan_chunk",
+                                       "mamba3_scan_bwd_chunk", NULL};
+    check_tc_plans(t, want, kcases_mamba3_tc.c, kcases_mamba3_tc.n);
+}
+
+/* The scan's tensor-core backward needs less shared memory than the fp32 one (~63 KiB at
+ * realm-9m's head shape): a 99 KiB device (sm_120) keeps the chunk-parallel backward in bf16
+ * plans, a 48 KiB one gets the sequential kernel, and no launch asks for more than the limit. */
+TEST(bf16_scan_backward_follows_shared_memory) {
+    const kcase *kc = &kcases_mamba3_tc.c[0];
+    const long limits[3] = {0, 99L * 1024, 48L * 1024};
+    const int want_main[3] = {1, 1, 0};
+    for (int l = 0; l < 3; l++) {
+        ir_graph g;
+        char err[600];
+        CHECK(kc_build_case(kc, &g, err, sizeof err) == 0, "%s", err);
+        plan p;
+        const plan_options po = {.bf16 = 1, .shared_max = limits[l]};
+        CHECK(plan_build_opts(&p, &g, 0, g.nn, "cuda", NULL, 0, &po, err, sizeof err) == 0, "%s", err);
+        int main_tc = 0, main_k = 0, serial_k = 0, out_tc = 0;
+        long most = 0;
+        for (int i = 0; i < p.kg.nl; i++) {
+            const char *kn = p.kg.launches[i].kernel, *u = strstr(kn, "mamba3_scan_bwd");
+            main_tc += strstr(kn, "mamba3_scan_bwd_main_tc") != NULL;
+            main_k += strstr(kn, "mamba3_scan_bwd_main") != NULL;
+            serial_k += u && strcmp(u, "mamba3_scan_bwd") == 0;
+            out_tc += strstr(kn, "mamba3_scan_out_tc") != NULL;
+            if (p.kg.launches[i].shmem > most) most = p.kg.launches[i].shmem;
+        }
+        plan_free(&p);
+        ir_free(&g);
+        CHECK(main_tc == want_main[l] && main_k == main_tc && serial_k == !want_main[l],
+              "shared_max %ld: %d tensor-core main, %d main, %d sequential backward launches", limits[l], main_tc, main_k,
+              serial_k);
+        CHECK(out_tc == 1, "shared_max %ld: %d tensor-core output launches", limits[l], out_tc);
+        CHECK(limits[l] == 0 || most <= limits[l], "shared_max %ld: a launch asks for %ld bytes", limits[l], most);
     }
 }
 

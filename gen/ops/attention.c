@@ -389,7 +389,7 @@ static void emit_row_prologue(kgen *k, long nh, const char *hname) {
  * 8 columns, accumulator e of n-tile j at row gq (+8 for e >= 2), column 8j + 2tq + (e & 1).
  * Those accumulators become the A operand of the second product without leaving registers:
  * n-tiles 2t and 2t+1 hold exactly the (row, k) pairs of the A fragment of k-step t (rows
- * gq / gq+8, k pairs 2tq and 2tq+8), which is what emit_tc_repack relies on. The head dim is
+ * gq / gq+8, k pairs 2tq and 2tq+8), which is what kg_tc_repack relies on. The head dim is
  * padded to a multiple of 16 (one k-step) with zeros.
  * Shared tiles hold bf16 pairs as 32-bit words with the contraction contiguous, rows padded by
  * 4 words so a warp's fragment reads (8 rows x 4 words) hit 32 distinct banks. A product whose
@@ -408,9 +408,6 @@ static void emit_row_prologue(kgen *k, long nh, const char *hname) {
 #define TC_BWD_MAXD 64
 
 static long tc_dp(long Dh) { return (Dh + 15) / 16 * 16; }
-
-/* Words per padded row of a tile with `cols` bf16 columns. */
-static long tc_ws(long cols) { return cols / 2 + 4; }
 
 /* dst[r * ws + w] = bf16 pair (x[pos0 + r][2w], x[pos0 + r][2w + 1]) for TC_T rows of head
  * offset `hoff` of tensor `src`; rows past the sequence and columns past Dh are zeros (0 * a
@@ -431,7 +428,7 @@ static void emit_tc_rows(kgen *k, const attn_consts *c, long DP, const char *dst
         kg_line(k, "        if (e + 1 < %ld) hi = p[1];", c->Dh);
     }
     kg_line(k, "    }");
-    kg_line(k, "    %s[r * %ld + w] = pack_bf16x2(lo, hi);", dst, tc_ws(DP));
+    kg_line(k, "    %s[r * %ld + w] = pack_bf16x2(lo, hi);", dst, kg_tc_ws(DP));
     kg_line(k, "}");
 }
 
@@ -450,62 +447,8 @@ static void emit_tc_cols(kgen *k, const attn_consts *c, long DP, const char *dst
     kg_line(k, "        if (ps < S) lo = %s[(t0 + ps) * %ldL + %s + e];", src, ld, hoff);
     kg_line(k, "        if (ps + 1 < S) hi = %s[(t0 + ps + 1) * %ldL + %s + e];", src, ld, hoff);
     kg_line(k, "    }");
-    kg_line(k, "    %s[e * %ld + w] = pack_bf16x2(lo, hi);", dst, tc_ws(TC_T));
+    kg_line(k, "    %s[e * %ld + w] = pack_bf16x2(lo, hi);", dst, kg_tc_ws(TC_T));
     kg_line(k, "}");
-}
-
-/* The warp's A fragments of its 16 rows of a staged row tile, all DP/16 k-steps, kept in
- * registers for the whole kernel. */
-static void emit_tc_afrag(kgen *k, long DP, const char *frag, const char *tile) {
-    const long ws = tc_ws(DP);
-    kg_line(k, "unsigned %s[%ld][4];", frag, DP / 16);
-    kg_line(k, "#pragma unroll");
-    kg_line(k, "for (int kk = 0; kk < %ld; kk++) {", DP / 16);
-    kg_line(k, "    const int r = warp * 16 + gq;");
-    kg_line(k, "    %s[kk][0] = %s[r * %ld + 8 * kk + tq]; %s[kk][1] = %s[(r + 8) * %ld + 8 * kk + tq];", frag, tile, ws,
-            frag, tile, ws);
-    kg_line(k, "    %s[kk][2] = %s[r * %ld + 8 * kk + tq + 4]; %s[kk][3] = %s[(r + 8) * %ld + 8 * kk + tq + 4];", frag,
-            tile, ws, frag, tile, ws);
-    kg_line(k, "}");
-}
-
-/* acc[j] (j < nt n-tiles of 8 columns) += A B over ks k-steps, B from a tile whose row 8j + gq
- * is column j's and whose words run along the contraction (ws words a row). `afrag` is a C
- * expression for the unsigned[4] A fragment of k-step kk. */
-static void emit_tc_mma(kgen *k, const char *acc, const char *afrag, const char *tile, long ws, long nt, long ks) {
-    kg_line(k, "#pragma unroll");
-    kg_line(k, "for (int kk = 0; kk < %ld; kk++) {", ks);
-    kg_line(k, "    #pragma unroll");
-    kg_line(k, "    for (int j = 0; j < %ld; j++) {", nt);
-    kg_line(k, "        const int cb = (8 * j + gq) * %ld + 8 * kk + tq;", ws);
-    kg_line(k, "        const unsigned bfr[2] = {%s[cb], %s[cb + 4]};", tile, tile);
-    kg_line(k, "        mma_bf16_16816(%s[j], %s, bfr);", acc, afrag);
-    kg_line(k, "    }");
-    kg_line(k, "}");
-}
-
-/* A fragments of k-step kt from a 16 x 64 accumulator tile (see the section comment). */
-static void emit_tc_repack(kgen *k, const char *frag, const char *acc) {
-    kg_line(k, "unsigned %s[4][4];", frag);
-    kg_line(k, "#pragma unroll");
-    kg_line(k, "for (int kt = 0; kt < 4; kt++) {");
-    kg_line(k, "    %s[kt][0] = pack_bf16x2(%s[2 * kt][0], %s[2 * kt][1]);", frag, acc, acc);
-    kg_line(k, "    %s[kt][1] = pack_bf16x2(%s[2 * kt][2], %s[2 * kt][3]);", frag, acc, acc);
-    kg_line(k, "    %s[kt][2] = pack_bf16x2(%s[2 * kt + 1][0], %s[2 * kt + 1][1]);", frag, acc, acc);
-    kg_line(k, "    %s[kt][3] = pack_bf16x2(%s[2 * kt + 1][2], %s[2 * kt + 1][3]);", frag, acc, acc);
-    kg_line(k, "}");
-}
-
-static void emit_tc_zero(kgen *k, const char *acc, long nt) {
-    kg_line(k, "float %s[%ld][4];", acc, nt);
-    kg_line(k, "#pragma unroll");
-    kg_line(k, "for (int j = 0; j < %ld; j++)", nt);
-    kg_line(k, "    for (int e = 0; e < 4; e++) %s[j][e] = 0.0f;", acc);
-}
-
-static void emit_tc_prologue(kgen *k) {
-    kg_line(k, "const int tid = LID_X, lane = tid & 31, warp = tid >> 5, gq = lane >> 2, tq = lane & 3;");
-    kg_line(k, "(void)tid;");
 }
 
 /* Forward: block = 64 queries of one (sequence, head); Q's fragments live in registers, K and
@@ -523,8 +466,8 @@ static int attention_emit_tc(kgen *k, const ir_node *n, const attn_consts *c) {
     kg_in(k, "v", v);
     kg_out(k, "o", o);
     kg_out(k, "lse", lse);
-    kg_line(k, "__shared__ unsigned Ks[%ld], Vt[%ld];", TC_T * tc_ws(DP), DP * tc_ws(TC_T));
-    emit_tc_prologue(k);
+    kg_line(k, "__shared__ unsigned Ks[%ld], Vt[%ld];", TC_T * kg_tc_ws(DP), DP * kg_tc_ws(TC_T));
+    kg_tc_prologue(k);
     kg_line(k, "const long bh = GID_Y, b = bh / %ld, h = bh %% %ld;", c->H, c->H);
     kg_line(k, "const long t0 = b * S, q0 = GID_X * %d, qo = h * %ld, kvo = (h / %ld) * %ld;", TC_T, D, c->group, D);
     kg_line(k, "const long q1 = (q0 + %d < S ? q0 + %d : S) - 1;", TC_T, TC_T);
@@ -535,17 +478,17 @@ static int attention_emit_tc(kgen *k, const ir_node *n, const attn_consts *c) {
     /* Q goes through the K tile once; its fragments then stay in registers */
     emit_tc_rows(k, c, DP, "Ks", "q", kg_ld(k, q), "q0", "qo");
     kg_line(k, "BARRIER();");
-    emit_tc_afrag(k, DP, "qf", "Ks");
+    kg_tc_afrag(k, DP, "qf", "Ks");
     kg_line(k, "BARRIER();");
-    emit_tc_zero(k, "oacc", NO);
+    kg_tc_zero(k, "oacc", NO);
     /* -1e30, not -inf: a row that has seen only masked keys keeps corr = exp(0) and p = 0 */
     kg_line(k, "float m[2] = {-1.0e30f, -1.0e30f}, l[2] = {0.0f, 0.0f};");
     kg_line(k, "for (long k0 = klo; k0 <= q1; k0 += %d) {", TC_T);
     emit_tc_rows(k, c, DP, "Ks", "k", kg_ld(k, kk), "k0", "kvo");
     emit_tc_cols(k, c, DP, "Vt", "v", kg_ld(k, v), "k0", "kvo");
     kg_line(k, "BARRIER();");
-    emit_tc_zero(k, "sacc", 8);
-    emit_tc_mma(k, "sacc", "qf[kk]", "Ks", tc_ws(DP), 8, DP / 16);
+    kg_tc_zero(k, "sacc", 8);
+    kg_tc_mma(k, "sacc", "qf[kk]", "Ks", kg_tc_ws(DP), 8, DP / 16);
     kg_line(k, "float mx[2] = {m[0], m[1]};");
     kg_line(k, "#pragma unroll");
     kg_line(k, "for (int j = 0; j < 8; j++)");
@@ -574,8 +517,8 @@ static int attention_emit_tc(kgen *k, const ir_node *n, const attn_consts *c) {
     kg_line(k, "        l[e >> 1] += p;");
     kg_line(k, "        sacc[j][e] = p;");
     kg_line(k, "    }");
-    emit_tc_repack(k, "pf", "sacc");
-    emit_tc_mma(k, "oacc", "pf[kk]", "Vt", tc_ws(TC_T), NO, 4);
+    kg_tc_repack(k, "pf", "sacc", 4);
+    kg_tc_mma(k, "oacc", "pf[kk]", "Vt", kg_tc_ws(TC_T), NO, 4);
     kg_line(k, "BARRIER();");
     kg_line(k, "}");
     kg_line(k, "#pragma unroll");
@@ -1069,8 +1012,8 @@ static int emit_bwd_dq_tc(kgen *k, const ir_node *n, const attn_consts *c) {
     kg_begin(k, "attention_bwd_dq_tc", node, node + 1);
     emit_tiled_args(k, n);
     kg_out(k, "dq", n->out[0]);
-    kg_line(k, "__shared__ unsigned Ks[%ld], Vs[%ld], Kt[%ld];", TC_T * tc_ws(DP), TC_T * tc_ws(DP), DP * tc_ws(TC_T));
-    emit_tc_prologue(k);
+    kg_line(k, "__shared__ unsigned Ks[%ld], Vs[%ld], Kt[%ld];", TC_T * kg_tc_ws(DP), TC_T * kg_tc_ws(DP), DP * kg_tc_ws(TC_T));
+    kg_tc_prologue(k);
     kg_line(k, "const long bh = GID_Y, b = bh / %ld, h = bh %% %ld;", c->H, c->H);
     kg_line(k, "const long t0 = b * S, q0 = GID_X * %d, qo = h * %ld, kvo = (h / %ld) * %ld;", TC_T, D, c->group, D);
     kg_line(k, "const long q1 = (q0 + %d < S ? q0 + %d : S) - 1;", TC_T, TC_T);
@@ -1081,8 +1024,8 @@ static int emit_bwd_dq_tc(kgen *k, const ir_node *n, const attn_consts *c) {
     emit_tc_rows(k, c, DP, "Ks", "q", kg_ld(k, n->in[0]), "q0", "qo");
     emit_tc_rows(k, c, DP, "Vs", "dO", kg_ld(k, n->in[5]), "q0", "qo");
     kg_line(k, "BARRIER();");
-    emit_tc_afrag(k, DP, "qf", "Ks");
-    emit_tc_afrag(k, DP, "df", "Vs");
+    kg_tc_afrag(k, DP, "qf", "Ks");
+    kg_tc_afrag(k, DP, "df", "Vs");
     kg_line(k, "BARRIER();");
     kg_line(k, "float Lr[2], Dr[2];");
     kg_line(k, "#pragma unroll");
@@ -1091,16 +1034,16 @@ static int emit_bwd_dq_tc(kgen *k, const ir_node *n, const attn_consts *c) {
     kg_line(k, "    Lr[r] = qs < S ? lse[(t0 + qs) * %ldL + h] : 0.0f;", kg_ld(k, n->in[4]));
     kg_line(k, "    Dr[r] = qs < S ? Dw[(t0 + qs) * %ldL + h] : 0.0f;", kg_ld(k, n->out[3]));
     kg_line(k, "}");
-    emit_tc_zero(k, "dqa", NO);
+    kg_tc_zero(k, "dqa", NO);
     kg_line(k, "for (long k0 = klo; k0 <= q1; k0 += %d) {", TC_T);
     emit_tc_rows(k, c, DP, "Ks", "k", kg_ld(k, n->in[1]), "k0", "kvo");
     emit_tc_rows(k, c, DP, "Vs", "v", kg_ld(k, n->in[2]), "k0", "kvo");
     emit_tc_cols(k, c, DP, "Kt", "k", kg_ld(k, n->in[1]), "k0", "kvo");
     kg_line(k, "BARRIER();");
-    emit_tc_zero(k, "sacc", 8);
-    emit_tc_zero(k, "dpacc", 8);
-    emit_tc_mma(k, "sacc", "qf[kk]", "Ks", tc_ws(DP), 8, DP / 16);
-    emit_tc_mma(k, "dpacc", "df[kk]", "Vs", tc_ws(DP), 8, DP / 16);
+    kg_tc_zero(k, "sacc", 8);
+    kg_tc_zero(k, "dpacc", 8);
+    kg_tc_mma(k, "sacc", "qf[kk]", "Ks", kg_tc_ws(DP), 8, DP / 16);
+    kg_tc_mma(k, "dpacc", "df[kk]", "Vs", kg_tc_ws(DP), 8, DP / 16);
     kg_line(k, "#pragma unroll");
     kg_line(k, "for (int j = 0; j < 8; j++)");
     kg_line(k, "    for (int e = 0; e < 4; e++) {");
@@ -1110,8 +1053,8 @@ static int emit_bwd_dq_tc(kgen *k, const ir_node *n, const attn_consts *c) {
     emit_tc_ds(k, c);
     kg_line(k, "        sacc[j][e] = ds;");
     kg_line(k, "    }");
-    emit_tc_repack(k, "sf", "sacc");
-    emit_tc_mma(k, "dqa", "sf[kk]", "Kt", tc_ws(TC_T), NO, 4);
+    kg_tc_repack(k, "sf", "sacc", 4);
+    kg_tc_mma(k, "dqa", "sf[kk]", "Kt", kg_tc_ws(TC_T), NO, 4);
     kg_line(k, "BARRIER();");
     kg_line(k, "}");
     kg_line(k, "#pragma unroll");
@@ -1140,10 +1083,10 @@ static int emit_bwd_dkv_tc(kgen *k, const ir_node *n, const attn_consts *c) {
     emit_tiled_args(k, n);
     kg_out(k, "dk", n->out[1]);
     kg_out(k, "dv", n->out[2]);
-    kg_line(k, "__shared__ unsigned Qs[%ld], dOs[%ld], Qt[%ld], dOt[%ld];", TC_T * tc_ws(DP), TC_T * tc_ws(DP),
-            DP * tc_ws(TC_T), DP * tc_ws(TC_T));
+    kg_line(k, "__shared__ unsigned Qs[%ld], dOs[%ld], Qt[%ld], dOt[%ld];", TC_T * kg_tc_ws(DP), TC_T * kg_tc_ws(DP),
+            DP * kg_tc_ws(TC_T), DP * kg_tc_ws(TC_T));
     kg_line(k, "__shared__ float Ls[%d], Ds[%d];", TC_T, TC_T);
-    emit_tc_prologue(k);
+    kg_tc_prologue(k);
     kg_line(k, "const long bg = GID_Y, b = bg / %ld, g = bg %% %ld;", c->Hkv, c->Hkv);
     kg_line(k, "const long t0 = b * S, k0 = GID_X * %d, kvo = g * %ld;", TC_T, D);
     kg_line(k, "const long kr = k0 + warp * 16 + gq;   /* this thread's keys: kr, kr + 8 */");
@@ -1154,11 +1097,11 @@ static int emit_bwd_dkv_tc(kgen *k, const ir_node *n, const attn_consts *c) {
     emit_tc_rows(k, c, DP, "Qs", "k", kg_ld(k, n->in[1]), "k0", "kvo");
     emit_tc_rows(k, c, DP, "dOs", "v", kg_ld(k, n->in[2]), "k0", "kvo");
     kg_line(k, "BARRIER();");
-    emit_tc_afrag(k, DP, "kf", "Qs");
-    emit_tc_afrag(k, DP, "vf", "dOs");
+    kg_tc_afrag(k, DP, "kf", "Qs");
+    kg_tc_afrag(k, DP, "vf", "dOs");
     kg_line(k, "BARRIER();");
-    emit_tc_zero(k, "dka", NO);
-    emit_tc_zero(k, "dva", NO);
+    kg_tc_zero(k, "dka", NO);
+    kg_tc_zero(k, "dva", NO);
     kg_line(k, "for (long h = g * %ld; h < (g + 1) * %ld; h++) {", c->group, c->group);
     kg_line(k, "const long qo = h * %ld;", D);
     kg_line(k, "for (long q0 = k0; q0 <= qend; q0 += %d) {", TC_T);
@@ -1172,10 +1115,10 @@ static int emit_bwd_dkv_tc(kgen *k, const ir_node *n, const attn_consts *c) {
     kg_line(k, "    Ds[LID_X] = ps < S ? Dw[(t0 + ps) * %ldL + h] : 0.0f;", kg_ld(k, n->out[3]));
     kg_line(k, "}");
     kg_line(k, "BARRIER();");
-    emit_tc_zero(k, "sacc", 8);
-    emit_tc_zero(k, "dpacc", 8);
-    emit_tc_mma(k, "sacc", "kf[kk]", "Qs", tc_ws(DP), 8, DP / 16);
-    emit_tc_mma(k, "dpacc", "vf[kk]", "dOs", tc_ws(DP), 8, DP / 16);
+    kg_tc_zero(k, "sacc", 8);
+    kg_tc_zero(k, "dpacc", 8);
+    kg_tc_mma(k, "sacc", "kf[kk]", "Qs", kg_tc_ws(DP), 8, DP / 16);
+    kg_tc_mma(k, "dpacc", "vf[kk]", "dOs", kg_tc_ws(DP), 8, DP / 16);
     kg_line(k, "#pragma unroll");
     kg_line(k, "for (int j = 0; j < 8; j++)");
     kg_line(k, "    for (int e = 0; e < 4; e++) {");
@@ -1186,10 +1129,10 @@ static int emit_bwd_dkv_tc(kgen *k, const ir_node *n, const attn_consts *c) {
     emit_tc_ds(k, c);
     kg_line(k, "        sacc[j][e] = p; dpacc[j][e] = ds;");
     kg_line(k, "    }");
-    emit_tc_repack(k, "pf", "sacc");
-    emit_tc_mma(k, "dva", "pf[kk]", "dOt", tc_ws(TC_T), NO, 4);
-    emit_tc_repack(k, "sf", "dpacc");
-    emit_tc_mma(k, "dka", "sf[kk]", "Qt", tc_ws(TC_T), NO, 4);
+    kg_tc_repack(k, "pf", "sacc", 4);
+    kg_tc_mma(k, "dva", "pf[kk]", "dOt", kg_tc_ws(TC_T), NO, 4);
+    kg_tc_repack(k, "sf", "dpacc", 4);
+    kg_tc_mma(k, "dka", "sf[kk]", "Qt", kg_tc_ws(TC_T), NO, 4);
     kg_line(k, "BARRIER();");   /* before the next tile's loads overwrite the tiles */
     kg_line(k, "}");
     kg_line(k, "}");

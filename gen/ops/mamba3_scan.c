@@ -1356,6 +1356,400 @@ static long fwd_chunk_local(m3_kdims d, int *NT3) {
     return k1 > k3 ? k1 : k3;
 }
 
+/* ---------------------------------------------------------------- bf16 tensor-core chunk kernels
+ *
+ * In bf16 plans on CUDA (k->bf16) the chunk products run on tensor cores: mma.sync m16n8k16,
+ * bf16 operands, fp32 accumulation, the fragment conventions of kgen.h (kg_tc_*). Rounded to
+ * bf16 are only the operands of the products (the rotated keys and queries, x, dy, the masked
+ * decay matrix, the state): the decays, cumulative sums, DT, angles and the rotations
+ * themselves are computed in fp32 as in the fp32 kernels and rounded once, when a tile is
+ * staged into shared memory. A work-group is one chunk of one (sequence, head) as before, with
+ * CHP/16 warps (CHP: the chunk rounded up to 16), warp w owning the 16 tokens 16w..16w+15 of
+ * every product whose rows are tokens. Tiles are padded with zeros to whole fragments (rows
+ * past the chunk's L tokens, columns past N or P) so that every mma may run over all of them.
+ * The rotation pairs (2i, 2i+1) are exactly the bf16 pairs of a word, so a tile word is one
+ * rotated pair, computed by one work-item. Deterministic as the fp32 kernels: every sum has a
+ * fixed order (mma's internal order is fixed). */
+
+static long m3_up16(long n) { return (n + 15) / 16 * 16; }
+static long m3_up8(long n) { return (n + 7) / 8 * 8; }
+
+/* Row tiles of the chunk's keys and queries in its local frame, one word per rotated pair:
+ * dk[a * ws + w] = bf16 pair (Kl[a][2w], Kl[a][2w+1]), dq likewise for Ql; zeros past L tokens
+ * and past N. Expects rb, L, h, lid and LPH in scope. */
+static void emit_tc_kq_rows(kgen *k, int NT, int CHP, int N, int NA, const char *dk, const char *dq, long ldb,
+                            long ldc) {
+    const int NW = (int)(m3_up16(N) / 2);
+    const long ws = kg_tc_ws(m3_up16(N));
+    /* the keys (from Bn + Bb) and/or the queries (Cn + Cb), whichever is asked for */
+    const char *dst[2] = {dk, dq}, *src[2] = {"Bn", "Cn"}, *bias[2] = {"Bb", "Cb"}, *v[2] = {"k", "q"};
+    const long ld[2] = {ldb, ldc};
+    KL("for (int it = lid; it < %d; it += %d) {", CHP * NW, NT);
+    KL("const int a = it / %d, w = it - a * %d, n0 = 2 * w;", NW, NW);
+    for (int u = 0; u < 2; u++)
+        if (dst[u]) KL("float %s0 = 0.0f, %s1 = 0.0f;", v[u], v[u]);
+    KL("if (a < L && n0 < %d) {", N);
+    for (int u = 0; u < 2; u++) {
+        if (!dst[u]) continue;
+        KL("%s0 = %s[(rb + a) * %ldL + n0] + %s[h * %d + n0];", v[u], src[u], ld[u], bias[u], N);
+        if (N % 2) KL("if (n0 + 1 < %d) %s1 = %s[(rb + a) * %ldL + n0 + 1] + %s[h * %d + n0 + 1];", N, v[u], src[u], ld[u], bias[u], N);
+        else KL("%s1 = %s[(rb + a) * %ldL + n0 + 1] + %s[h * %d + n0 + 1];", v[u], src[u], ld[u], bias[u], N);
+    }
+    KL("if (w < %d) {", NA);
+    KL("const float cq = COSF(LPH[a * %d + w]), sq = SINF(LPH[a * %d + w]);", NA, NA);
+    for (int u = 0; u < 2; u++)
+        if (dst[u])
+            KL("{ const float r0 = %s0 * cq - %s1 * sq, r1 = %s0 * sq + %s1 * cq; %s0 = r0; %s1 = r1; }", v[u], v[u], v[u],
+               v[u], v[u], v[u]);
+    KL("}");
+    KL("}");
+    for (int u = 0; u < 2; u++)
+        if (dst[u]) KL("%s[a * %ld + w] = pack_bf16x2(%s0, %s1);", dst[u], ws, v[u], v[u]);
+    KL("}");
+}
+
+/* The transposed tile of a per-token [CH, P] input of head h: dst[p * ws + w] = bf16 pair
+ * (v[2w][p], v[2w+1][p]) for PP rows p (a multiple of 8; v = src * the per-token factor `fac`
+ * if given, an expression in the token a), zeros past L tokens and past P. A warp covers 8 consecutive p (32-byte sectors of a
+ * token row) by 4 token pairs, so its shared stores hit 32 distinct banks. Expects rb, L, h,
+ * lid. */
+static void emit_tc_tok_cols(kgen *k, int NT, int CHP, int P, long PP, const char *dst, const char *src, long ld,
+                             const char *fac) {
+    const long E8 = PP / 8, ws = kg_tc_ws(CHP);
+    KL("for (int it = lid; it < %ld; it += %d) {", PP * (CHP / 2), NT);
+    KL("const int w = (it & 3) + 4 * ((it >> 5) / %ld), p = ((it >> 2) & 7) + 8 * ((it >> 5) %% %ld);", E8, E8);
+    KL("float lo = 0.0f, hi = 0.0f;");
+    KL("if (p < %d) {", P);
+    KL("int a = 2 * w;");
+    KL("if (a < L) lo = %s%s%s[(rb + a) * %ldL + h * %d + p];", fac ? fac : "", fac ? " * " : "", src, ld, P);
+    KL("a = 2 * w + 1;");
+    KL("if (a < L) hi = %s%s%s[(rb + a) * %ldL + h * %d + p];", fac ? fac : "", fac ? " * " : "", src, ld, P);
+    KL("}");
+    KL("%s[p * %ld + w] = pack_bf16x2(lo, hi);", dst, ws);
+    KL("}");
+}
+
+/* A P x N state of head h stored in the rows from `base` (`saved` layout; zero where the C
+ * condition `cond` fails) as a row tile of PP rows in the chunk's local frame, each row's pairs
+ * rotated by -Theta_in: dst[p * ws + w] = bf16 pair (X[p][2w], X[p][2w+1]), X = S R(Theta_in).
+ * Expects h, lid, tc, ts. */
+static void emit_tc_state_rows(kgen *k, int NT, int P, int PP, int N, int NA, const char *dst, const char *src, long W,
+                               long ld, const char *base, const char *cond) {
+    const int NW = (int)(m3_up16(N) / 2);
+    const long ws = kg_tc_ws(m3_up16(N));
+    char a0[200], a1[200];
+    kl_spread(a0, sizeof a0, base, "e0", W, ld);
+    kl_spread(a1, sizeof a1, base, "e0 + 1", W, ld);
+    KL("for (int it = lid; it < %ld; it += %d) {", (long)PP * NW, NT);
+    KL("const int p = it / %d, w = it - p * %d;", NW, NW);
+    KL("float s0 = 0.0f, s1 = 0.0f;");
+    KL("if (%s && p < %d && 2 * w < %d) {", cond, P, N);
+    KL("const long e0 = (long)p * %d + 2 * w;", N);
+    KL("s0 = %s[%s];", src, a0);
+    KL("if (2 * w + 1 < %d) s1 = %s[%s];", N, src, a1);
+    KL("}");
+    KL("if (w < %d) { const float r0 = s0 * tc[w] + s1 * ts[w], r1 = s1 * tc[w] - s0 * ts[w]; s0 = r0; s1 = r1; }", NA);
+    KL("%s[p * %ld + w] = pack_bf16x2(s0, s1);", dst, ws);
+    KL("}");
+}
+
+/* The same state transposed: dst[n * ws + w] = bf16 pair (X[2w][n], X[2w+1][n]), NK rows n and
+ * PK/2 words, each element rotated on its own (it reads its pair partner too). A warp covers 8
+ * consecutive n by 4 row pairs. */
+static void emit_tc_state_cols(kgen *k, int NT, int P, int PK, int N, int NK, int NA, const char *dst, const char *src,
+                               long W, long ld, const char *base, const char *cond) {
+    const long E8 = NK / 8, ws = kg_tc_ws(PK);
+    char a0[200], a1[200];
+    kl_spread(a0, sizeof a0, base, "e0", W, ld);
+    kl_spread(a1, sizeof a1, base, "e1", W, ld);
+    KL("for (int it = lid; it < %ld; it += %d) {", (long)NK * (PK / 2), NT);
+    KL("const int w = (it & 3) + 4 * ((it >> 5) / %ld), n = ((it >> 2) & 7) + 8 * ((it >> 5) %% %ld);", E8, E8);
+    KL("float v[2] = {0.0f, 0.0f};");
+    KL("if (%s && n < %d) {", cond, N);
+    KL("for (int u = 0; u < 2; u++) {");
+    KL("const int p = 2 * w + u;");
+    KL("if (p >= %d) break;", P);
+    KL("const long e0 = (long)p * %d + n, e1 = (long)p * %d + (n ^ 1);", N, N);
+    KL("float x0 = %s[%s];", src, a0);
+    KL("if (n < %d) {", 2 * NA);
+    KL("const float x1 = %s[%s];", src, a1);
+    KL("const int i = n >> 1;");
+    KL("x0 = (n & 1) ? x0 * tc[i] - x1 * ts[i] : x0 * tc[i] + x1 * ts[i];");
+    KL("}");
+    KL("v[u] = x0;");
+    KL("}");
+    KL("}");
+    KL("%s[n * %ld + w] = pack_bf16x2(v[0], v[1]);", dst, ws);
+    KL("}");
+}
+
+/* A row tile of a per-token [CH, P] input of head h: dst[a * ws + w] = bf16 pair (v[a][2w],
+ * v[a][2w+1]), CHP rows, PK/2 words, zeros past L and P. Expects rb, L, h, lid. */
+static void emit_tc_tok_rows(kgen *k, int NT, int CHP, int P, int PK, const char *dst, const char *src, long ld) {
+    const int NW = PK / 2;
+    KL("for (int it = lid; it < %d; it += %d) {", CHP * NW, NT);
+    KL("const int a = it / %d, w = it - a * %d, p0 = 2 * w;", NW, NW);
+    KL("float lo = 0.0f, hi = 0.0f;");
+    KL("if (a < L && p0 < %d) {", P);
+    KL("lo = %s[(rb + a) * %ldL + h * %d + p0];", src, ld, P);
+    if (P % 2) KL("if (p0 + 1 < %d) hi = %s[(rb + a) * %ldL + h * %d + p0 + 1];", P, src, ld, P);
+    else KL("hi = %s[(rb + a) * %ldL + h * %d + p0 + 1];", src, ld, P);
+    KL("}");
+    KL("%s[a * %ld + w] = pack_bf16x2(lo, hi);", dst, kg_tc_ws(PK));
+    KL("}");
+}
+
+/* dst = the transpose of a row tile already in shared memory, moving bf16 halves as integers
+ * (no second rounding): dst[r * dws + w] = (src[2w][r], src[2w+1][r]) for drows rows r (the
+ * source's columns) and dwords words w (pairs of the source's rows). A warp covers 8 r by 4 w:
+ * 32 distinct banks for the stores, pairs of lanes on one word for the loads. */
+static void emit_tc_transpose(kgen *k, int NT, const char *dst, long drows, long dwords, const char *src, long sws) {
+    const long R8 = drows / 8, dws = kg_tc_ws(2 * dwords);
+    KL("for (int it = lid; it < %ld; it += %d) {", drows * dwords, NT);
+    KL("const int w = (it & 3) + 4 * ((it >> 5) / %ld), r = ((it >> 2) & 7) + 8 * ((it >> 5) %% %ld), sh = 16 * (r & 1);", R8,
+       R8);
+    KL("const unsigned lo = (%s[(2 * w) * %ld + (r >> 1)] >> sh) & 0xffffu, hi = (%s[(2 * w + 1) * %ld + (r >> 1)] >> sh) & 0xffffu;",
+       src, sws, src, sws);
+    KL("%s[r * %ld + w] = lo | (hi << 16);", dst, dws);
+    KL("}");
+}
+
+/* The bf16 element (row, col) of the accumulator position e of n-tile j of a row tile (word
+ * 4j + tq of row tr + 8 (e >> 1), half e & 1) as a float: a C expression. */
+static void tc_elem(char *buf, size_t len, const char *tile, long ws, const char *row, const char *half) {
+    snprintf(buf, len, "__uint_as_float((%s) ? (%s[(%s) * %ld + 4 * j + tq] & 0xffff0000u) : (%s[(%s) * %ld + 4 * j + tq] << 16))",
+             half, tile, row, ws, tile, row, ws);
+}
+
+/* Sum of zr[r] over the quad (tq = 0..3) of each of the thread's two rows, a fixed butterfly. */
+static void emit_quad_sum(kgen *k, const char *z) {
+    KL("for (int r = 0; r < 2; r++) { %s[r] += __shfl_xor_sync(0xffffffffu, %s[r], 1); %s[r] += __shfl_xor_sync(0xffffffffu, %s[r], 2); }",
+       z, z, z, z);
+}
+
+/* Whether the output kernel runs on tensor cores: bf16 plan, fragments of at most 128 rows,
+ * columns and contraction (the accumulators stay in registers), tiles within the device. */
+static long out_tc_shared(m3_kdims d) {
+    const long CHP = m3_up16(d.CH), NP = m3_up16(d.N), PP = m3_up8(d.P);
+    return 4L * (2 * CHP * kg_tc_ws(NP) + PP * kg_tc_ws(CHP) + PP * kg_tc_ws(NP));
+}
+
+static int out_tc(const kgen *k, m3_kdims d) {
+    const long small = 4L * (5L * d.CH + (long)d.CH * d.NA + 2L * d.NA);
+    const long max = k->shared_max > 0 ? k->shared_max : 160L * 1024;
+    return k->bf16 && m3_up16(d.CH) <= 128 && m3_up16(d.N) <= 128 && m3_up8(d.P) <= 128 && small <= 40L * 1024 &&
+           out_tc_shared(d) + small <= max;
+}
+
+/* mamba3_scan_out_tc, one work-group of CHP/16 warps per (chunk, b, h): y_t = exp(cs_t) Ql_t .
+ * (S_in R(Theta_in))_p + sum_{s<=t} M_ts v_s + D v_t in three products per warp, its tokens
+ * t = 16w + gq (+8) as rows. (1) The inter-chunk term: yacc = Ql Xs^T (contraction N) with the
+ * state tile Xs = S_in R(Theta_in) as B (its rows p are the output columns), then each row
+ * scaled by exp(cs_t) in fp32. (2) QK = Ql Kl^T (contraction N, Kl's rows s as columns), only
+ * the n-tiles s < 16(w+1) that the causal mask keeps; masked in fp32 in the accumulators into
+ * M_ts = QK_ts exp(cs_t - cs_s) scale_s (s < t), gamma_t QK_tt (s = t), 0 otherwise. (3) The
+ * accumulators of n-tiles 2kt, 2kt+1 are M's A fragment of k-step kt (kg_tc_repack), and
+ * yacc += M X with X^T staged [p][token pair] (contraction over the tokens s <= t: k-steps
+ * kt <= w only). The skip term D v_t is added in fp32 from global memory when y is written. */
+static int emit_out_tc(kgen *k, const ir_node *n, int node, m3_kdims d) {
+    const int H = d.H, P = d.P, N = d.N, NA = d.NA, CH = d.CH;
+    const long W = d.W, W2 = m3_theta_width(NA, CH);
+    const int CHP = (int)m3_up16(CH), NP = (int)m3_up16(N), PP = (int)m3_up8(P), NT = 2 * CHP;
+    const long wsN = kg_tc_ws(NP), wsC = kg_tc_ws(CHP), NO = PP / 8;
+    const long ldx = kg_ld(k, n->in[IN_X]), ldb = kg_ld(k, n->in[IN_BN]), ldc = kg_ld(k, n->in[IN_CN]),
+               lddt = kg_ld(k, n->in[IN_DDT]), ldda = kg_ld(k, n->in[IN_DDA]), ldtr = kg_ld(k, n->in[IN_TRAP]),
+               ldang = kg_ld(k, n->in[IN_ANG]), ldy = kg_ld(k, n->out[OUT_Y]), ldst = kg_ld(k, n->out[OUT_ST]),
+               ldth = kg_ld(k, n->out[OUT_TH]);
+    kg_begin(k, "mamba3_scan_out_tc", node, node + 1);
+    args_common(k, n);
+    kg_in(k, "Dp", n->in[IN_D]);
+    kg_in(k, "st", n->out[OUT_ST]);
+    kg_in(k, "th", n->out[OUT_TH]);
+    kg_out(k, "y", n->out[OUT_Y]);
+    KL("const long c0 = GID_X * %d, bh = GID_Y, b = bh / %d;", CH, H);
+    KL("const int h = (int)(bh - b * %d), lid = LID_X;", H);
+    KL("const long rb = b * S + c0, sb = rb - %d;   /* the chunk's rows; the previous chunk's */", CH);
+    KL("const int L = (int)(S - c0 < %d ? S - c0 : %d);", CH, CH);
+    KL("LOCAL float ldt[%d], ladt[%d], lsc[%d], lgm[%d], lcs[%d];", CH, CH, CH, CH, CH);
+    KL("LOCAL float LPH[%d], tc[%d], ts[%d];", CH * NA, NA, NA);
+    kg_shared(k, "shK", (long)CHP * wsN);
+    kg_shared(k, "shQ", (long)CHP * wsN);
+    kg_shared(k, "shX", (long)PP * wsC);
+    kg_shared(k, "shS", (long)PP * wsN);
+    KL("unsigned *Ks = (unsigned *)shK, *Qs = (unsigned *)shQ, *Xt = (unsigned *)shX, *Ss = (unsigned *)shS;");
+    KL("const float dtbh = dtb[h], Dh = Dp[h];");
+    emit_entering_angle(k, NT, NA, W2, ldth, 0);
+    emit_chunk_scalars(k, NT, CH, NA, lddt, ldda, ldtr, ldang);
+    KL("BARRIER();");
+    emit_tc_kq_rows(k, NT, CHP, N, NA, "Ks", "Qs", ldb, ldc);
+    emit_tc_tok_cols(k, NT, CHP, P, PP, "Xt", "x", ldx, NULL);
+    emit_tc_state_rows(k, NT, P, PP, N, NA, "Ss", "st", W, ldst, "sb", "c0 > 0");
+    KL("BARRIER();");
+    kg_tc_prologue(k);
+    KL("const int tr = warp * 16 + gq;   /* this thread's tokens: tr, tr + 8 */");
+    kg_tc_afrag(k, NP, "qf", "Qs");
+    /* (1) inter-chunk */
+    kg_tc_zero(k, "yacc", NO);
+    kg_tc_mma(k, "yacc", "qf[kk]", "Ss", wsN, NO, NP / 16);
+    KL("float et[2];");
+    KL("for (int r = 0; r < 2; r++) et[r] = tr + 8 * r < L ? EXPF(FMINF(lcs[tr + 8 * r], 0.0f)) : 0.0f;");
+    KL("#pragma unroll");
+    KL("for (int j = 0; j < %ld; j++)", NO);
+    KL("    for (int e = 0; e < 4; e++) yacc[j][e] *= et[e >> 1];");
+    /* (2) the masked decay matrix */
+    kg_tc_zero(k, "macc", CHP / 8);
+    kg_tc_mma_if(k, "macc", "qf[kk]", "Ks", wsN, CHP / 8, NP / 16, NULL, "j < 2 * warp + 2");
+    KL("#pragma unroll");
+    KL("for (int j = 0; j < %d; j++)", CHP / 8);
+    KL("    for (int e = 0; e < 4; e++) {");
+    KL("        const int t = tr + 8 * (e >> 1), s2 = 8 * j + 2 * tq + (e & 1);");
+    KL("        float m = 0.0f;");
+    KL("        if (t < L) {");
+    KL("            if (s2 < t) m = macc[j][e] * EXPF(FMINF(lcs[t] - lcs[s2], 0.0f)) * lsc[s2];");
+    KL("            else if (s2 == t) m = lgm[t] * macc[j][e];");
+    KL("        }");
+    KL("        macc[j][e] = m;");
+    KL("    }");
+    /* (3) y += M X */
+    kg_tc_repack(k, "mf", "macc", CHP / 16);
+    kg_tc_mma_if(k, "yacc", "mf[kk]", "Xt", wsC, NO, CHP / 16, "kk <= warp", NULL);
+    KL("#pragma unroll");
+    KL("for (int r = 0; r < 2; r++) {");
+    KL("    const int t = tr + 8 * r;");
+    KL("    if (t >= L) continue;");
+    KL("    #pragma unroll");
+    KL("    for (int j = 0; j < %ld; j++)", NO);
+    KL("        for (int e = 0; e < 2; e++) {");
+    KL("            const int p = 8 * j + 2 * tq + e;");
+    if (PP != P) KL("            if (p >= %d) continue;", P);
+    KL("            y[(rb + t) * %ldL + h * %d + p] = yacc[j][2 * r + e] + Dh * x[(rb + t) * %ldL + h * %d + p];", ldy, P,
+       ldx, P);
+    KL("        }");
+    KL("}");
+    kg_grid(k, 0, 0, 0, 1, 0, CH);
+    kg_grid(k, 1, 0, H, 0, 0, 1);
+    kg_block(k, NT, 1, 1);
+    return kg_end(k);
+}
+
+/* Whether the chunk-increment kernels (forward and backward) run on tensor cores: bf16 plan, at
+ * most 128 state rows P and columns N (accumulators in registers), tiles within the device. */
+static int chunk_tc(const kgen *k, m3_kdims d) {
+    const long CHP = m3_up16(d.CH), NK = m3_up16(d.N), PK = m3_up16(d.P);
+    const long sh = 4L * (CHP * kg_tc_ws(NK) + NK * kg_tc_ws(CHP) + PK * kg_tc_ws(CHP) + (long)d.CH * d.NA) +
+                    4L * (5L * d.CH + 2L * d.NA);
+    const long max = k->shared_max > 0 ? k->shared_max : 160L * 1024;
+    return k->bf16 && CHP <= 256 && NK <= 128 && PK <= 128 && sh <= max;
+}
+
+/* mamba3_scan_chunk_tc (bwd = 0) and mamba3_scan_bwd_chunk_tc (bwd = 1), one work-group of
+ * PK/16 warps per (chunk, b, h): a P x N chunk increment as one product over the chunk's
+ * tokens, U = A^T Z, warp w owning the state rows p = 16w..16w+15. Forward: A_ap = exp(cs_L -
+ * cs_a) scale_a x_ap and Z = Kl, the state increment in the chunk's frame (full chunks only);
+ * backward: A_ap = exp(cs_a) dy_ap and Z = Ql, the state gradient's increment, then turned by
+ * the entering angle in registers (a thread's accumulators of columns 8j + 2tq, + 1 are a whole
+ * rotation pair). The decay factors multiply in fp32 before A is rounded; A^T is staged
+ * [p][token pair] as the A operand, Z's row tile [token][pair] is built as in the other
+ * kernels and transposed as integers to [n][token pair], the B operand. The outputs and their
+ * zero padding are the fp32 kernels'. */
+static int emit_chunk_tc(kgen *k, const ir_node *n, int node, m3_kdims d, int bwd) {
+    const int H = d.H, P = d.P, N = d.N, NA = d.NA, CH = d.CH;
+    const int CHP = (int)m3_up16(CH), NK = (int)m3_up16(N), PK = (int)m3_up16(P), NT = 2 * PK;
+    const long wsN = kg_tc_ws(NK), wsC = kg_tc_ws(CHP), NO = m3_up8(N) / 8, PN = (long)P * N;
+    const long W = bwd ? m3_bwd_width(P, N, CH) : m3_dstate_width(P, N, NA, CH), W2 = m3_theta_width(NA, CH);
+    const long ldb = kg_ld(k, n->in[IN_BN]), ldc = kg_ld(k, n->in[IN_CN]), lddt = kg_ld(k, n->in[IN_DDT]),
+               ldda = kg_ld(k, n->in[IN_DDA]), ldtr = kg_ld(k, n->in[IN_TRAP]), ldang = kg_ld(k, n->in[IN_ANG]);
+    const int out = bwd ? n->out[BOUT_DU] : n->out[OUT_DST];
+    const long ldo = kg_ld(k, out);
+    const char *o = bwd ? "du" : "ds", *base = bwd ? "sb" : "rb";
+    char a0[200], a1[200];
+    kg_begin(k, bwd ? "mamba3_scan_bwd_chunk_tc" : "mamba3_scan_chunk_tc", node, node + 1);
+    args_common(k, n);
+    if (bwd) {
+        kg_in(k, "dy", n->in[BIN_DY]);
+        kg_in(k, "th", n->in[BIN_TH]);
+    }
+    kg_out(k, o, out);
+    KL("const long c0 = GID_X * %d, bh = GID_Y, b = bh / %d;", CH, H);
+    KL("const int h = (int)(bh - b * %d), lid = LID_X;", H);
+    KL("const long rb = b * S + c0, sb = rb - %d;", CH);
+    KL("const int L = (int)(S - c0 < %d ? S - c0 : %d);", CH, CH);
+    KL("(void)sb;");
+    KL("LOCAL float ldt[%d], ladt[%d], lsc[%d], lgm[%d], lcs[%d], tc[%d], ts[%d];", CH, CH, CH, CH, CH, NA, NA);
+    kg_shared(k, "LPH", (long)CH * NA);
+    kg_shared(k, "shZ", (long)CHP * wsN);
+    kg_shared(k, "shT", (long)NK * wsC);
+    kg_shared(k, "shA", (long)PK * wsC);
+    KL("unsigned *Zs = (unsigned *)shZ, *Zt = (unsigned *)shT, *At = (unsigned *)shA;");
+    KL("const float dtbh = dtb[h];");
+    emit_chunk_scalars(k, NT, CH, NA, lddt, ldda, ldtr, ldang);
+    if (bwd) emit_entering_angle(k, NT, NA, W2, kg_ld(k, n->in[BIN_TH]), 0);
+    KL("BARRIER();");
+    emit_tc_kq_rows(k, NT, CHP, N, NA, bwd ? NULL : "Zs", bwd ? "Zs" : NULL, ldb, ldc);
+    if (bwd) emit_tc_tok_cols(k, NT, CHP, P, PK, "At", "dy", kg_ld(k, n->in[BIN_DY]), "EXPF(FMINF(lcs[a], 0.0f))");
+    else emit_tc_tok_cols(k, NT, CHP, P, PK, "At", "x", kg_ld(k, n->in[IN_X]),
+                          "EXPF(FMINF(lcs[L - 1] - lcs[a], 0.0f)) * lsc[a]");
+    KL("BARRIER();");
+    emit_tc_transpose(k, NT, "Zt", NK, CHP / 2, "Zs", wsN);
+    KL("BARRIER();");
+    kg_tc_prologue(k);
+    KL("const int tr = warp * 16 + gq;   /* this thread's state rows: tr, tr + 8 */");
+    /* the forward's partial last chunk and the backward's chunk 0 write no product */
+    if (bwd) KL("if (c0 > 0) {");
+    else KL("if (L == %d) {", CH);
+    kg_tc_afrag(k, CHP, "af", "At");
+    kg_tc_zero(k, "acc", NO);
+    kg_tc_mma(k, "acc", "af[kk]", "Zt", wsC, NO, CHP / 16);
+    kl_spread(a0, sizeof a0, base, "e0", W, ldo);
+    kl_spread(a1, sizeof a1, base, "e0 + 1", W, ldo);
+    KL("#pragma unroll");
+    KL("for (int r = 0; r < 2; r++) {");
+    KL("    const int p = tr + 8 * r;");
+    KL("    if (p >= %d) continue;", P);
+    KL("    #pragma unroll");
+    KL("    for (int j = 0; j < %ld; j++) {", NO);
+    KL("        const int i = 4 * j + tq, n0 = 2 * i;");
+    KL("        if (n0 >= %d) continue;", N);
+    KL("        float u0 = acc[j][2 * r], u1 = acc[j][2 * r + 1];");
+    if (bwd)
+        KL("        if (i < %d) { const float r0 = u0 * tc[i] - u1 * ts[i], r1 = u0 * ts[i] + u1 * tc[i]; u0 = r0; u1 = r1; }",
+           NA);
+    KL("        const long e0 = (long)p * %d + n0;", N);
+    KL("        %s[%s] = u0;", o, a0);
+    if (N % 2) KL("        if (n0 + 1 < %d) %s[%s] = u1;", N, o, a1);
+    else KL("        %s[%s] = u1;", o, a1);
+    KL("    }");
+    KL("}");
+    kl_spread(a0, sizeof a0, base, "e", W, ldo);
+    if (bwd) {
+        KL("for (long e = %ldL + lid; e < %ldL; e += %d) du[%s] = e == %ldL ? EXPF(FMINF(lcs[L - 1], 0.0f)) : 0.0f;", PN,
+           (long)CH * W, NT, a0, PN);
+        KL("} else {");
+        /* chunk 0's work-group clears the last chunk's rows instead (nothing leaves it) */
+        KL("const long nch = (S + %d) / %d;", CH - 1, CH);
+        KL("const long lb = b * S + (nch - 1) * %d, LL = S - (nch - 1) * %d;", CH, CH);
+        kl_spread(a0, sizeof a0, "lb", "e", W, ldo);
+        KL("for (long e = lid; e < LL * %ldL; e += %d) du[%s] = 0.0f;", W, NT, a0);
+        KL("}");
+    } else {
+        /* then the chunk's decay and the cos/sin of its in-chunk angles (m3_dstate_width) */
+        KL("for (long e = %ldL + lid; e < %ldL; e += %d) {", PN, (long)CH * W, NT);
+        KL("    float v = 0.0f;");
+        KL("    if (e == %ldL) v = EXPF(FMINF(lcs[%d], 0.0f));", PN, CH - 1);
+        KL("    else if (e <= %ldL) { const int q = (int)(e - %ldL); v = (q & 1) ? SINF(LPH[%d + (q >> 1)]) : COSF(LPH[%d + (q >> 1)]); }",
+           PN + 2L * NA, PN + 1, (CH - 1) * NA, (CH - 1) * NA);
+        KL("    ds[%s] = v;", a0);
+        KL("}");
+        KL("} else {");
+        KL("for (long e = lid; e < (long)L * %ldL; e += %d) ds[%s] = 0.0f;", W, NT, a0);
+        KL("}");
+    }
+    kg_grid(k, 0, 0, 0, 1, 0, CH);
+    kg_grid(k, 1, 0, H, 0, 0, 1);
+    kg_block(k, NT, 1, 1);
+    return kg_end(k);
+}
+
 static int emit_fwd_chunked(kgen *k, const ir_node *n) {
     const ir_graph *g = k->g;
     int node = (int)(n - g->n);
@@ -1374,49 +1768,53 @@ static int emit_fwd_chunked(kgen *k, const ir_node *n) {
     snprintf(angx, sizeof angx, "ang[(rb + a) * %ldL + i]", ldang);
 
     /* ---- (1) chunk increments in the local frame */
-    kg_begin(k, "mamba3_scan_chunk", node, node + 1);
-    args_common(k, n);
-    kg_out(k, "ds", n->out[OUT_DST]);
-    KL("const long c0 = GID_X * %d, bh = GID_Y, b = bh / %d;", CH, H);
-    KL("const int h = (int)(bh - b * %d), lid = LID_X;", H);
-    KL("const long rb = b * S + c0;");
-    KL("const int L = (int)(S - c0 < %d ? S - c0 : %d);", CH, CH);
-    kl_spread(ad, sizeof ad, "rb", "i", Wd, ldds);
-    KL("LOCAL float ldt[%d], ladt[%d], lsc[%d], lgm[%d], lcs[%d];", CH, CH, CH, CH, CH);
-    KL("LOCAL float LPH[%d];", CH * NA);
-    KL("LOCAL float KR[%d];", CH * N);
-    KL("LOCAL float VW[%d];", CH * P);
-    KL("const float dtbh = dtb[h];");
-    emit_chunk_scalars(k, NT, CH, NA, lddt, ldda, ldtr, ldang);
-    KL("BARRIER();");
-    KL("for (int j = lid; j < L * %d; j += %d) {", N, NT);
-    KL("const int a = j / %d, nn = j - a * %d;", N, N);
-    emit_rot_load(k, "KR[j]", "Bn", "Bb", ldb, N, NA);
-    KL("}");
-    KL("for (int j = lid; j < L * %d; j += %d) {", P, NT);
-    KL("const int a = j / %d, p = j - a * %d;", P, P);
-    KL("VW[j] = EXPF(FMINF(lcs[L - 1] - lcs[a], 0.0f)) * lsc[a] * x[(rb + a) * %ldL + h * %d + p];", ldx, P);
-    KL("}");
-    KL("BARRIER();");
-    /* a partial last chunk (no early return: PoCL miscompiled barriers after one) runs the
-     * same steps on its L tokens, but no state leaves it, so its rows hold zeros */
-    KL("for (long i = lid; i < (long)L * %ldL; i += %d) {", Wd, NT);
-    KL("float acc = 0.0f;");
-    KL("if (L == %d && i < %ldL) {", CH, PN);
-    KL("const int p = (int)(i / %d), nn = (int)(i - (long)p * %d);", N, N);
-    KL("for (int a = 0; a < %d; a++) acc += VW[a * %d + p] * KR[a * %d + nn];", CH, P, N);
-    KL("} else if (L == %d && i == %ldL) {", CH, PN);
-    KL("acc = EXPF(FMINF(lcs[%d], 0.0f));", CH - 1);
-    KL("} else if (L == %d && i <= %ldL) {", CH, PN + 2L * NA);
-    KL("const int e = (int)(i - %ldL), a = e >> 1;", PN + 1);
-    KL("acc = (e & 1) ? SINF(LPH[%d + a]) : COSF(LPH[%d + a]);", (CH - 1) * NA, (CH - 1) * NA);
-    KL("}");
-    KL("ds[%s] = acc;", ad);
-    KL("}");
-    kg_grid(k, 0, 0, 0, 1, 0, CH);
-    kg_grid(k, 1, 0, H, 0, 0, 1);
-    kg_block(k, NT, 1, 1);
-    if (kg_end(k) < 0) return -1;
+    if (chunk_tc(k, d)) {
+        if (emit_chunk_tc(k, n, node, d, 0) < 0) return -1;
+    } else {
+        kg_begin(k, "mamba3_scan_chunk", node, node + 1);
+        args_common(k, n);
+        kg_out(k, "ds", n->out[OUT_DST]);
+        KL("const long c0 = GID_X * %d, bh = GID_Y, b = bh / %d;", CH, H);
+        KL("const int h = (int)(bh - b * %d), lid = LID_X;", H);
+        KL("const long rb = b * S + c0;");
+        KL("const int L = (int)(S - c0 < %d ? S - c0 : %d);", CH, CH);
+        kl_spread(ad, sizeof ad, "rb", "i", Wd, ldds);
+        KL("LOCAL float ldt[%d], ladt[%d], lsc[%d], lgm[%d], lcs[%d];", CH, CH, CH, CH, CH);
+        KL("LOCAL float LPH[%d];", CH * NA);
+        KL("LOCAL float KR[%d];", CH * N);
+        KL("LOCAL float VW[%d];", CH * P);
+        KL("const float dtbh = dtb[h];");
+        emit_chunk_scalars(k, NT, CH, NA, lddt, ldda, ldtr, ldang);
+        KL("BARRIER();");
+        KL("for (int j = lid; j < L * %d; j += %d) {", N, NT);
+        KL("const int a = j / %d, nn = j - a * %d;", N, N);
+        emit_rot_load(k, "KR[j]", "Bn", "Bb", ldb, N, NA);
+        KL("}");
+        KL("for (int j = lid; j < L * %d; j += %d) {", P, NT);
+        KL("const int a = j / %d, p = j - a * %d;", P, P);
+        KL("VW[j] = EXPF(FMINF(lcs[L - 1] - lcs[a], 0.0f)) * lsc[a] * x[(rb + a) * %ldL + h * %d + p];", ldx, P);
+        KL("}");
+        KL("BARRIER();");
+        /* a partial last chunk (no early return: PoCL miscompiled barriers after one) runs the
+         * same steps on its L tokens, but no state leaves it, so its rows hold zeros */
+        KL("for (long i = lid; i < (long)L * %ldL; i += %d) {", Wd, NT);
+        KL("float acc = 0.0f;");
+        KL("if (L == %d && i < %ldL) {", CH, PN);
+        KL("const int p = (int)(i / %d), nn = (int)(i - (long)p * %d);", N, N);
+        KL("for (int a = 0; a < %d; a++) acc += VW[a * %d + p] * KR[a * %d + nn];", CH, P, N);
+        KL("} else if (L == %d && i == %ldL) {", CH, PN);
+        KL("acc = EXPF(FMINF(lcs[%d], 0.0f));", CH - 1);
+        KL("} else if (L == %d && i <= %ldL) {", CH, PN + 2L * NA);
+        KL("const int e = (int)(i - %ldL), a = e >> 1;", PN + 1);
+        KL("acc = (e & 1) ? SINF(LPH[%d + a]) : COSF(LPH[%d + a]);", (CH - 1) * NA, (CH - 1) * NA);
+        KL("}");
+        KL("ds[%s] = acc;", ad);
+        KL("}");
+        kg_grid(k, 0, 0, 0, 1, 0, CH);
+        kg_grid(k, 1, 0, H, 0, 0, 1);
+        kg_block(k, NT, 1, 1);
+        if (kg_end(k) < 0) return -1;
+    }
 
     /* ---- (2) the walk over chunks. Every pair (p, j) of the state's elements is its own chain
      * through the chunks (rotations act on pairs), so each work-item walks one pair, reading the
@@ -1523,6 +1921,9 @@ static int emit_fwd_chunked(kgen *k, const ir_node *n) {
     if (kg_end(k) < 0) return -1;
 
     /* ---- (3) outputs, per (chunk, b, h) */
+    /* (the tensor-core kernel has no carried-state entry: prefill plans, the only ones with
+     * one, run fp32 matmuls anyway) */
+    if (!init && out_tc(k, d)) return emit_out_tc(k, n, node, d);
     kg_begin(k, "mamba3_scan_out", node, node + 1);
     args_common(k, n);
     kg_in(k, "Dp", n->in[IN_D]);
@@ -1896,10 +2297,327 @@ static long bwd_main_shared(m3_kdims d) {
     return 4L * (2 * CH * (N + 1) + 2 * CH * (P + 1) + region + CH * d.NA);
 }
 
-/* Past the device's shared memory (kgen.shared_max) the sequential backward runs instead. */
-static int bwd_chunked_fits(m3_kdims d, long shared_max) {
+/* Past the device's shared memory (kgen.shared_max) the sequential backward runs instead: the
+ * chunk kernel's tiles and the main kernel's (the fp32 one's, or the tensor-core one's where
+ * bf16 takes it) must fit. */
+static int bwd_chunked_fits(m3_kdims d, long shared_max, int tc) {
     const long small = 4L * 16 * d.CH + 4L * 3 * 256;   /* the main kernel's static arrays */
-    return d.CH <= 256 && bwd_main_shared(d) + small <= shared_max && 4L * d.CH * (d.N + d.P + d.NA) <= shared_max;
+    return d.CH <= 256 && (tc || bwd_main_shared(d) + small <= shared_max) && 4L * d.CH * (d.N + d.P + d.NA) <= shared_max;
+}
+
+/* The main kernels' last steps (fp32 and tensor-core alike), with dTheta of each (token,
+ * angle) in LPH, and ldcs, ldsc, lG, lQK per token in local memory behind a barrier: the
+ * in-chunk suffix of dTheta, dADT (the in-chunk suffix of dcs), the partial dDT/dlam. */
+static void emit_bwd_main_tail(kgen *k, int NT, int CH, int NA, long lddt, long ldda, long ldtr, long ldga, long ldtk,
+                               long Wt) {
+    {
+        /* a reverse inclusive scan over the chunk's rows (rows past L count as zero), all
+         * work-items at once rather than one per angle walking the chunk */
+        const int R = (CH * NA + NT - 1) / NT;
+        KL("for (int off = 1; off < %d; off <<= 1) {", CH);
+        KL("float nv[%d];", R);
+        KL("for (int r = 0; r < %d; r++) {", R);
+        KL("const int j = lid + r * %d, a = j / %d;", NT, NA);
+        KL("float v = 0.0f;");
+        KL("if (j < %d && a < L) { v = LPH[j]; if (a + off < L) v += LPH[j + off * %d]; }", CH * NA, NA);
+        KL("nv[r] = v;");
+        KL("}");
+        KL("BARRIER();");
+        KL("for (int r = 0; r < %d; r++) { const int j = lid + r * %d; if (j < %d) LPH[j] = nv[r]; }", R, NT, CH * NA);
+        KL("BARRIER();");
+        KL("}");
+        KL("for (int j = lid; j < L * %d; j += %d) { const int a = j / %d, i = j - a * %d; tkw[(rb + a) * %ldL + h * %ld + i] = LPH[j]; }",
+           NA, NT, NA, NA, ldtk, Wt);
+    }
+    KL("if (lid < L) {");
+    KL("const int a = lid;");
+    KL("const long tk = rb + a;");
+    emit_acts(k, "", "tk", lddt, ldda, ldtr);
+    KL("float dADT = 0.0f;");
+    KL("for (int a2 = a; a2 < L; a2++) dADT += ldcs[a2];");
+    KL("const float ow = lQK[a] * lG[a] + ldsc[a];");
+    KL("float pdt = ow * lam + Av * dADT, plam = ow * DT;");
+    KL("if (a > 0) { pdt += ldsc[a - 1] * (1.0f - lam); plam -= ldsc[a - 1] * DT; }");
+    KL("gddA[tk * %ldL + h] = DT * dADT * dA;", ldga);
+    KL("tkw[tk * %ldL + h * %ld + %d] = pdt;", ldtk, Wt, NA);
+    KL("tkw[tk * %ldL + h * %ld + %d] = plam;", ldtk, Wt, NA + 1);
+    KL("tkw[tk * %ldL + h * %ld + %d] = ldsc[a];", ldtk, Wt, NA + 2);
+    KL("tkw[tk * %ldL + h * %ld + %d] = lG[a];", ldtk, Wt, NA + 3);
+    KL("}");
+}
+
+/* Whether the backward's main kernel runs on tensor cores (bf16 plans): fragments of at most
+ * 128 rows, columns and contraction, its shared memory within the device. */
+static long bwd_tc_slot(m3_kdims d) {
+    const long CHP = m3_up16(d.CH), NK = m3_up16(d.N), PK = m3_up16(d.P);
+    long m = NK * kg_tc_ws(PK);
+    if (NK * kg_tc_ws(CHP) > m) m = NK * kg_tc_ws(CHP);
+    if (PK * kg_tc_ws(NK) > m) m = PK * kg_tc_ws(NK);
+    if (PK * kg_tc_ws(CHP) > m) m = PK * kg_tc_ws(CHP);
+    return m;
+}
+
+static long bwd_tc_shared(m3_kdims d) {
+    const long CHP = m3_up16(d.CH), NK = m3_up16(d.N), PK = m3_up16(d.P);
+    const long dyn = 4L * (2 * CHP * kg_tc_ws(NK) + 2 * CHP * kg_tc_ws(PK) + 2 * bwd_tc_slot(d) + (long)d.CH * d.NA);
+    const long stat = 4L * (12L * d.CH + 2L * d.NA + 2 * CHP + 1);
+    return dyn + stat;
+}
+
+static int bwd_tc(const kgen *k, m3_kdims d) {
+    const long max = k->shared_max > 0 ? k->shared_max : 160L * 1024;
+    return k->bf16 && m3_up16(d.CH) <= 128 && m3_up16(d.N) <= 128 && m3_up16(d.P) <= 128 && bwd_tc_shared(d) <= max;
+}
+
+/* mamba3_scan_bwd_main_tc: the main kernel of the chunk-parallel backward (see the comment
+ * above emit_bwd_chunked for what it computes) with every product on tensor cores. A
+ * work-group of CHP/16 warps per (chunk, b, h); warp w owns the tokens 16w..16w+15 as the rows
+ * of every product, so the gradients of its tokens, dQl, dKl (NK/8 n-tiles) and dV (PK/8), stay
+ * in its registers, a rotation pair (2i, 2i+1) in one thread. Shared: row tiles of Ql, Kl, dY,
+ * V ([token][pair]) and two slots R0, R1 that each phase fills with what its B operands need:
+ *  (1) R0 = (S_in R)^T [n][p pair]: dQl = e_t dY Xs (contraction P); the row dot with Ql gives
+ *      the inter-chunk share of dcs. R1 = Kl^T, transposed from Kl's tile as integers.
+ *  (2) rows t: G = dY V^T and QK = Ql Kl^T (only s <= t), masked into MA_ts = decay lsc_s G_ts
+ *      (s < t); sum_s MA_ts QK_ts is the row term of dcs; the diagonals G_tt, QK_tt go to
+ *      shared; dQl += MA Kl with MA repacked as A fragments (k-steps of s <= t).
+ *  (3) R0 = dS_out R [p][n pair], R1 its transpose: dV = wl dS Kl (contraction N), dKl =
+ *      wl dS^T V (contraction P); the row dot of the first with V is lvdu.
+ *  (4) R0 = Ql^T, R1 = dY^T; rows s: G^T = V dY^T and QK^T = Kl Ql^T (only t >= s), masked
+ *      into MA^T, and lsc_s decay QK^T (the scale folded in before rounding); sum_t decay G^T
+ *      QK^T is dscale's share (and, times lsc_s, the column term of dcs); dKl += MA^T Ql,
+ *      dV += (lsc MB)^T dY (k-steps of t >= s).
+ * Then in registers: the diagonal (gamma_t Q_t.K_t + D) v_t terms (D dy in fp32 from global),
+ * dx written, and the rotation undone pair by pair with dTheta into LPH; the per-token chain
+ * is the fp32 kernel's. Products whose result is masked (s > t) are skipped per warp. */
+static int emit_bwd_main_tc(kgen *k, const ir_node *n, int node, m3_kdims d) {
+    const int H = d.H, P = d.P, N = d.N, NA = d.NA, CH = d.CH;
+    const long W = d.W, W2 = m3_theta_width(NA, CH), Wt = NA + 4;
+    const int CHP = (int)m3_up16(CH), NK = (int)m3_up16(N), PK = (int)m3_up16(P), NT = 2 * CHP;
+    const long wsN = kg_tc_ws(NK), wsP = kg_tc_ws(PK), wsC = kg_tc_ws(CHP), NO = NK / 8, PO = PK / 8, CO = CHP / 8;
+    const long ldx = kg_ld(k, n->in[IN_X]), ldb = kg_ld(k, n->in[IN_BN]), ldc = kg_ld(k, n->in[IN_CN]),
+               lddt = kg_ld(k, n->in[IN_DDT]), ldda = kg_ld(k, n->in[IN_DDA]), ldtr = kg_ld(k, n->in[IN_TRAP]),
+               ldang = kg_ld(k, n->in[IN_ANG]), ldst = kg_ld(k, n->in[BIN_ST]), lddy = kg_ld(k, n->in[BIN_DY]),
+               ldth = kg_ld(k, n->in[BIN_TH]), ldgx = kg_ld(k, n->out[IN_X]), ldga = kg_ld(k, n->out[IN_DDA]),
+               ldh = kg_ld(k, n->out[BOUT_HEAD]), lddsl = kg_ld(k, n->out[BOUT_DSL]), ldtk = kg_ld(k, n->out[BOUT_TK]);
+    char e1[400], e2[400], a0[200], a1[200];
+    kg_begin(k, "mamba3_scan_bwd_main_tc", node, node + 1);
+    args_common(k, n);
+    kg_in(k, "Dp", n->in[IN_D]);
+    kg_in(k, "st", n->in[BIN_ST]);
+    kg_in(k, "dy", n->in[BIN_DY]);
+    kg_in(k, "th", n->in[BIN_TH]);
+    kg_in(k, "dsl", n->out[BOUT_DSL]);
+    kg_out(k, "gx", n->out[IN_X]);
+    kg_out(k, "gddA", n->out[IN_DDA]);
+    kg_out(k, "hd", n->out[BOUT_HEAD]);
+    kg_out(k, "tkw", n->out[BOUT_TK]);
+    KL("const long c0 = GID_X * %d, bh = GID_Y, b = bh / %d;", CH, H);
+    KL("const int h = (int)(bh - b * %d), lid = LID_X;", H);
+    KL("const long rb = b * S + c0, sb = rb - %d;", CH);
+    KL("const int L = (int)(S - c0 < %d ? S - c0 : %d);", CH, CH);
+    KL("const int last = c0 + %d >= S;   /* nothing leaves the last chunk */", CH);
+    KL("LOCAL float ldt[%d], ladt[%d], lsc[%d], lgm[%d], lcs[%d], tc[%d], ts[%d];", CH, CH, CH, CH, CH, NA, NA);
+    KL("LOCAL float ldcs[%d], ldsc[%d], lvdu[%d], lG[%d], lQK[%d], lrd[%d], lsv[%d], red[%d], lsd[1];", CH, CH, CH, CH, CH,
+       CH, CH, NT);
+    kg_shared(k, "shQ", (long)CHP * wsN);
+    kg_shared(k, "shK", (long)CHP * wsN);
+    kg_shared(k, "shY", (long)CHP * wsP);
+    kg_shared(k, "shV", (long)CHP * wsP);
+    kg_shared(k, "sh0", bwd_tc_slot(d));
+    kg_shared(k, "sh1", bwd_tc_slot(d));
+    kg_shared(k, "LPH", (long)CH * NA);
+    KL("unsigned *Qs = (unsigned *)shQ, *Ks = (unsigned *)shK, *Ys = (unsigned *)shY, *Vs = (unsigned *)shV;");
+    KL("unsigned *R0 = (unsigned *)sh0, *R1 = (unsigned *)sh1;");
+    KL("const float dtbh = dtb[h], Dh = Dp[h];");
+    emit_chunk_scalars(k, NT, CH, NA, lddt, ldda, ldtr, ldang);
+    emit_entering_angle(k, NT, NA, W2, ldth, 0);
+    KL("BARRIER();");
+    emit_tc_kq_rows(k, NT, CHP, N, NA, "Ks", "Qs", ldb, ldc);
+    emit_tc_tok_rows(k, NT, CHP, P, PK, "Ys", "dy", lddy);
+    emit_tc_tok_rows(k, NT, CHP, P, PK, "Vs", "x", ldx);
+    emit_tc_state_cols(k, NT, P, PK, N, NK, NA, "R0", "st", W, ldst, "sb", "c0 > 0");
+    /* <dS_out, S_in>: both absolute, no rotation */
+    kl_spread(a0, sizeof a0, "sb", "e", W, ldst);
+    kl_spread(a1, sizeof a1, "rb", "e", W, lddsl);
+    KL("{");
+    KL("float sd = 0.0f;");
+    KL("if (!last && c0 > 0) for (long e = lid; e < %ldL; e += %d) sd += dsl[%s] * st[%s];", (long)P * N, NT, a1, a0);
+    KL("red[lid] = sd;");
+    KL("}");
+    KL("BARRIER();");
+    KL("if (lid == 0) { float s = 0.0f; for (int q = 0; q < %d; q++) s += red[q]; lsd[0] = s; }", NT);
+    emit_tc_transpose(k, NT, "R1", NK, CHP / 2, "Ks", wsN);
+    kg_tc_prologue(k);
+    KL("const int tr = warp * 16 + gq;   /* this thread's tokens: tr, tr + 8 */");
+    kg_tc_afrag(k, PK, "yf", "Ys");
+    kg_tc_afrag(k, NK, "qf", "Qs");
+    /* (1) inter-chunk: dQl = e_t dY Xs */
+    kg_tc_zero(k, "dq", NO);
+    kg_tc_mma(k, "dq", "yf[kk]", "R0", wsP, NO, PK / 16);
+    tc_elem(e1, sizeof e1, "Qs", wsN, "tr + 8 * (e >> 1)", "e & 1");
+    KL("{");
+    KL("float zr[2] = {0.0f, 0.0f};");
+    KL("#pragma unroll");
+    KL("for (int j = 0; j < %ld; j++)", NO);
+    KL("    for (int e = 0; e < 4; e++) zr[e >> 1] += dq[j][e] * %s;", e1);
+    emit_quad_sum(k, "zr");
+    KL("float et[2];");
+    KL("for (int r = 0; r < 2; r++) {");
+    KL("    const int t = tr + 8 * r;");
+    KL("    et[r] = t < L ? EXPF(FMINF(lcs[t], 0.0f)) : 0.0f;");
+    KL("    if (tq == 0 && t < L) ldcs[t] = et[r] * zr[r];");
+    KL("}");
+    KL("#pragma unroll");
+    KL("for (int j = 0; j < %ld; j++)", NO);
+    KL("    for (int e = 0; e < 4; e++) dq[j][e] *= et[e >> 1];");
+    KL("}");
+    KL("BARRIER();   /* R1 = Kl^T is complete */");
+    /* (2) rows t: G, QK, MA; dQl += MA Kl */
+    KL("{");
+    kg_tc_zero(k, "ga", CO);
+    kg_tc_zero(k, "qa", CO);
+    kg_tc_mma_if(k, "ga", "yf[kk]", "Vs", wsP, CO, PK / 16, NULL, "j < 2 * warp + 2");
+    kg_tc_mma_if(k, "qa", "qf[kk]", "Ks", wsN, CO, NK / 16, NULL, "j < 2 * warp + 2");
+    KL("float zr[2] = {0.0f, 0.0f};");
+    KL("#pragma unroll");
+    KL("for (int j = 0; j < %ld; j++)", CO);
+    KL("    for (int e = 0; e < 4; e++) {");
+    KL("        const int t = tr + 8 * (e >> 1), s2 = 8 * j + 2 * tq + (e & 1);");
+    KL("        float ma = 0.0f;");
+    KL("        if (t < L) {");
+    KL("            if (s2 < t) { ma = EXPF(FMINF(lcs[t] - lcs[s2], 0.0f)) * lsc[s2] * ga[j][e]; zr[e >> 1] += ma * qa[j][e]; }");
+    KL("            else if (s2 == t) { lG[t] = ga[j][e]; lQK[t] = qa[j][e]; }");
+    KL("        }");
+    KL("        ga[j][e] = ma;");
+    KL("    }");
+    emit_quad_sum(k, "zr");
+    KL("for (int r = 0; r < 2; r++) if (tq == 0 && tr + 8 * r < L) lrd[tr + 8 * r] = zr[r];");
+    kg_tc_repack(k, "mf", "ga", CHP / 16);
+    kg_tc_mma_if(k, "dq", "mf[kk]", "R1", wsC, NO, CHP / 16, "kk <= warp", NULL);
+    KL("}");
+    KL("BARRIER();   /* done with R0, R1 */");
+    /* (3) the state update: dV = wl dS Kl, dKl = wl dS^T V */
+    emit_tc_state_rows(k, NT, P, PK, N, NA, "R0", "dsl", W, lddsl, "rb", "!last");
+    emit_tc_state_cols(k, NT, P, PK, N, NK, NA, "R1", "dsl", W, lddsl, "rb", "!last");
+    KL("BARRIER();");
+    kg_tc_afrag(k, NK, "kf", "Ks");
+    kg_tc_afrag(k, PK, "vf", "Vs");
+    kg_tc_zero(k, "dv", PO);
+    kg_tc_mma(k, "dv", "kf[kk]", "R0", wsN, PO, NK / 16);
+    kg_tc_zero(k, "dk", NO);
+    kg_tc_mma(k, "dk", "vf[kk]", "R1", wsP, NO, PK / 16);
+    tc_elem(e1, sizeof e1, "Vs", wsP, "tr + 8 * (e >> 1)", "e & 1");
+    KL("{");
+    KL("float zr[2] = {0.0f, 0.0f};");
+    KL("#pragma unroll");
+    KL("for (int j = 0; j < %ld; j++)", PO);
+    KL("    for (int e = 0; e < 4; e++) zr[e >> 1] += dv[j][e] * %s;", e1);
+    emit_quad_sum(k, "zr");
+    KL("float wl[2];");
+    KL("for (int r = 0; r < 2; r++) {");
+    KL("    const int t = tr + 8 * r;");
+    KL("    wl[r] = t < L ? EXPF(FMINF(lcs[L - 1] - lcs[t], 0.0f)) * lsc[t] : 0.0f;");
+    KL("    if (tq == 0 && t < L) lvdu[t] = zr[r];");
+    KL("}");
+    KL("#pragma unroll");
+    KL("for (int j = 0; j < %ld; j++)", PO);
+    KL("    for (int e = 0; e < 4; e++) dv[j][e] *= wl[e >> 1];");
+    KL("#pragma unroll");
+    KL("for (int j = 0; j < %ld; j++)", NO);
+    KL("    for (int e = 0; e < 4; e++) dk[j][e] *= wl[e >> 1];");
+    KL("}");
+    KL("BARRIER();   /* done with R0, R1 */");
+    /* (4) rows s: G^T, QK^T; dKl += MA^T Ql, dV += (lsc MB)^T dY */
+    emit_tc_transpose(k, NT, "R0", NK, CHP / 2, "Qs", wsN);
+    emit_tc_transpose(k, NT, "R1", PK, CHP / 2, "Ys", wsP);
+    KL("BARRIER();");
+    KL("{");
+    kg_tc_zero(k, "ga", CO);
+    kg_tc_zero(k, "qa", CO);
+    kg_tc_mma_if(k, "ga", "vf[kk]", "Ys", wsP, CO, PK / 16, NULL, "j >= 2 * warp");
+    kg_tc_mma_if(k, "qa", "kf[kk]", "Qs", wsN, CO, NK / 16, NULL, "j >= 2 * warp");
+    KL("float zr[2] = {0.0f, 0.0f};");
+    KL("#pragma unroll");
+    KL("for (int j = 0; j < %ld; j++)", CO);
+    KL("    for (int e = 0; e < 4; e++) {");
+    KL("        const int s2 = tr + 8 * (e >> 1), t = 8 * j + 2 * tq + (e & 1);");
+    KL("        float a = 0.0f, m = 0.0f;");
+    KL("        if (t < L && s2 < t) {");
+    KL("            const float wd = EXPF(FMINF(lcs[t] - lcs[s2], 0.0f));");
+    KL("            zr[e >> 1] += wd * ga[j][e] * qa[j][e];");
+    KL("            a = wd * lsc[s2] * ga[j][e];");
+    KL("            m = wd * lsc[s2] * qa[j][e];");
+    KL("        }");
+    KL("        ga[j][e] = a;");
+    KL("        qa[j][e] = m;");
+    KL("    }");
+    emit_quad_sum(k, "zr");
+    KL("for (int r = 0; r < 2; r++) if (tq == 0 && tr + 8 * r < L) lsv[tr + 8 * r] = zr[r];");
+    kg_tc_repack(k, "af", "ga", CHP / 16);
+    kg_tc_repack(k, "bf", "qa", CHP / 16);
+    kg_tc_mma_if(k, "dk", "af[kk]", "R0", wsC, NO, CHP / 16, "kk >= warp", NULL);
+    kg_tc_mma_if(k, "dv", "bf[kk]", "R1", wsC, PO, CHP / 16, "kk >= warp", NULL);
+    KL("}");
+    KL("BARRIER();   /* lG, lQK, lrd, lsv, lvdu, ldcs complete */");
+    /* the diagonal, dx, the rotation undone in registers */
+    tc_elem(e1, sizeof e1, "Ks", wsN, "t", "e2");
+    tc_elem(e2, sizeof e2, "Qs", wsN, "t", "e2");
+    KL("#pragma unroll");
+    KL("for (int r = 0; r < 2; r++) {");
+    KL("    const int t = tr + 8 * r;");
+    KL("    if (t >= L) continue;");
+    KL("    const float gg = lgm[t] * lG[t], gqd = lgm[t] * lQK[t] + Dh;");
+    KL("    #pragma unroll");
+    KL("    for (int j = 0; j < %ld; j++)", PO);
+    KL("        for (int e2 = 0; e2 < 2; e2++) {");
+    KL("            const int p = 8 * j + 2 * tq + e2;");
+    if (PK != P) KL("            if (p >= %d) continue;", P);
+    KL("            gx[(rb + t) * %ldL + h * %d + p] = dv[j][2 * r + e2] + gqd * dy[(rb + t) * %ldL + h * %d + p];", ldgx, P,
+       lddy, P);
+    KL("        }");
+    KL("    const long hb = (rb + t) * %ldL + h * %d;", ldh, 2 * N);
+    KL("    #pragma unroll");
+    KL("    for (int j = 0; j < %ld; j++) {", NO);
+    KL("        const int i = 4 * j + tq, n0 = 2 * i;");
+    KL("        if (n0 >= %d) continue;", N);
+    KL("        float g[2][2];   /* [q, k][pair element] */");
+    KL("        for (int e2 = 0; e2 < 2; e2++) {");
+    KL("            g[0][e2] = dq[j][2 * r + e2] + gg * %s;", e1);
+    KL("            g[1][e2] = dk[j][2 * r + e2] + gg * %s;", e2);
+    KL("        }");
+    KL("        if (i < %d) {", NA);
+    KL("            const float cq = COSF(LPH[t * %d + i]), sq = SINF(LPH[t * %d + i]);", NA, NA);
+    KL("            hd[hb + n0] = cq * g[1][0] + sq * g[1][1]; hd[hb + n0 + 1] = -sq * g[1][0] + cq * g[1][1];");
+    KL("            hd[hb + %d + n0] = cq * g[0][0] + sq * g[0][1]; hd[hb + %d + n0 + 1] = -sq * g[0][0] + cq * g[0][1];", N, N);
+    KL("            const unsigned qw = Qs[t * %ld + i], kw = Ks[t * %ld + i];", wsN, wsN);
+    KL("            const float q0 = __uint_as_float(qw << 16), q1 = __uint_as_float(qw & 0xffff0000u);");
+    KL("            const float k0 = __uint_as_float(kw << 16), k1 = __uint_as_float(kw & 0xffff0000u);");
+    KL("            LPH[t * %d + i] = -g[0][0] * q1 + g[0][1] * q0 - g[1][0] * k1 + g[1][1] * k0;", NA);
+    KL("        } else {");
+    KL("            hd[hb + n0] = g[1][0]; hd[hb + %d + n0] = g[0][0];", N);
+    if (N % 2) KL("            if (n0 + 1 < %d) { hd[hb + n0 + 1] = g[1][1]; hd[hb + %d + n0 + 1] = g[0][1]; }", N, N);
+    else KL("            hd[hb + n0 + 1] = g[1][1]; hd[hb + %d + n0 + 1] = g[0][1];", N);
+    KL("        }");
+    KL("    }");
+    KL("}");
+    /* per token: dcs and dscale */
+    KL("if (lid < L) {");
+    KL("const int a = lid;");
+    KL("const float dl = EXPF(FMINF(lcs[L - 1] - lcs[a], 0.0f));");
+    KL("float dc = ldcs[a] + lrd[a] - lsc[a] * lsv[a] - dl * lsc[a] * lvdu[a];");
+    KL("if (a == L - 1) {");
+    KL("dc += EXPF(FMINF(lcs[L - 1], 0.0f)) * lsd[0];");
+    KL("for (int s2 = 0; s2 < L; s2++) dc += EXPF(FMINF(lcs[L - 1] - lcs[s2], 0.0f)) * lsc[s2] * lvdu[s2];");
+    KL("}");
+    KL("ldcs[a] = dc;");
+    KL("ldsc[a] = lsv[a] + dl * lvdu[a];");
+    KL("}");
+    KL("BARRIER();");
+    emit_bwd_main_tail(k, NT, CH, NA, lddt, ldda, ldtr, ldga, ldtk, Wt);
+    kg_grid(k, 0, 0, 0, 1, 0, CH);
+    kg_grid(k, 1, 0, H, 0, 0, 1);
+    kg_block(k, NT, 1, 1);
+    return kg_end(k);
 }
 
 static int emit_bwd_chunked(kgen *k, const ir_node *n, int node, m3_kdims d) {
@@ -1915,7 +2633,9 @@ static int emit_bwd_chunked(kgen *k, const ir_node *n, int node, m3_kdims d) {
     char a0[200], a1[200], a2[200], a3[200];
 
     /* ---- (1) per-chunk increments of the state gradient */
-    {
+    if (chunk_tc(k, d)) {
+        if (emit_chunk_tc(k, n, node, d, 1) < 0) return -1;
+    } else {
         const int NT = 256;
         kg_begin(k, "mamba3_scan_bwd_chunk", node, node + 1);
         args_common(k, n);
@@ -2032,7 +2752,9 @@ static int emit_bwd_chunked(kgen *k, const ir_node *n, int node, m3_kdims d) {
     }
 
     /* ---- (3) the chunk's products */
-    {
+    if (bwd_tc(k, d)) {
+        if (emit_bwd_main_tc(k, n, node, d) < 0) return -1;
+    } else {
         const int TPR = bwd_tpr(CH), NT = CH * TPR;
         const int CN = (N + TPR - 1) / TPR, CP = (P + TPR - 1) / TPR, CC = (CH + TPR - 1) / TPR;
         const int N1 = N + 1, P1 = P + 1, C1 = CH + 1;
@@ -2254,41 +2976,7 @@ static int emit_bwd_chunked(kgen *k, const ir_node *n, int node, m3_kdims d) {
         KL("}");
         KL("}");
         KL("BARRIER();");
-        /* per token: the in-chunk suffix of dTheta, dADT (in-chunk suffix of dcs), partial dDT/dlam */
-        {
-            /* a reverse inclusive scan over the chunk's rows (rows past L count as zero), all
-             * work-items at once rather than one per angle walking the chunk */
-            const int R = (CH * NA + NT - 1) / NT;
-            KL("for (int off = 1; off < %d; off <<= 1) {", CH);
-            KL("float nv[%d];", R);
-            KL("for (int r = 0; r < %d; r++) {", R);
-            KL("const int j = lid + r * %d, a = j / %d;", NT, NA);
-            KL("float v = 0.0f;");
-            KL("if (j < %d && a < L) { v = LPH[j]; if (a + off < L) v += LPH[j + off * %d]; }", CH * NA, NA);
-            KL("nv[r] = v;");
-            KL("}");
-            KL("BARRIER();");
-            KL("for (int r = 0; r < %d; r++) { const int j = lid + r * %d; if (j < %d) LPH[j] = nv[r]; }", R, NT, CH * NA);
-            KL("BARRIER();");
-            KL("}");
-            KL("for (int j = lid; j < L * %d; j += %d) { const int a = j / %d, i = j - a * %d; tkw[(rb + a) * %ldL + h * %ld + i] = LPH[j]; }",
-               NA, NT, NA, NA, ldtk, Wt);
-        }
-        KL("if (lid < L) {");
-        KL("const int a = lid;");
-        KL("const long tk = rb + a;");
-        emit_acts(k, "", "tk", lddt, ldda, ldtr);
-        KL("float dADT = 0.0f;");
-        KL("for (int a2 = a; a2 < L; a2++) dADT += ldcs[a2];");
-        KL("const float ow = lQK[a] * lG[a] + ldsc[a];");
-        KL("float pdt = ow * lam + Av * dADT, plam = ow * DT;");
-        KL("if (a > 0) { pdt += ldsc[a - 1] * (1.0f - lam); plam -= ldsc[a - 1] * DT; }");
-        KL("gddA[tk * %ldL + h] = DT * dADT * dA;", ldga);
-        KL("tkw[tk * %ldL + h * %ld + %d] = pdt;", ldtk, Wt, NA);
-        KL("tkw[tk * %ldL + h * %ld + %d] = plam;", ldtk, Wt, NA + 1);
-        KL("tkw[tk * %ldL + h * %ld + %d] = ldsc[a];", ldtk, Wt, NA + 2);
-        KL("tkw[tk * %ldL + h * %ld + %d] = lG[a];", ldtk, Wt, NA + 3);
-        KL("}");
+        emit_bwd_main_tail(k, NT, CH, NA, lddt, ldda, ldtr, ldga, ldtk, Wt);
         kg_grid(k, 0, 0, 0, 1, 0, CH);
         kg_grid(k, 1, 0, H, 0, 0, 1);
         kg_block(k, NT, 1, 1);
@@ -2389,7 +3077,7 @@ static int emit_bwd(kgen *k, const ir_node *n) {
     const int H = d.H, P = d.P, N = d.N, NA = d.NA, CH = d.CH;
     const long W2 = 2L * N + NA;
     long local = 4L * ((long)P * N + (long)CH * N + (long)CH * NA + 6L * CH + 4);
-    const int chunked = fwd_chunked(d) && bwd_chunked_fits(d, k->shared_max > 0 ? k->shared_max : 160L * 1024);
+    const int chunked = fwd_chunked(d) && bwd_chunked_fits(d, k->shared_max > 0 ? k->shared_max : 160L * 1024, bwd_tc(k, d));
     if (chunked) {
         if (emit_bwd_chunked(k, n, node, d) < 0) return -1;
     } else if (CH > 256 || NA > 256 || local > 48L * 1024) {
