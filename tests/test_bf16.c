@@ -561,7 +561,7 @@ TEST(bf16_matmul_grid_covers_every_tile) {
                 int nt = ir_ntok_dims(xs);
                 long M = per * (nt == 2 ? bs[j][0] * bs[j][1] : nt == 1 ? bs[j][0] : 1);
                 long nct = (N + 127) / 128, need = nct * ((M + 127) / 128);
-                int ok = pl->block[0] == 256 && gr[1] == 1 && gr[2] == 1 && (long)gr[0] >= need &&
+                int ok = pl->block[0] == 128 && gr[1] == 1 && gr[2] == 1 && (long)gr[0] >= need &&
                          (long)gr[0] <= need + nct;
                 if (!ok) {
                     char m[sizeof t->msg];
