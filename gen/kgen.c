@@ -225,6 +225,8 @@ void kg_block(kgen *k, int x, int y, int z) {
     k->cur.block[2] = z;
 }
 
+void kg_min_blocks(kgen *k, int n) { k->cur.min_blocks = n; }
+
 int kg_end(kgen *k) {
     if (k->err[0]) return -1;
     strbuf whole = {0};
@@ -241,7 +243,11 @@ int kg_end(kgen *k) {
         k->names = realloc(k->names, sizeof *k->names * (size_t)k->nbodies);
         k->bodies[found] = whole.s;
         snprintf(k->names[found], sizeof k->names[found], "k%d_%.40s", found, k->cur.kernel);
-        sb_printf(&k->src, "\nKERNEL %s%s", k->names[found], whole.s);
+        char bounds[64] = "";
+        if (k->cur.min_blocks > 0 && strcmp(k->d->name, "cuda") == 0)
+            snprintf(bounds, sizeof bounds, "__launch_bounds__(%d, %d) ",
+                     k->cur.block[0] * k->cur.block[1] * k->cur.block[2], k->cur.min_blocks);
+        sb_printf(&k->src, "\nKERNEL %s%s%s", bounds, k->names[found], whole.s);
     } else {
         sb_free(&whole);
     }

@@ -24,9 +24,11 @@
  * splits, one work-group per (tile, split) writes its partial tile into `part`, and a second
  * kernel adds the G partials of each output in order g = 0, 1, ... . Both passes sum in a
  * fixed order, so the result is bitwise reproducible (no floating-point atomics).
- * G is chosen so that tiles x G is about WG_GROUPS work-groups: the bf16 kernel (64x64 tiles,
- * 128 threads) takes ~128 registers, so an H100 holds 4 of its blocks per SM, 528 in all, and 2048 is about four
- * waves (the partly filled last wave costs less the more waves there are). More splits cost
+ * G is chosen so that there are about WG_GROUPS work-groups of 64x64 tiles (the fp32 kernel's;
+ * 2048 is about four waves of the first bf16 kernel, 4 blocks of 128 threads per H100 SM). The
+ * bf16 kernel now takes 128x128 tiles, two blocks per SM: tiles x G is then 288 to 546 blocks at
+ * realm-9m's shapes, 1.1 to 2.1 waves of 264, so a G counted in those tiles would fill the GPU
+ * better; it is left as is because G also fixes the fp32 plans' partial sums. More splits cost
  * workspace traffic and memory, small next to the operands at training sizes: `part` holds
  * at most about WG_GROUPS 64x64 fp32 tiles, 32 MiB (or, past WG_GROUPS tiles, G = 1 and one
  * copy of the gradient), and the planner reuses
@@ -200,10 +202,22 @@ static void emit_tile_head(kgen *k) {
  *    (BM + BN) K 4 bytes per block; 128x128 tiles take 32 FLOP per byte.
  *
  * Variant "p128" (TILE_MM, TILE_WGRAD): 128x128 tiles, 4 warps of 64x64, STAGES = 3 slices of
- * BK = 32 (96 KiB of dynamic shared memory), ~200-230 registers: two blocks per H100 SM, so
+ * BK = 32 (96 KiB of dynamic shared memory), ~220-240 registers: two blocks per H100 SM, so
  * one block's prologue/epilogue (the output is 64 KiB of fp32 per tile) overlaps the other's
- * main loop. Knobs for tuning: the mma_tile table (tile, warp grid, stages; the stages shrink
- * to fit kgen.shared_max), BK (a multiple of 16, with the swizzles below assuming 32).
+ * main loop. Knobs for tuning: the mma_tile table (tile, warp grid, stages, which shrink to
+ * fit kgen.shared_max, and a register cap through minb), BK (the swizzles assume 32).
+ * Measured on an H100 (realm-9m, 8 x 8192, ms per step for all matmul / matmul_wgrad launches;
+ * the register-staged 128x128/8-warp first version: 32.0 / 14.9):
+ *   p128, 128x128, 4 warps of 64x64, 3 stages                        13.9 / 8.0
+ *   256x128, 8 warps of 64x64, 1 block per SM, 3 stages              15.5 / 10.7 (256x128 wgrad)
+ *   256x128, 4 stages; wgrad 128x256, 8 warps, 4 stages              15.3 / 9.7
+ *   128x128, 8 warps of 64x32, minb 2 (<= 128 registers, 16 warps)  15.2 / 9.4
+ *   128x64, 4 warps of 64x32, minb 3                                  16.7 / 9.9
+ * At p128 the in_proj forward ([65536 x 384] x [384 x 1716]) takes 0.47 ms (~180 TFLOP/s):
+ * Nsight Compute shows L2 at ~72% of its peak, tensor pipe at ~10% and warps mostly waiting
+ * on dependencies (fixed-latency and shared-memory loads) with only 2 warps per scheduler.
+ * What would go further: bf16 copies of the operands (half the L2 and shared bytes, ldmatrix,
+ * no conversions in the loop), or Hopper's bulk copies and wgmma (sm_90a).
  *
  * Shared tiles hold fp32, in one of two layouts, both swizzled so that cp.async's 16-byte
  * writes and the fragment reads are free of bank conflicts:
@@ -237,10 +251,11 @@ typedef struct {
     int bm, bn;     /* output tile */
     int wgm, wgn;   /* warps along M and along N */
     int stages;     /* cp.async pipeline depth (slices); fewer if shared memory is short */
+    int minb;       /* blocks per SM the register allocation must allow (0: the compiler's choice) */
 } mma_tile;
 
-static const mma_tile TILE_MM = {128, 128, 2, 2, 3};
-static const mma_tile TILE_WGRAD = {128, 128, 2, 2, 3};
+static const mma_tile TILE_MM = {128, 128, 2, 2, 3, 0};
+static const mma_tile TILE_WGRAD = {128, 128, 2, 2, 3, 0};
 
 static int tile_threads(const mma_tile *t) { return 32 * t->wgm * t->wgn; }
 
@@ -256,6 +271,7 @@ typedef struct {
     const char *roff;       /* kcontig: offset of row `r`, or NULL (row * ld) */
     long ld;
     const char *koff;       /* !kcontig: offset of contraction index `kx` */
+    long kld;               /* !kcontig: koff is kx * kld (0: not that simple) */
     const char *base;       /* first row of the tile: "m0" or "n0" */
     const char *lim;        /* rows in the matrix (C expression) */
     int rows;               /* rows of the tile: bm or bn */
@@ -271,10 +287,71 @@ static int operand_vec(const kgen *k, int t, long len) {
     return k->g->t[t].offset % 4 == 0 && kg_ld(k, t) % 4 == 0 && (per == 1 || len % 4 == 0);
 }
 
+/* Whether operand o takes the fast copy path: 16-byte chunks and rows (kcontig) or contraction
+ * lines (!kcontig) a constant stride apart, so each thread's source pointers are one base
+ * pointer plus compile-time offsets and its row/column guards are fixed for the whole loop. */
+static int pipe_fast(const mma_operand *o) { return o->vec && (o->kcontig ? !o->roff : o->kld > 0); }
+
+/* The per-thread constants of the fast path (emit_pipe_load), before the prologue. A K-major
+ * thread copies chunk tid & 7 of rows (tid >> 3) + (nt / 8) i; an MN-major one chunk tid % cpl
+ * of contraction lines tid / cpl + (nt / cpl) i. */
+static void emit_pipe_setup(kgen *k, const mma_operand *o) {
+    const char *p = o->name;
+    if (!pipe_fast(o)) return;
+    if (o->kcontig) {
+        kg_line(k, "const int %s_lr = tid >> 3, %s_lc = tid & 7;", p, p);
+        kg_line(k, "GLOBAL const float *%s_g = %s + (%s + %s_lr) * %ld + 4 * %s_lc;", p, p, o->base, p, o->ld, p);
+        kg_line(k, "const long %s_rem = %s - (%s + %s_lr);", p, o->lim, o->base, p);
+        kg_line(k, "const unsigned %s_d = s%s_s + 4u * (unsigned)(%s_lr * %d + ((%s_lc ^ ((%s_lr & 1) << 2)) << 2));", p, p, p,
+                BK, p, p);
+    } else {
+        const int cpl = o->rows / 4;
+        kg_line(k, "const int %s_kl = tid / %d, %s_lc = tid %% %d;", p, cpl, p, cpl);
+        kg_line(k, "GLOBAL const float *%s_g = %s + (long)%s_kl * %ld + %s + 4 * %s_lc;", p, p, p, o->kld, o->base, p);
+        kg_line(k, "const long %s_cr = %s - (%s + 4 * %s_lc);", p, o->lim, o->base, p);
+        kg_line(k, "const int %s_cb = %s_cr >= 4 ? 16 : %s_cr > 0 ? 4 * (int)%s_cr : 0;", p, p, p, p);
+        kg_line(k, "const unsigned %s_d = s%s_s + 4u * (unsigned)(%s_kl * %d);", p, p, p, o->rows);
+    }
+}
+
 /* cp.async of operand o's slice starting at contraction index `k0` into stage `st` (both C
  * expressions in scope). kguard: the contraction may end inside the slice. */
 static void emit_pipe_load(kgen *k, const mma_operand *o, int nt, const char *ktot, int kguard) {
     const char *p = o->name;
+    const int sz = o->rows * BK;
+    if (pipe_fast(o) && o->kcontig) {
+        const int rs = nt / 8;
+        kg_line(k, "    {");
+        if (kguard) {
+            kg_line(k, "    const long kr = %s - (k0 + 4 * %s_lc);", ktot, p);
+            kg_line(k, "    const int kb = kr >= 4 ? 16 : kr > 0 ? 4 * (int)kr : 0;");
+        } else {
+            kg_line(k, "    const int kb = 16;");
+        }
+        kg_line(k, "    GLOBAL const float *g = %s_g + k0;", p);
+        kg_line(k, "    #pragma unroll");
+        kg_line(k, "    for (int i = 0; i < %d; i++) {", o->rows / rs);
+        kg_line(k, "        const int nb = %d * i < %s_rem ? kb : 0;", rs, p);
+        kg_line(k, "        cp_async16(%s_d + 4u * (unsigned)(st * %d + %d * i), nb ? g + %ldL * i : %s, nb);", p, sz, rs * BK,
+                (long)rs * o->ld, p);
+        kg_line(k, "    }");
+        kg_line(k, "    }");
+        return;
+    }
+    if (pipe_fast(o)) {
+        const int ls = nt / (o->rows / 4);
+        kg_line(k, "    {");
+        kg_line(k, "    const long kr = %s - (k0 + %s_kl);", ktot, p);
+        kg_line(k, "    GLOBAL const float *g = %s_g + k0 * %ld;", p, o->kld);
+        kg_line(k, "    #pragma unroll");
+        kg_line(k, "    for (int i = 0; i < %d; i++) {", BK / ls);
+        kg_line(k, "        const int nb = %d * i < kr ? %s_cb : 0, sw = (((%s_kl + %d * i) >> 2) & 3) << 1;", ls, p, p, ls);
+        kg_line(k, "        cp_async16(%s_d + 4u * (unsigned)(st * %d + %d * i + ((%s_lc ^ sw) << 2)), nb ? g + %ldL * i : %s, nb);",
+                p, sz, ls * o->rows, p, (long)ls * o->kld, p);
+        kg_line(k, "    }");
+        kg_line(k, "    }");
+        return;
+    }
     if (o->kcontig) {
         kg_line(k, "    #pragma unroll");
         kg_line(k, "    for (int i = 0; i < %d; i++) {", o->rows * (BK / 4) / nt);
@@ -283,7 +360,7 @@ static void emit_pipe_load(kgen *k, const mma_operand *o, int nt, const char *kt
         if (o->roff) kg_line(k, "        const long ro = %s;", o->roff);
         else kg_line(k, "        const long ro = r * %ld;", o->ld);
         kg_line(k, "        const unsigned d = s%s_s + 4u * (unsigned)(st * %d + row * %d + ((ch ^ ((row & 1) << 2)) << 2));",
-                p, o->rows * BK, BK);
+                p, sz, BK);
         if (o->vec) {
             if (kguard) {
                 kg_line(k, "        const long kr = %s - kx;", ktot);
@@ -307,7 +384,7 @@ static void emit_pipe_load(kgen *k, const mma_operand *o, int nt, const char *kt
         kg_line(k, "        const int e = tid + %d * i, kl = e / %d, ch = e %% %d;", nt, cpl, cpl);
         kg_line(k, "        const long kx = k0 + kl, c = %s + 4 * ch;", o->base);
         kg_line(k, "        const unsigned d = s%s_s + 4u * (unsigned)(st * %d + kl * %d + ((ch ^ (((kl >> 2) & 3) << 1)) << 2));",
-                p, o->rows * BK, o->rows);
+                p, sz, o->rows);
         if (o->vec) {
             kg_line(k, "        const long cr = %s - c;", o->lim);
             kg_line(k, "        const int nb = kx < %s && cr > 0 ? (cr >= 4 ? 16 : 4 * (int)cr) : 0;", ktot);
@@ -375,7 +452,8 @@ static int emit_mma_pipe(kgen *k, const mma_tile *t, const mma_operand *a, const
     const mma_operand *ops[2] = {a, b};
     for (int q = 0; q < 2; q++) {
         const mma_operand *o = ops[q];
-        int bad = o->kcontig ? o->rows * (BK / 4) % nt : (o->rows % 32 || BK * (o->rows / 4) % nt);
+        int bad = o->kcontig ? o->rows * (BK / 4) % nt || nt % 8
+                            : o->rows % 32 || BK * (o->rows / 4) % nt || nt % (o->rows / 4);
         if (bad || BK != 32) {
             snprintf(k->err, sizeof k->err, "matmul: tile %dx%d cannot be staged by %d threads", t->bm, t->bn, nt);
             return -1;
@@ -407,6 +485,8 @@ static int emit_mma_pipe(kgen *k, const mma_tile *t, const mma_operand *a, const
     kg_line(k, "for (int i = 0; i < %d; i++)", mi);
     kg_line(k, "    for (int j = 0; j < %d; j++)", nj);
     kg_line(k, "        for (int e = 0; e < 4; e++) acc[i][j][e] = 0.0f;");
+    emit_pipe_setup(k, a);
+    emit_pipe_setup(k, b);
     kg_line(k, "const long kbeg = %s, nk = (%s) > kbeg ? ((%s) - kbeg + %d) / %d : 0;", kbeg, ktot, ktot, BK - 1, BK);
     /* the first STAGES - 1 slices; a group is committed even when empty so that the count of
      * groups, which wait_group relies on, does not depend on the shape */
@@ -499,14 +579,15 @@ static int emit_bf16(kgen *k, const ir_node *n) {
     kg_line(k, "if (m0 >= M) return;");
     snprintf(nlim, sizeof nlim, "%ldL", N);
     snprintf(klim, sizeof klim, "%ldL", K);
-    mma_operand a = {.name = "x", .kcontig = 1, .roff = row_at(rx, sizeof rx, k, x, K, "r"), .base = "m0", .lim = "M",
-                     .rows = t->bm, .vec = operand_vec(k, x, K)};
+    /* one row a token: rows are the token stride apart (the fast copy path) */
+    mma_operand a = {.name = "x", .kcontig = 1, .roff = per == 1 ? NULL : row_at(rx, sizeof rx, k, x, K, "r"),
+                     .ld = kg_ld(k, x), .base = "m0", .lim = "M", .rows = t->bm, .vec = operand_vec(k, x, K)};
     mma_operand b;
     /* a weight is an owner or a view at a constant offset: its rows align like its offset */
     int wvec = k->g->t[w].offset % 4 == 0;
     if (n->ia[0]) {   /* W [K,N]: the contraction index selects the row */
         snprintf(wk, sizeof wk, "kx * %ld", N);
-        b = (mma_operand){.name = "w", .kcontig = 0, .koff = wk, .base = "n0", .lim = nlim, .rows = t->bn,
+        b = (mma_operand){.name = "w", .kcontig = 0, .koff = wk, .kld = N, .base = "n0", .lim = nlim, .rows = t->bn,
                           .vec = wvec && N % 4 == 0};
     } else {          /* W [N,K] */
         b = (mma_operand){.name = "w", .kcontig = 1, .roff = NULL, .ld = K, .base = "n0", .lim = nlim, .rows = t->bn,
@@ -517,6 +598,7 @@ static int emit_bf16(kgen *k, const ir_node *n) {
     if (emit_mma_pipe(k, t, &a, &b, "0", klim, K % BK != 0, "m < M", nlim, orow, pair) < 0) return -1;
     grid_tiles(k, 0, x, per, ntile, t->bm);
     kg_block(k, tile_threads(t), 1, 1);
+    if (t->minb) kg_min_blocks(k, t->minb);
     return kg_end(k);
 }
 
@@ -565,10 +647,12 @@ static int emit_wgrad_bf16(kgen *k, const ir_node *n) {
     kg_line(k, "const long n0 = GID_X * %d, m0 = GID_Y * %d;", t->bn, t->bm);
     snprintf(plim, sizeof plim, "%ldL", P);
     snprintf(qlim, sizeof qlim, "%ldL", Q);
-    mma_operand oa = {.name = "a", .kcontig = 0, .koff = row_at(ra, sizeof ra, k, a, P, "kx"), .base = "m0", .lim = plim,
-                      .rows = t->bm, .vec = operand_vec(k, a, P)};
-    mma_operand ob = {.name = "b", .kcontig = 0, .koff = row_at(rb, sizeof rb, k, b, Q, "kx"), .base = "n0", .lim = qlim,
-                      .rows = t->bn, .vec = operand_vec(k, b, Q)};
+    mma_operand oa = {.name = "a", .kcontig = 0, .koff = row_at(ra, sizeof ra, k, a, P, "kx"),
+                      .kld = per == 1 ? kg_ld(k, a) : 0, .base = "m0", .lim = plim, .rows = t->bm,
+                      .vec = operand_vec(k, a, P)};
+    mma_operand ob = {.name = "b", .kcontig = 0, .koff = row_at(rb, sizeof rb, k, b, Q, "kx"),
+                      .kld = kg_feat(k, b) / Q == 1 ? kg_ld(k, b) : 0, .base = "n0", .lim = qlim, .rows = t->bn,
+                      .vec = operand_vec(k, b, Q)};
     snprintf(orow, sizeof orow, "part + GID_Z * %ld + m * %ld", P * Q, Q);
     char rowok[48];
     snprintf(rowok, sizeof rowok, "m < %ld", P);
@@ -577,6 +661,7 @@ static int emit_wgrad_bf16(kgen *k, const ir_node *n) {
     kg_grid(k, 1, (P + t->bm - 1) / t->bm, 0, 0, 0, 1);
     kg_grid(k, 2, G, 0, 0, 0, 1);
     kg_block(k, tile_threads(t), 1, 1);
+    if (t->minb) kg_min_blocks(k, t->minb);
     if (kg_end(k) < 0) return -1;
     return emit_wgrad_sum(k, n);
 }
