@@ -108,7 +108,23 @@ static const char cuda_bf16_prelude[] =
     "                 \"{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\"\n"
     "                 : \"+f\"(d[0]), \"+f\"(d[1]), \"+f\"(d[2]), \"+f\"(d[3])\n"
     "                 : \"r\"(a[0]), \"r\"(a[1]), \"r\"(a[2]), \"r\"(a[3]), \"r\"(b[0]), \"r\"(b[1]));\n"
-    "}\n";
+    "}\n"
+    "/* Asynchronous global -> shared copies (sm_80+): n of the 16 (or 4) bytes are read, the\n"
+    " * rest of the destination is zero-filled, so n = 0 zeroes it without touching memory. */\n"
+    "INLINE unsigned smem_u32(const void *p) {\n"
+    "    unsigned r;\n"
+    "    asm(\"{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }\" : \"=r\"(r) : \"l\"(p));\n"
+    "    return r;\n"
+    "}\n"
+    "INLINE void cp_async16(unsigned dst, const float *src, int n) {\n"
+    "    asm volatile(\"cp.async.cg.shared.global [%0], [%1], 16, %2;\" :: \"r\"(dst), \"l\"(src), \"r\"(n) : \"memory\");\n"
+    "}\n"
+    "INLINE void cp_async4(unsigned dst, const float *src, int n) {\n"
+    "    asm volatile(\"cp.async.ca.shared.global [%0], [%1], 4, %2;\" :: \"r\"(dst), \"l\"(src), \"r\"(n) : \"memory\");\n"
+    "}\n"
+    "INLINE void cp_async_commit(void) { asm volatile(\"cp.async.commit_group;\" ::: \"memory\"); }\n"
+    "/* wait until at most n committed groups of this thread are still in flight */\n"
+    "#define CP_ASYNC_WAIT(n) asm volatile(\"cp.async.wait_group \" #n \";\" ::: \"memory\")\n";
 
 static const dialect dialects[] = {
     {"opencl", opencl_spell, "", NULL},
@@ -209,6 +225,8 @@ void kg_block(kgen *k, int x, int y, int z) {
     k->cur.block[2] = z;
 }
 
+void kg_min_blocks(kgen *k, int n) { k->cur.min_blocks = n; }
+
 int kg_end(kgen *k) {
     if (k->err[0]) return -1;
     strbuf whole = {0};
@@ -225,7 +243,11 @@ int kg_end(kgen *k) {
         k->names = realloc(k->names, sizeof *k->names * (size_t)k->nbodies);
         k->bodies[found] = whole.s;
         snprintf(k->names[found], sizeof k->names[found], "k%d_%.40s", found, k->cur.kernel);
-        sb_printf(&k->src, "\nKERNEL %s%s", k->names[found], whole.s);
+        char bounds[64] = "";
+        if (k->cur.min_blocks > 0 && strcmp(k->d->name, "cuda") == 0)
+            snprintf(bounds, sizeof bounds, "__launch_bounds__(%d, %d) ",
+                     k->cur.block[0] * k->cur.block[1] * k->cur.block[2], k->cur.min_blocks);
+        sb_printf(&k->src, "\nKERNEL %s%s%s", bounds, k->names[found], whole.s);
     } else {
         sb_free(&whole);
     }

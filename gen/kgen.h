@@ -51,6 +51,7 @@ typedef struct plan_launch {
     kg_dim grid[3];
     int block[3];
     long shmem;                    /* bytes of dynamic shared (local) memory, see kg_shared */
+    int min_blocks;                /* kg_min_blocks, 0: none */
 } plan_launch;
 
 typedef struct kgen {
@@ -89,6 +90,10 @@ void kg_block(kgen *k, int x, int y, int z);
  * on CUDA (the launch opts in to more). OpenCL receives the region as a trailing __local
  * pointer argument. Each array starts 16-byte aligned. */
 void kg_shared(kgen *k, const char *name, long n);
+/* CUDA: ask the compiler to fit n work-groups of the block size set by kg_block on one SM
+ * (__launch_bounds__), which caps the registers a thread may use; call after kg_block.
+ * OpenCL ignores it. */
+void kg_min_blocks(kgen *k, int n);
 /* Finish the kernel: identical kernels (same parameters and body) are emitted once and shared. */
 int kg_end(kgen *k);
 

@@ -127,6 +127,12 @@ TEST(bf16_kernels_matmul_views) {
     int y9 = ir_view(&g, ya, SH(DIM_B, DIM_S, 2, 9), 5, "y9");
     int c90 = ir_view(&g, xc, SH(DIM_B, DIM_S, 90), 7, "c90");
     int c70 = ir_view(&g, xc, SH(DIM_B, DIM_S, 70), 101, "c70");
+    /* rows 16-byte aligned (offset and stride multiples of 4) but widths that are not: the
+     * 16-byte copy path with chunks cut at the end of a row (K = 66, P = 66, Q = 130) */
+    int c66 = ir_view(&g, xc, SH(DIM_B, DIM_S, 66), 132, "c66");
+    int c130 = ir_view(&g, xc, SH(DIM_B, DIM_S, 130), 0, "c130");
+    int w4 = ir_tensor_new(&g, "w4", SH(130, 66), DT_F32, ROLE_PARAM);
+    int w5 = ir_tensor_new(&g, "w5", SH(66, 132), DT_F32, ROLE_PARAM);
     int out[IR_MAX_IO];
     long tr1[IR_MAX_IATTR] = {1};
     int ok = ir_emit_into(&g, "matmul", (int[]){x7, w}, 2, NULL, NULL, y9) >= 0 &&
@@ -134,7 +140,10 @@ TEST(bf16_kernels_matmul_views) {
              ir_emit(&g, "matmul_wgrad", (int[]){x7, b6}, 2, NULL, NULL, out) == 2 &&
              ir_emit(&g, "matmul", (int[]){c90, w3}, 2, NULL, NULL, out) == 1 &&
              ir_emit(&g, "matmul", (int[]){c70, w3}, 2, tr1, NULL, out) == 1 &&
-             ir_emit(&g, "matmul_wgrad", (int[]){c90, c70}, 2, NULL, NULL, out) == 2;
+             ir_emit(&g, "matmul_wgrad", (int[]){c90, c70}, 2, NULL, NULL, out) == 2 &&
+             ir_emit(&g, "matmul", (int[]){c66, w4}, 2, NULL, NULL, out) == 1 &&
+             ir_emit(&g, "matmul", (int[]){c66, w5}, 2, tr1, NULL, out) == 1 &&
+             ir_emit(&g, "matmul_wgrad", (int[]){c66, c130}, 2, NULL, NULL, out) == 2;
     if (!ok) {
         t_fail(t, __FILE__, __LINE__, "building the graph: %s", g.err);
     } else {
@@ -583,7 +592,7 @@ TEST(bf16_matmul_grid_covers_every_tile) {
                 int nt = ir_ntok_dims(xs);
                 long M = per * (nt == 2 ? bs[j][0] * bs[j][1] : nt == 1 ? bs[j][0] : 1);
                 long nct = (N + 127) / 128, need = nct * ((M + 127) / 128);
-                int ok = pl->block[0] == 256 && gr[1] == 1 && gr[2] == 1 && (long)gr[0] >= need &&
+                int ok = pl->block[0] == 128 && gr[1] == 1 && gr[2] == 1 && (long)gr[0] >= need &&
                          (long)gr[0] <= need + nct;
                 if (!ok) {
                     char m[sizeof t->msg];

@@ -13,6 +13,7 @@
  *   part; the reference fills it too, for the per-launch kernel checks. */
 #include "kgen.h"
 #include "op.h"
+#include "plan.h"
 
 #include <stdio.h>
 
@@ -23,9 +24,12 @@
  * splits, one work-group per (tile, split) writes its partial tile into `part`, and a second
  * kernel adds the G partials of each output in order g = 0, 1, ... . Both passes sum in a
  * fixed order, so the result is bitwise reproducible (no floating-point atomics).
- * G is chosen so that tiles x G is about WG_GROUPS work-groups: the bf16 kernel (64x64 tiles,
- * 128 threads) takes ~128 registers, so an H100 holds 4 of its blocks per SM, 528 in all, and 2048 is about four
- * waves (the partly filled last wave costs less the more waves there are). More splits cost
+ * G is chosen so that there are about WG_GROUPS work-groups of 64x64 tiles (the fp32 kernel's;
+ * 2048 is about four waves of the first bf16 kernel, 4 blocks of 128 threads per H100 SM). The
+ * bf16 kernel now takes 128x128 tiles, two blocks per SM: tiles x G is then 288 to 546 blocks at
+ * realm-9m's shapes, 1.1 to 2.1 waves of 264. A G counted in those tiles (3 or 4 full waves,
+ * up to 64 splits) was measured on an H100: all bf16 weight gradients 7.5-7.7 ms per step at
+ * 8 x 8192 against 7.9, too little to change G, which also fixes the fp32 plans' partial sums. More splits cost
  * workspace traffic and memory, small next to the operands at training sizes: `part` holds
  * at most about WG_GROUPS 64x64 fp32 tiles, 32 MiB (or, past WG_GROUPS tiles, G = 1 and one
  * copy of the gradient), and the planner reuses
@@ -182,45 +186,77 @@ static void emit_tile_head(kgen *k) {
 /* ---- bf16 tensor-core templates (CUDA, k->bf16) ----
  * An output tile of BM x BN per block of 32 x WGM x WGN threads: the warps form a WGM x WGN
  * grid, each owning a (BM/WGM) x (BN/WGN) sub-tile made of m16n8k16 mma.sync tiles with fp32
- * accumulators; the contraction goes through shared memory BK at a time.
+ * accumulators. Every form (matmul_nt_bf16, matmul_nn_bf16, matmul_wgrad_bf16) uses one body,
+ * emit_mma_pipe; they differ only in how each operand lies in memory (mma_operand).
  *
- * Forward and dgrad matmuls (matmul_nt_bf16, matmul_nn_bf16) take 128x128 tiles, 256 threads,
- * warps 64x32: every operand element staged into shared memory feeds 128 outputs instead of
- * 64 (half the global and shared traffic per FLOP of the 64x64 tiles used before), and a warp
- * reads 24 fragment words per 16 mma instead of 16 per 8. 64 fp32 accumulators per thread is
- * as far as this goes without spilling. The cost is fewer blocks on small inputs; realm trains
- * on B*S in the tens of thousands of rows, so at d = 384 a matmul still has hundreds of tiles.
- * Blocks are numbered with the N tiles fastest: the blocks resident at any moment cover a few
- * row blocks across every column tile, so each row of x is fetched from memory about once and
- * re-read by the other column tiles from L2, while the whole weight (a few MiB) stays in L2.
- * With the row blocks outermost, as before, x (~100 MiB at 65536 x 384 fp32) came from memory
- * once per column tile.
- * Weight gradients (matmul_wgrad_bf16) keep 64x64 tiles of 128 threads: they have few output
- * tiles and reach the GPU's width by splitting the rows (wgrad_splits counts 64x64 tiles).
+ * Where the time goes (H100, realm-9m at 8 x 8192: M = 65536 rows, K and N 256..1716). The
+ * arena is fp32, so operands arrive as fp32 and are rounded to bf16 (round to nearest even) on
+ * the way into the tensor cores; the output is fp32. The limits, per SM, are then
+ *  - shared-memory bandwidth (128 B/clock): fragments are read from fp32 tiles, twice the bytes
+ *    of bf16 tiles, so the warp tile must reuse each fragment as much as the registers allow.
+ *    A 64x64 warp tile (128 fp32 accumulators a thread) reads 8 KiB of fragments per 32 mma;
+ *    64x32 (the first version's) read 6 KiB per 16, 1.5x the bytes per FLOP.
+ *  - memory latency: one block of 8 warps with register-staged double buffering (the first
+ *    version, 164 registers) kept too few loads in flight. Here global -> shared copies are
+ *    cp.async (no registers, no thread waits on them) STAGES slices deep.
+ *  - L2 -> SM traffic: each operand tile is re-read from L2 by every block that needs it,
+ *    (BM + BN) K 4 bytes per block; 128x128 tiles take 32 FLOP per byte.
  *
- * The arena stays fp32 in this version: operands are converted to bf16 (round to nearest
- * even) while a tile is staged into shared memory. That keeps every other kernel, the
- * optimizer (fp32 master weights), checkpoints and the memory plan unchanged, and the bf16
- * switch is local to this file; it costs the bandwidth of reading fp32 operands, which a
- * later version removes by storing bf16 copies of the matmul inputs in the arena.
+ * Variant "p128" (TILE_MM, TILE_WGRAD): 128x128 tiles, 4 warps of 64x64, STAGES = 3 slices of
+ * BK = 32 (96 KiB of dynamic shared memory), ~220-240 registers: two blocks per H100 SM, so
+ * one block's prologue/epilogue (the output is 64 KiB of fp32 per tile) overlaps the other's
+ * main loop. Knobs for tuning: the mma_tile table (tile, warp grid, stages, which shrink to
+ * fit kgen.shared_max, and a register cap through minb), BK (the swizzles assume 32).
+ * Measured on an H100 (realm-9m, 8 x 8192, ms per step for all matmul / matmul_wgrad launches;
+ * the register-staged 128x128/8-warp first version: 32.0 / 14.9):
+ *   p128, 128x128, 4 warps of 64x64, 3 stages                        13.9 / 8.0
+ *   256x128, 8 warps of 64x64, 1 block per SM, 3 stages              15.5 / 10.7 (256x128 wgrad)
+ *   256x128, 4 stages; wgrad 128x256, 8 warps, 4 stages              15.3 / 9.7
+ *   128x128, 8 warps of 64x32, minb 2 (<= 128 registers, 16 warps)  15.2 / 9.4
+ *   128x64, 4 warps of 64x32, minb 3                                  16.7 / 9.9
+ * At p128 the in_proj forward ([65536 x 384] x [384 x 1716]) takes 0.47 ms (~180 TFLOP/s):
+ * Nsight Compute shows L2 at ~72% of its peak, tensor pipe at ~10% and warps mostly waiting
+ * on dependencies (fixed-latency and shared-memory loads) with only 2 warps per scheduler.
+ * What would go further: bf16 copies of the operands (half the L2 and shared bytes, ldmatrix,
+ * no conversions in the loop), or Hopper's bulk copies and wgmma (sm_90a).
  *
- * Shared tiles hold bf16 pairs as 32-bit words, [row][k/2] with k contiguous for both
- * operands (the row-major A and column-major B that mma's fragments want), 16 words of data
- * plus 4 of padding: the fragment reads (8 rows x 4 words per warp) then hit 32 distinct banks.
- * There are two of each (double buffering): the next slice's global loads are issued into
- * registers before the current slice's MMAs, so their latency hides behind the tensor-core
- * work, and are stored into the other buffer afterwards; one barrier per slice then both
- * publishes that buffer and retires the one just read. Every output is summed by one thread
- * in a fixed order (slices in order, mma's fixed internal order): deterministic. */
-#define BK 32      /* contraction slice */
+ * Shared tiles hold fp32, in one of two layouts, both swizzled so that cp.async's 16-byte
+ * writes and the fragment reads are free of bank conflicts:
+ *  - K-major (operand contiguous along the contraction: x of the forward and dgrad, W [N,K]):
+ *    [row][BK] with the 16-byte chunk c of row r at c ^ 4 (r & 1).
+ *  - MN-major (contiguous along the tile's rows: W [K,N] of the dgrad, both operands of the
+ *    weight gradient): [BK][rows] with chunk c of contraction line kp at c ^ 2 ((kp >> 2) & 3).
+ * Fragments. Inside each 16-wide step of the contraction, the mma's logical k is permuted
+ * against memory: logical {2t, 2t+1, 2t+8, 2t+9} of lane t = lane & 3 are physical
+ * {4t, .., 4t+3}. A sum over k does not care about the order as long as A and B use the same
+ * permutation (both layouts do), and it lets a lane fetch its four values of a K-major row
+ * with one 16-byte load: A fragment rows g and g+8 (g = lane >> 2) are two float4 loads,
+ * a B fragment one. From an MN-major tile a lane reads the same four values one word at a
+ * time (its rows are its own). Each float pair becomes one bf16x2 register (pack_bf16x2).
+ *
+ * Pipeline: STAGES - 1 slices are requested ahead; each iteration waits for the oldest
+ * (cp.async.wait_group), one barrier both publishes it to every warp and retires the stage
+ * read in the previous iteration, which the next request then refills. Out-of-range rows,
+ * columns and contraction indices are zero-filled by cp.async (src-size < 16): no branch on
+ * the shape inside the main loop. An operand whose rows do not all start 16-byte aligned (a
+ * view at an odd offset, a row length not a multiple of 4) is copied 4 bytes at a time.
+ *
+ * Blocks of the forward and dgrad are numbered with the N tiles fastest: the blocks resident
+ * at any moment cover a few row blocks across every column tile, so each row of x is fetched
+ * from memory about once and re-read by the other column tiles from L2, while the weight (a
+ * few MiB) stays in L2. Every output is summed by one thread in a fixed order (slices in
+ * order, mma's fixed internal order): deterministic. */
+#define BK 32      /* contraction slice per pipeline stage */
 
 typedef struct {
     int bm, bn;     /* output tile */
     int wgm, wgn;   /* warps along M and along N */
+    int stages;     /* cp.async pipeline depth (slices); fewer if shared memory is short */
+    int minb;       /* blocks per SM the register allocation must allow (0: the compiler's choice) */
 } mma_tile;
 
-static const mma_tile TILE_MM = {128, 128, 2, 4};
-static const mma_tile TILE_WGRAD = {64, 64, 2, 2};
+static const mma_tile TILE_MM = {128, 128, 2, 2, 3, 0};
+static const mma_tile TILE_WGRAD = {128, 128, 2, 2, 3, 0};
 
 static int tile_threads(const mma_tile *t) { return 32 * t->wgm * t->wgn; }
 
@@ -228,165 +264,290 @@ static int tile_threads(const mma_tile *t) { return 32 * t->wgm * t->wgn; }
  * memory. kcontig: the contraction is contiguous; `roff` is a C expression for the element
  * offset of row `r` (a long) or, for a constant-shaped matrix, NULL with `ld` its row length.
  * Otherwise the tile's rows run along memory: element (row, kx) is at `koff` + row, with `koff`
- * a C expression in the contraction index `kx` (a long), and the staging transposes it. */
+ * a C expression in the contraction index `kx` (a long). vec: every 4-element chunk the tile
+ * copies starts 16-byte aligned (see operand_vec). */
 typedef struct {
     const char *name;       /* the kernel's pointer */
     int kcontig;
     const char *roff;       /* kcontig: offset of row `r`, or NULL (row * ld) */
     long ld;
     const char *koff;       /* !kcontig: offset of contraction index `kx` */
+    long kld;               /* !kcontig: koff is kx * kld (0: not that simple) */
     const char *base;       /* first row of the tile: "m0" or "n0" */
     const char *lim;        /* rows in the matrix (C expression) */
     int rows;               /* rows of the tile: bm or bn */
+    int vec;
 } mma_operand;
 
-/* Staging: each thread moves `mma_iters` bf16 pairs of an operand tile per slice. kcontig: 16
- * consecutive threads read one row's BK values (pairs 2 (tid & 15), +1), the block covers
- * nt / 16 rows per step, and iteration i takes row (tid >> 4) + (nt / 16) i. Otherwise
- * consecutive threads read consecutive rows (consecutive addresses) of one contraction pair:
- * row tid % rows, pair tid / rows + (nt / rows) i. */
-static int mma_iters(const mma_operand *o, int nt) { return o->rows * (BK / 2) / nt; }
-
-/* Registers r<name>[iters][2] <- the slice starting at contraction index `k0`. */
-static void emit_mma_load(kgen *k, const mma_operand *o, int nt, const char *ktot, int kguard) {
-    kg_line(k, "    #pragma unroll");
-    kg_line(k, "    for (int i = 0; i < %d; i++) {", mma_iters(o, nt));
-    if (o->kcontig) {
-        if (o->roff) {
-            kg_line(k, "        const long kx = k0 + 2 * (tid & 15), ro = %soff[i];", o->name);
-        } else {
-            kg_line(k, "        const long kx = k0 + 2 * (tid & 15), r = %s + (tid >> 4) + %d * i;", o->base, nt / 16);
-            kg_line(k, "        const long ro = r < %s ? r * %ld : -1;", o->lim, o->ld);
-        }
-        if (kguard) {
-            kg_line(k, "        r%s[i][0] = (ro >= 0 && kx < %s) ? %s[ro + kx] : 0.0f;", o->name, ktot, o->name);
-            kg_line(k, "        r%s[i][1] = (ro >= 0 && kx + 1 < %s) ? %s[ro + kx + 1] : 0.0f;", o->name, ktot, o->name);
-        } else {
-            kg_line(k, "        r%s[i][0] = ro >= 0 ? %s[ro + kx] : 0.0f;", o->name, o->name);
-            kg_line(k, "        r%s[i][1] = ro >= 0 ? %s[ro + kx + 1] : 0.0f;", o->name, o->name);
-        }
-    } else {
-        kg_line(k, "        const long k2 = k0 + 2 * (tid / %d + %d * i), c = %s + tid %% %d;", o->rows, nt / o->rows,
-                o->base, o->rows);
-        kg_line(k, "        { const long kx = k2; r%s[i][0] = (c < %s && kx < %s) ? %s[%s + c] : 0.0f; }", o->name, o->lim,
-                ktot, o->name, o->koff);
-        kg_line(k, "        { const long kx = k2 + 1; r%s[i][1] = (c < %s && kx < %s) ? %s[%s + c] : 0.0f; }", o->name,
-                o->lim, ktot, o->name, o->koff);
-    }
-    kg_line(k, "    }");
+/* Whether every row of tensor t, read as rows of `len` values (row_at), starts at a multiple
+ * of 4 elements: owners start PLAN_ALIGN-aligned in the arena (and the arena itself more), so
+ * it is the view offset, the token stride and, with several rows a token, the row length. */
+static int operand_vec(const kgen *k, int t, long len) {
+    _Static_assert(PLAN_ALIGN % 16 == 0, "cp.async needs 16-byte aligned tensors");
+    long per = kg_feat(k, t) / len;
+    return k->g->t[t].offset % 4 == 0 && kg_ld(k, t) % 4 == 0 && (per == 1 || len % 4 == 0);
 }
 
-/* The registers -> shared buffer `buf` (a C expression), converted to bf16 pairs. */
-static void emit_mma_store(kgen *k, const mma_operand *o, int nt, const char *buf) {
-    kg_line(k, "    #pragma unroll");
-    kg_line(k, "    for (int i = 0; i < %d; i++)", mma_iters(o, nt));
-    if (o->kcontig)
-        kg_line(k, "        s%s[%s][(tid >> 4) + %d * i][tid & 15] = pack_bf16x2(r%s[i][0], r%s[i][1]);", o->name, buf,
-                nt / 16, o->name, o->name);
-    else
-        kg_line(k, "        s%s[%s][tid %% %d][tid / %d + %d * i] = pack_bf16x2(r%s[i][0], r%s[i][1]);", o->name, buf,
-                o->rows, o->rows, nt / o->rows, o->name, o->name);
+/* Whether operand o takes the fast copy path: 16-byte chunks and rows (kcontig) or contraction
+ * lines (!kcontig) a constant stride apart, so each thread's source pointers are one base
+ * pointer plus compile-time offsets and its row/column guards are fixed for the whole loop. */
+static int pipe_fast(const mma_operand *o) { return o->vec && (o->kcontig ? !o->roff : o->kld > 0); }
+
+/* The per-thread constants of the fast path (emit_pipe_load), before the prologue. A K-major
+ * thread copies chunk tid & 7 of rows (tid >> 3) + (nt / 8) i; an MN-major one chunk tid % cpl
+ * of contraction lines tid / cpl + (nt / cpl) i. */
+static void emit_pipe_setup(kgen *k, const mma_operand *o) {
+    const char *p = o->name;
+    if (!pipe_fast(o)) return;
+    if (o->kcontig) {
+        kg_line(k, "const int %s_lr = tid >> 3, %s_lc = tid & 7;", p, p);
+        kg_line(k, "GLOBAL const float *%s_g = %s + (%s + %s_lr) * %ld + 4 * %s_lc;", p, p, o->base, p, o->ld, p);
+        kg_line(k, "const long %s_rem = %s - (%s + %s_lr);", p, o->lim, o->base, p);
+        kg_line(k, "const unsigned %s_d = s%s_s + 4u * (unsigned)(%s_lr * %d + ((%s_lc ^ ((%s_lr & 1) << 2)) << 2));", p, p, p,
+                BK, p, p);
+    } else {
+        const int cpl = o->rows / 4;
+        kg_line(k, "const int %s_kl = tid / %d, %s_lc = tid %% %d;", p, cpl, p, cpl);
+        kg_line(k, "GLOBAL const float *%s_g = %s + (long)%s_kl * %ld + %s + 4 * %s_lc;", p, p, p, o->kld, o->base, p);
+        kg_line(k, "const long %s_cr = %s - (%s + 4 * %s_lc);", p, o->lim, o->base, p);
+        kg_line(k, "const int %s_cb = %s_cr >= 4 ? 16 : %s_cr > 0 ? 4 * (int)%s_cr : 0;", p, p, p, p);
+        kg_line(k, "const unsigned %s_d = s%s_s + 4u * (unsigned)(%s_kl * %d);", p, p, p, o->rows);
+    }
+}
+
+/* cp.async of operand o's slice starting at contraction index `k0` into stage `st` (both C
+ * expressions in scope). kguard: the contraction may end inside the slice. */
+static void emit_pipe_load(kgen *k, const mma_operand *o, int nt, const char *ktot, int kguard) {
+    const char *p = o->name;
+    const int sz = o->rows * BK;
+    if (pipe_fast(o) && o->kcontig) {
+        const int rs = nt / 8;
+        kg_line(k, "    {");
+        if (kguard) {
+            kg_line(k, "    const long kr = %s - (k0 + 4 * %s_lc);", ktot, p);
+            kg_line(k, "    const int kb = kr >= 4 ? 16 : kr > 0 ? 4 * (int)kr : 0;");
+        } else {
+            kg_line(k, "    const int kb = 16;");
+        }
+        kg_line(k, "    GLOBAL const float *g = %s_g + k0;", p);
+        kg_line(k, "    #pragma unroll");
+        kg_line(k, "    for (int i = 0; i < %d; i++) {", o->rows / rs);
+        kg_line(k, "        const int nb = %d * i < %s_rem ? kb : 0;", rs, p);
+        kg_line(k, "        cp_async16(%s_d + 4u * (unsigned)(st * %d + %d * i), nb ? g + %ldL * i : %s, nb);", p, sz, rs * BK,
+                (long)rs * o->ld, p);
+        kg_line(k, "    }");
+        kg_line(k, "    }");
+        return;
+    }
+    if (pipe_fast(o)) {
+        const int ls = nt / (o->rows / 4);
+        kg_line(k, "    {");
+        kg_line(k, "    const long kr = %s - (k0 + %s_kl);", ktot, p);
+        kg_line(k, "    GLOBAL const float *g = %s_g + k0 * %ld;", p, o->kld);
+        kg_line(k, "    #pragma unroll");
+        kg_line(k, "    for (int i = 0; i < %d; i++) {", BK / ls);
+        kg_line(k, "        const int nb = %d * i < kr ? %s_cb : 0, sw = (((%s_kl + %d * i) >> 2) & 3) << 1;", ls, p, p, ls);
+        kg_line(k, "        cp_async16(%s_d + 4u * (unsigned)(st * %d + %d * i + ((%s_lc ^ sw) << 2)), nb ? g + %ldL * i : %s, nb);",
+                p, sz, ls * o->rows, p, (long)ls * o->kld, p);
+        kg_line(k, "    }");
+        kg_line(k, "    }");
+        return;
+    }
+    if (o->kcontig) {
+        kg_line(k, "    #pragma unroll");
+        kg_line(k, "    for (int i = 0; i < %d; i++) {", o->rows * (BK / 4) / nt);
+        kg_line(k, "        const int e = tid + %d * i, row = e >> 3, ch = e & 7;", nt);
+        kg_line(k, "        const long r = %s + row, kx = k0 + 4 * ch;", o->base);
+        if (o->roff) kg_line(k, "        const long ro = %s;", o->roff);
+        else kg_line(k, "        const long ro = r * %ld;", o->ld);
+        kg_line(k, "        const unsigned d = s%s_s + 4u * (unsigned)(st * %d + row * %d + ((ch ^ ((row & 1) << 2)) << 2));",
+                p, sz, BK);
+        if (o->vec) {
+            if (kguard) {
+                kg_line(k, "        const long kr = %s - kx;", ktot);
+                kg_line(k, "        const int nb = r < %s && kr > 0 ? (kr >= 4 ? 16 : 4 * (int)kr) : 0;", o->lim);
+            } else {
+                kg_line(k, "        const int nb = r < %s ? 16 : 0;", o->lim);
+            }
+            kg_line(k, "        cp_async16(d, nb ? %s + ro + kx : %s, nb);", p, p);
+        } else {
+            kg_line(k, "        #pragma unroll");
+            kg_line(k, "        for (int q = 0; q < 4; q++) {");
+            kg_line(k, "            const int ok = r < %s && kx + q < %s;", o->lim, ktot);
+            kg_line(k, "            cp_async4(d + 4u * q, ok ? %s + ro + kx + q : %s, ok ? 4 : 0);", p, p);
+            kg_line(k, "        }");
+        }
+        kg_line(k, "    }");
+    } else {
+        const int cpl = o->rows / 4;   /* chunks per contraction line */
+        kg_line(k, "    #pragma unroll");
+        kg_line(k, "    for (int i = 0; i < %d; i++) {", BK * cpl / nt);
+        kg_line(k, "        const int e = tid + %d * i, kl = e / %d, ch = e %% %d;", nt, cpl, cpl);
+        kg_line(k, "        const long kx = k0 + kl, c = %s + 4 * ch;", o->base);
+        kg_line(k, "        const unsigned d = s%s_s + 4u * (unsigned)(st * %d + kl * %d + ((ch ^ (((kl >> 2) & 3) << 1)) << 2));",
+                p, sz, o->rows);
+        if (o->vec) {
+            kg_line(k, "        const long cr = %s - c;", o->lim);
+            kg_line(k, "        const int nb = kx < %s && cr > 0 ? (cr >= 4 ? 16 : 4 * (int)cr) : 0;", ktot);
+            kg_line(k, "        cp_async16(d, nb ? %s + %s + c : %s, nb);", p, o->koff, p);
+        } else {
+            kg_line(k, "        #pragma unroll");
+            kg_line(k, "        for (int q = 0; q < 4; q++) {");
+            kg_line(k, "            const int ok = kx < %s && c + q < %s;", ktot, o->lim);
+            kg_line(k, "            cp_async4(d + 4u * q, ok ? %s + %s + c + q : %s, ok ? 4 : 0);", p, o->koff, p);
+            kg_line(k, "        }");
+        }
+        kg_line(k, "    }");
+    }
+}
+
+/* Fragments of one 16-wide contraction step `j` of stage `st`: A (`frag` = "af", mi tiles of
+ * 16 rows from wm) or B ("bf", nj tiles of 8 rows from wn), physical k 16 j + 4 tq .. + 3. */
+static void emit_frag(kgen *k, const mma_operand *o, int isa, int count) {
+    const char *p = o->name;
+    const int R = o->rows, sz = o->rows * BK;
+    kg_line(k, "        #pragma unroll");
+    kg_line(k, "        for (int i = 0; i < %d; i++) {", count);
+    if (isa) kg_line(k, "            const int r = wm + 16 * i + gq;");
+    else kg_line(k, "            const int r = wn + 8 * i + gq;");
+    if (o->kcontig) {
+        /* rows r and r + 8 have the parity of gq: the same chunk swizzle */
+        kg_line(k, "            const float *p = s%s + st * %d + r * %d + (((4 * j + tq) ^ ((gq & 1) << 2)) << 2);", p, sz,
+                BK);
+        kg_line(k, "            const float4 lo = *(const float4 *)p;");
+        if (isa) {
+            kg_line(k, "            const float4 hi = *(const float4 *)(p + %d);", 8 * BK);
+            kg_line(k, "            af[i][0] = pack_bf16x2(lo.x, lo.y); af[i][1] = pack_bf16x2(hi.x, hi.y);");
+            kg_line(k, "            af[i][2] = pack_bf16x2(lo.z, lo.w); af[i][3] = pack_bf16x2(hi.z, hi.w);");
+        } else {
+            kg_line(k, "            bf[i][0] = pack_bf16x2(lo.x, lo.y); bf[i][1] = pack_bf16x2(lo.z, lo.w);");
+        }
+    } else {
+        /* contraction lines 16 j + 4 tq + q (q = 0..3) all carry the swizzle 2 tq */
+        kg_line(k, "            const float *p = s%s + st * %d + (16 * j + 4 * tq) * %d;", p, sz, R);
+        kg_line(k, "            const int o0 = (((r >> 2) ^ (tq << 1)) << 2) + (r & 3);");
+        if (isa) {
+            kg_line(k, "            const int o1 = ((((r + 8) >> 2) ^ (tq << 1)) << 2) + (r & 3);");
+            kg_line(k, "            af[i][0] = pack_bf16x2(p[o0], p[%d + o0]); af[i][2] = pack_bf16x2(p[%d + o0], p[%d + o0]);",
+                    R, 2 * R, 3 * R);
+            kg_line(k, "            af[i][1] = pack_bf16x2(p[o1], p[%d + o1]); af[i][3] = pack_bf16x2(p[%d + o1], p[%d + o1]);",
+                    R, 2 * R, 3 * R);
+        } else {
+            kg_line(k, "            bf[i][0] = pack_bf16x2(p[o0], p[%d + o0]); bf[i][1] = pack_bf16x2(p[%d + o0], p[%d + o0]);",
+                    R, 2 * R, 3 * R);
+        }
+    }
+    kg_line(k, "        }");
 }
 
 /* The whole kernel body after the arguments: C[m][n] = sum_k A[m][k] B[n][k] over the tile
  * (m0, n0) (C expressions defined by the caller's prologue), contraction indices from `kbeg`
- * to `ktot` (0 to K constant, or one split's rows for weight gradients); `store` writes acc
- * value `v` at (row m, col c) with both in range. a->rows and b->rows are the tile's. */
-static int emit_mma_body(kgen *k, const mma_tile *t, const mma_operand *a, const mma_operand *b, const char *kbeg,
-                         const char *ktot, int kguard, const char *store_row_ok, const char *store_col_lim,
-                         const char *store) {
+ * to `ktot` (0 to K constant, or one split's rows for weight gradients; none if ktot <= kbeg,
+ * which stores zeros). The output row m (store_row_ok true) starts at `out_row` (a pointer
+ * expression in m); columns below `col_lim` are written, two at a time if `pair` (the row
+ * start and col_lim even). a->rows and b->rows are the tile's. */
+static int emit_mma_pipe(kgen *k, const mma_tile *t, const mma_operand *a, const mma_operand *b, const char *kbeg,
+                         const char *ktot, int kguard, const char *store_row_ok, const char *col_lim,
+                         const char *out_row, int pair) {
     const int nt = tile_threads(t), wm = t->bm / t->wgm, wn = t->bn / t->wgn, mi = wm / 16, nj = wn / 8;
     const mma_operand *ops[2] = {a, b};
-    /* the staging maps above need whole iterations and, for the transposing one, a block at
-     * least one tile edge wide */
-    for (int q = 0; q < 2; q++)
-        if (ops[q]->rows * (BK / 2) % nt || (!ops[q]->kcontig && nt % ops[q]->rows) || nt % 16) {
+    for (int q = 0; q < 2; q++) {
+        const mma_operand *o = ops[q];
+        int bad = o->kcontig ? o->rows * (BK / 4) % nt || nt % 8
+                            : o->rows % 32 || BK * (o->rows / 4) % nt || nt % (o->rows / 4);
+        if (bad || BK != 32) {
             snprintf(k->err, sizeof k->err, "matmul: tile %dx%d cannot be staged by %d threads", t->bm, t->bn, nt);
             return -1;
         }
+    }
     if (wm % 16 || wn % 8) {
         snprintf(k->err, sizeof k->err, "matmul: warp tile %dx%d is not made of m16n8 tiles", wm, wn);
         return -1;
     }
-    kg_line(k, "LOCAL unsigned s%s[2][%d][%d], s%s[2][%d][%d];", a->name, a->rows, BK / 2 + 4, b->name, b->rows,
-            BK / 2 + 4);
+    const long stage_bytes = 4L * (t->bm + t->bn) * BK, limit = k->shared_max > 0 ? k->shared_max : 160L * 1024;
+    int stages = t->stages;
+    while (stages > 2 && stages * stage_bytes > limit) stages--;
+    if (stages * stage_bytes > limit) {
+        snprintf(k->err, sizeof k->err, "matmul: %d-stage %dx%d tiles need %ld bytes of shared memory, %ld available",
+                 stages, t->bm, t->bn, stages * stage_bytes, limit);
+        return -1;
+    }
+    char nm[16];
+    for (int q = 0; q < 2; q++) {
+        snprintf(nm, sizeof nm, "s%s", ops[q]->name);
+        kg_shared(k, nm, (long)stages * ops[q]->rows * BK);
+    }
     kg_line(k, "const int tid = LID_X, lane = tid & 31, warp = tid >> 5;");
     kg_line(k, "const int wm = (warp / %d) * %d, wn = (warp %% %d) * %d, gq = lane >> 2, tq = lane & 3;", t->wgn, wm,
             t->wgn, wn);
+    kg_line(k, "const unsigned s%s_s = smem_u32(s%s), s%s_s = smem_u32(s%s);", a->name, a->name, b->name, b->name);
     kg_line(k, "float acc[%d][%d][4];", mi, nj);
     kg_line(k, "#pragma unroll");
     kg_line(k, "for (int i = 0; i < %d; i++)", mi);
     kg_line(k, "    for (int j = 0; j < %d; j++)", nj);
     kg_line(k, "        for (int e = 0; e < 4; e++) acc[i][j][e] = 0.0f;");
-    kg_line(k, "float r%s[%d][2], r%s[%d][2];", a->name, mma_iters(a, nt), b->name, mma_iters(b, nt));
-    /* row offsets of the k-contiguous operands read through a view expression are fixed for
-     * the whole contraction: computed once */
-    for (int q = 0; q < 2; q++) {
-        const mma_operand *o = ops[q];
-        if (!o->kcontig || !o->roff) continue;
-        kg_line(k, "long %soff[%d];", o->name, mma_iters(o, nt));
-        kg_line(k, "#pragma unroll");
-        kg_line(k, "for (int i = 0; i < %d; i++) {", mma_iters(o, nt));
-        kg_line(k, "    const long r = %s + (tid >> 4) + %d * i;", o->base, nt / 16);
-        kg_line(k, "    %soff[i] = r < %s ? %s : -1;", o->name, o->lim, o->roff);
-        kg_line(k, "}");
-    }
-    kg_line(k, "{");
-    kg_line(k, "    const long k0 = %s;", kbeg);
-    emit_mma_load(k, a, nt, ktot, kguard);
-    emit_mma_load(k, b, nt, ktot, kguard);
-    emit_mma_store(k, a, nt, "0");
-    emit_mma_store(k, b, nt, "0");
-    kg_line(k, "}");
-    kg_line(k, "BARRIER();");
-    kg_line(k, "int buf = 0;");
-    kg_line(k, "for (long kb = %s; kb < %s; kb += %d) {", kbeg, ktot, BK);
-    kg_line(k, "    const int more = kb + %d < %s;", BK, ktot);
-    kg_line(k, "    if (more) {");
-    kg_line(k, "        const long k0 = kb + %d;", BK);
-    emit_mma_load(k, a, nt, ktot, kguard);
-    emit_mma_load(k, b, nt, ktot, kguard);
+    emit_pipe_setup(k, a);
+    emit_pipe_setup(k, b);
+    kg_line(k, "const long kbeg = %s, nk = (%s) > kbeg ? ((%s) - kbeg + %d) / %d : 0;", kbeg, ktot, ktot, BK - 1, BK);
+    /* the first STAGES - 1 slices; a group is committed even when empty so that the count of
+     * groups, which wait_group relies on, does not depend on the shape */
+    kg_line(k, "#pragma unroll");
+    kg_line(k, "for (int st = 0; st < %d; st++) {", stages - 1);
+    kg_line(k, "    if (st < nk) {");
+    kg_line(k, "    const long k0 = kbeg + (long)st * %d;", BK);
+    emit_pipe_load(k, a, nt, ktot, kguard);
+    emit_pipe_load(k, b, nt, ktot, kguard);
     kg_line(k, "    }");
+    kg_line(k, "    cp_async_commit();");
+    kg_line(k, "}");
+    kg_line(k, "int st = 0, ws = %d;", stages - 1);
+    kg_line(k, "for (long kt = 0; kt < nk; kt++) {");
+    kg_line(k, "    CP_ASYNC_WAIT(%d);", stages - 2);
+    kg_line(k, "    BARRIER();");
+    /* the stage refilled here was read in the previous iteration, which every thread finished
+     * before the barrier above */
+    kg_line(k, "    if (kt + %d < nk) {", stages - 1);
+    kg_line(k, "    const long k0 = kbeg + (kt + %d) * %d;", stages - 1, BK);
+    kg_line(k, "    { const int st = ws;");
+    emit_pipe_load(k, a, nt, ktot, kguard);
+    emit_pipe_load(k, b, nt, ktot, kguard);
+    kg_line(k, "    }");
+    kg_line(k, "    }");
+    kg_line(k, "    cp_async_commit();");
     kg_line(k, "    #pragma unroll");
-    kg_line(k, "    for (int kk = 0; kk < %d; kk += 8) {", BK / 2);
+    kg_line(k, "    for (int j = 0; j < %d; j++) {", BK / 16);
     kg_line(k, "        unsigned af[%d][4], bf[%d][2];", mi, nj);
-    kg_line(k, "        #pragma unroll");
-    kg_line(k, "        for (int i = 0; i < %d; i++) {", mi);
-    kg_line(k, "            const int r = wm + 16 * i + gq;");
-    kg_line(k, "            af[i][0] = s%s[buf][r][kk + tq]; af[i][1] = s%s[buf][r + 8][kk + tq];", a->name, a->name);
-    kg_line(k, "            af[i][2] = s%s[buf][r][kk + tq + 4]; af[i][3] = s%s[buf][r + 8][kk + tq + 4];", a->name,
-            a->name);
-    kg_line(k, "        }");
-    kg_line(k, "        #pragma unroll");
-    kg_line(k, "        for (int j = 0; j < %d; j++) {", nj);
-    kg_line(k, "            const int c = wn + 8 * j + gq;");
-    kg_line(k, "            bf[j][0] = s%s[buf][c][kk + tq]; bf[j][1] = s%s[buf][c][kk + tq + 4];", b->name, b->name);
-    kg_line(k, "        }");
+    emit_frag(k, a, 1, mi);
+    emit_frag(k, b, 0, nj);
     kg_line(k, "        #pragma unroll");
     kg_line(k, "        for (int i = 0; i < %d; i++)", mi);
-    kg_line(k, "            for (int j = 0; j < %d; j++) mma_bf16_16816(acc[i][j], af[i], bf[j]);", nj);
+    kg_line(k, "            #pragma unroll");
+    kg_line(k, "            for (int jn = 0; jn < %d; jn++) mma_bf16_16816(acc[i][jn], af[i], bf[jn]);", nj);
     kg_line(k, "    }");
-    /* buf ^ 1 was last read in the previous slice, which every thread finished before the
-     * barrier that ended it */
-    kg_line(k, "    if (more) {");
-    emit_mma_store(k, a, nt, "buf ^ 1");
-    emit_mma_store(k, b, nt, "buf ^ 1");
-    kg_line(k, "    }");
-    kg_line(k, "    BARRIER();");
-    kg_line(k, "    buf ^= 1;");
+    kg_line(k, "    st = st == %d ? 0 : st + 1;", stages - 1);
+    kg_line(k, "    ws = ws == %d ? 0 : ws + 1;", stages - 1);
     kg_line(k, "}");
+    kg_line(k, "CP_ASYNC_WAIT(0);");
     /* accumulator e of tile (i, j): row gq (+8 for e >= 2), columns 2 tq and 2 tq + 1 */
     kg_line(k, "#pragma unroll");
     kg_line(k, "for (int i = 0; i < %d; i++)", mi);
+    kg_line(k, "    #pragma unroll");
     kg_line(k, "    for (int h = 0; h < 2; h++) {");
     kg_line(k, "        const long m = m0 + wm + 16 * i + gq + 8 * h;");
     kg_line(k, "        if (!(%s)) continue;", store_row_ok);
-    kg_line(k, "        for (int j = 0; j < %d; j++)", nj);
-    kg_line(k, "            for (int e = 0; e < 2; e++) {");
-    kg_line(k, "                const long c = n0 + wn + 8 * j + 2 * tq + e;");
-    kg_line(k, "                const float v = acc[i][j][2 * h + e];");
-    kg_line(k, "                if (c < %s) %s;", store_col_lim, store);
-    kg_line(k, "            }");
+    kg_line(k, "        GLOBAL float *orow = %s;", out_row);
+    kg_line(k, "        #pragma unroll");
+    kg_line(k, "        for (int j = 0; j < %d; j++) {", nj);
+    kg_line(k, "            const long c = n0 + wn + 8 * j + 2 * tq;");
+    kg_line(k, "            const float v0 = acc[i][j][2 * h], v1 = acc[i][j][2 * h + 1];");
+    if (pair) {
+        kg_line(k, "            if (c + 1 < %s) *(float2 *)(orow + c) = make_float2(v0, v1);", col_lim);
+        kg_line(k, "            else if (c < %s) orow[c] = v0;", col_lim);
+    } else {
+        kg_line(k, "            if (c < %s) orow[c] = v0;", col_lim);
+        kg_line(k, "            if (c + 1 < %s) orow[c + 1] = v1;", col_lim);
+    }
+    kg_line(k, "        }");
     kg_line(k, "    }");
     return 0;
 }
@@ -409,7 +570,7 @@ static int emit_bf16(kgen *k, const ir_node *n) {
     const mma_tile *t = &TILE_MM;
     long K = xs->d[xs->ndim - 1], N = kg_feat(k, w) / K, per = kg_feat(k, x) / K, ntile = (N + t->bn - 1) / t->bn;
     int node = (int)(n - k->g->n);
-    char rx[160], ry[160], st[240], nlim[32], klim[32], wk[64];
+    char rx[160], ry[160], orow[200], nlim[32], klim[32], wk[64];
     kg_begin(k, n->ia[0] ? "matmul_nn_bf16" : "matmul_nt_bf16", node, node + 1);
     kg_in(k, "x", x);
     kg_in(k, "w", w);
@@ -419,19 +580,26 @@ static int emit_bf16(kgen *k, const ir_node *n) {
     kg_line(k, "if (m0 >= M) return;");
     snprintf(nlim, sizeof nlim, "%ldL", N);
     snprintf(klim, sizeof klim, "%ldL", K);
-    mma_operand a = {.name = "x", .kcontig = 1, .roff = row_at(rx, sizeof rx, k, x, K, "r"), .base = "m0", .lim = "M",
-                     .rows = t->bm};
+    /* one row a token: rows are the token stride apart (the fast copy path) */
+    mma_operand a = {.name = "x", .kcontig = 1, .roff = per == 1 ? NULL : row_at(rx, sizeof rx, k, x, K, "r"),
+                     .ld = kg_ld(k, x), .base = "m0", .lim = "M", .rows = t->bm, .vec = operand_vec(k, x, K)};
     mma_operand b;
+    /* a weight is an owner or a view at a constant offset: its rows align like its offset */
+    int wvec = k->g->t[w].offset % 4 == 0;
     if (n->ia[0]) {   /* W [K,N]: the contraction index selects the row */
         snprintf(wk, sizeof wk, "kx * %ld", N);
-        b = (mma_operand){.name = "w", .kcontig = 0, .koff = wk, .base = "n0", .lim = nlim, .rows = t->bn};
+        b = (mma_operand){.name = "w", .kcontig = 0, .koff = wk, .kld = N, .base = "n0", .lim = nlim, .rows = t->bn,
+                          .vec = wvec && N % 4 == 0};
     } else {          /* W [N,K] */
-        b = (mma_operand){.name = "w", .kcontig = 1, .roff = NULL, .ld = K, .base = "n0", .lim = nlim, .rows = t->bn};
+        b = (mma_operand){.name = "w", .kcontig = 1, .roff = NULL, .ld = K, .base = "n0", .lim = nlim, .rows = t->bn,
+                          .vec = wvec && K % 4 == 0};
     }
-    snprintf(st, sizeof st, "y[%s + c] = v", row_at(ry, sizeof ry, k, y, N, "m"));
-    if (emit_mma_body(k, t, &a, &b, "0", klim, K % BK != 0, "m < M", nlim, st) < 0) return -1;
+    snprintf(orow, sizeof orow, "y + %s", row_at(ry, sizeof ry, k, y, N, "m"));
+    int pair = k->g->t[y].offset % 2 == 0 && kg_ld(k, y) % 2 == 0 && N % 2 == 0;
+    if (emit_mma_pipe(k, t, &a, &b, "0", klim, K % BK != 0, "m < M", nlim, orow, pair) < 0) return -1;
     grid_tiles(k, 0, x, per, ntile, t->bm);
     kg_block(k, tile_threads(t), 1, 1);
+    if (t->minb) kg_min_blocks(k, t->minb);
     return kg_end(k);
 }
 
@@ -470,7 +638,7 @@ static int emit_wgrad_bf16(kgen *k, const ir_node *n) {
     long G = k->g->t[part].shape.d[0];
     const mma_tile *t = &TILE_WGRAD;
     int node = (int)(n - k->g->n);
-    char ra[160], rb[160], plim[32], qlim[32], st[160];
+    char ra[160], rb[160], plim[32], qlim[32], orow[160];
     kg_begin(k, "matmul_wgrad_bf16", node, node + 1);
     kg_in(k, "a", a);
     kg_in(k, "b", b);
@@ -480,18 +648,21 @@ static int emit_wgrad_bf16(kgen *k, const ir_node *n) {
     kg_line(k, "const long n0 = GID_X * %d, m0 = GID_Y * %d;", t->bn, t->bm);
     snprintf(plim, sizeof plim, "%ldL", P);
     snprintf(qlim, sizeof qlim, "%ldL", Q);
-    mma_operand oa = {.name = "a", .kcontig = 0, .koff = row_at(ra, sizeof ra, k, a, P, "kx"), .base = "m0", .lim = plim,
-                      .rows = t->bm};
-    mma_operand ob = {.name = "b", .kcontig = 0, .koff = row_at(rb, sizeof rb, k, b, Q, "kx"), .base = "n0", .lim = qlim,
-                      .rows = t->bn};
-    snprintf(st, sizeof st, "part[GID_Z * %ld + m * %ld + c] = v", P * Q, Q);
+    mma_operand oa = {.name = "a", .kcontig = 0, .koff = row_at(ra, sizeof ra, k, a, P, "kx"),
+                      .kld = per == 1 ? kg_ld(k, a) : 0, .base = "m0", .lim = plim, .rows = t->bm,
+                      .vec = operand_vec(k, a, P)};
+    mma_operand ob = {.name = "b", .kcontig = 0, .koff = row_at(rb, sizeof rb, k, b, Q, "kx"),
+                      .kld = kg_feat(k, b) / Q == 1 ? kg_ld(k, b) : 0, .base = "n0", .lim = qlim, .rows = t->bn,
+                      .vec = operand_vec(k, b, Q)};
+    snprintf(orow, sizeof orow, "part + GID_Z * %ld + m * %ld", P * Q, Q);
     char rowok[48];
     snprintf(rowok, sizeof rowok, "m < %ld", P);
-    if (emit_mma_body(k, t, &oa, &ob, "r0", "r1", 1, rowok, qlim, st) < 0) return -1;
+    if (emit_mma_pipe(k, t, &oa, &ob, "r0", "r1", 1, rowok, qlim, orow, Q % 2 == 0) < 0) return -1;
     kg_grid(k, 0, (Q + t->bn - 1) / t->bn, 0, 0, 0, 1);
     kg_grid(k, 1, (P + t->bm - 1) / t->bm, 0, 0, 0, 1);
     kg_grid(k, 2, G, 0, 0, 0, 1);
     kg_block(k, tile_threads(t), 1, 1);
+    if (t->minb) kg_min_blocks(k, t->minb);
     if (kg_end(k) < 0) return -1;
     return emit_wgrad_sum(k, n);
 }
