@@ -108,7 +108,31 @@ static const char cuda_bf16_prelude[] =
     "                 \"{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\"\n"
     "                 : \"+f\"(d[0]), \"+f\"(d[1]), \"+f\"(d[2]), \"+f\"(d[3])\n"
     "                 : \"r\"(a[0]), \"r\"(a[1]), \"r\"(a[2]), \"r\"(a[3]), \"r\"(b[0]), \"r\"(b[1]));\n"
-    "}\n";
+    "}\n"
+    /* ldmatrix and cp.async address shared memory by its 32-bit shared-window offset */
+    "INLINE unsigned smem_u32(const void *p) {\n"
+    "    unsigned a;\n"
+    "    asm(\"{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }\" : \"=r\"(a) : \"l\"(p));\n"
+    "    return a;\n"
+    "}\n"
+    "/* four 8x8 bf16 matrices; lane l gives row l & 7 of matrix l >> 3 */\n"
+    "INLINE void ldsm_x4(unsigned *r, const void *p) {\n"
+    "    asm volatile(\"ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\"\n"
+    "                 : \"=r\"(r[0]), \"=r\"(r[1]), \"=r\"(r[2]), \"=r\"(r[3]) : \"r\"(smem_u32(p)));\n"
+    "}\n"
+    "INLINE void ldsm_x4_trans(unsigned *r, const void *p) {\n"
+    "    asm volatile(\"ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\"\n"
+    "                 : \"=r\"(r[0]), \"=r\"(r[1]), \"=r\"(r[2]), \"=r\"(r[3]) : \"r\"(smem_u32(p)));\n"
+    "}\n"
+    "/* global -> shared without registers; bytes past src_bytes are zero-filled */\n"
+    "INLINE void cp_async16(void *dst, const void *src, int src_bytes) {\n"
+    "    asm volatile(\"cp.async.cg.shared.global [%0], [%1], 16, %2;\" :: \"r\"(smem_u32(dst)), \"l\"(src), \"r\"(src_bytes) : \"memory\");\n"
+    "}\n"
+    "INLINE void cp_async4(void *dst, const void *src, int src_bytes) {\n"
+    "    asm volatile(\"cp.async.ca.shared.global [%0], [%1], 4, %2;\" :: \"r\"(smem_u32(dst)), \"l\"(src), \"r\"(src_bytes) : \"memory\");\n"
+    "}\n"
+    "INLINE void cp_async_commit(void) { asm volatile(\"cp.async.commit_group;\" ::: \"memory\"); }\n"
+    "#define cp_async_wait(n) asm volatile(\"cp.async.wait_group %0;\" :: \"n\"(n) : \"memory\")\n";
 
 static const dialect dialects[] = {
     {"opencl", opencl_spell, "", NULL},
@@ -152,6 +176,7 @@ void kg_begin(kgen *k, const char *what, int node0, int node1) {
     k->cur.node0 = node0;
     k->cur.node1 = node1;
     k->cur.block[0] = k->cur.block[1] = k->cur.block[2] = 1;
+    k->min_blocks = 0;
     for (int i = 0; i < 3; i++) k->cur.grid[i] = (kg_dim){1, 0, 0, 0, 1};
     k->body.n = k->params.n = 0;
     if (k->body.s) k->body.s[0] = 0;
@@ -209,13 +234,20 @@ void kg_block(kgen *k, int x, int y, int z) {
     k->cur.block[2] = z;
 }
 
+void kg_min_blocks(kgen *k, int n) { k->min_blocks = n; }
+
 int kg_end(kgen *k) {
     if (k->err[0]) return -1;
+    /* part of the kernel's identity: it goes in front of the parameters */
+    char bounds[64] = "";
+    if (k->min_blocks > 0 && strcmp(k->d->name, "cuda") == 0)
+        snprintf(bounds, sizeof bounds, "__launch_bounds__(%d, %d) ", k->cur.block[0] * k->cur.block[1] * k->cur.block[2],
+                 k->min_blocks);
     strbuf whole = {0};
     /* OpenCL: the dynamic shared region is the trailing __local argument the backend binds */
     const char *shm = k->cur.shmem > 0 && strcmp(k->d->name, "cuda") != 0 ? ", __local float *realm_shm" : "";
-    sb_printf(&whole, "(GLOBAL float *A, long B, long S%s%s) {\n    const long T = B * S;\n    (void)T;\n%s}\n",
-              k->params.s ? k->params.s : "", shm, k->body.s ? k->body.s : "");
+    sb_printf(&whole, "%s(GLOBAL float *A, long B, long S%s%s) {\n    const long T = B * S;\n    (void)T;\n%s}\n",
+              bounds, k->params.s ? k->params.s : "", shm, k->body.s ? k->body.s : "");
     int found = -1;
     for (int i = 0; i < k->nbodies; i++)
         if (strcmp(k->bodies[i], whole.s) == 0) found = i;
@@ -225,7 +257,8 @@ int kg_end(kgen *k) {
         k->names = realloc(k->names, sizeof *k->names * (size_t)k->nbodies);
         k->bodies[found] = whole.s;
         snprintf(k->names[found], sizeof k->names[found], "k%d_%.40s", found, k->cur.kernel);
-        sb_printf(&k->src, "\nKERNEL %s%s", k->names[found], whole.s);
+        const int nb = (int)strlen(bounds);
+        sb_printf(&k->src, "\nKERNEL %.*s%s%s", nb, whole.s, k->names[found], whole.s + nb);
     } else {
         sb_free(&whole);
     }
