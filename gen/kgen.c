@@ -124,7 +124,20 @@ static const char cuda_bf16_prelude[] =
     "}\n"
     "INLINE void cp_async_commit(void) { asm volatile(\"cp.async.commit_group;\" ::: \"memory\"); }\n"
     "/* wait until at most n committed groups of this thread are still in flight */\n"
-    "#define CP_ASYNC_WAIT(n) asm volatile(\"cp.async.wait_group \" #n \";\" ::: \"memory\")\n";
+    "#define CP_ASYNC_WAIT(n) asm volatile(\"cp.async.wait_group \" #n \";\" ::: \"memory\")\n"
+    "/* four 8x8 bf16 matrices; lane l gives row l & 7 of matrix l >> 3 (ldmatrix) */\n"
+    "INLINE void ldsm_x4(unsigned *r, const void *p) {\n"
+    "    asm volatile(\"ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\"\n"
+    "                 : \"=r\"(r[0]), \"=r\"(r[1]), \"=r\"(r[2]), \"=r\"(r[3]) : \"r\"(smem_u32(p)));\n"
+    "}\n"
+    "INLINE void ldsm_x4_trans(unsigned *r, const void *p) {\n"
+    "    asm volatile(\"ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\"\n"
+    "                 : \"=r\"(r[0]), \"=r\"(r[1]), \"=r\"(r[2]), \"=r\"(r[3]) : \"r\"(smem_u32(p)));\n"
+    "}\n"
+    "/* the same copies addressed by a shared pointer (overloads) */\n"
+    "INLINE void cp_async16(void *dst, const void *src, int n) { cp_async16(smem_u32(dst), (const float *)src, n); }\n"
+    "INLINE void cp_async4(void *dst, const void *src, int n) { cp_async4(smem_u32(dst), (const float *)src, n); }\n"
+    "#define cp_async_wait(n) asm volatile(\"cp.async.wait_group %0;\" :: \"n\"(n) : \"memory\")\n";
 
 static const dialect dialects[] = {
     {"opencl", opencl_spell, "", NULL},
@@ -168,6 +181,7 @@ void kg_begin(kgen *k, const char *what, int node0, int node1) {
     k->cur.node0 = node0;
     k->cur.node1 = node1;
     k->cur.block[0] = k->cur.block[1] = k->cur.block[2] = 1;
+    k->min_blocks = 0;
     for (int i = 0; i < 3; i++) k->cur.grid[i] = (kg_dim){1, 0, 0, 0, 1};
     k->body.n = k->params.n = 0;
     if (k->body.s) k->body.s[0] = 0;
@@ -225,15 +239,20 @@ void kg_block(kgen *k, int x, int y, int z) {
     k->cur.block[2] = z;
 }
 
-void kg_min_blocks(kgen *k, int n) { k->cur.min_blocks = n; }
+void kg_min_blocks(kgen *k, int n) { k->min_blocks = n; }
 
 int kg_end(kgen *k) {
     if (k->err[0]) return -1;
+    /* part of the kernel's identity: it goes in front of the parameters */
+    char bounds[64] = "";
+    if (k->min_blocks > 0 && strcmp(k->d->name, "cuda") == 0)
+        snprintf(bounds, sizeof bounds, "__launch_bounds__(%d, %d) ", k->cur.block[0] * k->cur.block[1] * k->cur.block[2],
+                 k->min_blocks);
     strbuf whole = {0};
     /* OpenCL: the dynamic shared region is the trailing __local argument the backend binds */
     const char *shm = k->cur.shmem > 0 && strcmp(k->d->name, "cuda") != 0 ? ", __local float *realm_shm" : "";
-    sb_printf(&whole, "(GLOBAL float *A, long B, long S%s%s) {\n    const long T = B * S;\n    (void)T;\n%s}\n",
-              k->params.s ? k->params.s : "", shm, k->body.s ? k->body.s : "");
+    sb_printf(&whole, "%s(GLOBAL float *A, long B, long S%s%s) {\n    const long T = B * S;\n    (void)T;\n%s}\n",
+              bounds, k->params.s ? k->params.s : "", shm, k->body.s ? k->body.s : "");
     int found = -1;
     for (int i = 0; i < k->nbodies; i++)
         if (strcmp(k->bodies[i], whole.s) == 0) found = i;
@@ -243,11 +262,8 @@ int kg_end(kgen *k) {
         k->names = realloc(k->names, sizeof *k->names * (size_t)k->nbodies);
         k->bodies[found] = whole.s;
         snprintf(k->names[found], sizeof k->names[found], "k%d_%.40s", found, k->cur.kernel);
-        char bounds[64] = "";
-        if (k->cur.min_blocks > 0 && strcmp(k->d->name, "cuda") == 0)
-            snprintf(bounds, sizeof bounds, "__launch_bounds__(%d, %d) ",
-                     k->cur.block[0] * k->cur.block[1] * k->cur.block[2], k->cur.min_blocks);
-        sb_printf(&k->src, "\nKERNEL %s%s%s", bounds, k->names[found], whole.s);
+        const int nb = (int)strlen(bounds);
+        sb_printf(&k->src, "\nKERNEL %.*s%s%s", nb, whole.s, k->names[found], whole.s + nb);
     } else {
         sb_free(&whole);
     }

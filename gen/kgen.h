@@ -51,7 +51,6 @@ typedef struct plan_launch {
     kg_dim grid[3];
     int block[3];
     long shmem;                    /* bytes of dynamic shared (local) memory, see kg_shared */
-    int min_blocks;                /* kg_min_blocks, 0: none */
 } plan_launch;
 
 typedef struct kgen {
@@ -68,6 +67,7 @@ typedef struct kgen {
     char err[512];
     int bf16;                      /* matmuls take bf16 operands on tensor cores (fp32 accumulation) */
     long shared_max;               /* bytes of shared memory a work-group may use (plan_options) */
+    int min_blocks;                /* of the kernel being rendered, see kg_min_blocks */
 } kgen;
 
 void kg_init(kgen *k, const dialect *d, const ir_graph *g);
@@ -90,9 +90,8 @@ void kg_block(kgen *k, int x, int y, int z);
  * on CUDA (the launch opts in to more). OpenCL receives the region as a trailing __local
  * pointer argument. Each array starts 16-byte aligned. */
 void kg_shared(kgen *k, const char *name, long n);
-/* CUDA: ask the compiler to fit n work-groups of the block size set by kg_block on one SM
- * (__launch_bounds__), which caps the registers a thread may use; call after kg_block.
- * OpenCL ignores it. */
+/* CUDA: have the compiler fit n work-groups of this kernel (at its kg_block size) on one
+ * multiprocessor at a time, i.e. cap its registers (__launch_bounds__). Others ignore it. */
 void kg_min_blocks(kgen *k, int n);
 /* Finish the kernel: identical kernels (same parameters and body) are emitted once and shared. */
 int kg_end(kgen *k);

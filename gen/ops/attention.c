@@ -383,39 +383,67 @@ static void emit_row_prologue(kgen *k, long nh, const char *hname) {
  * With bf16 matmuls the attention products run on tensor cores too: mma.sync m16n8k16 (bf16
  * operands, fp32 accumulation) with the fragment conventions of gen/ops/matmul.c. Operands are
  * rounded from the fp32 arena while a tile is staged into shared memory; the softmax
- * statistics (running max, sum, lse, D) and the scaling stay fp32. A block is 4 warps; each
- * warp owns 16 rows of a 64-row tile (queries in the forward and dq kernels, keys in dkv) and
- * takes the other side 64 at a time, so the score tile of a warp is 16 x 64: eight n-tiles of
- * 8 columns, accumulator e of n-tile j at row gq (+8 for e >= 2), column 8j + 2tq + (e & 1).
- * Those accumulators become the A operand of the second product without leaving registers:
- * n-tiles 2t and 2t+1 hold exactly the (row, k) pairs of the A fragment of k-step t (rows
- * gq / gq+8, k pairs 2tq and 2tq+8), which is what kg_tc_repack relies on. The head dim is
- * padded to a multiple of 16 (one k-step) with zeros.
- * Shared tiles hold bf16 pairs as 32-bit words with the contraction contiguous, rows padded by
- * 4 words so a warp's fragment reads (8 rows x 4 words) hit 32 distinct banks. A product whose
- * contraction runs over the tile's rows (P V, dS K, P^T dO, dS^T Q) needs its B operand
- * transposed: those tiles are staged [column][row pair].
- * Masking is exact (the fp32 kernels' visibility test per element), blocks outside the window
- * are never visited, and every output is summed by one thread in a fixed order (tiles in
- * order, mma's fixed internal order, a fixed quad shuffle for the row sums): no atomics, the
- * same bits run to run. Heads wider than TC_FWD_MAXD (forward) or TC_BWD_MAXD (backward) keep
- * the fp32 kernels; the backward's tiles are four 64 x Dh operands, which fit in static
- * shared memory only up to 64. At Dh 64 on sm_90 ptxas gives the forward 168 registers and
- * the two backward kernels 255 (no spills): 2 to 3 blocks of 4 warps per SM, the first thing
- * to revisit if they turn out latency-bound. */
-#define TC_T 64            /* rows of every tile: 4 warps x 16 */
+ * statistics (running max, sum, lse, D) and the scaling stay fp32. Each warp owns 16 rows of
+ * the block's own tile (queries in the forward and dq kernels, keys in dkv) and meets the
+ * streamed side 64 rows at a time; a score tile of a warp is 16 x 8n: n-tiles of 8 columns,
+ * accumulator e of n-tile j at row gq (+8 for e >= 2), column 8j + 2tq + (e & 1). Those
+ * accumulators become the A operand of the second product without leaving registers: n-tiles
+ * 2t and 2t+1 hold exactly the (row, k) pairs of the A fragment of k-step t (rows gq / gq+8,
+ * k pairs 2tq and 2tq+8), which is what emit_tc_repack relies on. The head dim is padded to a
+ * multiple of 16 (one k-step) with zeros.
+ * Shared tiles hold bf16 pairs as 32-bit words, one token a row with the head dim contiguous,
+ * rows padded by 4 words (16 bytes): the 8 row addresses of an ldmatrix phase then fall in 8
+ * distinct 16-byte bank groups. ldmatrix gives the B operand of a product that contracts over
+ * the head dim (Q K^T, dO V^T, K Q^T, V dO^T) and, with .trans, of one that contracts over the
+ * tile's rows (P V, dS K, P^T dO, dS^T Q) from the same row-major tile: no transposed copies.
+ * Streamed tiles (K and V in the forward and dq, Q and dO in dkv) are double-buffered through
+ * an fp32 stage: cp.async brings tile i+1 from memory while the warps compute on tile i, and
+ * one pass converts the stage to bf16 per tile (the arena is fp32, so a copy must round once
+ * somewhere; here it is once per block and tile rather than per use).
+ * Masking is exact: a warp tests the window and causality element by element only on the
+ * tiles that cut its rows' bands (at most two or three per row block), takes the others
+ * whole, and skips tiles none of its rows sees. Blocks outside the window are never visited,
+ * and every output is summed by one thread in a fixed order (tiles in order, mma's fixed
+ * internal order, a fixed quad shuffle for the row sums): no atomics, the same bits run to
+ * run. Exponentials are exp2 with log2(e) folded into the score scale and the lse. Heads
+ * wider than TC_FWD_MAXD (forward) or TC_BWD_MAXD (backward) keep the fp32 kernels.
+ * Registers at Dh 64, sm_90 (ptxas -v): forward 128 under its cap of 2 blocks of 8 warps per
+ * SM, dq 128 under 4 blocks (12 bytes spilled), dkv 168 under 3 blocks (its 73 KB of shared
+ * memory allow no more). On the H100 this took realm-9m's attention at 8 x 8192 from 17.0 to
+ * 8.2 ms per step (dkv 7.1 -> 3.2). */
+#define TC_T 64            /* rows of a streamed tile */
 #define TC_FWD_MAXD 128
 #define TC_BWD_MAXD 64
+#define TC_FWD_WARPS 8     /* 128 queries a forward block: each K/V tile serves twice the rows */
+#define TC_BWD_WARPS 4
 
 static long tc_dp(long Dh) { return (Dh + 15) / 16 * 16; }
 
-/* dst[r * ws + w] = bf16 pair (x[pos0 + r][2w], x[pos0 + r][2w + 1]) for TC_T rows of head
- * offset `hoff` of tensor `src`; rows past the sequence and columns past Dh are zeros (0 * a
- * stray NaN beyond the tensor would poison a whole product). */
-static void emit_tc_rows(kgen *k, const attn_consts *c, long DP, const char *dst, const char *src, long ld,
-                         const char *pos0, const char *hoff) {
+/* Words per padded row of a bf16 tile with `cols` columns. */
+static long tc_ws(long cols) { return cols / 2 + 4; }
+
+/* Floats per row of an fp32 stage (16-byte rows for cp.async). */
+static long tc_sw(long DP) { return DP + 4; }
+
+/* log2(e), so exp(x) = exp2(x * log2(e)), and ln(2) to bring the lse back */
+#define TC_LOG2E 1.4426950408889634
+#define TC_LN2 0.6931471805599453
+
+/* scale * log2(e) as an fp32 literal */
+static void tc_scale2(const kgen *k, const ir_node *n, long Dh, char *buf, size_t len) {
+    (void)k;
+    const double sc = n->fa[FA_SCALE] != 0.0 ? n->fa[FA_SCALE] : 1.0 / sqrt((double)Dh);
+    snprintf(buf, len, "((float)%.8ef)", (double)(float)((double)(float)sc * TC_LOG2E));
+}
+
+/* dst[r * ws + w] = bf16 pair (x[pos0 + r][2w], x[pos0 + r][2w + 1]) for `rows` rows of head
+ * offset `hoff` of tensor `src`, read synchronously (tiles loaded once per block); rows past
+ * the sequence and columns past Dh are zeros (0 * a stray NaN beyond the tensor would poison
+ * a whole product). */
+static void emit_tc_rows(kgen *k, const attn_consts *c, long DP, long rows, long nt, const char *dst, const char *src,
+                         long ld, const char *pos0, const char *hoff) {
     const long W = DP / 2;
-    kg_line(k, "for (int x = LID_X; x < %ld; x += 128) {", TC_T * W);
+    kg_line(k, "for (int x = LID_X; x < %ld; x += %ld) {", rows * W, nt);
     kg_line(k, "    const int r = x / %ld, w = x %% %ld, e = 2 * w;", W, W);
     kg_line(k, "    const long ps = %s + r;", pos0);
     kg_line(k, "    float lo = 0.0f, hi = 0.0f;");
@@ -428,82 +456,214 @@ static void emit_tc_rows(kgen *k, const attn_consts *c, long DP, const char *dst
         kg_line(k, "        if (e + 1 < %ld) hi = p[1];", c->Dh);
     }
     kg_line(k, "    }");
-    kg_line(k, "    %s[r * %ld + w] = pack_bf16x2(lo, hi);", dst, kg_tc_ws(DP));
+    kg_line(k, "    %s[r * %ld + w] = pack_bf16x2(lo, hi);", dst, tc_ws(DP));
     kg_line(k, "}");
 }
 
-/* The transposed tile: dst[e * ws + w] = bf16 pair (x[pos0 + 2w][e], x[pos0 + 2w + 1][e]).
- * A warp covers 8 consecutive e (one 32-byte sector per row read) by 4 row pairs, so its
- * global reads are whole sectors and its shared stores 32 distinct banks. */
-static void emit_tc_cols(kgen *k, const attn_consts *c, long DP, const char *dst, const char *src, long ld,
-                         const char *pos0, const char *hoff) {
-    const long E8 = DP / 8;
-    kg_line(k, "for (int x = LID_X; x < %ld; x += 128) {", DP * (TC_T / 2));
-    kg_line(k, "    const int w = (x & 3) + 4 * ((x >> 5) / %ld), e = ((x >> 2) & 7) + 8 * ((x >> 5) %% %ld);", E8, E8);
-    kg_line(k, "    const long ps = %s + 2 * w;", pos0);
-    kg_line(k, "    float lo = 0.0f, hi = 0.0f;");
-    if (DP != c->Dh) kg_line(k, "    if (e < %ld) {", c->Dh);
-    else kg_line(k, "    {");
-    kg_line(k, "        if (ps < S) lo = %s[(t0 + ps) * %ldL + %s + e];", src, ld, hoff);
-    kg_line(k, "        if (ps + 1 < S) hi = %s[(t0 + ps + 1) * %ldL + %s + e];", src, ld, hoff);
+/* cp.async of TC_T rows (positions pos0.., head offset hoff, Dh floats each) of `src` into the
+ * fp32 stage `dst`; rows past the sequence are zero-filled (their source address is clamped
+ * to the sequence's first row, which exists). 16-byte copies when the rows allow them (the
+ * arena offset is a runtime value, so its alignment is tested at run time), else 4-byte. */
+static void emit_tc_issue(kgen *k, const attn_consts *c, long nt, const char *dst, const char *src, long ld,
+                          const char *pos0, const char *hoff) {
+    const long D = c->Dh, SW = tc_sw(tc_dp(D));
+    const int wide = ld % 4 == 0 && D % 4 == 0;
+    /* unroll 1: unrolled, the loop-invariant addresses of every copy would stay in registers
+     * across the whole tile loop */
+    if (wide) {
+        kg_line(k, "if ((((unsigned long)%s) & 15) == 0) {", src);
+        kg_line(k, "    #pragma unroll 1");
+        kg_line(k, "    for (int x = LID_X; x < %ld; x += %ld) {", TC_T * D / 4, nt);
+        kg_line(k, "        const int r = x / %ld, ch = x %% %ld;", D / 4, D / 4);
+        kg_line(k, "        const long ps = %s + r;", pos0);
+        kg_line(k, "        cp_async16(%s + r * %ld + 4 * ch, %s + (t0 + (ps < S ? ps : 0)) * %ldL + %s + 4 * ch, ps < S ? 16 : 0);",
+                dst, SW, src, ld, hoff);
+        kg_line(k, "    }");
+        kg_line(k, "} else {");
+    }
+    kg_line(k, "#pragma unroll 1");
+    kg_line(k, "for (int x = LID_X; x < %ld; x += %ld) {", TC_T * D, nt);
+    kg_line(k, "    const int r = x / %ld, e = x %% %ld;", D, D);
+    kg_line(k, "    const long ps = %s + r;", pos0);
+    kg_line(k, "    cp_async4(%s + r * %ld + e, %s + (t0 + (ps < S ? ps : 0)) * %ldL + %s + e, ps < S ? 4 : 0);", dst, SW,
+            src, ld, hoff);
+    kg_line(k, "}");
+    if (wide) kg_line(k, "}");
+}
+
+/* The stage `src` (TC_T rows of tc_sw floats) rounded into the bf16 tile `dst`; the stage's
+ * padding columns (never written) are replaced by zeros. */
+static void emit_tc_convert(kgen *k, const attn_consts *c, long nt, const char *dst, const char *src) {
+    const long DP = tc_dp(c->Dh), W = DP / 2;
+    kg_line(k, "for (int x = LID_X; x < %ld; x += %ld) {", TC_T * W, nt);
+    kg_line(k, "    const int r = x / %ld, w = x %% %ld;", W, W);
+    kg_line(k, "    const float *p = %s + r * %ld + 2 * w;", src, tc_sw(DP));
+    if (DP == c->Dh)
+        kg_line(k, "    %s[r * %ld + w] = pack_bf16x2(p[0], p[1]);", dst, tc_ws(DP));
+    else
+        kg_line(k, "    %s[r * %ld + w] = pack_bf16x2(2 * w < %ld ? p[0] : 0.0f, 2 * w + 1 < %ld ? p[1] : 0.0f);", dst,
+                tc_ws(DP), c->Dh, c->Dh);
+    kg_line(k, "}");
+}
+
+/* The warp's A fragments of its 16 rows of a staged row tile, all DP/16 k-steps, kept in
+ * registers for the whole kernel. */
+static void emit_tc_afrag(kgen *k, long DP, const char *frag, const char *tile) {
+    const long ws = tc_ws(DP);
+    kg_line(k, "unsigned %s[%ld][4];", frag, DP / 16);
+    kg_line(k, "#pragma unroll");
+    kg_line(k, "for (int kk = 0; kk < %ld; kk++) {", DP / 16);
+    kg_line(k, "    const int r = warp * 16 + gq;");
+    kg_line(k, "    %s[kk][0] = %s[r * %ld + 8 * kk + tq]; %s[kk][1] = %s[(r + 8) * %ld + 8 * kk + tq];", frag, tile, ws,
+            frag, tile, ws);
+    kg_line(k, "    %s[kk][2] = %s[r * %ld + 8 * kk + tq + 4]; %s[kk][3] = %s[(r + 8) * %ld + 8 * kk + tq + 4];", frag,
+            tile, ws, frag, tile, ws);
+    kg_line(k, "}");
+}
+
+/* acc[j0 + j] (j < nt, nt even) += A B over DP/16 k-steps where B's column 8(jt + j) + gq is
+ * row `rowb` + 8j + gq of the bf16 tile `tile` and the contraction runs along its words (the
+ * head dim): one ldmatrix.x4 feeds two n-tiles. `afrag` is a C expression for the unsigned[4]
+ * A fragment of k-step kk; with `aload` (a tile) it is loaded by ldmatrix first: the warp's 16
+ * rows of that tile, so K or V need not stay in registers. */
+static void emit_tc_mma_rows(kgen *k, long DP, const char *acc, const char *afrag, const char *aload, const char *tile,
+                             const char *rowb, long nt) {
+    const long ws = tc_ws(DP);
+    kg_line(k, "#pragma unroll");
+    kg_line(k, "for (int kk = 0; kk < %ld; kk++) {", DP / 16);
+    if (aload) {
+        kg_line(k, "    unsigned af[4];");
+        kg_line(k, "    ldsm_x4(af, %s + (warp * 16 + (lane & 15)) * %ld + 8 * kk + 4 * (lane >> 4));", aload, ws);
+    }
+    kg_line(k, "    #pragma unroll");
+    kg_line(k, "    for (int j = 0; j < %ld; j += 2) {", nt);
+    kg_line(k, "        unsigned bq[4];");
+    kg_line(k, "        ldsm_x4(bq, %s + (%s + 8 * j + ((lane >> 4) << 3) + (lane & 7)) * %ld + 8 * kk + 4 * ((lane >> 3) & 1));",
+            tile, rowb, ws);
+    kg_line(k, "        mma_bf16_16816(%s[j], %s, bq);", acc, afrag);
+    kg_line(k, "        mma_bf16_16816(%s[j + 1], %s, bq + 2);", acc, afrag);
     kg_line(k, "    }");
-    kg_line(k, "    %s[e * %ld + w] = pack_bf16x2(lo, hi);", dst, kg_tc_ws(TC_T));
     kg_line(k, "}");
 }
 
-/* Forward: block = 64 queries of one (sequence, head); Q's fragments live in registers, K and
- * V tiles of 64 keys stream through shared memory over the band the block's queries see.
- * Per key tile: S = Q K^T (scaled, masked to -inf), the online softmax on the accumulators
- * (row max over the quad by shuffles), then O = O corr + P V with P repacked as A fragments.
- * Each thread keeps partial row sums l over its own columns; the quad adds them at the end. */
+/* acc[j] (j < NO = DP/8 n-tiles of the head dim) += A B where the contraction runs over `ks`
+ * k-steps of rows of the bf16 tile `tile` from row `rowb` (B[row][e] = tile[row][e], read with
+ * ldmatrix.trans) and A of k-step kt comes from the score accumulators `sacc` (n-tiles 2kt,
+ * 2kt + 1), rounded to bf16 here. */
+static void emit_tc_mma_cols(kgen *k, long DP, const char *acc, const char *sacc, const char *tile, const char *rowb,
+                             long ks) {
+    const long ws = tc_ws(DP);
+    kg_line(k, "#pragma unroll");
+    kg_line(k, "for (int kt = 0; kt < %ld; kt++) {", ks);
+    kg_line(k, "    const unsigned pa[4] = {pack_bf16x2(%s[2 * kt][0], %s[2 * kt][1]), pack_bf16x2(%s[2 * kt][2], %s[2 * kt][3]),",
+            sacc, sacc, sacc, sacc);
+    kg_line(k, "                            pack_bf16x2(%s[2 * kt + 1][0], %s[2 * kt + 1][1]), pack_bf16x2(%s[2 * kt + 1][2], %s[2 * kt + 1][3])};",
+            sacc, sacc, sacc, sacc);
+    kg_line(k, "    #pragma unroll");
+    kg_line(k, "    for (int j = 0; j < %ld; j += 2) {", DP / 8);
+    kg_line(k, "        unsigned bq[4];");
+    kg_line(k, "        ldsm_x4_trans(bq, %s + (%s + 16 * kt + (lane & 15)) * %ld + 4 * (j + (lane >> 4)));", tile, rowb, ws);
+    kg_line(k, "        mma_bf16_16816(%s[j], pa, bq);", acc);
+    kg_line(k, "        mma_bf16_16816(%s[j + 1], pa, bq + 2);", acc);
+    kg_line(k, "    }");
+    kg_line(k, "}");
+}
+
+static void emit_tc_zero(kgen *k, const char *acc, long nt) {
+    kg_line(k, "float %s[%ld][4];", acc, nt);
+    kg_line(k, "#pragma unroll");
+    kg_line(k, "for (int j = 0; j < %ld; j++)", nt);
+    kg_line(k, "    for (int e = 0; e < 4; e++) %s[j][e] = 0.0f;", acc);
+}
+
+static void emit_tc_prologue(kgen *k) {
+    kg_line(k, "const int tid = LID_X, lane = tid & 31, warp = tid >> 5, gq = lane >> 2, tq = lane & 3;");
+    kg_line(k, "(void)tid;");
+}
+
+/* Forward: block = 128 queries (8 warps) of one (sequence, head); Q's fragments live in
+ * registers, K and V tiles of 64 keys stream through the stage over the band the block's
+ * queries see. Per key tile and warp: S = Q K^T (scaled by scale log2(e); masked to -inf on
+ * edge tiles), the online softmax on the accumulators (row max over the quad by shuffles),
+ * then O = O corr + P V with P repacked as A fragments. Each thread keeps partial row sums l
+ * over its own columns; the quad adds them at the end. */
 static int attention_emit_tc(kgen *k, const ir_node *n, const attn_consts *c) {
     const int node = (int)(n - k->g->n);
     const int q = n->in[0], kk = n->in[1], v = n->in[2], o = n->out[0], lse = n->out[1];
-    const long D = c->Dh, DP = tc_dp(D), NO = DP / 8;
+    const long D = c->Dh, DP = tc_dp(D), NO = DP / 8, NT = 32 * TC_FWD_WARPS, QB = 16 * TC_FWD_WARPS;
+    const long ws = tc_ws(DP), SW = tc_sw(DP);
+    char sc2[64];
+    tc_scale2(k, n, D, sc2, sizeof sc2);
     kg_begin(k, "attention_tc", node, node + 1);
     kg_in(k, "q", q);
     kg_in(k, "k", kk);
     kg_in(k, "v", v);
     kg_out(k, "o", o);
     kg_out(k, "lse", lse);
-    kg_line(k, "__shared__ unsigned Ks[%ld], Vt[%ld];", TC_T * kg_tc_ws(DP), DP * kg_tc_ws(TC_T));
-    kg_tc_prologue(k);
+    /* the stage doubles as Q's bf16 tile before the first K/V tile arrives */
+    kg_shared(k, "Kst", 2 * TC_T * SW);
+    kg_shared(k, "Kbf", 2 * TC_T * ws);
+    kg_line(k, "float *Vst = Kst + %ld;", TC_T * SW);
+    kg_line(k, "unsigned *Kb = (unsigned *)Kbf, *Vb = Kb + %ld, *Qb = (unsigned *)Kst;", TC_T * ws);
+    emit_tc_prologue(k);
     kg_line(k, "const long bh = GID_Y, b = bh / %ld, h = bh %% %ld;", c->H, c->H);
-    kg_line(k, "const long t0 = b * S, q0 = GID_X * %d, qo = h * %ld, kvo = (h / %ld) * %ld;", TC_T, D, c->group, D);
-    kg_line(k, "const long q1 = (q0 + %d < S ? q0 + %d : S) - 1;", TC_T, TC_T);
+    kg_line(k, "const long t0 = b * S, q0 = GID_X * %ld, qo = h * %ld, kvo = (h / %ld) * %ld;", QB, D, c->group, D);
+    kg_line(k, "const long q1 = (q0 + %ld < S ? q0 + %ld : S) - 1;", QB, QB);
     kg_line(k, "long klo = q0 - %ld;", c->window - 1);
     kg_line(k, "if (klo < 0) klo = 0;");
-    kg_line(k, "const long qr = q0 + warp * 16 + gq;   /* this thread's rows: qr, qr + 8 */");
+    kg_line(k, "const long qw = q0 + warp * 16, qr = qw + gq;   /* this thread's rows: qr, qr + 8 */");
     kg_line(k, "const float NEG_INF = __int_as_float(0xff800000);");
-    /* Q goes through the K tile once; its fragments then stay in registers */
-    emit_tc_rows(k, c, DP, "Ks", "q", kg_ld(k, q), "q0", "qo");
+    emit_tc_rows(k, c, DP, QB, NT, "Qb", "q", kg_ld(k, q), "q0", "qo");
     kg_line(k, "BARRIER();");
-    kg_tc_afrag(k, DP, "qf", "Ks");
+    emit_tc_afrag(k, DP, "qf", "Qb");
     kg_line(k, "BARRIER();");
-    kg_tc_zero(k, "oacc", NO);
-    /* -1e30, not -inf: a row that has seen only masked keys keeps corr = exp(0) and p = 0 */
+    emit_tc_issue(k, c, NT, "Kst", "k", kg_ld(k, kk), "klo", "kvo");
+    emit_tc_issue(k, c, NT, "Vst", "v", kg_ld(k, v), "klo", "kvo");
+    kg_line(k, "cp_async_commit();");
+    emit_tc_zero(k, "oacc", NO);
+    /* -1e30, not -inf: a row that has seen only masked keys keeps corr = exp2(0) and p = 0 */
     kg_line(k, "float m[2] = {-1.0e30f, -1.0e30f}, l[2] = {0.0f, 0.0f};");
     kg_line(k, "for (long k0 = klo; k0 <= q1; k0 += %d) {", TC_T);
-    emit_tc_rows(k, c, DP, "Ks", "k", kg_ld(k, kk), "k0", "kvo");
-    emit_tc_cols(k, c, DP, "Vt", "v", kg_ld(k, v), "k0", "kvo");
-    kg_line(k, "BARRIER();");
-    kg_tc_zero(k, "sacc", 8);
-    kg_tc_mma(k, "sacc", "qf[kk]", "Ks", kg_tc_ws(DP), 8, DP / 16);
+    kg_line(k, "cp_async_wait(0);");
+    kg_line(k, "BARRIER();");   /* the stage is complete; every warp is done with the last tile */
+    emit_tc_convert(k, c, NT, "Kb", "Kst");
+    emit_tc_convert(k, c, NT, "Vb", "Vst");
+    kg_line(k, "BARRIER();");   /* the tiles are complete; every thread is done reading the stage */
+    kg_line(k, "if (k0 + %d <= q1) {", TC_T);
+    kg_line(k, "    const long kn = k0 + %d;", TC_T);
+    emit_tc_issue(k, c, NT, "Kst", "k", kg_ld(k, kk), "kn", "kvo");
+    emit_tc_issue(k, c, NT, "Vst", "v", kg_ld(k, v), "kn", "kvo");
+    kg_line(k, "}");
+    kg_line(k, "cp_async_commit();");
+    /* keys after every row of the warp, or out of every row's window, or no row left */
+    kg_line(k, "if (qw >= S || k0 > qw + 15 || qw - (k0 + %d) >= %ld) continue;", TC_T - 1, c->window);
+    kg_line(k, "const int full = k0 + %d <= qw && qw + 15 - k0 < %ld && qw + 15 < S;", TC_T - 1, c->window);
+    emit_tc_zero(k, "sacc", 8);
+    emit_tc_mma_rows(k, DP, "sacc", "qf[kk]", NULL, "Kb", "0", 8);
     kg_line(k, "float mx[2] = {m[0], m[1]};");
-    kg_line(k, "#pragma unroll");
-    kg_line(k, "for (int j = 0; j < 8; j++)");
-    kg_line(k, "    for (int e = 0; e < 4; e++) {");
-    kg_line(k, "        const long qs = qr + 8 * (e >> 1), ks = k0 + 8 * j + 2 * tq + (e & 1);");
-    kg_line(k, "        const int vis = qs < S && ks <= qs && qs - ks < %ld;", c->window);
-    kg_line(k, "        sacc[j][e] = vis ? %s * sacc[j][e] : NEG_INF;", c->scale);
-    kg_line(k, "        mx[e >> 1] = FMAXF(mx[e >> 1], sacc[j][e]);");
-    kg_line(k, "    }");
+    kg_line(k, "if (full) {");
+    kg_line(k, "    #pragma unroll");
+    kg_line(k, "    for (int j = 0; j < 8; j++)");
+    kg_line(k, "        for (int e = 0; e < 4; e++) {");
+    kg_line(k, "            sacc[j][e] *= %s;", sc2);
+    kg_line(k, "            mx[e >> 1] = FMAXF(mx[e >> 1], sacc[j][e]);");
+    kg_line(k, "        }");
+    kg_line(k, "} else {");
+    kg_line(k, "    #pragma unroll");
+    kg_line(k, "    for (int j = 0; j < 8; j++)");
+    kg_line(k, "        for (int e = 0; e < 4; e++) {");
+    kg_line(k, "            const long qs = qr + 8 * (e >> 1), ks = k0 + 8 * j + 2 * tq + (e & 1);");
+    kg_line(k, "            const int vis = qs < S && ks <= qs && qs - ks < %ld;", c->window);
+    kg_line(k, "            sacc[j][e] = vis ? %s * sacc[j][e] : NEG_INF;", sc2);
+    kg_line(k, "            mx[e >> 1] = FMAXF(mx[e >> 1], sacc[j][e]);");
+    kg_line(k, "        }");
+    kg_line(k, "}");
     kg_line(k, "float corr[2];");
     kg_line(k, "#pragma unroll");
     kg_line(k, "for (int r = 0; r < 2; r++) {");
     kg_line(k, "    mx[r] = FMAXF(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));");
     kg_line(k, "    mx[r] = FMAXF(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));");
-    kg_line(k, "    corr[r] = EXPF(m[r] - mx[r]);");
+    kg_line(k, "    corr[r] = exp2f(m[r] - mx[r]);");
     kg_line(k, "    m[r] = mx[r];");
     kg_line(k, "    l[r] *= corr[r];");
     kg_line(k, "}");
@@ -513,13 +673,11 @@ static int attention_emit_tc(kgen *k, const ir_node *n, const attn_consts *c) {
     kg_line(k, "#pragma unroll");
     kg_line(k, "for (int j = 0; j < 8; j++)");
     kg_line(k, "    for (int e = 0; e < 4; e++) {");
-    kg_line(k, "        const float p = EXPF(sacc[j][e] - m[e >> 1]);");
+    kg_line(k, "        const float p = exp2f(sacc[j][e] - m[e >> 1]);");
     kg_line(k, "        l[e >> 1] += p;");
     kg_line(k, "        sacc[j][e] = p;");
     kg_line(k, "    }");
-    kg_tc_repack(k, "pf", "sacc", 4);
-    kg_tc_mma(k, "oacc", "pf[kk]", "Vt", kg_tc_ws(TC_T), NO, 4);
-    kg_line(k, "BARRIER();");
+    emit_tc_mma_cols(k, DP, "oacc", "sacc", "Vb", "0", 4);
     kg_line(k, "}");
     kg_line(k, "#pragma unroll");
     kg_line(k, "for (int r = 0; r < 2; r++) {");
@@ -528,18 +686,20 @@ static int attention_emit_tc(kgen *k, const ir_node *n, const attn_consts *c) {
     kg_line(k, "    const long qs = qr + 8 * r;");
     kg_line(k, "    if (qs >= S) continue;");
     kg_line(k, "    float *oi = o + (t0 + qs) * %ldL + qo;", kg_ld(k, o));
+    kg_line(k, "    const float inv = 1.0f / l[r];");
     kg_line(k, "    #pragma unroll");
     kg_line(k, "    for (int j = 0; j < %ld; j++)", NO);
     kg_line(k, "        for (int e = 0; e < 2; e++) {");
     kg_line(k, "            const int col = 8 * j + 2 * tq + e;");
     if (DP != D) kg_line(k, "            if (col >= %ld) continue;", D);
-    kg_line(k, "            oi[col] = oacc[j][2 * r + e] / l[r];");
+    kg_line(k, "            oi[col] = oacc[j][2 * r + e] * inv;");
     kg_line(k, "        }");
-    kg_line(k, "    if (tq == 0) lse[(t0 + qs) * %ldL + h] = m[r] + LOGF(l[r]);", kg_ld(k, lse));
+    kg_line(k, "    if (tq == 0) lse[(t0 + qs) * %ldL + h] = (m[r] + log2f(l[r])) * ((float)%.9ef);", kg_ld(k, lse), TC_LN2);
     kg_line(k, "}");
-    kg_grid(k, 0, 0, 0, 1, 0, TC_T);
+    kg_grid(k, 0, 0, 0, 1, 0, QB);
     kg_grid(k, 1, 0, c->H, 0, 0, 1);
-    kg_block(k, 128, 1, 1);
+    kg_block(k, (int)NT, 1, 1);
+    kg_min_blocks(k, 2);
     return kg_end(k);
 }
 
@@ -992,70 +1152,132 @@ static int emit_bwd_dq(kgen *k, const ir_node *n, const attn_consts *c, const at
 }
 
 /* ---- the backward on tensor cores (bf16 plans; see "bf16 tensor-core kernels" above) ----
- * The same blocks and order as the fp32 tiled kernels, with 64-row tiles and the products on
- * mma.sync. dq: a block's 64 queries keep Q and dO as A fragments; per key tile S = Q K^T and
- * dP = dO V^T, then dS = P (dP - D) scale is repacked in registers and dQ += dS K takes K^T
- * staged [e][key pair]. dkv: a block's 64 keys keep K and V as A fragments, so the score
- * tiles come out transposed (S^T = K Q^T, dP^T = V dO^T, keys in rows) and dV += P^T dO,
- * dK += dS^T Q take dO^T and Q^T staged [e][query pair]; lse and D of the query tile, which
- * index the columns there, go through shared memory. */
-static void emit_tc_ds(kgen *k, const attn_consts *c) {
-    kg_line(k, "        const float p = vis ? EXPF(%s * sacc[j][e] - L) : 0.0f;", c->scale);
+ * Two launches, dq first. dq: a block's 64 queries keep Q and dO as A fragments and work out
+ * D = dO . O of its rows in fp32 (into the workspace: the dkv launch reads it), so there is
+ * no separate D pass; per key tile S = Q K^T and dP = dO V^T, then dS = P (dP - D) scale is
+ * repacked in registers and dQ += dS K takes K through ldmatrix.trans. dkv: a block's 64 keys
+ * keep K and V in shared memory (A fragments by ldmatrix when needed), so the score tiles
+ * come out transposed (S^T = K Q^T, dP^T = V dO^T, keys in rows) and dV += P^T dO,
+ * dK += dS^T Q take dO and Q through ldmatrix.trans; lse and D of the query tile, which index
+ * the columns there, go through shared memory. Both kernels take the streamed tile in two
+ * halves of 32 columns, which halves the live score registers (the products are the same). */
+static void emit_tc_ds(kgen *k, const attn_consts *c, const char *sc2) {
+    kg_line(k, "        const float p = vis ? exp2f(%s * sacc[j][e] - L) : 0.0f;", sc2);
     /* window 1: one term per softmax, dS exactly zero (as in the fp32 kernels) */
     if (c->window == 1) kg_line(k, "        const float ds = 0.0f; (void)Dd;");
     else kg_line(k, "        const float ds = p * (dpacc[j][e] - Dd) * %s;", c->scale);
 }
 
+/* The element loop of a half tile: `pos` declares qs and ks of accumulator (j, e), `stat`
+ * declares L (lse log2(e)) and Dd of its query; `store` files p and ds away. On a full tile
+ * (the uniform flag `full`) no element is tested. */
+static void emit_tc_scores(kgen *k, const attn_consts *c, const char *sc2, const char *pos, const char *stat,
+                           const char *store) {
+    for (int f = 0; f < 2; f++) {
+        kg_line(k, f ? "} else {" : "if (full) {");
+        kg_line(k, "#pragma unroll");
+        kg_line(k, "for (int j = 0; j < 4; j++)");
+        kg_line(k, "    for (int e = 0; e < 4; e++) {");
+        kg_line(k, "        %s", stat);
+        if (f) {
+            kg_line(k, "        %s", pos);
+            kg_line(k, "        const int vis = qs < S && ks <= qs && qs - ks < %ld;", c->window);
+        } else {
+            kg_line(k, "        const int vis = 1;");
+        }
+        emit_tc_ds(k, c, sc2);
+        kg_line(k, "        %s", store);
+        kg_line(k, "    }");
+    }
+    kg_line(k, "}");
+}
+
 static int emit_bwd_dq_tc(kgen *k, const ir_node *n, const attn_consts *c) {
     const int node = (int)(n - k->g->n);
-    const long D = c->Dh, DP = tc_dp(D), NO = DP / 8;
+    const long D = c->Dh, DP = tc_dp(D), NO = DP / 8, NT = 32 * TC_BWD_WARPS, QB = 16 * TC_BWD_WARPS;
+    const long ws = tc_ws(DP), SW = tc_sw(DP);
+    char sc2[64];
+    tc_scale2(k, n, D, sc2, sizeof sc2);
     kg_begin(k, "attention_bwd_dq_tc", node, node + 1);
-    emit_tiled_args(k, n);
+    kg_in(k, "q", n->in[0]);
+    kg_in(k, "k", n->in[1]);
+    kg_in(k, "v", n->in[2]);
+    kg_in(k, "o", n->in[3]);
+    kg_in(k, "lse", n->in[4]);
+    kg_in(k, "dO", n->in[5]);
     kg_out(k, "dq", n->out[0]);
-    kg_line(k, "__shared__ unsigned Ks[%ld], Vs[%ld], Kt[%ld];", TC_T * kg_tc_ws(DP), TC_T * kg_tc_ws(DP), DP * kg_tc_ws(TC_T));
-    kg_tc_prologue(k);
+    kg_out(k, "Dw", n->out[3]);
+    /* the stage doubles as Q's and dO's bf16 tiles before the first K/V tile arrives */
+    kg_shared(k, "Kst", 2 * TC_T * SW);
+    kg_shared(k, "Kbf", 2 * TC_T * ws);
+    kg_shared(k, "Ds", QB);
+    kg_line(k, "float *Vst = Kst + %ld;", TC_T * SW);
+    kg_line(k, "unsigned *Kb = (unsigned *)Kbf, *Vb = Kb + %ld, *Qb = (unsigned *)Kst, *dOb = Qb + %ld;", TC_T * ws,
+            QB * ws);
+    emit_tc_prologue(k);
     kg_line(k, "const long bh = GID_Y, b = bh / %ld, h = bh %% %ld;", c->H, c->H);
-    kg_line(k, "const long t0 = b * S, q0 = GID_X * %d, qo = h * %ld, kvo = (h / %ld) * %ld;", TC_T, D, c->group, D);
-    kg_line(k, "const long q1 = (q0 + %d < S ? q0 + %d : S) - 1;", TC_T, TC_T);
+    kg_line(k, "const long t0 = b * S, q0 = GID_X * %ld, qo = h * %ld, kvo = (h / %ld) * %ld;", QB, D, c->group, D);
+    kg_line(k, "const long q1 = (q0 + %ld < S ? q0 + %ld : S) - 1;", QB, QB);
     kg_line(k, "long klo = q0 - %ld;", c->window - 1);
     kg_line(k, "if (klo < 0) klo = 0;");
-    kg_line(k, "const long qr = q0 + warp * 16 + gq;   /* this thread's rows: qr, qr + 8 */");
-    /* Q and dO go through the K and V tiles once; their fragments then stay in registers */
-    emit_tc_rows(k, c, DP, "Ks", "q", kg_ld(k, n->in[0]), "q0", "qo");
-    emit_tc_rows(k, c, DP, "Vs", "dO", kg_ld(k, n->in[5]), "q0", "qo");
+    kg_line(k, "const long qw = q0 + warp * 16, qr = qw + gq;   /* this thread's rows: qr, qr + 8 */");
+    /* D = dO . O in fp32, a warp per row: lanes over the head dim, a fixed butterfly */
+    kg_line(k, "for (int rr = 0; rr < 16; rr++) {");
+    kg_line(k, "    const int r = warp * 16 + rr;");
+    kg_line(k, "    const long qs = q0 + r;");
+    kg_line(k, "    float acc = 0.0f;");
+    kg_line(k, "    if (qs < S)");
+    kg_line(k, "        for (int e = lane; e < %ld; e += 32) acc += dO[(t0 + qs) * %ldL + qo + e] * o[(t0 + qs) * %ldL + qo + e];",
+            D, kg_ld(k, n->in[5]), kg_ld(k, n->in[3]));
+    kg_line(k, "    #pragma unroll");
+    kg_line(k, "    for (int s = 16; s > 0; s >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, s);");
+    kg_line(k, "    if (lane == 0) {");
+    kg_line(k, "        Ds[r] = acc;");
+    kg_line(k, "        if (qs < S) Dw[(t0 + qs) * %ldL + h] = acc;", kg_ld(k, n->out[3]));
+    kg_line(k, "    }");
+    kg_line(k, "}");
+    emit_tc_rows(k, c, DP, QB, NT, "Qb", "q", kg_ld(k, n->in[0]), "q0", "qo");
+    emit_tc_rows(k, c, DP, QB, NT, "dOb", "dO", kg_ld(k, n->in[5]), "q0", "qo");
     kg_line(k, "BARRIER();");
-    kg_tc_afrag(k, DP, "qf", "Ks");
-    kg_tc_afrag(k, DP, "df", "Vs");
-    kg_line(k, "BARRIER();");
+    emit_tc_afrag(k, DP, "qf", "Qb");
+    emit_tc_afrag(k, DP, "df", "dOb");
     kg_line(k, "float Lr[2], Dr[2];");
     kg_line(k, "#pragma unroll");
     kg_line(k, "for (int r = 0; r < 2; r++) {");
     kg_line(k, "    const long qs = qr + 8 * r;");
-    kg_line(k, "    Lr[r] = qs < S ? lse[(t0 + qs) * %ldL + h] : 0.0f;", kg_ld(k, n->in[4]));
-    kg_line(k, "    Dr[r] = qs < S ? Dw[(t0 + qs) * %ldL + h] : 0.0f;", kg_ld(k, n->out[3]));
+    kg_line(k, "    Lr[r] = qs < S ? lse[(t0 + qs) * %ldL + h] * ((float)%.9ef) : 0.0f;", kg_ld(k, n->in[4]), TC_LOG2E);
+    kg_line(k, "    Dr[r] = Ds[warp * 16 + gq + 8 * r];");
     kg_line(k, "}");
-    kg_tc_zero(k, "dqa", NO);
+    kg_line(k, "BARRIER();");
+    emit_tc_issue(k, c, NT, "Kst", "k", kg_ld(k, n->in[1]), "klo", "kvo");
+    emit_tc_issue(k, c, NT, "Vst", "v", kg_ld(k, n->in[2]), "klo", "kvo");
+    kg_line(k, "cp_async_commit();");
+    emit_tc_zero(k, "dqa", NO);
     kg_line(k, "for (long k0 = klo; k0 <= q1; k0 += %d) {", TC_T);
-    emit_tc_rows(k, c, DP, "Ks", "k", kg_ld(k, n->in[1]), "k0", "kvo");
-    emit_tc_rows(k, c, DP, "Vs", "v", kg_ld(k, n->in[2]), "k0", "kvo");
-    emit_tc_cols(k, c, DP, "Kt", "k", kg_ld(k, n->in[1]), "k0", "kvo");
+    kg_line(k, "cp_async_wait(0);");
     kg_line(k, "BARRIER();");
-    kg_tc_zero(k, "sacc", 8);
-    kg_tc_zero(k, "dpacc", 8);
-    kg_tc_mma(k, "sacc", "qf[kk]", "Ks", kg_tc_ws(DP), 8, DP / 16);
-    kg_tc_mma(k, "dpacc", "df[kk]", "Vs", kg_tc_ws(DP), 8, DP / 16);
+    emit_tc_convert(k, c, NT, "Kb", "Kst");
+    emit_tc_convert(k, c, NT, "Vb", "Vst");
+    kg_line(k, "BARRIER();");
+    kg_line(k, "if (k0 + %d <= q1) {", TC_T);
+    kg_line(k, "    const long kn = k0 + %d;", TC_T);
+    emit_tc_issue(k, c, NT, "Kst", "k", kg_ld(k, n->in[1]), "kn", "kvo");
+    emit_tc_issue(k, c, NT, "Vst", "v", kg_ld(k, n->in[2]), "kn", "kvo");
+    kg_line(k, "}");
+    kg_line(k, "cp_async_commit();");
     kg_line(k, "#pragma unroll");
-    kg_line(k, "for (int j = 0; j < 8; j++)");
-    kg_line(k, "    for (int e = 0; e < 4; e++) {");
-    kg_line(k, "        const long qs = qr + 8 * (e >> 1), ks = k0 + 8 * j + 2 * tq + (e & 1);");
-    kg_line(k, "        const int vis = qs < S && ks <= qs && qs - ks < %ld;", c->window);
-    kg_line(k, "        const float L = Lr[e >> 1], Dd = Dr[e >> 1];");
-    emit_tc_ds(k, c);
-    kg_line(k, "        sacc[j][e] = ds;");
-    kg_line(k, "    }");
-    kg_tc_repack(k, "sf", "sacc", 4);
-    kg_tc_mma(k, "dqa", "sf[kk]", "Kt", kg_tc_ws(TC_T), NO, 4);
-    kg_line(k, "BARRIER();");
+    kg_line(k, "for (int half = 0; half < 2; half++) {");
+    kg_line(k, "const long ka = k0 + 32 * half;");
+    kg_line(k, "if (qw >= S || ka > qw + 15 || qw - (ka + 31) >= %ld) continue;", c->window);
+    kg_line(k, "const int full = ka + 31 <= qw && qw + 15 - ka < %ld && qw + 15 < S;", c->window);
+    emit_tc_zero(k, "sacc", 4);
+    emit_tc_zero(k, "dpacc", 4);
+    emit_tc_mma_rows(k, DP, "sacc", "qf[kk]", NULL, "Kb", "32 * half", 4);
+    emit_tc_mma_rows(k, DP, "dpacc", "df[kk]", NULL, "Vb", "32 * half", 4);
+    emit_tc_scores(k, c, sc2, "const long qs = qr + 8 * (e >> 1), ks = ka + 8 * j + 2 * tq + (e & 1);",
+                   "const float L = Lr[e >> 1], Dd = Dr[e >> 1];", "sacc[j][e] = ds;");
+    emit_tc_mma_cols(k, DP, "dqa", "sacc", "Kb", "32 * half", 2);
+    kg_line(k, "}");
     kg_line(k, "}");
     kg_line(k, "#pragma unroll");
     kg_line(k, "for (int r = 0; r < 2; r++) {");
@@ -1070,70 +1292,90 @@ static int emit_bwd_dq_tc(kgen *k, const ir_node *n, const attn_consts *c) {
     kg_line(k, "            dqi[col] = dqa[j][2 * r + e];");
     kg_line(k, "        }");
     kg_line(k, "}");
-    kg_grid(k, 0, 0, 0, 1, 0, TC_T);
+    kg_grid(k, 0, 0, 0, 1, 0, QB);
     kg_grid(k, 1, 0, c->H, 0, 0, 1);
-    kg_block(k, 128, 1, 1);
+    kg_block(k, (int)NT, 1, 1);
+    kg_min_blocks(k, 4);
     return kg_end(k);
 }
 
 static int emit_bwd_dkv_tc(kgen *k, const ir_node *n, const attn_consts *c) {
     const int node = (int)(n - k->g->n);
-    const long D = c->Dh, DP = tc_dp(D), NO = DP / 8;
+    const long D = c->Dh, DP = tc_dp(D), NO = DP / 8, NT = 32 * TC_BWD_WARPS, KB = 16 * TC_BWD_WARPS;
+    const long ws = tc_ws(DP), SW = tc_sw(DP);
+    char sc2[64];
+    tc_scale2(k, n, D, sc2, sizeof sc2);
     kg_begin(k, "attention_bwd_dkv_tc", node, node + 1);
     emit_tiled_args(k, n);
     kg_out(k, "dk", n->out[1]);
     kg_out(k, "dv", n->out[2]);
-    kg_line(k, "__shared__ unsigned Qs[%ld], dOs[%ld], Qt[%ld], dOt[%ld];", TC_T * kg_tc_ws(DP), TC_T * kg_tc_ws(DP),
-            DP * kg_tc_ws(TC_T), DP * kg_tc_ws(TC_T));
-    kg_line(k, "__shared__ float Ls[%d], Ds[%d];", TC_T, TC_T);
-    kg_tc_prologue(k);
+    /* stage: Q, dO (TC_T x SW each), then lse and D of the tile's queries */
+    kg_shared(k, "Qst", 2 * TC_T * SW + 2 * TC_T);
+    kg_shared(k, "Qbf", 2 * TC_T * ws + 2 * KB * ws);
+    kg_shared(k, "Ls", 2 * TC_T);
+    kg_line(k, "float *dOst = Qst + %ld, *Lst = Qst + %ld, *Dst = Lst + %d, *Ds = Ls + %d;", TC_T * SW, 2 * TC_T * SW,
+            TC_T, TC_T);
+    kg_line(k, "unsigned *Qb = (unsigned *)Qbf, *dOb = Qb + %ld, *Kb = dOb + %ld, *Vb = Kb + %ld;", TC_T * ws, TC_T * ws,
+            KB * ws);
+    emit_tc_prologue(k);
     kg_line(k, "const long bg = GID_Y, b = bg / %ld, g = bg %% %ld;", c->Hkv, c->Hkv);
-    kg_line(k, "const long t0 = b * S, k0 = GID_X * %d, kvo = g * %ld;", TC_T, D);
-    kg_line(k, "const long kr = k0 + warp * 16 + gq;   /* this thread's keys: kr, kr + 8 */");
-    /* the last query that sees a key of the block */
-    kg_line(k, "long qend = (k0 + %d < S ? k0 + %d : S - 1) + %ld;", TC_T - 1, TC_T - 1, c->window - 1);
+    kg_line(k, "const long t0 = b * S, k0 = GID_X * %ld, kvo = g * %ld;", KB, D);
+    kg_line(k, "const long kw = k0 + warp * 16, kr = kw + gq;   /* this thread's keys: kr, kr + 8 */");
+    /* the last query that sees a key of the block; query tiles from k0, for each head */
+    kg_line(k, "long qend = (k0 + %ld < S ? k0 + %ld : S - 1) + %ld;", KB - 1, KB - 1, c->window - 1);
     kg_line(k, "if (qend > S - 1) qend = S - 1;");
-    /* K and V go through the Q and dO tiles once; their fragments then stay in registers */
-    emit_tc_rows(k, c, DP, "Qs", "k", kg_ld(k, n->in[1]), "k0", "kvo");
-    emit_tc_rows(k, c, DP, "dOs", "v", kg_ld(k, n->in[2]), "k0", "kvo");
-    kg_line(k, "BARRIER();");
-    kg_tc_afrag(k, DP, "kf", "Qs");
-    kg_tc_afrag(k, DP, "vf", "dOs");
-    kg_line(k, "BARRIER();");
-    kg_tc_zero(k, "dka", NO);
-    kg_tc_zero(k, "dva", NO);
-    kg_line(k, "for (long h = g * %ld; h < (g + 1) * %ld; h++) {", c->group, c->group);
-    kg_line(k, "const long qo = h * %ld;", D);
-    kg_line(k, "for (long q0 = k0; q0 <= qend; q0 += %d) {", TC_T);
-    emit_tc_rows(k, c, DP, "Qs", "q", kg_ld(k, n->in[0]), "q0", "qo");
-    emit_tc_rows(k, c, DP, "dOs", "dO", kg_ld(k, n->in[5]), "q0", "qo");
-    emit_tc_cols(k, c, DP, "Qt", "q", kg_ld(k, n->in[0]), "q0", "qo");
-    emit_tc_cols(k, c, DP, "dOt", "dO", kg_ld(k, n->in[5]), "q0", "qo");
-    kg_line(k, "if (LID_X < %d) {", TC_T);
-    kg_line(k, "    const long ps = q0 + LID_X;");
-    kg_line(k, "    Ls[LID_X] = ps < S ? lse[(t0 + ps) * %ldL + h] : 0.0f;", kg_ld(k, n->in[4]));
-    kg_line(k, "    Ds[LID_X] = ps < S ? Dw[(t0 + ps) * %ldL + h] : 0.0f;", kg_ld(k, n->out[3]));
-    kg_line(k, "}");
-    kg_line(k, "BARRIER();");
-    kg_tc_zero(k, "sacc", 8);
-    kg_tc_zero(k, "dpacc", 8);
-    kg_tc_mma(k, "sacc", "kf[kk]", "Qs", kg_tc_ws(DP), 8, DP / 16);
-    kg_tc_mma(k, "dpacc", "vf[kk]", "dOs", kg_tc_ws(DP), 8, DP / 16);
+    kg_line(k, "const long nq = (qend - k0) / %d + 1, ntile = nq * %ld;", TC_T, c->group);
+    emit_tc_rows(k, c, DP, KB, NT, "Kb", "k", kg_ld(k, n->in[1]), "k0", "kvo");
+    emit_tc_rows(k, c, DP, KB, NT, "Vb", "v", kg_ld(k, n->in[2]), "k0", "kvo");
+    /* tile it: head g * group + it / nq, queries k0 + TC_T (it % nq) .. */
+    const char *issue_fmt = "const long hn = %ld * g + (%s) / nq, q0n = k0 + %d * ((%s) %% nq), qon = hn * %ld;";
+    for (int first = 1; first >= 0; first--) {
+        if (!first) {
+            kg_line(k, "for (long it = 0; it < ntile; it++) {");
+            kg_line(k, "const long h = %ld * g + it / nq, q0 = k0 + %d * (it %% nq);", c->group, TC_T);
+            kg_line(k, "cp_async_wait(0);");
+            kg_line(k, "BARRIER();");
+            emit_tc_convert(k, c, NT, "Qb", "Qst");
+            emit_tc_convert(k, c, NT, "dOb", "dOst");
+            kg_line(k, "if (LID_X < %d) { Ls[LID_X] = Lst[LID_X] * ((float)%.9ef); Ds[LID_X] = Dst[LID_X]; }", TC_T,
+                    TC_LOG2E);
+            kg_line(k, "BARRIER();");
+            kg_line(k, "if (it + 1 < ntile) {");
+        } else {
+            kg_line(k, "{");
+        }
+        kg_line(k, issue_fmt, c->group, first ? "0" : "it + 1", TC_T, first ? "0" : "it + 1", D);
+        emit_tc_issue(k, c, NT, "Qst", "q", kg_ld(k, n->in[0]), "q0n", "qon");
+        emit_tc_issue(k, c, NT, "dOst", "dO", kg_ld(k, n->in[5]), "q0n", "qon");
+        kg_line(k, "for (int x = LID_X; x < %d; x += %ld) {", 2 * TC_T, NT);
+        kg_line(k, "    const long ps = q0n + (x & %d);", TC_T - 1);
+        kg_line(k, "    const float *src = x < %d ? lse + (t0 + (ps < S ? ps : 0)) * %ldL + hn : Dw + (t0 + (ps < S ? ps : 0)) * %ldL + hn;",
+                TC_T, kg_ld(k, n->in[4]), kg_ld(k, n->out[3]));
+        kg_line(k, "    cp_async4(Lst + x, src, ps < S ? 4 : 0);");
+        kg_line(k, "}");
+        kg_line(k, "}");
+        kg_line(k, "cp_async_commit();");
+        if (first) {
+            emit_tc_zero(k, "dka", NO);
+            emit_tc_zero(k, "dva", NO);
+        }
+    }
+    kg_line(k, "(void)h;");
     kg_line(k, "#pragma unroll");
-    kg_line(k, "for (int j = 0; j < 8; j++)");
-    kg_line(k, "    for (int e = 0; e < 4; e++) {");
-    kg_line(k, "        const int col = 8 * j + 2 * tq + (e & 1);");
-    kg_line(k, "        const long ks = kr + 8 * (e >> 1), qs = q0 + col;");
-    kg_line(k, "        const int vis = qs < S && ks <= qs && qs - ks < %ld;", c->window);
-    kg_line(k, "        const float L = Ls[col], Dd = Ds[col];");
-    emit_tc_ds(k, c);
-    kg_line(k, "        sacc[j][e] = p; dpacc[j][e] = ds;");
-    kg_line(k, "    }");
-    kg_tc_repack(k, "pf", "sacc", 4);
-    kg_tc_mma(k, "dva", "pf[kk]", "dOt", kg_tc_ws(TC_T), NO, 4);
-    kg_tc_repack(k, "sf", "dpacc", 4);
-    kg_tc_mma(k, "dka", "sf[kk]", "Qt", kg_tc_ws(TC_T), NO, 4);
-    kg_line(k, "BARRIER();");   /* before the next tile's loads overwrite the tiles */
+    kg_line(k, "for (int half = 0; half < 2; half++) {");
+    kg_line(k, "const long qa = q0 + 32 * half;");
+    /* every query of the half before every key of the warp, or past every key's window */
+    kg_line(k, "if (qa >= S || qa + 31 < kw || qa - (kw + 15) >= %ld) continue;", c->window);
+    kg_line(k, "const int full = kw + 15 <= qa && qa + 31 - kw < %ld && qa + 31 < S;", c->window);
+    emit_tc_zero(k, "sacc", 4);
+    emit_tc_zero(k, "dpacc", 4);
+    emit_tc_mma_rows(k, DP, "sacc", "af", "Kb", "Qb", "32 * half", 4);
+    emit_tc_mma_rows(k, DP, "dpacc", "af", "Vb", "dOb", "32 * half", 4);
+    emit_tc_scores(k, c, sc2, "const long ks = kr + 8 * (e >> 1), qs = q0 + col;",
+                   "const int col = 32 * half + 8 * j + 2 * tq + (e & 1); const float L = Ls[col], Dd = Ds[col];",
+                   "sacc[j][e] = p; dpacc[j][e] = ds;");
+    emit_tc_mma_cols(k, DP, "dva", "sacc", "dOb", "32 * half", 2);
+    emit_tc_mma_cols(k, DP, "dka", "dpacc", "Qb", "32 * half", 2);
     kg_line(k, "}");
     kg_line(k, "}");
     kg_line(k, "#pragma unroll");
@@ -1151,20 +1393,25 @@ static int emit_bwd_dkv_tc(kgen *k, const ir_node *n, const attn_consts *c) {
     kg_line(k, "            dvi[col] = dva[j][2 * r + e];");
     kg_line(k, "        }");
     kg_line(k, "}");
-    kg_grid(k, 0, 0, 0, 1, 0, TC_T);
+    kg_grid(k, 0, 0, 0, 1, 0, KB);
     kg_grid(k, 1, 0, c->Hkv, 0, 0, 1);
-    kg_block(k, 128, 1, 1);
+    kg_block(k, (int)NT, 1, 1);
+    kg_min_blocks(k, 3);
     return kg_end(k);
 }
 
 static int attention_bwd_emit(struct kgen *k, const ir_node *n) {
     const attn_consts c = emit_consts(k, n);
     attn_tiles t;
+    if (k->bf16 && tc_dp(c.Dh) <= TC_BWD_MAXD) {
+        /* dq first: it works out D, which dkv reads */
+        if (emit_bwd_dq_tc(k, n, &c) < 0) return -1;
+        return emit_bwd_dkv_tc(k, n, &c);
+    }
     if (emit_bwd_d(k, n, &c) < 0) return -1;
     if (bwd_tiles(c.Dh, &t) < 0) return emit_bwd_rows(k, n);
-    const int tc = k->bf16 && tc_dp(c.Dh) <= TC_BWD_MAXD;
-    if ((tc ? emit_bwd_dkv_tc(k, n, &c) : emit_bwd_dkv(k, n, &c, &t)) < 0) return -1;
-    return tc ? emit_bwd_dq_tc(k, n, &c) : emit_bwd_dq(k, n, &c, &t);
+    if (emit_bwd_dkv(k, n, &c, &t) < 0) return -1;
+    return emit_bwd_dq(k, n, &c, &t);
 }
 
 const op_def op_attention = {
