@@ -225,11 +225,10 @@ TEST(bf16_kernels_mamba3) {
     bk_destroy(bk);
 }
 
-/* The tensor-core attention kernels give the same bits run to run (no atomics, fixed order):
- * forward and backward twice on the same inputs. */
-TEST(bf16_attention_deterministic) {
-    if (!gpu_on()) return;
-    const kcase c = ATT(6, 2, 64, 96, 300);
+/* A case's forward and backward in a bf16 plan give the same bits run to run (no atomics,
+ * fixed order): run twice on the same inputs, every output of the case's `want_out` compared. */
+static void check_deterministic(tctx *t, const kcase *kc, int want_out) {
+    const kcase c = *kc;
     ir_graph g;
     char err[1024] = "";
     if (kc_build_case(&c, &g, err, sizeof err) < 0) {
@@ -257,10 +256,10 @@ TEST(bf16_attention_deterministic) {
         for (long k = 0; k < n; k++) h[k] = (float)t_normal(t);
         if (exec_upload(&x, i, h, err, sizeof err) < 0) goto out;
     }
-    /* every output of the two nodes: o, lse; dq, dk, dv and the workspace D */
-    int outs[8], nout = 0;
+    /* every output of the case's nodes (forward and backward, workspaces too) */
+    int outs[IR_MAX_IO * 2], nout = 0;
     for (int ni = 0; ni < g.nn; ni++)
-        for (int j = 0; j < g.n[ni].nout && nout < 8; j++) outs[nout++] = g.n[ni].out[j];
+        for (int j = 0; j < g.n[ni].nout && nout < IR_MAX_IO * 2; j++) outs[nout++] = g.n[ni].out[j];
     int same = 1;
     for (int run = 0; run < 2 && same; run++) {
         if (exec_run(&x, 0, p.kg.nl, err, sizeof err) < 0) goto out;
@@ -280,8 +279,8 @@ TEST(bf16_attention_deterministic) {
             }
         }
     }
-    rc = same && nout == 6 ? 0 : -1;
-    if (same && nout != 6) snprintf(err, sizeof err, "expected 6 outputs, found %d", nout);
+    rc = same && nout == want_out ? 0 : -1;
+    if (same && nout != want_out) snprintf(err, sizeof err, "expected %d outputs, found %d", want_out, nout);
 out:
     for (int o = 0; o < IR_MAX_IO * 2; o++) free(first[o]);
     free(h);
@@ -290,6 +289,19 @@ out:
     if (bk) bk_destroy(bk);
     ir_free(&g);
     CHECK(rc == 0, "%s", err);
+}
+
+/* attention: o, lse; dq, dk, dv and the workspace D */
+TEST(bf16_attention_deterministic) {
+    if (!gpu_on()) return;
+    const kcase c = ATT(6, 2, 64, 96, 300);
+    check_deterministic(t, &c, 6);
+}
+
+/* the scan: y and its 3 workspaces; 11 input gradients and 5 workspaces */
+TEST(bf16_mamba3_deterministic) {
+    if (!gpu_on()) return;
+    check_deterministic(t, &kcases_mamba3_tc.c[0], 20);
 }
 
 static void check_model(tctx *t, const char *path, long B, long S) {
