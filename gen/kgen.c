@@ -82,8 +82,8 @@ static const kg_spelling cuda_spell[] = {
     {"SQRTF(x)", "sqrtf(x)"},
     {"RSQRTF(x)", "rsqrtf(x)"},
     {"TANHF(x)", "tanhf(x)"},
-    {"SINF(x)", "sinf(x)"},
-    {"COSF(x)", "cosf(x)"},
+    {"SINF(x)", "realm_sinf(x)"},
+    {"COSF(x)", "realm_cosf(x)"},
     {"FABSF(x)", "fabsf(x)"},
     {"FMAXF(a,b)", "fmaxf(a,b)"},
     {"FMINF(a,b)", "fminf(a,b)"},
@@ -139,9 +139,16 @@ static const char cuda_bf16_prelude[] =
     "INLINE void cp_async4(void *dst, const void *src, int n) { cp_async4(smem_u32(dst), (const float *)src, n); }\n"
     "#define cp_async_wait(n) asm volatile(\"cp.async.wait_group %0;\" :: \"n\"(n) : \"memory\")\n";
 
+/* sinf and cosf as calls: inlined, each use carries the reduction for huge arguments (a few
+ * hundred instructions and a local array), which made the scan's kernels long enough to miss
+ * the instruction cache. Same functions, same results. */
+static const char cuda_prelude[] =
+    "__device__ __noinline__ float realm_sinf(float x) { return sinf(x); }\n"
+    "__device__ __noinline__ float realm_cosf(float x) { return cosf(x); }\n";
+
 static const dialect dialects[] = {
     {"opencl", opencl_spell, "", NULL},
-    {"cuda", cuda_spell, "", cuda_bf16_prelude},
+    {"cuda", cuda_spell, cuda_prelude, cuda_bf16_prelude},
 };
 
 const dialect *dialect_find(const char *name) {
@@ -298,11 +305,21 @@ void kg_tc_afrag(kgen *k, long DP, const char *frag, const char *tile) {
     kg_line(k, "}");
 }
 
-void kg_tc_mma_if(kgen *k, const char *acc, const char *afrag, const char *tile, long ws, long nt, long ks,
-                  const char *kcond, const char *jcond) {
+/* the k-step loop of a product; the A fragment is `afrag` (an expression in kk) or, with
+ * atile, read from that row tile inside the loop */
+static void tc_mma_loop(kgen *k, const char *acc, const char *afrag, const char *atile, long aws, const char *tile,
+                        long ws, long nt, long ks, const char *kcond, const char *jcond) {
     kg_line(k, "#pragma unroll");
     kg_line(k, "for (int kk = 0; kk < %ld; kk++) {", ks);
     if (kcond) kg_line(k, "    if (!(%s)) continue;", kcond);
+    if (atile) {
+        kg_line(k, "    const int ar = warp * 16 + gq;");
+        kg_line(k, "    const unsigned afr[4] = {%s[ar * %ld + 8 * kk + tq], %s[(ar + 8) * %ld + 8 * kk + tq],", atile, aws,
+                atile, aws);
+        kg_line(k, "                             %s[ar * %ld + 8 * kk + tq + 4], %s[(ar + 8) * %ld + 8 * kk + tq + 4]};",
+                atile, aws, atile, aws);
+        afrag = "afr";
+    }
     kg_line(k, "    #pragma unroll");
     kg_line(k, "    for (int j = 0; j < %ld; j++) {", nt);
     if (jcond) kg_line(k, "        if (!(%s)) continue;", jcond);
@@ -311,6 +328,16 @@ void kg_tc_mma_if(kgen *k, const char *acc, const char *afrag, const char *tile,
     kg_line(k, "        mma_bf16_16816(%s[j], %s, bfr);", acc, afrag);
     kg_line(k, "    }");
     kg_line(k, "}");
+}
+
+void kg_tc_mma_if(kgen *k, const char *acc, const char *afrag, const char *tile, long ws, long nt, long ks,
+                  const char *kcond, const char *jcond) {
+    tc_mma_loop(k, acc, afrag, NULL, 0, tile, ws, nt, ks, kcond, jcond);
+}
+
+void kg_tc_mma_rows(kgen *k, const char *acc, const char *atile, long DP, const char *tile, long ws, long nt,
+                    const char *kcond, const char *jcond) {
+    tc_mma_loop(k, acc, NULL, atile, kg_tc_ws(DP), tile, ws, nt, DP / 16, kcond, jcond);
 }
 
 void kg_tc_mma(kgen *k, const char *acc, const char *afrag, const char *tile, long ws, long nt, long ks) {

@@ -120,6 +120,11 @@ void kg_tc_mma(kgen *k, const char *acc, const char *afrag, const char *tile, lo
  * must be warp-uniform (mma.sync needs the whole warp). */
 void kg_tc_mma_if(kgen *k, const char *acc, const char *afrag, const char *tile, long ws, long nt, long ks,
                   const char *kcond, const char *jcond);
+/* kg_tc_mma_if with the A fragments read from the warp's rows of the row tile `atile` (DP
+ * columns, DP/16 k-steps) at each k-step instead of held in registers: for kernels whose
+ * register count limits how many work-groups a multiprocessor holds. */
+void kg_tc_mma_rows(kgen *k, const char *acc, const char *atile, long DP, const char *tile, long ws, long nt,
+                    const char *kcond, const char *jcond);
 /* unsigned frag[ks][4]: A fragments of k-steps 0..ks-1 from the accumulators acc[2 ks][4] of a
  * 16 x 16ks result, rounded to bf16. */
 void kg_tc_repack(kgen *k, const char *frag, const char *acc, long ks);

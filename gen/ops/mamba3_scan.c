@@ -1070,6 +1070,63 @@ static void emit_theta_step(kgen *k, const char *Tq, const char *DT, const char 
     emit_wrap(k, Tq);
 }
 
+/* The tile loaders (and a few loops like them) read global memory in batches: each work-item issues the loads of
+ * up to 8 of its items into registers, then converts and stores them. Written as one loop the
+ * compiler keeps only a few loads in flight, because a generic pointer may alias the shared
+ * tile being stored; with 4 warps per work-group those loops waited on memory for over a third
+ * of the backward's main kernel. */
+static int m3_batch(long total, int NT) {
+    const long r = (total + NT - 1) / NT;
+    return r < 8 ? (int)r : 8;
+}
+
+/* opens the batch loop over `total` items; the caller then emits its two inner loops over
+ * u < U with it = it0 + u * NT (see m3_batch_item), and closes with "}" */
+static void m3_batch_open(kgen *k, long total, int NT, int U) {
+    /* one batch unrolled, not the whole loop: these kernels are long straight-line code and
+     * already miss the instruction cache */
+    KL("#pragma unroll 1");
+    KL("for (int it0 = lid; it0 < %ld; it0 += %ld) {", total, (long)NT * U);
+}
+
+static void m3_batch_item(kgen *k, long total, int NT, int U) {
+    KL("#pragma unroll");
+    KL("for (int u = 0; u < %d; u++) {", U);
+    KL("const int it = it0 + u * %d;", NT);
+    if (total % ((long)NT * U)) KL("if (it >= %ld) break;", total);
+}
+
+/* A row tile of `rows` rows by NW words: each work-item keeps one word column w and takes rows
+ * a0, a0 + RS, ... in batches of U, so an item's only index work is its row (the generic loop
+ * above spends more instructions on indices than on loads; these kernels are long enough to
+ * miss the instruction cache). Opens a block with w, n0 = 2w, a0 in scope and the batch loop;
+ * the caller emits its two m3_rows_item loops and closes with three "}". */
+static void m3_rows_open(kgen *k, long rows, int NW, int NT, int *RS, int *U) {
+    if (NT % NW == 0 && rows % (NT / NW) == 0) {
+        *RS = NT / NW;
+        const long R = rows / *RS;
+        *U = R < 8 ? (int)R : 8;
+        while (R % *U) (*U)--;
+        KL("{");
+        KL("const int w = lid %% %d, n0 = 2 * w, a0 = lid / %d;", NW, NW);
+        KL("#pragma unroll 1");
+        KL("for (int r0 = 0; r0 < %ld; r0 += %d) {", R, *U);
+    } else {   /* one row per pass when the work-group's width is not a multiple of the tile's */
+        *RS = 0;
+        *U = 1;
+        KL("{");
+        KL("#pragma unroll 1");
+        KL("for (int it = lid; it < %ld; it += %d) {", rows * NW, NT);
+        KL("const int a0 = it / %d, w = it - a0 * %d, n0 = 2 * w, r0 = 0;", NW, NW);
+    }
+}
+
+static void m3_rows_item(kgen *k, int RS, int U) {
+    KL("#pragma unroll");
+    KL("for (int u = 0; u < %d; u++) {", U);
+    KL("const int a = a0 + (r0 + u) * %d;", RS);
+}
+
 /* LPH[a][i] = the angle accumulated inside the chunk up to token a, wrapped to [0, 2pi): an
  * inclusive scan (Hillis-Steele, log2(CH) steps of wrapped pairwise sums) instead of one
  * work-item per angle walking the chunk, which left the rest of the work-group waiting at the
@@ -1078,15 +1135,27 @@ static void emit_theta_step(kgen *k, const char *Tq, const char *DT, const char 
  * work-item must reach this call. `angle` names ang[token a, angle i] with a, i in scope. */
 static void emit_chunk_angles(kgen *k, int NT, int CH, int NA, const char *angle) {
     const int R = (CH * NA + NT - 1) / NT;
-    KL("for (int j = lid; j < %d; j += %d) {", CH * NA, NT);
-    KL("const int a = j / %d, i = j - a * %d;", NA, NA);
-    KL("float v = 0.0f;");
-    KL("if (a < L) {");
-    KL("v = ldt[a] * (" M3_PI_F " * TANHF(%s));", angle);
-    emit_wrap(k, "v");
-    KL("}");
-    KL("LPH[j] = v;");
-    KL("}");
+    {
+        /* the angle inputs in batches ahead of their use (see m3_batch) */
+        const long total = (long)CH * NA;
+        const int U = m3_batch(total, NT);
+        m3_batch_open(k, total, NT, U);
+        KL("float ab[%d];", U);
+        m3_batch_item(k, total, NT, U);
+        KL("const int j = it, a = j / %d, i = j - a * %d;", NA, NA);
+        KL("ab[u] = a < L ? %s : 0.0f;", angle);
+        KL("}");
+        m3_batch_item(k, total, NT, U);
+        KL("const int j = it, a = j / %d;", NA);
+        KL("float v = 0.0f;");
+        KL("if (a < L) {");
+        KL("v = ldt[a] * (" M3_PI_F " * TANHF(ab[u]));");
+        emit_wrap(k, "v");
+        KL("}");
+        KL("LPH[j] = v;");
+        KL("}");
+        KL("}");
+    }
     KL("for (int off = 1; off < %d; off <<= 1) {", CH);
     KL("float nv[%d];", R);
     KL("BARRIER();");
@@ -1384,27 +1453,40 @@ static void emit_tc_kq_rows(kgen *k, int NT, int CHP, int N, int NA, const char 
     /* the keys (from Bn + Bb) and/or the queries (Cn + Cb), whichever is asked for */
     const char *dst[2] = {dk, dq}, *src[2] = {"Bn", "Cn"}, *bias[2] = {"Bb", "Cb"}, *v[2] = {"k", "q"};
     const long ld[2] = {ldb, ldc};
-    KL("for (int it = lid; it < %d; it += %d) {", CHP * NW, NT);
-    KL("const int a = it / %d, w = it - a * %d, n0 = 2 * w;", NW, NW);
+    int RS, U;
+    m3_rows_open(k, CHP, NW, NT, &RS, &U);
     for (int u = 0; u < 2; u++)
-        if (dst[u]) KL("float %s0 = 0.0f, %s1 = 0.0f;", v[u], v[u]);
+        if (dst[u]) {
+            KL("float %sb[%d][2], %sc0 = 0.0f, %sc1 = 0.0f;", v[u], U, v[u], v[u]);
+            KL("if (n0 < %d) %sc0 = %s[h * %d + n0];", N, v[u], bias[u], N);
+            KL("if (n0 + 1 < %d) %sc1 = %s[h * %d + n0 + 1];", N, v[u], bias[u], N);
+        }
+    m3_rows_item(k, RS, U);
+    for (int u = 0; u < 2; u++)
+        if (dst[u]) KL("%sb[u][0] = 0.0f; %sb[u][1] = 0.0f;", v[u], v[u]);
     KL("if (a < L && n0 < %d) {", N);
     for (int u = 0; u < 2; u++) {
         if (!dst[u]) continue;
-        KL("%s0 = %s[(rb + a) * %ldL + n0] + %s[h * %d + n0];", v[u], src[u], ld[u], bias[u], N);
-        if (N % 2) KL("if (n0 + 1 < %d) %s1 = %s[(rb + a) * %ldL + n0 + 1] + %s[h * %d + n0 + 1];", N, v[u], src[u], ld[u], bias[u], N);
-        else KL("%s1 = %s[(rb + a) * %ldL + n0 + 1] + %s[h * %d + n0 + 1];", v[u], src[u], ld[u], bias[u], N);
+        KL("%sb[u][0] = %s[(rb + a) * %ldL + n0] + %sc0;", v[u], src[u], ld[u], v[u]);
+        if (N % 2) KL("if (n0 + 1 < %d) %sb[u][1] = %s[(rb + a) * %ldL + n0 + 1] + %sc1;", N, v[u], src[u], ld[u], v[u]);
+        else KL("%sb[u][1] = %s[(rb + a) * %ldL + n0 + 1] + %sc1;", v[u], src[u], ld[u], v[u]);
     }
-    KL("if (w < %d) {", NA);
+    KL("}");
+    KL("}");
+    m3_rows_item(k, RS, U);
+    for (int u = 0; u < 2; u++)
+        if (dst[u]) KL("float %s0 = %sb[u][0], %s1 = %sb[u][1];", v[u], v[u], v[u], v[u]);
+    KL("if (a < L && w < %d) {", NA);
     KL("const float cq = COSF(LPH[a * %d + w]), sq = SINF(LPH[a * %d + w]);", NA, NA);
     for (int u = 0; u < 2; u++)
         if (dst[u])
             KL("{ const float r0 = %s0 * cq - %s1 * sq, r1 = %s0 * sq + %s1 * cq; %s0 = r0; %s1 = r1; }", v[u], v[u], v[u],
                v[u], v[u], v[u]);
     KL("}");
-    KL("}");
     for (int u = 0; u < 2; u++)
         if (dst[u]) KL("%s[a * %ld + w] = pack_bf16x2(%s0, %s1);", dst[u], ws, v[u], v[u]);
+    KL("}");
+    KL("}");
     KL("}");
 }
 
@@ -1415,17 +1497,29 @@ static void emit_tc_kq_rows(kgen *k, int NT, int CHP, int N, int NA, const char 
  * lid. */
 static void emit_tc_tok_cols(kgen *k, int NT, int CHP, int P, long PP, const char *dst, const char *src, long ld,
                              const char *fac) {
-    const long E8 = PP / 8, ws = kg_tc_ws(CHP);
-    KL("for (int it = lid; it < %ld; it += %d) {", PP * (CHP / 2), NT);
+    const long E8 = PP / 8, ws = kg_tc_ws(CHP), total = PP * (CHP / 2);
+    const int U = m3_batch(total, NT);
+    m3_batch_open(k, total, NT, U);
+    KL("float vb[%d][2];", U);
+    m3_batch_item(k, total, NT, U);
     KL("const int w = (it & 3) + 4 * ((it >> 5) / %ld), p = ((it >> 2) & 7) + 8 * ((it >> 5) %% %ld);", E8, E8);
-    KL("float lo = 0.0f, hi = 0.0f;");
+    KL("vb[u][0] = 0.0f; vb[u][1] = 0.0f;");
     KL("if (p < %d) {", P);
-    KL("int a = 2 * w;");
-    KL("if (a < L) lo = %s%s%s[(rb + a) * %ldL + h * %d + p];", fac ? fac : "", fac ? " * " : "", src, ld, P);
-    KL("a = 2 * w + 1;");
-    KL("if (a < L) hi = %s%s%s[(rb + a) * %ldL + h * %d + p];", fac ? fac : "", fac ? " * " : "", src, ld, P);
+    KL("if (2 * w < L) vb[u][0] = %s[(rb + 2 * w) * %ldL + h * %d + p];", src, ld, P);
+    KL("if (2 * w + 1 < L) vb[u][1] = %s[(rb + 2 * w + 1) * %ldL + h * %d + p];", src, ld, P);
     KL("}");
+    KL("}");
+    m3_batch_item(k, total, NT, U);
+    KL("const int w = (it & 3) + 4 * ((it >> 5) / %ld), p = ((it >> 2) & 7) + 8 * ((it >> 5) %% %ld);", E8, E8);
+    KL("float lo = vb[u][0], hi = vb[u][1];");
+    if (fac) {
+        KL("int a = 2 * w;");
+        KL("if (a < L) lo *= %s;", fac);
+        KL("a = 2 * w + 1;");
+        KL("if (a < L) hi *= %s;", fac);
+    }
     KL("%s[p * %ld + w] = pack_bf16x2(lo, hi);", dst, ws);
+    KL("}");
     KL("}");
 }
 
@@ -1436,20 +1530,28 @@ static void emit_tc_tok_cols(kgen *k, int NT, int CHP, int P, long PP, const cha
 static void emit_tc_state_rows(kgen *k, int NT, int P, int PP, int N, int NA, const char *dst, const char *src, long W,
                                long ld, const char *base, const char *cond) {
     const int NW = (int)(m3_up16(N) / 2);
-    const long ws = kg_tc_ws(m3_up16(N));
+    const long ws = kg_tc_ws(m3_up16(N)), total = (long)PP * NW;
+    const int U = m3_batch(total, NT);
     char a0[200], a1[200];
     kl_spread(a0, sizeof a0, base, "e0", W, ld);
     kl_spread(a1, sizeof a1, base, "e0 + 1", W, ld);
-    KL("for (int it = lid; it < %ld; it += %d) {", (long)PP * NW, NT);
+    m3_batch_open(k, total, NT, U);
+    KL("float sv[%d][2];", U);
+    m3_batch_item(k, total, NT, U);
     KL("const int p = it / %d, w = it - p * %d;", NW, NW);
-    KL("float s0 = 0.0f, s1 = 0.0f;");
+    KL("sv[u][0] = 0.0f; sv[u][1] = 0.0f;");
     KL("if (%s && p < %d && 2 * w < %d) {", cond, P, N);
     KL("const long e0 = (long)p * %d + 2 * w;", N);
-    KL("s0 = %s[%s];", src, a0);
-    KL("if (2 * w + 1 < %d) s1 = %s[%s];", N, src, a1);
+    KL("sv[u][0] = %s[%s];", src, a0);
+    KL("if (2 * w + 1 < %d) sv[u][1] = %s[%s];", N, src, a1);
     KL("}");
+    KL("}");
+    m3_batch_item(k, total, NT, U);
+    KL("const int p = it / %d, w = it - p * %d;", NW, NW);
+    KL("float s0 = sv[u][0], s1 = sv[u][1];");
     KL("if (w < %d) { const float r0 = s0 * tc[w] + s1 * ts[w], r1 = s1 * tc[w] - s0 * ts[w]; s0 = r0; s1 = r1; }", NA);
     KL("%s[p * %ld + w] = pack_bf16x2(s0, s1);", dst, ws);
+    KL("}");
     KL("}");
 }
 
@@ -1458,44 +1560,60 @@ static void emit_tc_state_rows(kgen *k, int NT, int P, int PP, int N, int NA, co
  * consecutive n by 4 row pairs. */
 static void emit_tc_state_cols(kgen *k, int NT, int P, int PK, int N, int NK, int NA, const char *dst, const char *src,
                                long W, long ld, const char *base, const char *cond) {
-    const long E8 = NK / 8, ws = kg_tc_ws(PK);
+    const long E8 = NK / 8, ws = kg_tc_ws(PK), total = (long)NK * (PK / 2);
+    const int U = m3_batch(total, NT);
     char a0[200], a1[200];
     kl_spread(a0, sizeof a0, base, "e0", W, ld);
     kl_spread(a1, sizeof a1, base, "e1", W, ld);
-    KL("for (int it = lid; it < %ld; it += %d) {", (long)NK * (PK / 2), NT);
+    m3_batch_open(k, total, NT, U);
+    KL("float xv[%d][2][2];   /* [item][row 2w + u][element n, partner n ^ 1] */", U);
+    m3_batch_item(k, total, NT, U);
     KL("const int w = (it & 3) + 4 * ((it >> 5) / %ld), n = ((it >> 2) & 7) + 8 * ((it >> 5) %% %ld);", E8, E8);
-    KL("float v[2] = {0.0f, 0.0f};");
-    KL("if (%s && n < %d) {", cond, N);
-    KL("for (int u = 0; u < 2; u++) {");
-    KL("const int p = 2 * w + u;");
-    KL("if (p >= %d) break;", P);
+    KL("for (int r = 0; r < 2; r++) {");
+    KL("const int p = 2 * w + r;");
+    KL("xv[u][r][0] = 0.0f; xv[u][r][1] = 0.0f;");
+    KL("if (%s && n < %d && p < %d) {", cond, N, P);
     KL("const long e0 = (long)p * %d + n, e1 = (long)p * %d + (n ^ 1);", N, N);
-    KL("float x0 = %s[%s];", src, a0);
+    KL("xv[u][r][0] = %s[%s];", src, a0);
+    KL("if (n < %d) xv[u][r][1] = %s[%s];", 2 * NA, src, a1);
+    KL("}");
+    KL("}");
+    KL("}");
+    m3_batch_item(k, total, NT, U);
+    KL("const int w = (it & 3) + 4 * ((it >> 5) / %ld), n = ((it >> 2) & 7) + 8 * ((it >> 5) %% %ld);", E8, E8);
+    KL("float v[2];");
+    KL("for (int r = 0; r < 2; r++) {");
+    KL("float x0 = xv[u][r][0];");
     KL("if (n < %d) {", 2 * NA);
-    KL("const float x1 = %s[%s];", src, a1);
+    KL("const float x1 = xv[u][r][1];");
     KL("const int i = n >> 1;");
     KL("x0 = (n & 1) ? x0 * tc[i] - x1 * ts[i] : x0 * tc[i] + x1 * ts[i];");
     KL("}");
-    KL("v[u] = x0;");
-    KL("}");
+    KL("v[r] = x0;");
     KL("}");
     KL("%s[n * %ld + w] = pack_bf16x2(v[0], v[1]);", dst, ws);
+    KL("}");
     KL("}");
 }
 
 /* A row tile of a per-token [CH, P] input of head h: dst[a * ws + w] = bf16 pair (v[a][2w],
  * v[a][2w+1]), CHP rows, PK/2 words, zeros past L and P. Expects rb, L, h, lid. */
 static void emit_tc_tok_rows(kgen *k, int NT, int CHP, int P, int PK, const char *dst, const char *src, long ld) {
-    const int NW = PK / 2;
-    KL("for (int it = lid; it < %d; it += %d) {", CHP * NW, NT);
-    KL("const int a = it / %d, w = it - a * %d, p0 = 2 * w;", NW, NW);
-    KL("float lo = 0.0f, hi = 0.0f;");
-    KL("if (a < L && p0 < %d) {", P);
-    KL("lo = %s[(rb + a) * %ldL + h * %d + p0];", src, ld, P);
-    if (P % 2) KL("if (p0 + 1 < %d) hi = %s[(rb + a) * %ldL + h * %d + p0 + 1];", P, src, ld, P);
-    else KL("hi = %s[(rb + a) * %ldL + h * %d + p0 + 1];", src, ld, P);
+    int RS, U;
+    m3_rows_open(k, CHP, PK / 2, NT, &RS, &U);
+    KL("float vb[%d][2];", U);
+    m3_rows_item(k, RS, U);
+    KL("vb[u][0] = 0.0f; vb[u][1] = 0.0f;");
+    KL("if (a < L && n0 < %d) {", P);
+    KL("vb[u][0] = %s[(rb + a) * %ldL + h * %d + n0];", src, ld, P);
+    if (P % 2) KL("if (n0 + 1 < %d) vb[u][1] = %s[(rb + a) * %ldL + h * %d + n0 + 1];", P, src, ld, P);
+    else KL("vb[u][1] = %s[(rb + a) * %ldL + h * %d + n0 + 1];", src, ld, P);
     KL("}");
-    KL("%s[a * %ld + w] = pack_bf16x2(lo, hi);", dst, kg_tc_ws(PK));
+    KL("}");
+    m3_rows_item(k, RS, U);
+    KL("%s[a * %ld + w] = pack_bf16x2(vb[u][0], vb[u][1]);", dst, kg_tc_ws(PK));
+    KL("}");
+    KL("}");
     KL("}");
 }
 
@@ -2394,6 +2512,8 @@ static int emit_bwd_main_tc(kgen *k, const ir_node *n, int node, m3_kdims d) {
     const long W = d.W, W2 = m3_theta_width(NA, CH), Wt = NA + 4;
     const int CHP = (int)m3_up16(CH), NK = (int)m3_up16(N), PK = (int)m3_up16(P), NT = 2 * CHP;
     const long wsN = kg_tc_ws(NK), wsP = kg_tc_ws(PK), wsC = kg_tc_ws(CHP), NO = NK / 8, PO = PK / 8, CO = CHP / 8;
+    /* the n-tiles that hold rotated pairs: angle i = 4j + tq < NA */
+    const int JQ = (NA + 3) / 4 < (int)NO ? (NA + 3) / 4 : (int)NO;
     const long ldx = kg_ld(k, n->in[IN_X]), ldb = kg_ld(k, n->in[IN_BN]), ldc = kg_ld(k, n->in[IN_CN]),
                lddt = kg_ld(k, n->in[IN_DDT]), ldda = kg_ld(k, n->in[IN_DDA]), ldtr = kg_ld(k, n->in[IN_TRAP]),
                ldang = kg_ld(k, n->in[IN_ANG]), ldst = kg_ld(k, n->in[BIN_ST]), lddy = kg_ld(k, n->in[BIN_DY]),
@@ -2401,6 +2521,10 @@ static int emit_bwd_main_tc(kgen *k, const ir_node *n, int node, m3_kdims d) {
                ldh = kg_ld(k, n->out[BOUT_HEAD]), lddsl = kg_ld(k, n->out[BOUT_DSL]), ldtk = kg_ld(k, n->out[BOUT_TK]);
     char e1[400], e2[400], a0[200], a1[200];
     kg_begin(k, "mamba3_scan_bwd_main_tc", node, node + 1);
+    /* 3 work-groups of 4 warps per multiprocessor rather than the 2 that 237 registers allow:
+     * the kernel waits on memory between its phases, and the third group hides more of it than
+     * the 192 bytes of spills cost (H200, realm-9m 8x8192: 22.8 -> 17.9 ms per step) */
+    if (NT <= 128) kg_min_blocks(k, 3);
     args_common(k, n);
     kg_in(k, "Dp", n->in[IN_D]);
     kg_in(k, "st", n->in[BIN_ST]);
@@ -2441,7 +2565,22 @@ static int emit_bwd_main_tc(kgen *k, const ir_node *n, int node, m3_kdims d) {
     kl_spread(a1, sizeof a1, "rb", "e", W, lddsl);
     KL("{");
     KL("float sd = 0.0f;");
-    KL("if (!last && c0 > 0) for (long e = lid; e < %ldL; e += %d) sd += dsl[%s] * st[%s];", (long)P * N, NT, a1, a0);
+    {
+        const long total = (long)P * N;
+        const int U = m3_batch(total, NT);
+        KL("if (!last && c0 > 0) {");
+        m3_batch_open(k, total, NT, U);
+        KL("float pa[%d], pb[%d];", U, U);
+        m3_batch_item(k, total, NT, U);
+        KL("const long e = it;");
+        KL("pa[u] = dsl[%s]; pb[u] = st[%s];", a1, a0);
+        KL("}");
+        m3_batch_item(k, total, NT, U);
+        KL("sd += pa[u] * pb[u];");
+        KL("}");
+        KL("}");
+        KL("}");
+    }
     KL("red[lid] = sd;");
     KL("}");
     KL("BARRIER();");
@@ -2495,17 +2634,43 @@ static int emit_bwd_main_tc(kgen *k, const ir_node *n, int node, m3_kdims d) {
     kg_tc_repack(k, "mf", "ga", CHP / 16);
     kg_tc_mma_if(k, "dq", "mf[kk]", "R1", wsC, NO, CHP / 16, "kk <= warp", NULL);
     KL("}");
-    KL("BARRIER();   /* done with R0, R1 */");
+    KL("BARRIER();   /* done with R0, R1; lG complete */");
+    /* dQl is final here: its share of the outputs (the unrotated dQ, the query half of dTheta)
+     * is written now rather than at the end, so its registers are free for the state update */
+    tc_elem(e1, sizeof e1, "Ks", wsN, "t", "e2");
+    KL("float thq[2][%d];   /* the query half of dTheta of (token tr + 8r, angle 4j + tq) */", JQ);
+    KL("#pragma unroll");
+    KL("for (int r = 0; r < 2; r++) {");
+    KL("    const int t = tr + 8 * r;");
+    KL("    if (t >= L) continue;");
+    KL("    const float gg = lgm[t] * lG[t];");
+    KL("    const long hb = (rb + t) * %ldL + h * %d;", ldh, 2 * N);
+    KL("    #pragma unroll");
+    KL("    for (int j = 0; j < %ld; j++) {", NO);
+    KL("        const int i = 4 * j + tq, n0 = 2 * i;");
+    KL("        if (n0 >= %d) continue;", N);
+    KL("        float g[2];");
+    KL("        for (int e2 = 0; e2 < 2; e2++) g[e2] = dq[j][2 * r + e2] + gg * %s;", e1);
+    KL("        if (j < %d && i < %d) {", JQ, NA);
+    KL("            const float cq = COSF(LPH[t * %d + i]), sq = SINF(LPH[t * %d + i]);", NA, NA);
+    KL("            hd[hb + %d + n0] = cq * g[0] + sq * g[1]; hd[hb + %d + n0 + 1] = -sq * g[0] + cq * g[1];", N, N);
+    KL("            const unsigned qw = Qs[t * %ld + i];", wsN);
+    KL("            thq[r][j < %d ? j : 0] = -g[0] * __uint_as_float(qw & 0xffff0000u) + g[1] * __uint_as_float(qw << 16);", JQ);
+    KL("        } else {");
+    KL("            hd[hb + %d + n0] = g[0];", N);
+    if (N % 2) KL("            if (n0 + 1 < %d) hd[hb + %d + n0 + 1] = g[1];", N, N);
+    else KL("            hd[hb + %d + n0 + 1] = g[1];", N);
+    KL("        }");
+    KL("    }");
+    KL("}");
     /* (3) the state update: dV = wl dS Kl, dKl = wl dS^T V */
     emit_tc_state_rows(k, NT, P, PK, N, NA, "R0", "dsl", W, lddsl, "rb", "!last");
     emit_tc_state_cols(k, NT, P, PK, N, NK, NA, "R1", "dsl", W, lddsl, "rb", "!last");
     KL("BARRIER();");
-    kg_tc_afrag(k, NK, "kf", "Ks");
-    kg_tc_afrag(k, PK, "vf", "Vs");
     kg_tc_zero(k, "dv", PO);
-    kg_tc_mma(k, "dv", "kf[kk]", "R0", wsN, PO, NK / 16);
+    kg_tc_mma_rows(k, "dv", "Ks", NK, "R0", wsN, PO, NULL, NULL);
     kg_tc_zero(k, "dk", NO);
-    kg_tc_mma(k, "dk", "vf[kk]", "R1", wsP, NO, PK / 16);
+    kg_tc_mma_rows(k, "dk", "Vs", PK, "R1", wsP, NO, NULL, NULL);
     tc_elem(e1, sizeof e1, "Vs", wsP, "tr + 8 * (e >> 1)", "e & 1");
     KL("{");
     KL("float zr[2] = {0.0f, 0.0f};");
@@ -2534,8 +2699,8 @@ static int emit_bwd_main_tc(kgen *k, const ir_node *n, int node, m3_kdims d) {
     KL("{");
     kg_tc_zero(k, "ga", CO);
     kg_tc_zero(k, "qa", CO);
-    kg_tc_mma_if(k, "ga", "vf[kk]", "Ys", wsP, CO, PK / 16, NULL, "j >= 2 * warp");
-    kg_tc_mma_if(k, "qa", "kf[kk]", "Qs", wsN, CO, NK / 16, NULL, "j >= 2 * warp");
+    kg_tc_mma_rows(k, "ga", "Vs", PK, "Ys", wsP, CO, NULL, "j >= 2 * warp");
+    kg_tc_mma_rows(k, "qa", "Ks", NK, "Qs", wsN, CO, NULL, "j >= 2 * warp");
     KL("float zr[2] = {0.0f, 0.0f};");
     KL("#pragma unroll");
     KL("for (int j = 0; j < %ld; j++)", CO);
@@ -2559,8 +2724,7 @@ static int emit_bwd_main_tc(kgen *k, const ir_node *n, int node, m3_kdims d) {
     kg_tc_mma_if(k, "dv", "bf[kk]", "R1", wsC, PO, CHP / 16, "kk >= warp", NULL);
     KL("}");
     KL("BARRIER();   /* lG, lQK, lrd, lsv, lvdu, ldcs complete */");
-    /* the diagonal, dx, the rotation undone in registers */
-    tc_elem(e1, sizeof e1, "Ks", wsN, "t", "e2");
+    /* the diagonal, dx, the rotation of the key half undone in registers */
     tc_elem(e2, sizeof e2, "Qs", wsN, "t", "e2");
     KL("#pragma unroll");
     KL("for (int r = 0; r < 2; r++) {");
@@ -2580,23 +2744,18 @@ static int emit_bwd_main_tc(kgen *k, const ir_node *n, int node, m3_kdims d) {
     KL("    for (int j = 0; j < %ld; j++) {", NO);
     KL("        const int i = 4 * j + tq, n0 = 2 * i;");
     KL("        if (n0 >= %d) continue;", N);
-    KL("        float g[2][2];   /* [q, k][pair element] */");
-    KL("        for (int e2 = 0; e2 < 2; e2++) {");
-    KL("            g[0][e2] = dq[j][2 * r + e2] + gg * %s;", e1);
-    KL("            g[1][e2] = dk[j][2 * r + e2] + gg * %s;", e2);
-    KL("        }");
-    KL("        if (i < %d) {", NA);
+    KL("        float g[2];");
+    KL("        for (int e2 = 0; e2 < 2; e2++) g[e2] = dk[j][2 * r + e2] + gg * %s;", e2);
+    KL("        if (j < %d && i < %d) {", JQ, NA);
     KL("            const float cq = COSF(LPH[t * %d + i]), sq = SINF(LPH[t * %d + i]);", NA, NA);
-    KL("            hd[hb + n0] = cq * g[1][0] + sq * g[1][1]; hd[hb + n0 + 1] = -sq * g[1][0] + cq * g[1][1];");
-    KL("            hd[hb + %d + n0] = cq * g[0][0] + sq * g[0][1]; hd[hb + %d + n0 + 1] = -sq * g[0][0] + cq * g[0][1];", N, N);
-    KL("            const unsigned qw = Qs[t * %ld + i], kw = Ks[t * %ld + i];", wsN, wsN);
-    KL("            const float q0 = __uint_as_float(qw << 16), q1 = __uint_as_float(qw & 0xffff0000u);");
-    KL("            const float k0 = __uint_as_float(kw << 16), k1 = __uint_as_float(kw & 0xffff0000u);");
-    KL("            LPH[t * %d + i] = -g[0][0] * q1 + g[0][1] * q0 - g[1][0] * k1 + g[1][1] * k0;", NA);
+    KL("            hd[hb + n0] = cq * g[0] + sq * g[1]; hd[hb + n0 + 1] = -sq * g[0] + cq * g[1];");
+    KL("            const unsigned kw = Ks[t * %ld + i];", wsN);
+    KL("            LPH[t * %d + i] = thq[r][j < %d ? j : 0] - g[0] * __uint_as_float(kw & 0xffff0000u) + g[1] * __uint_as_float(kw << 16);",
+       NA, JQ);
     KL("        } else {");
-    KL("            hd[hb + n0] = g[1][0]; hd[hb + %d + n0] = g[0][0];", N);
-    if (N % 2) KL("            if (n0 + 1 < %d) { hd[hb + n0 + 1] = g[1][1]; hd[hb + %d + n0 + 1] = g[0][1]; }", N, N);
-    else KL("            hd[hb + n0 + 1] = g[1][1]; hd[hb + %d + n0 + 1] = g[0][1];", N);
+    KL("            hd[hb + n0] = g[0];");
+    if (N % 2) KL("            if (n0 + 1 < %d) hd[hb + n0 + 1] = g[1];", N);
+    else KL("            hd[hb + n0 + 1] = g[1];");
     KL("        }");
     KL("    }");
     KL("}");

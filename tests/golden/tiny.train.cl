@@ -205,15 +205,29 @@ KERNEL k4_mamba3_scan_chunk(GLOBAL float *A, long B, long S, long o_x, long o_Bn
     }
     BARRIER();
     for (int a = lid; a < 16; a += 256) { float cs = 0.0f; for (int j = 0; j <= a && j < L; j++) cs += ladt[j]; lcs[a] = cs; }
-    for (int j = lid; j < 64; j += 256) {
-    const int a = j / 4, i = j - a * 4;
+    #pragma unroll 1
+    for (int it0 = lid; it0 < 64; it0 += 256) {
+    float ab[1];
+    #pragma unroll
+    for (int u = 0; u < 1; u++) {
+    const int it = it0 + u * 256;
+    if (it >= 64) break;
+    const int j = it, a = j / 4, i = j - a * 4;
+    ab[u] = a < L ? ang[(rb + a) * 304L + i] : 0.0f;
+    }
+    #pragma unroll
+    for (int u = 0; u < 1; u++) {
+    const int it = it0 + u * 256;
+    if (it >= 64) break;
+    const int j = it, a = j / 4;
     float v = 0.0f;
     if (a < L) {
-    v = ldt[a] * (3.14159265f * TANHF(ang[(rb + a) * 304L + i]));
+    v = ldt[a] * (3.14159265f * TANHF(ab[u]));
     { const float kq = (float)(long)(v * 0.159154943f); v = (v - kq * 6.28318548f) + kq * 1.74845553e-7f; }
     if (v < 0.0f) v = (v + 6.28318548f) - 1.74845553e-7f;
     }
     LPH[j] = v;
+    }
     }
     for (int off = 1; off < 16; off <<= 1) {
     float nv[1];
@@ -389,15 +403,29 @@ KERNEL k6_mamba3_scan_out(GLOBAL float *A, long B, long S, long o_x, long o_Bn, 
     }
     BARRIER();
     for (int a = lid; a < 16; a += 256) { float cs = 0.0f; for (int j = 0; j <= a && j < L; j++) cs += ladt[j]; lcs[a] = cs; }
-    for (int j = lid; j < 64; j += 256) {
-    const int a = j / 4, i = j - a * 4;
+    #pragma unroll 1
+    for (int it0 = lid; it0 < 64; it0 += 256) {
+    float ab[1];
+    #pragma unroll
+    for (int u = 0; u < 1; u++) {
+    const int it = it0 + u * 256;
+    if (it >= 64) break;
+    const int j = it, a = j / 4, i = j - a * 4;
+    ab[u] = a < L ? ang[(rb + a) * 304L + i] : 0.0f;
+    }
+    #pragma unroll
+    for (int u = 0; u < 1; u++) {
+    const int it = it0 + u * 256;
+    if (it >= 64) break;
+    const int j = it, a = j / 4;
     float v = 0.0f;
     if (a < L) {
-    v = ldt[a] * (3.14159265f * TANHF(ang[(rb + a) * 304L + i]));
+    v = ldt[a] * (3.14159265f * TANHF(ab[u]));
     { const float kq = (float)(long)(v * 0.159154943f); v = (v - kq * 6.28318548f) + kq * 1.74845553e-7f; }
     if (v < 0.0f) v = (v + 6.28318548f) - 1.74845553e-7f;
     }
     LPH[j] = v;
+    }
     }
     for (int off = 1; off < 16; off <<= 1) {
     float nv[1];
@@ -1951,15 +1979,29 @@ KERNEL k41_mamba3_scan_bwd_chunk(GLOBAL float *A, long B, long S, long o_x, long
     }
     BARRIER();
     for (int a = lid; a < 16; a += 256) { float cs = 0.0f; for (int j = 0; j <= a && j < L; j++) cs += ladt[j]; lcs[a] = cs; }
-    for (int j = lid; j < 64; j += 256) {
-    const int a = j / 4, i = j - a * 4;
+    #pragma unroll 1
+    for (int it0 = lid; it0 < 64; it0 += 256) {
+    float ab[1];
+    #pragma unroll
+    for (int u = 0; u < 1; u++) {
+    const int it = it0 + u * 256;
+    if (it >= 64) break;
+    const int j = it, a = j / 4, i = j - a * 4;
+    ab[u] = a < L ? ang[(rb + a) * 304L + i] : 0.0f;
+    }
+    #pragma unroll
+    for (int u = 0; u < 1; u++) {
+    const int it = it0 + u * 256;
+    if (it >= 64) break;
+    const int j = it, a = j / 4;
     float v = 0.0f;
     if (a < L) {
-    v = ldt[a] * (3.14159265f * TANHF(ang[(rb + a) * 304L + i]));
+    v = ldt[a] * (3.14159265f * TANHF(ab[u]));
     { const float kq = (float)(long)(v * 0.159154943f); v = (v - kq * 6.28318548f) + kq * 1.74845553e-7f; }
     if (v < 0.0f) v = (v + 6.28318548f) - 1.74845553e-7f;
     }
     LPH[j] = v;
+    }
     }
     for (int off = 1; off < 16; off <<= 1) {
     float nv[1];
@@ -2134,15 +2176,27 @@ KERNEL k43_mamba3_scan_bwd_main(GLOBAL float *A, long B, long S, long o_x, long 
     }
     BARRIER();
     for (int a = lid; a < 16; a += 64) { float cs = 0.0f; for (int j = 0; j <= a && j < L; j++) cs += ladt[j]; lcs[a] = cs; }
-    for (int j = lid; j < 64; j += 64) {
-    const int a = j / 4, i = j - a * 4;
+    #pragma unroll 1
+    for (int it0 = lid; it0 < 64; it0 += 64) {
+    float ab[1];
+    #pragma unroll
+    for (int u = 0; u < 1; u++) {
+    const int it = it0 + u * 64;
+    const int j = it, a = j / 4, i = j - a * 4;
+    ab[u] = a < L ? ang[(rb + a) * 304L + i] : 0.0f;
+    }
+    #pragma unroll
+    for (int u = 0; u < 1; u++) {
+    const int it = it0 + u * 64;
+    const int j = it, a = j / 4;
     float v = 0.0f;
     if (a < L) {
-    v = ldt[a] * (3.14159265f * TANHF(ang[(rb + a) * 304L + i]));
+    v = ldt[a] * (3.14159265f * TANHF(ab[u]));
     { const float kq = (float)(long)(v * 0.159154943f); v = (v - kq * 6.28318548f) + kq * 1.74845553e-7f; }
     if (v < 0.0f) v = (v + 6.28318548f) - 1.74845553e-7f;
     }
     LPH[j] = v;
+    }
     }
     for (int off = 1; off < 16; off <<= 1) {
     float nv[1];

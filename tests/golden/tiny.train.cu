@@ -16,14 +16,16 @@
 #define SQRTF(x) sqrtf(x)
 #define RSQRTF(x) rsqrtf(x)
 #define TANHF(x) tanhf(x)
-#define SINF(x) sinf(x)
-#define COSF(x) cosf(x)
+#define SINF(x) realm_sinf(x)
+#define COSF(x) realm_cosf(x)
 #define FABSF(x) fabsf(x)
 #define FMAXF(a,b) fmaxf(a,b)
 #define FMINF(a,b) fminf(a,b)
 #define POWF(a,b) powf(a,b)
 #define LOG1PF(x) log1pf(x)
 #define INLINE __device__ __forceinline__
+__device__ __noinline__ float realm_sinf(float x) { return sinf(x); }
+__device__ __noinline__ float realm_cosf(float x) { return cosf(x); }
 
 
 KERNEL k0_embedding(GLOBAL float *A, long B, long S, long o_tok, long o_tab, long o_y) {
@@ -205,15 +207,29 @@ KERNEL k4_mamba3_scan_chunk(GLOBAL float *A, long B, long S, long o_x, long o_Bn
     }
     BARRIER();
     for (int a = lid; a < 16; a += 256) { float cs = 0.0f; for (int j = 0; j <= a && j < L; j++) cs += ladt[j]; lcs[a] = cs; }
-    for (int j = lid; j < 64; j += 256) {
-    const int a = j / 4, i = j - a * 4;
+    #pragma unroll 1
+    for (int it0 = lid; it0 < 64; it0 += 256) {
+    float ab[1];
+    #pragma unroll
+    for (int u = 0; u < 1; u++) {
+    const int it = it0 + u * 256;
+    if (it >= 64) break;
+    const int j = it, a = j / 4, i = j - a * 4;
+    ab[u] = a < L ? ang[(rb + a) * 304L + i] : 0.0f;
+    }
+    #pragma unroll
+    for (int u = 0; u < 1; u++) {
+    const int it = it0 + u * 256;
+    if (it >= 64) break;
+    const int j = it, a = j / 4;
     float v = 0.0f;
     if (a < L) {
-    v = ldt[a] * (3.14159265f * TANHF(ang[(rb + a) * 304L + i]));
+    v = ldt[a] * (3.14159265f * TANHF(ab[u]));
     { const float kq = (float)(long)(v * 0.159154943f); v = (v - kq * 6.28318548f) + kq * 1.74845553e-7f; }
     if (v < 0.0f) v = (v + 6.28318548f) - 1.74845553e-7f;
     }
     LPH[j] = v;
+    }
     }
     for (int off = 1; off < 16; off <<= 1) {
     float nv[1];
@@ -390,15 +406,29 @@ KERNEL k6_mamba3_scan_out(GLOBAL float *A, long B, long S, long o_x, long o_Bn, 
     }
     BARRIER();
     for (int a = lid; a < 16; a += 256) { float cs = 0.0f; for (int j = 0; j <= a && j < L; j++) cs += ladt[j]; lcs[a] = cs; }
-    for (int j = lid; j < 64; j += 256) {
-    const int a = j / 4, i = j - a * 4;
+    #pragma unroll 1
+    for (int it0 = lid; it0 < 64; it0 += 256) {
+    float ab[1];
+    #pragma unroll
+    for (int u = 0; u < 1; u++) {
+    const int it = it0 + u * 256;
+    if (it >= 64) break;
+    const int j = it, a = j / 4, i = j - a * 4;
+    ab[u] = a < L ? ang[(rb + a) * 304L + i] : 0.0f;
+    }
+    #pragma unroll
+    for (int u = 0; u < 1; u++) {
+    const int it = it0 + u * 256;
+    if (it >= 64) break;
+    const int j = it, a = j / 4;
     float v = 0.0f;
     if (a < L) {
-    v = ldt[a] * (3.14159265f * TANHF(ang[(rb + a) * 304L + i]));
+    v = ldt[a] * (3.14159265f * TANHF(ab[u]));
     { const float kq = (float)(long)(v * 0.159154943f); v = (v - kq * 6.28318548f) + kq * 1.74845553e-7f; }
     if (v < 0.0f) v = (v + 6.28318548f) - 1.74845553e-7f;
     }
     LPH[j] = v;
+    }
     }
     for (int off = 1; off < 16; off <<= 1) {
     float nv[1];
@@ -1953,15 +1983,29 @@ KERNEL k41_mamba3_scan_bwd_chunk(GLOBAL float *A, long B, long S, long o_x, long
     }
     BARRIER();
     for (int a = lid; a < 16; a += 256) { float cs = 0.0f; for (int j = 0; j <= a && j < L; j++) cs += ladt[j]; lcs[a] = cs; }
-    for (int j = lid; j < 64; j += 256) {
-    const int a = j / 4, i = j - a * 4;
+    #pragma unroll 1
+    for (int it0 = lid; it0 < 64; it0 += 256) {
+    float ab[1];
+    #pragma unroll
+    for (int u = 0; u < 1; u++) {
+    const int it = it0 + u * 256;
+    if (it >= 64) break;
+    const int j = it, a = j / 4, i = j - a * 4;
+    ab[u] = a < L ? ang[(rb + a) * 304L + i] : 0.0f;
+    }
+    #pragma unroll
+    for (int u = 0; u < 1; u++) {
+    const int it = it0 + u * 256;
+    if (it >= 64) break;
+    const int j = it, a = j / 4;
     float v = 0.0f;
     if (a < L) {
-    v = ldt[a] * (3.14159265f * TANHF(ang[(rb + a) * 304L + i]));
+    v = ldt[a] * (3.14159265f * TANHF(ab[u]));
     { const float kq = (float)(long)(v * 0.159154943f); v = (v - kq * 6.28318548f) + kq * 1.74845553e-7f; }
     if (v < 0.0f) v = (v + 6.28318548f) - 1.74845553e-7f;
     }
     LPH[j] = v;
+    }
     }
     for (int off = 1; off < 16; off <<= 1) {
     float nv[1];
@@ -2137,15 +2181,27 @@ KERNEL k43_mamba3_scan_bwd_main(GLOBAL float *A, long B, long S, long o_x, long 
     }
     BARRIER();
     for (int a = lid; a < 16; a += 64) { float cs = 0.0f; for (int j = 0; j <= a && j < L; j++) cs += ladt[j]; lcs[a] = cs; }
-    for (int j = lid; j < 64; j += 64) {
-    const int a = j / 4, i = j - a * 4;
+    #pragma unroll 1
+    for (int it0 = lid; it0 < 64; it0 += 64) {
+    float ab[1];
+    #pragma unroll
+    for (int u = 0; u < 1; u++) {
+    const int it = it0 + u * 64;
+    const int j = it, a = j / 4, i = j - a * 4;
+    ab[u] = a < L ? ang[(rb + a) * 304L + i] : 0.0f;
+    }
+    #pragma unroll
+    for (int u = 0; u < 1; u++) {
+    const int it = it0 + u * 64;
+    const int j = it, a = j / 4;
     float v = 0.0f;
     if (a < L) {
-    v = ldt[a] * (3.14159265f * TANHF(ang[(rb + a) * 304L + i]));
+    v = ldt[a] * (3.14159265f * TANHF(ab[u]));
     { const float kq = (float)(long)(v * 0.159154943f); v = (v - kq * 6.28318548f) + kq * 1.74845553e-7f; }
     if (v < 0.0f) v = (v + 6.28318548f) - 1.74845553e-7f;
     }
     LPH[j] = v;
+    }
     }
     for (int off = 1; off < 16; off <<= 1) {
     float nv[1];
