@@ -3277,6 +3277,10 @@ static int emit_bwd(kgen *k, const ir_node *n) {
      * step on the H100); the lanes are then added in order. dt_bias and D: one work-group per
      * head, a strided partial sum over the tokens and a fixed tree. */
     const int NCB = (2 * N + 31) / 32, J = NCB + 2;
+    /* 1024 work-items on CUDA: only H * J work-groups exist (72 for realm-9m, fewer than the
+     * multiprocessors), and with 256 each they kept too few loads in flight (0.49 ms a launch
+     * on the H100 at 0.93 TB/s) */
+    const int NTP = strcmp(k->d->name, "cuda") == 0 ? 1024 : 256, LN = NTP / 32;
     kg_begin(k, "mamba3_scan_bwd_params", node, node + 1);
     kg_in(k, "hd", n->out[BOUT_HEAD]);
     kg_in(k, "gddt", n->out[IN_DDT]);
@@ -3287,20 +3291,20 @@ static int emit_bwd(kgen *k, const ir_node *n) {
     kg_out(k, "gBb", n->out[IN_BB]);
     kg_out(k, "gCb", n->out[IN_CB]);
     kg_out(k, "gD", n->out[IN_D]);
-    KL("LOCAL float red[256], redc[256];");
+    KL("LOCAL float red[%d], redc[%d], red2[64];", NTP, NTP);
     KL("const int h = (int)(GID_X / %d), jb = (int)(GID_X %% %d);", J, J);
     KL("const int lid = LID_X;");
     KL("float acc = 0.0f, cmp = 0.0f;");
     KL("if (jb < %d) {", NCB);
     KL("const int col = jb * 32 + (lid & 31), lane = lid >> 5;");
-    KL("if (col < %d) for (long tok = lane; tok < T; tok += 8) {", 2 * N);
+    KL("if (col < %d) for (long tok = lane; tok < T; tok += %d) {", 2 * N, LN);
     KL("const float yk = hd[tok * %ldL + h * %d + col] - cmp;", ldh, 2 * N);
     KL("const float tk = acc + yk;");
     KL("cmp = (tk - acc) - yk;");
     KL("acc = tk;");
     KL("}");
     KL("} else {");
-    KL("for (long tok = lid; tok < T; tok += 256) {");
+    KL("for (long tok = lid; tok < T; tok += %d) {", NTP);
     KL("float val;");
     KL("if (jb == %d) val = gddt[tok * %ldL + h];", NCB, kg_ld(k, n->out[IN_DDT]));
     /* dy_t . x_t: the chunked backward left it per token; a work-item reading a whole row
@@ -3336,22 +3340,34 @@ static int emit_bwd(kgen *k, const ir_node *n) {
     KL("const int col = jb * 32 + lid;");
     KL("if (lid < 32 && col < %d) {", 2 * N);
     KL("float s = 0.0f, c = 0.0f;");
-    KL("for (int l = 0; l < 16; l++) {");
+    KL("for (int l = 0; l < %d; l++) {", 2 * LN);
     KL("const float yk = ((l & 1) ? redc[(l >> 1) * 32 + lid] : red[(l >> 1) * 32 + lid]) - c, tk = s + yk;");
     KL("c = (tk - s) - yk; s = tk;");
     KL("}");
     KL("if (col < %d) gBb[h * %d + col] = s; else gCb[h * %d + col - %d] = s;", N, N, N, N);
     KL("}");
-    KL("} else if (lid == 0) {");
+    KL("}");
+    /* the 2 NTP partials of dt_bias and D in 32 runs of consecutive ones, then the 32 runs with
+     * their compensations, each a compensated sum in order */
+    KL("if (jb >= %d && lid < 32) {", NCB);
     KL("float s = 0.0f, c = 0.0f;");
-    KL("for (int l = 0; l < 512; l++) {");
+    KL("for (int l = lid * %d; l < (lid + 1) * %d; l++) {", 2 * LN, 2 * LN);
     KL("const float yk = ((l & 1) ? redc[l >> 1] : red[l >> 1]) - c, tk = s + yk;");
+    KL("c = (tk - s) - yk; s = tk;");
+    KL("}");
+    KL("red2[2 * lid] = s; red2[2 * lid + 1] = -c;");
+    KL("}");
+    KL("BARRIER();");
+    KL("if (jb >= %d && lid == 0) {", NCB);
+    KL("float s = 0.0f, c = 0.0f;");
+    KL("for (int l = 0; l < 64; l++) {");
+    KL("const float yk = red2[l] - c, tk = s + yk;");
     KL("c = (tk - s) - yk; s = tk;");
     KL("}");
     KL("if (jb == %d) gdtb[h] = s; else gD[h] = s;", NCB);
     KL("}");
     kg_grid(k, 0, (long)H * J, 0, 0, 0, 1);
-    kg_block(k, 256, 1, 1);
+    kg_block(k, NTP, 1, 1);
     return kg_end(k);
 }
 

@@ -134,6 +134,32 @@ static const char *slot_guard(char *buf, size_t n, int i, int rt, long d) {
     return buf;
 }
 
+/* The sums of the team's partials `v[0..nv)` (one per lane), left in those variables in every
+ * lane of the team. A fixed tree (lane l adds lane l + s, s = RT/2 .. 1): in LOCAL arrays
+ * `arr[i]` behind barriers, or, on CUDA with a team of one warp, the same tree in registers by
+ * warp shuffles (bitwise the same sums, and no work-group barrier per row, so the teams do not
+ * wait for each other). */
+static void emit_team_sums(kgen *k, int rt, int nv, const char *const *v, const char *const *arr) {
+    if (rt == 32 && strcmp(k->d->name, "cuda") == 0) {
+        kg_line(k, "for (int s = 16; s > 0; s >>= 1) {");
+        for (int i = 0; i < nv; i++) kg_line(k, "    %s += __shfl_down_sync(0xffffffffu, %s, s);", v[i], v[i]);
+        kg_line(k, "}");
+        for (int i = 0; i < nv; i++) kg_line(k, "%s = __shfl_sync(0xffffffffu, %s, 0);", v[i], v[i]);
+        return;
+    }
+    for (int i = 0; i < nv; i++) kg_line(k, "%s[LID_X] = %s;", arr[i], v[i]);
+    kg_line(k, "BARRIER();");
+    kg_line(k, "for (int s = %d; s > 0; s >>= 1) {", rt / 2);
+    kg_line(k, "    if (lane < s) {");
+    for (int i = 0; i < nv; i++) kg_line(k, "        %s[LID_X] += %s[LID_X + s];", arr[i], arr[i]);
+    kg_line(k, "    }");
+    kg_line(k, "    BARRIER();");
+    kg_line(k, "}");
+    for (int i = 0; i < nv; i++) kg_line(k, "%s = %s[team * %d];", v[i], arr[i], rt);
+    /* the arrays are rewritten by the next row's sums */
+    kg_line(k, "BARRIER();");
+}
+
 /* 256 / RT teams of RT threads per work-group, a row per team (like rmsnorm_bwd_dx below):
  * lane l keeps features l, l + RT, ... in registers, so the row is read once, and a group of
  * narrow rows is not mostly idle threads waiting on a 256-wide tree. */
@@ -161,13 +187,11 @@ static int emit(kgen *k, const ir_node *n) {
         kg_line(k, "if (ok) { %sx%d = xr[f%d]; }", slot_guard(gd, sizeof gd, i, rt, d), i, i);
         kg_line(k, "ss += x%d * x%d;", i, i);
     }
-    kg_line(k, "red[LID_X] = ss;");
-    kg_line(k, "BARRIER();");
-    kg_line(k, "for (int s = %d; s > 0; s >>= 1) {", rt / 2);
-    kg_line(k, "    if (lane < s) red[LID_X] += red[LID_X + s];");
-    kg_line(k, "    BARRIER();");
-    kg_line(k, "}");
-    kg_line(k, "const float rs = RSQRTF(red[team * %d] / %ld.0f + %.9ef);", rt, d, n->fa[0]);
+    {
+        const char *v[1] = {"ss"}, *arr[1] = {"red"};
+        emit_team_sums(k, rt, 1, v, arr);
+    }
+    kg_line(k, "const float rs = RSQRTF(ss / %ld.0f + %.9ef);", d, n->fa[0]);
     kg_line(k, "if (ok) {");
     for (int i = 0; i < ci; i++) kg_line(k, "    %syr[f%d] = x%d * rs * w[f%d];", slot_guard(gd, sizeof gd, i, rt, d), i, i, i);
     kg_line(k, "}");
@@ -232,18 +256,12 @@ static int emit_bwd(kgen *k, const ir_node *n) {
         kg_line(k, "        dot += w%d * g%d * x%d;", i, i, i);
     }
     kg_line(k, "    }");
-    kg_line(k, "    r1[LID_X] = ss;");
-    kg_line(k, "    r2[LID_X] = dot;");
-    kg_line(k, "    BARRIER();");
-    kg_line(k, "    for (int s = %d; s > 0; s >>= 1) {", rt / 2);
-    kg_line(k, "        if (lane < s) {");
-    kg_line(k, "            r1[LID_X] += r1[LID_X + s];");
-    kg_line(k, "            r2[LID_X] += r2[LID_X + s];");
-    kg_line(k, "        }");
-    kg_line(k, "        BARRIER();");
-    kg_line(k, "    }");
-    kg_line(k, "    const float rs = RSQRTF(r1[team * %d] / %ld.0f + %.9ef);", rt, d, n->fa[0]);
-    kg_line(k, "    const float cc = rs * rs * rs / %ld.0f * r2[team * %d];", d, rt);
+    {
+        const char *v[2] = {"ss", "dot"}, *arr[2] = {"r1", "r2"};
+        emit_team_sums(k, rt, 2, v, arr);
+    }
+    kg_line(k, "    const float rs = RSQRTF(ss / %ld.0f + %.9ef);", d, n->fa[0]);
+    kg_line(k, "    const float cc = rs * rs * rs / %ld.0f * dot;", d);
     kg_line(k, "    if (ok) {");
     for (int i = 0; i < ci; i++) {
         kg_line(k, "        %sdxr[f%d] = %srs * w%d * g%d - cc * x%d;", slot_guard(gd, sizeof gd, i, rt, d), i,
@@ -251,7 +269,6 @@ static int emit_bwd(kgen *k, const ir_node *n) {
         kg_line(k, "        a%d += g%d * x%d * rs;", i, i, i);   /* zero past the row end */
     }
     kg_line(k, "    }");
-    kg_line(k, "    BARRIER();   /* r1, r2 are rewritten by the next step */");
     kg_line(k, "}");
     /* The teams' accumulators, ic slots at a time: comb[slot][team][lane], then thread q adds
      * slot q / RT, lane q % RT over the teams in order. */

@@ -64,13 +64,11 @@ KERNEL k1_rmsnorm(GLOBAL float *A, long B, long S, long o_x, long o_w, long o_y)
     float x1 = 0.0f;
     if (ok) { x1 = xr[f1]; }
     ss += x1 * x1;
-    red[LID_X] = ss;
-    BARRIER();
     for (int s = 16; s > 0; s >>= 1) {
-        if (lane < s) red[LID_X] += red[LID_X + s];
-        BARRIER();
+        ss += __shfl_down_sync(0xffffffffu, ss, s);
     }
-    const float rs = RSQRTF(red[team * 32] / 64.0f + 1.000000000e-05f);
+    ss = __shfl_sync(0xffffffffu, ss, 0);
+    const float rs = RSQRTF(ss / 64.0f + 1.000000000e-05f);
     if (ok) {
         yr[f0] = x0 * rs * w[f0];
         yr[f1] = x1 * rs * w[f1];
@@ -142,10 +140,14 @@ KERNEL k3_rmsnorm(GLOBAL float *A, long B, long S, long o_x, long o_w, long o_y)
     red[LID_X] = ss;
     BARRIER();
     for (int s = 8; s > 0; s >>= 1) {
-        if (lane < s) red[LID_X] += red[LID_X + s];
+        if (lane < s) {
+            red[LID_X] += red[LID_X + s];
+        }
         BARRIER();
     }
-    const float rs = RSQRTF(red[team * 16] / 16.0f + 1.000000000e-05f);
+    ss = red[team * 16];
+    BARRIER();
+    const float rs = RSQRTF(ss / 16.0f + 1.000000000e-05f);
     if (ok) {
         yr[f0] = x0 * rs * w[f0];
     }

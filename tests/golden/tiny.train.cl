@@ -65,10 +65,14 @@ KERNEL k1_rmsnorm(GLOBAL float *A, long B, long S, long o_x, long o_w, long o_y)
     red[LID_X] = ss;
     BARRIER();
     for (int s = 16; s > 0; s >>= 1) {
-        if (lane < s) red[LID_X] += red[LID_X + s];
+        if (lane < s) {
+            red[LID_X] += red[LID_X + s];
+        }
         BARRIER();
     }
-    const float rs = RSQRTF(red[team * 32] / 64.0f + 1.000000000e-05f);
+    ss = red[team * 32];
+    BARRIER();
+    const float rs = RSQRTF(ss / 64.0f + 1.000000000e-05f);
     if (ok) {
         yr[f0] = x0 * rs * w[f0];
         yr[f1] = x1 * rs * w[f1];
@@ -140,10 +144,14 @@ KERNEL k3_rmsnorm(GLOBAL float *A, long B, long S, long o_x, long o_w, long o_y)
     red[LID_X] = ss;
     BARRIER();
     for (int s = 8; s > 0; s >>= 1) {
-        if (lane < s) red[LID_X] += red[LID_X + s];
+        if (lane < s) {
+            red[LID_X] += red[LID_X + s];
+        }
         BARRIER();
     }
-    const float rs = RSQRTF(red[team * 16] / 16.0f + 1.000000000e-05f);
+    ss = red[team * 16];
+    BARRIER();
+    const float rs = RSQRTF(ss / 16.0f + 1.000000000e-05f);
     if (ok) {
         yr[f0] = x0 * rs * w[f0];
     }
@@ -1166,25 +1174,27 @@ KERNEL k23_rmsnorm_bwd_dx(GLOBAL float *A, long B, long S, long o_x, long o_w, l
             ss += x1 * x1;
             dot += w1 * g1 * x1;
         }
-        r1[LID_X] = ss;
-        r2[LID_X] = dot;
-        BARRIER();
-        for (int s = 16; s > 0; s >>= 1) {
-            if (lane < s) {
-                r1[LID_X] += r1[LID_X + s];
-                r2[LID_X] += r2[LID_X + s];
-            }
-            BARRIER();
+    r1[LID_X] = ss;
+    r2[LID_X] = dot;
+    BARRIER();
+    for (int s = 16; s > 0; s >>= 1) {
+        if (lane < s) {
+            r1[LID_X] += r1[LID_X + s];
+            r2[LID_X] += r2[LID_X + s];
         }
-        const float rs = RSQRTF(r1[team * 32] / 64.0f + 1.000000000e-05f);
-        const float cc = rs * rs * rs / 64.0f * r2[team * 32];
+        BARRIER();
+    }
+    ss = r1[team * 32];
+    dot = r2[team * 32];
+    BARRIER();
+        const float rs = RSQRTF(ss / 64.0f + 1.000000000e-05f);
+        const float cc = rs * rs * rs / 64.0f * dot;
         if (ok) {
             dxr[f0] = rs * w0 * g0 - cc * x0;
             a0 += g0 * x0 * rs;
             dxr[f1] = rs * w1 * g1 - cc * x1;
             a1 += g1 * x1 * rs;
         }
-        BARRIER();   /* r1, r2 are rewritten by the next step */
     }
     GLOBAL float *pr = part + GID_X * 64;
     comb[0 + LID_X] = a0;
@@ -1383,25 +1393,27 @@ KERNEL k29_rmsnorm_bwd_dx(GLOBAL float *A, long B, long S, long o_x, long o_w, l
             ss += x1 * x1;
             dot += w1 * g1 * x1;
         }
-        r1[LID_X] = ss;
-        r2[LID_X] = dot;
-        BARRIER();
-        for (int s = 16; s > 0; s >>= 1) {
-            if (lane < s) {
-                r1[LID_X] += r1[LID_X + s];
-                r2[LID_X] += r2[LID_X + s];
-            }
-            BARRIER();
+    r1[LID_X] = ss;
+    r2[LID_X] = dot;
+    BARRIER();
+    for (int s = 16; s > 0; s >>= 1) {
+        if (lane < s) {
+            r1[LID_X] += r1[LID_X + s];
+            r2[LID_X] += r2[LID_X + s];
         }
-        const float rs = RSQRTF(r1[team * 32] / 64.0f + 1.000000000e-05f);
-        const float cc = rs * rs * rs / 64.0f * r2[team * 32];
+        BARRIER();
+    }
+    ss = r1[team * 32];
+    dot = r2[team * 32];
+    BARRIER();
+        const float rs = RSQRTF(ss / 64.0f + 1.000000000e-05f);
+        const float cc = rs * rs * rs / 64.0f * dot;
         if (ok) {
             dxr[f0] = ar[f0] + rs * w0 * g0 - cc * x0;
             a0 += g0 * x0 * rs;
             dxr[f1] = ar[f1] + rs * w1 * g1 - cc * x1;
             a1 += g1 * x1 * rs;
         }
-        BARRIER();   /* r1, r2 are rewritten by the next step */
     }
     GLOBAL float *pr = part + GID_X * 64;
     comb[0 + LID_X] = a0;
@@ -2536,7 +2548,7 @@ KERNEL k46_mamba3_scan_bwd_params(GLOBAL float *A, long B, long S, long o_hd, lo
     GLOBAL float *gBb = A + o_gBb;
     GLOBAL float *gCb = A + o_gCb;
     GLOBAL float *gD = A + o_gD;
-    LOCAL float red[256], redc[256];
+    LOCAL float red[256], redc[256], red2[64];
     const int h = (int)(GID_X / 3), jb = (int)(GID_X % 3);
     const int lid = LID_X;
     float acc = 0.0f, cmp = 0.0f;
@@ -2572,10 +2584,20 @@ KERNEL k46_mamba3_scan_bwd_params(GLOBAL float *A, long B, long S, long o_hd, lo
     }
     if (col < 16) gBb[h * 16 + col] = s; else gCb[h * 16 + col - 16] = s;
     }
-    } else if (lid == 0) {
+    }
+    if (jb >= 1 && lid < 32) {
     float s = 0.0f, c = 0.0f;
-    for (int l = 0; l < 512; l++) {
+    for (int l = lid * 16; l < (lid + 1) * 16; l++) {
     const float yk = ((l & 1) ? redc[l >> 1] : red[l >> 1]) - c, tk = s + yk;
+    c = (tk - s) - yk; s = tk;
+    }
+    red2[2 * lid] = s; red2[2 * lid + 1] = -c;
+    }
+    BARRIER();
+    if (jb >= 1 && lid == 0) {
+    float s = 0.0f, c = 0.0f;
+    for (int l = 0; l < 64; l++) {
+    const float yk = red2[l] - c, tk = s + yk;
     c = (tk - s) - yk; s = tk;
     }
     if (jb == 1) gdtb[h] = s; else gD[h] = s;
@@ -2611,23 +2633,25 @@ KERNEL k47_rmsnorm_bwd_dx(GLOBAL float *A, long B, long S, long o_x, long o_w, l
             ss += x0 * x0;
             dot += w0 * g0 * x0;
         }
-        r1[LID_X] = ss;
-        r2[LID_X] = dot;
-        BARRIER();
-        for (int s = 8; s > 0; s >>= 1) {
-            if (lane < s) {
-                r1[LID_X] += r1[LID_X + s];
-                r2[LID_X] += r2[LID_X + s];
-            }
-            BARRIER();
+    r1[LID_X] = ss;
+    r2[LID_X] = dot;
+    BARRIER();
+    for (int s = 8; s > 0; s >>= 1) {
+        if (lane < s) {
+            r1[LID_X] += r1[LID_X + s];
+            r2[LID_X] += r2[LID_X + s];
         }
-        const float rs = RSQRTF(r1[team * 16] / 16.0f + 1.000000000e-05f);
-        const float cc = rs * rs * rs / 16.0f * r2[team * 16];
+        BARRIER();
+    }
+    ss = r1[team * 16];
+    dot = r2[team * 16];
+    BARRIER();
+        const float rs = RSQRTF(ss / 16.0f + 1.000000000e-05f);
+        const float cc = rs * rs * rs / 16.0f * dot;
         if (ok) {
             dxr[f0] = rs * w0 * g0 - cc * x0;
             a0 += g0 * x0 * rs;
         }
-        BARRIER();   /* r1, r2 are rewritten by the next step */
     }
     GLOBAL float *pr = part + GID_X * 16;
     comb[0 + LID_X] = a0;

@@ -64,13 +64,11 @@ KERNEL k1_rmsnorm(GLOBAL float *A, long B, long S, long o_x, long o_w, long o_y)
     float x1 = 0.0f;
     if (ok) { x1 = xr[f1]; }
     ss += x1 * x1;
-    red[LID_X] = ss;
-    BARRIER();
     for (int s = 16; s > 0; s >>= 1) {
-        if (lane < s) red[LID_X] += red[LID_X + s];
-        BARRIER();
+        ss += __shfl_down_sync(0xffffffffu, ss, s);
     }
-    const float rs = RSQRTF(red[team * 32] / 64.0f + 1.000000000e-05f);
+    ss = __shfl_sync(0xffffffffu, ss, 0);
+    const float rs = RSQRTF(ss / 64.0f + 1.000000000e-05f);
     if (ok) {
         yr[f0] = x0 * rs * w[f0];
         yr[f1] = x1 * rs * w[f1];
@@ -142,10 +140,14 @@ KERNEL k3_rmsnorm(GLOBAL float *A, long B, long S, long o_x, long o_w, long o_y)
     red[LID_X] = ss;
     BARRIER();
     for (int s = 8; s > 0; s >>= 1) {
-        if (lane < s) red[LID_X] += red[LID_X + s];
+        if (lane < s) {
+            red[LID_X] += red[LID_X + s];
+        }
         BARRIER();
     }
-    const float rs = RSQRTF(red[team * 16] / 16.0f + 1.000000000e-05f);
+    ss = red[team * 16];
+    BARRIER();
+    const float rs = RSQRTF(ss / 16.0f + 1.000000000e-05f);
     if (ok) {
         yr[f0] = x0 * rs * w[f0];
     }
@@ -1169,25 +1171,20 @@ KERNEL k23_rmsnorm_bwd_dx(GLOBAL float *A, long B, long S, long o_x, long o_w, l
             ss += x1 * x1;
             dot += w1 * g1 * x1;
         }
-        r1[LID_X] = ss;
-        r2[LID_X] = dot;
-        BARRIER();
-        for (int s = 16; s > 0; s >>= 1) {
-            if (lane < s) {
-                r1[LID_X] += r1[LID_X + s];
-                r2[LID_X] += r2[LID_X + s];
-            }
-            BARRIER();
-        }
-        const float rs = RSQRTF(r1[team * 32] / 64.0f + 1.000000000e-05f);
-        const float cc = rs * rs * rs / 64.0f * r2[team * 32];
+    for (int s = 16; s > 0; s >>= 1) {
+        ss += __shfl_down_sync(0xffffffffu, ss, s);
+        dot += __shfl_down_sync(0xffffffffu, dot, s);
+    }
+    ss = __shfl_sync(0xffffffffu, ss, 0);
+    dot = __shfl_sync(0xffffffffu, dot, 0);
+        const float rs = RSQRTF(ss / 64.0f + 1.000000000e-05f);
+        const float cc = rs * rs * rs / 64.0f * dot;
         if (ok) {
             dxr[f0] = rs * w0 * g0 - cc * x0;
             a0 += g0 * x0 * rs;
             dxr[f1] = rs * w1 * g1 - cc * x1;
             a1 += g1 * x1 * rs;
         }
-        BARRIER();   /* r1, r2 are rewritten by the next step */
     }
     GLOBAL float *pr = part + GID_X * 64;
     comb[0 + LID_X] = a0;
@@ -1386,25 +1383,20 @@ KERNEL k29_rmsnorm_bwd_dx(GLOBAL float *A, long B, long S, long o_x, long o_w, l
             ss += x1 * x1;
             dot += w1 * g1 * x1;
         }
-        r1[LID_X] = ss;
-        r2[LID_X] = dot;
-        BARRIER();
-        for (int s = 16; s > 0; s >>= 1) {
-            if (lane < s) {
-                r1[LID_X] += r1[LID_X + s];
-                r2[LID_X] += r2[LID_X + s];
-            }
-            BARRIER();
-        }
-        const float rs = RSQRTF(r1[team * 32] / 64.0f + 1.000000000e-05f);
-        const float cc = rs * rs * rs / 64.0f * r2[team * 32];
+    for (int s = 16; s > 0; s >>= 1) {
+        ss += __shfl_down_sync(0xffffffffu, ss, s);
+        dot += __shfl_down_sync(0xffffffffu, dot, s);
+    }
+    ss = __shfl_sync(0xffffffffu, ss, 0);
+    dot = __shfl_sync(0xffffffffu, dot, 0);
+        const float rs = RSQRTF(ss / 64.0f + 1.000000000e-05f);
+        const float cc = rs * rs * rs / 64.0f * dot;
         if (ok) {
             dxr[f0] = ar[f0] + rs * w0 * g0 - cc * x0;
             a0 += g0 * x0 * rs;
             dxr[f1] = ar[f1] + rs * w1 * g1 - cc * x1;
             a1 += g1 * x1 * rs;
         }
-        BARRIER();   /* r1, r2 are rewritten by the next step */
     }
     GLOBAL float *pr = part + GID_X * 64;
     comb[0 + LID_X] = a0;
@@ -2541,20 +2533,20 @@ KERNEL k46_mamba3_scan_bwd_params(GLOBAL float *A, long B, long S, long o_hd, lo
     GLOBAL float *gBb = A + o_gBb;
     GLOBAL float *gCb = A + o_gCb;
     GLOBAL float *gD = A + o_gD;
-    LOCAL float red[256], redc[256];
+    LOCAL float red[1024], redc[1024], red2[64];
     const int h = (int)(GID_X / 3), jb = (int)(GID_X % 3);
     const int lid = LID_X;
     float acc = 0.0f, cmp = 0.0f;
     if (jb < 1) {
     const int col = jb * 32 + (lid & 31), lane = lid >> 5;
-    if (col < 32) for (long tok = lane; tok < T; tok += 8) {
+    if (col < 32) for (long tok = lane; tok < T; tok += 32) {
     const float yk = hd[tok * 128L + h * 32 + col] - cmp;
     const float tk = acc + yk;
     cmp = (tk - acc) - yk;
     acc = tk;
     }
     } else {
-    for (long tok = lid; tok < T; tok += 256) {
+    for (long tok = lid; tok < T; tok += 1024) {
     float val;
     if (jb == 1) val = gddt[tok * 304L + h];
     else val = tkw[tok * 32L + h * 8 + 7];
@@ -2571,16 +2563,26 @@ KERNEL k46_mamba3_scan_bwd_params(GLOBAL float *A, long B, long S, long o_hd, lo
     const int col = jb * 32 + lid;
     if (lid < 32 && col < 32) {
     float s = 0.0f, c = 0.0f;
-    for (int l = 0; l < 16; l++) {
+    for (int l = 0; l < 64; l++) {
     const float yk = ((l & 1) ? redc[(l >> 1) * 32 + lid] : red[(l >> 1) * 32 + lid]) - c, tk = s + yk;
     c = (tk - s) - yk; s = tk;
     }
     if (col < 16) gBb[h * 16 + col] = s; else gCb[h * 16 + col - 16] = s;
     }
-    } else if (lid == 0) {
+    }
+    if (jb >= 1 && lid < 32) {
     float s = 0.0f, c = 0.0f;
-    for (int l = 0; l < 512; l++) {
+    for (int l = lid * 64; l < (lid + 1) * 64; l++) {
     const float yk = ((l & 1) ? redc[l >> 1] : red[l >> 1]) - c, tk = s + yk;
+    c = (tk - s) - yk; s = tk;
+    }
+    red2[2 * lid] = s; red2[2 * lid + 1] = -c;
+    }
+    BARRIER();
+    if (jb >= 1 && lid == 0) {
+    float s = 0.0f, c = 0.0f;
+    for (int l = 0; l < 64; l++) {
+    const float yk = red2[l] - c, tk = s + yk;
     c = (tk - s) - yk; s = tk;
     }
     if (jb == 1) gdtb[h] = s; else gD[h] = s;
@@ -2616,23 +2618,25 @@ KERNEL k47_rmsnorm_bwd_dx(GLOBAL float *A, long B, long S, long o_x, long o_w, l
             ss += x0 * x0;
             dot += w0 * g0 * x0;
         }
-        r1[LID_X] = ss;
-        r2[LID_X] = dot;
-        BARRIER();
-        for (int s = 8; s > 0; s >>= 1) {
-            if (lane < s) {
-                r1[LID_X] += r1[LID_X + s];
-                r2[LID_X] += r2[LID_X + s];
-            }
-            BARRIER();
+    r1[LID_X] = ss;
+    r2[LID_X] = dot;
+    BARRIER();
+    for (int s = 8; s > 0; s >>= 1) {
+        if (lane < s) {
+            r1[LID_X] += r1[LID_X + s];
+            r2[LID_X] += r2[LID_X + s];
         }
-        const float rs = RSQRTF(r1[team * 16] / 16.0f + 1.000000000e-05f);
-        const float cc = rs * rs * rs / 16.0f * r2[team * 16];
+        BARRIER();
+    }
+    ss = r1[team * 16];
+    dot = r2[team * 16];
+    BARRIER();
+        const float rs = RSQRTF(ss / 16.0f + 1.000000000e-05f);
+        const float cc = rs * rs * rs / 16.0f * dot;
         if (ok) {
             dxr[f0] = rs * w0 * g0 - cc * x0;
             a0 += g0 * x0 * rs;
         }
-        BARRIER();   /* r1, r2 are rewritten by the next step */
     }
     GLOBAL float *pr = part + GID_X * 16;
     comb[0 + LID_X] = a0;
