@@ -1679,6 +1679,8 @@ static int emit_out_tc(kgen *k, const ir_node *n, int node, m3_kdims d) {
                ldang = kg_ld(k, n->in[IN_ANG]), ldy = kg_ld(k, n->out[OUT_Y]), ldst = kg_ld(k, n->out[OUT_ST]),
                ldth = kg_ld(k, n->out[OUT_TH]);
     kg_begin(k, "mamba3_scan_out_tc", node, node + 1);
+    /* 5 work-groups per multiprocessor instead of 4 (104 registers): costs 2 registers */
+    if (NT <= 128) kg_min_blocks(k, 5);
     args_common(k, n);
     kg_in(k, "Dp", n->in[IN_D]);
     kg_in(k, "st", n->out[OUT_ST]);
