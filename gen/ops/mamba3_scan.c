@@ -2489,6 +2489,36 @@ static int bwd_tc(const kgen *k, m3_kdims d) {
     return k->bf16 && m3_up16(d.CH) <= 128 && m3_up16(d.N) <= 128 && m3_up16(d.P) <= 128 && bwd_tc_shared(d) <= max;
 }
 
+/* One half of the backward main kernel's last step for the thread's token t (row r): g = acc +
+ * gg X_t (acc dQl with X = Kl, or dKl with X = Ql) rotated back pair by pair into the dQ
+ * (hoff = N) or dK (hoff = 0) share of `hd`, and the pair's share of dTheta from its own
+ * rotated row (`own`): kept in thq by the first half (dQ, written early), added to it and
+ * stored into LPH by the second. Expects t, r, gg, tq and the tiles in scope. */
+static void emit_unrotate_half(kgen *k, const char *acc, const char *xe, int hoff, const char *own, int second, long wsN,
+                               long NO, int N, int NA, int JQ, long ldh) {
+    KL("    const long hb = (rb + t) * %ldL + h * %d;", ldh, 2 * N);
+    KL("    #pragma unroll");
+    KL("    for (int j = 0; j < %ld; j++) {", NO);
+    KL("        const int i = 4 * j + tq, n0 = 2 * i;");
+    KL("        if (n0 >= %d) continue;", N);
+    KL("        float g[2];");
+    KL("        for (int e2 = 0; e2 < 2; e2++) g[e2] = %s[j][2 * r + e2] + gg * %s;", acc, xe);
+    KL("        if (j < %d && i < %d) {", JQ, NA);
+    KL("            const float cq = COSF(LPH[t * %d + i]), sq = SINF(LPH[t * %d + i]);", NA, NA);
+    KL("            hd[hb + %d + n0] = cq * g[0] + sq * g[1]; hd[hb + %d + n0 + 1] = -sq * g[0] + cq * g[1];", hoff, hoff);
+    KL("            const unsigned ow = %s[t * %ld + i];", own, wsN);
+    if (second)
+        KL("            LPH[t * %d + i] = thq[r][j < %d ? j : 0] - g[0] * __uint_as_float(ow & 0xffff0000u) + g[1] * __uint_as_float(ow << 16);",
+           NA, JQ);
+    else KL("            thq[r][j < %d ? j : 0] = -g[0] * __uint_as_float(ow & 0xffff0000u) + g[1] * __uint_as_float(ow << 16);", JQ);
+    KL("        } else {");
+    KL("            hd[hb + %d + n0] = g[0];", hoff);
+    if (N % 2) KL("            if (n0 + 1 < %d) hd[hb + %d + n0 + 1] = g[1];", N, hoff);
+    else KL("            hd[hb + %d + n0 + 1] = g[1];", hoff);
+    KL("        }");
+    KL("    }");
+}
+
 /* mamba3_scan_bwd_main_tc: the main kernel of the chunk-parallel backward (see the comment
  * above emit_bwd_chunked for what it computes) with every product on tensor cores. A
  * work-group of CHP/16 warps per (chunk, b, h); warp w owns the tokens 16w..16w+15 as the rows
@@ -2646,24 +2676,7 @@ static int emit_bwd_main_tc(kgen *k, const ir_node *n, int node, m3_kdims d) {
     KL("    const int t = tr + 8 * r;");
     KL("    if (t >= L) continue;");
     KL("    const float gg = lgm[t] * lG[t];");
-    KL("    const long hb = (rb + t) * %ldL + h * %d;", ldh, 2 * N);
-    KL("    #pragma unroll");
-    KL("    for (int j = 0; j < %ld; j++) {", NO);
-    KL("        const int i = 4 * j + tq, n0 = 2 * i;");
-    KL("        if (n0 >= %d) continue;", N);
-    KL("        float g[2];");
-    KL("        for (int e2 = 0; e2 < 2; e2++) g[e2] = dq[j][2 * r + e2] + gg * %s;", e1);
-    KL("        if (j < %d && i < %d) {", JQ, NA);
-    KL("            const float cq = COSF(LPH[t * %d + i]), sq = SINF(LPH[t * %d + i]);", NA, NA);
-    KL("            hd[hb + %d + n0] = cq * g[0] + sq * g[1]; hd[hb + %d + n0 + 1] = -sq * g[0] + cq * g[1];", N, N);
-    KL("            const unsigned qw = Qs[t * %ld + i];", wsN);
-    KL("            thq[r][j < %d ? j : 0] = -g[0] * __uint_as_float(qw & 0xffff0000u) + g[1] * __uint_as_float(qw << 16);", JQ);
-    KL("        } else {");
-    KL("            hd[hb + %d + n0] = g[0];", N);
-    if (N % 2) KL("            if (n0 + 1 < %d) hd[hb + %d + n0 + 1] = g[1];", N, N);
-    else KL("            hd[hb + %d + n0 + 1] = g[1];", N);
-    KL("        }");
-    KL("    }");
+    emit_unrotate_half(k, "dq", e1, N, "Qs", 0, wsN, NO, N, NA, JQ, ldh);
     KL("}");
     /* (3) the state update: dV = wl dS Kl, dKl = wl dS^T V */
     emit_tc_state_rows(k, NT, P, PK, N, NA, "R0", "dsl", W, lddsl, "rb", "!last");
@@ -2741,25 +2754,7 @@ static int emit_bwd_main_tc(kgen *k, const ir_node *n, int node, m3_kdims d) {
     KL("            gx[(rb + t) * %ldL + h * %d + p] = dv[j][2 * r + e2] + gqd * dy[(rb + t) * %ldL + h * %d + p];", ldgx, P,
        lddy, P);
     KL("        }");
-    KL("    const long hb = (rb + t) * %ldL + h * %d;", ldh, 2 * N);
-    KL("    #pragma unroll");
-    KL("    for (int j = 0; j < %ld; j++) {", NO);
-    KL("        const int i = 4 * j + tq, n0 = 2 * i;");
-    KL("        if (n0 >= %d) continue;", N);
-    KL("        float g[2];");
-    KL("        for (int e2 = 0; e2 < 2; e2++) g[e2] = dk[j][2 * r + e2] + gg * %s;", e2);
-    KL("        if (j < %d && i < %d) {", JQ, NA);
-    KL("            const float cq = COSF(LPH[t * %d + i]), sq = SINF(LPH[t * %d + i]);", NA, NA);
-    KL("            hd[hb + n0] = cq * g[0] + sq * g[1]; hd[hb + n0 + 1] = -sq * g[0] + cq * g[1];");
-    KL("            const unsigned kw = Ks[t * %ld + i];", wsN);
-    KL("            LPH[t * %d + i] = thq[r][j < %d ? j : 0] - g[0] * __uint_as_float(kw & 0xffff0000u) + g[1] * __uint_as_float(kw << 16);",
-       NA, JQ);
-    KL("        } else {");
-    KL("            hd[hb + n0] = g[0];");
-    if (N % 2) KL("            if (n0 + 1 < %d) hd[hb + n0 + 1] = g[1];", N);
-    else KL("            hd[hb + n0 + 1] = g[1];");
-    KL("        }");
-    KL("    }");
+    emit_unrotate_half(k, "dk", e2, 0, "Ks", 1, wsN, NO, N, NA, JQ, ldh);
     KL("}");
     /* per token: dcs and dscale */
     KL("if (lid < L) {");
