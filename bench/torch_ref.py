@@ -381,6 +381,7 @@ def main():
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--realm-bin", default="build/realm")
+    ap.add_argument("--profile", action="store_true", help="after timing, list the kernels of one step (torch.profiler)")
     ap.add_argument("--selfcheck", action="store_true", help="check the chunked scan against the recurrence, then exit")
     a = ap.parse_args()
 
@@ -469,6 +470,24 @@ def main():
     print(f"  warm-up {a.warmup} steps {warm_s:.1f} s (compile included); loss {losses[0]:.4f} -> {losses[-1]:.4f}")
     print(f"  ms/step median {med:.3f} (min {ms[0]:.3f}, max {ms[-1]:.3f}); {tps:.0f} tokens/s; peak memory {peak:.0f} MiB")
     print(f"RESULT torch_{a.mode} B={B} S={S} tok_s={tps:.1f} ms_step={med:.4f} attn={attn_kind} peak_mib={peak:.0f}")
+    if a.profile:
+        profile_step(fwd_bwd, batch)
+
+
+def profile_step(fwd_bwd, batch):
+    """Where PyTorch's step spends its time: CUDA kernels of one step, slowest first."""
+    from torch.profiler import ProfilerActivity, profile
+    tok, tgt = batch()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fwd_bwd(tok, tgt)
+        torch.cuda.synchronize()
+    rows = [(e.device_time_total / 1e3, e.count, e.key) for e in prof.key_averages() if e.device_time_total > 0]
+    rows.sort(reverse=True)
+    total = sum(r[0] for r in rows)
+    print(f"kernels of one step: {total:.2f} ms of device time")
+    for ms_, n, name in rows[:40]:
+        print(f"  {ms_:8.3f} ms {n:5d}x  {name[:110]}")
 
 
 if __name__ == "__main__":

@@ -220,6 +220,31 @@ static int emit_recompute(ir_graph *g, recomp *r) {
     return 0;
 }
 
+/* A gate silu(z) whose only reader is the elementwise node right after it (y * silu(z) in the
+ * Mamba mixers and SwiGLU) is recomputed in the backward rather than stored: silu's own
+ * gradient reads z anyway, so the backward reads z once instead of z and silu(z), the forward
+ * writes one tensor less, and the copy lands in the fused group after the product that
+ * computes the gate's gradient (realm-9m at 8 x 8192: 1.8 GB of saved activations less).
+ * Such a pair becomes a region of its own (ids past the scopes'), recomputed like a scope
+ * marked `recompute`; the copy of the second node is never read and stays in registers. */
+static void mark_gate_recompute(const ir_graph *g, int nfwd, int *region) {
+    int silu = op_find("silu");
+    for (int i = 0; i + 1 < nfwd; i++) {
+        if (g->n[i].op != silu || region[i] >= 0 || region[i + 1] >= 0 || !op_get(g->n[i + 1].op)->ew) continue;
+        int t = g->n[i].out[0], readers = 0, next_reads = 0;
+        if (t == g->loss) continue;
+        for (int u = 0; u < g->nt; u++)
+            if (u != t && g->t[u].base == t) readers += 2;         /* viewed: leave it alone */
+        for (int j = 0; j < nfwd; j++)
+            for (int q = 0; q < g->n[j].nin; q++)
+                if (g->n[j].in[q] == t) {
+                    readers++;
+                    next_reads |= j == i + 1;
+                }
+        if (readers == 1 && next_reads) region[i] = region[i + 1] = g->nsc + i;
+    }
+}
+
 int ir_autodiff(ir_graph *g) {
     if (g->loss < 0) {
         snprintf(g->err, sizeof g->err, "the model has no loss");
@@ -234,6 +259,7 @@ int ir_autodiff(ir_graph *g) {
     int *region = malloc(sizeof(int) * (size_t)(nfwd ? nfwd : 1));
     for (int i = 0; i < nfwd; i++) region[i] = root[g->n[i].scope];
     free(root);
+    mark_gate_recompute(g, nfwd, region);
     recomp rc_state = {.a = 1, .b = 0, .map = malloc(sizeof(int) * (size_t)(s.nt0 ? s.nt0 : 1))};
     for (int i = 0; i < s.nt0; i++) rc_state.map[i] = -1;
     int seed_scope = g->t[g->loss].scope;

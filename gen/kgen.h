@@ -68,6 +68,9 @@ typedef struct kgen {
     int bf16;                      /* matmuls take bf16 operands on tensor cores (fp32 accumulation) */
     long shared_max;               /* bytes of shared memory a work-group may use (plan_options) */
     int min_blocks;                /* of the kernel being rendered, see kg_min_blocks */
+    /* While a template runs: the elementwise group to fuse into its output stage, or NULL
+     * (plan.c sets it only for primitives whose op_def says they take one: plan_epilogue). */
+    const struct plan_epilogue *epi;
 } kgen;
 
 void kg_init(kgen *k, const dialect *d, const ir_graph *g);

@@ -55,6 +55,10 @@ typedef struct op_def {
     /* Elementwise primitives instead give the expression of their single output in terms of
      * their inputs' expressions (float); the fusion pass chains them into one kernel. */
     void (*ew)(struct strbuf *out, const ir_node *n, const char *const *in);
+    /* Non-NULL if `emit` can take the elementwise nodes that follow node n into its output
+     * stage (kgen.epi, see plan_epilogue) for this node: each output element is then finished
+     * where it is computed, and an intermediate that only the group reads is never stored. */
+    int (*epilogue_ok)(const ir_graph *g, const ir_node *n);
 } op_def;
 
 const op_def *op_get(int id);

@@ -15,6 +15,96 @@ static int same_space(const ir_graph *g, int a, int b) {
     return 1;
 }
 
+/* The tensors nodes [n0, n1) of an elementwise chain read from memory: produced before the
+ * chain or stored by it (a stored value is still taken from its producer's register), never
+ * `src` (a value the enclosing kernel hands over, or -1). */
+static int chain_inputs(const plan *p, int n0, int n1, int src, int *ext) {
+    const ir_graph *g = p->g;
+    int next = 0;
+    for (int i = n0; i < n1; i++)
+        for (int j = 0; j < g->n[i].nin; j++) {
+            int t = g->n[i].in[j], inside = t == src, dup = 0;
+            for (int q = n0; q < i; q++) inside |= g->n[q].out[0] == t && !p->stored[t];
+            for (int e = 0; e < next; e++) dup |= ext[e] == t;
+            if (!inside && !dup && next < KG_MAX_ARGS) ext[next++] = t;
+        }
+    return next;
+}
+
+static int chain_stores(const plan *p, int t) { return p->stored[t] || p->g->t[t].base != t; }
+
+/* The chain at element (tok, f), in two parts so that a caller can issue the loads of several
+ * elements before their arithmetic. Loads (phase 1): input `apfx`in<e> into `vpfx`x<e> (0 where
+ * `guard`, a C condition or NULL, is false). Values (phase 2): node i's into `vpfx`v<i - n0>,
+ * stored ones written to `apfx`out<i - n0>; src's value is `srcval`. */
+static void emit_chain(kgen *k, const plan *p, int n0, int n1, const int *ext, int next, int src, const char *srcval,
+                       const char *apfx, const char *vpfx, const char *tok, const char *f, const char *guard,
+                       int phase) {
+    const ir_graph *g = p->g;
+    if (phase & 1)
+        for (int e = 0; e < next; e++) {
+            if (guard)
+                kg_line(k, "const float %sx%d = (%s) ? %sin%d[(%s) * %ld + (%s)] : 0.0f;", vpfx, e, guard, apfx, e, tok,
+                        kg_ld(k, ext[e]), f);
+            else
+                kg_line(k, "const float %sx%d = %sin%d[(%s) * %ld + (%s)];", vpfx, e, apfx, e, tok, kg_ld(k, ext[e]), f);
+        }
+    if (!(phase & 2)) return;
+    for (int i = n0; i < n1; i++) {
+        const ir_node *n = &g->n[i];
+        char names[IR_MAX_IO][48];
+        const char *in[IR_MAX_IO];
+        for (int j = 0; j < n->nin; j++) {
+            int t = n->in[j], found = 0;
+            for (int q = i - 1; q >= n0 && !found; q--)
+                if (g->n[q].out[0] == t) snprintf(names[j], sizeof names[j], "%sv%d", vpfx, q - n0), found = 1;
+            if (!found && t == src) snprintf(names[j], sizeof names[j], "(%s)", srcval), found = 1;
+            for (int e = 0; e < next && !found; e++)
+                if (ext[e] == t) snprintf(names[j], sizeof names[j], "%sx%d", vpfx, e), found = 1;
+            in[j] = names[j];
+        }
+        strbuf ex = {0};
+        op_get(n->op)->ew(&ex, n, in);
+        kg_line(k, "const float %sv%d = %s;", vpfx, i - n0, ex.s);
+        sb_free(&ex);
+        int t = n->out[0];
+        if (chain_stores(p, t))
+            kg_line(k, "%sout%d[(%s) * %ld + (%s)] = %sv%d;", apfx, i - n0, tok, kg_ld(k, t), f, vpfx, i - n0);
+    }
+}
+
+static void chain_args(kgen *k, const plan *p, int n0, int n1, const int *ext, int next, const char *pfx, int outs) {
+    char nm[16];
+    if (!outs)
+        for (int e = 0; e < next; e++) {
+            snprintf(nm, sizeof nm, "%sin%d", pfx, e);
+            kg_in(k, nm, ext[e]);
+        }
+    else
+        for (int i = n0; i < n1; i++) {
+            int t = p->g->n[i].out[0];
+            if (!chain_stores(p, t)) continue;
+            snprintf(nm, sizeof nm, "%sout%d", pfx, i - n0);
+            kg_out(k, nm, t);
+        }
+}
+
+void plan_epi_inputs(kgen *k, const plan_epilogue *e) { chain_args(k, e->p, e->n0, e->n1, e->ext, e->next, "e", 0); }
+
+void plan_epi_outputs(kgen *k, const plan_epilogue *e) { chain_args(k, e->p, e->n0, e->n1, e->ext, e->next, "e", 1); }
+
+void plan_epi_loads(kgen *k, const plan_epilogue *e, int u, const char *tok, const char *f, const char *guard) {
+    char vp[16];
+    snprintf(vp, sizeof vp, "e%d", u);
+    emit_chain(k, e->p, e->n0, e->n1, e->ext, e->next, e->src, NULL, "e", vp, tok, f, guard, 1);
+}
+
+void plan_epi_values(kgen *k, const plan_epilogue *e, int u, const char *tok, const char *f, const char *val) {
+    char vp[16];
+    snprintf(vp, sizeof vp, "e%d", u);
+    emit_chain(k, e->p, e->n0, e->n1, e->ext, e->next, e->src, val, "e", vp, tok, f, NULL, 2);
+}
+
 /* Renders nodes [n0, n1) (all elementwise, one iteration space) as one kernel; values that
  * never leave the group stay in registers. */
 static int render_fused(plan *p, int n0, int n1) {
@@ -25,55 +115,15 @@ static int render_fused(plan *p, int n0, int n1) {
     kg_begin(k, what, n0, n1);
     int outt = g->n[n0].out[0];
     long feat = ir_feat(&g->t[outt].shape);
-    /* inputs not produced inside the group */
-    int ext[KG_MAX_ARGS], next = 0;
-    for (int i = n0; i < n1; i++)
-        for (int j = 0; j < g->n[i].nin; j++) {
-            int t = g->n[i].in[j], inside = 0, dup = 0;
-            for (int q = n0; q < i; q++) inside |= g->n[q].out[0] == t && !p->stored[t];
-            for (int e = 0; e < next; e++) dup |= ext[e] == t;
-            if (!inside && !dup && next < KG_MAX_ARGS) ext[next++] = t;
-        }
-    for (int e = 0; e < next; e++) {
-        char nm[16];
-        snprintf(nm, sizeof nm, "in%d", e);
-        kg_in(k, nm, ext[e]);
-    }
-    for (int i = n0; i < n1; i++) {
-        int t = g->n[i].out[0];
-        if (p->stored[t] || g->t[t].base != t) {
-            char nm[16];
-            snprintf(nm, sizeof nm, "out%d", i - n0);
-            kg_out(k, nm, t);
-        }
-    }
+    int ext[KG_MAX_ARGS], next = chain_inputs(p, n0, n1, -1, ext);
+    chain_args(k, p, n0, n1, ext, next, "", 0);
+    chain_args(k, p, n0, n1, ext, next, "", 1);
     const char *ntok = kg_ntok_expr(k, outt);
     kg_line(k, "const long i = GID_X * 256 + LID_X;");
     kg_line(k, "if (i >= %s * %ld) return;", ntok, feat);
     kg_line(k, "const long tok = i / %ld, f = i %% %ld;", feat, feat);
     kg_line(k, "(void)tok; (void)f;");
-    for (int e = 0; e < next; e++)
-        kg_line(k, "const float x%d = in%d[tok * %ld + f];", e, e, kg_ld(k, ext[e]));
-    for (int i = n0; i < n1; i++) {
-        const ir_node *n = &g->n[i];
-        char names[IR_MAX_IO][16];
-        const char *in[IR_MAX_IO];
-        for (int j = 0; j < n->nin; j++) {
-            int t = n->in[j], found = 0;
-            for (int q = i - 1; q >= n0 && !found; q--)
-                if (g->n[q].out[0] == t) snprintf(names[j], sizeof names[j], "v%d", q - n0), found = 1;
-            for (int e = 0; e < next && !found; e++)
-                if (ext[e] == t) snprintf(names[j], sizeof names[j], "x%d", e), found = 1;
-            in[j] = names[j];
-        }
-        strbuf ex = {0};
-        op_get(n->op)->ew(&ex, n, in);
-        kg_line(k, "const float v%d = %s;", i - n0, ex.s);
-        sb_free(&ex);
-        int t = n->out[0];
-        if (p->stored[t] || g->t[t].base != t)
-            kg_line(k, "out%d[tok * %ld + f] = v%d;", i - n0, kg_ld(k, t), i - n0);
-    }
+    emit_chain(k, p, n0, n1, ext, next, -1, NULL, "", "", "tok", "f", NULL, 3);
     int nt = kg_tokdims(k, outt);
     const ir_shape *s = &g->t[outt].shape;
     if (nt == 2) kg_grid(k, 0, 0, 0, 0, feat, 256);
@@ -81,6 +131,25 @@ static int render_fused(plan *p, int n0, int n1) {
     else kg_grid(k, 0, feat, 0, 0, 0, 256);
     kg_block(k, 256, 1, 1);
     return kg_end(k);
+}
+
+/* Where node i (not elementwise) can take the elementwise nodes after it into its output
+ * stage: its template says so, its one output is an owner nobody views (a view would be read
+ * from memory by one thread while another thread's block is still writing it), and the nodes
+ * after it iterate over that output's space and read it. Returns the end of the group (i + 1:
+ * nothing to fuse). */
+static int epilogue_end(const ir_graph *g, int i, int node1, const int *aliased) {
+    const ir_node *n = &g->n[i];
+    const op_def *od = op_get(n->op);
+    if (!od->epilogue_ok || n->nout != 1 || !od->epilogue_ok(g, n)) return i + 1;
+    int y = n->out[0];
+    if (g->t[y].base != y || aliased[y]) return i + 1;
+    int j = i + 1, reads = 0;
+    while (j < node1 && op_get(g->n[j].op)->ew && same_space(g, i, j)) {
+        for (int q = 0; q < g->n[j].nin; q++) reads |= g->n[j].in[q] == y;
+        j++;
+    }
+    return reads ? j : i + 1;
 }
 
 int plan_build(plan *p, const ir_graph *g, int node0, int node1, const char *dialect_name, const int *keep,
@@ -116,31 +185,36 @@ int plan_build_opts(plan *p, const ir_graph *g, int node0, int node1, const char
     }
     for (int i = 0; i < nkeep; i++) p->persist[g->t[keep[i]].base] = 1;
 
-    /* Fusion groups: maximal runs of consecutive elementwise nodes over one iteration space. */
+    int *aliased = calloc((size_t)nt, sizeof(int));
+    for (int t = 0; t < nt; t++)
+        if (g->t[t].base != t) aliased[g->t[t].base] = 1;
+    /* Fusion groups: maximal runs of consecutive elementwise nodes over one iteration space,
+     * either alone or in the output stage of the node before them (epilogue_end). */
     int *group_end = malloc(sizeof(int) * (size_t)(node1 + 1));
     for (int i = node0; i < node1;) {
         int j = i + 1;
         if (op_get(g->n[i].op)->ew)
             while (j < node1 && op_get(g->n[j].op)->ew && same_space(g, i, j)) j++;
+        else
+            j = epilogue_end(g, i, node1, aliased);
         group_end[i] = j;
         i = j;
     }
     /* A value stays in a register only if it is an owner nobody aliases, read only inside its
      * group, and not needed after the run. */
-    int *aliased = calloc((size_t)nt, sizeof(int));
-    for (int t = 0; t < nt; t++)
-        if (g->t[t].base != t) aliased[g->t[t].base] = 1;
     for (int i = node0; i < node1;) {
         int j = group_end[i];
+        int fused = op_get(g->n[i].op)->ew || j > i + 1;
         for (int a = i; a < j; a++)
             for (int o = 0; o < g->n[a].nout; o++) {
                 int t = g->n[a].out[o];
                 int outside = 0;
                 for (int b = node0; b < node1 && !outside; b++) {
-                    if (b >= i && b < j && op_get(g->n[i].op)->ew) continue;
+                    if (b >= i && b < j && fused) continue;
                     for (int q = 0; q < g->n[b].nin; q++) outside |= g->n[b].in[q] == t;
                 }
-                int reg = op_get(g->n[a].op)->ew && !outside && !aliased[t] && g->t[t].base == t && !p->persist[t];
+                int reg = fused && (op_get(g->n[a].op)->ew || a == i) && !outside && !aliased[t] &&
+                          g->t[t].base == t && !p->persist[t];
                 p->stored[g->t[t].base] = 1;
                 if (reg) {
                     p->stored[t] = 0;
@@ -163,6 +237,12 @@ int plan_build_opts(plan *p, const ir_graph *g, int node0, int node1, const char
     for (int i = node0; i < node1 && rc == 0;) {
         int j = group_end[i];
         const op_def *od = op_get(g->n[i].op);
+        plan_epilogue epi = {.p = p, .n0 = i + 1, .n1 = j, .src = g->n[i].out[0]};
+        if (!od->ew && j > i + 1) {
+            epi.src_stored = p->stored[epi.src];
+            epi.next = chain_inputs(p, epi.n0, epi.n1, epi.src, epi.ext);
+            p->kg.epi = &epi;
+        }
         if (od->ew) rc = render_fused(p, i, j);
         else if (!od->emit) {
             snprintf(err, errlen, "primitive '%s' has no kernel template", od->name);
@@ -171,6 +251,7 @@ int plan_build_opts(plan *p, const ir_graph *g, int node0, int node1, const char
             snprintf(err, errlen, "%s: %s", od->name, p->kg.err[0] ? p->kg.err : "kernel template failed");
             rc = -1;
         }
+        p->kg.epi = NULL;
         i = j;
     }
     free(group_end);

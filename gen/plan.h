@@ -16,6 +16,28 @@ typedef struct plan {
     int nfused;              /* nodes that became registers inside a fused kernel */
 } plan;
 
+/* An elementwise group fused into the output stage of the kernel before it (a matmul's
+ * epilogue): nodes [n0, n1) all iterate over the space of `src`, the output of node n0 - 1,
+ * whose template computes element (tok, f) of src in a register and hands it to
+ * plan_epi_element instead of (or besides, if src_stored) writing it. The template declares
+ * its own inputs, then plan_epi_inputs, then its output only if src_stored, then
+ * plan_epi_outputs; its launch covers nodes [n0 - 1, n1). */
+typedef struct plan_epilogue {
+    const struct plan *p;
+    int n0, n1;
+    int src, src_stored;
+    int next, ext[KG_MAX_ARGS];   /* tensors the group reads from memory */
+} plan_epilogue;
+void plan_epi_inputs(kgen *k, const plan_epilogue *e);
+void plan_epi_outputs(kgen *k, const plan_epilogue *e);
+/* The group at element (tok, f) (C expressions; tok the flat token index) in two steps, so a
+ * template can issue the loads of several elements (tags u = 0, 1, ...) before their
+ * arithmetic: plan_epi_loads reads the group's inputs (zeros where the C condition `guard` is
+ * false; NULL: always read), plan_epi_values computes every node's value from them and src's
+ * value (the float expression `val`) and writes the stored outputs. */
+void plan_epi_loads(kgen *k, const plan_epilogue *e, int u, const char *tok, const char *f, const char *guard);
+void plan_epi_values(kgen *k, const plan_epilogue *e, int u, const char *tok, const char *f, const char *val);
+
 /* How kernels compute. Zero-initialised means fp32 everywhere. */
 typedef struct plan_options {
     /* Matmuls take bf16 operands on tensor cores with fp32 accumulation (CUDA); the arena and

@@ -73,7 +73,7 @@ int kc_check_graph_opts(tctx *t, backend *bk, const ir_graph *g, long B, long S,
             for (long k = 0; k < n && k < 8; k++) d[k] = h[k];
         }
     }
-    int rc = 0;
+    int rc = 0, inexact = 0;
     long maxn = 1;
     for (int i = 0; i < g->nt; i++) {
         long n = ir_numel(&g->t[i].shape, B, S);
@@ -122,8 +122,10 @@ int kc_check_graph_opts(tctx *t, backend *bk, const ir_graph *g, long B, long S,
                 ir_shape_str(&g->t[tid].shape, shp, sizeof shp);
                 t_fail(t, __FILE__, __LINE__, "launch %d %s (nodes %s..) output %s %s: relative error %.3g > %.1g",
                        li, l->kernel, op_get(g->n[l->node0].op)->name, g->t[tid].name, shp, e, tol);
-                rc = -1;
-                break;
+                /* the reference has moved past this launch on its own values: go on, so one
+                 * run names every launch out of tolerance, not only the first */
+                fprintf(stderr, "  %s\n", t->msg);   /* the test's message keeps the last one only */
+                inexact++;
             }
         }
     }
@@ -133,5 +135,5 @@ int kc_check_graph_opts(tctx *t, backend *bk, const ir_graph *g, long B, long S,
     ref_destroy(c);
     exec_destroy(&x);
     plan_free(&p);
-    return rc;
+    return rc < 0 || inexact ? -1 : 0;
 }

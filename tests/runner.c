@@ -76,6 +76,9 @@ int t_run(const char *cmd, char *out, size_t outlen) {
         if (outlen && k + 1 < outlen) {
             size_t c = r < outlen - 1 - k ? r : outlen - 1 - k;
             memcpy(out + k, buf, c);
+            /* a sampled NUL byte would end the string early for strstr/strcmp: show it as '?' */
+            for (size_t q = k; q < k + c; q++)
+                if (!out[q]) out[q] = '?';
             k += c;
             out[k] = 0;
         }

@@ -249,3 +249,38 @@ TEST(kernels_tiny_model_end_to_end) {
     CHECK(ok, "%s", err);
     CHECK(worst <= 1e-5, "%s differs from the reference: relative error %.3g", worst_name, worst);
 }
+
+/* The plan takes the elementwise nodes after a matmul into its epilogue: realm-9m's residual
+ * adds (forward) and the SwiGLU / gate gradients after the dx products (backward) leave no
+ * launch of their own, the product each of them reads is never stored, and the epilogue
+ * kernels render and run through the per-launch checks above (tiny model, OpenCL) and on the
+ * GPU (bf16_kernels_*_every_launch). */
+TEST(plan_fuses_elementwise_into_matmul_epilogues) {
+    realm_model m;
+    char err[4096];
+    CHECK(model_load("models/realm-9m.lua", &m, err, sizeof err) == 0, "%s", err);
+    CHECK(ir_autodiff(&m.g) == 0, "autodiff: %s", m.g.err);
+    const ir_graph *g = &m.g;
+    plan p = {0};
+    int keep[1] = {m.loss};
+    CHECK(plan_build(&p, g, 0, g->nn, "opencl", keep, 1, err, sizeof err) == 0, "%s", err);
+    int epi = 0, adds = 0, kept = 0, bad_span = 0;
+    for (int l = 0; l < p.kg.nl; l++) {
+        const plan_launch *pl = &p.kg.launches[l];
+        const ir_node *n0 = &g->n[pl->node0];
+        /* (the tied embedding's two gradient parts and the clip's squared norms are added too) */
+        if (strcmp(op_get(n0->op)->name, "add") == 0 && ir_ntok_dims(&g->t[n0->out[0]].shape) > 0) adds++;
+        if (!strstr(pl->kernel, "_epi")) continue;
+        epi++;
+        bad_span += strcmp(op_get(n0->op)->name, "matmul") != 0 || pl->node1 - pl->node0 < 2;
+        kept += p.stored[n0->out[0]] != 0;
+        for (int a = 0; a < pl->nargs; a++) kept += pl->arg[a] == n0->out[0];
+    }
+    plan_free(&p);
+    model_free(&m);
+    /* 8 blocks x (mixer + MLP) residual adds, 8 MLP and 6 Mamba dx products */
+    CHECK(epi == 16 + 8 + 6, "%d matmul launches with an epilogue, want 30", epi);
+    CHECK(bad_span == 0, "%d epilogue launches do not start at a matmul and cover its group", bad_span);
+    CHECK(kept == 0, "%d fused products are still stored", kept);
+    CHECK(adds == 0, "%d residual adds still run as their own launch", adds);
+}

@@ -523,19 +523,20 @@ KERNEL k7_fused(GLOBAL float *A, long B, long S, long o_in0, long o_in1, long o_
     if (i >= T * 128) return;
     const long tok = i / 128, f = i % 128;
     (void)tok; (void)f;
-    const float x0 = in0[tok * 304 + f];
-    const float x1 = in1[tok * 128 + f];
+    const float x0 = in0[(tok) * 304 + (f)];
+    const float x1 = in1[(tok) * 128 + (f)];
     const float v0 = (x0 / (1.0f + EXPF(-x0)));
     const float v1 = (x1 * v0);
-    out1[tok * 128 + f] = v1;
+    out1[(tok) * 128 + (f)] = v1;
 }
 
-KERNEL k8_matmul_nt(GLOBAL float *A, long B, long S, long o_x, long o_w, long o_y) {
+KERNEL k8_matmul_nt_epi(GLOBAL float *A, long B, long S, long o_x, long o_w, long o_ein0, long o_eout0) {
     const long T = B * S;
     (void)T;
     GLOBAL float *x = A + o_x;
     GLOBAL float *w = A + o_w;
-    GLOBAL float *y = A + o_y;
+    GLOBAL float *ein0 = A + o_ein0;
+    GLOBAL float *eout0 = A + o_eout0;
     LOCAL float as[16][65];
     LOCAL float bs[16][65];
     const int tx = LID_X % 16, ty = LID_X / 16;
@@ -569,28 +570,16 @@ KERNEL k8_matmul_nt(GLOBAL float *A, long B, long S, long o_x, long o_w, long o_
         if (m >= M) break;
         for (int j = 0; j < 4; j++) {
             const int c = n0 + tx + 16 * j;
-            if (c < 64) y[(m) * 64 + c] = acc[i][j];
+            if (c < 64) {
+    const float e0x0 = ein0[(m) * 64 + (c)];
+    const float e0v0 = (e0x0 + (acc[i][j]));
+    eout0[(m) * 64 + (c)] = e0v0;
+            }
         }
     }
 }
 
-KERNEL k9_add(GLOBAL float *A, long B, long S, long o_in0, long o_in1, long o_out0) {
-    const long T = B * S;
-    (void)T;
-    GLOBAL float *in0 = A + o_in0;
-    GLOBAL float *in1 = A + o_in1;
-    GLOBAL float *out0 = A + o_out0;
-    const long i = GID_X * 256 + LID_X;
-    if (i >= T * 64) return;
-    const long tok = i / 64, f = i % 64;
-    (void)tok; (void)f;
-    const float x0 = in0[tok * 64 + f];
-    const float x1 = in1[tok * 64 + f];
-    const float v0 = (x0 + x1);
-    out0[tok * 64 + f] = v0;
-}
-
-KERNEL k10_matmul_nt(GLOBAL float *A, long B, long S, long o_x, long o_w, long o_y) {
+KERNEL k9_matmul_nt(GLOBAL float *A, long B, long S, long o_x, long o_w, long o_y) {
     const long T = B * S;
     (void)T;
     GLOBAL float *x = A + o_x;
@@ -634,7 +623,7 @@ KERNEL k10_matmul_nt(GLOBAL float *A, long B, long S, long o_x, long o_w, long o
     }
 }
 
-KERNEL k11_fused(GLOBAL float *A, long B, long S, long o_in0, long o_in1, long o_out1) {
+KERNEL k10_fused(GLOBAL float *A, long B, long S, long o_in0, long o_in1, long o_out1) {
     const long T = B * S;
     (void)T;
     GLOBAL float *in0 = A + o_in0;
@@ -644,14 +633,14 @@ KERNEL k11_fused(GLOBAL float *A, long B, long S, long o_in0, long o_in1, long o
     if (i >= T * 128) return;
     const long tok = i / 128, f = i % 128;
     (void)tok; (void)f;
-    const float x0 = in0[tok * 256 + f];
-    const float x1 = in1[tok * 256 + f];
+    const float x0 = in0[(tok) * 256 + (f)];
+    const float x1 = in1[(tok) * 256 + (f)];
     const float v0 = (x0 / (1.0f + EXPF(-x0)));
     const float v1 = (v0 * x1);
-    out1[tok * 128 + f] = v1;
+    out1[(tok) * 128 + (f)] = v1;
 }
 
-KERNEL k12_matmul_nt(GLOBAL float *A, long B, long S, long o_x, long o_w, long o_y) {
+KERNEL k11_matmul_nt(GLOBAL float *A, long B, long S, long o_x, long o_w, long o_y) {
     const long T = B * S;
     (void)T;
     GLOBAL float *x = A + o_x;
@@ -695,7 +684,7 @@ KERNEL k12_matmul_nt(GLOBAL float *A, long B, long S, long o_x, long o_w, long o
     }
 }
 
-KERNEL k13_rope(GLOBAL float *A, long B, long S, long o_x, long o_y) {
+KERNEL k12_rope(GLOBAL float *A, long B, long S, long o_x, long o_y) {
     const long T = B * S;
     (void)T;
     GLOBAL float *x = A + o_x;
@@ -737,7 +726,7 @@ KERNEL k13_rope(GLOBAL float *A, long B, long S, long o_x, long o_y) {
     }
 }
 
-KERNEL k14_attention(GLOBAL float *A, long B, long S, long o_q, long o_k, long o_v, long o_o, long o_lse) {
+KERNEL k13_attention(GLOBAL float *A, long B, long S, long o_q, long o_k, long o_v, long o_o, long o_lse) {
     const long T = B * S;
     (void)T;
     GLOBAL float *q = A + o_q;
@@ -792,12 +781,13 @@ KERNEL k14_attention(GLOBAL float *A, long B, long S, long o_q, long o_k, long o
     }
 }
 
-KERNEL k15_matmul_nt(GLOBAL float *A, long B, long S, long o_x, long o_w, long o_y) {
+KERNEL k14_matmul_nt_epi(GLOBAL float *A, long B, long S, long o_x, long o_w, long o_ein0, long o_eout0) {
     const long T = B * S;
     (void)T;
     GLOBAL float *x = A + o_x;
     GLOBAL float *w = A + o_w;
-    GLOBAL float *y = A + o_y;
+    GLOBAL float *ein0 = A + o_ein0;
+    GLOBAL float *eout0 = A + o_eout0;
     LOCAL float as[16][65];
     LOCAL float bs[16][65];
     const int tx = LID_X % 16, ty = LID_X / 16;
@@ -831,12 +821,16 @@ KERNEL k15_matmul_nt(GLOBAL float *A, long B, long S, long o_x, long o_w, long o
         if (m >= M) break;
         for (int j = 0; j < 4; j++) {
             const int c = n0 + tx + 16 * j;
-            if (c < 64) y[(m) * 64 + c] = acc[i][j];
+            if (c < 64) {
+    const float e0x0 = ein0[(m) * 64 + (c)];
+    const float e0v0 = (e0x0 + (acc[i][j]));
+    eout0[(m) * 64 + (c)] = e0v0;
+            }
         }
     }
 }
 
-KERNEL k16_cross_entropy_rows(GLOBAL float *A, long B, long S, long o_l, long o_tg, long o_rl) {
+KERNEL k15_cross_entropy_rows(GLOBAL float *A, long B, long S, long o_l, long o_tg, long o_rl) {
     const long T = B * S;
     (void)T;
     GLOBAL float *l = A + o_l;
@@ -901,7 +895,7 @@ KERNEL k16_cross_entropy_rows(GLOBAL float *A, long B, long S, long o_l, long o_
     }
 }
 
-KERNEL k17_cross_entropy_mean(GLOBAL float *A, long B, long S, long o_rl, long o_y) {
+KERNEL k16_cross_entropy_mean(GLOBAL float *A, long B, long S, long o_rl, long o_y) {
     const long T = B * S;
     (void)T;
     GLOBAL float *rl = A + o_rl;

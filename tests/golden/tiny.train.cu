@@ -510,33 +510,30 @@ KERNEL k6_mamba3_scan_out(GLOBAL float *A, long B, long S, long o_x, long o_Bn, 
     }
 }
 
-KERNEL k7_fused(GLOBAL float *A, long B, long S, long o_in0, long o_in1, long o_in2, long o_out0, long o_out1) {
+KERNEL k7_fused(GLOBAL float *A, long B, long S, long o_in0, long o_in1, long o_out1) {
     const long T = B * S;
     (void)T;
     GLOBAL float *in0 = A + o_in0;
     GLOBAL float *in1 = A + o_in1;
-    GLOBAL float *in2 = A + o_in2;
-    GLOBAL float *out0 = A + o_out0;
     GLOBAL float *out1 = A + o_out1;
     const long i = GID_X * 256 + LID_X;
     if (i >= T * 128) return;
     const long tok = i / 128, f = i % 128;
     (void)tok; (void)f;
-    const float x0 = in0[tok * 304 + f];
-    const float x1 = in1[tok * 128 + f];
-    const float x2 = in2[tok * 128 + f];
+    const float x0 = in0[(tok) * 304 + (f)];
+    const float x1 = in1[(tok) * 128 + (f)];
     const float v0 = (x0 / (1.0f + EXPF(-x0)));
-    out0[tok * 128 + f] = v0;
     const float v1 = (x1 * v0);
-    out1[tok * 128 + f] = v1;
+    out1[(tok) * 128 + (f)] = v1;
 }
 
-KERNEL k8_matmul_nt(GLOBAL float *A, long B, long S, long o_x, long o_w, long o_y) {
+KERNEL k8_matmul_nt_epi(GLOBAL float *A, long B, long S, long o_x, long o_w, long o_ein0, long o_eout0) {
     const long T = B * S;
     (void)T;
     GLOBAL float *x = A + o_x;
     GLOBAL float *w = A + o_w;
-    GLOBAL float *y = A + o_y;
+    GLOBAL float *ein0 = A + o_ein0;
+    GLOBAL float *eout0 = A + o_eout0;
     LOCAL float as[16][65];
     LOCAL float bs[16][65];
     const int tx = LID_X % 16, ty = LID_X / 16;
@@ -570,28 +567,16 @@ KERNEL k8_matmul_nt(GLOBAL float *A, long B, long S, long o_x, long o_w, long o_
         if (m >= M) break;
         for (int j = 0; j < 4; j++) {
             const int c = n0 + tx + 16 * j;
-            if (c < 64) y[(m) * 64 + c] = acc[i][j];
+            if (c < 64) {
+    const float e0x0 = ein0[(m) * 64 + (c)];
+    const float e0v0 = (e0x0 + (acc[i][j]));
+    eout0[(m) * 64 + (c)] = e0v0;
+            }
         }
     }
 }
 
-KERNEL k9_add(GLOBAL float *A, long B, long S, long o_in0, long o_in1, long o_out0) {
-    const long T = B * S;
-    (void)T;
-    GLOBAL float *in0 = A + o_in0;
-    GLOBAL float *in1 = A + o_in1;
-    GLOBAL float *out0 = A + o_out0;
-    const long i = GID_X * 256 + LID_X;
-    if (i >= T * 64) return;
-    const long tok = i / 64, f = i % 64;
-    (void)tok; (void)f;
-    const float x0 = in0[tok * 64 + f];
-    const float x1 = in1[tok * 64 + f];
-    const float v0 = (x0 + x1);
-    out0[tok * 64 + f] = v0;
-}
-
-KERNEL k10_matmul_nt(GLOBAL float *A, long B, long S, long o_x, long o_w, long o_y) {
+KERNEL k9_matmul_nt(GLOBAL float *A, long B, long S, long o_x, long o_w, long o_y) {
     const long T = B * S;
     (void)T;
     GLOBAL float *x = A + o_x;
@@ -635,28 +620,24 @@ KERNEL k10_matmul_nt(GLOBAL float *A, long B, long S, long o_x, long o_w, long o
     }
 }
 
-KERNEL k11_fused(GLOBAL float *A, long B, long S, long o_in0, long o_in1, long o_in2, long o_out0, long o_out1) {
+KERNEL k10_fused(GLOBAL float *A, long B, long S, long o_in0, long o_in1, long o_out1) {
     const long T = B * S;
     (void)T;
     GLOBAL float *in0 = A + o_in0;
     GLOBAL float *in1 = A + o_in1;
-    GLOBAL float *in2 = A + o_in2;
-    GLOBAL float *out0 = A + o_out0;
     GLOBAL float *out1 = A + o_out1;
     const long i = GID_X * 256 + LID_X;
     if (i >= T * 128) return;
     const long tok = i / 128, f = i % 128;
     (void)tok; (void)f;
-    const float x0 = in0[tok * 256 + f];
-    const float x1 = in1[tok * 128 + f];
-    const float x2 = in2[tok * 256 + f];
+    const float x0 = in0[(tok) * 256 + (f)];
+    const float x1 = in1[(tok) * 256 + (f)];
     const float v0 = (x0 / (1.0f + EXPF(-x0)));
-    out0[tok * 128 + f] = v0;
-    const float v1 = (v0 * x2);
-    out1[tok * 128 + f] = v1;
+    const float v1 = (v0 * x1);
+    out1[(tok) * 128 + (f)] = v1;
 }
 
-KERNEL k12_matmul_nt(GLOBAL float *A, long B, long S, long o_x, long o_w, long o_y) {
+KERNEL k11_matmul_nt(GLOBAL float *A, long B, long S, long o_x, long o_w, long o_y) {
     const long T = B * S;
     (void)T;
     GLOBAL float *x = A + o_x;
@@ -700,7 +681,7 @@ KERNEL k12_matmul_nt(GLOBAL float *A, long B, long S, long o_x, long o_w, long o
     }
 }
 
-KERNEL k13_rope(GLOBAL float *A, long B, long S, long o_x, long o_y) {
+KERNEL k12_rope(GLOBAL float *A, long B, long S, long o_x, long o_y) {
     const long T = B * S;
     (void)T;
     GLOBAL float *x = A + o_x;
@@ -742,7 +723,7 @@ KERNEL k13_rope(GLOBAL float *A, long B, long S, long o_x, long o_y) {
     }
 }
 
-KERNEL k14_attention(GLOBAL float *A, long B, long S, long o_q, long o_k, long o_v, long o_o, long o_lse) {
+KERNEL k13_attention(GLOBAL float *A, long B, long S, long o_q, long o_k, long o_v, long o_o, long o_lse) {
     const long T = B * S;
     (void)T;
     GLOBAL float *q = A + o_q;
@@ -797,12 +778,13 @@ KERNEL k14_attention(GLOBAL float *A, long B, long S, long o_q, long o_k, long o
     }
 }
 
-KERNEL k15_matmul_nt(GLOBAL float *A, long B, long S, long o_x, long o_w, long o_y) {
+KERNEL k14_matmul_nt_epi(GLOBAL float *A, long B, long S, long o_x, long o_w, long o_ein0, long o_eout0) {
     const long T = B * S;
     (void)T;
     GLOBAL float *x = A + o_x;
     GLOBAL float *w = A + o_w;
-    GLOBAL float *y = A + o_y;
+    GLOBAL float *ein0 = A + o_ein0;
+    GLOBAL float *eout0 = A + o_eout0;
     LOCAL float as[16][65];
     LOCAL float bs[16][65];
     const int tx = LID_X % 16, ty = LID_X / 16;
@@ -836,12 +818,16 @@ KERNEL k15_matmul_nt(GLOBAL float *A, long B, long S, long o_x, long o_w, long o
         if (m >= M) break;
         for (int j = 0; j < 4; j++) {
             const int c = n0 + tx + 16 * j;
-            if (c < 64) y[(m) * 64 + c] = acc[i][j];
+            if (c < 64) {
+    const float e0x0 = ein0[(m) * 64 + (c)];
+    const float e0v0 = (e0x0 + (acc[i][j]));
+    eout0[(m) * 64 + (c)] = e0v0;
+            }
         }
     }
 }
 
-KERNEL k16_cross_entropy_rows(GLOBAL float *A, long B, long S, long o_l, long o_tg, long o_rl) {
+KERNEL k15_cross_entropy_rows(GLOBAL float *A, long B, long S, long o_l, long o_tg, long o_rl) {
     const long T = B * S;
     (void)T;
     GLOBAL float *l = A + o_l;
@@ -906,7 +892,7 @@ KERNEL k16_cross_entropy_rows(GLOBAL float *A, long B, long S, long o_l, long o_
     }
 }
 
-KERNEL k17_cross_entropy_mean(GLOBAL float *A, long B, long S, long o_rl, long o_y) {
+KERNEL k16_cross_entropy_mean(GLOBAL float *A, long B, long S, long o_rl, long o_y) {
     const long T = B * S;
     (void)T;
     GLOBAL float *rl = A + o_rl;
@@ -928,7 +914,7 @@ KERNEL k17_cross_entropy_mean(GLOBAL float *A, long B, long S, long o_rl, long o
     if (LID_X == 0) y[0] = red[0] / (float)M;
 }
 
-KERNEL k18_fill(GLOBAL float *A, long B, long S, long o_out0) {
+KERNEL k17_fill(GLOBAL float *A, long B, long S, long o_out0) {
     const long T = B * S;
     (void)T;
     GLOBAL float *out0 = A + o_out0;
@@ -937,10 +923,10 @@ KERNEL k18_fill(GLOBAL float *A, long B, long S, long o_out0) {
     const long tok = i / 1, f = i % 1;
     (void)tok; (void)f;
     const float v0 = ((float)1);
-    out0[tok * 1 + f] = v0;
+    out0[(tok) * 1 + (f)] = v0;
 }
 
-KERNEL k19_cross_entropy_bwd(GLOBAL float *A, long B, long S, long o_l, long o_tg, long o_dl, long o_dx) {
+KERNEL k18_cross_entropy_bwd(GLOBAL float *A, long B, long S, long o_l, long o_tg, long o_dl, long o_dx) {
     const long T = B * S;
     (void)T;
     GLOBAL float *l = A + o_l;
@@ -1038,7 +1024,61 @@ KERNEL k19_cross_entropy_bwd(GLOBAL float *A, long B, long S, long o_l, long o_t
     }
 }
 
-KERNEL k20_matmul_nn(GLOBAL float *A, long B, long S, long o_x, long o_w, long o_y) {
+KERNEL k19_matmul_wgrad(GLOBAL float *A, long B, long S, long o_a, long o_b, long o_part) {
+    const long T = B * S;
+    (void)T;
+    GLOBAL float *a = A + o_a;
+    GLOBAL float *b = A + o_b;
+    GLOBAL float *part = A + o_part;
+    LOCAL float as[16][65];
+    LOCAL float bs[16][65];
+    const int tx = LID_X % 16, ty = LID_X / 16;
+    float acc[4][4];
+    for (int i = 0; i < 4; i++)
+        for (int j = 0; j < 4; j++) acc[i][j] = 0.0f;
+    const long M = T * 1;
+    const long rs = ((M + 31) / 32 + 31) / 32 * 32;
+    const long r0 = GID_Z * rs, r1 = r0 + rs < M ? r0 + rs : M;
+    const int q0 = (int)GID_X * 64, p0 = (int)GID_Y * 64;
+    for (long rb = r0; rb < r1; rb += 16) {
+        for (int i = 0; i < 4; i++) {
+            const int e = LID_X + 256 * i, rr = e / 64, c = e % 64;
+            const long r = rb + rr;
+            as[rr][c] = (r < r1 && p0 + c < 256) ? a[(r) * 256 + p0 + c] : 0.0f;
+            bs[rr][c] = (r < r1 && q0 + c < 64) ? b[(r) * 64 + q0 + c] : 0.0f;
+        }
+        BARRIER();
+        for (int kk = 0; kk < 16; kk++) {
+            float a[4], b[4];
+            for (int i = 0; i < 4; i++) { a[i] = as[kk][ty + 16 * i]; b[i] = bs[kk][tx + 16 * i]; }
+            for (int i = 0; i < 4; i++)
+                for (int j = 0; j < 4; j++) acc[i][j] += a[i] * b[j];
+        }
+        BARRIER();
+    }
+    for (int i = 0; i < 4; i++) {
+        const int p = p0 + ty + 16 * i;
+        if (p >= 256) break;
+        for (int j = 0; j < 4; j++) {
+            const int q = q0 + tx + 16 * j;
+            if (q < 64) part[GID_Z * 16384 + (long)p * 64 + q] = acc[i][j];
+        }
+    }
+}
+
+KERNEL k20_matmul_wgrad_sum(GLOBAL float *A, long B, long S, long o_part, long o_o) {
+    const long T = B * S;
+    (void)T;
+    GLOBAL float *part = A + o_part;
+    GLOBAL float *o = A + o_o;
+    const long i = GID_X * 256 + LID_X;
+    if (i >= 16384) return;
+    float s = part[i];
+    for (int g = 1; g < 32; g++) s += part[(long)g * 16384 + i];
+    o[i] = s;
+}
+
+KERNEL k21_matmul_nn(GLOBAL float *A, long B, long S, long o_x, long o_w, long o_y) {
     const long T = B * S;
     (void)T;
     GLOBAL float *x = A + o_x;
@@ -1082,61 +1122,7 @@ KERNEL k20_matmul_nn(GLOBAL float *A, long B, long S, long o_x, long o_w, long o
     }
 }
 
-KERNEL k21_matmul_wgrad(GLOBAL float *A, long B, long S, long o_a, long o_b, long o_part) {
-    const long T = B * S;
-    (void)T;
-    GLOBAL float *a = A + o_a;
-    GLOBAL float *b = A + o_b;
-    GLOBAL float *part = A + o_part;
-    LOCAL float as[16][65];
-    LOCAL float bs[16][65];
-    const int tx = LID_X % 16, ty = LID_X / 16;
-    float acc[4][4];
-    for (int i = 0; i < 4; i++)
-        for (int j = 0; j < 4; j++) acc[i][j] = 0.0f;
-    const long M = T * 1;
-    const long rs = ((M + 31) / 32 + 31) / 32 * 32;
-    const long r0 = GID_Z * rs, r1 = r0 + rs < M ? r0 + rs : M;
-    const int q0 = (int)GID_X * 64, p0 = (int)GID_Y * 64;
-    for (long rb = r0; rb < r1; rb += 16) {
-        for (int i = 0; i < 4; i++) {
-            const int e = LID_X + 256 * i, rr = e / 64, c = e % 64;
-            const long r = rb + rr;
-            as[rr][c] = (r < r1 && p0 + c < 256) ? a[(r) * 256 + p0 + c] : 0.0f;
-            bs[rr][c] = (r < r1 && q0 + c < 64) ? b[(r) * 64 + q0 + c] : 0.0f;
-        }
-        BARRIER();
-        for (int kk = 0; kk < 16; kk++) {
-            float a[4], b[4];
-            for (int i = 0; i < 4; i++) { a[i] = as[kk][ty + 16 * i]; b[i] = bs[kk][tx + 16 * i]; }
-            for (int i = 0; i < 4; i++)
-                for (int j = 0; j < 4; j++) acc[i][j] += a[i] * b[j];
-        }
-        BARRIER();
-    }
-    for (int i = 0; i < 4; i++) {
-        const int p = p0 + ty + 16 * i;
-        if (p >= 256) break;
-        for (int j = 0; j < 4; j++) {
-            const int q = q0 + tx + 16 * j;
-            if (q < 64) part[GID_Z * 16384 + (long)p * 64 + q] = acc[i][j];
-        }
-    }
-}
-
-KERNEL k22_matmul_wgrad_sum(GLOBAL float *A, long B, long S, long o_part, long o_o) {
-    const long T = B * S;
-    (void)T;
-    GLOBAL float *part = A + o_part;
-    GLOBAL float *o = A + o_o;
-    const long i = GID_X * 256 + LID_X;
-    if (i >= 16384) return;
-    float s = part[i];
-    for (int g = 1; g < 32; g++) s += part[(long)g * 16384 + i];
-    o[i] = s;
-}
-
-KERNEL k23_rmsnorm_bwd_dx(GLOBAL float *A, long B, long S, long o_x, long o_w, long o_dy, long o_dx, long o_part) {
+KERNEL k22_rmsnorm_bwd_dx(GLOBAL float *A, long B, long S, long o_x, long o_w, long o_dy, long o_dx, long o_part) {
     const long T = B * S;
     (void)T;
     GLOBAL float *x = A + o_x;
@@ -1147,7 +1133,7 @@ KERNEL k23_rmsnorm_bwd_dx(GLOBAL float *A, long B, long S, long o_x, long o_w, l
     LOCAL float r1[256];
     LOCAL float r2[256];
     LOCAL float comb[512];
-    const long M = T * 1, per = (M + 511) / 512;
+    const long M = T * 1, per = (M + 1023) / 1024;
     const long c0 = GID_X * per, c1 = c0 + per < M ? c0 + per : M;
     const int lane = LID_X % 32, team = LID_X / 32;
     const int f0 = lane + 0;
@@ -1200,7 +1186,7 @@ KERNEL k23_rmsnorm_bwd_dx(GLOBAL float *A, long B, long S, long o_x, long o_w, l
     BARRIER();
 }
 
-KERNEL k24_rmsnorm_bwd_dw(GLOBAL float *A, long B, long S, long o_part, long o_dw) {
+KERNEL k23_rmsnorm_bwd_dw(GLOBAL float *A, long B, long S, long o_part, long o_dw) {
     const long T = B * S;
     (void)T;
     GLOBAL float *part = A + o_part;
@@ -1210,7 +1196,7 @@ KERNEL k24_rmsnorm_bwd_dw(GLOBAL float *A, long B, long S, long o_part, long o_d
     const long f = GID_X * 32 + lane;
     float s = 0.0f, comp = 0.0f;   /* Kahan: the sum keeps fp32 error near one ulp */
     if (f < 64)
-        for (int q = sl; q < 512; q += 8) {
+        for (int q = sl; q < 1024; q += 8) {
             const float y = part[q * 64 + f] - comp, t = s + y;
             comp = (t - s) - y;
             s = t;
@@ -1224,51 +1210,7 @@ KERNEL k24_rmsnorm_bwd_dw(GLOBAL float *A, long B, long S, long o_part, long o_d
     }
 }
 
-KERNEL k25_matmul_nn(GLOBAL float *A, long B, long S, long o_x, long o_w, long o_y) {
-    const long T = B * S;
-    (void)T;
-    GLOBAL float *x = A + o_x;
-    GLOBAL float *w = A + o_w;
-    GLOBAL float *y = A + o_y;
-    LOCAL float as[16][65];
-    LOCAL float bs[16][65];
-    const int tx = LID_X % 16, ty = LID_X / 16;
-    float acc[4][4];
-    for (int i = 0; i < 4; i++)
-        for (int j = 0; j < 4; j++) acc[i][j] = 0.0f;
-    const long M = T * 1;
-    const long m0 = GID_X * 64;
-    const int n0 = (int)GID_Y * 64;
-    for (int k0 = 0; k0 < 64; k0 += 16) {
-        for (int i = 0; i < 4; i++) {
-            const int e = LID_X + 256 * i, r = e / 16, kk = e % 16;
-            const long m = m0 + r;
-            as[kk][r] = m < M ? x[(m) * 64 + k0 + kk] : 0.0f;
-        }
-        for (int i = 0; i < 4; i++) {
-            const int e = LID_X + 256 * i, kk = e / 64, c = e % 64;
-            bs[kk][c] = (k0 + kk < 64 && n0 + c < 128) ? w[(long)(k0 + kk) * 128 + n0 + c] : 0.0f;
-        }
-        BARRIER();
-        for (int kk = 0; kk < 16; kk++) {
-            float a[4], b[4];
-            for (int i = 0; i < 4; i++) { a[i] = as[kk][ty + 16 * i]; b[i] = bs[kk][tx + 16 * i]; }
-            for (int i = 0; i < 4; i++)
-                for (int j = 0; j < 4; j++) acc[i][j] += a[i] * b[j];
-        }
-        BARRIER();
-    }
-    for (int i = 0; i < 4; i++) {
-        const long m = m0 + ty + 16 * i;
-        if (m >= M) break;
-        for (int j = 0; j < 4; j++) {
-            const int c = n0 + tx + 16 * j;
-            if (c < 128) y[(m) * 128 + c] = acc[i][j];
-        }
-    }
-}
-
-KERNEL k26_matmul_wgrad(GLOBAL float *A, long B, long S, long o_a, long o_b, long o_part) {
+KERNEL k24_matmul_wgrad(GLOBAL float *A, long B, long S, long o_a, long o_b, long o_part) {
     const long T = B * S;
     (void)T;
     GLOBAL float *a = A + o_a;
@@ -1310,7 +1252,7 @@ KERNEL k26_matmul_wgrad(GLOBAL float *A, long B, long S, long o_a, long o_b, lon
     }
 }
 
-KERNEL k27_matmul_wgrad_sum(GLOBAL float *A, long B, long S, long o_part, long o_o) {
+KERNEL k25_matmul_wgrad_sum(GLOBAL float *A, long B, long S, long o_part, long o_o) {
     const long T = B * S;
     (void)T;
     GLOBAL float *part = A + o_part;
@@ -1322,31 +1264,64 @@ KERNEL k27_matmul_wgrad_sum(GLOBAL float *A, long B, long S, long o_part, long o
     o[i] = s;
 }
 
-KERNEL k28_fused(GLOBAL float *A, long B, long S, long o_in0, long o_in1, long o_in2, long o_in3, long o_out1, long o_out2) {
+KERNEL k26_matmul_nn_epi(GLOBAL float *A, long B, long S, long o_x, long o_w, long o_ein0, long o_ein1, long o_eout3, long o_eout4) {
     const long T = B * S;
     (void)T;
-    GLOBAL float *in0 = A + o_in0;
-    GLOBAL float *in1 = A + o_in1;
-    GLOBAL float *in2 = A + o_in2;
-    GLOBAL float *in3 = A + o_in3;
-    GLOBAL float *out1 = A + o_out1;
-    GLOBAL float *out2 = A + o_out2;
-    const long i = GID_X * 256 + LID_X;
-    if (i >= T * 128) return;
-    const long tok = i / 128, f = i % 128;
-    (void)tok; (void)f;
-    const float x0 = in0[tok * 128 + f];
-    const float x1 = in1[tok * 256 + f];
-    const float x2 = in2[tok * 128 + f];
-    const float x3 = in3[tok * 256 + f];
-    const float v0 = (x0 * x1);
-    const float v1 = (x0 * x2);
-    out1[tok * 256 + f] = v1;
-    const float v2 = (v0 * (1.0f / (1.0f + EXPF(-x3))) * (1.0f + x3 * (1.0f - 1.0f / (1.0f + EXPF(-x3)))));
-    out2[tok * 256 + f] = v2;
+    GLOBAL float *x = A + o_x;
+    GLOBAL float *w = A + o_w;
+    GLOBAL float *ein0 = A + o_ein0;
+    GLOBAL float *ein1 = A + o_ein1;
+    GLOBAL float *eout3 = A + o_eout3;
+    GLOBAL float *eout4 = A + o_eout4;
+    LOCAL float as[16][65];
+    LOCAL float bs[16][65];
+    const int tx = LID_X % 16, ty = LID_X / 16;
+    float acc[4][4];
+    for (int i = 0; i < 4; i++)
+        for (int j = 0; j < 4; j++) acc[i][j] = 0.0f;
+    const long M = T * 1;
+    const long m0 = GID_X * 64;
+    const int n0 = (int)GID_Y * 64;
+    for (int k0 = 0; k0 < 64; k0 += 16) {
+        for (int i = 0; i < 4; i++) {
+            const int e = LID_X + 256 * i, r = e / 16, kk = e % 16;
+            const long m = m0 + r;
+            as[kk][r] = m < M ? x[(m) * 64 + k0 + kk] : 0.0f;
+        }
+        for (int i = 0; i < 4; i++) {
+            const int e = LID_X + 256 * i, kk = e / 64, c = e % 64;
+            bs[kk][c] = (k0 + kk < 64 && n0 + c < 128) ? w[(long)(k0 + kk) * 128 + n0 + c] : 0.0f;
+        }
+        BARRIER();
+        for (int kk = 0; kk < 16; kk++) {
+            float a[4], b[4];
+            for (int i = 0; i < 4; i++) { a[i] = as[kk][ty + 16 * i]; b[i] = bs[kk][tx + 16 * i]; }
+            for (int i = 0; i < 4; i++)
+                for (int j = 0; j < 4; j++) acc[i][j] += a[i] * b[j];
+        }
+        BARRIER();
+    }
+    for (int i = 0; i < 4; i++) {
+        const long m = m0 + ty + 16 * i;
+        if (m >= M) break;
+        for (int j = 0; j < 4; j++) {
+            const int c = n0 + tx + 16 * j;
+            if (c < 128) {
+    const float e0x0 = ein0[(m) * 256 + (c)];
+    const float e0x1 = ein1[(m) * 256 + (c)];
+    const float e0v0 = (e0x0 / (1.0f + EXPF(-e0x0)));
+    const float e0v1 = (e0v0 * e0x1);
+    const float e0v2 = ((acc[i][j]) * e0x1);
+    const float e0v3 = ((acc[i][j]) * e0v0);
+    eout3[(m) * 256 + (c)] = e0v3;
+    const float e0v4 = (e0v2 * (1.0f / (1.0f + EXPF(-e0x0))) * (1.0f + e0x0 * (1.0f - 1.0f / (1.0f + EXPF(-e0x0)))));
+    eout4[(m) * 256 + (c)] = e0v4;
+            }
+        }
+    }
 }
 
-KERNEL k29_rmsnorm_bwd_dx(GLOBAL float *A, long B, long S, long o_x, long o_w, long o_dy, long o_acc, long o_dx, long o_part) {
+KERNEL k27_rmsnorm_bwd_dx(GLOBAL float *A, long B, long S, long o_x, long o_w, long o_dy, long o_acc, long o_dx, long o_part) {
     const long T = B * S;
     (void)T;
     GLOBAL float *x = A + o_x;
@@ -1358,14 +1333,16 @@ KERNEL k29_rmsnorm_bwd_dx(GLOBAL float *A, long B, long S, long o_x, long o_w, l
     LOCAL float r1[256];
     LOCAL float r2[256];
     LOCAL float comb[512];
-    const long M = T * 1, per = (M + 511) / 512;
+    const long M = T * 1, per = (M + 1023) / 1024;
     const long c0 = GID_X * per, c1 = c0 + per < M ? c0 + per : M;
     const int lane = LID_X % 32, team = LID_X / 32;
     const int f0 = lane + 0;
     float w0 = 0.0f, a0 = 0.0f, x0 = 0.0f, g0 = 0.0f;
+    float q0 = 0.0f;
     w0 = w[f0];
     const int f1 = lane + 32;
     float w1 = 0.0f, a1 = 0.0f, x1 = 0.0f, g1 = 0.0f;
+    float q1 = 0.0f;
     w1 = w[f1];
     for (long rb = c0; rb < c1; rb += 8) {
         const long r = rb + team;
@@ -1376,8 +1353,8 @@ KERNEL k29_rmsnorm_bwd_dx(GLOBAL float *A, long B, long S, long o_x, long o_w, l
         GLOBAL float *ar = acc + ((ok ? r : c0)) * 64;
         float ss = 0.0f, dot = 0.0f;
         if (ok) {
-            { x0 = xr[f0]; g0 = dyr[f0]; }
-            { x1 = xr[f1]; g1 = dyr[f1]; }
+            { x0 = xr[f0]; g0 = dyr[f0]; q0 = ar[f0]; }
+            { x1 = xr[f1]; g1 = dyr[f1]; q1 = ar[f1]; }
             ss += x0 * x0;
             dot += w0 * g0 * x0;
             ss += x1 * x1;
@@ -1392,9 +1369,9 @@ KERNEL k29_rmsnorm_bwd_dx(GLOBAL float *A, long B, long S, long o_x, long o_w, l
         const float rs = RSQRTF(ss / 64.0f + 1.000000000e-05f);
         const float cc = rs * rs * rs / 64.0f * dot;
         if (ok) {
-            dxr[f0] = ar[f0] + rs * w0 * g0 - cc * x0;
+            dxr[f0] = q0 + rs * w0 * g0 - cc * x0;
             a0 += g0 * x0 * rs;
-            dxr[f1] = ar[f1] + rs * w1 * g1 - cc * x1;
+            dxr[f1] = q1 + rs * w1 * g1 - cc * x1;
             a1 += g1 * x1 * rs;
         }
     }
@@ -1410,6 +1387,60 @@ KERNEL k29_rmsnorm_bwd_dx(GLOBAL float *A, long B, long S, long o_x, long o_w, l
         if (f < 64) pr[f] = s;
     }
     BARRIER();
+}
+
+KERNEL k28_matmul_wgrad(GLOBAL float *A, long B, long S, long o_a, long o_b, long o_part) {
+    const long T = B * S;
+    (void)T;
+    GLOBAL float *a = A + o_a;
+    GLOBAL float *b = A + o_b;
+    GLOBAL float *part = A + o_part;
+    LOCAL float as[16][65];
+    LOCAL float bs[16][65];
+    const int tx = LID_X % 16, ty = LID_X / 16;
+    float acc[4][4];
+    for (int i = 0; i < 4; i++)
+        for (int j = 0; j < 4; j++) acc[i][j] = 0.0f;
+    const long M = T * 1;
+    const long rs = ((M + 31) / 32 + 31) / 32 * 32;
+    const long r0 = GID_Z * rs, r1 = r0 + rs < M ? r0 + rs : M;
+    const int q0 = (int)GID_X * 64, p0 = (int)GID_Y * 64;
+    for (long rb = r0; rb < r1; rb += 16) {
+        for (int i = 0; i < 4; i++) {
+            const int e = LID_X + 256 * i, rr = e / 64, c = e % 64;
+            const long r = rb + rr;
+            as[rr][c] = (r < r1 && p0 + c < 64) ? a[(r) * 64 + p0 + c] : 0.0f;
+            bs[rr][c] = (r < r1 && q0 + c < 64) ? b[(r) * 64 + q0 + c] : 0.0f;
+        }
+        BARRIER();
+        for (int kk = 0; kk < 16; kk++) {
+            float a[4], b[4];
+            for (int i = 0; i < 4; i++) { a[i] = as[kk][ty + 16 * i]; b[i] = bs[kk][tx + 16 * i]; }
+            for (int i = 0; i < 4; i++)
+                for (int j = 0; j < 4; j++) acc[i][j] += a[i] * b[j];
+        }
+        BARRIER();
+    }
+    for (int i = 0; i < 4; i++) {
+        const int p = p0 + ty + 16 * i;
+        if (p >= 64) break;
+        for (int j = 0; j < 4; j++) {
+            const int q = q0 + tx + 16 * j;
+            if (q < 64) part[GID_Z * 4096 + (long)p * 64 + q] = acc[i][j];
+        }
+    }
+}
+
+KERNEL k29_matmul_wgrad_sum(GLOBAL float *A, long B, long S, long o_part, long o_o) {
+    const long T = B * S;
+    (void)T;
+    GLOBAL float *part = A + o_part;
+    GLOBAL float *o = A + o_o;
+    const long i = GID_X * 256 + LID_X;
+    if (i >= 4096) return;
+    float s = part[i];
+    for (int g = 1; g < 32; g++) s += part[(long)g * 4096 + i];
+    o[i] = s;
 }
 
 KERNEL k30_matmul_nn(GLOBAL float *A, long B, long S, long o_x, long o_w, long o_y) {
@@ -1456,61 +1487,7 @@ KERNEL k30_matmul_nn(GLOBAL float *A, long B, long S, long o_x, long o_w, long o
     }
 }
 
-KERNEL k31_matmul_wgrad(GLOBAL float *A, long B, long S, long o_a, long o_b, long o_part) {
-    const long T = B * S;
-    (void)T;
-    GLOBAL float *a = A + o_a;
-    GLOBAL float *b = A + o_b;
-    GLOBAL float *part = A + o_part;
-    LOCAL float as[16][65];
-    LOCAL float bs[16][65];
-    const int tx = LID_X % 16, ty = LID_X / 16;
-    float acc[4][4];
-    for (int i = 0; i < 4; i++)
-        for (int j = 0; j < 4; j++) acc[i][j] = 0.0f;
-    const long M = T * 1;
-    const long rs = ((M + 31) / 32 + 31) / 32 * 32;
-    const long r0 = GID_Z * rs, r1 = r0 + rs < M ? r0 + rs : M;
-    const int q0 = (int)GID_X * 64, p0 = (int)GID_Y * 64;
-    for (long rb = r0; rb < r1; rb += 16) {
-        for (int i = 0; i < 4; i++) {
-            const int e = LID_X + 256 * i, rr = e / 64, c = e % 64;
-            const long r = rb + rr;
-            as[rr][c] = (r < r1 && p0 + c < 64) ? a[(r) * 64 + p0 + c] : 0.0f;
-            bs[rr][c] = (r < r1 && q0 + c < 64) ? b[(r) * 64 + q0 + c] : 0.0f;
-        }
-        BARRIER();
-        for (int kk = 0; kk < 16; kk++) {
-            float a[4], b[4];
-            for (int i = 0; i < 4; i++) { a[i] = as[kk][ty + 16 * i]; b[i] = bs[kk][tx + 16 * i]; }
-            for (int i = 0; i < 4; i++)
-                for (int j = 0; j < 4; j++) acc[i][j] += a[i] * b[j];
-        }
-        BARRIER();
-    }
-    for (int i = 0; i < 4; i++) {
-        const int p = p0 + ty + 16 * i;
-        if (p >= 64) break;
-        for (int j = 0; j < 4; j++) {
-            const int q = q0 + tx + 16 * j;
-            if (q < 64) part[GID_Z * 4096 + (long)p * 64 + q] = acc[i][j];
-        }
-    }
-}
-
-KERNEL k32_matmul_wgrad_sum(GLOBAL float *A, long B, long S, long o_part, long o_o) {
-    const long T = B * S;
-    (void)T;
-    GLOBAL float *part = A + o_part;
-    GLOBAL float *o = A + o_o;
-    const long i = GID_X * 256 + LID_X;
-    if (i >= 4096) return;
-    float s = part[i];
-    for (int g = 1; g < 32; g++) s += part[(long)g * 4096 + i];
-    o[i] = s;
-}
-
-KERNEL k33_attention_bwd_d(GLOBAL float *A, long B, long S, long o_o, long o_dO, long o_Dw) {
+KERNEL k31_attention_bwd_d(GLOBAL float *A, long B, long S, long o_o, long o_dO, long o_Dw) {
     const long T = B * S;
     (void)T;
     GLOBAL float *o = A + o_o;
@@ -1529,7 +1506,7 @@ KERNEL k33_attention_bwd_d(GLOBAL float *A, long B, long S, long o_o, long o_dO,
     Dw[tok * 2L + h] = acc;
 }
 
-KERNEL k34_attention_bwd_dkv(GLOBAL float *A, long B, long S, long o_q, long o_k, long o_v, long o_lse, long o_dO, long o_Dw, long o_dk, long o_dv) {
+KERNEL k32_attention_bwd_dkv(GLOBAL float *A, long B, long S, long o_q, long o_k, long o_v, long o_lse, long o_dO, long o_Dw, long o_dk, long o_dv) {
     const long T = B * S;
     (void)T;
     GLOBAL float *q = A + o_q;
@@ -1642,7 +1619,7 @@ KERNEL k34_attention_bwd_dkv(GLOBAL float *A, long B, long S, long o_q, long o_k
     }
 }
 
-KERNEL k35_attention_bwd_dq(GLOBAL float *A, long B, long S, long o_q, long o_k, long o_v, long o_lse, long o_dO, long o_Dw, long o_dq) {
+KERNEL k33_attention_bwd_dq(GLOBAL float *A, long B, long S, long o_q, long o_k, long o_v, long o_lse, long o_dO, long o_Dw, long o_dq) {
     const long T = B * S;
     (void)T;
     GLOBAL float *q = A + o_q;
@@ -1752,7 +1729,7 @@ KERNEL k35_attention_bwd_dq(GLOBAL float *A, long B, long S, long o_q, long o_k,
     }
 }
 
-KERNEL k36_rope(GLOBAL float *A, long B, long S, long o_x, long o_y) {
+KERNEL k34_rope(GLOBAL float *A, long B, long S, long o_x, long o_y) {
     const long T = B * S;
     (void)T;
     GLOBAL float *x = A + o_x;
@@ -1792,6 +1769,60 @@ KERNEL k36_rope(GLOBAL float *A, long B, long S, long o_x, long o_y) {
         yr[h * 32] = x0 * c - x1 * sn;
         yr[h * 32 + 1] = x0 * sn + x1 * c;
     }
+}
+
+KERNEL k35_matmul_wgrad(GLOBAL float *A, long B, long S, long o_a, long o_b, long o_part) {
+    const long T = B * S;
+    (void)T;
+    GLOBAL float *a = A + o_a;
+    GLOBAL float *b = A + o_b;
+    GLOBAL float *part = A + o_part;
+    LOCAL float as[16][65];
+    LOCAL float bs[16][65];
+    const int tx = LID_X % 16, ty = LID_X / 16;
+    float acc[4][4];
+    for (int i = 0; i < 4; i++)
+        for (int j = 0; j < 4; j++) acc[i][j] = 0.0f;
+    const long M = T * 1;
+    const long rs = ((M + 31) / 32 + 31) / 32 * 32;
+    const long r0 = GID_Z * rs, r1 = r0 + rs < M ? r0 + rs : M;
+    const int q0 = (int)GID_X * 64, p0 = (int)GID_Y * 64;
+    for (long rb = r0; rb < r1; rb += 16) {
+        for (int i = 0; i < 4; i++) {
+            const int e = LID_X + 256 * i, rr = e / 64, c = e % 64;
+            const long r = rb + rr;
+            as[rr][c] = (r < r1 && p0 + c < 192) ? a[(r) * 192 + p0 + c] : 0.0f;
+            bs[rr][c] = (r < r1 && q0 + c < 64) ? b[(r) * 64 + q0 + c] : 0.0f;
+        }
+        BARRIER();
+        for (int kk = 0; kk < 16; kk++) {
+            float a[4], b[4];
+            for (int i = 0; i < 4; i++) { a[i] = as[kk][ty + 16 * i]; b[i] = bs[kk][tx + 16 * i]; }
+            for (int i = 0; i < 4; i++)
+                for (int j = 0; j < 4; j++) acc[i][j] += a[i] * b[j];
+        }
+        BARRIER();
+    }
+    for (int i = 0; i < 4; i++) {
+        const int p = p0 + ty + 16 * i;
+        if (p >= 192) break;
+        for (int j = 0; j < 4; j++) {
+            const int q = q0 + tx + 16 * j;
+            if (q < 64) part[GID_Z * 12288 + (long)p * 64 + q] = acc[i][j];
+        }
+    }
+}
+
+KERNEL k36_matmul_wgrad_sum(GLOBAL float *A, long B, long S, long o_part, long o_o) {
+    const long T = B * S;
+    (void)T;
+    GLOBAL float *part = A + o_part;
+    GLOBAL float *o = A + o_o;
+    const long i = GID_X * 256 + LID_X;
+    if (i >= 12288) return;
+    float s = part[i];
+    for (int g = 1; g < 32; g++) s += part[(long)g * 12288 + i];
+    o[i] = s;
 }
 
 KERNEL k37_matmul_nn(GLOBAL float *A, long B, long S, long o_x, long o_w, long o_y) {
@@ -1838,12 +1869,15 @@ KERNEL k37_matmul_nn(GLOBAL float *A, long B, long S, long o_x, long o_w, long o
     }
 }
 
-KERNEL k38_matmul_wgrad(GLOBAL float *A, long B, long S, long o_a, long o_b, long o_part) {
+KERNEL k38_matmul_nn_epi(GLOBAL float *A, long B, long S, long o_x, long o_w, long o_ein0, long o_ein1, long o_eout2, long o_eout4) {
     const long T = B * S;
     (void)T;
-    GLOBAL float *a = A + o_a;
-    GLOBAL float *b = A + o_b;
-    GLOBAL float *part = A + o_part;
+    GLOBAL float *x = A + o_x;
+    GLOBAL float *w = A + o_w;
+    GLOBAL float *ein0 = A + o_ein0;
+    GLOBAL float *ein1 = A + o_ein1;
+    GLOBAL float *eout2 = A + o_eout2;
+    GLOBAL float *eout4 = A + o_eout4;
     LOCAL float as[16][65];
     LOCAL float bs[16][65];
     const int tx = LID_X % 16, ty = LID_X / 16;
@@ -1851,15 +1885,17 @@ KERNEL k38_matmul_wgrad(GLOBAL float *A, long B, long S, long o_a, long o_b, lon
     for (int i = 0; i < 4; i++)
         for (int j = 0; j < 4; j++) acc[i][j] = 0.0f;
     const long M = T * 1;
-    const long rs = ((M + 31) / 32 + 31) / 32 * 32;
-    const long r0 = GID_Z * rs, r1 = r0 + rs < M ? r0 + rs : M;
-    const int q0 = (int)GID_X * 64, p0 = (int)GID_Y * 64;
-    for (long rb = r0; rb < r1; rb += 16) {
+    const long m0 = GID_X * 64;
+    const int n0 = (int)GID_Y * 64;
+    for (int k0 = 0; k0 < 64; k0 += 16) {
         for (int i = 0; i < 4; i++) {
-            const int e = LID_X + 256 * i, rr = e / 64, c = e % 64;
-            const long r = rb + rr;
-            as[rr][c] = (r < r1 && p0 + c < 192) ? a[(r) * 192 + p0 + c] : 0.0f;
-            bs[rr][c] = (r < r1 && q0 + c < 64) ? b[(r) * 64 + q0 + c] : 0.0f;
+            const int e = LID_X + 256 * i, r = e / 16, kk = e % 16;
+            const long m = m0 + r;
+            as[kk][r] = m < M ? x[(m) * 64 + k0 + kk] : 0.0f;
+        }
+        for (int i = 0; i < 4; i++) {
+            const int e = LID_X + 256 * i, kk = e / 64, c = e % 64;
+            bs[kk][c] = (k0 + kk < 64 && n0 + c < 128) ? w[(long)(k0 + kk) * 128 + n0 + c] : 0.0f;
         }
         BARRIER();
         for (int kk = 0; kk < 16; kk++) {
@@ -1871,52 +1907,26 @@ KERNEL k38_matmul_wgrad(GLOBAL float *A, long B, long S, long o_a, long o_b, lon
         BARRIER();
     }
     for (int i = 0; i < 4; i++) {
-        const int p = p0 + ty + 16 * i;
-        if (p >= 192) break;
+        const long m = m0 + ty + 16 * i;
+        if (m >= M) break;
         for (int j = 0; j < 4; j++) {
-            const int q = q0 + tx + 16 * j;
-            if (q < 64) part[GID_Z * 12288 + (long)p * 64 + q] = acc[i][j];
+            const int c = n0 + tx + 16 * j;
+            if (c < 128) {
+    const float e0x0 = ein0[(m) * 304 + (c)];
+    const float e0x1 = ein1[(m) * 128 + (c)];
+    const float e0v0 = (e0x0 / (1.0f + EXPF(-e0x0)));
+    const float e0v1 = (e0x1 * e0v0);
+    const float e0v2 = ((acc[i][j]) * e0v0);
+    eout2[(m) * 128 + (c)] = e0v2;
+    const float e0v3 = ((acc[i][j]) * e0x1);
+    const float e0v4 = (e0v3 * (1.0f / (1.0f + EXPF(-e0x0))) * (1.0f + e0x0 * (1.0f - 1.0f / (1.0f + EXPF(-e0x0)))));
+    eout4[(m) * 304 + (c)] = e0v4;
+            }
         }
     }
 }
 
-KERNEL k39_matmul_wgrad_sum(GLOBAL float *A, long B, long S, long o_part, long o_o) {
-    const long T = B * S;
-    (void)T;
-    GLOBAL float *part = A + o_part;
-    GLOBAL float *o = A + o_o;
-    const long i = GID_X * 256 + LID_X;
-    if (i >= 12288) return;
-    float s = part[i];
-    for (int g = 1; g < 32; g++) s += part[(long)g * 12288 + i];
-    o[i] = s;
-}
-
-KERNEL k40_fused(GLOBAL float *A, long B, long S, long o_in0, long o_in1, long o_in2, long o_in3, long o_out0, long o_out2) {
-    const long T = B * S;
-    (void)T;
-    GLOBAL float *in0 = A + o_in0;
-    GLOBAL float *in1 = A + o_in1;
-    GLOBAL float *in2 = A + o_in2;
-    GLOBAL float *in3 = A + o_in3;
-    GLOBAL float *out0 = A + o_out0;
-    GLOBAL float *out2 = A + o_out2;
-    const long i = GID_X * 256 + LID_X;
-    if (i >= T * 128) return;
-    const long tok = i / 128, f = i % 128;
-    (void)tok; (void)f;
-    const float x0 = in0[tok * 128 + f];
-    const float x1 = in1[tok * 128 + f];
-    const float x2 = in2[tok * 128 + f];
-    const float x3 = in3[tok * 304 + f];
-    const float v0 = (x0 * x1);
-    out0[tok * 128 + f] = v0;
-    const float v1 = (x0 * x2);
-    const float v2 = (v1 * (1.0f / (1.0f + EXPF(-x3))) * (1.0f + x3 * (1.0f - 1.0f / (1.0f + EXPF(-x3)))));
-    out2[tok * 304 + f] = v2;
-}
-
-KERNEL k41_mamba3_scan_bwd_chunk(GLOBAL float *A, long B, long S, long o_x, long o_Bn, long o_Cn, long o_ddt, long o_ddA, long o_trap, long o_ang, long o_dtb, long o_Bb, long o_Cb, long o_dy, long o_th, long o_du) {
+KERNEL k39_mamba3_scan_bwd_chunk(GLOBAL float *A, long B, long S, long o_x, long o_Bn, long o_Cn, long o_ddt, long o_ddA, long o_trap, long o_ang, long o_dtb, long o_Bb, long o_Cb, long o_dy, long o_th, long o_du) {
     const long T = B * S;
     (void)T;
     GLOBAL float *x = A + o_x;
@@ -2060,7 +2070,7 @@ KERNEL k41_mamba3_scan_bwd_chunk(GLOBAL float *A, long B, long S, long o_x, long
     }
 }
 
-KERNEL k42_mamba3_scan_bwd_walk(GLOBAL float *A, long B, long S, long o_du, long o_dsl) {
+KERNEL k40_mamba3_scan_bwd_walk(GLOBAL float *A, long B, long S, long o_du, long o_dsl) {
     const long T = B * S;
     (void)T;
     GLOBAL float *du = A + o_du;
@@ -2100,7 +2110,7 @@ KERNEL k42_mamba3_scan_bwd_walk(GLOBAL float *A, long B, long S, long o_du, long
     }
 }
 
-KERNEL k43_mamba3_scan_bwd_main(GLOBAL float *A, long B, long S, long o_x, long o_Bn, long o_Cn, long o_ddt, long o_ddA, long o_trap, long o_ang, long o_dtb, long o_Bb, long o_Cb, long o_Dp, long o_st, long o_dy, long o_th, long o_dsl, long o_gx, long o_gddA, long o_hd, long o_tkw) {
+KERNEL k41_mamba3_scan_bwd_main(GLOBAL float *A, long B, long S, long o_x, long o_Bn, long o_Cn, long o_ddt, long o_ddA, long o_trap, long o_ang, long o_dtb, long o_Bb, long o_Cb, long o_Dp, long o_st, long o_dy, long o_th, long o_dsl, long o_gx, long o_gddA, long o_hd, long o_tkw) {
     const long T = B * S;
     (void)T;
     GLOBAL float *x = A + o_x;
@@ -2429,7 +2439,7 @@ KERNEL k43_mamba3_scan_bwd_main(GLOBAL float *A, long B, long S, long o_x, long 
     }
 }
 
-KERNEL k44_mamba3_scan_bwd_fix(GLOBAL float *A, long B, long S, long o_ddt, long o_trap, long o_ang, long o_dtb, long o_tkw, long o_gddt, long o_gtrap, long o_ha) {
+KERNEL k42_mamba3_scan_bwd_fix(GLOBAL float *A, long B, long S, long o_ddt, long o_trap, long o_ang, long o_dtb, long o_tkw, long o_gddt, long o_gtrap, long o_ha) {
     const long T = B * S;
     (void)T;
     GLOBAL float *ddt = A + o_ddt;
@@ -2501,7 +2511,7 @@ KERNEL k44_mamba3_scan_bwd_fix(GLOBAL float *A, long B, long S, long o_ddt, long
     }
 }
 
-KERNEL k45_mamba3_scan_bwd_heads(GLOBAL float *A, long B, long S, long o_hd, long o_ha, long o_gBn, long o_gCn, long o_gang) {
+KERNEL k43_mamba3_scan_bwd_heads(GLOBAL float *A, long B, long S, long o_hd, long o_ha, long o_gBn, long o_gCn, long o_gang) {
     const long T = B * S;
     (void)T;
     GLOBAL float *hd = A + o_hd;
@@ -2521,7 +2531,7 @@ KERNEL k45_mamba3_scan_bwd_heads(GLOBAL float *A, long B, long S, long o_hd, lon
     else gang[tok * 304L + f - 32] = acc;
 }
 
-KERNEL k46_mamba3_scan_bwd_params(GLOBAL float *A, long B, long S, long o_hd, long o_gddt, long o_x, long o_dy, long o_tkw, long o_gdtb, long o_gBb, long o_gCb, long o_gD) {
+KERNEL k44_mamba3_scan_bwd_params(GLOBAL float *A, long B, long S, long o_hd, long o_gddt, long o_x, long o_dy, long o_tkw, long o_gdtb, long o_gBb, long o_gCb, long o_gD) {
     const long T = B * S;
     (void)T;
     GLOBAL float *hd = A + o_hd;
@@ -2589,7 +2599,7 @@ KERNEL k46_mamba3_scan_bwd_params(GLOBAL float *A, long B, long S, long o_hd, lo
     }
 }
 
-KERNEL k47_rmsnorm_bwd_dx(GLOBAL float *A, long B, long S, long o_x, long o_w, long o_dy, long o_dx, long o_part) {
+KERNEL k45_rmsnorm_bwd_dx(GLOBAL float *A, long B, long S, long o_x, long o_w, long o_dy, long o_dx, long o_part) {
     const long T = B * S;
     (void)T;
     GLOBAL float *x = A + o_x;
@@ -2600,7 +2610,7 @@ KERNEL k47_rmsnorm_bwd_dx(GLOBAL float *A, long B, long S, long o_x, long o_w, l
     LOCAL float r1[256];
     LOCAL float r2[256];
     LOCAL float comb[256];
-    const long M = T * 1, per = (M + 511) / 512;
+    const long M = T * 1, per = (M + 1023) / 1024;
     const long c0 = GID_X * per, c1 = c0 + per < M ? c0 + per : M;
     const int lane = LID_X % 16, team = LID_X / 16;
     const int f0 = lane + 0;
@@ -2651,7 +2661,7 @@ KERNEL k47_rmsnorm_bwd_dx(GLOBAL float *A, long B, long S, long o_x, long o_w, l
     BARRIER();
 }
 
-KERNEL k48_rmsnorm_bwd_dw(GLOBAL float *A, long B, long S, long o_part, long o_dw) {
+KERNEL k46_rmsnorm_bwd_dw(GLOBAL float *A, long B, long S, long o_part, long o_dw) {
     const long T = B * S;
     (void)T;
     GLOBAL float *part = A + o_part;
@@ -2661,7 +2671,7 @@ KERNEL k48_rmsnorm_bwd_dw(GLOBAL float *A, long B, long S, long o_part, long o_d
     const long f = GID_X * 32 + lane;
     float s = 0.0f, comp = 0.0f;   /* Kahan: the sum keeps fp32 error near one ulp */
     if (f < 16)
-        for (int q = sl; q < 512; q += 8) {
+        for (int q = sl; q < 1024; q += 8) {
             const float y = part[q * 16 + f] - comp, t = s + y;
             comp = (t - s) - y;
             s = t;
@@ -2673,6 +2683,60 @@ KERNEL k48_rmsnorm_bwd_dw(GLOBAL float *A, long B, long S, long o_part, long o_d
         for (int j = 0; j < 8; j++) t += red[j * 32 + lane];
         dw[f] = t;
     }
+}
+
+KERNEL k47_matmul_wgrad(GLOBAL float *A, long B, long S, long o_a, long o_b, long o_part) {
+    const long T = B * S;
+    (void)T;
+    GLOBAL float *a = A + o_a;
+    GLOBAL float *b = A + o_b;
+    GLOBAL float *part = A + o_part;
+    LOCAL float as[16][65];
+    LOCAL float bs[16][65];
+    const int tx = LID_X % 16, ty = LID_X / 16;
+    float acc[4][4];
+    for (int i = 0; i < 4; i++)
+        for (int j = 0; j < 4; j++) acc[i][j] = 0.0f;
+    const long M = T * 1;
+    const long rs = ((M + 31) / 32 + 31) / 32 * 32;
+    const long r0 = GID_Z * rs, r1 = r0 + rs < M ? r0 + rs : M;
+    const int q0 = (int)GID_X * 64, p0 = (int)GID_Y * 64;
+    for (long rb = r0; rb < r1; rb += 16) {
+        for (int i = 0; i < 4; i++) {
+            const int e = LID_X + 256 * i, rr = e / 64, c = e % 64;
+            const long r = rb + rr;
+            as[rr][c] = (r < r1 && p0 + c < 304) ? a[(r) * 304 + p0 + c] : 0.0f;
+            bs[rr][c] = (r < r1 && q0 + c < 64) ? b[(r) * 64 + q0 + c] : 0.0f;
+        }
+        BARRIER();
+        for (int kk = 0; kk < 16; kk++) {
+            float a[4], b[4];
+            for (int i = 0; i < 4; i++) { a[i] = as[kk][ty + 16 * i]; b[i] = bs[kk][tx + 16 * i]; }
+            for (int i = 0; i < 4; i++)
+                for (int j = 0; j < 4; j++) acc[i][j] += a[i] * b[j];
+        }
+        BARRIER();
+    }
+    for (int i = 0; i < 4; i++) {
+        const int p = p0 + ty + 16 * i;
+        if (p >= 304) break;
+        for (int j = 0; j < 4; j++) {
+            const int q = q0 + tx + 16 * j;
+            if (q < 64) part[GID_Z * 19456 + (long)p * 64 + q] = acc[i][j];
+        }
+    }
+}
+
+KERNEL k48_matmul_wgrad_sum(GLOBAL float *A, long B, long S, long o_part, long o_o) {
+    const long T = B * S;
+    (void)T;
+    GLOBAL float *part = A + o_part;
+    GLOBAL float *o = A + o_o;
+    const long i = GID_X * 256 + LID_X;
+    if (i >= 19456) return;
+    float s = part[i];
+    for (int g = 1; g < 32; g++) s += part[(long)g * 19456 + i];
+    o[i] = s;
 }
 
 KERNEL k49_matmul_nn(GLOBAL float *A, long B, long S, long o_x, long o_w, long o_y) {
@@ -2719,61 +2783,7 @@ KERNEL k49_matmul_nn(GLOBAL float *A, long B, long S, long o_x, long o_w, long o
     }
 }
 
-KERNEL k50_matmul_wgrad(GLOBAL float *A, long B, long S, long o_a, long o_b, long o_part) {
-    const long T = B * S;
-    (void)T;
-    GLOBAL float *a = A + o_a;
-    GLOBAL float *b = A + o_b;
-    GLOBAL float *part = A + o_part;
-    LOCAL float as[16][65];
-    LOCAL float bs[16][65];
-    const int tx = LID_X % 16, ty = LID_X / 16;
-    float acc[4][4];
-    for (int i = 0; i < 4; i++)
-        for (int j = 0; j < 4; j++) acc[i][j] = 0.0f;
-    const long M = T * 1;
-    const long rs = ((M + 31) / 32 + 31) / 32 * 32;
-    const long r0 = GID_Z * rs, r1 = r0 + rs < M ? r0 + rs : M;
-    const int q0 = (int)GID_X * 64, p0 = (int)GID_Y * 64;
-    for (long rb = r0; rb < r1; rb += 16) {
-        for (int i = 0; i < 4; i++) {
-            const int e = LID_X + 256 * i, rr = e / 64, c = e % 64;
-            const long r = rb + rr;
-            as[rr][c] = (r < r1 && p0 + c < 304) ? a[(r) * 304 + p0 + c] : 0.0f;
-            bs[rr][c] = (r < r1 && q0 + c < 64) ? b[(r) * 64 + q0 + c] : 0.0f;
-        }
-        BARRIER();
-        for (int kk = 0; kk < 16; kk++) {
-            float a[4], b[4];
-            for (int i = 0; i < 4; i++) { a[i] = as[kk][ty + 16 * i]; b[i] = bs[kk][tx + 16 * i]; }
-            for (int i = 0; i < 4; i++)
-                for (int j = 0; j < 4; j++) acc[i][j] += a[i] * b[j];
-        }
-        BARRIER();
-    }
-    for (int i = 0; i < 4; i++) {
-        const int p = p0 + ty + 16 * i;
-        if (p >= 304) break;
-        for (int j = 0; j < 4; j++) {
-            const int q = q0 + tx + 16 * j;
-            if (q < 64) part[GID_Z * 19456 + (long)p * 64 + q] = acc[i][j];
-        }
-    }
-}
-
-KERNEL k51_matmul_wgrad_sum(GLOBAL float *A, long B, long S, long o_part, long o_o) {
-    const long T = B * S;
-    (void)T;
-    GLOBAL float *part = A + o_part;
-    GLOBAL float *o = A + o_o;
-    const long i = GID_X * 256 + LID_X;
-    if (i >= 19456) return;
-    float s = part[i];
-    for (int g = 1; g < 32; g++) s += part[(long)g * 19456 + i];
-    o[i] = s;
-}
-
-KERNEL k52_embedding_bwd_part(GLOBAL float *A, long B, long S, long o_tok, long o_dy, long o_part) {
+KERNEL k50_embedding_bwd_part(GLOBAL float *A, long B, long S, long o_tok, long o_dy, long o_part) {
     const long T = B * S;
     (void)T;
     GLOBAL float *tok = A + o_tok;
@@ -2806,7 +2816,7 @@ KERNEL k52_embedding_bwd_part(GLOBAL float *A, long B, long S, long o_tok, long 
     }
 }
 
-KERNEL k53_embedding_bwd_sum(GLOBAL float *A, long B, long S, long o_part, long o_dt) {
+KERNEL k51_embedding_bwd_sum(GLOBAL float *A, long B, long S, long o_part, long o_dt) {
     const long T = B * S;
     (void)T;
     GLOBAL float *part = A + o_part;
@@ -2822,7 +2832,7 @@ KERNEL k53_embedding_bwd_sum(GLOBAL float *A, long B, long S, long o_part, long 
     dt[i] = s;
 }
 
-KERNEL k54_add(GLOBAL float *A, long B, long S, long o_in0, long o_in1, long o_out0) {
+KERNEL k52_add(GLOBAL float *A, long B, long S, long o_in0, long o_in1, long o_out0) {
     const long T = B * S;
     (void)T;
     GLOBAL float *in0 = A + o_in0;
@@ -2832,13 +2842,13 @@ KERNEL k54_add(GLOBAL float *A, long B, long S, long o_in0, long o_in1, long o_o
     if (i >= 1 * 16384) return;
     const long tok = i / 16384, f = i % 16384;
     (void)tok; (void)f;
-    const float x0 = in0[tok * 16384 + f];
-    const float x1 = in1[tok * 16384 + f];
+    const float x0 = in0[(tok) * 16384 + (f)];
+    const float x1 = in1[(tok) * 16384 + (f)];
     const float v0 = (x0 + x1);
-    out0[tok * 16384 + f] = v0;
+    out0[(tok) * 16384 + (f)] = v0;
 }
 
-KERNEL k55_sumsq_part(GLOBAL float *A, long B, long S, long o_g0, long o_g1, long o_g2, long o_g3, long o_g4, long o_g5, long o_g6, long o_g7, long o_g8, long o_g9, long o_g10, long o_g11, long o_g12, long o_g13, long o_g14, long o_g15, long o_g16, long o_g17, long o_g18, long o_g19, long o_g20, long o_g21, long o_g22, long o_g23, long o_g24, long o_g25, long o_g26, long o_g27, long o_g28, long o_g29, long o_g30, long o_g31, long o_part) {
+KERNEL k53_sumsq_part(GLOBAL float *A, long B, long S, long o_g0, long o_g1, long o_g2, long o_g3, long o_g4, long o_g5, long o_g6, long o_g7, long o_g8, long o_g9, long o_g10, long o_g11, long o_g12, long o_g13, long o_g14, long o_g15, long o_g16, long o_g17, long o_g18, long o_g19, long o_g20, long o_g21, long o_g22, long o_g23, long o_g24, long o_g25, long o_g26, long o_g27, long o_g28, long o_g29, long o_g30, long o_g31, long o_part) {
     const long T = B * S;
     (void)T;
     GLOBAL float *g0 = A + o_g0;
@@ -3012,7 +3022,7 @@ KERNEL k55_sumsq_part(GLOBAL float *A, long B, long S, long o_g0, long o_g1, lon
     if (l == 0) part[GID_X] = red[0];
 }
 
-KERNEL k56_sumsq_total(GLOBAL float *A, long B, long S, long o_part, long o_out) {
+KERNEL k54_sumsq_total(GLOBAL float *A, long B, long S, long o_part, long o_out) {
     const long T = B * S;
     (void)T;
     GLOBAL float *part = A + o_part;
@@ -3025,7 +3035,7 @@ KERNEL k56_sumsq_total(GLOBAL float *A, long B, long S, long o_part, long o_out)
     if (l == 0) out[0] = red[0];
 }
 
-KERNEL k57_adamw(GLOBAL float *A, long B, long S, long o_ss, long o_h, long o_p0, long o_g0, long o_m0, long o_v0, long o_p1, long o_g1, long o_m1, long o_v1, long o_p2, long o_g2, long o_m2, long o_v2, long o_p3, long o_g3, long o_m3, long o_v3, long o_p4, long o_g4, long o_m4, long o_v4, long o_p5, long o_g5, long o_m5, long o_v5, long o_p6, long o_g6, long o_m6, long o_v6, long o_p7, long o_g7, long o_m7, long o_v7, long o_p8, long o_g8, long o_m8, long o_v8, long o_p9, long o_g9, long o_m9, long o_v9, long o_p10, long o_g10, long o_m10, long o_v10, long o_p11, long o_g11, long o_m11, long o_v11, long o_po0, long o_mo0, long o_vo0, long o_po1, long o_mo1, long o_vo1, long o_po2, long o_mo2, long o_vo2, long o_po3, long o_mo3, long o_vo3, long o_po4, long o_mo4, long o_vo4, long o_po5, long o_mo5, long o_vo5, long o_po6, long o_mo6, long o_vo6, long o_po7, long o_mo7, long o_vo7, long o_po8, long o_mo8, long o_vo8, long o_po9, long o_mo9, long o_vo9, long o_po10, long o_mo10, long o_vo10, long o_po11, long o_mo11, long o_vo11) {
+KERNEL k55_adamw(GLOBAL float *A, long B, long S, long o_ss, long o_h, long o_p0, long o_g0, long o_m0, long o_v0, long o_p1, long o_g1, long o_m1, long o_v1, long o_p2, long o_g2, long o_m2, long o_v2, long o_p3, long o_g3, long o_m3, long o_v3, long o_p4, long o_g4, long o_m4, long o_v4, long o_p5, long o_g5, long o_m5, long o_v5, long o_p6, long o_g6, long o_m6, long o_v6, long o_p7, long o_g7, long o_m7, long o_v7, long o_p8, long o_g8, long o_m8, long o_v8, long o_p9, long o_g9, long o_m9, long o_v9, long o_p10, long o_g10, long o_m10, long o_v10, long o_p11, long o_g11, long o_m11, long o_v11, long o_po0, long o_mo0, long o_vo0, long o_po1, long o_mo1, long o_vo1, long o_po2, long o_mo2, long o_vo2, long o_po3, long o_mo3, long o_vo3, long o_po4, long o_mo4, long o_vo4, long o_po5, long o_mo5, long o_vo5, long o_po6, long o_mo6, long o_vo6, long o_po7, long o_mo7, long o_vo7, long o_po8, long o_mo8, long o_vo8, long o_po9, long o_mo9, long o_vo9, long o_po10, long o_mo10, long o_vo10, long o_po11, long o_mo11, long o_vo11) {
     const long T = B * S;
     (void)T;
     GLOBAL float *ss = A + o_ss;
@@ -3178,7 +3188,7 @@ KERNEL k57_adamw(GLOBAL float *A, long B, long S, long o_ss, long o_h, long o_p0
     VO[e] = vv;
 }
 
-KERNEL k58_adamw(GLOBAL float *A, long B, long S, long o_ss, long o_h, long o_p0, long o_g0, long o_m0, long o_v0, long o_p1, long o_g1, long o_m1, long o_v1, long o_p2, long o_g2, long o_m2, long o_v2, long o_p3, long o_g3, long o_m3, long o_v3, long o_p4, long o_g4, long o_m4, long o_v4, long o_p5, long o_g5, long o_m5, long o_v5, long o_p6, long o_g6, long o_m6, long o_v6, long o_p7, long o_g7, long o_m7, long o_v7, long o_p8, long o_g8, long o_m8, long o_v8, long o_p9, long o_g9, long o_m9, long o_v9, long o_p10, long o_g10, long o_m10, long o_v10, long o_p11, long o_g11, long o_m11, long o_v11, long o_po0, long o_mo0, long o_vo0, long o_po1, long o_mo1, long o_vo1, long o_po2, long o_mo2, long o_vo2, long o_po3, long o_mo3, long o_vo3, long o_po4, long o_mo4, long o_vo4, long o_po5, long o_mo5, long o_vo5, long o_po6, long o_mo6, long o_vo6, long o_po7, long o_mo7, long o_vo7, long o_po8, long o_mo8, long o_vo8, long o_po9, long o_mo9, long o_vo9, long o_po10, long o_mo10, long o_vo10, long o_po11, long o_mo11, long o_vo11) {
+KERNEL k56_adamw(GLOBAL float *A, long B, long S, long o_ss, long o_h, long o_p0, long o_g0, long o_m0, long o_v0, long o_p1, long o_g1, long o_m1, long o_v1, long o_p2, long o_g2, long o_m2, long o_v2, long o_p3, long o_g3, long o_m3, long o_v3, long o_p4, long o_g4, long o_m4, long o_v4, long o_p5, long o_g5, long o_m5, long o_v5, long o_p6, long o_g6, long o_m6, long o_v6, long o_p7, long o_g7, long o_m7, long o_v7, long o_p8, long o_g8, long o_m8, long o_v8, long o_p9, long o_g9, long o_m9, long o_v9, long o_p10, long o_g10, long o_m10, long o_v10, long o_p11, long o_g11, long o_m11, long o_v11, long o_po0, long o_mo0, long o_vo0, long o_po1, long o_mo1, long o_vo1, long o_po2, long o_mo2, long o_vo2, long o_po3, long o_mo3, long o_vo3, long o_po4, long o_mo4, long o_vo4, long o_po5, long o_mo5, long o_vo5, long o_po6, long o_mo6, long o_vo6, long o_po7, long o_mo7, long o_vo7, long o_po8, long o_mo8, long o_vo8, long o_po9, long o_mo9, long o_vo9, long o_po10, long o_mo10, long o_vo10, long o_po11, long o_mo11, long o_vo11) {
     const long T = B * S;
     (void)T;
     GLOBAL float *ss = A + o_ss;
@@ -3331,7 +3341,7 @@ KERNEL k58_adamw(GLOBAL float *A, long B, long S, long o_ss, long o_h, long o_p0
     VO[e] = vv;
 }
 
-KERNEL k59_adamw(GLOBAL float *A, long B, long S, long o_ss, long o_h, long o_p0, long o_g0, long o_m0, long o_v0, long o_p1, long o_g1, long o_m1, long o_v1, long o_p2, long o_g2, long o_m2, long o_v2, long o_p3, long o_g3, long o_m3, long o_v3, long o_p4, long o_g4, long o_m4, long o_v4, long o_p5, long o_g5, long o_m5, long o_v5, long o_p6, long o_g6, long o_m6, long o_v6, long o_p7, long o_g7, long o_m7, long o_v7, long o_po0, long o_mo0, long o_vo0, long o_po1, long o_mo1, long o_vo1, long o_po2, long o_mo2, long o_vo2, long o_po3, long o_mo3, long o_vo3, long o_po4, long o_mo4, long o_vo4, long o_po5, long o_mo5, long o_vo5, long o_po6, long o_mo6, long o_vo6, long o_po7, long o_mo7, long o_vo7) {
+KERNEL k57_adamw(GLOBAL float *A, long B, long S, long o_ss, long o_h, long o_p0, long o_g0, long o_m0, long o_v0, long o_p1, long o_g1, long o_m1, long o_v1, long o_p2, long o_g2, long o_m2, long o_v2, long o_p3, long o_g3, long o_m3, long o_v3, long o_p4, long o_g4, long o_m4, long o_v4, long o_p5, long o_g5, long o_m5, long o_v5, long o_p6, long o_g6, long o_m6, long o_v6, long o_p7, long o_g7, long o_m7, long o_v7, long o_po0, long o_mo0, long o_vo0, long o_po1, long o_mo1, long o_vo1, long o_po2, long o_mo2, long o_vo2, long o_po3, long o_mo3, long o_vo3, long o_po4, long o_mo4, long o_vo4, long o_po5, long o_mo5, long o_vo5, long o_po6, long o_mo6, long o_vo6, long o_po7, long o_mo7, long o_vo7) {
     const long T = B * S;
     (void)T;
     GLOBAL float *ss = A + o_ss;
