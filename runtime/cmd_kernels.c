@@ -21,9 +21,78 @@ static int write_text(const char *dir, const char *name, const char *text, size_
     return fs_write_atomic(path, text, len, err, errlen);
 }
 
+/* One kernel's line of ptxas's resource report (--ptxas-options=-v). */
+typedef struct {
+    char name[48];
+    long regs, frame, spill_st, spill_ld, smem;
+} kres;
+
+/* Parse ptxas's verbose log: "Compiling entry function 'NAME'", then "N bytes stack frame, N bytes
+ * spill stores, N bytes spill loads" and "Used N registers, ... N bytes smem"; returns how many
+ * kernels it found (at most max). */
+static int parse_resources(const char *log, kres *r, int max) {
+    int n = -1, own = 0;   /* own: the last "Function properties" block is the entry's, not a callee's */
+    for (const char *l = log; l && *l; l = strchr(l, '\n') ? strchr(l, '\n') + 1 : NULL) {
+        const char *q;
+        if (n >= 0 && (q = strstr(l, "Function properties for ")) && q - l < 40) {
+            q += strlen("Function properties for ");
+            size_t k = strlen(r[n].name);
+            own = strncmp(q, r[n].name, k) == 0 && (q[k] == '\n' || q[k] == 0 || q[k] == ' ' || q[k] == '\r');
+            continue;
+        }
+        if ((q = strstr(l, "Compiling entry function '")) && q < (strchr(l, '\n') ? strchr(l, '\n') : l + strlen(l))) {
+            if (n + 1 >= max) break;
+            n++;
+            memset(&r[n], 0, sizeof r[n]);
+            q += strlen("Compiling entry function '");
+            size_t k = 0;
+            while (q[k] && q[k] != '\'' && k + 1 < sizeof r[n].name) r[n].name[k] = q[k], k++;
+            r[n].name[k] = 0;
+        } else if (n >= 0 && own && (q = strstr(l, " bytes stack frame")) && q - l < 60) {
+            while (q > l && q[-1] >= '0' && q[-1] <= '9') q--;   /* "ptxas    .   160 bytes stack frame, ..." */
+            sscanf(q, "%ld bytes stack frame, %ld bytes spill stores, %ld bytes spill loads", &r[n].frame, &r[n].spill_st,
+                   &r[n].spill_ld);
+        } else if (n >= 0 && (q = strstr(l, "Used ")) && q - l < 40) {
+            sscanf(q, "Used %ld registers", &r[n].regs);
+            const char *sm = strstr(q, " bytes smem");
+            const char *eol = strchr(q, '\n');
+            if (sm && (!eol || sm < eol)) {
+                const char *b = sm;
+                while (b > q && (b[-1] >= '0' && b[-1] <= '9')) b--;
+                r[n].smem = atol(b);
+            }
+        }
+    }
+    return n + 1;
+}
+
+/* The table of --resources: every kernel with its launches, registers, stack frame and spills
+ * (static shared memory too; the dynamic tiles are in the plan), spilling kernels flagged. */
+static int by_kernel_number(const void *a, const void *b) {   /* k0_..., k1_...: render order */
+    long x = atol(((const kres *)a)->name + 1), y = atol(((const kres *)b)->name + 1);
+    return (x > y) - (x < y);
+}
+
+static void print_resources(const char *what, const char *arch, const plan *p, kres *r, int n) {
+    qsort(r, (size_t)n, sizeof *r, by_kernel_number);
+    int spilling = 0;
+    long maxregs = 0;
+    printf("  %-40s %8s %5s %6s %7s %7s %6s\n", "kernel", "launches", "regs", "stack", "spill-st", "spill-ld", "smem");
+    for (int i = 0; i < n; i++) {
+        int launches = 0;
+        for (int l = 0; l < p->kg.nl; l++) launches += strcmp(p->kg.launches[l].kernel, r[i].name) == 0;
+        printf("  %-40s %8d %5ld %6ld %7ld %7ld %6ld%s\n", r[i].name, launches, r[i].regs, r[i].frame, r[i].spill_st,
+               r[i].spill_ld, r[i].smem, r[i].spill_st || r[i].spill_ld ? "  spills" : "");
+        spilling += r[i].spill_st || r[i].spill_ld;
+        if (r[i].regs > maxregs) maxregs = r[i].regs;
+    }
+    printf("  %s for %s: %d kernels, at most %ld registers a thread, %d spilling\n", what, arch, n, maxregs, spilling);
+}
+
 /* Render (and compile) one plan; returns 0, 1 (compile failure) or 2 (bad input). */
 static int one_plan(const char *what, const ir_graph *g, int nodes, const int *keep, int nkeep, const char *bkname,
-                    const char *arch, const char *out, long B, long S, const plan_options *po, int *nkernels) {
+                    const char *arch, const char *out, long B, long S, const plan_options *po, int resources,
+                    int *nkernels) {
     char err[8192];
     plan p;
     if (plan_build_opts(&p, g, 0, nodes, bkname, keep, nkeep, po, err, sizeof err) < 0) {
@@ -46,13 +115,37 @@ static int one_plan(const char *what, const ir_graph *g, int nodes, const int *k
     }
     if (rc == 0 && strcmp(bkname, "cuda") == 0) {
         void *cubin = NULL;
-        size_t len = 0;
-        if (cuda_compile_only(p.kg.src.s, arch, "", &cubin, &len, err, sizeof err) < 0) {
-            fprintf(stderr, "realm kernels: %s kernels for %s: %s\n", what, arch, err);
+        size_t len = 0, loglen = resources ? (size_t)1 << 20 : sizeof err;
+        char *log = resources ? malloc(loglen) : err;
+        if (!log) {
+            fprintf(stderr, "realm kernels: out of host memory\n");
+            rc = 1;
+        } else if (cuda_compile_only(p.kg.src.s, arch, resources ? "--ptxas-options=-v" : "", &cubin, &len, log, loglen) <
+                   0) {
+            fprintf(stderr, "realm kernels: %s kernels for %s: %s\n", what, arch, log);
             rc = 1;
         } else {
             printf("%-8s %3d kernels, %3d launches: compiled for %s, %s matmuls (%zu-byte CUBIN)\n", what,
                    p.kg.nbodies, p.kg.nl, arch, p.kg.bf16 ? "bf16" : "fp32", len);
+            if (resources) {
+                kres *r = calloc(256, sizeof *r);
+                int n = r ? parse_resources(log, r, 256) : 0;
+                if (n == 0) {
+                    fprintf(stderr, "realm kernels: no resource report in NVRTC's log for %s\n", what);
+                    rc = 1;
+                } else {
+                    print_resources(what, arch, &p, r, n);
+                }
+                free(r);
+                if (out && rc == 0) {
+                    char name[64];
+                    snprintf(name, sizeof name, "%s.%s.ptxas.txt", what, arch);
+                    if (write_text(out, name, log, strlen(log), err, sizeof err) < 0) {
+                        fprintf(stderr, "realm kernels: %s\n", err);
+                        rc = 2;
+                    }
+                }
+            }
             if (out) {
                 char name[64];
                 snprintf(name, sizeof name, "%s.%s.cubin", what, arch);
@@ -63,6 +156,7 @@ static int one_plan(const char *what, const ir_graph *g, int nodes, const int *k
             }
             free(cubin);
         }
+        if (resources) free(log);
     } else if (rc == 0) {
         backend *bk = bk_create(BK_OPENCL, 0, NULL, err, sizeof err);
         if (!bk) {
@@ -86,6 +180,7 @@ static int one_plan(const char *what, const ir_graph *g, int nodes, const int *k
 
 int cmd_kernels(int argc, char **argv) {
     const char *bkname = NULL, *arch = "sm_90", *out = NULL, *batch_s = NULL, *seq_s = NULL, *prec_s = NULL;
+    int resources = 0;
     const cli_opt opts[] = {
         {"--backend", "NAME", "cuda or opencl (required)", &bkname, NULL},
         {"--arch", "sm_XY", "CUDA architecture to compile for (default sm_90); needs no GPU", &arch, NULL},
@@ -93,6 +188,7 @@ int cmd_kernels(int argc, char **argv) {
         {"--batch", "B", "batch for the memory plan written with --out (default: train.batch)", &batch_s, NULL},
         {"--seq", "S", "sequence length for that memory plan (default: train.seq)", &seq_s, NULL},
         {"--precision", "P", "bf16 or fp32 matmuls (default: bf16 for CUDA sm_80+, else fp32)", &prec_s, NULL},
+        {"--resources", NULL, "CUDA: print each kernel's registers, stack and spills (ptxas's report)", NULL, &resources},
         {NULL, NULL, NULL, NULL, NULL},
     };
     const char *pos[1];
@@ -109,6 +205,10 @@ int cmd_kernels(int argc, char **argv) {
     }
     if (strncmp(arch, "sm_", 3) != 0 || strlen(arch) < 5) {
         fprintf(stderr, "realm kernels: --arch must look like sm_90, got '%s'\n", arch);
+        return 2;
+    }
+    if (resources && strcmp(bkname, "cuda") != 0) {
+        fprintf(stderr, "realm kernels: --resources needs --backend cuda (the report is ptxas's)\n");
         return 2;
     }
     if (prec_s && strcmp(prec_s, "bf16") != 0 && strcmp(prec_s, "fp32") != 0) {
@@ -146,8 +246,8 @@ int cmd_kernels(int argc, char **argv) {
         model_free(&m);
         return 2;
     }
-    rc = one_plan("forward", &m.g, nfwd, keep, 2, bkname, arch, out, B, S, &po, &nk);
-    if (rc == 0) rc = one_plan("train", &m.g, m.g.nn, keep, 1, bkname, arch, out, B, S, &po, &nk);
+    rc = one_plan("forward", &m.g, nfwd, keep, 2, bkname, arch, out, B, S, &po, resources, &nk);
+    if (rc == 0) rc = one_plan("train", &m.g, m.g.nn, keep, 1, bkname, arch, out, B, S, &po, resources, &nk);
     model_free(&m);
     /* the decoder's plans, built from the same file the way runtime/decode.c builds them */
     char *src = NULL;
@@ -166,7 +266,7 @@ int cmd_kernels(int argc, char **argv) {
             break;
         }
         rc = one_plan(which ? "step" : "prefill", &dm.g, dm.g.nn, &dm.logits, 1, bkname, arch, out, B, which ? 1 : S, &fp32,
-                      &nk);
+                      resources, &nk);
         model_free(&dm);
     }
     free(src);

@@ -46,6 +46,48 @@ TEST(generated_cuda_kernels_written) {
     CHECK(atoi(out) == 4, "expected four CUBINs (forward, train, prefill, step), found %d", atoi(out));
 }
 
+/* --resources: ptxas's report for every kernel of every plan, with the launches of each; the
+ * rows of a plan add up to its launch count, and each kernel has its registers. */
+TEST(generated_cuda_resource_report) {
+    char dir[256], cmd[1024];
+    static char buf[1 << 17];
+    char *out = buf + 1;   /* buf[0] = '\n': every plan's line then follows a newline */
+    buf[0] = '\n';
+    snprintf(dir, sizeof dir, "/tmp/realm-cuda-resources-%d", (int)getpid());
+    /* the README's command, into a directory of its own */
+    snprintf(cmd, sizeof cmd, "rm -rf %s && %s kernels models/realm-9m.lua --backend cuda --arch sm_90 --resources --out %s",
+             dir, t_realm_bin(), dir);
+    int rc = t_run(cmd, out, sizeof buf - 1);
+    CHECK(rc == 0, "status %d: %.2000s", rc, out);
+    const char *plans[] = {"forward", "train", "prefill", "step", NULL};
+    for (int i = 0; plans[i]; i++) {
+        char head[32];
+        snprintf(head, sizeof head, "\n%-8s ", plans[i]);
+        const char *h = strstr(buf, head);
+        CHECK(h, "no %s line in: %.2000s", plans[i], out);
+        int nk = 0, nl = 0;
+        CHECK(sscanf(h + 1 + 9, " %d kernels, %d launches", &nk, &nl) == 2, "%.200s", h + 1);
+        int rows = 0, launches = 0, bad = 0;
+        const char *l = strchr(h + 1, '\n') + 1;
+        l = strchr(l, '\n') + 1;   /* the table's header */
+        while (strncmp(l, "  k", 3) == 0) {
+            char name[64];
+            long ln = 0, regs = 0;
+            if (sscanf(l, " %63s %ld %ld", name, &ln, &regs) != 3 || ln < 1 || regs < 1 || regs > 255) bad++;
+            rows++;
+            launches += (int)ln;
+            l = strchr(l, '\n') + 1;
+        }
+        CHECK(rows == nk && launches == nl && !bad, "%s: %d rows for %d kernels, %d launches of %d, %d bad rows", plans[i],
+              rows, nk, launches, nl, bad);
+        char p[512];
+        snprintf(p, sizeof p, "%s/%s.sm_90.ptxas.txt", dir, plans[i]);
+        CHECK(access(p, R_OK) == 0, "%s was not written", p);
+    }
+    snprintf(cmd, sizeof cmd, "rm -rf %s; %s kernels models/tiny.lua --backend opencl --resources", dir, t_realm_bin());
+    CHECK(t_run(cmd, out, sizeof buf - 1) == 2 && strstr(out, "--resources needs --backend cuda"), "%.500s", out);
+}
+
 TEST(generated_opencl_kernels_written_and_built) {
     char dir[256], cmd[1024], out[8192];
     snprintf(dir, sizeof dir, "/tmp/realm-kernels-%d", (int)getpid());
