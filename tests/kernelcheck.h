@@ -15,7 +15,8 @@ backend *kc_opencl(tctx *t);
  * and compare every output (normwise relative error <= tol). Returns 0 or -1 (t has the
  * failing launch). `prepare` (may be NULL) fills the reference's inputs and parameters. */
 int kc_check_graph(tctx *t, backend *bk, const ir_graph *g, long B, long S, double tol, int vocab);
-/* The same with the plan built with options (NULL: fp32), e.g. bf16 matmuls. */
+/* The same with the plan built with options (NULL: fp32), e.g. bf16 matmuls; with bf16 asked
+ * for, the attention launches get their float inputs on the bf16 grid (see ref_round_bf16). */
 int kc_check_graph_opts(tctx *t, backend *bk, const ir_graph *g, long B, long S, double tol, int vocab,
                         const plan_options *opt);
 

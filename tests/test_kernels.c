@@ -99,6 +99,24 @@ static void check_model(tctx *t, const char *path, long B, long S) {
 
 TEST(kernels_tiny_model_every_launch) { check_model(t, "models/tiny.lua", 2, 37); }
 
+/* The bf16 checks' inputs through the same harness (attention's on the bf16 grid): OpenCL has
+ * no bf16 path, so the plan keeps fp32 kernels, which must match the reference as closely as on
+ * any other inputs; on the GPU the same inputs feed the tensor-core kernels
+ * (bf16_kernels_*_every_launch). */
+TEST(kernels_tiny_model_every_launch_bf16_grid_inputs) {
+    realm_model m;
+    char err[1024];
+    CHECK(model_load("models/tiny.lua", &m, err, sizeof err) == 0, "%s", err);
+    CHECK(ir_autodiff(&m.g) == 0, "autodiff: %s", m.g.err);
+    backend *bk = kc_opencl(t);
+    if (bk) {
+        const plan_options bf16 = {.bf16 = 1};
+        kc_check_graph_opts(t, bk, &m.g, 1, 21, 1e-5, m.vocab, &bf16);
+        bk_destroy(bk);
+    }
+    model_free(&m);
+}
+
 /* The optimizer nodes: sumsq over many gradients (more than one node's worth) and AdamW. */
 TEST(kernels_optimizer) {
     ir_graph g;
