@@ -303,6 +303,50 @@ static int valid_arch(const char *arch) {
     return tail[0] == 0 || strcmp(tail, "a") == 0 || strcmp(tail, "f") == 0;
 }
 
+/* The kernel that line `line` (1-based) of src belongs to: the last "KERNEL name(" or
+ * "__global__ void name(" opening at or before it; "" if none. */
+static void kernel_at_line(const char *src, long line, char *name, size_t len) {
+    name[0] = 0;
+    long at = 1;
+    for (const char *l = src; l && *l && at <= line; at++) {
+        const char *eol = strchr(l, '\n'), *k = NULL;
+        size_t n = eol ? (size_t)(eol - l) : strlen(l);
+        if (n > 7 && strncmp(l, "KERNEL ", 7) == 0) k = l + 7;
+        const char *g = strstr(l, "__global__ void ");
+        if (!k && g && (!eol || g < eol)) k = g + strlen("__global__ void ");
+        if (k) {
+            while (*k == ' ') k++;
+            size_t i = 0;
+            while (i + 1 < len && (k[i] == '_' || (k[i] >= 'a' && k[i] <= 'z') || (k[i] >= 'A' && k[i] <= 'Z') ||
+                                   (k[i] >= '0' && k[i] <= '9')))
+                name[i] = k[i], i++;
+            name[i] = 0;
+        }
+        l = eol ? eol + 1 : NULL;
+    }
+}
+
+/* "in kernel NAME (line N)" for the kernels NVRTC's log reports errors in (at most 8): a
+ * module holds every kernel of a plan, so the line number alone does not say which failed. */
+static void name_failed_kernels(const char *src, const char *text, strbuf *log) {
+    char seen[8][64];
+    int ns = 0;
+    const char *tag = "realm_kernels.cu(";
+    for (const char *e = text ? strstr(text, tag) : NULL; e && ns < 8; e = strstr(e + 1, tag)) {
+        long line = atol(e + strlen(tag));
+        const char *close = strstr(e, "): ");
+        if (!close || strncmp(close + 3, "error", 5) != 0) continue;
+        char name[64];
+        kernel_at_line(src, line, name, sizeof name);
+        if (!name[0]) continue;
+        int dup = 0;
+        for (int i = 0; i < ns; i++) dup |= strcmp(seen[i], name) == 0;
+        if (dup) continue;
+        snprintf(seen[ns++], sizeof seen[0], "%s", name);
+        sb_printf(log, "%s kernel %s (line %ld)", ns == 1 ? "\nerrors in" : ",", name, line);
+    }
+}
+
 /* Compile src for arch. On success *cubin (malloc'd) and *len are set and 0 is returned;
  * log receives NVRTC's log either way and, on failure, first says what failed. */
 static int nvrtc_compile(const nvrtc_api *n, const char *src, const char *arch, const char *options,
@@ -356,6 +400,7 @@ static int nvrtc_compile(const nvrtc_api *n, const char *src, const char *arch, 
         sb_printf(log, "NVRTC nvrtcCompileProgram failed for %s (NVRTC %d.%d): %s (%d)\noptions:", arch, n->major,
                   n->minor, n->nvrtcGetErrorString(cr), cr);
         for (int i = 0; i < argc; i++) sb_printf(log, " %s", argv[i]);
+        name_failed_kernels(src, text, log);
         sb_printf(log, "\nNVRTC log:\n%s", text ? text : "(empty)");
         goto done;
     }

@@ -441,6 +441,15 @@ TEST(backend_cuda_compile_error) {
     CHECK(rc == -1 && cubin == NULL && len == 0, "a kernel with a syntax error compiled");
     CHECK(strstr(log, "nvrtcCompileProgram") && strstr(log, "NVRTC log") && strstr(log, "undefined_thing"),
           "error lacks the NVRTC log: %s", log);
+    CHECK(strstr(log, "errors in kernel broken (line 1)"), "error does not name the kernel: %s", log);
+    /* a module of several kernels: the one with the error is named, not its neighbours */
+    const char *two = "extern \"C\" __global__ void fine(float *p) { p[0] = 1.0f; }\n"
+                      "extern \"C\" __global__ void second(float *p) {\n"
+                      "    p[0] = also_undefined;\n"
+                      "}\n";
+    rc = cuda_compile_only(two, "sm_90", "", &cubin, &len, log, sizeof log);
+    CHECK(rc == -1 && strstr(log, "errors in kernel second (line 3)") && !strstr(log, "kernel fine"),
+          "error does not name the failing kernel of two: %s", log);
     rc = cuda_compile_only(CUDA_SAXPY, "compute_90", "", &cubin, &len, log, sizeof log);
     CHECK(rc == -1 && strstr(log, "compute_90"), "a virtual arch was accepted for a CUBIN: %s", log);
 }
