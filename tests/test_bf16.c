@@ -513,9 +513,10 @@ TEST(bf16_timing_realm9m) {
 
 /* ---- always on ---- */
 
-/* The bf16 plan of realm-9m (training step) compiles with NVRTC alone for every arch CI covers;
- * its matmuls are mma.sync kernels, the fp32 plan has none, and OpenCL ignores the option. */
-TEST(bf16_plan_compiles_for_every_arch) {
+/* The bf16 plan of realm-9m (training step): its matmuls are mma.sync kernels, the fp32 plan has
+ * none, and OpenCL ignores the option. The same plan is compiled by NVRTC for sm_80, sm_90 and
+ * sm_120 in generated_cuda_kernels_compile_for_every_arch (`realm kernels` builds it alike). */
+TEST(bf16_plan_uses_mma_for_every_matmul) {
     realm_model m;
     char err[4096];
     CHECK(model_load("models/realm-9m.lua", &m, err, sizeof err) == 0, "%s", err);
@@ -547,19 +548,6 @@ TEST(bf16_plan_compiles_for_every_arch) {
     int bf_flag = pb.kg.bf16, has_mma = strstr(pb.kg.src.s, "mma.sync.aligned.m16n8k16") != NULL;
     int fp32_clean = !pf.kg.bf16 && !strstr(pf.kg.src.s, "mma.sync") && !strstr(pf.kg.src.s, "bf16");
     int ocl_fp32 = !po.kg.bf16 && !strstr(po.kg.src.s, "bf16");
-    const char *archs[] = {"sm_80", "sm_90", "sm_120"};
-    int compiled = 1;
-    for (int a = 0; a < 3 && compiled; a++) {
-        void *cubin = NULL;
-        size_t len = 0;
-        if (cuda_compile_only(pb.kg.src.s, archs[a], "", &cubin, &len, err, sizeof err) < 0) {
-            compiled = 0;
-            char m2[3000];
-            snprintf(m2, sizeof m2, "%s: %.2900s", archs[a], err);
-            snprintf(err, sizeof err, "%s", m2);
-        }
-        free(cubin);
-    }
     plan_free(&po);
     plan_free(&pf);
     plan_free(&pb);
@@ -568,7 +556,6 @@ TEST(bf16_plan_compiles_for_every_arch) {
     CHECK(nmm > 0 && nmma == nmm, "%d of %d matmul launches use the bf16 kernels", nmma, nmm);
     CHECK(fp32_clean, "plan_build (fp32) emitted bf16 code");
     CHECK(ocl_fp32, "the OpenCL dialect did not ignore bf16");
-    CHECK(compiled, "NVRTC: %s", err);
 }
 
 /* The forward/dgrad bf16 kernels number their 128x128 tiles along one grid dim, column tiles
