@@ -5,6 +5,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 static const char *const COMMANDS[] = {"info", "graph", "kernels", "corpus", "train", "eval", "generate", "chat", "bench", NULL};
 
@@ -96,4 +97,21 @@ TEST(cli_info_lists_backends) {
     snprintf(cmd, sizeof cmd, "%s info", t_realm_bin());
     CHECK(t_run(cmd, out, sizeof out) == 0, "realm info failed: %s", out);
     CHECK(strstr(out, "cuda") && strstr(out, "opencl"), "realm info does not mention both backends:\n%s", out);
+}
+
+/* bench/compare.sh (two builds side by side; on the GPU machine with CUDA) runs through on
+ * PoCL with one build twice: a row per RESULT field with its ratio, both builds' kernels. */
+TEST(bench_compare_script) {
+    char cmd[1024], out[16384];
+    snprintf(cmd, sizeof cmd,
+             "BENCH_STEPS=1 BENCH_BACKEND=opencl BENCH_MODEL=models/tiny.lua BENCH_OUT=/tmp/realm-compare-%d "
+             "bash bench/compare.sh %s %s 1 32; rc=$?; rm -rf /tmp/realm-compare-%d; exit $rc",
+             (int)getpid(), t_realm_bin(), t_realm_bin(), (int)getpid());
+    int rc = t_run(cmd, out, sizeof out);
+    CHECK(rc == 0, "status %d: %s", rc, out);
+    const char *rows[] = {"tok_s", "ms_step", "matmul", "scan", "attention", "norm", "new/old", "old:", "new:", NULL};
+    for (int i = 0; rows[i]; i++) CHECK(strstr(out, rows[i]), "no '%s' in: %s", rows[i], out);
+    CHECK(strstr(out, "slowest kernels"), "no kernel list: %s", out);
+    snprintf(cmd, sizeof cmd, "bash bench/compare.sh %s", t_realm_bin());
+    CHECK(t_run(cmd, out, sizeof out) == 2 && strstr(out, "usage"), "one build accepted: %s", out);
 }
