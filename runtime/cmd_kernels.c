@@ -73,16 +73,54 @@ static int by_kernel_number(const void *a, const void *b) {   /* k0_..., k1_...:
     return (x > y) - (x < y);
 }
 
+/* Per-multiprocessor limits of the architectures CI compiles for (CUDA programming guide,
+ * compute capabilities table): threads, shared memory usable by blocks, resident blocks. */
+typedef struct {
+    long threads, smem, blocks;
+} sm_limits;
+
+static sm_limits limits_of(const char *arch) {
+    int cc = atoi(arch + 3);
+    if (cc >= 100 && cc != 100 && cc != 103) return (sm_limits){1536, 99 * 1024, 32};   /* sm_120 */
+    if (cc >= 90) return (sm_limits){2048, 227 * 1024, 32};                            /* sm_90, sm_100 */
+    if (cc == 86 || cc == 87 || cc == 89) return (sm_limits){1536, 99 * 1024, cc == 87 ? 16 : 24};
+    if (cc >= 80) return (sm_limits){2048, 163 * 1024, 32};
+    return (sm_limits){2048, 96 * 1024, 32};
+}
+
+/* Work-groups of `threads` threads with `regs` registers a thread and `smem` bytes of shared
+ * memory (static + dynamic) that fit on one multiprocessor at once: registers go by warps in
+ * units of 256 from 65536, each block reserves 1 KiB of shared memory (sm_80 on). */
+static long blocks_per_sm(const char *arch, long threads, long regs, long smem) {
+    sm_limits lim = limits_of(arch);
+    long warps = (threads + 31) / 32, per_warp = (regs * 32 + 255) / 256 * 256;
+    long by_regs = per_warp > 0 ? 65536 / (per_warp * warps) : lim.blocks;
+    long by_smem = lim.smem / (smem + 1024), by_threads = lim.threads / (warps * 32), b = lim.blocks;
+    if (by_regs < b) b = by_regs;
+    if (by_smem < b) b = by_smem;
+    if (by_threads < b) b = by_threads;
+    return b;
+}
+
 static void print_resources(const char *what, const char *arch, const plan *p, kres *r, int n) {
     qsort(r, (size_t)n, sizeof *r, by_kernel_number);
     int spilling = 0;
     long maxregs = 0;
-    printf("  %-40s %8s %5s %6s %7s %7s %6s\n", "kernel", "launches", "regs", "stack", "spill-st", "spill-ld", "smem");
+    printf("  %-40s %8s %7s %5s %6s %8s %8s %7s %9s\n", "kernel", "launches", "threads", "regs", "stack", "spill-st",
+           "spill-ld", "smem", "blocks/SM");
     for (int i = 0; i < n; i++) {
         int launches = 0;
-        for (int l = 0; l < p->kg.nl; l++) launches += strcmp(p->kg.launches[l].kernel, r[i].name) == 0;
-        printf("  %-40s %8d %5ld %6ld %7ld %7ld %6ld%s\n", r[i].name, launches, r[i].regs, r[i].frame, r[i].spill_st,
-               r[i].spill_ld, r[i].smem, r[i].spill_st || r[i].spill_ld ? "  spills" : "");
+        long threads = 0, dyn = 0;
+        for (int l = 0; l < p->kg.nl; l++) {
+            const plan_launch *pl = &p->kg.launches[l];
+            if (strcmp(pl->kernel, r[i].name) != 0) continue;
+            if (!launches++) threads = (long)pl->block[0] * pl->block[1] * pl->block[2], dyn = pl->shmem;
+        }
+        long smem = r[i].smem + dyn;
+        char occ[16] = "-";
+        if (threads > 0) snprintf(occ, sizeof occ, "%ld", blocks_per_sm(arch, threads, r[i].regs, smem));
+        printf("  %-40s %8d %7ld %5ld %6ld %8ld %8ld %7ld %9s%s\n", r[i].name, launches, threads, r[i].regs, r[i].frame,
+               r[i].spill_st, r[i].spill_ld, smem, occ, r[i].spill_st || r[i].spill_ld ? "  spills" : "");
         spilling += r[i].spill_st || r[i].spill_ld;
         if (r[i].regs > maxregs) maxregs = r[i].regs;
     }

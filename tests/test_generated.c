@@ -62,7 +62,8 @@ TEST(generated_cuda_kernels_written) {
 }
 
 /* --resources: ptxas's report for every kernel of every plan, with the launches of each; the
- * rows of a plan add up to its launch count, and each kernel has its registers. */
+ * rows of a plan add up to its launch count, and each kernel has its threads, registers and
+ * the work-groups that fit on a multiprocessor (at least one: every kernel must launch). */
 TEST(generated_cuda_resource_report) {
     char dir[256], cmd[1024];
     static char buf[1 << 17];
@@ -87,8 +88,11 @@ TEST(generated_cuda_resource_report) {
         l = strchr(l, '\n') + 1;   /* the table's header */
         while (strncmp(l, "  k", 3) == 0) {
             char name[64];
-            long ln = 0, regs = 0;
-            if (sscanf(l, " %63s %ld %ld", name, &ln, &regs) != 3 || ln < 1 || regs < 1 || regs > 255) bad++;
+            long ln = 0, threads = 0, regs = 0, stack = 0, sst = 0, sld = 0, smem = 0, occ = 0;
+            if (sscanf(l, " %63s %ld %ld %ld %ld %ld %ld %ld %ld", name, &ln, &threads, &regs, &stack, &sst, &sld, &smem,
+                       &occ) != 9 ||
+                ln < 1 || threads < 1 || threads > 1024 || regs < 1 || regs > 255 || occ < 1 || occ > 32)
+                bad++;
             rows++;
             launches += (int)ln;
             l = strchr(l, '\n') + 1;
