@@ -146,6 +146,11 @@ static int epilogue_end(const ir_graph *g, int i, int node1, const int *aliased)
     if (g->t[y].base != y || aliased[y]) return i + 1;
     int j = i + 1, reads = 0;
     while (j < node1 && op_get(g->n[j].op)->ew && same_space(g, i, j)) {
+        /* a run that writes into the operands' storage (a view of it) would race with the
+         * blocks still reading them: it ends before such a node */
+        int clobbers = 0, ob = g->t[g->n[j].out[0]].base;
+        for (int q = 0; q < n->nin; q++) clobbers |= g->t[n->in[q]].base == ob;
+        if (clobbers) break;
         for (int q = 0; q < g->n[j].nin; q++) reads |= g->n[j].in[q] == y;
         j++;
     }
