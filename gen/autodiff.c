@@ -220,17 +220,17 @@ static int emit_recompute(ir_graph *g, recomp *r) {
     return 0;
 }
 
-/* A gate silu(z) whose only reader is the elementwise node right after it (y * silu(z) in the
- * Mamba mixers and SwiGLU) is recomputed in the backward rather than stored: silu's own
- * gradient reads z anyway, so the backward reads z once instead of z and silu(z), the forward
- * writes one tensor less, and the copy lands in the fused group after the product that
- * computes the gate's gradient (realm-9m at 8 x 8192: 1.8 GB of saved activations less).
- * Such a pair becomes a region of its own (ids past the scopes'), recomputed like a scope
- * marked `recompute`; the copy of the second node is never read and stays in registers. */
+/* A node whose op_def says `recompute` (silu), read only by the elementwise node right after
+ * it (the gates y * silu(z) of the Mamba mixers and SwiGLU), is recomputed in the backward
+ * rather than stored: silu's own gradient reads z anyway, so the backward reads z once instead
+ * of z and silu(z), the forward writes one tensor less, and the copy lands in the fused group
+ * after the product that computes the gate's gradient (realm-9m at 8 x 8192: 1.8 GB of saved
+ * activations less). Such a pair becomes a region of its own (ids past the scopes'),
+ * recomputed like a scope marked `recompute`; the copy of the second node is never read and
+ * stays in registers. */
 static void mark_gate_recompute(const ir_graph *g, int nfwd, int *region) {
-    int silu = op_find("silu");
     for (int i = 0; i + 1 < nfwd; i++) {
-        if (g->n[i].op != silu || region[i] >= 0 || region[i + 1] >= 0 || !op_get(g->n[i + 1].op)->ew) continue;
+        if (!op_get(g->n[i].op)->recompute || region[i] >= 0 || region[i + 1] >= 0 || !op_get(g->n[i + 1].op)->ew) continue;
         int t = g->n[i].out[0], readers = 0, next_reads = 0;
         if (t == g->loss) continue;
         for (int u = 0; u < g->nt; u++)

@@ -59,6 +59,9 @@ typedef struct op_def {
      * stage (kgen.epi, see plan_epilogue) for this node: each output element is then finished
      * where it is computed, and an intermediate that only the group reads is never stored. */
     int (*epilogue_ok)(const ir_graph *g, const ir_node *n);
+    /* Elementwise and cheaper to compute again than to store and read back: when only the next
+     * (elementwise) node reads its output, autodiff recomputes the pair in the backward. */
+    int recompute;
 } op_def;
 
 const op_def *op_get(int id);

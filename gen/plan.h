@@ -19,7 +19,7 @@ typedef struct plan {
 /* An elementwise group fused into the output stage of the kernel before it (a matmul's
  * epilogue): nodes [n0, n1) all iterate over the space of `src`, the output of node n0 - 1,
  * whose template computes element (tok, f) of src in a register and hands it to
- * plan_epi_element instead of (or besides, if src_stored) writing it. The template declares
+ * plan_epi_loads / plan_epi_values instead of (or besides, if src_stored) writing it. The template declares
  * its own inputs, then plan_epi_inputs, then its output only if src_stored, then
  * plan_epi_outputs; its launch covers nodes [n0 - 1, n1). */
 typedef struct plan_epilogue {

@@ -193,12 +193,13 @@ static int ref_grads(tctx *t, const char *src, int recompute_off, long B, long S
         model_free(&m);
         return -1;
     }
-    /* activations emitted by the backward other than the gates (silu, and the elementwise node
-     * after it) that are always recomputed: the scopes' recomputation happened */
-    int recomputed = 0, silu = op_find("silu");
+    /* activations emitted by the backward other than the gates (a `recompute` op such as silu,
+     * and the elementwise node after it) that are always recomputed: the scopes'
+     * recomputation happened */
+    int recomputed = 0;
     for (int i = g->backward_start; i < g->nn; i++) {
-        if (g->t[g->n[i].out[0]].role != ROLE_ACT || g->n[i].op == silu) continue;
-        recomputed |= !(i > g->backward_start && g->n[i - 1].op == silu && op_get(g->n[i].op)->ew);
+        if (g->t[g->n[i].out[0]].role != ROLE_ACT || op_get(g->n[i].op)->recompute) continue;
+        recomputed |= !(i > g->backward_start && op_get(g->n[i - 1].op)->recompute && op_get(g->n[i].op)->ew);
     }
     if (recomputed == recompute_off) {
         t_fail(t, __FILE__, __LINE__, "recompute %s but %d recomputed nodes", recompute_off ? "off" : "on", recomputed);

@@ -473,27 +473,25 @@ static int emit_staged_epilogue(kgen *k, const mma_tile *t, long avail, const ch
      * compiler cannot move a load above an earlier element's store (the pointers may alias),
      * so one element at a time waited on memory for each */
     const int nt = tile_threads(t), per = t->bm * t->bn / nt, U = per < EPI_U ? per : EPI_U;
-    char tok[16], col[16], ok[16], val[16];
+    char tok[EPI_U][8], col[EPI_U][8], val[EPI_U][8], ok[8];
     kg_line(k, "for (int e0 = tid; e0 < %d; e0 += %d) {", t->bm * t->bn, nt * U);
     for (int u = 0; u < U; u++) {
+        snprintf(tok[u], sizeof tok[u], "em%d", u);
+        snprintf(col[u], sizeof col[u], "ec%d", u);
+        snprintf(val[u], sizeof val[u], "ev%d", u);
         kg_line(k, "    const int er%d = (e0 + %d) / %d, ecc%d = (e0 + %d) %% %d;", u, u * nt, t->bn, u, u * nt, t->bn);
         kg_line(k, "    const long em%d = m0 + er%d, ec%d = n0 + ecc%d;", u, u, u, u);
         kg_line(k, "    int eok%d;", u);
         kg_line(k, "    { const long m = em%d; eok%d = e0 + %d < %d && ec%d < %s && (%s); }", u, u, u * nt, t->bm * t->bn,
                 u, col_lim, store_row_ok);
-        snprintf(tok, sizeof tok, "em%d", u);
-        snprintf(col, sizeof col, "ec%d", u);
         snprintf(ok, sizeof ok, "eok%d", u);
-        plan_epi_loads(k, k->epi, u, tok, col, ok);
+        plan_epi_loads(k, k->epi, u, tok[u], col[u], ok);
     }
     for (int u = 0; u < U; u++) {
         kg_line(k, "    if (eok%d) {", u);
         kg_line(k, "        const float ev%d = sc[er%d * %ld + ecc%d];", u, u, cs, u);
         if (k->epi->src_stored) kg_line(k, "        { const long m = em%d; (%s)[ec%d] = ev%d; }", u, out_row, u, u);
-        snprintf(tok, sizeof tok, "em%d", u);
-        snprintf(col, sizeof col, "ec%d", u);
-        snprintf(val, sizeof val, "ev%d", u);
-        plan_epi_values(k, k->epi, u, tok, col, val);
+        plan_epi_values(k, k->epi, u, tok[u], col[u], val[u]);
         kg_line(k, "    }");
     }
     kg_line(k, "}");

@@ -60,5 +60,6 @@ static void ew_bwd(strbuf *out, const ir_node *n, const char *const *in) {
               in[0], in[0]);
 }
 
-const op_def op_silu = {.name = "silu", .nin = 1, .nout = 1, .infer = infer, .grad = grad, .ref = ref, .flops = flops, .ew = ew};
+const op_def op_silu = {.name = "silu", .nin = 1, .nout = 1, .infer = infer, .grad = grad, .ref = ref, .flops = flops, .ew = ew,
+                        .recompute = 1};
 const op_def op_silu_bwd = {.name = "silu_bwd", .nin = 2, .nout = 1, .infer = infer_bwd, .ref = ref_bwd, .flops = flops, .ew = ew_bwd};
