@@ -39,8 +39,9 @@ static void ref_round(ref_ctx *c, int tid) {
  * matmuls: their tensor-core kernels round Q, K, V and dO to bf16 on the way in, and that
  * quantisation cancels badly in dS = P (dP - D) and in dQ = dS K (sum over keys of dS is 0)
  * when the values share a large common part or the softmax rows are sharp: an emulation of
- * the dq kernel's rounding points in fp64 came 1.0-1.7% from the fp64 result of unrounded
- * inputs (the check's bound is 1%) and 0.2% from that of inputs on the bf16 grid, which is
+ * the dq kernel's rounding points in fp64 (bench/attention_dq_rounding.py) came 1-4% from the
+ * fp64 result of unrounded inputs (the check's bound is 1%) and 0.2% from that of inputs on
+ * the bf16 grid, which is
  * what the comparison then measures: the kernel's own arithmetic. Not every launch: the
  * scan's backward reads states saved by the forward, which rounded on their own no longer
  * match its other inputs, and its fp32 workspaces then drift from the reference by 1e-4. */
