@@ -473,7 +473,7 @@ static int emit_staged_epilogue(kgen *k, const mma_tile *t, long avail, const ch
      * compiler cannot move a load above an earlier element's store (the pointers may alias),
      * so one element at a time waited on memory for each */
     const int nt = tile_threads(t), per = t->bm * t->bn / nt, U = per < EPI_U ? per : EPI_U;
-    char tok[EPI_U][8], col[EPI_U][8], val[EPI_U][8], ok[8];
+    char tok[EPI_U][16], col[EPI_U][16], val[EPI_U][16], ok[16];
     kg_line(k, "for (int e0 = tid; e0 < %d; e0 += %d) {", t->bm * t->bn, nt * U);
     for (int u = 0; u < U; u++) {
         snprintf(tok[u], sizeof tok[u], "em%d", u);
