@@ -147,8 +147,8 @@ static const char cuda_prelude[] =
     "__device__ __noinline__ float realm_cosf(float x) { return cosf(x); }\n";
 
 static const dialect dialects[] = {
-    {"opencl", opencl_spell, "", NULL},
-    {"cuda", cuda_spell, cuda_prelude, cuda_bf16_prelude},
+    {"opencl", opencl_spell, "", NULL, 0},
+    {"cuda", cuda_spell, cuda_prelude, cuda_bf16_prelude, 1},
 };
 
 const dialect *dialect_find(const char *name) {
@@ -247,6 +247,8 @@ void kg_block(kgen *k, int x, int y, int z) {
 }
 
 void kg_min_blocks(kgen *k, int n) { k->min_blocks = n; }
+
+void kg_param_grad(kgen *k) { k->cur.param_grad = 1; }
 
 int kg_end(kgen *k) {
     if (k->err[0]) return -1;

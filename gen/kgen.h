@@ -32,6 +32,9 @@ typedef struct dialect {
      * bf16 matrix path (OpenCL): kg_set_bf16 then leaves k->bf16 at 0, so templates fall back
      * to fp32 and a bf16 request on such a backend still yields a correct (fp32) module. */
     const char *bf16_prelude;
+    /* The backend runs a plan's side launches (plan.side) on a second stream, so the memory
+     * plan must keep their tensors until they are joined (plan_build). */
+    int side_stream;
 } dialect;
 const dialect *dialect_find(const char *name);
 
@@ -51,6 +54,7 @@ typedef struct plan_launch {
     kg_dim grid[3];
     int block[3];
     long shmem;                    /* bytes of dynamic shared (local) memory, see kg_shared */
+    int param_grad;                /* reduces into a parameter's gradient (kg_param_grad) */
 } plan_launch;
 
 typedef struct kgen {
@@ -96,6 +100,10 @@ void kg_shared(kgen *k, const char *name, long n);
 /* CUDA: have the compiler fit n work-groups of this kernel (at its kg_block size) on one
  * multiprocessor at a time, i.e. cap its registers (__launch_bounds__). Others ignore it. */
 void kg_min_blocks(kgen *k, int n);
+/* The kernel being rendered is weight-gradient work: it reduces into a parameter's gradient
+ * (or a partial of one), which nothing reads before the optimizer. The plan may run such a
+ * launch on a side stream (plan.side) once it has checked that nothing else needs it sooner. */
+void kg_param_grad(kgen *k);
 /* Finish the kernel: identical kernels (same parameters and body) are emitted once and shared. */
 int kg_end(kgen *k);
 

@@ -14,6 +14,13 @@ typedef struct plan {
     char *persist;           /* per tensor: lives for the whole step (and across steps) */
     int *first, *last;       /* per owner: first and last launch touching it */
     int nfused;              /* nodes that became registers inside a fused kernel */
+    /* Per launch. side: weight-gradient work that may run on a second stream (dialects with
+     * side_stream; all zero otherwise): every tensor it writes is a parameter's gradient or
+     * is touched afterwards only by other side launches. join: for a side launch, the first
+     * later launch that may not start before it has finished (nl: the end of the run). */
+    char *side;
+    int *join;
+    int nside;
 } plan;
 
 /* An elementwise group fused into the output stage of the kernel before it (a matmul's

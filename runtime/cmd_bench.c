@@ -88,7 +88,7 @@ static void print_top_kernels(const plan *p, const exec_prof *pr, long psteps) {
 
 int cmd_bench(int argc, char **argv) {
     const char *bkname = "auto", *batch_s = NULL, *seq_s = NULL, *steps_s = NULL, *warm_s = NULL, *dev_s = NULL,
-               *prof_s = NULL, *prec_s = NULL;
+               *prof_s = NULL, *prec_s = NULL, *side_s = NULL;
     const cli_opt opts[] = {
         {"--precision", "P", "bf16 or fp32 matmuls (default: bf16 on CUDA sm_80+, else fp32), as realm train", &prec_s,
          NULL},
@@ -99,6 +99,7 @@ int cmd_bench(int argc, char **argv) {
         {"--steps", "N", "timed steps (default 10)", &steps_s, NULL},
         {"--warmup", "N", "untimed steps first (default 2)", &warm_s, NULL},
         {"--profile-steps", "N", "steps timed launch by launch for the breakdown (default 2, 0: none)", &prof_s, NULL},
+        {"--side-stream", "on|off", "weight-gradient launches on a second stream (default on, CUDA)", &side_s, NULL},
         {NULL, NULL, NULL, NULL, NULL},
     };
     const char *pos[1];
@@ -125,6 +126,11 @@ int cmd_bench(int argc, char **argv) {
     rc |= dev_s && cli_long("bench", "--device", dev_s, 0, 1024, &dev);
     rc |= prof_s && cli_long("bench", "--profile-steps", prof_s, 0, 1L << 20, &psteps);
     if (rc) {
+        free(src);
+        return 2;
+    }
+    if (side_s && strcmp(side_s, "on") != 0 && strcmp(side_s, "off") != 0) {
+        fprintf(stderr, "realm bench: --side-stream must be on or off, got '%s'\n", side_s);
         free(src);
         return 2;
     }
@@ -168,6 +174,7 @@ int cmd_bench(int argc, char **argv) {
         goto fail;
     }
     have_session = 1;
+    s.x.side_off = side_s && strcmp(side_s, "off") == 0;
     if (session_init_params(&s, 1, err, sizeof err) < 0) goto fail;
     if (!(e0 = bk_event_create(bk)) || !(e1 = bk_event_create(bk))) {
         goto fail_bk;
@@ -225,6 +232,10 @@ int cmd_bench(int argc, char **argv) {
     printf("\n%-34s %s\n", "model", s.m.name);
     printf("%-34s %ld parameters, %d launches (%d distinct kernels)\n", "graph", ir_param_count(g), s.p.kg.nl,
            s.p.kg.nbodies);
+    printf("%-34s %s\n", "side stream", s.x.side && !s.x.side_off ? "on" : "off");
+    if (s.x.side && !s.x.side_off)
+        printf("%-34s %d weight-gradient launches beside the backward chain (the breakdown runs them in line)\n", "",
+               s.p.nside);
     printf("%-34s %.0f\n", "tokens/s", tps);
     printf("%-34s %.3f median, %.3f mean, %.3f min, %.3f max\n", "ms/step", median, mean, ms[0], ms[steps - 1]);
     printf("%-34s %.2fM (sum of ir_flops over the step's nodes / B*S)\n", "FLOPs/token (fwd+bwd+optimizer)",

@@ -32,6 +32,20 @@ int exec_create(plan_exec *x, backend *bk, const plan *p, long B, long S, char *
             return -1;
         }
     }
+    if (p->nside > 0) {
+        x->side = bk_stream_create(bk);
+        x->fork = x->side ? bk_event_create(bk) : NULL;
+        x->done = calloc((size_t)nl, sizeof *x->done);
+        for (int i = 0; x->fork && x->done && i < nl; i++)
+            if (p->side[i] && !(x->done[i] = bk_event_create(bk))) break;
+        int ok = x->side && x->fork && x->done;
+        for (int i = 0; ok && i < nl; i++) ok = !p->side[i] || x->done[i];
+        if (!ok) {
+            snprintf(err, errlen, "creating the side stream and its events: %s", bk_error(bk));
+            exec_destroy(x);
+            return -1;
+        }
+    }
     x->offset = malloc(sizeof *x->offset * (size_t)p->g->nt);
     x->arena_bytes = plan_arena(p, B, S, x->offset);
     x->arena = bk_alloc(bk, x->arena_bytes ? x->arena_bytes : PLAN_ALIGN);
@@ -72,6 +86,11 @@ void exec_destroy(plan_exec *x) {
     if (x->bk) prof_free(x);
     for (int i = 0; i < x->ngraph; i++) bk_graph_free(x->bk, x->graph[i]);
     free(x->graph);
+    for (int i = 0; x->done && i < x->p->kg.nl; i++)
+        if (x->done[i]) bk_event_destroy(x->bk, x->done[i]);
+    free(x->done);
+    if (x->fork) bk_event_destroy(x->bk, x->fork);
+    if (x->side) bk_stream_destroy(x->bk, x->side);
     if (x->arena) bk_free(x->bk, x->arena);
     if (x->mod) bk_module_free(x->bk, x->mod);
     free(x->kern);
@@ -151,11 +170,35 @@ void exec_profile_reset(plan_exec *x) {
     pr->total_ms = 0;
 }
 
+/* Before main launch i: wait for the latest side launch in (*waited, last] that launch i must
+ * follow (plan.join); the side stream is in order, so that covers every one before it. */
+static int side_join(plan_exec *x, int i, int *waited, int last, char *err, size_t errlen) {
+    int need = -1;
+    for (int s = *waited + 1; s <= last; s++)
+        if (x->p->side[s] && x->p->join[s] <= i) need = s;
+    if (need < 0) return 0;
+    if (bk_stream_wait_event(x->bk, x->stream, x->done[need]) < 0) {
+        snprintf(err, errlen, "joining side launch %d before launch %d: %s", need, i, bk_error(x->bk));
+        return -1;
+    }
+    *waited = need;
+    return 0;
+}
+
 int exec_run(plan_exec *x, int l0, int l1, char *err, size_t errlen) {
     bk_arg args[KG_MAX_ARGS + 3];
     exec_prof *pr = x->prof;
+    const int use_side = x->side && !pr && !x->capturing && !x->side_off;
+    int waited = l0 - 1, last_side = l0 - 1;
     for (int i = l0; i < l1; i++) {
         const plan_launch *l = &x->p->kg.launches[i];
+        const int on_side = use_side && x->p->side[i];
+        bk_stream *st = on_side ? x->side : x->stream;
+        if (on_side && (bk_event_record(x->bk, x->fork, x->stream) < 0 || bk_stream_wait_event(x->bk, x->side, x->fork) < 0)) {
+            snprintf(err, errlen, "forking launch %d (%s) onto the side stream: %s", i, l->kernel, bk_error(x->bk));
+            return -1;
+        }
+        if (use_side && !on_side && side_join(x, i, &waited, last_side, err, errlen) < 0) return -1;
         if (pr) {
             /* re-recording an unread pair would lose its time: read it first */
             if (pr->pending[i] && prof_read(x, i, err, errlen) < 0) return -1;
@@ -171,7 +214,7 @@ int exec_run(plan_exec *x, int l0, int l1, char *err, size_t errlen) {
         for (int a = 0; a < l->nargs; a++) args[na++] = BK_I64(plan_elem_offset(x->p, x->offset, l->arg[a]));
         size_t grid[3], block[3] = {(size_t)l->block[0], (size_t)l->block[1], (size_t)l->block[2]};
         plan_grid(l, x->B, x->S, grid);
-        if (bk_launch(x->bk, x->stream, x->kern[i], grid, block, (size_t)l->shmem, args, na) < 0) {
+        if (bk_launch(x->bk, st, x->kern[i], grid, block, (size_t)l->shmem, args, na) < 0) {
             snprintf(err, errlen, "launch %d (%s): %s", i, l->kernel, bk_error(x->bk));
             return -1;
         }
@@ -182,6 +225,17 @@ int exec_run(plan_exec *x, int l0, int l1, char *err, size_t errlen) {
             }
             pr->pending[i] = 1;
         }
+        if (on_side) {
+            if (bk_event_record(x->bk, x->done[i], x->side) < 0) {
+                snprintf(err, errlen, "launch %d (%s) on the side stream: %s", i, l->kernel, bk_error(x->bk));
+                return -1;
+            }
+            last_side = i;
+        }
+    }
+    if (last_side > waited && bk_stream_wait_event(x->bk, x->stream, x->done[last_side]) < 0) {
+        snprintf(err, errlen, "joining the side stream after launch %d: %s", l1 - 1, bk_error(x->bk));
+        return -1;
     }
     return 0;
 }
@@ -210,7 +264,9 @@ int exec_capture(plan_exec *x, int l0, int l1, char *err, size_t errlen) {
         return -1;
     }
     /* a failed launch still ends the capture, so the stream is usable afterwards */
+    x->capturing = 1;
     int rc = exec_run(x, l0, l1, err, errlen);
+    x->capturing = 0;
     bk_graph *g = bk_graph_end(x->bk, x->stream);
     if (rc < 0) {
         bk_graph_free(x->bk, g);

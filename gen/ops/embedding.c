@@ -127,6 +127,7 @@ static int emit_bwd(kgen *k, const ir_node *n) {
     long nfs = (d + 31) / 32, vb = V < 256 ? V : 256, nvb = (V + 255) / 256;
     int node = (int)(n - k->g->n);
     kg_begin(k, "embedding_bwd_part", node, node + 1);
+    kg_param_grad(k);
     kg_in(k, "tok", tok);
     kg_in(k, "dy", dy);
     kg_out(k, "part", part);
@@ -163,6 +164,7 @@ static int emit_bwd(kgen *k, const ir_node *n) {
     if (kg_end(k) < 0) return -1;
 
     kg_begin(k, "embedding_bwd_sum", node, node + 1);
+    kg_param_grad(k);
     kg_in(k, "part", part);
     kg_out(k, "dt", dt);
     kg_line(k, "const long i = GID_X * 256 + LID_X;");

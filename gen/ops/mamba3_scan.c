@@ -3279,6 +3279,7 @@ static int emit_bwd(kgen *k, const ir_node *n) {
      * on the H100 at 0.93 TB/s) */
     const int NTP = strcmp(k->d->name, "cuda") == 0 ? 1024 : 256, LN = NTP / 32;
     kg_begin(k, "mamba3_scan_bwd_params", node, node + 1);
+    kg_param_grad(k);
     kg_in(k, "hd", n->out[BOUT_HEAD]);
     kg_in(k, "gddt", n->out[IN_DDT]);
     kg_in(k, "x", n->in[IN_X]);

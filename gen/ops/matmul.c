@@ -691,6 +691,7 @@ static int emit_wgrad_sum(kgen *k, const ir_node *n) {
     long G = ps->d[0], PQ = (long)ps->d[1] * ps->d[2];
     int node = (int)(n - k->g->n);
     kg_begin(k, "matmul_wgrad_sum", node, node + 1);
+    kg_param_grad(k);
     kg_in(k, "part", n->out[1]);
     kg_out(k, "o", n->out[0]);
     kg_line(k, "const long i = GID_X * 256 + LID_X;");
@@ -715,6 +716,7 @@ static int emit_wgrad_bf16(kgen *k, const ir_node *n) {
     int node = (int)(n - k->g->n);
     char ra[160], rb[160], plim[32], qlim[32], orow[160];
     kg_begin(k, "matmul_wgrad_bf16", node, node + 1);
+    kg_param_grad(k);
     kg_in(k, "a", a);
     kg_in(k, "b", b);
     kg_out(k, "part", part);
@@ -817,6 +819,7 @@ static int emit_wgrad(kgen *k, const ir_node *n) {
     int node = (int)(n - k->g->n);
     char ra[160], rb[160];
     kg_begin(k, "matmul_wgrad", node, node + 1);
+    kg_param_grad(k);
     kg_in(k, "a", a);
     kg_in(k, "b", b);
     kg_out(k, "part", part);

@@ -295,6 +295,7 @@ static int emit_bwd(kgen *k, const ir_node *n) {
     if (kg_end(k) < 0) return -1;
 
     kg_begin(k, "rmsnorm_bwd_dw", node, node + 1);
+    kg_param_grad(k);
     kg_in(k, "part", part);
     kg_out(k, "dw", dw);
     kg_line(k, "LOCAL float red[256];");

@@ -1,0 +1,175 @@
+/* The side stream (gen/plan.c "the side stream", runtime/exec.c): weight-gradient launches run
+ * on a second CUDA stream beside the backward chain.
+ *
+ * Always (no GPU): realm-9m's CUDA training plan puts its weight-gradient work on the side and
+ * nothing else, and the schedule with the memory plan has no hazard: no main launch that runs
+ * while a side launch may still be running touches bytes that launch writes, or writes bytes
+ * it reads. The OpenCL plan has no side launches.
+ *
+ * With REALM_GPU=1 (CUDA): training steps with the side stream give the same bits as with
+ * every launch in line (deterministic kernels, the same order of every sum). */
+#include "exec.h"
+#include "op.h"
+#include "plan.h"
+#include "rng.h"
+#include "session.h"
+#include "test.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+static const plan_options bf16_plan = {.bf16 = 1};
+
+/* bytes [o, o + n) of owner b at (B, S), or n = 0 where b has no storage */
+static void owner_range(const plan *p, const size_t *off, int b, long B, long S, size_t *o, size_t *n) {
+    *o = off[b];
+    *n = off[b] == (size_t)-1 ? 0 : (size_t)ir_numel(&p->g->t[b].shape, B, S) * 4;
+}
+
+/* Hazards between side launch l and main launch m that may run at the same time: pairs of
+ * arguments, one of them written, whose bytes overlap. */
+static int overlapping_pairs(const plan *p, const size_t *off, int l, int m, long B, long S, char *what, size_t len) {
+    const plan_launch *L = &p->kg.launches[l], *M = &p->kg.launches[m];
+    int bad = 0;
+    for (int a = 0; a < L->nargs; a++)
+        for (int q = 0; q < M->nargs; q++) {
+            if (a < L->nin && q < M->nin) continue;
+            size_t o1, n1, o2, n2;
+            owner_range(p, off, p->g->t[L->arg[a]].base, B, S, &o1, &n1);
+            owner_range(p, off, p->g->t[M->arg[q]].base, B, S, &o2, &n2);
+            if (n1 && n2 && o1 < o2 + n2 && o2 < o1 + n1) {
+                if (!bad)
+                    snprintf(what, len, "launch %d %s (side, joined at %d) and %d %s: %s and %s overlap", l, L->kernel,
+                             p->join[l], m, M->kernel, p->g->t[L->arg[a]].name, p->g->t[M->arg[q]].name);
+                bad++;
+            }
+        }
+    return bad;
+}
+
+TEST(plan_side_stream_is_hazard_free) {
+    char err[4096], what[512] = "";
+    char *src = t_slurp("models/realm-9m.lua");
+    CHECK(src, "models/realm-9m.lua");
+    session s, o;
+    int ok = session_prepare_opts(&s, src, strlen(src), "models/realm-9m.lua", "cuda", 1, 0, &bf16_plan, err,
+                                  sizeof err) == 0;
+    int oko = ok && session_prepare_opts(&o, src, strlen(src), "models/realm-9m.lua", "opencl", 1, 0, NULL, err,
+                                         sizeof err) == 0;
+    free(src);
+    if (!oko) {
+        if (ok) session_close(&s);
+        CHECK(0, "%s", err);
+    }
+    const plan *p = &s.p;
+    const ir_graph *g = p->g;
+    int wgrad = 0, wgrad_side = 0, not_grad_work = 0, before_bwd = 0, bad_join = 0, hazards = 0, counted = 0;
+    for (int l = 0; l < p->kg.nl; l++) {
+        const plan_launch *L = &p->kg.launches[l];
+        const char *op = op_get(g->n[L->node0].op)->name;
+        int is_wgrad = strcmp(op, "matmul_wgrad") == 0;
+        wgrad += is_wgrad;
+        if (!p->side[l]) continue;
+        counted++;
+        wgrad_side += is_wgrad;
+        not_grad_work += !L->param_grad;
+        before_bwd += !g->n[L->node0].backward;
+        bad_join += p->join[l] <= l || p->join[l] > p->kg.nl;
+    }
+    const long Bs[2] = {8, 2}, Ss[2] = {8192, 100};
+    for (int c = 0; c < 2; c++) {
+        size_t *off = malloc(sizeof *off * (size_t)g->nt);
+        plan_arena(p, Bs[c], Ss[c], off);
+        for (int l = 0; l < p->kg.nl; l++) {
+            if (!p->side[l]) continue;
+            for (int m = l + 1; m < p->join[l] && m < p->kg.nl; m++)
+                if (!p->side[m]) hazards += overlapping_pairs(p, off, l, m, Bs[c], Ss[c], what, sizeof what);
+        }
+        free(off);
+    }
+    int o_side = o.p.nside;
+    session_close(&o);
+    int nside = p->nside;
+    session_close(&s);
+    printf("  realm-9m CUDA training plan: %d side launches, %d of %d weight-gradient matmul launches\n", nside, wgrad_side,
+           wgrad);
+    CHECK(counted == nside, "plan.nside %d, %d launches marked", nside, counted);
+    /* every weight-gradient launch (split-K products and their sums) but the tied head's two,
+     * whose gradient is added to the embedding's by a launch of the chain */
+    CHECK(wgrad > 60 && wgrad_side == wgrad - 2, "%d of %d weight-gradient launches on the side, want all but two",
+          wgrad_side, wgrad);
+    CHECK(not_grad_work == 0, "%d side launches are not weight-gradient work", not_grad_work);
+    CHECK(before_bwd == 0, "%d side launches in the forward", before_bwd);
+    CHECK(bad_join == 0, "%d side launches joined before themselves or past the end", bad_join);
+    CHECK(hazards == 0, "%d overlapping argument pairs, e.g. %s", hazards, what);
+    CHECK(o_side == 0, "the OpenCL plan has %d side launches", o_side);
+}
+
+/* Training steps on CUDA, side stream on and off: the same loss and parameters, bit for bit. */
+TEST(gpu_side_stream_same_bits) {
+    const char *e = getenv("REALM_GPU"), *be = getenv("REALM_GPU_BACKEND");
+    if (!e || strcmp(e, "1") != 0 || (be && strcmp(be, "cuda") != 0)) {
+        printf("  (no CUDA GPU: skipped)\n");
+        return;
+    }
+    char err[4096];
+    backend *bk = bk_create(BK_CUDA, 0, NULL, err, sizeof err);
+    CHECK(bk, "REALM_GPU=1 but no CUDA device: %s", err);
+    char *src = t_slurp("models/realm-9m.lua");
+    const long B = 2, S = 512;
+    uint8_t *rows = malloc((size_t)(B * (S + 1)));
+    rng_state r;
+    rng_seed(&r, t_next(t));
+    for (long i = 0; i < B * (S + 1); i++) rows[i] = (uint8_t)rng_below(&r, 256);
+    float *vals[2] = {NULL, NULL};
+    double loss[2] = {0, 0};
+    long total = 0;
+    int nside = 0, failed = !src;
+    if (!src) snprintf(err, sizeof err, "models/realm-9m.lua unreadable");
+    for (int off = 0; off < 2 && !failed; off++) {
+        session s;
+        const float hyper[8] = {3e-3f, 0.9f, 0.95f, 1e-8f, 0.1f, 0.19f, 0.0975f, 1.0f};
+        if (session_prepare_opts(&s, src, strlen(src), "models/realm-9m.lua", "cuda", 1, 0, &bf16_plan, err,
+                                 sizeof err) < 0) {
+            failed = 1;
+            break;
+        }
+        failed = session_alloc(&s, bk, B, S, err, sizeof err) < 0;
+        if (!failed) {
+            nside = s.p.nside;
+            s.x.side_off = off;
+            failed = session_init_params(&s, 1, err, sizeof err) < 0 ||
+                     exec_upload(&s.x, s.opt.hyper, hyper, err, sizeof err) < 0 ||
+                     session_set_batch(&s, rows, S + 1, err, sizeof err) < 0;
+        }
+        for (int step = 0; step < 3 && !failed; step++) failed = session_run(&s, err, sizeof err) < 0;
+        if (!failed) failed = session_loss(&s, &loss[off], err, sizeof err) < 0;
+        const ir_graph *g = &s.m.g;
+        total = 0;
+        for (int i = 0; i < g->nt; i++)
+            if (g->t[i].role == ROLE_PARAM) total += ir_numel(&g->t[i].shape, 1, 1);
+        vals[off] = malloc(sizeof(float) * (size_t)(total ? total : 1));
+        for (int i = 0, at = 0; i < g->nt && !failed; i++) {
+            if (g->t[i].role != ROLE_PARAM) continue;
+            failed = exec_download(&s.x, i, vals[off] + at, err, sizeof err) < 0;
+            at += (int)ir_numel(&g->t[i].shape, 1, 1);
+        }
+        session_close(&s);
+    }
+    long diff = 0;
+    if (!failed)
+        for (long i = 0; i < total; i++) diff += memcmp(&vals[0][i], &vals[1][i], sizeof(float)) != 0;
+    free(vals[0]);
+    free(vals[1]);
+    free(rows);
+    free(src);
+    bk_destroy(bk);
+    CHECK(!failed, "%s", err);
+    printf("  3 steps of realm-9m at %ld x %ld, %d side launches: loss %.6f / %.6f, %ld of %ld parameters differ\n", B,
+           S, nside, loss[0], loss[1], diff, total);
+    CHECK(nside > 0, "the CUDA plan has no side launches");
+    CHECK(memcmp(&loss[0], &loss[1], sizeof loss[0]) == 0, "loss %.9g with the side stream, %.9g without", loss[0],
+          loss[1]);
+    CHECK(diff == 0, "%ld of %ld parameters differ after 3 steps", diff, total);
+}
