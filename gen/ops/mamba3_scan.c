@@ -2738,25 +2738,23 @@ static int emit_bwd_main_tc(kgen *k, const ir_node *n, int node, m3_kdims d) {
     kg_tc_mma_if(k, "dk", "af[kk]", "R0", wsC, NO, CHP / 16, "kk >= warp", NULL);
     kg_tc_mma_if(k, "dv", "bf[kk]", "R1", wsC, PO, CHP / 16, "kk >= warp", NULL);
     KL("}");
+    /* dy of the thread's outputs for the fp32 diagonal term D dy, all the thread's loads issued at
+     * once before the per-token sums, which cover their latency. Loaded where they were used
+     * (per row, after the key half's unrotation) the kernel waited on them for 12% of its
+     * samples (Nsight Compute, H100); loaded before the unrotation and used after it they
+     * stay live across its SINF/COSF calls and spill. H100, realm-9m 8 x 8192: 18.17 -> 17.11
+     * ms per step. */
     KL("BARRIER();   /* lG, lQK, lrd, lsv, lvdu, ldcs complete */");
-    /* the diagonal, dx, the rotation of the key half undone in registers */
-    tc_elem(e2, sizeof e2, "Qs", wsN, "t", "e2");
+    KL("float dyv[2][%ld][2];", PO);
     KL("#pragma unroll");
-    KL("for (int r = 0; r < 2; r++) {");
-    KL("    const int t = tr + 8 * r;");
-    KL("    if (t >= L) continue;");
-    KL("    const float gg = lgm[t] * lG[t], gqd = lgm[t] * lQK[t] + Dh;");
+    KL("for (int r = 0; r < 2; r++)");
     KL("    #pragma unroll");
     KL("    for (int j = 0; j < %ld; j++)", PO);
     KL("        for (int e2 = 0; e2 < 2; e2++) {");
-    KL("            const int p = 8 * j + 2 * tq + e2;");
-    if (PK != P) KL("            if (p >= %d) continue;", P);
-    KL("            gx[(rb + t) * %ldL + h * %d + p] = dv[j][2 * r + e2] + gqd * dy[(rb + t) * %ldL + h * %d + p];", ldgx, P,
-       lddy, P);
+    KL("            const int t = tr + 8 * r, p = 8 * j + 2 * tq + e2;");
+    KL("            dyv[r][j][e2] = t < L && p < %d ? dy[(rb + t) * %ldL + h * %d + p] : 0.0f;", P, lddy, P);
     KL("        }");
-    emit_unrotate_half(k, "dk", e2, 0, "Ks", 1, wsN, NO, N, NA, JQ, ldh);
-    KL("}");
-    /* per token: dcs and dscale */
+    /* per token: dcs and dscale (read after the next barrier) */
     KL("if (lid < L) {");
     KL("const int a = lid;");
     KL("const float dl = EXPF(FMINF(lcs[L - 1] - lcs[a], 0.0f));");
@@ -2767,6 +2765,29 @@ static int emit_bwd_main_tc(kgen *k, const ir_node *n, int node, m3_kdims d) {
     KL("}");
     KL("ldcs[a] = dc;");
     KL("ldsc[a] = lsv[a] + dl * lvdu[a];");
+    KL("}");
+    /* the diagonal (gamma_t Q_t.K_t + D) dy_t and dx */
+    KL("#pragma unroll");
+    KL("for (int r = 0; r < 2; r++) {");
+    KL("    const int t = tr + 8 * r;");
+    KL("    if (t >= L) continue;");
+    KL("    const float gqd = lgm[t] * lQK[t] + Dh;");
+    KL("    #pragma unroll");
+    KL("    for (int j = 0; j < %ld; j++)", PO);
+    KL("        for (int e2 = 0; e2 < 2; e2++) {");
+    KL("            const int p = 8 * j + 2 * tq + e2;");
+    if (PK != P) KL("            if (p >= %d) continue;", P);
+    KL("            gx[(rb + t) * %ldL + h * %d + p] = dv[j][2 * r + e2] + gqd * dyv[r][j][e2];", ldgx, P);
+    KL("        }");
+    KL("}");
+    /* the rotation of the key half undone in registers */
+    tc_elem(e2, sizeof e2, "Qs", wsN, "t", "e2");
+    KL("#pragma unroll");
+    KL("for (int r = 0; r < 2; r++) {");
+    KL("    const int t = tr + 8 * r;");
+    KL("    if (t >= L) continue;");
+    KL("    const float gg = lgm[t] * lG[t];");
+    emit_unrotate_half(k, "dk", e2, 0, "Ks", 1, wsN, NO, N, NA, JQ, ldh);
     KL("}");
     KL("BARRIER();");
     emit_bwd_main_tail(k, NT, CH, NA, lddt, ldda, ldtr, ldga, ldtk, Wt);
