@@ -468,9 +468,27 @@ static void emit_tc_issue(kgen *k, const attn_consts *c, long nt, const char *ds
                           const char *pos0, const char *hoff) {
     const long D = c->Dh, SW = tc_sw(tc_dp(D));
     const int wide = ld % 4 == 0 && D % 4 == 0;
-    /* unroll 1: unrolled, the loop-invariant addresses of every copy would stay in registers
-     * across the whole tile loop */
-    if (wide) {
+    const long CPR = D / 4, RP = CPR > 0 && nt % CPR == 0 ? nt / CPR : 0;
+    if (wide && RP > 0 && TC_T % RP == 0) {
+        /* A thread copies the same 16-byte column of rows r0, r0 + RP, ... of every tile, so
+         * its source and destination are one pointer each plus compile-time offsets: a copy
+         * costs its guard and the cp.async. (Computing each copy's row and column, 64-bit
+         * address and clamp in a loop made these loaders most of the issued instructions of
+         * the backward kernels: Nsight Compute, H100.) A row past the sequence reads nothing
+         * (src-size 0), so its address is never dereferenced. */
+        kg_line(k, "if ((((unsigned long)%s) & 15) == 0) {", src);
+        kg_line(k, "    const int r0 = (int)((unsigned)LID_X / %ldu), ch = (int)((unsigned)LID_X %% %ldu);", CPR, CPR);
+        kg_line(k, "    const long rem = S - (%s + r0);", pos0);
+        kg_line(k, "    GLOBAL const float *g = %s + (t0 + %s + r0) * %ldL + %s + 4 * ch;", src, pos0, ld, hoff);
+        kg_line(k, "    const unsigned d = smem_u32(%s) + 4u * (unsigned)(r0 * %ld + 4 * ch);", dst, SW);
+        kg_line(k, "    #pragma unroll");
+        kg_line(k, "    for (int i = 0; i < %ld; i++)", TC_T / RP);
+        kg_line(k, "        cp_async16(d + %ldu * (unsigned)i, g + %ldL * i, %ldL * i < rem ? 16 : 0);", 4 * RP * SW, RP * ld,
+                RP);
+        kg_line(k, "} else {");
+    } else if (wide) {
+        /* unroll 1: unrolled, the loop-invariant addresses of every copy would stay in
+         * registers across the whole tile loop */
         kg_line(k, "if ((((unsigned long)%s) & 15) == 0) {", src);
         kg_line(k, "    #pragma unroll 1");
         kg_line(k, "    for (int x = LID_X; x < %ld; x += %ld) {", TC_T * D / 4, nt);
@@ -494,7 +512,22 @@ static void emit_tc_issue(kgen *k, const attn_consts *c, long nt, const char *ds
 /* The stage `src` (TC_T rows of tc_sw floats) rounded into the bf16 tile `dst`; the stage's
  * padding columns (never written) are replaced by zeros. */
 static void emit_tc_convert(kgen *k, const attn_consts *c, long nt, const char *dst, const char *src) {
-    const long DP = tc_dp(c->Dh), W = DP / 2;
+    const long DP = tc_dp(c->Dh), W = DP / 2, RC = nt % W == 0 ? nt / W : 0;
+    if (DP == c->Dh && RC > 0 && TC_T % RC == 0) {
+        /* the same word column of rows r0, r0 + RC, ...: one pointer each side and
+         * compile-time offsets, as in emit_tc_issue */
+        kg_line(k, "{");
+        kg_line(k, "    const int r0 = (int)((unsigned)LID_X / %ldu), w = (int)((unsigned)LID_X %% %ldu);", W, W);
+        kg_line(k, "    const float *p = %s + r0 * %ld + 2 * w;", src, tc_sw(DP));
+        kg_line(k, "    unsigned *q = %s + r0 * %ld + w;", dst, tc_ws(DP));
+        kg_line(k, "    #pragma unroll");
+        kg_line(k, "    for (int i = 0; i < %ld; i++) {", TC_T / RC);
+        kg_line(k, "        const float2 v = *(const float2 *)(p + %ld * i);", RC * tc_sw(DP));
+        kg_line(k, "        q[%ld * i] = pack_bf16x2(v.x, v.y);", RC * tc_ws(DP));
+        kg_line(k, "    }");
+        kg_line(k, "}");
+        return;
+    }
     kg_line(k, "for (int x = LID_X; x < %ld; x += %ld) {", TC_T * W, nt);
     kg_line(k, "    const int r = x / %ld, w = x %% %ld;", W, W);
     kg_line(k, "    const float *p = %s + r * %ld + 2 * w;", src, tc_sw(DP));
