@@ -512,18 +512,30 @@ static void emit_tc_issue(kgen *k, const attn_consts *c, long nt, const char *ds
 /* The stage `src` (TC_T rows of tc_sw floats) rounded into the bf16 tile `dst`; the stage's
  * padding columns (never written) are replaced by zeros. */
 static void emit_tc_convert(kgen *k, const attn_consts *c, long nt, const char *dst, const char *src) {
-    const long DP = tc_dp(c->Dh), W = DP / 2, RC = nt % W == 0 ? nt / W : 0;
-    if (DP == c->Dh && RC > 0 && TC_T % RC == 0) {
-        /* the same word column of rows r0, r0 + RC, ...: one pointer each side and
-         * compile-time offsets, as in emit_tc_issue */
+    const long DP = tc_dp(c->Dh), W = DP / 2;
+    const long W2 = W / 2, RC2 = W % 2 == 0 && nt % W2 == 0 ? nt / W2 : 0;
+    if (DP == c->Dh && RC2 > 0 && TC_T % RC2 == 0) {
+        /* Each thread converts the same two words of rows r0, r0 + RC2, ...: one pointer each
+         * side and compile-time offsets (computing every word's row and column made these
+         * loops most of the backward kernels' issued instructions: Nsight Compute, H100), and
+         * every 16-byte load is issued before the first store (loads after a store to a
+         * pointer that may alias them cannot be moved ahead of it; one at a time, the loop
+         * waited on shared memory). */
+        const long IT = TC_T / RC2;
         kg_line(k, "{");
-        kg_line(k, "    const int r0 = (int)((unsigned)LID_X / %ldu), w = (int)((unsigned)LID_X %% %ldu);", W, W);
-        kg_line(k, "    const float *p = %s + r0 * %ld + 2 * w;", src, tc_sw(DP));
-        kg_line(k, "    unsigned *q = %s + r0 * %ld + w;", dst, tc_ws(DP));
+        kg_line(k, "    const int r0 = (int)((unsigned)LID_X / %ldu), w2 = (int)((unsigned)LID_X %% %ldu);", W2, W2);
+        kg_line(k, "    const float *p = %s + r0 * %ld + 4 * w2;", src, tc_sw(DP));
+        kg_line(k, "    unsigned *q = %s + r0 * %ld + 2 * w2;", dst, tc_ws(DP));
+        const long U = IT < 4 ? IT : 4;   /* loads in flight; 8 made the dq kernel spill */
         kg_line(k, "    #pragma unroll");
-        kg_line(k, "    for (int i = 0; i < %ld; i++) {", TC_T / RC);
-        kg_line(k, "        const float2 v = *(const float2 *)(p + %ld * i);", RC * tc_sw(DP));
-        kg_line(k, "        q[%ld * i] = pack_bf16x2(v.x, v.y);", RC * tc_ws(DP));
+        kg_line(k, "    for (int i0 = 0; i0 < %ld; i0 += %ld) {", IT, U);
+        kg_line(k, "        float4 cv[%ld];", U);
+        kg_line(k, "        #pragma unroll");
+        kg_line(k, "        for (int u = 0; u < %ld; u++) cv[u] = *(const float4 *)(p + %ld * (i0 + u));", U, RC2 * tc_sw(DP));
+        kg_line(k, "        #pragma unroll");
+        kg_line(k, "        for (int u = 0; u < %ld; u++)", U);
+        kg_line(k, "            *(uint2 *)(q + %ld * (i0 + u)) = make_uint2(pack_bf16x2(cv[u].x, cv[u].y), pack_bf16x2(cv[u].z, cv[u].w));",
+                RC2 * tc_ws(DP));
         kg_line(k, "    }");
         kg_line(k, "}");
         return;
