@@ -1639,6 +1639,41 @@ static void tc_elem(char *buf, size_t len, const char *tile, long ws, const char
              half, tile, row, ws, tile, row, ws);
 }
 
+/* The fp32 values of a per-token [.., H*P] input at the thread's accumulator positions (tokens
+ * tr + 8r, columns 8j + 2tq + e of head h; zero past L and P) into `float dst[2][NO][2]`,
+ * every load issued at once: for a term a kernel adds at its final store, loaded early enough
+ * that a product or a barrier covers the latency. */
+static void emit_tc_token_loads(kgen *k, const char *dst, const char *src, long ld, int P, long NO) {
+    KL("float %s[2][%ld][2];", dst, NO);
+    KL("#pragma unroll");
+    KL("for (int r = 0; r < 2; r++)");
+    KL("    #pragma unroll");
+    KL("    for (int j = 0; j < %ld; j++)", NO);
+    KL("        for (int e = 0; e < 2; e++) {");
+    KL("            const int t = tr + 8 * r, p = 8 * j + 2 * tq + e;");
+    KL("            %s[r][j][e] = t < L && p < %d ? %s[(rb + t) * %ldL + h * %d + p] : 0.0f;", dst, P, src, ld, P);
+    KL("        }");
+}
+
+/* out = acc + coef * pre at the thread's accumulator positions (acc [NO][4] in the mma
+ * layout, pre from emit_tc_token_loads); coef is a C expression in the token t. */
+static void emit_tc_token_stores(kgen *k, const char *out, long ldo, int P, int PP, long NO, const char *acc,
+                                 const char *coef, const char *pre) {
+    KL("#pragma unroll");
+    KL("for (int r = 0; r < 2; r++) {");
+    KL("    const int t = tr + 8 * r;");
+    KL("    if (t >= L) continue;");
+    KL("    const float coef = %s;", coef);
+    KL("    #pragma unroll");
+    KL("    for (int j = 0; j < %ld; j++)", NO);
+    KL("        for (int e = 0; e < 2; e++) {");
+    KL("            const int p = 8 * j + 2 * tq + e;");
+    if (PP != P) KL("            if (p >= %d) continue;", P);
+    KL("            %s[(rb + t) * %ldL + h * %d + p] = %s[j][2 * r + e] + coef * %s[r][j][e];", out, ldo, P, acc, pre);
+    KL("        }");
+    KL("}");
+}
+
 /* Sum of zr[r] over the quad (tq = 0..3) of each of the thread's two rows, a fixed butterfly. */
 static void emit_quad_sum(kgen *k, const char *z) {
     KL("for (int r = 0; r < 2; r++) { %s[r] += __shfl_xor_sync(0xffffffffu, %s[r], 1); %s[r] += __shfl_xor_sync(0xffffffffu, %s[r], 2); }",
@@ -1734,28 +1769,9 @@ static int emit_out_tc(kgen *k, const ir_node *n, int node, m3_kdims d) {
      * its latency (loaded at the store, the kernel waited on it for a fifth of its samples:
      * Nsight Compute, H100) */
     kg_tc_repack(k, "mf", "macc", CHP / 16);
-    KL("float xv[2][%ld][2];", NO);
-    KL("#pragma unroll");
-    KL("for (int r = 0; r < 2; r++)");
-    KL("    #pragma unroll");
-    KL("    for (int j = 0; j < %ld; j++)", NO);
-    KL("        for (int e = 0; e < 2; e++) {");
-    KL("            const int t = tr + 8 * r, p = 8 * j + 2 * tq + e;");
-    KL("            xv[r][j][e] = t < L && p < %d ? x[(rb + t) * %ldL + h * %d + p] : 0.0f;", P, ldx, P);
-    KL("        }");
+    emit_tc_token_loads(k, "xv", "x", ldx, P, NO);
     kg_tc_mma_if(k, "yacc", "mf[kk]", "Xt", wsC, NO, CHP / 16, "kk <= warp", NULL);
-    KL("#pragma unroll");
-    KL("for (int r = 0; r < 2; r++) {");
-    KL("    const int t = tr + 8 * r;");
-    KL("    if (t >= L) continue;");
-    KL("    #pragma unroll");
-    KL("    for (int j = 0; j < %ld; j++)", NO);
-    KL("        for (int e = 0; e < 2; e++) {");
-    KL("            const int p = 8 * j + 2 * tq + e;");
-    if (PP != P) KL("            if (p >= %d) continue;", P);
-    KL("            y[(rb + t) * %ldL + h * %d + p] = yacc[j][2 * r + e] + Dh * xv[r][j][e];", ldy, P);
-    KL("        }");
-    KL("}");
+    emit_tc_token_stores(k, "y", ldy, P, PP, NO, "yacc", "Dh", "xv");
     kg_grid(k, 0, 0, 0, 1, 0, CH);
     kg_grid(k, 1, 0, H, 0, 0, 1);
     kg_block(k, NT, 1, 1);
@@ -2755,15 +2771,7 @@ static int emit_bwd_main_tc(kgen *k, const ir_node *n, int node, m3_kdims d) {
      * stay live across its SINF/COSF calls and spill. H100, realm-9m 8 x 8192: 18.17 -> 17.11
      * ms per step. */
     KL("BARRIER();   /* lG, lQK, lrd, lsv, lvdu, ldcs complete */");
-    KL("float dyv[2][%ld][2];", PO);
-    KL("#pragma unroll");
-    KL("for (int r = 0; r < 2; r++)");
-    KL("    #pragma unroll");
-    KL("    for (int j = 0; j < %ld; j++)", PO);
-    KL("        for (int e2 = 0; e2 < 2; e2++) {");
-    KL("            const int t = tr + 8 * r, p = 8 * j + 2 * tq + e2;");
-    KL("            dyv[r][j][e2] = t < L && p < %d ? dy[(rb + t) * %ldL + h * %d + p] : 0.0f;", P, lddy, P);
-    KL("        }");
+    emit_tc_token_loads(k, "dyv", "dy", lddy, P, PO);
     /* per token: dcs and dscale (read after the next barrier) */
     KL("if (lid < L) {");
     KL("const int a = lid;");
@@ -2777,19 +2785,7 @@ static int emit_bwd_main_tc(kgen *k, const ir_node *n, int node, m3_kdims d) {
     KL("ldsc[a] = lsv[a] + dl * lvdu[a];");
     KL("}");
     /* the diagonal (gamma_t Q_t.K_t + D) dy_t and dx */
-    KL("#pragma unroll");
-    KL("for (int r = 0; r < 2; r++) {");
-    KL("    const int t = tr + 8 * r;");
-    KL("    if (t >= L) continue;");
-    KL("    const float gqd = lgm[t] * lQK[t] + Dh;");
-    KL("    #pragma unroll");
-    KL("    for (int j = 0; j < %ld; j++)", PO);
-    KL("        for (int e2 = 0; e2 < 2; e2++) {");
-    KL("            const int p = 8 * j + 2 * tq + e2;");
-    if (PK != P) KL("            if (p >= %d) continue;", P);
-    KL("            gx[(rb + t) * %ldL + h * %d + p] = dv[j][2 * r + e2] + gqd * dyv[r][j][e2];", ldgx, P);
-    KL("        }");
-    KL("}");
+    emit_tc_token_stores(k, "gx", ldgx, P, PK, PO, "dv", "lgm[t] * lQK[t] + Dh", "dyv");
     /* the rotation of the key half undone in registers */
     tc_elem(e2, sizeof e2, "Qs", wsN, "t", "e2");
     KL("#pragma unroll");
