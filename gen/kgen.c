@@ -206,6 +206,10 @@ static void add_arg(kgen *k, const char *cname, int t) {
 }
 
 void kg_in(kgen *k, const char *cname, int t) {
+    /* arg[0..nin) are the reads: the side stream's hazards, the plan text and the per-launch
+     * checks all rely on it */
+    if (k->cur.nout > 0 && !k->err[0])
+        snprintf(k->err, sizeof k->err, "%s: input %s declared after an output", k->cur.kernel, cname);
     add_arg(k, cname, t);
     k->cur.nin++;
 }

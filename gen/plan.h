@@ -17,7 +17,9 @@ typedef struct plan {
     /* Per launch. side: weight-gradient work that may run on a second stream (dialects with
      * side_stream; all zero otherwise): every tensor it writes is a parameter's gradient or
      * is touched afterwards only by other side launches. join: for a side launch, the first
-     * later launch that may not start before it has finished (nl: the end of the run). */
+     * later launch that may not start before it has finished (nl: the end of the run); a
+     * side launch itself when the lag cap ends there, in which case the next main launch
+     * waits (exec_side_wait). */
     char *side;
     int *join;
     int nside;

@@ -170,12 +170,16 @@ void exec_profile_reset(plan_exec *x) {
     pr->total_ms = 0;
 }
 
-/* Before main launch i: wait for the latest side launch in (*waited, last] that launch i must
- * follow (plan.join); the side stream is in order, so that covers every one before it. */
-static int side_join(plan_exec *x, int i, int *waited, int last, char *err, size_t errlen) {
+int exec_side_wait(const plan *p, int i, int waited, int last) {
     int need = -1;
-    for (int s = *waited + 1; s <= last; s++)
-        if (x->p->side[s] && x->p->join[s] <= i) need = s;
+    for (int s = waited + 1; s <= last; s++)
+        if (p->side[s] && p->join[s] <= i) need = s;
+    return need;
+}
+
+/* Before main launch i: wait for what exec_side_wait says. */
+static int side_join(plan_exec *x, int i, int *waited, int last, char *err, size_t errlen) {
+    const int need = exec_side_wait(x->p, i, *waited, last);
     if (need < 0) return 0;
     if (bk_stream_wait_event(x->bk, x->stream, x->done[need]) < 0) {
         snprintf(err, errlen, "joining side launch %d before launch %d: %s", need, i, bk_error(x->bk));
@@ -196,15 +200,15 @@ int exec_run(plan_exec *x, int l0, int l1, char *err, size_t errlen) {
         bk_stream *st = on_side ? x->side : x->stream;
         if (on_side && (bk_event_record(x->bk, x->fork, x->stream) < 0 || bk_stream_wait_event(x->bk, x->side, x->fork) < 0)) {
             snprintf(err, errlen, "forking launch %d (%s) onto the side stream: %s", i, l->kernel, bk_error(x->bk));
-            return -1;
+            goto fail;
         }
-        if (use_side && !on_side && side_join(x, i, &waited, last_side, err, errlen) < 0) return -1;
+        if (use_side && !on_side && side_join(x, i, &waited, last_side, err, errlen) < 0) goto fail;
         if (pr) {
             /* re-recording an unread pair would lose its time: read it first */
-            if (pr->pending[i] && prof_read(x, i, err, errlen) < 0) return -1;
+            if (pr->pending[i] && prof_read(x, i, err, errlen) < 0) goto fail;
             if (bk_event_record(x->bk, pr->ev[2 * i], x->stream) < 0) {
                 snprintf(err, errlen, "profiling launch %d: %s", i, bk_error(x->bk));
-                return -1;
+                goto fail;
             }
         }
         int na = 0;
@@ -216,19 +220,19 @@ int exec_run(plan_exec *x, int l0, int l1, char *err, size_t errlen) {
         plan_grid(l, x->B, x->S, grid);
         if (bk_launch(x->bk, st, x->kern[i], grid, block, (size_t)l->shmem, args, na) < 0) {
             snprintf(err, errlen, "launch %d (%s): %s", i, l->kernel, bk_error(x->bk));
-            return -1;
+            goto fail;
         }
         if (pr) {
             if (bk_event_record(x->bk, pr->ev[2 * i + 1], x->stream) < 0) {
                 snprintf(err, errlen, "profiling launch %d: %s", i, bk_error(x->bk));
-                return -1;
+                goto fail;
             }
             pr->pending[i] = 1;
         }
         if (on_side) {
             if (bk_event_record(x->bk, x->done[i], x->side) < 0) {
                 snprintf(err, errlen, "launch %d (%s) on the side stream: %s", i, l->kernel, bk_error(x->bk));
-                return -1;
+                goto fail;
             }
             last_side = i;
         }
@@ -238,6 +242,11 @@ int exec_run(plan_exec *x, int l0, int l1, char *err, size_t errlen) {
         return -1;
     }
     return 0;
+fail:
+    /* what was issued on the side stream still joins the main stream, so a caller that goes
+     * on (reads a tensor, frees the arena) waits for it */
+    if (last_side > waited) (void)bk_stream_wait_event(x->bk, x->stream, x->done[last_side]);
+    return -1;
 }
 
 int exec_capture(plan_exec *x, int l0, int l1, char *err, size_t errlen) {

@@ -56,6 +56,11 @@ void exec_destroy(plan_exec *x);
  * uses a prefix of its own bytes and nothing overlaps. Lets one compiled module and arena serve
  * prompts of any length up to S_plan. Not while graphs are captured (their S is fixed). */
 int exec_set_seq(plan_exec *x, long S, char *err, size_t errlen);
+/* Which side launch main launch i must wait for, given that side launches up to `waited` are
+ * already waited for and `last` is the latest one issued in this run: the latest s in
+ * (waited, last] with plan.join[s] <= i (the side stream runs in order, so waiting for it
+ * covers every side launch before it), or -1. exec_run's schedule, exposed for the tests. */
+int exec_side_wait(const plan *p, int i, int waited, int last);
 /* Queue launches [l0, l1). */
 int exec_run(plan_exec *x, int l0, int l1, char *err, size_t errlen);
 /* Graphs (backends with bk_graph_supported: CUDA). exec_capture records launches [l0, l1) into

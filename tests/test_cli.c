@@ -99,6 +99,23 @@ TEST(cli_info_lists_backends) {
     CHECK(strstr(out, "cuda") && strstr(out, "opencl"), "realm info does not mention both backends:\n%s", out);
 }
 
+/* realm bench --side-stream: off runs through (on PoCL, where a plan has no side launches, the
+ * line says off either way); a value other than on/off is refused with status 2 naming it. The
+ * side stream itself is checked in tests/test_streams.c. */
+TEST(bench_side_stream_flag) {
+    char cmd[1024], out[16384];
+    snprintf(cmd, sizeof cmd,
+             "%s bench models/tiny.lua --backend opencl --batch 1 --seq 32 --steps 1 --warmup 0 --profile-steps 0 "
+             "--side-stream off",
+             t_realm_bin());
+    int rc = t_run(cmd, out, sizeof out);
+    CHECK(rc == 0, "status %d: %s", rc, out);
+    CHECK(strstr(out, "side stream") && strstr(out, "RESULT "), "no side stream line or RESULT: %s", out);
+    snprintf(cmd, sizeof cmd, "%s bench models/tiny.lua --backend opencl --side-stream sometimes", t_realm_bin());
+    rc = t_run(cmd, out, sizeof out);
+    CHECK(rc == 2 && strstr(out, "--side-stream") && strstr(out, "sometimes"), "status %d: %s", rc, out);
+}
+
 /* bench/compare.sh (two builds side by side; on the GPU machine with CUDA) runs through on
  * PoCL with one build twice: a row per RESULT field with its ratio, both builds' kernels. */
 TEST(bench_compare_script) {

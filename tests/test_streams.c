@@ -2,9 +2,11 @@
  * on a second CUDA stream beside the backward chain.
  *
  * Always (no GPU): realm-9m's CUDA training plan puts its weight-gradient work on the side and
- * nothing else, and the schedule with the memory plan has no hazard: no main launch that runs
- * while a side launch may still be running touches bytes that launch writes, or writes bytes
- * it reads. The OpenCL plan has no side launches.
+ * nothing else, and exec_run's schedule (exec_side_wait) with the memory plan has no hazard,
+ * over the whole step and over parts of it: no main launch that may run while a side launch
+ * is still running touches bytes that launch writes, or writes bytes it reads. The same holds
+ * for the fp32 and the recomputing plans, of realm-9m and tiny. The OpenCL plan has no side
+ * launches.
  *
  * With REALM_GPU=1 (CUDA): training steps with the side stream give the same bits as with
  * every launch in line (deterministic kernels, the same order of every sum). */
@@ -48,6 +50,51 @@ static int overlapping_pairs(const plan *p, const size_t *off, int l, int m, lon
     return bad;
 }
 
+/* The pairs (side launch, main launch) that exec_run may run at once over launches [l0, l1)
+ * (its schedule: a side launch starts after every launch before it; a main launch waits for
+ * what exec_side_wait names; the end of the run waits for the rest), checked for overlapping
+ * bytes; returns the count of overlapping argument pairs. */
+static int schedule_hazards(const plan *p, const size_t *off, long B, long S, int l0, int l1, char *what, size_t len) {
+    int *done_by = malloc(sizeof(int) * (size_t)(p->kg.nl ? p->kg.nl : 1));
+    for (int l = 0; l < p->kg.nl; l++) done_by[l] = l1;
+    int waited = l0 - 1, last = l0 - 1;
+    for (int i = l0; i < l1; i++) {
+        if (p->side[i]) {
+            last = i;
+            continue;
+        }
+        const int need = exec_side_wait(p, i, waited, last);
+        if (need < 0) continue;
+        for (int s = waited + 1; s <= need; s++) done_by[s] = i;
+        waited = need;
+    }
+    int bad = 0;
+    for (int l = l0; l < l1; l++)
+        if (p->side[l])
+            for (int m = l + 1; m < done_by[l]; m++)
+                if (!p->side[m]) bad += overlapping_pairs(p, off, l, m, B, S, what, len);
+    free(done_by);
+    return bad;
+}
+
+/* schedule_hazards over the whole step and random sub-ranges (as a caller running part of a
+ * plan would), at two shapes */
+static int plan_hazards(tctx *t, const plan *p, char *what, size_t len) {
+    const long Bs[2] = {8, 2}, Ss[2] = {8192, 100};
+    int bad = 0;
+    for (int c = 0; c < 2; c++) {
+        size_t *off = malloc(sizeof *off * (size_t)p->g->nt);
+        plan_arena(p, Bs[c], Ss[c], off);
+        bad += schedule_hazards(p, off, Bs[c], Ss[c], 0, p->kg.nl, what, len);
+        for (int r = 0; r < 20; r++) {
+            int a = (int)t_randint(t, 0, p->kg.nl - 1), b = (int)t_randint(t, a + 1, p->kg.nl);
+            bad += schedule_hazards(p, off, Bs[c], Ss[c], a, b, what, len);
+        }
+        free(off);
+    }
+    return bad;
+}
+
 TEST(plan_side_stream_is_hazard_free) {
     char err[4096], what[512] = "";
     char *src = t_slurp("models/realm-9m.lua");
@@ -77,17 +124,7 @@ TEST(plan_side_stream_is_hazard_free) {
         before_bwd += !g->n[L->node0].backward;
         bad_join += p->join[l] <= l || p->join[l] > p->kg.nl;
     }
-    const long Bs[2] = {8, 2}, Ss[2] = {8192, 100};
-    for (int c = 0; c < 2; c++) {
-        size_t *off = malloc(sizeof *off * (size_t)g->nt);
-        plan_arena(p, Bs[c], Ss[c], off);
-        for (int l = 0; l < p->kg.nl; l++) {
-            if (!p->side[l]) continue;
-            for (int m = l + 1; m < p->join[l] && m < p->kg.nl; m++)
-                if (!p->side[m]) hazards += overlapping_pairs(p, off, l, m, Bs[c], Ss[c], what, sizeof what);
-        }
-        free(off);
-    }
+    hazards += plan_hazards(t, p, what, sizeof what);
     int o_side = o.p.nside;
     session_close(&o);
     int nside = p->nside;
@@ -104,6 +141,35 @@ TEST(plan_side_stream_is_hazard_free) {
     CHECK(bad_join == 0, "%d side launches joined before themselves or past the end", bad_join);
     CHECK(hazards == 0, "%d overlapping argument pairs, e.g. %s", hazards, what);
     CHECK(o_side == 0, "the OpenCL plan has %d side launches", o_side);
+}
+
+/* The same schedule check on the other CUDA training plans a run may use: fp32 matmuls, and
+ * every layer recomputed (what the auto-tuner picks when memory is short), for realm-9m and
+ * tiny. */
+TEST(plan_side_stream_variants_are_hazard_free) {
+    const char *models[2] = {"models/realm-9m.lua", "models/tiny.lua"};
+    for (int mi = 0; mi < 2; mi++) {
+        char err[4096], what[512] = "";
+        char *src = t_slurp(models[mi]);
+        CHECK(src, "%s", models[mi]);
+        for (int v = 0; v < 3; v++) {
+            session s;
+            const int bf16 = v != 1, recompute = v == 2;
+            if (session_prepare_opts(&s, src, strlen(src), models[mi], "cuda", 1, recompute, bf16 ? &bf16_plan : NULL,
+                                     err, sizeof err) < 0) {
+                free(src);
+                CHECK(0, "%s", err);
+            }
+            const int nside = s.p.nside, bad = plan_hazards(t, &s.p, what, sizeof what);
+            session_close(&s);
+            if (nside == 0 || bad) free(src);
+            CHECK(nside > 0, "%s (%s%s): no side launches", models[mi], bf16 ? "bf16" : "fp32",
+                  recompute ? ", recomputed" : "");
+            CHECK(bad == 0, "%s (%s%s): %d overlapping argument pairs, e.g. %s", models[mi], bf16 ? "bf16" : "fp32",
+                  recompute ? ", recomputed" : "", bad, what);
+        }
+        free(src);
+    }
 }
 
 /* Training steps on CUDA, side stream on and off: the same loss and parameters, bit for bit. */
