@@ -181,17 +181,14 @@ static int side_schedule(plan *p) {
     const int nl = p->kg.nl, nt = g->nt;
     p->side = calloc((size_t)(nl ? nl : 1), 1);
     p->join = malloc(sizeof(int) * (size_t)(nl ? nl : 1));
-    char *pgrad = calloc((size_t)nt, 1);
-    if (!p->side || !p->join || !pgrad) {
+    char *pgrad = p->kg.d->side_stream ? calloc((size_t)(nt ? nt : 1), 1) : NULL;
+    if (!p->side || !p->join || (p->kg.d->side_stream && !pgrad)) {
         free(pgrad);
         snprintf(p->kg.err, sizeof p->kg.err, "out of memory scheduling the side stream");
         return -1;
     }
     for (int l = 0; l < nl; l++) p->join[l] = -1;
-    if (!p->kg.d->side_stream) {
-        free(pgrad);
-        return 0;
-    }
+    if (!pgrad) return 0;
     for (int t = 0; t < nt; t++)
         if (g->t[t].role == ROLE_PARAM && g->t[t].grad >= 0) pgrad[g->t[g->t[t].grad].base] = 1;
     for (int l = nl - 1; l >= 0; l--) {

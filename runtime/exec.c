@@ -36,10 +36,9 @@ int exec_create(plan_exec *x, backend *bk, const plan *p, long B, long S, char *
         x->side = bk_stream_create(bk);
         x->fork = x->side ? bk_event_create(bk) : NULL;
         x->done = calloc((size_t)nl, sizeof *x->done);
-        for (int i = 0; x->fork && x->done && i < nl; i++)
-            if (p->side[i] && !(x->done[i] = bk_event_create(bk))) break;
         int ok = x->side && x->fork && x->done;
-        for (int i = 0; ok && i < nl; i++) ok = !p->side[i] || x->done[i];
+        for (int i = 0; ok && i < nl; i++)
+            if (p->side[i]) ok = (x->done[i] = bk_event_create(bk)) != NULL;
         if (!ok) {
             snprintf(err, errlen, "creating the side stream and its events: %s", bk_error(bk));
             exec_destroy(x);
@@ -189,10 +188,11 @@ static int side_join(plan_exec *x, int i, int *waited, int last, char *err, size
     return 0;
 }
 
-int exec_run(plan_exec *x, int l0, int l1, char *err, size_t errlen) {
+/* exec_run; with allow_side 0 every launch goes to x->stream (graph capture) */
+static int run_range(plan_exec *x, int l0, int l1, int allow_side, char *err, size_t errlen) {
     bk_arg args[KG_MAX_ARGS + 3];
     exec_prof *pr = x->prof;
-    const int use_side = x->side && !pr && !x->capturing && !x->side_off;
+    const int use_side = allow_side && x->side && !pr && !x->side_off;
     int waited = l0 - 1, last_side = l0 - 1;
     for (int i = l0; i < l1; i++) {
         const plan_launch *l = &x->p->kg.launches[i];
@@ -249,6 +249,8 @@ fail:
     return -1;
 }
 
+int exec_run(plan_exec *x, int l0, int l1, char *err, size_t errlen) { return run_range(x, l0, l1, 1, err, errlen); }
+
 int exec_capture(plan_exec *x, int l0, int l1, char *err, size_t errlen) {
     if (!bk_graph_supported(x->bk)) {
         snprintf(err, errlen, "capturing launches %d..%d: graphs are not supported on %s", l0, l1, bk_name(x->bk));
@@ -273,9 +275,7 @@ int exec_capture(plan_exec *x, int l0, int l1, char *err, size_t errlen) {
         return -1;
     }
     /* a failed launch still ends the capture, so the stream is usable afterwards */
-    x->capturing = 1;
-    int rc = exec_run(x, l0, l1, err, errlen);
-    x->capturing = 0;
+    int rc = run_range(x, l0, l1, 0, err, errlen);
     bk_graph *g = bk_graph_end(x->bk, x->stream);
     if (rc < 0) {
         bk_graph_free(x->bk, g);

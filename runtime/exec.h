@@ -38,14 +38,13 @@ typedef struct {
     exec_prof *prof;          /* NULL unless exec_profile_enable was called */
     bk_graph **graph;         /* exec_capture's graphs, freed by exec_destroy */
     int ngraph;
-    /* The plan's side launches (plan.side) go to `side` unless profiling, capturing or
-     * side_off: forked from the main stream just before each, joined where plan.join says
+    /* The plan's side launches (plan.side) go to `side` unless profiling, capturing a graph
+     * or side_off: forked from the main stream just before each, joined where plan.join says
      * and at the end of every exec_run. NULL when the plan has none. */
     bk_stream *side;
     bk_event *fork;
     bk_event **done;          /* per launch: recorded on `side` after a side launch */
     int side_off;             /* the caller's switch: 1 runs every launch on `stream` */
-    int capturing;
 } plan_exec;
 
 /* Compile the plan's module and allocate the arena for (B, S). */
