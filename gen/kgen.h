@@ -37,6 +37,8 @@ typedef struct dialect {
     int side_stream;
 } dialect;
 const dialect *dialect_find(const char *name);
+/* Whether the named dialect has bf16 matrix helpers (kg_set_bf16 would grant bf16). */
+int kg_dialect_has_bf16(const char *name);
 
 #define KG_MAX_ARGS 96
 

@@ -28,6 +28,7 @@ ref_buf ref_get(const ref_ctx *c, int tensor);
 long ref_B(const ref_ctx *c);
 long ref_S(const ref_ctx *c);
 const ir_shape *ref_shape(const ref_ctx *c, int tensor);
+ir_dtype ref_dtype(const ref_ctx *c, int tensor);
 
 typedef struct op_def {
     const char *name;

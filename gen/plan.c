@@ -387,7 +387,7 @@ size_t plan_arena(const plan *p, long B, long S, size_t *offset) {
         if (offset) offset[t] = (size_t)-1;
         if (g->t[t].base != t || !p->stored[t]) continue;
         if (!p->persist[t] && p->first[t] < 0) continue;      /* never touched by this plan */
-        size_t bytes = (size_t)ir_numel(&g->t[t].shape, B, S) * 4;
+        size_t bytes = (size_t)ir_numel(&g->t[t].shape, B, S) * (size_t)ir_dtype_bytes(g->t[t].dtype);
         bytes = (bytes + PLAN_ALIGN - 1) / PLAN_ALIGN * PLAN_ALIGN;
         req[nr++] = (alloc_req){t, bytes ? bytes : PLAN_ALIGN};
     }
@@ -448,7 +448,7 @@ void plan_memory(const plan *p, long B, long S, plan_mem *out) {
         /* exactly the tensors plan_arena places, at the sizes it gives them */
         if (g->t[t].base != t || !p->stored[t]) continue;
         if (!p->persist[t] && p->first[t] < 0) continue;
-        size_t bytes = (size_t)ir_numel(&g->t[t].shape, B, S) * 4;
+        size_t bytes = (size_t)ir_numel(&g->t[t].shape, B, S) * (size_t)ir_dtype_bytes(g->t[t].dtype);
         bytes = (bytes + PLAN_ALIGN - 1) / PLAN_ALIGN * PLAN_ALIGN;
         if (!bytes) bytes = PLAN_ALIGN;
         const ir_tensor *x = &g->t[t];
@@ -484,7 +484,7 @@ void plan_memory(const plan *p, long B, long S, plan_mem *out) {
         if (cat[t] < 0) continue;
         int alive = p->persist[t] || (p->first[t] <= at && at <= p->last[t]);
         if (!alive) continue;
-        size_t bytes = (size_t)ir_numel(&g->t[t].shape, B, S) * 4;
+        size_t bytes = (size_t)ir_numel(&g->t[t].shape, B, S) * (size_t)ir_dtype_bytes(g->t[t].dtype);
         bytes = (bytes + PLAN_ALIGN - 1) / PLAN_ALIGN * PLAN_ALIGN;
         if (!bytes) bytes = PLAN_ALIGN;
         out->peak[(int)cat[t]] += bytes;
@@ -500,7 +500,7 @@ void plan_memory(const plan *p, long B, long S, plan_mem *out) {
 
 long plan_elem_offset(const plan *p, const size_t *offset, int t) {
     const ir_tensor *x = &p->g->t[t];
-    return (long)(offset[x->base] / 4) + x->offset;
+    return (long)(offset[x->base] / (size_t)ir_dtype_bytes(p->g->t[x->base].dtype)) + x->offset;
 }
 
 void plan_grid(const plan_launch *l, long B, long S, size_t groups[3]) {

@@ -49,9 +49,11 @@ void plan_epi_values(kgen *k, const plan_epilogue *e, int u, const char *tok, co
 
 /* How kernels compute. Zero-initialised means fp32 everywhere. */
 typedef struct plan_options {
-    /* Matmuls take bf16 operands on tensor cores with fp32 accumulation (CUDA); the arena and
-     * every other kernel stay fp32. Dialects without a bf16 path (OpenCL) ignore it. */
+    /* Matmuls take bf16 operands on tensor cores with fp32 accumulation (CUDA). Dialects
+     * without a bf16 path (OpenCL) ignore it. A training session then also stores what only
+     * matmuls read as bf16 (gen/precision.c), unless fp32_storage. */
     int bf16;
+    int fp32_storage;
     /* Bytes of shared (local) memory one work-group may use on the target device (0: assume
      * 160 KiB, what sm_80 and sm_90 allow). Templates with a large-tile variant fall back to a
      * smaller one past it (say, the scan backward on a 99 KiB sm_120 or a 48 KiB OpenCL GPU). */

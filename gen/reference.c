@@ -1,6 +1,7 @@
 #include "reference.h"
 
 #include <math.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -38,6 +39,7 @@ double *ref_data(ref_ctx *c, int t) { return c->store[t]; }
 long ref_B(const ref_ctx *c) { return c->B; }
 long ref_S(const ref_ctx *c) { return c->S; }
 const ir_shape *ref_shape(const ref_ctx *c, int t) { return &c->g->t[t].shape; }
+ir_dtype ref_dtype(const ref_ctx *c, int t) { return c->g->t[t].dtype; }
 
 ref_buf ref_get(const ref_ctx *c, int t) {
     const ir_tensor *x = &c->g->t[t];
@@ -57,9 +59,26 @@ void ref_init_params(ref_ctx *c, uint64_t seed) {
     }
 }
 
+/* A tensor stored as bf16 holds its values rounded to nearest even: the reference models the
+ * storage, so kernels that read it are checked against what they are given. */
+static void round_bf16(const ref_ctx *c, int t) {
+    ref_buf b = ref_get(c, t);
+    for (long r = 0; r < b.ntok; r++)
+        for (long f = 0; f < b.feat; f++) {
+            float x = (float)b.p[r * b.ld + f];
+            uint32_t u;
+            memcpy(&u, &x, sizeof u);
+            if ((u & 0x7f800000u) != 0x7f800000u) u = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
+            memcpy(&x, &u, sizeof x);
+            b.p[r * b.ld + f] = (double)x;
+        }
+}
+
 void ref_run(ref_ctx *c, int from, int to) {
     for (int i = from; i < to; i++) {
         const ir_node *n = &c->g->n[i];
         op_get(n->op)->ref(c, n);
+        for (int o = 0; o < n->nout; o++)
+            if (c->g->t[n->out[o]].dtype == DT_BF16) round_bf16(c, n->out[o]);
     }
 }

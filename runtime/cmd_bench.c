@@ -86,9 +86,42 @@ static void print_top_kernels(const plan *p, const exec_prof *pr, long psteps) {
         printf("  %-40s %10ld %12.3f\n", p->kg.names[order[r]], kl[order[r]], kms[order[r]] / (double)psteps);
 }
 
+/* Every launch of the step in order: its device time, FLOPs and the bytes of its arguments
+ * (each tensor read or written once), so a kernel far from its roofline stands out. */
+static void print_launches(const plan *p, const exec_prof *pr, long psteps, long B, long S) {
+    const ir_graph *g = p->g;
+    printf("\nlaunches (ms/step, GFLOP, MB of arguments, TFLOP/s, GB/s):\n");
+    for (int i = 0; i < p->kg.nl; i++) {
+        const plan_launch *l = &p->kg.launches[i];
+        double ms = pr->launch_ms[i] / (double)psteps, fl = 0, by = 0;
+        for (int n = l->node0; n < l->node1; n++) fl += ir_flops(g, n, B, S);
+        for (int a = 0; a < l->nargs; a++) {
+            const ir_tensor *t = &g->t[l->arg[a]];
+            by += (double)ir_numel(&t->shape, B, S) * ir_dtype_bytes(t->dtype);
+        }
+        printf("  %4d %-34s %8.3f %8.2f %8.1f %7.1f %7.0f ", i, l->kernel, ms, fl / 1e9, by / 1e6,
+               ms > 0 ? fl / ms / 1e9 : 0, ms > 0 ? by / ms / 1e6 : 0);
+        for (int a = 0; a < l->nargs; a++) {
+            const ir_tensor *t = &g->t[l->arg[a]];
+            if (a == 6) {   /* the optimizer's launches take a hundred */
+                printf(" ... (%d more)", l->nargs - a);
+                break;
+            }
+            printf(" %s%s[", a < l->nin ? "" : ">", t->name);
+            for (int d = 0; d < t->shape.ndim; d++)
+                printf(d ? "x%s" : "%s", t->shape.d[d] == DIM_B ? "B" : t->shape.d[d] == DIM_S ? "S" : "");
+            for (int d = 0; d < t->shape.ndim; d++)
+                if (t->shape.d[d] > 0) printf("%s%d", d ? "," : "", t->shape.d[d]);
+            printf("]");
+        }
+        printf("\n");
+    }
+}
+
 int cmd_bench(int argc, char **argv) {
     const char *bkname = "auto", *batch_s = NULL, *seq_s = NULL, *steps_s = NULL, *warm_s = NULL, *dev_s = NULL,
-               *prof_s = NULL, *prec_s = NULL, *side_s = NULL;
+               *prof_s = NULL, *prec_s = NULL, *side_s = NULL, *storage_s = NULL;
+    int launches = 0;
     const cli_opt opts[] = {
         {"--precision", "P", "bf16 or fp32 matmuls (default: bf16 on CUDA sm_80+, else fp32), as realm train", &prec_s,
          NULL},
@@ -100,6 +133,9 @@ int cmd_bench(int argc, char **argv) {
         {"--warmup", "N", "untimed steps first (default 2)", &warm_s, NULL},
         {"--profile-steps", "N", "steps timed launch by launch for the breakdown (default 2, 0: none)", &prof_s, NULL},
         {"--side-stream", "on|off", "weight-gradient launches on a second stream (default on, CUDA)", &side_s, NULL},
+        {"--bf16-storage", "on|off", "bf16 plans store what only matmuls read as bf16 (default on)", &storage_s, NULL},
+        {"--launches", NULL, "also print every launch: ms/step, FLOPs, argument bytes, TFLOP/s, GB/s", NULL,
+         &launches},
         {NULL, NULL, NULL, NULL, NULL},
     };
     const char *pos[1];
@@ -139,6 +175,11 @@ int cmd_bench(int argc, char **argv) {
         free(src);
         return 2;
     }
+    if (storage_s && strcmp(storage_s, "on") != 0 && strcmp(storage_s, "off") != 0) {
+        fprintf(stderr, "realm bench: --bf16-storage must be on or off, got '%s'\n", storage_s);
+        free(src);
+        return 2;
+    }
     backend *bk = session_backend(bkname, (int)dev, err, sizeof err);
     if (!bk) {
         fprintf(stderr, "realm bench: %s\n", err);
@@ -147,7 +188,8 @@ int cmd_bench(int argc, char **argv) {
     }
     int can_bf16 = bk->kind == BK_CUDA && bk_supports_dtype(bk, BK_BF16);
     const plan_options popt = {.bf16 = prec_s ? strcmp(prec_s, "bf16") == 0 : can_bf16,
-                               .shared_max = (long)bk_info(bk)->max_shared_per_block};
+                               .shared_max = (long)bk_info(bk)->max_shared_per_block,
+                               .fp32_storage = storage_s && strcmp(storage_s, "off") == 0};
     if (popt.bf16 && !can_bf16) {
         fprintf(stderr, "realm bench: --precision bf16 needs CUDA on sm_80 or newer\n");
         bk_destroy(bk);
@@ -233,6 +275,11 @@ int cmd_bench(int argc, char **argv) {
     printf("%-34s %ld parameters, %d launches (%d distinct kernels)\n", "graph", ir_param_count(g), s.p.kg.nl,
            s.p.kg.nbodies);
     printf("%-34s %s\n", "side stream", s.x.side && !s.x.side_off ? "on" : "off");
+    {
+        int nbf = 0;
+        for (int i = 0; i < s.m.g.nt; i++) nbf += s.m.g.t[i].base == i && s.m.g.t[i].dtype == DT_BF16;
+        printf("%-34s %d tensors stored as bf16 (weight copies, normed activations)\n", "bf16 storage", nbf);
+    }
     if (s.x.side && !s.x.side_off)
         printf("%-34s %d weight-gradient launches beside the backward chain (the breakdown runs them in line)\n", "",
                s.p.nside);
@@ -273,6 +320,7 @@ int cmd_bench(int argc, char **argv) {
             printf("  %-20s %10ld %12.3f\n", pr->by_op[e].name, pr->by_op[e].launches / psteps,
                    pr->by_op[e].ms / (double)psteps);
         print_top_kernels(&s.p, pr, psteps);
+        if (launches) print_launches(&s.p, pr, psteps, B, S);
     }
     /* One greppable line for scripts (bench/run.sh). */
     printf("\nRESULT backend=%s B=%ld S=%ld tok_s=%.1f ms_step=%.4f flops_tok=%.6g", bk_name(bk), B, S, tps, median,

@@ -8,6 +8,7 @@
 #include "fsutil.h"
 #include "optimizer.h"
 #include "plan.h"
+#include "precision.h"
 
 #include <errno.h>
 #include <stdio.h>
@@ -277,9 +278,11 @@ int cmd_kernels(int argc, char **argv) {
         model_free(&m);
         return 2;
     }
-    int nfwd = m.g.nn, keep[2] = {m.loss, m.logits}, nk = 0;
     ir_optimizer opt;
-    if (ir_autodiff(&m.g) < 0 || ir_add_optimizer(&m.g, &opt) < 0) {
+    int keep[2] = {m.loss, m.logits}, nk = 0;
+    /* as realm train builds its step (runtime/session.c) */
+    int cast_rc = po.bf16 ? ir_bf16_storage(&m.g) : 0, nfwd = m.g.nn;
+    if (cast_rc < 0 || ir_autodiff(&m.g) < 0 || ir_add_optimizer(&m.g, &opt) < 0) {
         fprintf(stderr, "%s: %s\n", pos[0], m.g.err);
         model_free(&m);
         return 2;

@@ -2,6 +2,7 @@
 
 #include "op.h"
 
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -301,6 +302,22 @@ int exec_replay(plan_exec *x, int id, char *err, size_t errlen) {
     return 0;
 }
 
+/* Host values are fp32 (or int32) always; a bf16 tensor is converted on the way, nearest
+ * even, the way the kernels round. */
+static uint16_t to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);   /* NaN stays NaN */
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1)) >> 16);
+}
+
+static float from_bf16(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
 /* Tensors are dense per token row but rows may be strided (views): copy row by row unless
  * the rows are contiguous. */
 static int xfer(plan_exec *x, int t, float *host, int up, char *err, size_t errlen) {
@@ -310,17 +327,35 @@ static int xfer(plan_exec *x, int t, float *host, int up, char *err, size_t errl
         return -1;
     }
     long ntok = ir_ntok(&tt->shape, x->B, x->S), feat = ir_feat(&tt->shape);
-    size_t base = (size_t)plan_elem_offset(x->p, x->offset, t) * 4;
+    const size_t es = (size_t)ir_dtype_bytes(tt->dtype);
+    const int half = tt->dtype == DT_BF16;
+    size_t base = (size_t)plan_elem_offset(x->p, x->offset, t) * es;
+    uint16_t *h16 = NULL;
+    void *h = host;
+    if (half) {
+        h16 = malloc(2 * (size_t)(ntok * feat > 0 ? ntok * feat : 1));
+        if (!h16) {
+            snprintf(err, errlen, "out of host memory for %s", tt->name);
+            return -1;
+        }
+        if (up)
+            for (long i = 0; i < ntok * feat; i++) h16[i] = to_bf16(host[i]);
+        h = h16;
+    }
     int rc = 0;
     if (tt->tok_stride == feat || ntok == 1) {
-        size_t n = (size_t)(ntok * feat) * 4;
-        rc = up ? bk_upload(x->bk, x->arena, base, host, n) : bk_download(x->bk, host, x->arena, base, n);
+        size_t n = (size_t)(ntok * feat) * es;
+        rc = up ? bk_upload(x->bk, x->arena, base, h, n) : bk_download(x->bk, h, x->arena, base, n);
     } else {
         for (long r = 0; r < ntok && rc == 0; r++) {
-            size_t o = base + (size_t)(r * tt->tok_stride) * 4, n = (size_t)feat * 4;
-            rc = up ? bk_upload(x->bk, x->arena, o, host + r * feat, n) : bk_download(x->bk, host + r * feat, x->arena, o, n);
+            size_t o = base + (size_t)(r * tt->tok_stride) * es, n = (size_t)feat * es;
+            void *hr = (char *)h + (size_t)(r * feat) * es;
+            rc = up ? bk_upload(x->bk, x->arena, o, hr, n) : bk_download(x->bk, hr, x->arena, o, n);
         }
     }
+    if (half && !up && rc == 0)
+        for (long i = 0; i < ntok * feat; i++) host[i] = from_bf16(h16[i]);
+    free(h16);
     if (rc < 0) snprintf(err, errlen, "%s of %s failed: %s", up ? "upload" : "download", tt->name, bk_error(x->bk));
     return rc;
 }

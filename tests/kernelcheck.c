@@ -29,7 +29,13 @@ static void ref_dense(ref_ctx *c, const ir_graph *g, int tid, double *out) {
 /* Rounds a tensor of the reference state to fp32 in place: the reference then computes from
  * exactly the values uploaded to the kernel, so an output that cancels (a sum over tokens near
  * zero) measures the kernel's arithmetic and not the rounding of its inputs. */
+static void ref_round_bf16(ref_ctx *c, int tid);
+
 static void ref_round(ref_ctx *c, int tid) {
+    if (ref_dtype(c, tid) == DT_BF16) {   /* stored as bf16: uploaded on that grid */
+        ref_round_bf16(c, tid);
+        return;
+    }
     ref_buf b = ref_get(c, tid);
     for (long r = 0; r < b.ntok; r++)
         for (long f = 0; f < b.feat; f++) b.p[r * b.ld + f] = (double)(float)b.p[r * b.ld + f];

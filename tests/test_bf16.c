@@ -15,6 +15,7 @@
 #include "op.h"
 #include "optimizer.h"
 #include "plan.h"
+#include "precision.h"
 #include "rng.h"
 #include "session.h"
 #include "test.h"
@@ -51,18 +52,21 @@ typedef struct {
     long S;
 } mcase;
 
-static int build_matmul(const mcase *c, ir_graph *g) {
+/* dt: the storage of x, w and dy (bf16: every operand of the three products is bf16) */
+static int build_matmul_dt(const mcase *c, ir_graph *g, ir_dtype dt) {
     ir_init_graph(g);
-    int x = ir_tensor_new(g, "x", c->x, DT_F32, ROLE_PARAM), w = ir_tensor_new(g, "w", c->w, DT_F32, ROLE_PARAM);
+    int x = ir_tensor_new(g, "x", c->x, dt, ROLE_PARAM), w = ir_tensor_new(g, "w", c->w, dt, ROLE_PARAM);
     long ia[IR_MAX_IATTR] = {c->trans};
     int out[IR_MAX_IO];
     if (ir_emit(g, "matmul", (int[]){x, w}, 2, ia, NULL, out) < 0) return -1;
     int dout[IR_MAX_IO], din[IR_MAX_IO];
     for (int i = 0; i < IR_MAX_IO; i++) dout[i] = din[i] = -1;
-    dout[0] = ir_tensor_new(g, "dy", g->t[out[0]].shape, DT_F32, ROLE_PARAM);
+    dout[0] = ir_tensor_new(g, "dy", g->t[out[0]].shape, dt, ROLE_PARAM);
     g->backward_start = g->nn;
     return op_get(op_find("matmul"))->grad(g, 0, dout, din);
 }
+
+static int build_matmul(const mcase *c, ir_graph *g) { return build_matmul_dt(c, g, DT_F32); }
 
 TEST(bf16_kernels_matmul) {
     if (!gpu_on()) return;
@@ -111,6 +115,38 @@ TEST(bf16_kernels_matmul) {
 }
 
 /* Strided views: inputs and outputs that are slices of wider tensors (token stride != feat). */
+/* Operands stored as bf16 (gen/precision.c): the forward reads K-major x and W, the dgrad
+ * K-major dy and MN-major W (ldmatrix.trans), the weight gradient MN-major dy and x. Rows and
+ * columns past whole tiles, a contraction past whole slices, both transpositions. */
+TEST(bf16_kernels_matmul_bf16_operands) {
+    if (!gpu_on()) return;
+    const mcase c[] = {
+        {SH(DIM_B, DIM_S, 384), SH(1712, 384), 0, 300},      /* about realm-9m's in_proj (N a multiple of 8) */
+        {SH(DIM_B, DIM_S, 768), SH(384, 768), 0, 257},       /* out_proj */
+        {SH(DIM_B, DIM_S, 168), SH(264, 168), 0, 129},       /* M, N, K each past whole tiles/slices */
+        {SH(DIM_B, DIM_S, 168), SH(168, 264), 1, 129},
+        {SH(DIM_B, DIM_S, 8), SH(8, 24), 1, 3},              /* K < slice, tiny M */
+        {SH(DIM_B, DIM_S, 384), SH(768, 384), 0, 3000},      /* several split-K slices */
+    };
+    backend *bk = cuda_dev(t);
+    if (!bk) return;
+    for (size_t i = 0; i < sizeof c / sizeof c[0] && !t->failed; i++) {
+        ir_graph g;
+        if (build_matmul_dt(&c[i], &g, DT_BF16) < 0) {
+            t_fail(t, __FILE__, __LINE__, "case %zu: %s", i, g.err);
+        } else {
+            kc_check_graph_opts(t, bk, &g, 2, c[i].S, 1e-2, 1, &bf16_on);
+            if (t->failed) {
+                char m[sizeof t->msg];
+                snprintf(m, sizeof m, "%s", t->msg);
+                snprintf(t->msg, sizeof t->msg, "bf16-operand matmul case %zu: %.900s", i, m);
+            }
+        }
+        ir_free(&g);
+    }
+    bk_destroy(bk);
+}
+
 TEST(bf16_kernels_matmul_views) {
     if (!gpu_on()) return;
     ir_graph g;
@@ -309,7 +345,8 @@ static void check_model(tctx *t, const char *path, long B, long S) {
     realm_model m;
     char err[1024];
     CHECK(model_load(path, &m, err, sizeof err) == 0, "%s", err);
-    if (ir_autodiff(&m.g) < 0) {
+    /* as a bf16 training session builds it: weight copies and normed activations in bf16 */
+    if (ir_bf16_storage(&m.g) < 0 || ir_autodiff(&m.g) < 0) {
         t_fail(t, __FILE__, __LINE__, "autodiff: %s", m.g.err);
     } else {
         backend *bk = cuda_dev(t);
@@ -591,7 +628,7 @@ TEST(bf16_matmul_grid_covers_every_tile) {
                 int nt = ir_ntok_dims(xs);
                 long M = per * (nt == 2 ? bs[j][0] * bs[j][1] : nt == 1 ? bs[j][0] : 1);
                 long nct = (N + 127) / 128, need = nct * ((M + 127) / 128);
-                int ok = pl->block[0] == 128 && gr[1] == 1 && gr[2] == 1 && (long)gr[0] >= need &&
+                int ok = (pl->block[0] == 128 || pl->block[0] == 256) && gr[1] == 1 && gr[2] == 1 && (long)gr[0] >= need &&
                          (long)gr[0] <= need + nct;
                 if (!ok) {
                     char m[sizeof t->msg];

@@ -2,6 +2,8 @@
 #include "frontend.h"
 #include "gradcheck.h"
 #include "op.h"
+#include "plan.h"
+#include "precision.h"
 #include "reference.h"
 #include "test.h"
 
@@ -204,7 +206,7 @@ TEST(primitive_gradients_match_finite_differences) {
 
 /* Every differentiable primitive in the registry has a case above or a dedicated test. */
 TEST(primitive_gradient_coverage) {
-    const char *covered[] = {"matmul", "rmsnorm", "add", "mul", "silu", "copy", "embedding",
+    const char *covered[] = {"matmul", "rmsnorm", "add", "mul", "silu", "copy", "cast", "embedding",
                              "cross_entropy", "rope", "attention", "mamba3_scan", NULL};
     for (int i = 0; i < op_count(); i++) {
         const op_def *d = op_get(i);
@@ -270,4 +272,105 @@ TEST(model_example_user_block_gradients) {
     model_free(&m);
     CHECK(found, "the user block's parameter is missing");
     CHECK(e <= 1e-6, "normwise relative error %.3g (worst parameter %s)", e, worst);
+}
+
+/* cast (fp32 -> bf16 storage) passes the gradient through unchanged: d/dW of sum(dy * x W16^T)
+ * is dy^T x whatever the rounding of W16, and it lands on W with no copy. The reference
+ * rounds the cast's output to bf16 (values on the bf16 grid, distinct from W's). */
+TEST(cast_gradient_is_identity) {
+    ir_graph g;
+    ir_init_graph(&g);
+    int x = ir_tensor_new(&g, "x", ir_shape_make(3, (int[]){DIM_B, DIM_S, 8}), DT_F32, ROLE_INPUT);
+    int w = ir_tensor_new(&g, "w", ir_shape_make(2, (int[]){6, 8}), DT_F32, ROLE_PARAM);
+    int w16, y, dy, din[IR_MAX_IO], dout[IR_MAX_IO];
+    CHECK(ir_emit(&g, "cast", &w, 1, NULL, NULL, &w16) == 1, "%s", g.err);
+    CHECK(g.t[w16].dtype == DT_BF16, "cast makes dtype %d", g.t[w16].dtype);
+    CHECK(ir_emit(&g, "matmul", (int[]){x, w16}, 2, NULL, NULL, &y) == 1, "%s", g.err);
+    dy = ir_tensor_new(&g, "dy", g.t[y].shape, DT_F32, ROLE_INPUT);
+    g.backward_start = g.nn;
+    for (int i = 0; i < IR_MAX_IO; i++) dout[i] = din[i] = -1;
+    dout[0] = dy;
+    CHECK(op_get(g.n[1].op)->grad(&g, 1, dout, din) == 0, "%s", g.err);
+    int dw16 = din[1], dw[IR_MAX_IO] = {-1};
+    CHECK(op_get(g.n[0].op)->grad(&g, 0, &dw16, dw) == 0, "%s", g.err);
+    CHECK(dw[0] == dw16 && g.t[dw[0]].dtype == DT_F32, "the gradient of w is tensor %d (%d through the cast)", dw[0], dw16);
+    ref_ctx *c = ref_create(&g, 2, 3);
+    for (int i = 0; i < 2 * 3 * 8; i++) ref_data(c, x)[i] = sin(0.7 * i + 0.1);
+    for (int i = 0; i < 6 * 8; i++) ref_data(c, w)[i] = cos(1.3 * i) / 3.0;
+    for (int i = 0; i < 2 * 3 * 6; i++) ref_data(c, dy)[i] = sin(0.37 * i - 1.0);
+    ref_run(c, 0, g.nn);
+    double maxd = 0, moved = 0;
+    for (int n = 0; n < 6; n++)
+        for (int k = 0; k < 8; k++) {
+            double want = 0;
+            for (int r = 0; r < 6; r++) want += ref_data(c, dy)[r * 6 + n] * ref_data(c, x)[r * 8 + k];
+            maxd = fmax(maxd, fabs(ref_data(c, dw[0])[n * 8 + k] - want));
+            moved = fmax(moved, fabs(ref_data(c, w16)[n * 8 + k] - ref_data(c, w)[n * 8 + k]));
+        }
+    ref_destroy(c);
+    ir_free(&g);
+    CHECK(maxd < 1e-12, "dW differs from dy^T x by %g", maxd);
+    CHECK(moved > 0 && moved < 1.0 / 128, "the cast moved values by at most %g (bf16 rounding expected)", moved);
+}
+
+/* The bf16 storage pass on realm-9m: every weight a matmul reads gets one cast, placed before
+ * its first reader; the normed activations only matmuls read become bf16; producers stay
+ * consistent after the insertions; autodiff still reaches every parameter; the step's arena
+ * shrinks; an fp32 dialect refuses the bf16 tensors with a message. */
+TEST(bf16_storage_pass_realm9m) {
+    realm_model m;
+    char err[2048];
+    CHECK(model_load("models/realm-9m.lua", &m, err, sizeof err) == 0, "%s", err);
+    ir_graph *g = &m.g;
+    int mm = op_find("matmul"), cast = op_find("cast"), rms = op_find("rmsnorm");
+    int weights = 0;
+    for (int p = 0; p < g->nt; p++) {
+        int reads = 0;
+        for (int i = 0; i < g->nn; i++) reads |= g->n[i].op == mm && g->n[i].in[1] == p;
+        weights += reads && g->t[p].role == ROLE_PARAM;
+    }
+    int changed = ir_bf16_storage(g);
+    CHECK(changed > weights, "the pass changed %d tensors for %d matmul weights: %s", changed, weights, g->err);
+    int casts = 0, half_norms = 0, bad = 0;
+    for (int i = 0; i < g->nn; i++) {
+        const ir_node *n = &g->n[i];
+        for (int o = 0; o < n->nout; o++) bad += g->t[n->out[o]].producer != i;
+        if (n->op == cast) {
+            casts++;
+            bad += g->t[n->in[0]].role != ROLE_PARAM;
+            int first = -1;
+            for (int j = 0; j < g->nn && first < 0; j++)
+                if (g->n[j].op == mm && g->n[j].in[1] == n->out[0]) first = j;
+            bad += first != i + 1;
+        }
+        if (n->op == mm) bad += g->t[n->in[1]].role == ROLE_PARAM;   /* every weight read through its copy */
+        if (n->op == rms && g->t[n->out[0]].dtype == DT_BF16) {
+            half_norms++;
+            for (int j = 0; j < g->nn; j++)
+                for (int q = 0; q < g->n[j].nin; q++)
+                    bad += g->n[j].in[q] == n->out[0] && (g->n[j].op != mm || q != 0);
+        }
+    }
+    CHECK(bad == 0, "%d inconsistencies after the pass", bad);
+    CHECK(casts == weights, "%d casts for %d weights", casts, weights);
+    CHECK(half_norms == 17, "%d normed activations in bf16 (16 blocks and the final norm expected)", half_norms);
+    CHECK(ir_autodiff(g) == 0, "%s", g->err);
+    for (int p = 0; p < g->nt; p++)
+        if (g->t[p].role == ROLE_PARAM) CHECK(g->t[p].grad >= 0, "%s has no gradient", g->t[p].name);
+    plan half, full, cl;
+    const plan_options bf = {.bf16 = 1};
+    CHECK(plan_build_opts(&half, g, 0, g->nn, "cuda", NULL, 0, &bf, err, sizeof err) == 0, "%s", err);
+    size_t a16 = plan_arena(&half, 8, 8192, NULL);
+    plan_free(&half);
+    CHECK(plan_build_opts(&cl, g, 0, g->nn, "opencl", NULL, 0, &bf, err, sizeof err) < 0, "an OpenCL plan took bf16 tensors");
+    CHECK(strstr(err, "bf16") != NULL, "message: %s", err);
+    model_free(&m);
+    if (load(t, "models/realm-9m.lua", &m)) return;
+    CHECK(ir_autodiff(&m.g) == 0, "%s", m.g.err);
+    CHECK(plan_build_opts(&full, &m.g, 0, m.g.nn, "cuda", NULL, 0, &bf, err, sizeof err) == 0, "%s", err);
+    size_t a32 = plan_arena(&full, 8, 8192, NULL);
+    plan_free(&full);
+    model_free(&m);
+    printf("  arena at 8 x 8192: %.1f MiB with bf16 storage, %.1f MiB without\n", a16 / 1048576.0, a32 / 1048576.0);
+    CHECK(a16 < a32, "arena %zu with bf16 storage, %zu without", a16, a32);
 }

@@ -26,7 +26,7 @@ static const plan_options bf16_plan = {.bf16 = 1};
 /* bytes [o, o + n) of owner b at (B, S), or n = 0 where b has no storage */
 static void owner_range(const plan *p, const size_t *off, int b, long B, long S, size_t *o, size_t *n) {
     *o = off[b];
-    *n = off[b] == (size_t)-1 ? 0 : (size_t)ir_numel(&p->g->t[b].shape, B, S) * 4;
+    *n = off[b] == (size_t)-1 ? 0 : (size_t)ir_numel(&p->g->t[b].shape, B, S) * (size_t)ir_dtype_bytes(p->g->t[b].dtype);
 }
 
 /* Hazards between side launch l and main launch m that may run at the same time: pairs of
@@ -172,8 +172,39 @@ TEST(plan_side_stream_variants_are_hazard_free) {
     }
 }
 
-/* Training steps on CUDA, side stream on and off: the same loss and parameters, bit for bit. */
-TEST(gpu_side_stream_same_bits) {
+/* Three training steps of realm-9m on CUDA from the same start; the parameters after them
+ * (vals, malloc'd) and the last loss. */
+static int three_steps(backend *bk, const char *src, const plan_options *po, int side_off, const uint8_t *rows,
+                       long B, long S, float **vals, long *total, double *loss, int *nside, char *err, size_t errlen) {
+    session s;
+    const float hyper[8] = {3e-3f, 0.9f, 0.95f, 1e-8f, 0.1f, 0.19f, 0.0975f, 1.0f};
+    if (session_prepare_opts(&s, src, strlen(src), "models/realm-9m.lua", "cuda", 1, 0, po, err, errlen) < 0) return -1;
+    int failed = session_alloc(&s, bk, B, S, err, errlen) < 0;
+    if (!failed) {
+        *nside = s.p.nside;
+        s.x.side_off = side_off;
+        failed = session_init_params(&s, 1, err, errlen) < 0 || exec_upload(&s.x, s.opt.hyper, hyper, err, errlen) < 0 ||
+                 session_set_batch(&s, rows, S + 1, err, errlen) < 0;
+    }
+    for (int step = 0; step < 3 && !failed; step++) failed = session_run(&s, err, errlen) < 0;
+    if (!failed) failed = session_loss(&s, loss, err, errlen) < 0;
+    const ir_graph *g = &s.m.g;
+    *total = 0;
+    for (int i = 0; i < g->nt; i++)
+        if (g->t[i].role == ROLE_PARAM) *total += ir_numel(&g->t[i].shape, 1, 1);
+    *vals = malloc(sizeof(float) * (size_t)(*total ? *total : 1));
+    for (int i = 0, at = 0; i < g->nt && !failed; i++) {
+        if (g->t[i].role != ROLE_PARAM) continue;
+        failed = exec_download(&s.x, i, *vals + at, err, errlen) < 0;
+        at += (int)ir_numel(&g->t[i].shape, 1, 1);
+    }
+    session_close(&s);
+    return failed ? -1 : 0;
+}
+
+/* Two variants of the same training (plan options, side stream off) give the same loss and
+ * parameters, bit for bit. */
+static void same_bits(tctx *t, const plan_options *po0, int off0, const plan_options *po1, int off1, const char *what) {
     const char *e = getenv("REALM_GPU"), *be = getenv("REALM_GPU_BACKEND");
     if (!e || strcmp(e, "1") != 0 || (be && strcmp(be, "cuda") != 0)) {
         printf("  (no CUDA GPU: skipped)\n");
@@ -190,52 +221,36 @@ TEST(gpu_side_stream_same_bits) {
     for (long i = 0; i < B * (S + 1); i++) rows[i] = (uint8_t)rng_below(&r, 256);
     float *vals[2] = {NULL, NULL};
     double loss[2] = {0, 0};
-    long total = 0;
+    long total[2] = {0, 0};
     int nside = 0, failed = !src;
     if (!src) snprintf(err, sizeof err, "models/realm-9m.lua unreadable");
-    for (int off = 0; off < 2 && !failed; off++) {
-        session s;
-        const float hyper[8] = {3e-3f, 0.9f, 0.95f, 1e-8f, 0.1f, 0.19f, 0.0975f, 1.0f};
-        if (session_prepare_opts(&s, src, strlen(src), "models/realm-9m.lua", "cuda", 1, 0, &bf16_plan, err,
-                                 sizeof err) < 0) {
-            failed = 1;
-            break;
-        }
-        failed = session_alloc(&s, bk, B, S, err, sizeof err) < 0;
-        if (!failed) {
-            nside = s.p.nside;
-            s.x.side_off = off;
-            failed = session_init_params(&s, 1, err, sizeof err) < 0 ||
-                     exec_upload(&s.x, s.opt.hyper, hyper, err, sizeof err) < 0 ||
-                     session_set_batch(&s, rows, S + 1, err, sizeof err) < 0;
-        }
-        for (int step = 0; step < 3 && !failed; step++) failed = session_run(&s, err, sizeof err) < 0;
-        if (!failed) failed = session_loss(&s, &loss[off], err, sizeof err) < 0;
-        const ir_graph *g = &s.m.g;
-        total = 0;
-        for (int i = 0; i < g->nt; i++)
-            if (g->t[i].role == ROLE_PARAM) total += ir_numel(&g->t[i].shape, 1, 1);
-        vals[off] = malloc(sizeof(float) * (size_t)(total ? total : 1));
-        for (int i = 0, at = 0; i < g->nt && !failed; i++) {
-            if (g->t[i].role != ROLE_PARAM) continue;
-            failed = exec_download(&s.x, i, vals[off] + at, err, sizeof err) < 0;
-            at += (int)ir_numel(&g->t[i].shape, 1, 1);
-        }
-        session_close(&s);
-    }
-    long diff = 0;
     if (!failed)
-        for (long i = 0; i < total; i++) diff += memcmp(&vals[0][i], &vals[1][i], sizeof(float)) != 0;
+        failed = three_steps(bk, src, po0, off0, rows, B, S, &vals[0], &total[0], &loss[0], &nside, err, sizeof err) < 0 ||
+                 three_steps(bk, src, po1, off1, rows, B, S, &vals[1], &total[1], &loss[1], &nside, err, sizeof err) < 0;
+    long diff = 0;
+    if (!failed && total[0] == total[1])
+        for (long i = 0; i < total[0]; i++) diff += memcmp(&vals[0][i], &vals[1][i], sizeof(float)) != 0;
     free(vals[0]);
     free(vals[1]);
     free(rows);
     free(src);
     bk_destroy(bk);
     CHECK(!failed, "%s", err);
-    printf("  3 steps of realm-9m at %ld x %ld, %d side launches: loss %.6f / %.6f, %ld of %ld parameters differ\n", B,
-           S, nside, loss[0], loss[1], diff, total);
+    printf("  3 steps of realm-9m at %ld x %ld (%s), %d side launches: loss %.6f / %.6f, %ld of %ld parameters differ\n",
+           B, S, what, nside, loss[0], loss[1], diff, total[0]);
     CHECK(nside > 0, "the CUDA plan has no side launches");
-    CHECK(memcmp(&loss[0], &loss[1], sizeof loss[0]) == 0, "loss %.9g with the side stream, %.9g without", loss[0],
-          loss[1]);
-    CHECK(diff == 0, "%ld of %ld parameters differ after 3 steps", diff, total);
+    CHECK(total[0] == total[1] && total[0] > 0, "parameter counts %ld and %ld", total[0], total[1]);
+    CHECK(memcmp(&loss[0], &loss[1], sizeof loss[0]) == 0, "loss %.9g against %.9g", loss[0], loss[1]);
+    CHECK(diff == 0, "%ld of %ld parameters differ after 3 steps", diff, total[0]);
+}
+
+/* Side stream on and off. */
+TEST(gpu_side_stream_same_bits) { same_bits(t, &bf16_plan, 0, &bf16_plan, 1, "side stream on / off"); }
+
+/* bf16 storage (gen/precision.c) and fp32 storage of the same bf16 plan: the matmuls round
+ * their operands to bf16 exactly as the producers now do at their stores, so nothing may
+ * change but the bytes moved. */
+TEST(gpu_bf16_storage_same_bits) {
+    const plan_options fp32_store = {.bf16 = 1, .fp32_storage = 1};
+    same_bits(t, &bf16_plan, 0, &fp32_store, 0, "bf16 / fp32 storage");
 }

@@ -235,6 +235,16 @@ static void emit_tile_head(kgen *k) {
  * a B fragment one. From an MN-major tile a lane reads the same four values one word at a
  * time (its rows are its own). Each float pair becomes one bf16x2 register (pack_bf16x2).
  *
+ * bf16 operands (tensors the plan stores as bf16, gen/precision.c) are copied as they are and
+ * need no conversion; same permutation of k:
+ *  - K-major: [row][BK] bf16, 64 bytes a row, chunk c of row r at c ^ 2 ((r >> 1) & 1); a
+ *    lane's four values of a row are one 8-byte load (two bf16x2 registers).
+ *  - MN-major: [BK][rows] bf16, chunk c of line l at c ^ ((l & 1) | ((l >> 2) & 3) << 1); the
+ *    fragments come from ldmatrix.trans, whose eight row addresses are the lines {0, 1, 4, 5,
+ *    8, 9, 12, 13} (+ 2 for the second register) of the 16-wide step, so lane t receives
+ *    lines 4t, 4t+1 (and 4t+2, 4t+3): the permuted order above. The swizzle of those eight
+ *    lines is 0..7, so each 8x8 load touches eight distinct banks.
+ *
  * Pipeline: STAGES - 1 slices are requested ahead; each iteration waits for the oldest
  * (cp.async.wait_group), one barrier both publishes it to every warp and retires the stage
  * read in the previous iteration, which the next request then refills. Out-of-range rows,
@@ -256,7 +266,12 @@ typedef struct {
     int minb;       /* blocks per SM the register allocation must allow (0: the compiler's choice) */
 } mma_tile;
 
-static const mma_tile TILE_MM = {128, 128, 2, 2, 3, 0};
+/* Forward and dgrad: 8 warps of 32x64 held to 2 blocks per SM (<= 128 registers), 4 stages.
+ * With bf16 operands the stages are small, and 16 warps a SM hide the short (K = 288..768)
+ * main loops and the epilogues better than 8 warps of 64x64: realm-9m 8 x 8192 on an H100,
+ * 68.59 -> 66.80 ms a step (2x2 warps at 4 stages: 68.19; 4x2 at 3 stages: 67.48; the same
+ * change to the weight gradient's tile: 67.60). */
+static const mma_tile TILE_MM = {128, 128, 4, 2, 4, 2};
 static const mma_tile TILE_WGRAD = {128, 128, 2, 2, 3, 0};
 
 static int tile_threads(const mma_tile *t) { return 32 * t->wgm * t->wgn; }
@@ -278,15 +293,20 @@ typedef struct {
     const char *lim;        /* rows in the matrix (C expression) */
     int rows;               /* rows of the tile: bm or bn */
     int vec;
+    int half;               /* stored as bf16: 16-byte chunks are 8 values (vec then means 8-aligned) */
 } mma_operand;
+
+/* Elements of an operand in one 16-byte chunk, and bytes of one element. */
+static int chunk_elems(const mma_operand *o) { return o->half ? 8 : 4; }
+static int elem_bytes(const mma_operand *o) { return o->half ? 2 : 4; }
 
 /* Whether every row of tensor t, read as rows of `len` values (row_at), starts at a multiple
  * of 4 elements: owners start PLAN_ALIGN-aligned in the arena (and the arena itself more), so
  * it is the view offset, the token stride and, with several rows a token, the row length. */
 static int operand_vec(const kgen *k, int t, long len) {
     _Static_assert(PLAN_ALIGN % 16 == 0, "cp.async needs 16-byte aligned tensors");
-    long per = kg_feat(k, t) / len;
-    return k->g->t[t].offset % 4 == 0 && kg_ld(k, t) % 4 == 0 && (per == 1 || len % 4 == 0);
+    long per = kg_feat(k, t) / len, c = k->g->t[t].dtype == DT_BF16 ? 8 : 4;
+    return k->g->t[t].offset % c == 0 && kg_ld(k, t) % c == 0 && (per == 1 || len % c == 0);
 }
 
 /* Whether operand o takes the fast copy path: 16-byte chunks and rows (kcontig) or contraction
@@ -300,6 +320,25 @@ static int pipe_fast(const mma_operand *o) { return o->vec && (o->kcontig ? !o->
 static void emit_pipe_setup(kgen *k, const mma_operand *o) {
     const char *p = o->name;
     if (!pipe_fast(o)) return;
+    if (o->half && o->kcontig) {
+        /* 4 chunks a row: thread tid copies chunk tid & 3 of rows (tid >> 2) + (nt / 4) i, whose
+         * swizzle (row >> 1) & 1 is the same for every i (nt / 4 is a multiple of 4) */
+        kg_line(k, "const int %s_lr = tid >> 2, %s_lc = tid & 3;", p, p);
+        kg_line(k, "GLOBAL const unsigned short *%s_g = %s + (%s + %s_lr) * %ld + 8 * %s_lc;", p, p, o->base, p, o->ld, p);
+        kg_line(k, "const long %s_rem = %s - (%s + %s_lr);", p, o->lim, o->base, p);
+        kg_line(k, "const unsigned %s_d = s%s_s + 2u * (unsigned)(%s_lr * %d + ((%s_lc ^ (((%s_lr >> 1) & 1) << 1)) << 3));", p, p,
+                p, BK, p, p);
+        return;
+    }
+    if (o->half) {
+        const int cpl = o->rows / 8;
+        kg_line(k, "const int %s_kl = tid / %d, %s_lc = tid %% %d;", p, cpl, p, cpl);
+        kg_line(k, "GLOBAL const unsigned short *%s_g = %s + (long)%s_kl * %ld + %s + 8 * %s_lc;", p, p, p, o->kld, o->base, p);
+        kg_line(k, "const long %s_cr = %s - (%s + 8 * %s_lc);", p, o->lim, o->base, p);
+        kg_line(k, "const int %s_cb = %s_cr >= 8 ? 16 : %s_cr > 0 ? 2 * (int)%s_cr : 0;", p, p, p, p);
+        kg_line(k, "const unsigned %s_d = s%s_s + 2u * (unsigned)(%s_kl * %d);", p, p, p, o->rows);
+        return;
+    }
     if (o->kcontig) {
         kg_line(k, "const int %s_lr = tid >> 3, %s_lc = tid & 7;", p, p);
         kg_line(k, "GLOBAL const float *%s_g = %s + (%s + %s_lr) * %ld + 4 * %s_lc;", p, p, o->base, p, o->ld, p);
@@ -321,6 +360,41 @@ static void emit_pipe_setup(kgen *k, const mma_operand *o) {
 static void emit_pipe_load(kgen *k, const mma_operand *o, int nt, const char *ktot, int kguard) {
     const char *p = o->name;
     const int sz = o->rows * BK;
+    if (o->half && o->kcontig) {   /* pipe_fast: emit_mma_pipe checked */
+        const int rs = nt / 4;
+        kg_line(k, "    {");
+        if (kguard) {
+            kg_line(k, "    const long kr = %s - (k0 + 8 * %s_lc);", ktot, p);
+            kg_line(k, "    const int kb = kr >= 8 ? 16 : kr > 0 ? 2 * (int)kr : 0;");
+        } else {
+            kg_line(k, "    const int kb = 16;");
+        }
+        kg_line(k, "    GLOBAL const unsigned short *g = %s_g + k0;", p);
+        kg_line(k, "    #pragma unroll");
+        kg_line(k, "    for (int i = 0; i < %d; i++) {", o->rows / rs);
+        kg_line(k, "        const int nb = %d * i < %s_rem ? kb : 0;", rs, p);
+        kg_line(k, "        cp_async16(%s_d + 2u * (unsigned)(st * %d + %d * i), (const float *)(nb ? g + %ldL * i : %s), nb);", p,
+                sz, rs * BK, (long)rs * o->ld, p);
+        kg_line(k, "    }");
+        kg_line(k, "    }");
+        return;
+    }
+    if (o->half) {
+        const int ls = nt / (o->rows / 8);
+        kg_line(k, "    {");
+        kg_line(k, "    const long kr = %s - (k0 + %s_kl);", ktot, p);
+        kg_line(k, "    GLOBAL const unsigned short *g = %s_g + k0 * %ld;", p, o->kld);
+        kg_line(k, "    #pragma unroll");
+        kg_line(k, "    for (int i = 0; i < %d; i++) {", BK / ls);
+        kg_line(k, "        const int l = %s_kl + %d * i, nb = %d * i < kr ? %s_cb : 0, sw = (l & 1) | (((l >> 2) & 3) << 1);", p,
+                ls, ls, p);
+        kg_line(k, "        cp_async16(%s_d + 2u * (unsigned)(st * %d + %d * i) + 16u * (unsigned)(%s_lc ^ sw), "
+                   "(const float *)(nb ? g + %ldL * i : %s), nb);",
+                p, sz, ls * o->rows, p, (long)ls * o->kld, p);
+        kg_line(k, "    }");
+        kg_line(k, "    }");
+        return;
+    }
     if (pipe_fast(o) && o->kcontig) {
         const int rs = nt / 8;
         kg_line(k, "    {");
@@ -407,6 +481,42 @@ static void emit_pipe_load(kgen *k, const mma_operand *o, int nt, const char *kt
 static void emit_frag(kgen *k, const mma_operand *o, int isa, int count) {
     const char *p = o->name;
     const int R = o->rows, sz = o->rows * BK;
+    if (o->half && o->kcontig) {
+        kg_line(k, "        #pragma unroll");
+        kg_line(k, "        for (int i = 0; i < %d; i++) {", count);
+        kg_line(k, isa ? "            const int r = wm + 16 * i + gq;" : "            const int r = wn + 8 * i + gq;");
+        /* rows r and r + 8 share the swizzle of gq */
+        kg_line(k, "            const char *p = (const char *)s%s + 2 * (st * %d + r * %d) + "
+                   "(((2 * j + (tq >> 1)) ^ (((gq >> 1) & 1) << 1)) << 4) + ((tq & 1) << 3);",
+                p, sz, BK);
+        kg_line(k, "            const uint2 lo = *(const uint2 *)p;");
+        if (isa) {
+            kg_line(k, "            const uint2 hi = *(const uint2 *)(p + %d);", 2 * 8 * BK);
+            kg_line(k, "            af[i][0] = lo.x; af[i][1] = hi.x; af[i][2] = lo.y; af[i][3] = hi.y;");
+        } else {
+            kg_line(k, "            bf[i][0] = lo.x; bf[i][1] = lo.y;");
+        }
+        kg_line(k, "        }");
+        return;
+    }
+    if (o->half) {
+        /* ldmatrix.x4.trans: lane l addresses line L(l & 7) (+ 2 for the second register of a
+         * pair) of the step; A: matrices (L, rows 0-7), (L, rows 8-15), (L+2, 0-7), (L+2, 8-15)
+         * of one m16 tile; B: (L, tile i), (L+2, tile i), (L, tile i+1), (L+2, tile i+1). The
+         * swizzle of line L(l & 7) is l & 7. */
+        const char *two = isa ? "((lane >> 4) << 1)" : "(((lane >> 3) & 1) << 1)";
+        const char *chunk = isa ? "(wm >> 3) + 2 * i + ((lane >> 3) & 1)" : "(wn >> 3) + i + (lane >> 4)";
+        kg_line(k, "        #pragma unroll");
+        kg_line(k, "        for (int i = 0; i < %d; i += %d) {", count, isa ? 1 : 2);
+        kg_line(k, "            const int ln = 16 * j + ((lane & 1) | (((lane >> 1) & 3) << 2)) + %s;", two);
+        kg_line(k, "            unsigned q[4];");
+        kg_line(k, "            ldsm_x4_trans_at(q, s%s_s + 2u * (unsigned)(st * %d + ln * %d) + 16u * (unsigned)((%s) ^ (lane & 7)));", p,
+                sz, R, chunk);
+        if (isa) kg_line(k, "            af[i][0] = q[0]; af[i][1] = q[1]; af[i][2] = q[2]; af[i][3] = q[3];");
+        else kg_line(k, "            bf[i][0] = q[0]; bf[i][1] = q[1]; bf[i + 1][0] = q[2]; bf[i + 1][1] = q[3];");
+        kg_line(k, "        }");
+        return;
+    }
     kg_line(k, "        #pragma unroll");
     kg_line(k, "        for (int i = 0; i < %d; i++) {", count);
     if (isa) kg_line(k, "            const int r = wm + 16 * i + gq;");
@@ -511,10 +621,15 @@ static int emit_mma_pipe(kgen *k, const mma_tile *t, const mma_operand *a, const
     const mma_operand *ops[2] = {a, b};
     for (int q = 0; q < 2; q++) {
         const mma_operand *o = ops[q];
-        int bad = o->kcontig ? o->rows * (BK / 4) % nt || nt % 8
-                            : o->rows % 32 || BK * (o->rows / 4) % nt || nt % (o->rows / 4);
+        const int ce = chunk_elems(o), cpr = BK / ce, cpl = o->rows / ce;
+        int bad = o->kcontig ? o->rows * cpr % nt || nt % cpr || (o->half && nt % 16)
+                            : o->rows % 32 || BK * cpl % nt || nt % cpl || (o->half && (o->rows % 64 || cpl < 8));
         if (bad || BK != 32) {
             snprintf(k->err, sizeof k->err, "matmul: tile %dx%d cannot be staged by %d threads", t->bm, t->bn, nt);
+            return -1;
+        }
+        if (o->half && (!pipe_fast(o) || (!o->kcontig && q == 1 && (wn / 8) % 2))) {
+            snprintf(k->err, sizeof k->err, "matmul: bf16 operand %s needs 8-aligned rows a constant stride apart", o->name);
             return -1;
         }
     }
@@ -522,7 +637,7 @@ static int emit_mma_pipe(kgen *k, const mma_tile *t, const mma_operand *a, const
         snprintf(k->err, sizeof k->err, "matmul: warp tile %dx%d is not made of m16n8 tiles", wm, wn);
         return -1;
     }
-    const long stage_bytes = 4L * (t->bm + t->bn) * BK, limit = k->shared_max > 0 ? k->shared_max : 160L * 1024;
+    const long stage_bytes = (long)BK * (a->rows * elem_bytes(a) + b->rows * elem_bytes(b)), limit = k->shared_max > 0 ? k->shared_max : 160L * 1024;
     int stages = t->stages;
     while (stages > 2 && stages * stage_bytes > limit) stages--;
     if (stages * stage_bytes > limit) {
@@ -533,7 +648,7 @@ static int emit_mma_pipe(kgen *k, const mma_tile *t, const mma_operand *a, const
     char nm[16];
     for (int q = 0; q < 2; q++) {
         snprintf(nm, sizeof nm, "s%s", ops[q]->name);
-        kg_shared(k, nm, (long)stages * ops[q]->rows * BK);
+        kg_shared(k, nm, (long)stages * ops[q]->rows * BK * elem_bytes(ops[q]) / 4);
     }
     kg_line(k, "const int tid = LID_X, lane = tid & 31, warp = tid >> 5;");
     kg_line(k, "const int wm = (warp / %d) * %d, wn = (warp %% %d) * %d, gq = lane >> 2, tq = lane & 3;", t->wgn, wm,
@@ -586,7 +701,7 @@ static int emit_mma_pipe(kgen *k, const mma_tile *t, const mma_operand *a, const
     kg_line(k, "    ws = ws == %d ? 0 : ws + 1;", stages - 1);
     kg_line(k, "}");
     kg_line(k, "CP_ASYNC_WAIT(0);");
-    if (k->epi) return emit_staged_epilogue(k, t, stages * (a->rows + b->rows) * BK, a->name, store_row_ok, col_lim,
+    if (k->epi) return emit_staged_epilogue(k, t, stages * stage_bytes / 4, a->name, store_row_ok, col_lim,
                                             out_row);
     /* accumulator e of tile (i, j): row gq (+8 for e >= 2), columns 2 tq and 2 tq + 1 */
     kg_line(k, "#pragma unroll");
@@ -657,17 +772,19 @@ static int emit_bf16(kgen *k, const ir_node *n) {
     snprintf(klim, sizeof klim, "%ldL", K);
     /* one row a token: rows are the token stride apart (the fast copy path) */
     mma_operand a = {.name = "x", .kcontig = 1, .roff = per == 1 ? NULL : row_at(rx, sizeof rx, k, x, K, "r"),
-                     .ld = kg_ld(k, x), .base = "m0", .lim = "M", .rows = t->bm, .vec = operand_vec(k, x, K)};
+                     .ld = kg_ld(k, x), .base = "m0", .lim = "M", .rows = t->bm, .vec = operand_vec(k, x, K),
+                     .half = k->g->t[x].dtype == DT_BF16};
     mma_operand b;
     /* a weight is an owner or a view at a constant offset: its rows align like its offset */
-    int wvec = k->g->t[w].offset % 4 == 0;
+    const int whalf = k->g->t[w].dtype == DT_BF16, wc = whalf ? 8 : 4;
+    int wvec = k->g->t[w].offset % wc == 0;
     if (n->ia[0]) {   /* W [K,N]: the contraction index selects the row */
         snprintf(wk, sizeof wk, "kx * %ld", N);
         b = (mma_operand){.name = "w", .kcontig = 0, .koff = wk, .kld = N, .base = "n0", .lim = nlim, .rows = t->bn,
-                          .vec = wvec && N % 4 == 0};
+                          .vec = wvec && N % wc == 0, .half = whalf};
     } else {          /* W [N,K] */
         b = (mma_operand){.name = "w", .kcontig = 1, .roff = NULL, .ld = K, .base = "n0", .lim = nlim, .rows = t->bn,
-                          .vec = wvec && K % 4 == 0};
+                          .vec = wvec && K % wc == 0, .half = whalf};
     }
     snprintf(orow, sizeof orow, "y + %s", row_at(ry, sizeof ry, k, y, N, "m"));
     int pair = k->g->t[y].offset % 2 == 0 && kg_ld(k, y) % 2 == 0 && N % 2 == 0;
@@ -727,10 +844,10 @@ static int emit_wgrad_bf16(kgen *k, const ir_node *n) {
     snprintf(qlim, sizeof qlim, "%ldL", Q);
     mma_operand oa = {.name = "a", .kcontig = 0, .koff = row_at(ra, sizeof ra, k, a, P, "kx"),
                       .kld = per == 1 ? kg_ld(k, a) : 0, .base = "m0", .lim = plim, .rows = t->bm,
-                      .vec = operand_vec(k, a, P)};
+                      .vec = operand_vec(k, a, P), .half = k->g->t[a].dtype == DT_BF16};
     mma_operand ob = {.name = "b", .kcontig = 0, .koff = row_at(rb, sizeof rb, k, b, Q, "kx"),
                       .kld = kg_feat(k, b) / Q == 1 ? kg_ld(k, b) : 0, .base = "n0", .lim = qlim, .rows = t->bn,
-                      .vec = operand_vec(k, b, Q)};
+                      .vec = operand_vec(k, b, Q), .half = k->g->t[b].dtype == DT_BF16};
     snprintf(orow, sizeof orow, "part + GID_Z * %ld + m * %ld", P * Q, Q);
     char rowok[48];
     snprintf(rowok, sizeof rowok, "m < %ld", P);
@@ -744,8 +861,16 @@ static int emit_wgrad_bf16(kgen *k, const ir_node *n) {
     return emit_wgrad_sum(k, n);
 }
 
+/* bf16-stored operands exist only in bf16 plans (gen/precision.c) */
+static int fp32_operands(kgen *k, const ir_node *n) {
+    if (op_in_dtype(k->g, n, 0) == DT_F32 && op_in_dtype(k->g, n, 1) == DT_F32) return 0;
+    snprintf(k->err, sizeof k->err, "matmul: bf16 operands need bf16 matmuls (CUDA)");
+    return -1;
+}
+
 static int emit(kgen *k, const ir_node *n) {
     if (k->bf16) return emit_bf16(k, n);
+    if (fp32_operands(k, n) < 0) return -1;
     int x = n->in[0], w = n->in[1], y = n->out[0];
     const ir_shape *xs = &k->g->t[x].shape;
     long K = xs->d[xs->ndim - 1], N = kg_feat(k, w) / K, per = kg_feat(k, x) / K;
@@ -812,6 +937,7 @@ static int emit(kgen *k, const ir_node *n) {
  * and walks that split's rows in order, KT rows per step; emit_wgrad_sum adds the splits. */
 static int emit_wgrad(kgen *k, const ir_node *n) {
     if (k->bf16) return emit_wgrad_bf16(k, n);
+    if (fp32_operands(k, n) < 0) return -1;
     int a = n->in[0], b = n->in[1], part = n->out[1];
     const ir_shape *as = &k->g->t[a].shape, *bs = &k->g->t[b].shape;
     long P = as->d[as->ndim - 1], Q = bs->d[bs->ndim - 1], per = kg_feat(k, a) / P;

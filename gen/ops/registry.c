@@ -8,7 +8,7 @@ extern const op_def op_embedding, op_embedding_bwd;
 extern const op_def op_matmul, op_matmul_wgrad;
 extern const op_def op_rmsnorm, op_rmsnorm_bwd;
 extern const op_def op_add, op_mul, op_silu, op_silu_bwd;
-extern const op_def op_fill, op_copy;
+extern const op_def op_fill, op_copy, op_cast;
 extern const op_def op_cross_entropy, op_cross_entropy_bwd;
 extern const op_def op_rope, op_attention, op_attention_bwd;
 extern const op_def op_mamba3_scan, op_mamba3_scan_bwd;
@@ -23,7 +23,7 @@ static const op_def *const registry[] = {
     &op_matmul, &op_matmul_wgrad,
     &op_rmsnorm, &op_rmsnorm_bwd,
     &op_add, &op_mul, &op_silu, &op_silu_bwd,
-    &op_fill, &op_copy,
+    &op_fill, &op_copy, &op_cast,
     &op_cross_entropy, &op_cross_entropy_bwd,
     &op_rope, &op_attention, &op_attention_bwd,
     &op_mamba3_scan, &op_mamba3_scan_bwd,

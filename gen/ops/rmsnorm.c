@@ -1,4 +1,5 @@
-/* rmsnorm: y = x / sqrt(mean(x^2) + eps) * w over the last dim; x [..., d], w [d].
+/* rmsnorm: y = x / sqrt(mean(x^2) + eps) * w over the last dim; x [..., d], w [d]. Attribute
+ * bf16_out: y is stored as bf16 (set by gen/precision.c when only bf16 matmuls read it).
  * Gradient: rmsnorm_bwd(x, w, dy) -> (dx, dw, dw_partial) with r = 1/sqrt(mean(x^2)+eps):
  *   dx = r (w*dy) - r^3/d * x * sum(w*dy*x),   dw = sum over rows of dy * x * r.
  * dw_partial [RMS_CHUNKS, d] is a workspace nobody differentiates: the rows are split into
@@ -31,7 +32,7 @@ static int infer(const ir_graph *g, const ir_node *n, ir_shape *out, ir_dtype *d
         return OP_ERR("weight must be [%d]", x->d[x->ndim - 1]);
     if (!(n->fa[0] > 0)) return OP_ERR("eps must be positive");
     out[0] = *x;
-    dt[0] = DT_F32;
+    dt[0] = n->ia[0] ? DT_BF16 : DT_F32;
     return 0;
 }
 
@@ -51,7 +52,7 @@ static int infer_bwd(const ir_graph *g, const ir_node *n, ir_shape *out, ir_dtyp
 static int grad(ir_graph *g, int node, const int *dout, int *din) {
     const ir_node n = g->n[node];
     int in[3] = {n.in[0], n.in[1], dout[0]}, out[IR_MAX_IO];
-    if (ir_emit(g, "rmsnorm_bwd", in, 3, n.ia, n.fa, out) < 0) return -1;
+    if (ir_emit(g, "rmsnorm_bwd", in, 3, NULL, n.fa, out) < 0) return -1;
     din[0] = out[0];   /* out[2], the dw workspace, is no gradient of anything */
     din[1] = out[1];
     return 0;
@@ -180,7 +181,12 @@ static int emit(kgen *k, const ir_node *n) {
     kg_line(k, "const long r = GID_X * %d + team;", nteam);
     kg_line(k, "const int ok = r < M;");
     kg_line(k, "GLOBAL float *xr = x + %s;", row_at(rx, sizeof rx, k, x, d, "(ok ? r : 0)"));
-    kg_line(k, "GLOBAL float *yr = y + %s;", row_at(ry, sizeof ry, k, y, d, "(ok ? r : 0)"));
+    const int half = k->g->t[y].dtype == DT_BF16;
+    if (half && !k->bf16) {
+        snprintf(k->err, sizeof k->err, "rmsnorm: a bf16 output needs a dialect with bf16 (CUDA)");
+        return -1;
+    }
+    kg_line(k, "GLOBAL %s *yr = y + %s;", half ? "unsigned short" : "float", row_at(ry, sizeof ry, k, y, d, "(ok ? r : 0)"));
     kg_line(k, "float ss = 0.0f;");
     for (int i = 0; i < ci; i++) {
         kg_line(k, "const int f%d = lane + %d;", i, i * rt);
@@ -194,7 +200,9 @@ static int emit(kgen *k, const ir_node *n) {
     }
     kg_line(k, "const float rs = RSQRTF(ss / %ld.0f + %.9ef);", d, n->fa[0]);
     kg_line(k, "if (ok) {");
-    for (int i = 0; i < ci; i++) kg_line(k, "    %syr[f%d] = x%d * rs * w[f%d];", slot_guard(gd, sizeof gd, i, rt, d), i, i, i);
+    for (int i = 0; i < ci; i++)
+        kg_line(k, half ? "    %syr[f%d] = f2bf(x%d * rs * w[f%d]);" : "    %syr[f%d] = x%d * rs * w[f%d];",
+                slot_guard(gd, sizeof gd, i, rt, d), i, i, i);
     kg_line(k, "}");
     grid_rows(k, x, per, nteam);
     kg_block(k, 256, 1, 1);
@@ -321,6 +329,7 @@ static int emit_bwd(kgen *k, const ir_node *n) {
 }
 
 const op_def op_rmsnorm = {.name = "rmsnorm", .nin = 2, .nout = 1, .infer = infer, .grad = grad, .ref = ref,
-                           .flops = flops, .emit = emit, .fattr = {"eps", NULL}, .fa_default = {1e-5}};
+                           .flops = flops, .emit = emit, .iattr = {"bf16_out", NULL}, .fattr = {"eps", NULL},
+                           .fa_default = {1e-5}};
 const op_def op_rmsnorm_bwd = {.name = "rmsnorm_bwd", .nin = -3, .nout = 3, .infer = infer_bwd, .ref = ref_bwd,
                                .flops = flops, .emit = emit_bwd, .fattr = {"eps", NULL}, .fa_default = {1e-5}};

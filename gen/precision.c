@@ -1,0 +1,80 @@
+/* bf16 storage for tensors only tensor-core matmuls read (gen/precision.h).
+ *
+ * Why: the bf16 matmuls of realm-9m are short in K (288 to 768), so each output tile re-reads
+ * its rows of x and of W from L2 for every column/row tile; with fp32 storage those re-reads
+ * (about 2.8 GB for one Mamba in_proj at 8 x 8192) bound the kernel at ~1.2 TB/s of HBM
+ * traffic. Stored as bf16 they are half the bytes, and the values are unchanged: the matmul's
+ * loader rounds each fp32 operand to bf16 (round to nearest even) exactly as the producer now
+ * does at its store. */
+#include "precision.h"
+
+#include "op.h"
+
+#include <stdio.h>
+#include <string.h>
+
+/* Operands are copied in 16-byte chunks: rows of a multiple of 8 bf16 values. */
+static int rows_of_8(const ir_graph *g, int t) { return ir_feat(&g->t[t].shape) % 8 == 0 && g->t[t].shape.d[g->t[t].shape.ndim - 1] % 8 == 0; }
+
+/* Move the last node to position `pos`, shifting the nodes after it; producers follow. */
+static void move_last_node(ir_graph *g, int pos) {
+    int last = g->nn - 1;
+    ir_node n = g->n[last];
+    memmove(&g->n[pos + 1], &g->n[pos], sizeof(ir_node) * (size_t)(last - pos));
+    g->n[pos] = n;
+    for (int t = 0; t < g->nt; t++) {
+        int p = g->t[t].producer;
+        if (p == last) g->t[t].producer = pos;
+        else if (p >= pos && p < last) g->t[t].producer = p + 1;
+    }
+}
+
+static int only_matmul_x_reads(const ir_graph *g, int t) {
+    int mm = op_find("matmul"), reads = 0;
+    for (int v = 0; v < g->nt; v++)
+        if (v != t && g->t[v].base == t) return 0;   /* views: read by anything */
+    for (int i = 0; i < g->nn; i++)
+        for (int q = 0; q < g->n[i].nin; q++)
+            if (g->n[i].in[q] == t) {
+                if (g->n[i].op != mm || q != 0) return 0;
+                reads++;
+            }
+    return reads > 0;
+}
+
+int ir_bf16_storage(ir_graph *g) {
+    for (int i = 0; i < g->nn; i++)
+        if (g->n[i].backward) {
+            snprintf(g->err, sizeof g->err, "bf16 storage is decided before autodiff");
+            return -1;
+        }
+    int mm = op_find("matmul"), rms = op_find("rmsnorm"), changed = 0;
+    for (int i = 0; i < g->nn; i++) {
+        if (g->n[i].op != rms) continue;
+        int y = g->n[i].out[0];
+        if (g->t[y].base != y || y == g->loss || !rows_of_8(g, y) || !only_matmul_x_reads(g, y)) continue;
+        g->n[i].ia[0] = 1;
+        g->t[y].dtype = DT_BF16;
+        changed++;
+    }
+    for (int i = 0; i < g->nn; i++) {
+        if (g->n[i].op != mm) continue;
+        int w = g->n[i].in[1];
+        if (g->t[w].role != ROLE_PARAM || g->t[w].base != w || g->t[w].dtype != DT_F32 || !rows_of_8(g, w)) continue;
+        /* node i is the first matmul reading w: its copy is made right before it */
+        int prev = g->cur_scope, cast;
+        ir_scope_set(g, g->n[i].scope);
+        int rc = ir_emit(g, "cast", &w, 1, NULL, NULL, &cast);
+        ir_scope_set(g, prev);
+        if (rc < 0) return -1;
+        char name[128];
+        snprintf(name, sizeof name, "%.100s.bf16", g->t[w].name);
+        memcpy(g->t[cast].name, name, sizeof name);
+        move_last_node(g, i);
+        for (int j = i + 1; j < g->nn; j++)
+            if (g->n[j].op == mm && g->n[j].in[1] == w) g->n[j].in[1] = cast;
+        changed++;
+        i++;
+    }
+    return changed;
+}
