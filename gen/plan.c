@@ -33,6 +33,16 @@ static int chain_inputs(const plan *p, int n0, int n1, int src, int *ext) {
 
 static int chain_stores(const plan *p, int t) { return p->stored[t] || p->g->t[t].base != t; }
 
+/* Whether tensor t is stored as bf16; such tensors exist only in plans whose dialect has the
+ * bf16 helpers (f2bf, bf2f), else the kernel fails with a message. */
+static int bf16_value(kgen *k, int t) {
+    if (k->g->t[t].dtype != DT_BF16) return 0;
+    if (!k->bf16 && !k->err[0])
+        snprintf(k->err, sizeof k->err, "%s: bf16 tensor %s needs a dialect with bf16 (CUDA)", k->cur.kernel,
+                 k->g->t[t].name);
+    return 1;
+}
+
 /* The chain at element (tok, f), in two parts so that a caller can issue the loads of several
  * elements before their arithmetic. Loads (phase 1): input `apfx`in<e> into `vpfx`x<e> (0 where
  * `guard`, a C condition or NULL, is false). Values (phase 2): node i's into `vpfx`v<i - n0>,
@@ -43,11 +53,14 @@ static void emit_chain(kgen *k, const plan *p, int n0, int n1, const int *ext, i
     const ir_graph *g = p->g;
     if (phase & 1)
         for (int e = 0; e < next; e++) {
+            /* a bf16-stored input (gen/precision.c) widens on load */
+            const int h = bf16_value(k, ext[e]);
             if (guard)
-                kg_line(k, "const float %sx%d = (%s) ? %sin%d[(%s) * %ld + (%s)] : 0.0f;", vpfx, e, guard, apfx, e, tok,
-                        kg_ld(k, ext[e]), f);
+                kg_line(k, "const float %sx%d = (%s) ? %s%sin%d[(%s) * %ld + (%s)]%s : 0.0f;", vpfx, e, guard, h ? "bf2f(" : "",
+                        apfx, e, tok, kg_ld(k, ext[e]), f, h ? ")" : "");
             else
-                kg_line(k, "const float %sx%d = %sin%d[(%s) * %ld + (%s)];", vpfx, e, apfx, e, tok, kg_ld(k, ext[e]), f);
+                kg_line(k, "const float %sx%d = %s%sin%d[(%s) * %ld + (%s)]%s;", vpfx, e, h ? "bf2f(" : "", apfx, e, tok,
+                        kg_ld(k, ext[e]), f, h ? ")" : "");
         }
     if (!(phase & 2)) return;
     for (int i = n0; i < n1; i++) {
@@ -69,7 +82,8 @@ static void emit_chain(kgen *k, const plan *p, int n0, int n1, const int *ext, i
         sb_free(&ex);
         int t = n->out[0];
         if (chain_stores(p, t))
-            kg_line(k, "%sout%d[(%s) * %ld + (%s)] = %sv%d;", apfx, i - n0, tok, kg_ld(k, t), f, vpfx, i - n0);
+            kg_line(k, bf16_value(k, t) ? "%sout%d[(%s) * %ld + (%s)] = f2bf(%sv%d);" : "%sout%d[(%s) * %ld + (%s)] = %sv%d;",
+                    apfx, i - n0, tok, kg_ld(k, t), f, vpfx, i - n0);
     }
 }
 

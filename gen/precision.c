@@ -29,31 +29,43 @@ static void move_last_node(ir_graph *g, int pos) {
     }
 }
 
-static int only_matmul_x_reads(const ir_graph *g, int t) {
-    int mm = op_find("matmul"), reads = 0;
+/* Whether owner t is read only as a matmul's x (forward and input-gradient products) or as a
+ * weight gradient's b (the same x, read again in the backward): operands the tensor-core
+ * tiles copy as bf16. */
+static int only_matmul_operand_reads(const ir_graph *g, int t) {
+    int mm = op_find("matmul"), wg = op_find("matmul_wgrad"), reads = 0;
     for (int v = 0; v < g->nt; v++)
         if (v != t && g->t[v].base == t) return 0;   /* views: read by anything */
     for (int i = 0; i < g->nn; i++)
         for (int q = 0; q < g->n[i].nin; q++)
             if (g->n[i].in[q] == t) {
-                if (g->n[i].op != mm || q != 0) return 0;
+                if (!(g->n[i].op == mm && q == 0) && !(g->n[i].op == wg && q == 1)) return 0;
                 reads++;
             }
     return reads > 0;
 }
 
+/* Producers that can store bf16: rmsnorm (its bf16_out attribute) and elementwise ops, which
+ * plan.c renders in fused kernels or matmul epilogues (emit_chain rounds at the store). */
+static int stores_bf16(const ir_graph *g, int node) {
+    const op_def *d = op_get(g->n[node].op);
+    return strcmp(d->name, "rmsnorm") == 0 || d->ew;
+}
+
 int ir_bf16_storage(ir_graph *g) {
-    for (int i = 0; i < g->nn; i++)
-        if (g->n[i].backward) {
-            snprintf(g->err, sizeof g->err, "bf16 storage is decided before autodiff");
-            return -1;
-        }
+    if (g->backward_start <= 0) {
+        snprintf(g->err, sizeof g->err, "bf16 storage is decided after autodiff");
+        return -1;
+    }
     int mm = op_find("matmul"), rms = op_find("rmsnorm"), changed = 0;
     for (int i = 0; i < g->nn; i++) {
-        if (g->n[i].op != rms) continue;
+        if (g->n[i].nout != 1 || !stores_bf16(g, i)) continue;
         int y = g->n[i].out[0];
-        if (g->t[y].base != y || y == g->loss || !rows_of_8(g, y) || !only_matmul_x_reads(g, y)) continue;
-        g->n[i].ia[0] = 1;
+        if (g->t[y].base != y || y == g->loss || g->t[y].dtype != DT_F32 || g->t[y].role != ROLE_ACT ||
+            !rows_of_8(g, y) || ir_feat(&g->t[y].shape) != g->t[y].shape.d[g->t[y].shape.ndim - 1] ||
+            !only_matmul_operand_reads(g, y))
+            continue;
+        if (g->n[i].op == rms) g->n[i].ia[0] = 1;
         g->t[y].dtype = DT_BF16;
         changed++;
     }
@@ -61,16 +73,21 @@ int ir_bf16_storage(ir_graph *g) {
         if (g->n[i].op != mm) continue;
         int w = g->n[i].in[1];
         if (g->t[w].role != ROLE_PARAM || g->t[w].base != w || g->t[w].dtype != DT_F32 || !rows_of_8(g, w)) continue;
-        /* node i is the first matmul reading w: its copy is made right before it */
+        /* node i is the first matmul reading w (the forward's): its copy is made right before
+         * it, and every matmul reading w (the input gradient's, recomputed ones) reads the copy;
+         * the weight gradient does not read w */
         int prev = g->cur_scope, cast;
         ir_scope_set(g, g->n[i].scope);
-        int rc = ir_emit(g, "cast", &w, 1, NULL, NULL, &cast);
+        int bs = g->backward_start, rc = ir_emit(g, "cast", &w, 1, NULL, NULL, &cast);
         ir_scope_set(g, prev);
         if (rc < 0) return -1;
         char name[128];
         snprintf(name, sizeof name, "%.100s.bf16", g->t[w].name);
         memcpy(g->t[cast].name, name, sizeof name);
+        g->t[cast].role = ROLE_ACT;
         move_last_node(g, i);
+        g->n[i].backward = i >= bs;
+        g->backward_start = bs + (i < bs);
         for (int j = i + 1; j < g->nn; j++)
             if (g->n[j].op == mm && g->n[j].in[1] == w) g->n[j].in[1] = cast;
         changed++;

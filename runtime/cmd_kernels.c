@@ -281,12 +281,12 @@ int cmd_kernels(int argc, char **argv) {
     ir_optimizer opt;
     int keep[2] = {m.loss, m.logits}, nk = 0;
     /* as realm train builds its step (runtime/session.c) */
-    int cast_rc = po.bf16 ? ir_bf16_storage(&m.g) : 0, nfwd = m.g.nn;
-    if (cast_rc < 0 || ir_autodiff(&m.g) < 0 || ir_add_optimizer(&m.g, &opt) < 0) {
+    if (ir_autodiff(&m.g) < 0 || (po.bf16 && ir_bf16_storage(&m.g) < 0) || ir_add_optimizer(&m.g, &opt) < 0) {
         fprintf(stderr, "%s: %s\n", pos[0], m.g.err);
         model_free(&m);
         return 2;
     }
+    int nfwd = m.g.backward_start;
     rc = one_plan("forward", &m.g, nfwd, keep, 2, bkname, arch, out, B, S, &po, resources, &nk);
     if (rc == 0) rc = one_plan("train", &m.g, m.g.nn, keep, 1, bkname, arch, out, B, S, &po, resources, &nk);
     model_free(&m);

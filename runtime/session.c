@@ -44,14 +44,10 @@ int session_prepare_opts(session *s, const char *src, size_t len, const char *pa
             if (strncmp(pth, "layers.", 7) == 0 && pth[7] && !strchr(pth + 7, '.')) g->sc[i].recompute = 1;
         }
     /* bf16 plans of a training step keep what only matmuls read as bf16 (gen/precision.c) */
-    if (training && opt && opt->bf16 && !opt->fp32_storage && kg_dialect_has_bf16(dialect) && ir_bf16_storage(g) < 0) {
-        snprintf(err, errlen, "%s: %s", path, g->err);
-        model_free(&s->m);
-        return -1;
-    }
+    const int bf16_store = opt && opt->bf16 && !opt->fp32_storage && kg_dialect_has_bf16(dialect);
     int nodes = g->nn;
     if (training) {
-        if (ir_autodiff(g) < 0 || ir_add_optimizer(g, &s->opt) < 0) {
+        if (ir_autodiff(g) < 0 || (bf16_store && ir_bf16_storage(g) < 0) || ir_add_optimizer(g, &s->opt) < 0) {
             snprintf(err, errlen, "%s: %s", path, g->err);
             model_free(&s->m);
             return -1;

@@ -346,7 +346,7 @@ static void check_model(tctx *t, const char *path, long B, long S) {
     char err[1024];
     CHECK(model_load(path, &m, err, sizeof err) == 0, "%s", err);
     /* as a bf16 training session builds it: weight copies and normed activations in bf16 */
-    if (ir_bf16_storage(&m.g) < 0 || ir_autodiff(&m.g) < 0) {
+    if (ir_autodiff(&m.g) < 0 || ir_bf16_storage(&m.g) < 0) {
         t_fail(t, __FILE__, __LINE__, "autodiff: %s", m.g.err);
     } else {
         backend *bk = cuda_dev(t);

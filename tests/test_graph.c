@@ -313,17 +313,19 @@ TEST(cast_gradient_is_identity) {
     CHECK(moved > 0 && moved < 1.0 / 128, "the cast moved values by at most %g (bf16 rounding expected)", moved);
 }
 
-/* The bf16 storage pass on realm-9m: every weight a matmul reads gets one cast, placed before
- * its first reader; the normed activations only matmuls read become bf16; producers stay
- * consistent after the insertions; autodiff still reaches every parameter; the step's arena
- * shrinks; an fp32 dialect refuses the bf16 tensors with a message. */
+/* The bf16 storage pass on realm-9m (after autodiff, as a bf16 training session runs it):
+ * every weight a matmul reads gets one cast, placed before its first reader, and no matmul
+ * reads the fp32 weight any more; the normed activations and the gated / SwiGLU products
+ * become bf16 and are read only as matmul operands; producers and the forward/backward split
+ * stay consistent after the insertions; the step's arena shrinks; an fp32 dialect refuses
+ * the bf16 tensors with a message. */
 TEST(bf16_storage_pass_realm9m) {
     realm_model m;
     char err[2048];
-    CHECK(model_load("models/realm-9m.lua", &m, err, sizeof err) == 0, "%s", err);
+    if (load(t, "models/realm-9m.lua", &m)) return;
     ir_graph *g = &m.g;
-    int mm = op_find("matmul"), cast = op_find("cast"), rms = op_find("rmsnorm");
-    int weights = 0;
+    int mm = op_find("matmul"), wg = op_find("matmul_wgrad"), cast = op_find("cast"), rms = op_find("rmsnorm");
+    int weights = 0, nfwd = g->backward_start;
     for (int p = 0; p < g->nt; p++) {
         int reads = 0;
         for (int i = 0; i < g->nn; i++) reads |= g->n[i].op == mm && g->n[i].in[1] == p;
@@ -331,32 +333,34 @@ TEST(bf16_storage_pass_realm9m) {
     }
     int changed = ir_bf16_storage(g);
     CHECK(changed > weights, "the pass changed %d tensors for %d matmul weights: %s", changed, weights, g->err);
-    int casts = 0, half_norms = 0, bad = 0;
+    CHECK(g->backward_start == nfwd + weights, "backward starts at %d, %d forward nodes and %d casts", g->backward_start,
+          nfwd, weights);
+    int casts = 0, half_norms = 0, half_ew = 0, bad = 0;
     for (int i = 0; i < g->nn; i++) {
         const ir_node *n = &g->n[i];
         for (int o = 0; o < n->nout; o++) bad += g->t[n->out[o]].producer != i;
+        bad += n->backward != (i >= g->backward_start);
         if (n->op == cast) {
             casts++;
-            bad += g->t[n->in[0]].role != ROLE_PARAM;
+            bad += g->t[n->in[0]].role != ROLE_PARAM || i >= g->backward_start;
             int first = -1;
             for (int j = 0; j < g->nn && first < 0; j++)
                 if (g->n[j].op == mm && g->n[j].in[1] == n->out[0]) first = j;
             bad += first != i + 1;
         }
         if (n->op == mm) bad += g->t[n->in[1]].role == ROLE_PARAM;   /* every weight read through its copy */
-        if (n->op == rms && g->t[n->out[0]].dtype == DT_BF16) {
-            half_norms++;
+        if (n->op != cast && n->nout == 1 && g->t[n->out[0]].dtype == DT_BF16) {
+            half_norms += n->op == rms;
+            half_ew += op_get(n->op)->ew != NULL;
             for (int j = 0; j < g->nn; j++)
                 for (int q = 0; q < g->n[j].nin; q++)
-                    bad += g->n[j].in[q] == n->out[0] && (g->n[j].op != mm || q != 0);
+                    bad += g->n[j].in[q] == n->out[0] && !(g->n[j].op == mm && q == 0) && !(g->n[j].op == wg && q == 1);
         }
     }
     CHECK(bad == 0, "%d inconsistencies after the pass", bad);
     CHECK(casts == weights, "%d casts for %d weights", casts, weights);
     CHECK(half_norms == 17, "%d normed activations in bf16 (16 blocks and the final norm expected)", half_norms);
-    CHECK(ir_autodiff(g) == 0, "%s", g->err);
-    for (int p = 0; p < g->nt; p++)
-        if (g->t[p].role == ROLE_PARAM) CHECK(g->t[p].grad >= 0, "%s has no gradient", g->t[p].name);
+    CHECK(half_ew == 14, "%d elementwise products in bf16 (6 Mamba gates and 8 SwiGLU expected)", half_ew);
     plan half, full, cl;
     const plan_options bf = {.bf16 = 1};
     CHECK(plan_build_opts(&half, g, 0, g->nn, "cuda", NULL, 0, &bf, err, sizeof err) == 0, "%s", err);
@@ -366,7 +370,6 @@ TEST(bf16_storage_pass_realm9m) {
     CHECK(strstr(err, "bf16") != NULL, "message: %s", err);
     model_free(&m);
     if (load(t, "models/realm-9m.lua", &m)) return;
-    CHECK(ir_autodiff(&m.g) == 0, "%s", m.g.err);
     CHECK(plan_build_opts(&full, &m.g, 0, m.g.nn, "cuda", NULL, 0, &bf, err, sizeof err) == 0, "%s", err);
     size_t a32 = plan_arena(&full, 8, 8192, NULL);
     plan_free(&full);

@@ -218,8 +218,11 @@ static void emit_tile_head(kgen *k) {
  * At p128 the in_proj forward ([65536 x 384] x [384 x 1716]) takes 0.47 ms (~180 TFLOP/s):
  * Nsight Compute shows L2 at ~72% of its peak, tensor pipe at ~10% and warps mostly waiting
  * on dependencies (fixed-latency and shared-memory loads) with only 2 warps per scheduler.
- * What would go further: bf16 copies of the operands (half the L2 and shared bytes, ldmatrix,
- * no conversions in the loop), or Hopper's bulk copies and wgmma (sm_90a).
+ * With both operands stored as bf16 (gen/precision.c) it takes 0.40 ms, and Nsight Compute
+ * puts L2 at 83% of its peak (DRAM 35%): the re-reads of x and W by neighbouring tiles plus the
+ * fp32 output. Larger tiles (fewer re-reads) lose more to one block a SM than they save (see
+ * TILE_MM_EPI). What would go further: bf16 outputs where the consumers allow, or Hopper's
+ * bulk copies and wgmma (sm_90a).
  *
  * Shared tiles hold fp32, in one of two layouts, both swizzled so that cp.async's 16-byte
  * writes and the fragment reads are free of bank conflicts:
@@ -266,12 +269,17 @@ typedef struct {
     int minb;       /* blocks per SM the register allocation must allow (0: the compiler's choice) */
 } mma_tile;
 
-/* Forward and dgrad: 8 warps of 32x64 held to 2 blocks per SM (<= 128 registers), 4 stages.
- * With bf16 operands the stages are small, and 16 warps a SM hide the short (K = 288..768)
- * main loops and the epilogues better than 8 warps of 64x64: realm-9m 8 x 8192 on an H100,
- * 68.59 -> 66.80 ms a step (2x2 warps at 4 stages: 68.19; 4x2 at 3 stages: 67.48; the same
- * change to the weight gradient's tile: 67.60). */
-static const mma_tile TILE_MM = {128, 128, 4, 2, 4, 2};
+/* Forward and dgrad with an epilogue (kgen.epi): 8 warps of 32x64 held to 2 blocks per SM
+ * (<= 128 registers), 4 stages where two blocks' stages fit (bf16 operands; 3 with fp32
+ * ones). The staged epilogue is memory-bound work after the main loop, and 16 warps a SM hide
+ * it better than 8: realm-9m 8 x 8192 on an H100, the Mamba out_proj dgrad with its gate
+ * gradients 3.52 -> 2.68 ms a step, the MLP's 2.27 -> 1.68; step 68.59 -> 66.80 with this tile
+ * for every forward/dgrad product. Without an epilogue the 4 warps of 64x64 stay ahead (the
+ * in_proj dgrad 2.29 against 2.49). Tried for all products at bf16 storage: 2x2 warps at 4
+ * stages 68.19; 4x2 at 3 stages 67.48; 4x2 for the weight gradient too 67.60; 256x128 (8 or 16
+ * warps), 128x256, 1 block a SM: 67.9-68.7 against 66.9. */
+static const mma_tile TILE_MM_EPI = {128, 128, 4, 2, 4, 2};
+static const mma_tile TILE_MM = {128, 128, 2, 2, 3, 0};
 static const mma_tile TILE_WGRAD = {128, 128, 2, 2, 3, 0};
 
 static int tile_threads(const mma_tile *t) { return 32 * t->wgm * t->wgn; }
@@ -640,6 +648,9 @@ static int emit_mma_pipe(kgen *k, const mma_tile *t, const mma_operand *a, const
     const long stage_bytes = (long)BK * (a->rows * elem_bytes(a) + b->rows * elem_bytes(b)), limit = k->shared_max > 0 ? k->shared_max : 160L * 1024;
     int stages = t->stages;
     while (stages > 2 && stages * stage_bytes > limit) stages--;
+    /* a tile that asks for minb blocks per SM gets them: past 3 stages only while minb blocks'
+     * stages fit an H100 SM's 227 KiB with room for the static arrays */
+    while (t->minb > 1 && stages > 3 && (long)t->minb * stages * stage_bytes > 200L * 1024) stages--;
     if (stages * stage_bytes > limit) {
         snprintf(k->err, sizeof k->err, "matmul: %d-stage %dx%d tiles need %ld bytes of shared memory, %ld available",
                  stages, t->bm, t->bn, stages * stage_bytes, limit);
@@ -758,7 +769,7 @@ static void emit_args(kgen *k, const ir_node *n) {
 static int emit_bf16(kgen *k, const ir_node *n) {
     int x = n->in[0], w = n->in[1], y = n->out[0];
     const ir_shape *xs = &k->g->t[x].shape;
-    const mma_tile *t = &TILE_MM;
+    const mma_tile *t = k->epi ? &TILE_MM_EPI : &TILE_MM;
     long K = xs->d[xs->ndim - 1], N = kg_feat(k, w) / K, per = kg_feat(k, x) / K, ntile = (N + t->bn - 1) / t->bn;
     int node = (int)(n - k->g->n);
     char rx[160], ry[160], orow[200], nlim[32], klim[32], wk[64];
