@@ -29,19 +29,18 @@ static void move_last_node(ir_graph *g, int pos) {
     }
 }
 
-/* Whether owner t is read only as a matmul's x (forward and input-gradient products) or as a
- * weight gradient's b (the same x, read again in the backward): operands the tensor-core
- * tiles copy as bf16. */
+/* Whether owner t (and none of its views) is read only as a tensor-core operand: a matmul's x
+ * (forward and input-gradient products: activations and output gradients) or either operand
+ * of a weight gradient (the output gradient a, the input b). */
 static int only_matmul_operand_reads(const ir_graph *g, int t) {
     int mm = op_find("matmul"), wg = op_find("matmul_wgrad"), reads = 0;
-    for (int v = 0; v < g->nt; v++)
-        if (v != t && g->t[v].base == t) return 0;   /* views: read by anything */
     for (int i = 0; i < g->nn; i++)
-        for (int q = 0; q < g->n[i].nin; q++)
-            if (g->n[i].in[q] == t) {
-                if (!(g->n[i].op == mm && q == 0) && !(g->n[i].op == wg && q == 1)) return 0;
-                reads++;
-            }
+        for (int q = 0; q < g->n[i].nin; q++) {
+            int r = g->n[i].in[q];
+            if (g->t[r].base != t) continue;
+            if (r != t || !((g->n[i].op == mm && q == 0) || g->n[i].op == wg)) return 0;
+            reads++;
+        }
     return reads > 0;
 }
 
@@ -49,7 +48,20 @@ static int only_matmul_operand_reads(const ir_graph *g, int t) {
  * plan.c renders in fused kernels or matmul epilogues (emit_chain rounds at the store). */
 static int stores_bf16(const ir_graph *g, int node) {
     const op_def *d = op_get(g->n[node].op);
-    return strcmp(d->name, "rmsnorm") == 0 || d->ew;
+    return g->n[node].nout == 1 && (strcmp(d->name, "rmsnorm") == 0 || d->ew);
+}
+
+/* Whether every node writing owner t (or a view of it: a gradient assembled from slices) can
+ * store bf16. */
+static int only_bf16_writers(const ir_graph *g, int t) {
+    int writes = 0;
+    for (int i = 0; i < g->nn; i++)
+        for (int o = 0; o < g->n[i].nout; o++)
+            if (g->t[g->n[i].out[o]].base == t) {
+                if (!stores_bf16(g, i)) return 0;
+                writes++;
+            }
+    return writes > 0;
 }
 
 int ir_bf16_storage(ir_graph *g) {
@@ -58,15 +70,16 @@ int ir_bf16_storage(ir_graph *g) {
         return -1;
     }
     int mm = op_find("matmul"), rms = op_find("rmsnorm"), changed = 0;
-    for (int i = 0; i < g->nn; i++) {
-        if (g->n[i].nout != 1 || !stores_bf16(g, i)) continue;
-        int y = g->n[i].out[0];
-        if (g->t[y].base != y || y == g->loss || g->t[y].dtype != DT_F32 || g->t[y].role != ROLE_ACT ||
-            !rows_of_8(g, y) || ir_feat(&g->t[y].shape) != g->t[y].shape.d[g->t[y].shape.ndim - 1] ||
+    for (int y = 0; y < g->nt; y++) {
+        const ir_tensor *t = &g->t[y];
+        if (t->base != y || y == g->loss || t->dtype != DT_F32 || (t->role != ROLE_ACT && t->role != ROLE_GRAD) ||
+            !rows_of_8(g, y) || ir_feat(&t->shape) != t->shape.d[t->shape.ndim - 1] || !only_bf16_writers(g, y) ||
             !only_matmul_operand_reads(g, y))
             continue;
-        if (g->n[i].op == rms) g->n[i].ia[0] = 1;
-        g->t[y].dtype = DT_BF16;
+        for (int v = 0; v < g->nt; v++)
+            if (g->t[v].base == y) g->t[v].dtype = DT_BF16;
+        for (int i = 0; i < g->nn; i++)
+            if (g->n[i].op == rms && g->t[g->n[i].out[0]].base == y) g->n[i].ia[0] = 1;
         changed++;
     }
     for (int i = 0; i < g->nn; i++) {

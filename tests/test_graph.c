@@ -315,8 +315,8 @@ TEST(cast_gradient_is_identity) {
 
 /* The bf16 storage pass on realm-9m (after autodiff, as a bf16 training session runs it):
  * every weight a matmul reads gets one cast, placed before its first reader, and no matmul
- * reads the fp32 weight any more; the normed activations and the gated / SwiGLU products
- * become bf16 and are read only as matmul operands; producers and the forward/backward split
+ * reads the fp32 weight any more; the normed activations, the gated / SwiGLU products and the
+ * gradients of the MLP input projections become bf16 and are read only as matmul operands; producers and the forward/backward split
  * stay consistent after the insertions; the step's arena shrinks; an fp32 dialect refuses
  * the bf16 tensors with a message. */
 TEST(bf16_storage_pass_realm9m) {
@@ -335,7 +335,7 @@ TEST(bf16_storage_pass_realm9m) {
     CHECK(changed > weights, "the pass changed %d tensors for %d matmul weights: %s", changed, weights, g->err);
     CHECK(g->backward_start == nfwd + weights, "backward starts at %d, %d forward nodes and %d casts", g->backward_start,
           nfwd, weights);
-    int casts = 0, half_norms = 0, half_ew = 0, bad = 0;
+    int casts = 0, half_norms = 0, half_ew = 0, half_grads = 0, bad = 0;
     for (int i = 0; i < g->nn; i++) {
         const ir_node *n = &g->n[i];
         for (int o = 0; o < n->nout; o++) bad += g->t[n->out[o]].producer != i;
@@ -350,17 +350,27 @@ TEST(bf16_storage_pass_realm9m) {
         }
         if (n->op == mm) bad += g->t[n->in[1]].role == ROLE_PARAM;   /* every weight read through its copy */
         if (n->op != cast && n->nout == 1 && g->t[n->out[0]].dtype == DT_BF16) {
-            half_norms += n->op == rms;
-            half_ew += op_get(n->op)->ew != NULL;
+            const int y = n->out[0], owner = g->t[y].base == y;
+            half_norms += n->op == rms && owner;
+            half_ew += op_get(n->op)->ew != NULL && owner;
+            bad += n->op != rms && !op_get(n->op)->ew;
             for (int j = 0; j < g->nn; j++)
                 for (int q = 0; q < g->n[j].nin; q++)
-                    bad += g->n[j].in[q] == n->out[0] && !(g->n[j].op == mm && q == 0) && !(g->n[j].op == wg && q == 1);
+                    bad += g->t[g->n[j].in[q]].base == g->t[y].base &&
+                           !(g->n[j].op == mm && q == 0 && g->n[j].in[q] == g->t[y].base) && g->n[j].op != wg;
         }
+    }
+    for (int v = 0; v < g->nt; v++) {
+        const ir_tensor *x = &g->t[v];
+        if (x->base == v && x->dtype == DT_BF16 && x->role == ROLE_GRAD) half_grads++;
+        bad += x->dtype != g->t[x->base].dtype;   /* views share their owner's storage */
     }
     CHECK(bad == 0, "%d inconsistencies after the pass", bad);
     CHECK(casts == weights, "%d casts for %d weights", casts, weights);
     CHECK(half_norms == 17, "%d normed activations in bf16 (16 blocks and the final norm expected)", half_norms);
     CHECK(half_ew == 14, "%d elementwise products in bf16 (6 Mamba gates and 8 SwiGLU expected)", half_ew);
+    CHECK(half_grads == 8, "%d gradients in bf16 (the 8 MLP input projections', written by the SwiGLU backward)",
+          half_grads);
     plan half, full, cl;
     const plan_options bf = {.bf16 = 1};
     CHECK(plan_build_opts(&half, g, 0, g->nn, "cuda", NULL, 0, &bf, err, sizeof err) == 0, "%s", err);
