@@ -55,7 +55,8 @@ static void human(double v, char *buf, size_t len) {
 }
 
 /* realm graph --memory: the memory model without a device (no backend overhead). */
-static int graph_memory(const char *path, const char *batch_s, const char *seq_s, const char *dialect, int recompute) {
+static int graph_memory(const char *path, const char *batch_s, const char *seq_s, const char *dialect, int recompute,
+                        int bf16) {
     char err[4096], *src = NULL;
     size_t len = 0;
     if (fs_read_file(path, 64u << 20, &src, &len, err, sizeof err) < 0) {
@@ -63,7 +64,8 @@ static int graph_memory(const char *path, const char *batch_s, const char *seq_s
         return 2;
     }
     session tr, ev;
-    if (session_prepare(&tr, src, len, path, dialect, 1, recompute, err, sizeof err) < 0) {
+    const plan_options po = {.bf16 = bf16};
+    if (session_prepare_opts(&tr, src, len, path, dialect, 1, recompute, &po, err, sizeof err) < 0) {
         fprintf(stderr, "%s\n", err);
         free(src);
         return 2;
@@ -72,15 +74,15 @@ static int graph_memory(const char *path, const char *batch_s, const char *seq_s
     int have_ev = tr.m.train.eval_every > 0;
     if ((batch_s && cli_long("graph", "--batch", batch_s, 1, 1L << 20, &B)) ||
         (seq_s && cli_long("graph", "--seq", seq_s, 1, 1L << 24, &S)) ||
-        (have_ev && session_prepare(&ev, src, len, path, dialect, 0, 0, err, sizeof err) < 0)) {
+        (have_ev && session_prepare_opts(&ev, src, len, path, dialect, 0, 0, &po, err, sizeof err) < 0)) {
         if (have_ev && err[0]) fprintf(stderr, "%s\n", err);
         session_close(&tr);
         free(src);
         return 2;
     }
     at_model am = {.train = &tr.p, .eval = have_ev ? &ev.p : NULL, .fraction = 1};
-    printf("model %s (%s): %ld parameters, %s plan%s\n", tr.m.name, path, ir_param_count(&tr.m.g), dialect,
-           recompute ? ", every layer recomputed" : "");
+    printf("model %s (%s): %ld parameters, %s plan, %s matmuls%s\n", tr.m.name, path, ir_param_count(&tr.m.g), dialect,
+           tr.p.kg.bf16 ? "bf16" : "fp32", recompute ? ", every layer recomputed" : "");
     at_print_breakdown(stdout, "", &am, B, S);
     if (have_ev) session_close(&ev);
     session_close(&tr);
@@ -89,7 +91,7 @@ static int graph_memory(const char *path, const char *batch_s, const char *seq_s
 }
 
 int cmd_graph(int argc, char **argv) {
-    const char *batch_s = NULL, *seq_s = NULL, *dialect = "cuda";
+    const char *batch_s = NULL, *seq_s = NULL, *dialect = "cuda", *prec_s = NULL;
     int memory = 0, recompute = 0;
     const cli_opt opts[] = {
         {"--batch", "B", "batch size for the per-token numbers (default: the model's train.batch)", &batch_s, NULL},
@@ -98,6 +100,8 @@ int cmd_graph(int argc, char **argv) {
         {"--recompute", NULL, "with --memory: recompute every layer in the backward", NULL, &recompute},
         {"--backend", "NAME", "with --memory: kernel dialect the plan is built for (cuda or opencl; default cuda)",
          &dialect, NULL},
+        {"--precision", "P", "with --memory: bf16 or fp32 matmuls (default bf16 for cuda, as realm train on sm_80+)",
+         &prec_s, NULL},
         {NULL, NULL, NULL, NULL, NULL},
     };
     const char *pos[1];
@@ -109,7 +113,14 @@ int cmd_graph(int argc, char **argv) {
                        "category instead.",
                        argc, argv, opts, pos, 1, 1, &npos, &done);
     if (rc || done) return rc;
-    if (memory) return graph_memory(pos[0], batch_s, seq_s, dialect, recompute);
+    if (prec_s && strcmp(prec_s, "bf16") != 0 && strcmp(prec_s, "fp32") != 0) {
+        fprintf(stderr, "realm graph: --precision must be bf16 or fp32, got '%s'\n", prec_s);
+        return 2;
+    }
+    /* bf16 storage (gen/precision.c) changes the arena: the same plan realm train builds */
+    if (memory)
+        return graph_memory(pos[0], batch_s, seq_s, dialect, recompute,
+                            prec_s ? strcmp(prec_s, "bf16") == 0 : strcmp(dialect, "cuda") == 0);
     realm_model m;
     char err[1024];
     if (model_load(pos[0], &m, err, sizeof err) < 0) {

@@ -147,6 +147,18 @@ TEST(autotune_memory_breakdown_adds_up) {
     p = strchr(p, '(');
     CHECK(p && sscanf(p, "(%llu bytes; categories sum to %llu)", &a, &b) == 2 && a == b && a > 0, "%s", out);
     CHECK(strstr(out, "saved activations") && strstr(out, "optimizer moments") && strstr(out, "data buffers"), "%s", out);
+    /* the CUDA default is realm train's: bf16 matmuls, with bf16 storage a smaller arena */
+    CHECK(strstr(out, "bf16 matmuls"), "%s", out);
+    snprintf(cmd, sizeof cmd, "%s graph models/tiny.lua --memory --batch 4 --seq 64 --precision fp32", t_realm_bin());
+    char out32[8192];
+    CHECK(t_run(cmd, out32, sizeof out32) == 0, "%s", out32);
+    unsigned long long a32 = 0, b32 = 0;
+    const char *q = strstr(out32, "training arena");
+    q = q ? strchr(q, '(') : NULL;
+    CHECK(q && sscanf(q, "(%llu bytes; categories sum to %llu)", &a32, &b32) == 2 && a32 == b32, "%s", out32);
+    CHECK(strstr(out32, "fp32 matmuls") && a < a32, "bf16 arena %llu, fp32 %llu: %s", a, a32, out32);
+    snprintf(cmd, sizeof cmd, "%s graph models/tiny.lua --memory --precision fp16", t_realm_bin());
+    CHECK(t_run(cmd, out32, sizeof out32) == 2 && strstr(out32, "fp16"), "%s", out32);
 }
 
 /* ---- recomputation ---- */
