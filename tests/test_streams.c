@@ -174,11 +174,13 @@ TEST(plan_side_stream_variants_are_hazard_free) {
 
 /* Three training steps of realm-9m on CUDA from the same start; the parameters after them
  * (vals, malloc'd) and the last loss. */
-static int three_steps(backend *bk, const char *src, const plan_options *po, int side_off, const uint8_t *rows,
-                       long B, long S, float **vals, long *total, double *loss, int *nside, char *err, size_t errlen) {
+static int three_steps(backend *bk, const char *src, const plan_options *po, int side_off, int recompute,
+                       const uint8_t *rows, long B, long S, float **vals, long *total, double *loss, int *nside, char *err,
+                       size_t errlen) {
     session s;
     const float hyper[8] = {3e-3f, 0.9f, 0.95f, 1e-8f, 0.1f, 0.19f, 0.0975f, 1.0f};
-    if (session_prepare_opts(&s, src, strlen(src), "models/realm-9m.lua", "cuda", 1, 0, po, err, errlen) < 0) return -1;
+    if (session_prepare_opts(&s, src, strlen(src), "models/realm-9m.lua", "cuda", 1, recompute, po, err, errlen) < 0)
+        return -1;
     int failed = session_alloc(&s, bk, B, S, err, errlen) < 0;
     if (!failed) {
         *nside = s.p.nside;
@@ -204,7 +206,8 @@ static int three_steps(backend *bk, const char *src, const plan_options *po, int
 
 /* Two variants of the same training (plan options, side stream off) give the same loss and
  * parameters, bit for bit. */
-static void same_bits(tctx *t, const plan_options *po0, int off0, const plan_options *po1, int off1, const char *what) {
+static void same_bits(tctx *t, const plan_options *po0, int off0, const plan_options *po1, int off1, int recompute,
+                      const char *what) {
     const char *e = getenv("REALM_GPU"), *be = getenv("REALM_GPU_BACKEND");
     if (!e || strcmp(e, "1") != 0 || (be && strcmp(be, "cuda") != 0)) {
         printf("  (no CUDA GPU: skipped)\n");
@@ -225,8 +228,10 @@ static void same_bits(tctx *t, const plan_options *po0, int off0, const plan_opt
     int nside = 0, failed = !src;
     if (!src) snprintf(err, sizeof err, "models/realm-9m.lua unreadable");
     if (!failed)
-        failed = three_steps(bk, src, po0, off0, rows, B, S, &vals[0], &total[0], &loss[0], &nside, err, sizeof err) < 0 ||
-                 three_steps(bk, src, po1, off1, rows, B, S, &vals[1], &total[1], &loss[1], &nside, err, sizeof err) < 0;
+        failed = three_steps(bk, src, po0, off0, recompute, rows, B, S, &vals[0], &total[0], &loss[0], &nside, err,
+                             sizeof err) < 0 ||
+                 three_steps(bk, src, po1, off1, recompute, rows, B, S, &vals[1], &total[1], &loss[1], &nside, err,
+                             sizeof err) < 0;
     long diff = 0;
     if (!failed && total[0] == total[1])
         for (long i = 0; i < total[0]; i++) diff += memcmp(&vals[0][i], &vals[1][i], sizeof(float)) != 0;
@@ -245,12 +250,19 @@ static void same_bits(tctx *t, const plan_options *po0, int off0, const plan_opt
 }
 
 /* Side stream on and off. */
-TEST(gpu_side_stream_same_bits) { same_bits(t, &bf16_plan, 0, &bf16_plan, 1, "side stream on / off"); }
+TEST(gpu_side_stream_same_bits) { same_bits(t, &bf16_plan, 0, &bf16_plan, 1, 0, "side stream on / off"); }
 
 /* bf16 storage (gen/precision.c) and fp32 storage of the same bf16 plan: the matmuls round
  * their operands to bf16 exactly as the producers now do at their stores, so nothing may
  * change but the bytes moved. */
 TEST(gpu_bf16_storage_same_bits) {
     const plan_options fp32_store = {.bf16 = 1, .fp32_storage = 1};
-    same_bits(t, &bf16_plan, 0, &fp32_store, 0, "bf16 / fp32 storage");
+    same_bits(t, &bf16_plan, 0, &fp32_store, 0, 0, "bf16 / fp32 storage");
+}
+
+/* The same with every layer recomputed in the backward: the recomputed norms and products are
+ * bf16 too, and the recomputed matmuls read the weights' copies made in the forward. */
+TEST(gpu_bf16_storage_same_bits_recomputed) {
+    const plan_options fp32_store = {.bf16 = 1, .fp32_storage = 1};
+    same_bits(t, &bf16_plan, 0, &fp32_store, 0, 1, "bf16 / fp32 storage, every layer recomputed");
 }
