@@ -82,6 +82,20 @@ ir_shape ir_shape_make(int ndim, const int *d) {
 
 int ir_dtype_bytes(ir_dtype dt) { return dt == DT_BF16 ? 2 : 4; }
 
+uint16_t ir_bf16_bits(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1)) >> 16);
+}
+
+float ir_bf16_float(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
 int ir_tensor_new(ir_graph *g, const char *name, ir_shape s, ir_dtype dt, ir_role role) {
     g->t = grow(g->t, &g->cap_t, g->nt + 1, sizeof *g->t);
     int id = g->nt++;

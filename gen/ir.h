@@ -95,6 +95,10 @@ int ir_shape_eq(const ir_shape *a, const ir_shape *b);
 void ir_shape_str(const ir_shape *s, char *buf, size_t len);
 ir_shape ir_shape_make(int ndim, const int *d);
 int ir_dtype_bytes(ir_dtype dt);
+/* bf16 storage of a float, round to nearest even as the kernels' cvt.rn (NaN stays NaN), and
+ * back: the host side of bf16 tensors (uploads, downloads, the reference). */
+uint16_t ir_bf16_bits(float f);
+float ir_bf16_float(uint16_t h);
 
 /* Tensors. New owners get tok_stride = feat, offset 0. */
 int ir_tensor_new(ir_graph *g, const char *name, ir_shape s, ir_dtype dt, ir_role role);

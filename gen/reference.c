@@ -64,14 +64,7 @@ void ref_init_params(ref_ctx *c, uint64_t seed) {
 static void round_bf16(const ref_ctx *c, int t) {
     ref_buf b = ref_get(c, t);
     for (long r = 0; r < b.ntok; r++)
-        for (long f = 0; f < b.feat; f++) {
-            float x = (float)b.p[r * b.ld + f];
-            uint32_t u;
-            memcpy(&u, &x, sizeof u);
-            if ((u & 0x7f800000u) != 0x7f800000u) u = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
-            memcpy(&x, &u, sizeof x);
-            b.p[r * b.ld + f] = (double)x;
-        }
+        for (long f = 0; f < b.feat; f++) b.p[r * b.ld + f] = ir_bf16_float(ir_bf16_bits((float)b.p[r * b.ld + f]));
 }
 
 void ref_run(ref_ctx *c, int from, int to) {

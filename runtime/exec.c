@@ -302,24 +302,9 @@ int exec_replay(plan_exec *x, int id, char *err, size_t errlen) {
     return 0;
 }
 
-/* Host values are fp32 (or int32) always; a bf16 tensor is converted on the way, nearest
- * even, the way the kernels round. */
-static uint16_t to_bf16(float f) {
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);   /* NaN stays NaN */
-    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1)) >> 16);
-}
-
-static float from_bf16(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
 /* Tensors are dense per token row but rows may be strided (views): copy row by row unless
- * the rows are contiguous. */
+ * the rows are contiguous. Host values are fp32 (or int32) always; a bf16 tensor is converted
+ * on the way (ir_bf16_bits), the way the kernels round. */
 static int xfer(plan_exec *x, int t, float *host, int up, char *err, size_t errlen) {
     const ir_tensor *tt = &x->p->g->t[t];
     if (x->offset[tt->base] == (size_t)-1) {
@@ -339,7 +324,7 @@ static int xfer(plan_exec *x, int t, float *host, int up, char *err, size_t errl
             return -1;
         }
         if (up)
-            for (long i = 0; i < ntok * feat; i++) h16[i] = to_bf16(host[i]);
+            for (long i = 0; i < ntok * feat; i++) h16[i] = ir_bf16_bits(host[i]);
         h = h16;
     }
     int rc = 0;
@@ -354,7 +339,7 @@ static int xfer(plan_exec *x, int t, float *host, int up, char *err, size_t errl
         }
     }
     if (half && !up && rc == 0)
-        for (long i = 0; i < ntok * feat; i++) host[i] = from_bf16(h16[i]);
+        for (long i = 0; i < ntok * feat; i++) host[i] = ir_bf16_float(h16[i]);
     free(h16);
     if (rc < 0) snprintf(err, errlen, "%s of %s failed: %s", up ? "upload" : "download", tt->name, bk_error(x->bk));
     return rc;

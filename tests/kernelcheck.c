@@ -54,14 +54,7 @@ static void ref_round(ref_ctx *c, int tid) {
 static void ref_round_bf16(ref_ctx *c, int tid) {
     ref_buf b = ref_get(c, tid);
     for (long r = 0; r < b.ntok; r++)
-        for (long f = 0; f < b.feat; f++) {
-            float x = (float)b.p[r * b.ld + f];
-            uint32_t u;
-            memcpy(&u, &x, sizeof u);
-            if ((u & 0x7f800000u) != 0x7f800000u) u = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
-            memcpy(&x, &u, sizeof x);
-            b.p[r * b.ld + f] = (double)x;
-        }
+        for (long f = 0; f < b.feat; f++) b.p[r * b.ld + f] = ir_bf16_float(ir_bf16_bits((float)b.p[r * b.ld + f]));
 }
 
 int kc_check_graph(tctx *t, backend *bk, const ir_graph *g, long B, long S, double tol, int vocab) {

@@ -68,6 +68,28 @@ static int build_matmul_dt(const mcase *c, ir_graph *g, ir_dtype dt) {
 
 static int build_matmul(const mcase *c, ir_graph *g) { return build_matmul_dt(c, g, DT_F32); }
 
+/* Every case's three products (forward, input gradient, weight gradient) against the
+ * reference on the GPU, operands stored as dt. */
+static void check_matmul_cases(tctx *t, const mcase *c, size_t n, ir_dtype dt, const char *what) {
+    backend *bk = cuda_dev(t);
+    if (!bk) return;
+    for (size_t i = 0; i < n && !t->failed; i++) {
+        ir_graph g;
+        if (build_matmul_dt(&c[i], &g, dt) < 0) {
+            t_fail(t, __FILE__, __LINE__, "case %zu: %s", i, g.err);
+        } else {
+            kc_check_graph_opts(t, bk, &g, 2, c[i].S, 1e-2, 1, &bf16_on);
+            if (t->failed) {
+                char m[sizeof t->msg];
+                snprintf(m, sizeof m, "%s", t->msg);
+                snprintf(t->msg, sizeof t->msg, "%s case %zu: %.900s", what, i, m);
+            }
+        }
+        ir_free(&g);
+    }
+    bk_destroy(bk);
+}
+
 TEST(bf16_kernels_matmul) {
     if (!gpu_on()) return;
     const mcase c[] = {
@@ -95,26 +117,9 @@ TEST(bf16_kernels_matmul) {
         {SH(DIM_B, DIM_S, 64), SH(64, 255), 1, 127},         /* M and N one or two short of whole tiles */
         {SH(DIM_B, DIM_S, 3, 32), SH(200, 32), 0, 43},       /* 3 rows per token, M = 258 */
     };
-    backend *bk = cuda_dev(t);
-    if (!bk) return;
-    for (size_t i = 0; i < sizeof c / sizeof c[0] && !t->failed; i++) {
-        ir_graph g;
-        if (build_matmul(&c[i], &g) < 0) {
-            t_fail(t, __FILE__, __LINE__, "case %zu: %s", i, g.err);
-        } else {
-            kc_check_graph_opts(t, bk, &g, 2, c[i].S, 1e-2, 1, &bf16_on);
-            if (t->failed) {
-                char m[sizeof t->msg];
-                snprintf(m, sizeof m, "%s", t->msg);
-                snprintf(t->msg, sizeof t->msg, "bf16 matmul case %zu: %.900s", i, m);
-            }
-        }
-        ir_free(&g);
-    }
-    bk_destroy(bk);
+    check_matmul_cases(t, c, sizeof c / sizeof c[0], DT_F32, "bf16 matmul");
 }
 
-/* Strided views: inputs and outputs that are slices of wider tensors (token stride != feat). */
 /* Operands stored as bf16 (gen/precision.c): the forward reads K-major x and W, the dgrad
  * K-major dy and MN-major W (ldmatrix.trans), the weight gradient MN-major dy and x. Rows and
  * columns past whole tiles, a contraction past whole slices, both transpositions. */
@@ -128,25 +133,10 @@ TEST(bf16_kernels_matmul_bf16_operands) {
         {SH(DIM_B, DIM_S, 8), SH(8, 24), 1, 3},              /* K < slice, tiny M */
         {SH(DIM_B, DIM_S, 384), SH(768, 384), 0, 3000},      /* several split-K slices */
     };
-    backend *bk = cuda_dev(t);
-    if (!bk) return;
-    for (size_t i = 0; i < sizeof c / sizeof c[0] && !t->failed; i++) {
-        ir_graph g;
-        if (build_matmul_dt(&c[i], &g, DT_BF16) < 0) {
-            t_fail(t, __FILE__, __LINE__, "case %zu: %s", i, g.err);
-        } else {
-            kc_check_graph_opts(t, bk, &g, 2, c[i].S, 1e-2, 1, &bf16_on);
-            if (t->failed) {
-                char m[sizeof t->msg];
-                snprintf(m, sizeof m, "%s", t->msg);
-                snprintf(t->msg, sizeof t->msg, "bf16-operand matmul case %zu: %.900s", i, m);
-            }
-        }
-        ir_free(&g);
-    }
-    bk_destroy(bk);
+    check_matmul_cases(t, c, sizeof c / sizeof c[0], DT_BF16, "bf16-operand matmul");
 }
 
+/* Strided views: inputs and outputs that are slices of wider tensors (token stride != feat). */
 TEST(bf16_kernels_matmul_views) {
     if (!gpu_on()) return;
     ir_graph g;

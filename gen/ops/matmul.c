@@ -368,26 +368,7 @@ static void emit_pipe_setup(kgen *k, const mma_operand *o) {
 static void emit_pipe_load(kgen *k, const mma_operand *o, int nt, const char *ktot, int kguard) {
     const char *p = o->name;
     const int sz = o->rows * BK;
-    if (o->half && o->kcontig) {   /* pipe_fast: emit_mma_pipe checked */
-        const int rs = nt / 4;
-        kg_line(k, "    {");
-        if (kguard) {
-            kg_line(k, "    const long kr = %s - (k0 + 8 * %s_lc);", ktot, p);
-            kg_line(k, "    const int kb = kr >= 8 ? 16 : kr > 0 ? 2 * (int)kr : 0;");
-        } else {
-            kg_line(k, "    const int kb = 16;");
-        }
-        kg_line(k, "    GLOBAL const unsigned short *g = %s_g + k0;", p);
-        kg_line(k, "    #pragma unroll");
-        kg_line(k, "    for (int i = 0; i < %d; i++) {", o->rows / rs);
-        kg_line(k, "        const int nb = %d * i < %s_rem ? kb : 0;", rs, p);
-        kg_line(k, "        cp_async16(%s_d + 2u * (unsigned)(st * %d + %d * i), (const float *)(nb ? g + %ldL * i : %s), nb);", p,
-                sz, rs * BK, (long)rs * o->ld, p);
-        kg_line(k, "    }");
-        kg_line(k, "    }");
-        return;
-    }
-    if (o->half) {
+    if (o->half && !o->kcontig) {
         const int ls = nt / (o->rows / 8);
         kg_line(k, "    {");
         kg_line(k, "    const long kr = %s - (k0 + %s_kl);", ktot, p);
@@ -403,21 +384,25 @@ static void emit_pipe_load(kgen *k, const mma_operand *o, int nt, const char *kt
         kg_line(k, "    }");
         return;
     }
-    if (pipe_fast(o) && o->kcontig) {
-        const int rs = nt / 8;
+    if (pipe_fast(o) && o->kcontig) {   /* fp32 or bf16 (emit_mma_pipe checked bf16 is fast) */
+        const int ce = chunk_elems(o), eb = elem_bytes(o), rs = nt / (BK / ce);
         kg_line(k, "    {");
         if (kguard) {
-            kg_line(k, "    const long kr = %s - (k0 + 4 * %s_lc);", ktot, p);
-            kg_line(k, "    const int kb = kr >= 4 ? 16 : kr > 0 ? 4 * (int)kr : 0;");
+            kg_line(k, "    const long kr = %s - (k0 + %d * %s_lc);", ktot, ce, p);
+            kg_line(k, "    const int kb = kr >= %d ? 16 : kr > 0 ? %d * (int)kr : 0;", ce, eb);
         } else {
             kg_line(k, "    const int kb = 16;");
         }
-        kg_line(k, "    GLOBAL const float *g = %s_g + k0;", p);
+        kg_line(k, "    GLOBAL const %s *g = %s_g + k0;", o->half ? "unsigned short" : "float", p);
         kg_line(k, "    #pragma unroll");
         kg_line(k, "    for (int i = 0; i < %d; i++) {", o->rows / rs);
         kg_line(k, "        const int nb = %d * i < %s_rem ? kb : 0;", rs, p);
-        kg_line(k, "        cp_async16(%s_d + 4u * (unsigned)(st * %d + %d * i), nb ? g + %ldL * i : %s, nb);", p, sz, rs * BK,
-                (long)rs * o->ld, p);
+        if (o->half)
+            kg_line(k, "        cp_async16(%s_d + 2u * (unsigned)(st * %d + %d * i), (const float *)(nb ? g + %ldL * i : %s), nb);",
+                    p, sz, rs * BK, (long)rs * o->ld, p);
+        else
+            kg_line(k, "        cp_async16(%s_d + 4u * (unsigned)(st * %d + %d * i), nb ? g + %ldL * i : %s, nb);", p, sz,
+                    rs * BK, (long)rs * o->ld, p);
         kg_line(k, "    }");
         kg_line(k, "    }");
         return;
