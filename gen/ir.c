@@ -89,6 +89,12 @@ uint16_t ir_bf16_bits(float f) {
     return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1)) >> 16);
 }
 
+int ir_bf16_owners(const ir_graph *g) {
+    int n = 0;
+    for (int i = 0; i < g->nt; i++) n += g->t[i].base == i && g->t[i].dtype == DT_BF16;
+    return n;
+}
+
 float ir_bf16_float(uint16_t h) {
     uint32_t u = (uint32_t)h << 16;
     float f;

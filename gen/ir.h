@@ -99,6 +99,8 @@ int ir_dtype_bytes(ir_dtype dt);
  * back: the host side of bf16 tensors (uploads, downloads, the reference). */
 uint16_t ir_bf16_bits(float f);
 float ir_bf16_float(uint16_t h);
+/* Owner tensors stored as bf16 (gen/precision.c), for reports. */
+int ir_bf16_owners(const ir_graph *g);
 
 /* Tensors. New owners get tok_stride = feat, offset 0. */
 int ir_tensor_new(ir_graph *g, const char *name, ir_shape s, ir_dtype dt, ir_role role);

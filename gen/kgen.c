@@ -218,7 +218,11 @@ static void add_arg(kgen *k, const char *cname, int t) {
     }
     k->cur.arg[k->cur.nargs++] = t;
     sb_printf(&k->params, ", long o_%s", cname);
-    /* a bf16 tensor's offset counts bf16 elements (plan_elem_offset) */
+    /* a bf16 tensor's offset counts bf16 elements (plan_elem_offset); the templates read and
+     * write it with the bf16 helpers, which only bf16 dialects have */
+    if (k->g->t[t].dtype == DT_BF16 && !k->bf16 && !k->err[0])
+        snprintf(k->err, sizeof k->err, "%s: bf16 tensor %s needs a dialect with bf16 (CUDA)", k->cur.kernel,
+                 k->g->t[t].name);
     if (k->g->t[t].dtype == DT_BF16)
         sb_printf(&k->body, "    GLOBAL unsigned short *%s = (GLOBAL unsigned short *)A + o_%s;\n", cname, cname);
     else

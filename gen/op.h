@@ -63,6 +63,11 @@ typedef struct op_def {
     /* Elementwise and cheaper to compute again than to store and read back: when only the next
      * (elementwise) node reads its output, autodiff recomputes the pair in the backward. */
     int recompute;
+    /* bf16 storage (gen/precision.c). Bit q: the bf16 template reads input q as it is when the
+     * tensor is stored as bf16 (rows a multiple of 8 values, one row a token). A primitive
+     * whose template can store its output as bf16 has an integer attribute named "bf16_out"
+     * (elementwise ones always can: plan.c rounds at their store). */
+    unsigned bf16_in;
 } op_def;
 
 const op_def *op_get(int id);

@@ -33,15 +33,9 @@ static int chain_inputs(const plan *p, int n0, int n1, int src, int *ext) {
 
 static int chain_stores(const plan *p, int t) { return p->stored[t] || p->g->t[t].base != t; }
 
-/* Whether tensor t is stored as bf16; such tensors exist only in plans whose dialect has the
- * bf16 helpers (f2bf, bf2f), else the kernel fails with a message. */
-static int bf16_value(kgen *k, int t) {
-    if (k->g->t[t].dtype != DT_BF16) return 0;
-    if (!k->bf16 && !k->err[0])
-        snprintf(k->err, sizeof k->err, "%s: bf16 tensor %s needs a dialect with bf16 (CUDA)", k->cur.kernel,
-                 k->g->t[t].name);
-    return 1;
-}
+/* Whether tensor t is stored as bf16 (gen/precision.c; kgen refuses it in dialects without
+ * the bf16 helpers f2bf and bf2f). */
+static int bf16_value(const kgen *k, int t) { return k->g->t[t].dtype == DT_BF16; }
 
 /* The chain at element (tok, f), in two parts so that a caller can issue the loads of several
  * elements before their arithmetic. Loads (phase 1): input `apfx`in<e> into `vpfx`x<e> (0 where
@@ -336,8 +330,10 @@ int plan_build_opts(plan *p, const ir_graph *g, int node0, int node1, const char
             epi.next = chain_inputs(p, epi.n0, epi.n1, epi.src, epi.ext);
             p->kg.epi = &epi;
         }
-        if (od->ew) rc = render_fused(p, i, j);
-        else if (!od->emit) {
+        if (od->ew) {
+            if ((rc = render_fused(p, i, j)) < 0)
+                snprintf(err, errlen, "%s", p->kg.err[0] ? p->kg.err : "fused kernel failed");
+        } else if (!od->emit) {
             snprintf(err, errlen, "primitive '%s' has no kernel template", od->name);
             rc = -1;
         } else if (od->emit(&p->kg, &g->n[i]) < 0) {

@@ -29,26 +29,36 @@ static void move_last_node(ir_graph *g, int pos) {
     }
 }
 
-/* Whether owner t (and none of its views) is read only as a tensor-core operand: a matmul's x
- * (forward and input-gradient products: activations and output gradients) or either operand
- * of a weight gradient (the output gradient a, the input b). */
-static int only_matmul_operand_reads(const ir_graph *g, int t) {
-    int mm = op_find("matmul"), wg = op_find("matmul_wgrad"), reads = 0;
+/* Whether input q of node i may be stored as bf16 (op_def.bf16_in). */
+static int reads_bf16(const ir_graph *g, int i, int q) { return (op_get(g->n[i].op)->bf16_in >> q) & 1u; }
+
+/* Whether owner t (and none of its views) is read only by inputs that take bf16: operands of
+ * the tensor-core matmuls (x of the forward and input-gradient products, both operands of a
+ * weight gradient). */
+static int only_bf16_reads(const ir_graph *g, int t) {
+    int reads = 0;
     for (int i = 0; i < g->nn; i++)
         for (int q = 0; q < g->n[i].nin; q++) {
             int r = g->n[i].in[q];
             if (g->t[r].base != t) continue;
-            if (r != t || !((g->n[i].op == mm && q == 0) || g->n[i].op == wg)) return 0;
+            if (r != t || !reads_bf16(g, i, q)) return 0;
             reads++;
         }
     return reads > 0;
 }
 
-/* Producers that can store bf16: rmsnorm (its bf16_out attribute) and elementwise ops, which
- * plan.c renders in fused kernels or matmul epilogues (emit_chain rounds at the store). */
+/* The index of a primitive's "bf16_out" attribute, or -1 (op_def.bf16_in). */
+static int bf16_out_attr(const op_def *d) {
+    for (int a = 0; a < IR_MAX_IATTR && d->iattr[a]; a++)
+        if (strcmp(d->iattr[a], "bf16_out") == 0) return a;
+    return -1;
+}
+
+/* Writers that can store bf16: elementwise ops, which plan.c renders in fused kernels or
+ * matmul epilogues (emit_chain rounds at the store), and primitives with a bf16_out attribute. */
 static int stores_bf16(const ir_graph *g, int node) {
     const op_def *d = op_get(g->n[node].op);
-    return g->n[node].nout == 1 && (strcmp(d->name, "rmsnorm") == 0 || d->ew);
+    return g->n[node].nout == 1 && (d->ew || bf16_out_attr(d) >= 0);
 }
 
 /* Whether every node writing owner t (or a view of it: a gradient assembled from slices) can
@@ -69,42 +79,47 @@ int ir_bf16_storage(ir_graph *g) {
         snprintf(g->err, sizeof g->err, "bf16 storage is decided after autodiff");
         return -1;
     }
-    int mm = op_find("matmul"), rms = op_find("rmsnorm"), changed = 0;
+    int changed = 0;
     for (int y = 0; y < g->nt; y++) {
         const ir_tensor *t = &g->t[y];
         if (t->base != y || y == g->loss || t->dtype != DT_F32 || (t->role != ROLE_ACT && t->role != ROLE_GRAD) ||
             !rows_of_8(g, y) || ir_feat(&t->shape) != t->shape.d[t->shape.ndim - 1] || !only_bf16_writers(g, y) ||
-            !only_matmul_operand_reads(g, y))
+            !only_bf16_reads(g, y))
             continue;
         for (int v = 0; v < g->nt; v++)
             if (g->t[v].base == y) g->t[v].dtype = DT_BF16;
-        for (int i = 0; i < g->nn; i++)
-            if (g->n[i].op == rms && g->t[g->n[i].out[0]].base == y) g->n[i].ia[0] = 1;
+        for (int i = 0; i < g->nn; i++) {
+            const int a = bf16_out_attr(op_get(g->n[i].op));
+            if (a >= 0 && g->t[g->n[i].out[0]].base == y) g->n[i].ia[a] = 1;
+        }
         changed++;
     }
-    for (int i = 0; i < g->nn; i++) {
-        if (g->n[i].op != mm) continue;
-        int w = g->n[i].in[1];
-        if (g->t[w].role != ROLE_PARAM || g->t[w].base != w || g->t[w].dtype != DT_F32 || !rows_of_8(g, w)) continue;
-        /* node i is the first matmul reading w (the forward's): its copy is made right before
-         * it, and every matmul reading w (the input gradient's, recomputed ones) reads the copy;
-         * the weight gradient does not read w */
-        int prev = g->cur_scope, cast;
-        ir_scope_set(g, g->n[i].scope);
-        int bs = g->backward_start, rc = ir_emit(g, "cast", &w, 1, NULL, NULL, &cast);
-        ir_scope_set(g, prev);
-        if (rc < 0) return -1;
-        char name[128];
-        snprintf(name, sizeof name, "%.100s.bf16", g->t[w].name);
-        memcpy(g->t[cast].name, name, sizeof name);
-        g->t[cast].role = ROLE_ACT;
-        move_last_node(g, i);
-        g->n[i].backward = i >= bs;
-        g->backward_start = bs + (i < bs);
-        for (int j = i + 1; j < g->nn; j++)
-            if (g->n[j].op == mm && g->n[j].in[1] == w) g->n[j].in[1] = cast;
-        changed++;
-        i++;
-    }
+    for (int i = 0; i < g->nn; i++)
+        for (int q = 0; q < g->n[i].nin; q++) {
+            int w = g->n[i].in[q];
+            if (!reads_bf16(g, i, q) || g->t[w].role != ROLE_PARAM || g->t[w].base != w || g->t[w].dtype != DT_F32 ||
+                !rows_of_8(g, w))
+                continue;
+            /* node i is the first that reads weight w as a bf16 operand (the forward matmul): its
+             * copy is made right before it, and every such read (the input gradient's matmul,
+             * recomputed ones) takes the copy; other readers (an embedding) keep the fp32 w */
+            int prev = g->cur_scope, cast;
+            ir_scope_set(g, g->n[i].scope);
+            int bs = g->backward_start, rc = ir_emit(g, "cast", &w, 1, NULL, NULL, &cast);
+            ir_scope_set(g, prev);
+            if (rc < 0) return -1;
+            char name[128];
+            snprintf(name, sizeof name, "%.100s.bf16", g->t[w].name);
+            memcpy(g->t[cast].name, name, sizeof name);
+            g->t[cast].role = ROLE_ACT;
+            move_last_node(g, i);
+            g->n[i].backward = i >= bs;
+            g->backward_start = bs + (i < bs);
+            for (int j = i + 1; j < g->nn; j++)
+                for (int r = 0; r < g->n[j].nin; r++)
+                    if (g->n[j].in[r] == w && reads_bf16(g, j, r)) g->n[j].in[r] = cast;
+            changed++;
+            i++;   /* node i is again the reader; its other inputs are looked at next */
+        }
     return changed;
 }

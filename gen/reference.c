@@ -61,7 +61,7 @@ void ref_init_params(ref_ctx *c, uint64_t seed) {
 
 /* A tensor stored as bf16 holds its values rounded to nearest even: the reference models the
  * storage, so kernels that read it are checked against what they are given. */
-static void round_bf16(const ref_ctx *c, int t) {
+void ref_round_bf16(const ref_ctx *c, int t) {
     ref_buf b = ref_get(c, t);
     for (long r = 0; r < b.ntok; r++)
         for (long f = 0; f < b.feat; f++) b.p[r * b.ld + f] = ir_bf16_float(ir_bf16_bits((float)b.p[r * b.ld + f]));
@@ -72,6 +72,6 @@ void ref_run(ref_ctx *c, int from, int to) {
         const ir_node *n = &c->g->n[i];
         op_get(n->op)->ref(c, n);
         for (int o = 0; o < n->nout; o++)
-            if (c->g->t[n->out[o]].dtype == DT_BF16) round_bf16(c, n->out[o]);
+            if (c->g->t[n->out[o]].dtype == DT_BF16) ref_round_bf16(c, n->out[o]);
     }
 }

@@ -14,5 +14,8 @@ double *ref_data(ref_ctx *c, int tensor);
 void ref_init_params(ref_ctx *c, uint64_t seed);
 /* Run nodes [from, to). */
 void ref_run(ref_ctx *c, int from, int to);
+/* Round tensor t's values to bf16 in place (nearest even, ir_bf16_bits): what bf16 storage
+ * holds; ref_run does it to every bf16 tensor a node writes. */
+void ref_round_bf16(const ref_ctx *c, int t);
 
 #endif

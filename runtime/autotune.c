@@ -70,8 +70,7 @@ void at_print_breakdown(FILE *f, const char *prefix, const at_model *m, long B, 
     plan_memory(m->train, B, S, &pm);
     at_need n;
     at_need_of(m, B, S, &n);
-    int nbf = 0;
-    for (int i = 0; i < m->train->g->nt; i++) nbf += m->train->g->t[i].base == i && m->train->g->t[i].dtype == DT_BF16;
+    const int nbf = ir_bf16_owners(m->train->g);
     fprintf(f, "%sbreakdown at batch %ld x seq %ld (fp32, %d tensors bf16); \"at peak\": bytes live at launch %d of %d, the arena's fullest:\n",
             prefix, B, S, nbf, pm.peak_launch, m->train->kg.nl);
     fprintf(f, "%s  %-26s %12s %14s\n", prefix, "category", "at peak MiB", "all MiB");

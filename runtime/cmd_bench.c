@@ -275,11 +275,8 @@ int cmd_bench(int argc, char **argv) {
     printf("%-34s %ld parameters, %d launches (%d distinct kernels)\n", "graph", ir_param_count(g), s.p.kg.nl,
            s.p.kg.nbodies);
     printf("%-34s %s\n", "side stream", s.x.side && !s.x.side_off ? "on" : "off");
-    {
-        int nbf = 0;
-        for (int i = 0; i < s.m.g.nt; i++) nbf += s.m.g.t[i].base == i && s.m.g.t[i].dtype == DT_BF16;
-        printf("%-34s %d tensors stored as bf16 (weight copies, normed activations)\n", "bf16 storage", nbf);
-    }
+    printf("%-34s %d tensors stored as bf16 (weight copies, activations and gradients only matmuls read)\n",
+           "bf16 storage", ir_bf16_owners(&s.m.g));
     if (s.x.side && !s.x.side_off)
         printf("%-34s %d weight-gradient launches beside the backward chain (the breakdown runs them in line)\n", "",
                s.p.nside);

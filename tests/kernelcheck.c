@@ -29,8 +29,6 @@ static void ref_dense(ref_ctx *c, const ir_graph *g, int tid, double *out) {
 /* Rounds a tensor of the reference state to fp32 in place: the reference then computes from
  * exactly the values uploaded to the kernel, so an output that cancels (a sum over tokens near
  * zero) measures the kernel's arithmetic and not the rounding of its inputs. */
-static void ref_round_bf16(ref_ctx *c, int tid);
-
 static void ref_round(ref_ctx *c, int tid) {
     if (ref_dtype(c, tid) == DT_BF16) {   /* stored as bf16: uploaded on that grid */
         ref_round_bf16(c, tid);
@@ -39,22 +37,6 @@ static void ref_round(ref_ctx *c, int tid) {
     ref_buf b = ref_get(c, tid);
     for (long r = 0; r < b.ntok; r++)
         for (long f = 0; f < b.feat; f++) b.p[r * b.ld + f] = (double)(float)b.p[r * b.ld + f];
-}
-
-/* The same to bf16 (round to nearest even), for the attention launches of plans with bf16
- * matmuls: their tensor-core kernels round Q, K, V and dO to bf16 on the way in, and that
- * quantisation cancels badly in dS = P (dP - D) and in dQ = dS K (sum over keys of dS is 0)
- * when the values share a large common part or the softmax rows are sharp: an emulation of
- * the dq kernel's rounding points in fp64 (bench/attention_dq_rounding.py) came 1-4% from the
- * fp64 result of unrounded inputs (the check's bound is 1%) and 0.2% from that of inputs on
- * the bf16 grid, which is
- * what the comparison then measures: the kernel's own arithmetic. Not every launch: the
- * scan's backward reads states saved by the forward, which rounded on their own no longer
- * match its other inputs, and its fp32 workspaces then drift from the reference by 1e-4. */
-static void ref_round_bf16(ref_ctx *c, int tid) {
-    ref_buf b = ref_get(c, tid);
-    for (long r = 0; r < b.ntok; r++)
-        for (long f = 0; f < b.feat; f++) b.p[r * b.ld + f] = ir_bf16_float(ir_bf16_bits((float)b.p[r * b.ld + f]));
 }
 
 int kc_check_graph(tctx *t, backend *bk, const ir_graph *g, long B, long S, double tol, int vocab) {
@@ -107,7 +89,16 @@ int kc_check_graph_opts(tctx *t, backend *bk, const ir_graph *g, long B, long S,
     for (int li = 0; li < p.kg.nl && rc == 0; li++) {
         const plan_launch *l = &p.kg.launches[li];
         /* bf16 attention: the inputs of the launch's nodes onto the bf16 grid at once (the
-         * backward's two launches then see the same values) */
+         * backward's two launches then see the same values). The tensor-core kernels round Q,
+         * K, V and dO to bf16 on the way in, and that quantisation cancels badly in
+         * dS = P (dP - D) and in dQ = dS K (sum over keys of dS is 0) when the values share a
+         * large common part or the softmax rows are sharp: an emulation of the dq kernel's
+         * rounding points in fp64 (bench/attention_dq_rounding.py) came 1-4% from the fp64
+         * result of unrounded inputs (the check's bound is 1%) and 0.2% from that of inputs on
+         * the bf16 grid, which is what the comparison then measures: the kernel's own
+         * arithmetic. Not every launch: the scan's backward reads states saved by the forward,
+         * which rounded on their own no longer match its other inputs, and its fp32
+         * workspaces then drift from the reference by 1e-4. */
         if (opt && opt->bf16 && strncmp(op_get(g->n[l->node0].op)->name, "attention", 9) == 0)
             for (int nd = l->node0; nd < l->node1; nd++)
                 for (int q = 0; q < g->n[nd].nin; q++) {

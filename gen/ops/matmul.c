@@ -857,16 +857,8 @@ static int emit_wgrad_bf16(kgen *k, const ir_node *n) {
     return emit_wgrad_sum(k, n);
 }
 
-/* bf16-stored operands exist only in bf16 plans (gen/precision.c) */
-static int fp32_operands(kgen *k, const ir_node *n) {
-    if (op_in_dtype(k->g, n, 0) == DT_F32 && op_in_dtype(k->g, n, 1) == DT_F32) return 0;
-    snprintf(k->err, sizeof k->err, "matmul: bf16 operands need bf16 matmuls (CUDA)");
-    return -1;
-}
-
 static int emit(kgen *k, const ir_node *n) {
     if (k->bf16) return emit_bf16(k, n);
-    if (fp32_operands(k, n) < 0) return -1;
     int x = n->in[0], w = n->in[1], y = n->out[0];
     const ir_shape *xs = &k->g->t[x].shape;
     long K = xs->d[xs->ndim - 1], N = kg_feat(k, w) / K, per = kg_feat(k, x) / K;
@@ -933,7 +925,6 @@ static int emit(kgen *k, const ir_node *n) {
  * and walks that split's rows in order, KT rows per step; emit_wgrad_sum adds the splits. */
 static int emit_wgrad(kgen *k, const ir_node *n) {
     if (k->bf16) return emit_wgrad_bf16(k, n);
-    if (fp32_operands(k, n) < 0) return -1;
     int a = n->in[0], b = n->in[1], part = n->out[1];
     const ir_shape *as = &k->g->t[a].shape, *bs = &k->g->t[b].shape;
     long P = as->d[as->ndim - 1], Q = bs->d[bs->ndim - 1], per = kg_feat(k, a) / P;
@@ -975,6 +966,7 @@ static int emit_wgrad(kgen *k, const ir_node *n) {
 }
 
 const op_def op_matmul = {.name = "matmul", .nin = 2, .nout = 1, .infer = infer, .grad = grad, .ref = ref,
-                          .flops = flops, .emit = emit, .iattr = {"trans", NULL}, .epilogue_ok = epilogue_ok};
+                          .flops = flops, .emit = emit, .iattr = {"trans", NULL}, .epilogue_ok = epilogue_ok,
+                          .bf16_in = 3};
 const op_def op_matmul_wgrad = {.name = "matmul_wgrad", .nin = 2, .nout = 2, .infer = infer_wgrad,
-                                .ref = ref_wgrad, .flops = flops_wgrad, .emit = emit_wgrad};
+                                .ref = ref_wgrad, .flops = flops_wgrad, .emit = emit_wgrad, .bf16_in = 3};
