@@ -150,6 +150,10 @@ int cuda_arch_supports_dtype(const char *arch, bk_dtype dt) {
     }
 }
 
+int cuda_arch_has_wgmma(const char *arch) {
+    return arch && (strcmp(arch, "sm_90") == 0 || strcmp(arch, "sm_90a") == 0);
+}
+
 /* ---- programs ---- */
 
 bk_module *bk_compile(backend *b, const char *src, const char *options, const char *const *kernel_names) {

@@ -236,6 +236,8 @@ int cuda_compile_only(const char *src, const char *arch, const char *options,
 int cuda_nvrtc_version(int *major, int *minor, char *err, size_t errlen);
 /* Whether code for `arch` (e.g. "sm_90") can compute in dt: bf16 needs sm_80+. */
 int cuda_arch_supports_dtype(const char *arch, bk_dtype dt);
+/* Whether bf16 plans for `arch` may use wgmma (Hopper: sm_90, compiled as sm_90a). */
+int cuda_arch_has_wgmma(const char *arch);
 
 /* ---- for implementations ---- */
 void bk_set_error(backend *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));

@@ -72,6 +72,7 @@ typedef struct kgen {
     int nbodies;
     char err[512];
     int bf16;                      /* matmuls take bf16 operands on tensor cores (fp32 accumulation) */
+    int wgmma;                     /* and may use Hopper's wgmma: the module is compiled for sm_90a */
     long shared_max;               /* bytes of shared memory a work-group may use (plan_options) */
     int min_blocks;                /* of the kernel being rendered, see kg_min_blocks */
     /* While a template runs: the elementwise group to fuse into its output stage, or NULL

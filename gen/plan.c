@@ -258,6 +258,7 @@ int plan_build_opts(plan *p, const ir_graph *g, int node0, int node1, const char
     kg_init(&p->kg, d, g);
     kg_set_bf16(&p->kg, opt && opt->bf16);
     p->kg.shared_max = opt && opt->shared_max > 0 ? opt->shared_max : 160L * 1024;
+    p->kg.wgmma = p->kg.bf16 && opt && opt->wgmma;
     int nt = g->nt;
     p->stored = calloc((size_t)nt, 1);
     p->persist = calloc((size_t)nt, 1);

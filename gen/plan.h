@@ -58,6 +58,9 @@ typedef struct plan_options {
      * 160 KiB, what sm_80 and sm_90 allow). Templates with a large-tile variant fall back to a
      * smaller one past it (say, the scan backward on a 99 KiB sm_120 or a 48 KiB OpenCL GPU). */
     long shared_max;
+    /* bf16 matmuls may use wgmma (Hopper, sm_90): the module must be compiled for sm_90a,
+     * which the CUDA backend and `realm kernels` do for sm_90 (cuda_compile_arch). */
+    int wgmma;
 } plan_options;
 
 /* Compile nodes [node0, node1) of g for `dialect` in fp32. `keep` lists tensors the host reads

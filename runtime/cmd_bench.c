@@ -120,7 +120,7 @@ static void print_launches(const plan *p, const exec_prof *pr, long psteps, long
 
 int cmd_bench(int argc, char **argv) {
     const char *bkname = "auto", *batch_s = NULL, *seq_s = NULL, *steps_s = NULL, *warm_s = NULL, *dev_s = NULL,
-               *prof_s = NULL, *prec_s = NULL, *side_s = NULL, *storage_s = NULL;
+               *prof_s = NULL, *prec_s = NULL, *side_s = NULL, *storage_s = NULL, *wgmma_s = NULL;
     int launches = 0;
     const cli_opt opts[] = {
         {"--precision", "P", "bf16 or fp32 matmuls (default: bf16 on CUDA sm_80+, else fp32), as realm train", &prec_s,
@@ -134,6 +134,7 @@ int cmd_bench(int argc, char **argv) {
         {"--profile-steps", "N", "steps timed launch by launch for the breakdown (default 2, 0: none)", &prof_s, NULL},
         {"--side-stream", "on|off", "weight-gradient launches on a second stream (default on, CUDA)", &side_s, NULL},
         {"--bf16-storage", "on|off", "bf16 plans store what only matmuls read as bf16 (default on)", &storage_s, NULL},
+        {"--wgmma", "on|off", "bf16 matmuls on Hopper's wgmma where they fit (default on, sm_90)", &wgmma_s, NULL},
         {"--launches", NULL, "also print every launch: ms/step, FLOPs, argument bytes, TFLOP/s, GB/s", NULL,
          &launches},
         {NULL, NULL, NULL, NULL, NULL},
@@ -180,6 +181,11 @@ int cmd_bench(int argc, char **argv) {
         free(src);
         return 2;
     }
+    if (wgmma_s && strcmp(wgmma_s, "on") != 0 && strcmp(wgmma_s, "off") != 0) {
+        fprintf(stderr, "realm bench: --wgmma must be on or off, got '%s'\n", wgmma_s);
+        free(src);
+        return 2;
+    }
     backend *bk = session_backend(bkname, (int)dev, err, sizeof err);
     if (!bk) {
         fprintf(stderr, "realm bench: %s\n", err);
@@ -189,7 +195,9 @@ int cmd_bench(int argc, char **argv) {
     int can_bf16 = bk->kind == BK_CUDA && bk_supports_dtype(bk, BK_BF16);
     const plan_options popt = {.bf16 = prec_s ? strcmp(prec_s, "bf16") == 0 : can_bf16,
                                .shared_max = (long)bk_info(bk)->max_shared_per_block,
-                               .fp32_storage = storage_s && strcmp(storage_s, "off") == 0};
+                               .fp32_storage = storage_s && strcmp(storage_s, "off") == 0,
+                               .wgmma = bk->kind == BK_CUDA && cuda_arch_has_wgmma(bk_info(bk)->arch) &&
+                                        !(wgmma_s && strcmp(wgmma_s, "off") == 0)};
     if (popt.bf16 && !can_bf16) {
         fprintf(stderr, "realm bench: --precision bf16 needs CUDA on sm_80 or newer\n");
         bk_destroy(bk);

@@ -118,7 +118,7 @@ static void print_resources(const char *what, const char *arch, const plan *p, k
             if (!launches++) threads = (long)pl->block[0] * pl->block[1] * pl->block[2], dyn = pl->shmem;
         }
         long smem = r[i].smem + dyn;
-        char occ[16] = "-";
+        char occ[24] = "-";
         if (threads > 0) snprintf(occ, sizeof occ, "%ld", blocks_per_sm(arch, threads, r[i].regs, smem));
         printf("  %-40s %8d %7ld %5ld %6ld %8ld %8ld %7ld %9s%s\n", r[i].name, launches, threads, r[i].regs, r[i].frame,
                r[i].spill_st, r[i].spill_ld, smem, occ, r[i].spill_st || r[i].spill_ld ? "  spills" : "");
@@ -260,7 +260,9 @@ int cmd_kernels(int argc, char **argv) {
         fprintf(stderr, "realm kernels: --precision bf16 needs --backend cuda and sm_80 or newer\n");
         return 2;
     }
-    const plan_options po = {.bf16 = prec_s ? strcmp(prec_s, "bf16") == 0 : bf16_ok};
+    /* as the device would plan them: its shared memory, and wgmma on Hopper */
+    const plan_options po = {.bf16 = prec_s ? strcmp(prec_s, "bf16") == 0 : bf16_ok, .shared_max = limits_of(arch).smem,
+                             .wgmma = cuda_arch_has_wgmma(arch)};
     char err[2048];
     realm_model m;
     if (model_load(pos[0], &m, err, sizeof err) < 0) {

@@ -464,7 +464,8 @@ int cmd_train(int argc, char **argv) {
         return 2;
     }
     const plan_options popt = {.bf16 = strcmp(st.precision, "bf16") == 0,
-                               .shared_max = (long)bk_info(bk)->max_shared_per_block};
+                               .shared_max = (long)bk_info(bk)->max_shared_per_block,
+                               .wgmma = bk->kind == BK_CUDA && cuda_arch_has_wgmma(bk_info(bk)->arch)};
     session tr, ev;
     memset(&tr, 0, sizeof tr);
     memset(&ev, 0, sizeof ev);

@@ -68,24 +68,35 @@ static int build_matmul_dt(const mcase *c, ir_graph *g, ir_dtype dt) {
 
 static int build_matmul(const mcase *c, ir_graph *g) { return build_matmul_dt(c, g, DT_F32); }
 
+/* The options a bf16 session on this device plans with: wgmma where the device is Hopper. */
+static plan_options device_bf16(backend *bk, int wgmma) {
+    return (plan_options){.bf16 = 1, .shared_max = (long)bk_info(bk)->max_shared_per_block,
+                          .wgmma = wgmma && cuda_arch_has_wgmma(bk_info(bk)->arch)};
+}
+
 /* Every case's three products (forward, input gradient, weight gradient) against the
- * reference on the GPU, operands stored as dt. */
+ * reference on the GPU, operands stored as dt; on Hopper once with the wgmma forward and once
+ * with mma.sync throughout. */
 static void check_matmul_cases(tctx *t, const mcase *c, size_t n, ir_dtype dt, const char *what) {
     backend *bk = cuda_dev(t);
     if (!bk) return;
-    for (size_t i = 0; i < n && !t->failed; i++) {
-        ir_graph g;
-        if (build_matmul_dt(&c[i], &g, dt) < 0) {
-            t_fail(t, __FILE__, __LINE__, "case %zu: %s", i, g.err);
-        } else {
-            kc_check_graph_opts(t, bk, &g, 2, c[i].S, 1e-2, 1, &bf16_on);
-            if (t->failed) {
-                char m[sizeof t->msg];
-                snprintf(m, sizeof m, "%s", t->msg);
-                snprintf(t->msg, sizeof t->msg, "%s case %zu: %.900s", what, i, m);
+    const int passes = cuda_arch_has_wgmma(bk_info(bk)->arch) ? 2 : 1;
+    for (int pass = 0; pass < passes; pass++) {
+        const plan_options po = device_bf16(bk, pass == 0);
+        for (size_t i = 0; i < n && !t->failed; i++) {
+            ir_graph g;
+            if (build_matmul_dt(&c[i], &g, dt) < 0) {
+                t_fail(t, __FILE__, __LINE__, "case %zu: %s", i, g.err);
+            } else {
+                kc_check_graph_opts(t, bk, &g, 2, c[i].S, 1e-2, 1, &po);
+                if (t->failed) {
+                    char m[sizeof t->msg];
+                    snprintf(m, sizeof m, "%s", t->msg);
+                    snprintf(t->msg, sizeof t->msg, "%s case %zu%s: %.900s", what, i, po.wgmma ? " (wgmma)" : "", m);
+                }
             }
+            ir_free(&g);
         }
-        ir_free(&g);
     }
     bk_destroy(bk);
 }
@@ -132,6 +143,9 @@ TEST(bf16_kernels_matmul_bf16_operands) {
         {SH(DIM_B, DIM_S, 168), SH(168, 264), 1, 129},
         {SH(DIM_B, DIM_S, 8), SH(8, 24), 1, 3},              /* K < slice, tiny M */
         {SH(DIM_B, DIM_S, 384), SH(768, 384), 0, 3000},      /* several split-K slices */
+        {SH(DIM_B, DIM_S, 288), SH(384, 288), 0, 200},       /* the MLP's w_out: K ends inside a wgmma slice */
+        {SH(DIM_B, DIM_S, 64), SH(8, 64), 0, 70},            /* one 8-column wgmma tile */
+        {SH(DIM_B, DIM_S, 16), SH(1000, 16), 0, 65},         /* 4 column tiles of 256, K < a slice */
     };
     check_matmul_cases(t, c, sizeof c / sizeof c[0], DT_BF16, "bf16-operand matmul");
 }
@@ -341,7 +355,8 @@ static void check_model(tctx *t, const char *path, long B, long S) {
     } else {
         backend *bk = cuda_dev(t);
         if (bk) {
-            kc_check_graph_opts(t, bk, &m.g, B, S, 1e-2, m.vocab, &bf16_on);
+            const plan_options po = device_bf16(bk, 1);
+            kc_check_graph_opts(t, bk, &m.g, B, S, 1e-2, m.vocab, &po);
             bk_destroy(bk);
         }
     }
@@ -583,6 +598,60 @@ TEST(bf16_plan_uses_mma_for_every_matmul) {
     CHECK(nmm > 0 && nmma == nmm, "%d of %d matmul launches use the bf16 kernels", nmma, nmm);
     CHECK(fp32_clean, "plan_build (fp32) emitted bf16 code");
     CHECK(ocl_fp32, "the OpenCL dialect did not ignore bf16");
+}
+
+/* On Hopper (plan_options.wgmma) the products whose input and weight are both stored as bf16 run
+ * on wgmma: in realm-9m's training plan every forward matmul but the attention output's (its
+ * input is fp32) and the input gradients of the MLPs' w_in (their dy is bf16). Without the
+ * option no wgmma is emitted. The kernels are compiled for sm_90a by
+ * generated_cuda_kernels_compile_for_every_arch and checked on the GPU by the bf16_kernels_*
+ * tests. */
+TEST(bf16_plan_uses_wgmma_on_hopper) {
+    realm_model m;
+    char err[4096];
+    CHECK(model_load("models/realm-9m.lua", &m, err, sizeof err) == 0, "%s", err);
+    ir_optimizer o;
+    if (ir_autodiff(&m.g) < 0 || ir_bf16_storage(&m.g) < 0 || ir_add_optimizer(&m.g, &o) < 0) {
+        t_fail(t, __FILE__, __LINE__, "%s", m.g.err);
+        model_free(&m);
+        return;
+    }
+    int keep[1] = {m.loss};
+    const plan_options hopper = {.bf16 = 1, .wgmma = 1, .shared_max = 227L * 1024},
+                       ampere = {.bf16 = 1, .shared_max = 227L * 1024};
+    plan ph, pa;
+    int okh = plan_build_opts(&ph, &m.g, 0, m.g.nn, "cuda", keep, 1, &hopper, err, sizeof err) == 0;
+    int oka = okh && plan_build_opts(&pa, &m.g, 0, m.g.nn, "cuda", keep, 1, &ampere, err, sizeof err) == 0;
+    if (!oka) {
+        t_fail(t, __FILE__, __LINE__, "plan: %s", err);
+        if (okh) plan_free(&ph);
+        model_free(&m);
+        return;
+    }
+    int mm = 0, mm_bf16 = 0, dgrad_bf16 = 0, wrong = 0, wg_other = 0;
+    for (int l = 0; l < ph.kg.nl; l++) {
+        const ir_node *n = &m.g.n[ph.kg.launches[l].node0];
+        int is_wg = strstr(ph.kg.launches[l].kernel, "_wgmma") != NULL;
+        if (strcmp(op_get(n->op)->name, "matmul") != 0) {
+            wg_other += is_wg;
+            continue;
+        }
+        int both = m.g.t[n->in[0]].dtype == DT_BF16 && m.g.t[n->in[1]].dtype == DT_BF16;
+        mm++;
+        mm_bf16 += both;
+        dgrad_bf16 += both && ph.kg.launches[l].node0 >= m.g.backward_start;
+        wrong += both != is_wg;
+    }
+    int src_h = strstr(ph.kg.src.s, "wgmma.mma_async.sync.aligned.m64n") != NULL;
+    int src_a = strstr(pa.kg.src.s, "wgmma") != NULL;
+    plan_free(&pa);
+    plan_free(&ph);
+    model_free(&m);
+    CHECK(mm == 66 && mm_bf16 == 39 && dgrad_bf16 == 8,
+          "%d matmul launches, %d with bf16 operands, %d of them input gradients (want 66, 39, 8)", mm, mm_bf16, dgrad_bf16);
+    CHECK(wrong == 0 && wg_other == 0 && src_h, "%d matmul launches on the wrong kernel, %d other launches on wgmma", wrong,
+          wg_other);
+    CHECK(!src_a, "wgmma emitted without the option");
 }
 
 /* The forward/dgrad bf16 kernels number their 128x128 tiles along one grid dim, column tiles

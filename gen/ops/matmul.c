@@ -751,7 +751,275 @@ static void emit_args(kgen *k, const ir_node *n) {
     if (k->epi) plan_epi_outputs(k, k->epi);
 }
 
+/* ---- Hopper: products of bf16 operands on wgmma (sm_90a, kgen.wgmma) ----
+ * mma.sync feeds the tensor cores from registers that every warp loads from shared memory, and
+ * a 128x128 tile at two blocks a SM re-reads its operands from L2 once per column tile: the
+ * bf16 in_proj forward ran at ~215 TFLOP/s with L2 at 83% of its peak. wgmma reads both
+ * operands straight from shared memory, asynchronously, 64 x BN x 16 per warpgroup and
+ * instruction, so the tile can be 192 x ~256 (one block a SM, fewer L2 reads per output) while
+ * the next slices load.
+ *
+ * Forms: y = x W^T with W [N,K] (K-major, the forward) or y = x W with W [K,N] (N-major, the
+ * input gradient), x [M,K] one row a token; x and W both stored as bf16 (gen/precision.c).
+ * Three warpgroups, 64 rows of the tile each (2 and 4 were slower: bench/RESULTS.md); BN = N
+ * split into ceil(N / 256) near-equal column tiles, a multiple of 8 for K-major W (1716 -> 7 x
+ * 248, 576 -> 3 x 192: less waste than 256) and of 64 for N-major W.
+ * Shared tiles, 128-byte swizzle (a 16-byte chunk c of a 128-byte row r at c ^ (r & 7), in
+ * 1024-byte atoms of 8 rows, every stage 1024-byte aligned):
+ *  - K-major (x; W of the forward): [row][64 k], atoms along the rows; the descriptor's stride
+ *    offset is the atom (1024); the 16-wide k step kk starts 32 kk bytes into the rows.
+ *  - N-major (W of the input gradient): a row is 64 columns of one k, so an atom holds 8 k of
+ *    64 columns; atoms of 8 k are WG_MN_SBO (1024) apart (the stride offset), the 64-column
+ *    blocks WG_MN_LBO (8192) apart (the leading offset); step kk starts 2 atoms further;
+ *    imm-trans-b = 1.
+ * Pipeline: cp.async, STAGES slices of 64 k, STAGES - 2 ahead: the slice refilled in iteration
+ * kt was read by the wgmmas of kt - 2, which every thread has waited for (wgmma.wait_group 1
+ * after kt - 1) before the barrier of kt. cp.async writes through the generic proxy and wgmma
+ * reads through the async one, hence fence.proxy.async before that barrier. The epilogue (with
+ * an elementwise group) is emit_staged_epilogue's, through the stages. Every output is summed
+ * by the tensor cores in the fixed order of the slices: deterministic.
+ * Tried and not kept (H100, realm-9m 8 x 8192): fp32 x rounded into the stage through
+ * registers (the input gradients whose dy is fp32): 2.29 -> 2.40 ms for the in_proj's, 2.68 ->
+ * 3.38 for the out_proj's, slower than mma.sync's rounding at the fragment load. */
+#ifndef WG_NWG
+#define WG_NWG 3        /* warpgroups a block: the tile is 64 WG_NWG rows */
+#endif
+#ifndef WG_STAGES
+#define WG_STAGES 4
+#endif
+#ifndef WG_BN_MAX
+#define WG_BN_MAX 256
+#endif
+#ifndef WG_EPI
+#define WG_EPI 1        /* products with an epilogue too */
+#endif
+#ifndef WG_DGRAD
+#define WG_DGRAD 1      /* the input gradient's form (W [K,N], N-major) */
+#endif
+#ifndef WG_MN_LBO
+#define WG_MN_LBO 8192  /* N-major B: bytes between 64-column atoms (SBO: between 8-row groups) */
+#define WG_MN_SBO 1024
+#endif
+#define WG_BK 64                        /* contraction slice: a 128-byte bf16 row */
+#define WG_ATOM 1024                    /* the swizzle atom: 8 rows of 128 bytes */
+
+/* Column tile: N in ceil(N / 256) near-equal parts, a multiple of 8 (K-major W) or of the
+ * 64-column atom (N-major W). */
+static long wg_bn(long N, int nmajor) {
+    const long q = nmajor ? 64 : 8;
+    long tiles = (N + WG_BN_MAX - 1) / WG_BN_MAX, bn = (N + tiles - 1) / tiles;
+    return (bn + q - 1) / q * q;
+}
+
+static long wg_stage_bytes(long bm, long bn) { return (bm + bn) * 2 * WG_BK; }
+
+/* Stages within the work-group's shared memory (3 at least; wgmma_ok checks those fit). */
+static int wg_stages(long bm, long bn, long shared_max) {
+    int st = WG_STAGES;
+    while (st > 3 && st * wg_stage_bytes(bm, bn) + WG_ATOM > shared_max) st--;
+    return st;
+}
+
+/* Whether the wgmma form takes this product (see above): x and W bf16, x one row a token with
+ * rows 16-byte aligned. */
+static int wgmma_ok(const kgen *k, const ir_node *n) {
+    int x = n->in[0], w = n->in[1];
+    const int nmajor = (int)n->ia[0];
+    if (!k->wgmma || (nmajor && !WG_DGRAD) || (k->epi && !WG_EPI) || k->g->t[x].dtype != DT_BF16 ||
+        k->g->t[w].dtype != DT_BF16)
+        return 0;
+    const ir_shape *xs = &k->g->t[x].shape;
+    long K = xs->d[xs->ndim - 1], N = kg_feat(k, w) / K, per = kg_feat(k, x) / K;
+    const long bn = wg_bn(N, nmajor), bm = 64L * WG_NWG;
+    return per == 1 && operand_vec(k, x, K) && K % 8 == 0 && k->g->t[w].offset % 8 == 0 &&
+           (nmajor ? N % 8 == 0 : K % 8 == 0) &&
+           (long)wg_stages(bm, bn, k->shared_max) * wg_stage_bytes(bm, bn) + WG_ATOM <= k->shared_max;
+}
+
+/* cp.async of `rows` rows (from `base`, below `lim`) of a K-major bf16 operand into the stage
+ * at shared address `dst`, slice k0: thread tid copies chunk lc = tid % 8 of rows
+ * lr + (nt / 8) i, lr = tid / 8, to chunk lc ^ (r & 7) of its row (the 128-byte swizzle). */
+static void emit_wg_load(kgen *k, int nt, const char *p, long rows, long ld, const char *base, const char *lim, long K) {
+    const int rs = nt / 8;
+    kg_line(k, "    {");
+    kg_line(k, "    const long kr = %ldL - (k0 + 8 * lc);", K);
+    kg_line(k, "    const int kb = kr >= 8 ? 16 : kr > 0 ? 2 * (int)kr : 0;");
+    kg_line(k, "    #pragma unroll");
+    kg_line(k, "    for (int i = 0; i < %ld; i++) {", (rows + rs - 1) / rs);
+    kg_line(k, "        const int r = lr + %d * i;", rs);
+    if (rows % rs) kg_line(k, "        if (r >= %ld) break;", rows);
+    kg_line(k, "        const long gr = %s + r;", base);
+    kg_line(k, "        const int nb = gr < %s ? kb : 0;", lim);
+    kg_line(k, "        cp_async16(dst + (unsigned)(r * 128 + ((lc ^ (r & 7)) << 4)), "
+               "(const float *)(nb ? %s + gr * %ldL + k0 + 8 * lc : %s), nb);", p, ld, p);
+    kg_line(k, "    }");
+    kg_line(k, "    }");
+}
+
+/* cp.async of an N-major W [K,N] slice (rows k0.. of W, columns n0 .. n0 + bn) into the stage
+ * at `dst`: 64-column atoms WG_MN_LBO bytes apart, each 8-row group of an atom WG_MN_SBO apart
+ * inside it, row (k & 7) of a group 128 bytes, chunk c at c ^ (k & 7). */
+static void emit_wg_load_nmajor(kgen *k, int nt, long bn, long N, long K) {
+    const long cpr = bn / 8, total = WG_BK * cpr;
+    kg_line(k, "    #pragma unroll");
+    kg_line(k, "    for (int i = 0; i < %ld; i++) {", (total + nt - 1) / nt);
+    kg_line(k, "        const int e = tid + %d * i;", nt);
+    if (total % nt) kg_line(k, "        if (e >= %ld) break;", total);
+    kg_line(k, "        const int kl = e / %ld, cc = e %% %ld, ch = cc & 7;", cpr, cpr);
+    kg_line(k, "        const long gk = k0 + kl, gc = n0 + 8 * cc;");
+    kg_line(k, "        const int nb = gk < %ldL && gc < %ldL ? 16 : 0;", K, N);
+    kg_line(k, "        cp_async16(dst + (unsigned)((cc >> 3) * %d + (kl >> 3) * %d + (kl & 7) * 128 + ((ch ^ (kl & 7)) << 4)), "
+               "(const float *)(nb ? w + gk * %ldL + gc : w), nb);", WG_MN_LBO, WG_MN_SBO, N);
+    kg_line(k, "    }");
+}
+
+/* One wgmma.mma_async m64nBNk16 on the thread's accumulators acc[0][j][e], A and B from the
+ * descriptors da, db, D += A B; tb: B is N-major. */
+static void emit_wgmma(kgen *k, long bn, int tb) {
+    const long nr = bn / 2;
+    char buf[512];
+    kg_line(k, "asm volatile(\"{\\n.reg .pred p;\\nsetp.ne.b32 p, %%%ld, 0;\\n\"", nr + 2);
+    kg_line(k, "    \"wgmma.mma_async.sync.aligned.m64n%ldk16.f32.bf16.bf16 {\"", bn);
+    for (long i = 0; i < nr; i += 16) {
+        int o = 0;
+        for (long r = i; r < nr && r < i + 16; r++) o += snprintf(buf + o, sizeof buf - o, "%%%ld%s", r, r + 1 < nr ? "," : "");
+        kg_line(k, "    \"%s\"", buf);
+    }
+    kg_line(k, "    \"}, %%%ld, %%%ld, p, 1, 1, 0, %d;\\n}\\n\"", nr, nr + 1, tb);
+    for (long i = 0; i < nr; i += 8) {
+        int o = 0;
+        for (long r = i; r < nr && r < i + 8; r++)
+            o += snprintf(buf + o, sizeof buf - o, "%s\"+f\"(acc[0][%ld][%ld])", r ? ", " : "", r / 4, r % 4);
+        kg_line(k, "    %s%s", i ? "" : ": ", buf);
+    }
+    kg_line(k, "    : \"l\"(da), \"l\"(db), \"r\"(1));");
+}
+
+static int emit_wgmma_mm(kgen *k, const ir_node *n) {
+    int x = n->in[0], w = n->in[1], y = n->out[0];
+    const int nmajor = (int)n->ia[0];
+    const ir_shape *xs = &k->g->t[x].shape;
+    const long K = xs->d[xs->ndim - 1], N = kg_feat(k, w) / K, bn = wg_bn(N, nmajor), ntile = (N + bn - 1) / bn,
+               nj = bn / 8;
+    const int nwg = WG_NWG, bm = 64 * nwg, nt = 128 * nwg, stages = wg_stages(bm, bn, k->shared_max);
+    const long sa = (long)bm * 2 * WG_BK, stage = wg_stage_bytes(bm, bn), ldx = kg_ld(k, x);
+    int node = (int)(n - k->g->n);
+    char ry[160], orow[200], nlim[32], name[48];
+    snprintf(name, sizeof name, "matmul_%s_wgmma%s", nmajor ? "nn" : "nt", k->epi ? "_epi" : "");
+    kg_begin(k, name, node, k->epi ? k->epi->n1 : node + 1);
+    emit_args(k, n);
+    kg_line(k, "const long M = %s;", kg_ntok_expr(k, x));
+    kg_line(k, "const long m0 = (GID_X / %ld) * %d, n0 = (GID_X %% %ld) * %ld;", ntile, bm, ntile, bn);
+    kg_line(k, "if (m0 >= M) return;");
+    kg_shared(k, "sx", (stages * stage + WG_ATOM) / 4);
+    kg_line(k, "const int tid = LID_X, lane = tid & 31, warp = tid >> 5, gq = lane >> 2, tq = lane & 3;");
+    kg_line(k, "const int wm = 16 * warp, lr = tid >> 3, lc = tid & 7;");
+    if (k->epi) kg_line(k, "const int wn = 0;");
+    kg_line(k, "const unsigned s0 = (smem_u32(sx) + %du) & ~%du;", WG_ATOM - 1, WG_ATOM - 1);
+    /* descriptors: start >> 4, leading and stride byte offsets >> 4, 128-byte swizzle. K-major:
+     * the leading offset is unused, 8-row groups one atom apart. */
+    kg_line(k, "const unsigned long long da0 = (1ull << 16) | (%dull << 32) | (1ull << 62) | ((s0 + (unsigned)(warp >> 2) * %du) >> 4);",
+            WG_ATOM / 16, 64 * 2 * WG_BK);
+    if (nmajor)
+#ifdef WG_MN_DESC_SWAP
+        kg_line(k, "const unsigned long long db0 = (%dull << 16) | (%dull << 32) | (1ull << 62) | ((s0 + %ldu) >> 4);",
+                WG_MN_SBO / 16, WG_MN_LBO / 16, sa);
+#else
+        kg_line(k, "const unsigned long long db0 = (%dull << 16) | (%dull << 32) | (1ull << 62) | ((s0 + %ldu) >> 4);",
+                WG_MN_LBO / 16, WG_MN_SBO / 16, sa);
+#endif
+    else
+        kg_line(k, "const unsigned long long db0 = (1ull << 16) | (%dull << 32) | (1ull << 62) | ((s0 + %ldu) >> 4);",
+                WG_ATOM / 16, sa);
+    kg_line(k, "float acc[1][%ld][4];", nj);
+    kg_line(k, "#pragma unroll");
+    kg_line(k, "for (int j = 0; j < %ld; j++)", nj);
+    kg_line(k, "    for (int e = 0; e < 4; e++) acc[0][j][e] = 0.0f;");
+    kg_line(k, "const long nk = %ld;", (K + WG_BK - 1) / WG_BK);
+    snprintf(nlim, sizeof nlim, "%ldL", N);
+    kg_line(k, "#pragma unroll");
+    kg_line(k, "for (int st = 0; st < %d; st++) {", stages - 2);
+    kg_line(k, "    if (st < nk) {");
+    kg_line(k, "    const long k0 = (long)st * %d;", WG_BK);
+    kg_line(k, "    unsigned dst = s0 + (unsigned)st * %ldu;", stage);
+    emit_wg_load(k, nt, "x", bm, ldx, "m0", "M", K);
+    kg_line(k, "    dst += %ldu;", sa);
+    if (nmajor) emit_wg_load_nmajor(k, nt, bn, N, K);
+    else emit_wg_load(k, nt, "w", bn, K, "n0", nlim, K);
+    kg_line(k, "    }");
+    kg_line(k, "    cp_async_commit();");
+    kg_line(k, "}");
+    kg_line(k, "int st = 0, ws = %d;", stages - 2);
+    kg_line(k, "for (long kt = 0; kt < nk; kt++) {");
+    kg_line(k, "    CP_ASYNC_WAIT(%d);", stages - 3);
+    kg_line(k, "    asm volatile(\"fence.proxy.async.shared::cta;\" ::: \"memory\");");
+    kg_line(k, "    BARRIER();");
+    kg_line(k, "    if (kt + %d < nk) {", stages - 2);
+    kg_line(k, "    const long k0 = (kt + %d) * %d;", stages - 2, WG_BK);
+    kg_line(k, "    unsigned dst = s0 + (unsigned)ws * %ldu;", stage);
+    emit_wg_load(k, nt, "x", bm, ldx, "m0", "M", K);
+    kg_line(k, "    dst += %ldu;", sa);
+    if (nmajor) emit_wg_load_nmajor(k, nt, bn, N, K);
+    else emit_wg_load(k, nt, "w", bn, K, "n0", nlim, K);
+    kg_line(k, "    }");
+    kg_line(k, "    cp_async_commit();");
+    kg_line(k, "    asm volatile(\"wgmma.fence.sync.aligned;\" ::: \"memory\");");
+    kg_line(k, "    #pragma unroll");
+    kg_line(k, "    for (int kk = 0; kk < %d; kk++) {", WG_BK / 16);
+    kg_line(k, "        const unsigned long long da = da0 + (unsigned long long)((st * %ldu + 32u * kk) >> 4), "
+               "db = db0 + (unsigned long long)((st * %ldu + %du * kk) >> 4);", stage, stage, nmajor ? 2 * WG_MN_SBO : 32);
+    kg_line(k, "        {");
+    emit_wgmma(k, bn, nmajor);
+    kg_line(k, "        }");
+    kg_line(k, "    }");
+    kg_line(k, "    asm volatile(\"wgmma.commit_group.sync.aligned;\" ::: \"memory\");");
+    kg_line(k, "    asm volatile(\"wgmma.wait_group.sync.aligned 1;\" ::: \"memory\");");
+    kg_line(k, "    st = st == %d ? 0 : st + 1;", stages - 1);
+    kg_line(k, "    ws = ws == %d ? 0 : ws + 1;", stages - 1);
+    kg_line(k, "}");
+    kg_line(k, "asm volatile(\"wgmma.wait_group.sync.aligned 0;\" ::: \"memory\");");
+    /* the accumulators were written behind the compiler's back until the wait */
+    kg_line(k, "#pragma unroll");
+    kg_line(k, "for (int j = 0; j < %ld; j++)", nj);
+    kg_line(k, "    for (int e = 0; e < 4; e++) asm volatile(\"\" : \"+f\"(acc[0][j][e]) :: \"memory\");");
+    kg_line(k, "CP_ASYNC_WAIT(0);");
+    snprintf(orow, sizeof orow, "y + %s", row_at(ry, sizeof ry, k, y, N, "m"));
+    if (k->epi) {
+        const mma_tile t = {bm, (int)bn, 4 * nwg, 1, stages, 1};
+        kg_line(k, "{");
+        kg_line(k, "LOCAL_PTR float *sxa = sx + (s0 - smem_u32(sx)) / 4;");
+        /* emit_staged_epilogue addresses the stages as s<first> */
+        if (emit_staged_epilogue(k, &t, (long)stages * stage / 4, "xa", "m < M", nlim, orow) < 0) return -1;
+        kg_line(k, "}");
+    } else {
+        int pair = k->g->t[y].offset % 2 == 0 && kg_ld(k, y) % 2 == 0 && N % 2 == 0;
+        kg_line(k, "#pragma unroll");
+        kg_line(k, "for (int h = 0; h < 2; h++) {");
+        kg_line(k, "    const long m = m0 + wm + gq + 8 * h;");
+        kg_line(k, "    if (m >= M) continue;");
+        kg_line(k, "    GLOBAL float *orow = %s;", orow);
+        kg_line(k, "    #pragma unroll");
+        kg_line(k, "    for (int j = 0; j < %ld; j++) {", nj);
+        kg_line(k, "        const long c = n0 + 8 * j + 2 * tq;");
+        kg_line(k, "        const float v0 = acc[0][j][2 * h], v1 = acc[0][j][2 * h + 1];");
+        if (pair) {
+            kg_line(k, "        if (c + 1 < %s) *(float2 *)(orow + c) = make_float2(v0, v1);", nlim);
+            kg_line(k, "        else if (c < %s) orow[c] = v0;", nlim);
+        } else {
+            kg_line(k, "        if (c < %s) orow[c] = v0;", nlim);
+            kg_line(k, "        if (c + 1 < %s) orow[c + 1] = v1;", nlim);
+        }
+        kg_line(k, "    }");
+        kg_line(k, "}");
+    }
+    grid_tiles(k, 0, x, 1, ntile, bm);
+    kg_block(k, nt, 1, 1);
+    kg_min_blocks(k, 1);
+    return kg_end(k);
+}
+
 static int emit_bf16(kgen *k, const ir_node *n) {
+    if (wgmma_ok(k, n)) return emit_wgmma_mm(k, n);
     int x = n->in[0], w = n->in[1], y = n->out[0];
     const ir_shape *xs = &k->g->t[x].shape;
     const mma_tile *t = k->epi ? &TILE_MM_EPI : &TILE_MM;
