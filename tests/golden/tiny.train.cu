@@ -516,15 +516,47 @@ KERNEL k7_fused(GLOBAL float *A, long B, long S, long o_in0, long o_in1, long o_
     GLOBAL float *in0 = A + o_in0;
     GLOBAL float *in1 = A + o_in1;
     GLOBAL float *out1 = A + o_out1;
-    const long i = GID_X * 256 + LID_X;
-    if (i >= T * 128) return;
-    const long tok = i / 128, f = i % 128;
-    (void)tok; (void)f;
-    const float x0 = in0[(tok) * 304 + (f)];
-    const float x1 = in1[(tok) * 128 + (f)];
-    const float v0 = (x0 / (1.0f + EXPF(-x0)));
-    const float v1 = (x1 * v0);
-    out1[(tok) * 128 + (f)] = v1;
+    const long i0 = GID_X * 1024 + LID_X, n = T * 128;
+    const long i1 = i0 + 0, tok0 = i1 < n ? i1 / 128 : 0, f0 = i1 < n ? i1 % 128 : 0;
+    const int ok0 = i1 < n;
+    (void)tok0; (void)f0;
+    const long i2 = i0 + 256, tok1 = i2 < n ? i2 / 128 : 0, f1 = i2 < n ? i2 % 128 : 0;
+    const int ok1 = i2 < n;
+    (void)tok1; (void)f1;
+    const long i3 = i0 + 512, tok2 = i3 < n ? i3 / 128 : 0, f2 = i3 < n ? i3 % 128 : 0;
+    const int ok2 = i3 < n;
+    (void)tok2; (void)f2;
+    const long i4 = i0 + 768, tok3 = i4 < n ? i4 / 128 : 0, f3 = i4 < n ? i4 % 128 : 0;
+    const int ok3 = i4 < n;
+    (void)tok3; (void)f3;
+    const float u0x0 = (ok0) ? in0[(tok0) * 304 + (f0)] : 0.0f;
+    const float u0x1 = (ok0) ? in1[(tok0) * 128 + (f0)] : 0.0f;
+    const float u1x0 = (ok1) ? in0[(tok1) * 304 + (f1)] : 0.0f;
+    const float u1x1 = (ok1) ? in1[(tok1) * 128 + (f1)] : 0.0f;
+    const float u2x0 = (ok2) ? in0[(tok2) * 304 + (f2)] : 0.0f;
+    const float u2x1 = (ok2) ? in1[(tok2) * 128 + (f2)] : 0.0f;
+    const float u3x0 = (ok3) ? in0[(tok3) * 304 + (f3)] : 0.0f;
+    const float u3x1 = (ok3) ? in1[(tok3) * 128 + (f3)] : 0.0f;
+    if (ok0) {
+    const float u0v0 = (u0x0 / (1.0f + EXPF(-u0x0)));
+    const float u0v1 = (u0x1 * u0v0);
+    out1[(tok0) * 128 + (f0)] = u0v1;
+    }
+    if (ok1) {
+    const float u1v0 = (u1x0 / (1.0f + EXPF(-u1x0)));
+    const float u1v1 = (u1x1 * u1v0);
+    out1[(tok1) * 128 + (f1)] = u1v1;
+    }
+    if (ok2) {
+    const float u2v0 = (u2x0 / (1.0f + EXPF(-u2x0)));
+    const float u2v1 = (u2x1 * u2v0);
+    out1[(tok2) * 128 + (f2)] = u2v1;
+    }
+    if (ok3) {
+    const float u3v0 = (u3x0 / (1.0f + EXPF(-u3x0)));
+    const float u3v1 = (u3x1 * u3v0);
+    out1[(tok3) * 128 + (f3)] = u3v1;
+    }
 }
 
 KERNEL k8_matmul_nt_epi(GLOBAL float *A, long B, long S, long o_x, long o_w, long o_ein0, long o_eout0) {
@@ -626,15 +658,47 @@ KERNEL k10_fused(GLOBAL float *A, long B, long S, long o_in0, long o_in1, long o
     GLOBAL float *in0 = A + o_in0;
     GLOBAL float *in1 = A + o_in1;
     GLOBAL float *out1 = A + o_out1;
-    const long i = GID_X * 256 + LID_X;
-    if (i >= T * 128) return;
-    const long tok = i / 128, f = i % 128;
-    (void)tok; (void)f;
-    const float x0 = in0[(tok) * 256 + (f)];
-    const float x1 = in1[(tok) * 256 + (f)];
-    const float v0 = (x0 / (1.0f + EXPF(-x0)));
-    const float v1 = (v0 * x1);
-    out1[(tok) * 128 + (f)] = v1;
+    const long i0 = GID_X * 1024 + LID_X, n = T * 128;
+    const long i1 = i0 + 0, tok0 = i1 < n ? i1 / 128 : 0, f0 = i1 < n ? i1 % 128 : 0;
+    const int ok0 = i1 < n;
+    (void)tok0; (void)f0;
+    const long i2 = i0 + 256, tok1 = i2 < n ? i2 / 128 : 0, f1 = i2 < n ? i2 % 128 : 0;
+    const int ok1 = i2 < n;
+    (void)tok1; (void)f1;
+    const long i3 = i0 + 512, tok2 = i3 < n ? i3 / 128 : 0, f2 = i3 < n ? i3 % 128 : 0;
+    const int ok2 = i3 < n;
+    (void)tok2; (void)f2;
+    const long i4 = i0 + 768, tok3 = i4 < n ? i4 / 128 : 0, f3 = i4 < n ? i4 % 128 : 0;
+    const int ok3 = i4 < n;
+    (void)tok3; (void)f3;
+    const float u0x0 = (ok0) ? in0[(tok0) * 256 + (f0)] : 0.0f;
+    const float u0x1 = (ok0) ? in1[(tok0) * 256 + (f0)] : 0.0f;
+    const float u1x0 = (ok1) ? in0[(tok1) * 256 + (f1)] : 0.0f;
+    const float u1x1 = (ok1) ? in1[(tok1) * 256 + (f1)] : 0.0f;
+    const float u2x0 = (ok2) ? in0[(tok2) * 256 + (f2)] : 0.0f;
+    const float u2x1 = (ok2) ? in1[(tok2) * 256 + (f2)] : 0.0f;
+    const float u3x0 = (ok3) ? in0[(tok3) * 256 + (f3)] : 0.0f;
+    const float u3x1 = (ok3) ? in1[(tok3) * 256 + (f3)] : 0.0f;
+    if (ok0) {
+    const float u0v0 = (u0x0 / (1.0f + EXPF(-u0x0)));
+    const float u0v1 = (u0v0 * u0x1);
+    out1[(tok0) * 128 + (f0)] = u0v1;
+    }
+    if (ok1) {
+    const float u1v0 = (u1x0 / (1.0f + EXPF(-u1x0)));
+    const float u1v1 = (u1v0 * u1x1);
+    out1[(tok1) * 128 + (f1)] = u1v1;
+    }
+    if (ok2) {
+    const float u2v0 = (u2x0 / (1.0f + EXPF(-u2x0)));
+    const float u2v1 = (u2v0 * u2x1);
+    out1[(tok2) * 128 + (f2)] = u2v1;
+    }
+    if (ok3) {
+    const float u3v0 = (u3x0 / (1.0f + EXPF(-u3x0)));
+    const float u3v1 = (u3v0 * u3x1);
+    out1[(tok3) * 128 + (f3)] = u3v1;
+    }
 }
 
 KERNEL k11_matmul_nt(GLOBAL float *A, long B, long S, long o_x, long o_w, long o_y) {
@@ -918,12 +982,35 @@ KERNEL k17_fill(GLOBAL float *A, long B, long S, long o_out0) {
     const long T = B * S;
     (void)T;
     GLOBAL float *out0 = A + o_out0;
-    const long i = GID_X * 256 + LID_X;
-    if (i >= 1 * 1) return;
-    const long tok = i / 1, f = i % 1;
-    (void)tok; (void)f;
-    const float v0 = ((float)1);
-    out0[(tok) * 1 + (f)] = v0;
+    const long i0 = GID_X * 1024 + LID_X, n = 1 * 1;
+    const long i1 = i0 + 0, tok0 = i1 < n ? i1 / 1 : 0, f0 = i1 < n ? i1 % 1 : 0;
+    const int ok0 = i1 < n;
+    (void)tok0; (void)f0;
+    const long i2 = i0 + 256, tok1 = i2 < n ? i2 / 1 : 0, f1 = i2 < n ? i2 % 1 : 0;
+    const int ok1 = i2 < n;
+    (void)tok1; (void)f1;
+    const long i3 = i0 + 512, tok2 = i3 < n ? i3 / 1 : 0, f2 = i3 < n ? i3 % 1 : 0;
+    const int ok2 = i3 < n;
+    (void)tok2; (void)f2;
+    const long i4 = i0 + 768, tok3 = i4 < n ? i4 / 1 : 0, f3 = i4 < n ? i4 % 1 : 0;
+    const int ok3 = i4 < n;
+    (void)tok3; (void)f3;
+    if (ok0) {
+    const float u0v0 = ((float)1);
+    out0[(tok0) * 1 + (f0)] = u0v0;
+    }
+    if (ok1) {
+    const float u1v0 = ((float)1);
+    out0[(tok1) * 1 + (f1)] = u1v0;
+    }
+    if (ok2) {
+    const float u2v0 = ((float)1);
+    out0[(tok2) * 1 + (f2)] = u2v0;
+    }
+    if (ok3) {
+    const float u3v0 = ((float)1);
+    out0[(tok3) * 1 + (f3)] = u3v0;
+    }
 }
 
 KERNEL k18_cross_entropy_bwd(GLOBAL float *A, long B, long S, long o_l, long o_tg, long o_dl, long o_dx) {
@@ -2838,14 +2925,43 @@ KERNEL k52_add(GLOBAL float *A, long B, long S, long o_in0, long o_in1, long o_o
     GLOBAL float *in0 = A + o_in0;
     GLOBAL float *in1 = A + o_in1;
     GLOBAL float *out0 = A + o_out0;
-    const long i = GID_X * 256 + LID_X;
-    if (i >= 1 * 16384) return;
-    const long tok = i / 16384, f = i % 16384;
-    (void)tok; (void)f;
-    const float x0 = in0[(tok) * 16384 + (f)];
-    const float x1 = in1[(tok) * 16384 + (f)];
-    const float v0 = (x0 + x1);
-    out0[(tok) * 16384 + (f)] = v0;
+    const long i0 = GID_X * 1024 + LID_X, n = 1 * 16384;
+    const long i1 = i0 + 0, tok0 = i1 < n ? i1 / 16384 : 0, f0 = i1 < n ? i1 % 16384 : 0;
+    const int ok0 = i1 < n;
+    (void)tok0; (void)f0;
+    const long i2 = i0 + 256, tok1 = i2 < n ? i2 / 16384 : 0, f1 = i2 < n ? i2 % 16384 : 0;
+    const int ok1 = i2 < n;
+    (void)tok1; (void)f1;
+    const long i3 = i0 + 512, tok2 = i3 < n ? i3 / 16384 : 0, f2 = i3 < n ? i3 % 16384 : 0;
+    const int ok2 = i3 < n;
+    (void)tok2; (void)f2;
+    const long i4 = i0 + 768, tok3 = i4 < n ? i4 / 16384 : 0, f3 = i4 < n ? i4 % 16384 : 0;
+    const int ok3 = i4 < n;
+    (void)tok3; (void)f3;
+    const float u0x0 = (ok0) ? in0[(tok0) * 16384 + (f0)] : 0.0f;
+    const float u0x1 = (ok0) ? in1[(tok0) * 16384 + (f0)] : 0.0f;
+    const float u1x0 = (ok1) ? in0[(tok1) * 16384 + (f1)] : 0.0f;
+    const float u1x1 = (ok1) ? in1[(tok1) * 16384 + (f1)] : 0.0f;
+    const float u2x0 = (ok2) ? in0[(tok2) * 16384 + (f2)] : 0.0f;
+    const float u2x1 = (ok2) ? in1[(tok2) * 16384 + (f2)] : 0.0f;
+    const float u3x0 = (ok3) ? in0[(tok3) * 16384 + (f3)] : 0.0f;
+    const float u3x1 = (ok3) ? in1[(tok3) * 16384 + (f3)] : 0.0f;
+    if (ok0) {
+    const float u0v0 = (u0x0 + u0x1);
+    out0[(tok0) * 16384 + (f0)] = u0v0;
+    }
+    if (ok1) {
+    const float u1v0 = (u1x0 + u1x1);
+    out0[(tok1) * 16384 + (f1)] = u1v0;
+    }
+    if (ok2) {
+    const float u2v0 = (u2x0 + u2x1);
+    out0[(tok2) * 16384 + (f2)] = u2v0;
+    }
+    if (ok3) {
+    const float u3v0 = (u3x0 + u3x1);
+    out0[(tok3) * 16384 + (f3)] = u3v0;
+    }
 }
 
 KERNEL k53_sumsq_part(GLOBAL float *A, long B, long S, long o_g0, long o_g1, long o_g2, long o_g3, long o_g4, long o_g5, long o_g6, long o_g7, long o_g8, long o_g9, long o_g10, long o_g11, long o_g12, long o_g13, long o_g14, long o_g15, long o_g16, long o_g17, long o_g18, long o_g19, long o_g20, long o_g21, long o_g22, long o_g23, long o_g24, long o_g25, long o_g26, long o_g27, long o_g28, long o_g29, long o_g30, long o_g31, long o_part) {
