@@ -285,6 +285,9 @@ int cmd_bench(int argc, char **argv) {
     printf("%-34s %s\n", "side stream", s.x.side && !s.x.side_off ? "on" : "off");
     printf("%-34s %d tensors stored as bf16 (weight copies, activations and gradients only matmuls read)\n",
            "bf16 storage", ir_bf16_owners(&s.m.g));
+    int nwg = 0;
+    for (int l = 0; l < s.p.kg.nl; l++) nwg += strstr(s.p.kg.launches[l].kernel, "_wgmma") != NULL;
+    printf("%-34s %d matmul launches on wgmma\n", "wgmma", nwg);
     if (s.x.side && !s.x.side_off)
         printf("%-34s %d weight-gradient launches beside the backward chain (the breakdown runs them in line)\n", "",
                s.p.nside);

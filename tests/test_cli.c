@@ -99,24 +99,29 @@ TEST(cli_info_lists_backends) {
     CHECK(strstr(out, "cuda") && strstr(out, "opencl"), "realm info does not mention both backends:\n%s", out);
 }
 
-/* realm bench --side-stream, --bf16-storage, --launches: off runs through (on PoCL, where a
- * plan has no side launches and no bf16, the lines say off and 0 either way) and prints the
- * launch table; a value other than on/off is refused with status 2 naming it. The side stream
- * and bf16 storage themselves are checked in tests/test_streams.c. */
+/* realm bench --side-stream, --bf16-storage, --wgmma, --launches: off runs through (on PoCL,
+ * where a plan has no side launches, no bf16 and no wgmma, the lines say off and 0 either way)
+ * and prints the launch table; a value other than on/off is refused with status 2 naming it.
+ * The side stream and bf16 storage themselves are checked in tests/test_streams.c, the wgmma
+ * kernels in tests/test_bf16.c. */
 TEST(bench_side_stream_flag) {
     char cmd[1024], out[65536];
     snprintf(cmd, sizeof cmd,
              "%s bench models/tiny.lua --backend opencl --batch 1 --seq 32 --steps 1 --warmup 0 --profile-steps 1 "
-             "--side-stream off --bf16-storage off --launches",
+             "--side-stream off --bf16-storage off --wgmma off --launches",
              t_realm_bin());
     int rc = t_run(cmd, out, sizeof out);
     CHECK(rc == 0, "status %d: %s", rc, out);
     CHECK(strstr(out, "side stream") && strstr(out, "RESULT "), "no side stream line or RESULT: %s", out);
     CHECK(strstr(out, "bf16 storage") && strstr(out, "launches (ms/step"), "no bf16 storage line or launch table: %s", out);
+    CHECK(strstr(out, "0 matmul launches on wgmma"), "no wgmma line (0 launches on PoCL): %s", out);
     CHECK(strstr(out, "k0_") || strstr(out, "k1_"), "no kernel in the launch table: %s", out);
     snprintf(cmd, sizeof cmd, "%s bench models/tiny.lua --backend opencl --bf16-storage maybe", t_realm_bin());
     rc = t_run(cmd, out, sizeof out);
     CHECK(rc == 2 && strstr(out, "--bf16-storage") && strstr(out, "maybe"), "status %d: %s", rc, out);
+    snprintf(cmd, sizeof cmd, "%s bench models/tiny.lua --backend opencl --wgmma always", t_realm_bin());
+    rc = t_run(cmd, out, sizeof out);
+    CHECK(rc == 2 && strstr(out, "--wgmma") && strstr(out, "always"), "status %d: %s", rc, out);
     snprintf(cmd, sizeof cmd, "%s bench models/tiny.lua --backend opencl --side-stream sometimes", t_realm_bin());
     rc = t_run(cmd, out, sizeof out);
     CHECK(rc == 2 && strstr(out, "--side-stream") && strstr(out, "sometimes"), "status %d: %s", rc, out);

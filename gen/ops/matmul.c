@@ -921,13 +921,8 @@ static int emit_wgmma_mm(kgen *k, const ir_node *n) {
     kg_line(k, "const unsigned long long da0 = (1ull << 16) | (%dull << 32) | (1ull << 62) | ((s0 + (unsigned)(warp >> 2) * %du) >> 4);",
             WG_ATOM / 16, 64 * 2 * WG_BK);
     if (nmajor)
-#ifdef WG_MN_DESC_SWAP
-        kg_line(k, "const unsigned long long db0 = (%dull << 16) | (%dull << 32) | (1ull << 62) | ((s0 + %ldu) >> 4);",
-                WG_MN_SBO / 16, WG_MN_LBO / 16, sa);
-#else
         kg_line(k, "const unsigned long long db0 = (%dull << 16) | (%dull << 32) | (1ull << 62) | ((s0 + %ldu) >> 4);",
                 WG_MN_LBO / 16, WG_MN_SBO / 16, sa);
-#endif
     else
         kg_line(k, "const unsigned long long db0 = (1ull << 16) | (%dull << 32) | (1ull << 62) | ((s0 + %ldu) >> 4);",
                 WG_ATOM / 16, sa);
