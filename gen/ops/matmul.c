@@ -601,6 +601,33 @@ static int emit_staged_epilogue(kgen *k, const mma_tile *t, long avail, const ch
     return 0;
 }
 
+/* The output stage without an epilogue, straight from the mma layout: accumulator e of tile
+ * (i, j) of the warp's sub-tile at (wm, wn) is row gq (+8 for e >= 2), columns 2 tq and 2 tq +
+ * 1; rows where store_row_ok holds, columns below col_lim, two at a time if `pair`. */
+static void emit_direct_store(kgen *k, long mi, long nj, const char *store_row_ok, const char *col_lim, const char *out_row,
+                              int pair) {
+    kg_line(k, "#pragma unroll");
+    kg_line(k, "for (int i = 0; i < %ld; i++)", mi);
+    kg_line(k, "    #pragma unroll");
+    kg_line(k, "    for (int h = 0; h < 2; h++) {");
+    kg_line(k, "        const long m = m0 + wm + 16 * i + gq + 8 * h;");
+    kg_line(k, "        if (!(%s)) continue;", store_row_ok);
+    kg_line(k, "        GLOBAL float *orow = %s;", out_row);
+    kg_line(k, "        #pragma unroll");
+    kg_line(k, "        for (int j = 0; j < %ld; j++) {", nj);
+    kg_line(k, "            const long c = n0 + wn + 8 * j + 2 * tq;");
+    kg_line(k, "            const float v0 = acc[i][j][2 * h], v1 = acc[i][j][2 * h + 1];");
+    if (pair) {
+        kg_line(k, "            if (c + 1 < %s) *(float2 *)(orow + c) = make_float2(v0, v1);", col_lim);
+        kg_line(k, "            else if (c < %s) orow[c] = v0;", col_lim);
+    } else {
+        kg_line(k, "            if (c < %s) orow[c] = v0;", col_lim);
+        kg_line(k, "            if (c + 1 < %s) orow[c + 1] = v1;", col_lim);
+    }
+    kg_line(k, "        }");
+    kg_line(k, "    }");
+}
+
 /* The whole kernel body after the arguments: C[m][n] = sum_k A[m][k] B[n][k] over the tile
  * (m0, n0) (C expressions defined by the caller's prologue), contraction indices from `kbeg`
  * to `ktot` (0 to K constant, or one split's rows for weight gradients; none if ktot <= kbeg,
@@ -699,27 +726,7 @@ static int emit_mma_pipe(kgen *k, const mma_tile *t, const mma_operand *a, const
     kg_line(k, "CP_ASYNC_WAIT(0);");
     if (k->epi) return emit_staged_epilogue(k, t, stages * stage_bytes / 4, a->name, store_row_ok, col_lim,
                                             out_row);
-    /* accumulator e of tile (i, j): row gq (+8 for e >= 2), columns 2 tq and 2 tq + 1 */
-    kg_line(k, "#pragma unroll");
-    kg_line(k, "for (int i = 0; i < %d; i++)", mi);
-    kg_line(k, "    #pragma unroll");
-    kg_line(k, "    for (int h = 0; h < 2; h++) {");
-    kg_line(k, "        const long m = m0 + wm + 16 * i + gq + 8 * h;");
-    kg_line(k, "        if (!(%s)) continue;", store_row_ok);
-    kg_line(k, "        GLOBAL float *orow = %s;", out_row);
-    kg_line(k, "        #pragma unroll");
-    kg_line(k, "        for (int j = 0; j < %d; j++) {", nj);
-    kg_line(k, "            const long c = n0 + wn + 8 * j + 2 * tq;");
-    kg_line(k, "            const float v0 = acc[i][j][2 * h], v1 = acc[i][j][2 * h + 1];");
-    if (pair) {
-        kg_line(k, "            if (c + 1 < %s) *(float2 *)(orow + c) = make_float2(v0, v1);", col_lim);
-        kg_line(k, "            else if (c < %s) orow[c] = v0;", col_lim);
-    } else {
-        kg_line(k, "            if (c < %s) orow[c] = v0;", col_lim);
-        kg_line(k, "            if (c + 1 < %s) orow[c + 1] = v1;", col_lim);
-    }
-    kg_line(k, "        }");
-    kg_line(k, "    }");
+    emit_direct_store(k, mi, nj, store_row_ok, col_lim, out_row, pair);
     return 0;
 }
 
@@ -913,8 +920,7 @@ static int emit_wgmma_mm(kgen *k, const ir_node *n) {
     kg_line(k, "if (m0 >= M) return;");
     kg_shared(k, "sx", (stages * stage + WG_ATOM) / 4);
     kg_line(k, "const int tid = LID_X, lane = tid & 31, warp = tid >> 5, gq = lane >> 2, tq = lane & 3;");
-    kg_line(k, "const int wm = 16 * warp, lr = tid >> 3, lc = tid & 7;");
-    if (k->epi) kg_line(k, "const int wn = 0;");
+    kg_line(k, "const int wm = 16 * warp, wn = 0, lr = tid >> 3, lc = tid & 7;");
     kg_line(k, "const unsigned s0 = (smem_u32(sx) + %du) & ~%du;", WG_ATOM - 1, WG_ATOM - 1);
     /* descriptors: start >> 4, leading and stride byte offsets >> 4, 128-byte swizzle. K-major:
      * the leading offset is unused, 8-row groups one atom apart. */
@@ -987,25 +993,7 @@ static int emit_wgmma_mm(kgen *k, const ir_node *n) {
         if (emit_staged_epilogue(k, &t, (long)stages * stage / 4, "xa", "m < M", nlim, orow) < 0) return -1;
         kg_line(k, "}");
     } else {
-        int pair = k->g->t[y].offset % 2 == 0 && kg_ld(k, y) % 2 == 0 && N % 2 == 0;
-        kg_line(k, "#pragma unroll");
-        kg_line(k, "for (int h = 0; h < 2; h++) {");
-        kg_line(k, "    const long m = m0 + wm + gq + 8 * h;");
-        kg_line(k, "    if (m >= M) continue;");
-        kg_line(k, "    GLOBAL float *orow = %s;", orow);
-        kg_line(k, "    #pragma unroll");
-        kg_line(k, "    for (int j = 0; j < %ld; j++) {", nj);
-        kg_line(k, "        const long c = n0 + 8 * j + 2 * tq;");
-        kg_line(k, "        const float v0 = acc[0][j][2 * h], v1 = acc[0][j][2 * h + 1];");
-        if (pair) {
-            kg_line(k, "        if (c + 1 < %s) *(float2 *)(orow + c) = make_float2(v0, v1);", nlim);
-            kg_line(k, "        else if (c < %s) orow[c] = v0;", nlim);
-        } else {
-            kg_line(k, "        if (c < %s) orow[c] = v0;", nlim);
-            kg_line(k, "        if (c + 1 < %s) orow[c + 1] = v1;", nlim);
-        }
-        kg_line(k, "    }");
-        kg_line(k, "}");
+        emit_direct_store(k, 1, nj, "m < M", nlim, orow, k->g->t[y].offset % 2 == 0 && kg_ld(k, y) % 2 == 0 && N % 2 == 0);
     }
     grid_tiles(k, 0, x, 1, ntile, bm);
     kg_block(k, nt, 1, 1);
