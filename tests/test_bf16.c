@@ -603,9 +603,9 @@ TEST(bf16_plan_uses_mma_for_every_matmul) {
 /* On Hopper (plan_options.wgmma) the products whose input and weight are both stored as bf16 run
  * on wgmma: in realm-9m's training plan every forward matmul but the attention output's (its
  * input is fp32) and the input gradients of the MLPs' w_in (their dy is bf16). Without the
- * option no wgmma is emitted. The kernels are compiled for sm_90a by
- * generated_cuda_kernels_compile_for_every_arch and checked on the GPU by the bf16_kernels_*
- * tests. */
+ * option, or where the tiles' stages do not fit the shared memory, no wgmma is emitted. The
+ * kernels are compiled for sm_90a by generated_cuda_kernels_compile_for_every_arch and checked
+ * on the GPU by the bf16_kernels_* tests. */
 TEST(bf16_plan_uses_wgmma_on_hopper) {
     realm_model m;
     char err[4096];
@@ -617,13 +617,17 @@ TEST(bf16_plan_uses_wgmma_on_hopper) {
         return;
     }
     int keep[1] = {m.loss};
+    /* small: a device whose shared memory cannot hold the wgmma tiles' stages gets mma.sync */
     const plan_options hopper = {.bf16 = 1, .wgmma = 1, .shared_max = 227L * 1024},
-                       ampere = {.bf16 = 1, .shared_max = 227L * 1024};
-    plan ph, pa;
+                       ampere = {.bf16 = 1, .shared_max = 227L * 1024},
+                       small = {.bf16 = 1, .wgmma = 1, .shared_max = 100L * 1024};
+    plan ph, pa, ps;
     int okh = plan_build_opts(&ph, &m.g, 0, m.g.nn, "cuda", keep, 1, &hopper, err, sizeof err) == 0;
     int oka = okh && plan_build_opts(&pa, &m.g, 0, m.g.nn, "cuda", keep, 1, &ampere, err, sizeof err) == 0;
-    if (!oka) {
+    int oks = oka && plan_build_opts(&ps, &m.g, 0, m.g.nn, "cuda", keep, 1, &small, err, sizeof err) == 0;
+    if (!oks) {
         t_fail(t, __FILE__, __LINE__, "plan: %s", err);
+        if (oka) plan_free(&pa);
         if (okh) plan_free(&ph);
         model_free(&m);
         return;
@@ -643,7 +647,8 @@ TEST(bf16_plan_uses_wgmma_on_hopper) {
         wrong += both != is_wg;
     }
     int src_h = strstr(ph.kg.src.s, "wgmma.mma_async.sync.aligned.m64n") != NULL;
-    int src_a = strstr(pa.kg.src.s, "wgmma") != NULL;
+    int src_a = strstr(pa.kg.src.s, "wgmma") != NULL, src_s = strstr(ps.kg.src.s, "wgmma") != NULL;
+    plan_free(&ps);
     plan_free(&pa);
     plan_free(&ph);
     model_free(&m);
@@ -652,6 +657,7 @@ TEST(bf16_plan_uses_wgmma_on_hopper) {
     CHECK(wrong == 0 && wg_other == 0 && src_h, "%d matmul launches on the wrong kernel, %d other launches on wgmma", wrong,
           wg_other);
     CHECK(!src_a, "wgmma emitted without the option");
+    CHECK(!src_s, "wgmma emitted where its stages do not fit 100 KiB of shared memory");
 }
 
 /* The forward/dgrad bf16 kernels number their 128x128 tiles along one grid dim, column tiles

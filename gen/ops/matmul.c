@@ -837,10 +837,11 @@ static int wgmma_ok(const kgen *k, const ir_node *n) {
         return 0;
     const ir_shape *xs = &k->g->t[x].shape;
     long K = xs->d[xs->ndim - 1], N = kg_feat(k, w) / K, per = kg_feat(k, x) / K;
-    const long bn = wg_bn(N, nmajor), bm = 64L * WG_NWG;
+    const long bn = wg_bn(N, nmajor), bm = 64L * WG_NWG, stages = wg_stages(bm, bn, k->shared_max);
+    /* an epilogue stages the fp32 output tile through the stages (emit_staged_epilogue) */
     return per == 1 && operand_vec(k, x, K) && K % 8 == 0 && k->g->t[w].offset % 8 == 0 &&
-           (nmajor ? N % 8 == 0 : K % 8 == 0) &&
-           (long)wg_stages(bm, bn, k->shared_max) * wg_stage_bytes(bm, bn) + WG_ATOM <= k->shared_max;
+           (nmajor ? N % 8 == 0 : K % 8 == 0) && stages * wg_stage_bytes(bm, bn) + WG_ATOM <= k->shared_max &&
+           (!k->epi || bm * bn * 4 <= stages * wg_stage_bytes(bm, bn));
 }
 
 /* cp.async of `rows` rows (from `base`, below `lim`) of a K-major bf16 operand into the stage
