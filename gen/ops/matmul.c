@@ -881,6 +881,16 @@ static void emit_wg_load_nmajor(kgen *k, int nt, long bn, long N, long K) {
     kg_line(k, "    }");
 }
 
+/* A whole stage at shared address `dst` (in scope with k0): x's rows, then W's tile sa bytes on. */
+static void emit_wg_stage(kgen *k, int nt, long bm, long bn, int nmajor, long ldx, long N, long K, long sa) {
+    char nlim[32];
+    snprintf(nlim, sizeof nlim, "%ldL", N);
+    emit_wg_load(k, nt, "x", bm, ldx, "m0", "M", K);
+    kg_line(k, "    dst += %ldu;", sa);
+    if (nmajor) emit_wg_load_nmajor(k, nt, bn, N, K);
+    else emit_wg_load(k, nt, "w", bn, K, "n0", nlim, K);
+}
+
 /* One wgmma.mma_async m64nBNk16 on the thread's accumulators acc[0][j][e], A and B from the
  * descriptors da, db, D += A B; tb: B is N-major. */
 static void emit_wgmma(kgen *k, long bn, int tb) {
@@ -944,10 +954,7 @@ static int emit_wgmma_mm(kgen *k, const ir_node *n) {
     kg_line(k, "    if (st < nk) {");
     kg_line(k, "    const long k0 = (long)st * %d;", WG_BK);
     kg_line(k, "    unsigned dst = s0 + (unsigned)st * %ldu;", stage);
-    emit_wg_load(k, nt, "x", bm, ldx, "m0", "M", K);
-    kg_line(k, "    dst += %ldu;", sa);
-    if (nmajor) emit_wg_load_nmajor(k, nt, bn, N, K);
-    else emit_wg_load(k, nt, "w", bn, K, "n0", nlim, K);
+    emit_wg_stage(k, nt, bm, bn, nmajor, ldx, N, K, sa);
     kg_line(k, "    }");
     kg_line(k, "    cp_async_commit();");
     kg_line(k, "}");
@@ -959,10 +966,7 @@ static int emit_wgmma_mm(kgen *k, const ir_node *n) {
     kg_line(k, "    if (kt + %d < nk) {", stages - 2);
     kg_line(k, "    const long k0 = (kt + %d) * %d;", stages - 2, WG_BK);
     kg_line(k, "    unsigned dst = s0 + (unsigned)ws * %ldu;", stage);
-    emit_wg_load(k, nt, "x", bm, ldx, "m0", "M", K);
-    kg_line(k, "    dst += %ldu;", sa);
-    if (nmajor) emit_wg_load_nmajor(k, nt, bn, N, K);
-    else emit_wg_load(k, nt, "w", bn, K, "n0", nlim, K);
+    emit_wg_stage(k, nt, bm, bn, nmajor, ldx, N, K, sa);
     kg_line(k, "    }");
     kg_line(k, "    cp_async_commit();");
     kg_line(k, "    asm volatile(\"wgmma.fence.sync.aligned;\" ::: \"memory\");");
