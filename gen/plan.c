@@ -134,7 +134,7 @@ static int render_fused(plan *p, int n0, int n1) {
      * all their loads issued before any arithmetic: one element a thread kept too few loads
      * in flight (the Mamba gate product at 8 x 8192 on an H100: 0.27 ms, 1.9 TB/s) */
     kg_line(k, "const long i0 = GID_X * %d + LID_X, n = %s * %ld;", 256 * FUSED_U, ntok, feat);
-    char tok[FUSED_U][16], f[FUSED_U][16], ok[FUSED_U][16], vp[FUSED_U][8];
+    char tok[FUSED_U][16], f[FUSED_U][16], ok[FUSED_U][16], vp[FUSED_U][16];
     for (int u = 0; u < FUSED_U; u++) {
         snprintf(tok[u], sizeof tok[u], "tok%d", u);
         snprintf(f[u], sizeof f[u], "f%d", u);
