@@ -379,7 +379,8 @@ static int nvrtc_compile(const nvrtc_api *n, const char *src, const char *arch, 
     if (!user_arch) {
         /* sm_90 modules may hold wgmma, which only the arch-specific sm_90a target assembles; its
          * CUBIN runs on exactly the sm_90 devices an sm_90 one would */
-        snprintf(archopt, sizeof archopt, "--gpu-architecture=%s%s", arch, strcmp(arch, "sm_90") == 0 ? "a" : "");
+        const int to_a = cuda_arch_has_wgmma(arch) && arch[strlen(arch) - 1] != 'a';
+        snprintf(archopt, sizeof archopt, "--gpu-architecture=%s%s", arch, to_a ? "a" : "");
         argv[argc++] = archopt;
     }
     if (n->include[0]) argv[argc++] = n->include;

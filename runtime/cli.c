@@ -118,6 +118,12 @@ int cli_long(const char *cmd, const char *flag, const char *s, long lo, long hi,
     return 0;
 }
 
+int cli_pick(const char *cmd, const char *flag, const char *s, const char *a, const char *b) {
+    if (!s || strcmp(s, a) == 0 || strcmp(s, b) == 0) return 0;
+    fprintf(stderr, "realm %s: %s must be %s or %s, got '%s'\n", cmd, flag, a, b, s);
+    return 2;
+}
+
 int cli_double(const char *cmd, const char *flag, const char *s, double lo, double hi, double *out) {
     char *end;
     errno = 0;

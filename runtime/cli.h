@@ -19,6 +19,9 @@ int cli_parse(const char *cmd, const char *usage, const char *summary, int argc,
 /* Parse an integer option value in [lo, hi]; on error prints "realm CMD: FLAG ..." and returns 2. */
 int cli_long(const char *cmd, const char *flag, const char *s, long lo, long hi, long *out);
 int cli_double(const char *cmd, const char *flag, const char *s, double lo, double hi, double *out);
+/* A two-way option value: s (NULL: not given) must be a or b; otherwise prints "realm CMD:
+ * FLAG must be A or B, got 'S'" and returns 2. */
+int cli_pick(const char *cmd, const char *flag, const char *s, const char *a, const char *b);
 
 int cmd_info(int argc, char **argv);
 int cmd_graph(int argc, char **argv);

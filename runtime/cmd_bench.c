@@ -162,27 +162,9 @@ int cmd_bench(int argc, char **argv) {
     rc |= warm_s && cli_long("bench", "--warmup", warm_s, 0, 1L << 20, &warm);
     rc |= dev_s && cli_long("bench", "--device", dev_s, 0, 1024, &dev);
     rc |= prof_s && cli_long("bench", "--profile-steps", prof_s, 0, 1L << 20, &psteps);
+    rc = rc || cli_pick("bench", "--side-stream", side_s, "on", "off") || cli_pick("bench", "--precision", prec_s, "bf16", "fp32") ||
+         cli_pick("bench", "--bf16-storage", storage_s, "on", "off") || cli_pick("bench", "--wgmma", wgmma_s, "on", "off");
     if (rc) {
-        free(src);
-        return 2;
-    }
-    if (side_s && strcmp(side_s, "on") != 0 && strcmp(side_s, "off") != 0) {
-        fprintf(stderr, "realm bench: --side-stream must be on or off, got '%s'\n", side_s);
-        free(src);
-        return 2;
-    }
-    if (prec_s && strcmp(prec_s, "bf16") != 0 && strcmp(prec_s, "fp32") != 0) {
-        fprintf(stderr, "realm bench: --precision must be bf16 or fp32, got '%s'\n", prec_s);
-        free(src);
-        return 2;
-    }
-    if (storage_s && strcmp(storage_s, "on") != 0 && strcmp(storage_s, "off") != 0) {
-        fprintf(stderr, "realm bench: --bf16-storage must be on or off, got '%s'\n", storage_s);
-        free(src);
-        return 2;
-    }
-    if (wgmma_s && strcmp(wgmma_s, "on") != 0 && strcmp(wgmma_s, "off") != 0) {
-        fprintf(stderr, "realm bench: --wgmma must be on or off, got '%s'\n", wgmma_s);
         free(src);
         return 2;
     }

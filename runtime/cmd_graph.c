@@ -113,10 +113,7 @@ int cmd_graph(int argc, char **argv) {
                        "category instead.",
                        argc, argv, opts, pos, 1, 1, &npos, &done);
     if (rc || done) return rc;
-    if (prec_s && strcmp(prec_s, "bf16") != 0 && strcmp(prec_s, "fp32") != 0) {
-        fprintf(stderr, "realm graph: --precision must be bf16 or fp32, got '%s'\n", prec_s);
-        return 2;
-    }
+    if (cli_pick("graph", "--precision", prec_s, "bf16", "fp32")) return 2;
     /* bf16 storage (gen/precision.c) changes the arena: the same plan realm train builds */
     if (memory)
         return graph_memory(pos[0], batch_s, seq_s, dialect, recompute,

@@ -250,10 +250,7 @@ int cmd_kernels(int argc, char **argv) {
         fprintf(stderr, "realm kernels: --resources needs --backend cuda (the report is ptxas's)\n");
         return 2;
     }
-    if (prec_s && strcmp(prec_s, "bf16") != 0 && strcmp(prec_s, "fp32") != 0) {
-        fprintf(stderr, "realm kernels: --precision must be bf16 or fp32, got '%s'\n", prec_s);
-        return 2;
-    }
+    if (cli_pick("kernels", "--precision", prec_s, "bf16", "fp32")) return 2;
     /* as realm train: bf16 wherever the target has bf16 tensor cores */
     int bf16_ok = strcmp(bkname, "cuda") == 0 && cuda_arch_supports_dtype(arch, BK_BF16);
     if (prec_s && strcmp(prec_s, "bf16") == 0 && !bf16_ok) {

@@ -348,10 +348,7 @@ int cmd_train(int argc, char **argv) {
         fprintf(stderr, "realm train: --data and --out are required\n");
         return 2;
     }
-    if (prec_s && strcmp(prec_s, "fp32") != 0 && strcmp(prec_s, "bf16") != 0) {
-        fprintf(stderr, "realm train: --precision must be bf16 or fp32, got '%s'\n", prec_s);
-        return 2;
-    }
+    if (cli_pick("train", "--precision", prec_s, "bf16", "fp32")) return 2;
     /* SIGINT/SIGTERM are held from here on and checked between steps, so a signal always
      * lands on a step boundary and the checkpoint it triggers is consistent. */
     sigset_t hold;

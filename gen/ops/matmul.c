@@ -797,12 +797,6 @@ static void emit_args(kgen *k, const ir_node *n) {
 #ifndef WG_BN_MAX
 #define WG_BN_MAX 256
 #endif
-#ifndef WG_EPI
-#define WG_EPI 1        /* products with an epilogue too */
-#endif
-#ifndef WG_DGRAD
-#define WG_DGRAD 1      /* the input gradient's form (W [K,N], N-major) */
-#endif
 #ifndef WG_MN_LBO
 #define WG_MN_LBO 8192  /* N-major B: bytes between 64-column atoms (SBO: between 8-row groups) */
 #define WG_MN_SBO 1024
@@ -832,9 +826,7 @@ static int wg_stages(long bm, long bn, long shared_max) {
 static int wgmma_ok(const kgen *k, const ir_node *n) {
     int x = n->in[0], w = n->in[1];
     const int nmajor = (int)n->ia[0];
-    if (!k->wgmma || (nmajor && !WG_DGRAD) || (k->epi && !WG_EPI) || k->g->t[x].dtype != DT_BF16 ||
-        k->g->t[w].dtype != DT_BF16)
-        return 0;
+    if (!k->wgmma || k->g->t[x].dtype != DT_BF16 || k->g->t[w].dtype != DT_BF16) return 0;
     const ir_shape *xs = &k->g->t[x].shape;
     long K = xs->d[xs->ndim - 1], N = kg_feat(k, w) / K, per = kg_feat(k, x) / K;
     const long bn = wg_bn(N, nmajor), bm = 64L * WG_NWG, stages = wg_stages(bm, bn, k->shared_max);
