@@ -148,7 +148,11 @@ static const char cuda_bf16_prelude[] =
     "/* the same copies addressed by a shared pointer (overloads) */\n"
     "INLINE void cp_async16(void *dst, const void *src, int n) { cp_async16(smem_u32(dst), (const float *)src, n); }\n"
     "INLINE void cp_async4(void *dst, const void *src, int n) { cp_async4(smem_u32(dst), (const float *)src, n); }\n"
-    "#define cp_async_wait(n) asm volatile(\"cp.async.wait_group %0;\" :: \"n\"(n) : \"memory\")\n";
+    "#define cp_async_wait(n) asm volatile(\"cp.async.wait_group %0;\" :: \"n\"(n) : \"memory\")\n"
+    "/* cos and sin of an angle in [0, 2pi] (the scan's wrapped in-chunk angles) on the\n"
+    " * special-function unit, moved to [-pi, pi] where __sincosf's absolute error is at most\n"
+    " * 2^-21.4: far under the bf16 rounding of the operands these rotate */\n"
+    "INLINE void sincos_wrapped(float x, float *s, float *c) { __sincosf(x > 3.14159265f ? x - 6.28318531f : x, s, c); }\n";
 
 /* sinf and cosf as calls: inlined, each use carries the reduction for huge arguments (a few
  * hundred instructions and a local array), which made the scan's kernels long enough to miss

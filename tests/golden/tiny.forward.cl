@@ -213,47 +213,47 @@ KERNEL k4_mamba3_scan_chunk(GLOBAL float *A, long B, long S, long o_x, long o_Bn
     }
     BARRIER();
     for (int a = lid; a < 16; a += 256) { float cs = 0.0f; for (int j = 0; j <= a && j < L; j++) cs += ladt[j]; lcs[a] = cs; }
-    #pragma unroll 1
-    for (int it0 = lid; it0 < 64; it0 += 256) {
-    float ab[1];
+    LOCAL float lrun[256];
+    {
+    const int i = lid % 4, run = lid / 4;
+    float v[1];
     #pragma unroll
-    for (int u = 0; u < 1; u++) {
-    const int it = it0 + u * 256;
-    if (it >= 64) break;
-    const int j = it, a = j / 4, i = j - a * 4;
-    ab[u] = a < L ? ang[(rb + a) * 304L + i] : 0.0f;
-    }
-    #pragma unroll
-    for (int u = 0; u < 1; u++) {
-    const int it = it0 + u * 256;
-    if (it >= 64) break;
-    const int j = it, a = j / 4;
-    float v = 0.0f;
-    if (a < L) {
-    v = ldt[a] * (3.14159265f * TANHF(ab[u]));
-    { const float kq = (float)(long)(v * 0.159154943f); v = (v - kq * 6.28318548f) + kq * 1.74845553e-7f; }
-    if (v < 0.0f) v = (v + 6.28318548f) - 1.74845553e-7f;
-    }
-    LPH[j] = v;
-    }
-    }
-    for (int off = 1; off < 16; off <<= 1) {
-    float nv[1];
-    BARRIER();
     for (int r = 0; r < 1; r++) {
-    const int j = lid + r * 256;
-    float v = 0.0f;
-    if (j < 64) {
-    v = LPH[j];
-    if (j >= off * 4) { v += LPH[j - off * 4];
-    { const float kq = (float)(long)(v * 0.159154943f); v = (v - kq * 6.28318548f) + kq * 1.74845553e-7f; }
-    if (v < 0.0f) v = (v + 6.28318548f) - 1.74845553e-7f;
+    const int a = run * 1 + r;
+    v[r] = a < L ? ang[(rb + a) * 304L + i] : 0.0f;
     }
+    #pragma unroll
+    for (int r = 0; r < 1; r++) {
+    const int a = run * 1 + r;
+    float x = 0.0f;
+    if (a < L) {
+    x = ldt[a] * (3.14159265f * TANHF(v[r]));
+    { const float kq = (float)(long)(x * 0.159154943f); x = (x - kq * 6.28318548f) + kq * 1.74845553e-7f; }
+    if (x < 0.0f) x = (x + 6.28318548f) - 1.74845553e-7f;
     }
-    nv[r] = v;
+    if (r > 0) { x += v[r - 1];
+    { const float kq = (float)(long)(x * 0.159154943f); x = (x - kq * 6.28318548f) + kq * 1.74845553e-7f; }
+    if (x < 0.0f) x = (x + 6.28318548f) - 1.74845553e-7f;
     }
+    v[r] = x;
+    }
+    lrun[lid] = v[0];
     BARRIER();
-    for (int r = 0; r < 1; r++) { const int j = lid + r * 256; if (j < 64) LPH[j] = nv[r]; }
+    float pre = 0.0f;
+    for (int q = 0; q < run; q++) { pre += lrun[q * 4 + i];
+    { const float kq = (float)(long)(pre * 0.159154943f); pre = (pre - kq * 6.28318548f) + kq * 1.74845553e-7f; }
+    if (pre < 0.0f) pre = (pre + 6.28318548f) - 1.74845553e-7f;
+    }
+    #pragma unroll
+    for (int r = 0; r < 1; r++) {
+    const int a = run * 1 + r;
+    float x = v[r];
+    if (run > 0) { x += pre;
+    { const float kq = (float)(long)(x * 0.159154943f); x = (x - kq * 6.28318548f) + kq * 1.74845553e-7f; }
+    if (x < 0.0f) x = (x + 6.28318548f) - 1.74845553e-7f;
+    }
+    if (a < 16) LPH[a * 4 + i] = x;
+    }
     }
     BARRIER();
     for (int j = lid; j < L * 16; j += 256) {
@@ -411,47 +411,47 @@ KERNEL k6_mamba3_scan_out(GLOBAL float *A, long B, long S, long o_x, long o_Bn, 
     }
     BARRIER();
     for (int a = lid; a < 16; a += 256) { float cs = 0.0f; for (int j = 0; j <= a && j < L; j++) cs += ladt[j]; lcs[a] = cs; }
-    #pragma unroll 1
-    for (int it0 = lid; it0 < 64; it0 += 256) {
-    float ab[1];
+    LOCAL float lrun[256];
+    {
+    const int i = lid % 4, run = lid / 4;
+    float v[1];
     #pragma unroll
-    for (int u = 0; u < 1; u++) {
-    const int it = it0 + u * 256;
-    if (it >= 64) break;
-    const int j = it, a = j / 4, i = j - a * 4;
-    ab[u] = a < L ? ang[(rb + a) * 304L + i] : 0.0f;
-    }
-    #pragma unroll
-    for (int u = 0; u < 1; u++) {
-    const int it = it0 + u * 256;
-    if (it >= 64) break;
-    const int j = it, a = j / 4;
-    float v = 0.0f;
-    if (a < L) {
-    v = ldt[a] * (3.14159265f * TANHF(ab[u]));
-    { const float kq = (float)(long)(v * 0.159154943f); v = (v - kq * 6.28318548f) + kq * 1.74845553e-7f; }
-    if (v < 0.0f) v = (v + 6.28318548f) - 1.74845553e-7f;
-    }
-    LPH[j] = v;
-    }
-    }
-    for (int off = 1; off < 16; off <<= 1) {
-    float nv[1];
-    BARRIER();
     for (int r = 0; r < 1; r++) {
-    const int j = lid + r * 256;
-    float v = 0.0f;
-    if (j < 64) {
-    v = LPH[j];
-    if (j >= off * 4) { v += LPH[j - off * 4];
-    { const float kq = (float)(long)(v * 0.159154943f); v = (v - kq * 6.28318548f) + kq * 1.74845553e-7f; }
-    if (v < 0.0f) v = (v + 6.28318548f) - 1.74845553e-7f;
+    const int a = run * 1 + r;
+    v[r] = a < L ? ang[(rb + a) * 304L + i] : 0.0f;
     }
+    #pragma unroll
+    for (int r = 0; r < 1; r++) {
+    const int a = run * 1 + r;
+    float x = 0.0f;
+    if (a < L) {
+    x = ldt[a] * (3.14159265f * TANHF(v[r]));
+    { const float kq = (float)(long)(x * 0.159154943f); x = (x - kq * 6.28318548f) + kq * 1.74845553e-7f; }
+    if (x < 0.0f) x = (x + 6.28318548f) - 1.74845553e-7f;
     }
-    nv[r] = v;
+    if (r > 0) { x += v[r - 1];
+    { const float kq = (float)(long)(x * 0.159154943f); x = (x - kq * 6.28318548f) + kq * 1.74845553e-7f; }
+    if (x < 0.0f) x = (x + 6.28318548f) - 1.74845553e-7f;
     }
+    v[r] = x;
+    }
+    lrun[lid] = v[0];
     BARRIER();
-    for (int r = 0; r < 1; r++) { const int j = lid + r * 256; if (j < 64) LPH[j] = nv[r]; }
+    float pre = 0.0f;
+    for (int q = 0; q < run; q++) { pre += lrun[q * 4 + i];
+    { const float kq = (float)(long)(pre * 0.159154943f); pre = (pre - kq * 6.28318548f) + kq * 1.74845553e-7f; }
+    if (pre < 0.0f) pre = (pre + 6.28318548f) - 1.74845553e-7f;
+    }
+    #pragma unroll
+    for (int r = 0; r < 1; r++) {
+    const int a = run * 1 + r;
+    float x = v[r];
+    if (run > 0) { x += pre;
+    { const float kq = (float)(long)(x * 0.159154943f); x = (x - kq * 6.28318548f) + kq * 1.74845553e-7f; }
+    if (x < 0.0f) x = (x + 6.28318548f) - 1.74845553e-7f;
+    }
+    if (a < 16) LPH[a * 4 + i] = x;
+    }
     }
     BARRIER();
     for (int j = lid; j < L * 16; j += 256) {

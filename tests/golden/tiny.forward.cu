@@ -208,48 +208,55 @@ KERNEL k4_mamba3_scan_chunk(GLOBAL float *A, long B, long S, long o_x, long o_Bn
     } else { ldt[a] = 0.0f; ladt[a] = 0.0f; lgm[a] = 0.0f; lsc[a] = 0.0f; }
     }
     BARRIER();
-    for (int a = lid; a < 16; a += 256) { float cs = 0.0f; for (int j = 0; j <= a && j < L; j++) cs += ladt[j]; lcs[a] = cs; }
-    #pragma unroll 1
-    for (int it0 = lid; it0 < 64; it0 += 256) {
-    float ab[1];
+    if (lid < 32) {
+    const int ln = lid & 31, wq = lid >> 5;
+    float c = lid < 16 ? ladt[lid] : 0.0f, e = 0.0f;
+    for (int q = 0; q < wq; q++) e += ladt[q * 32 + ln];
+    for (int off = 16; off > 0; off >>= 1) e += __shfl_xor_sync(0xffffffffu, e, off);
+    for (int off = 1; off < 32; off <<= 1) { const float o = __shfl_up_sync(0xffffffffu, c, off); if (ln >= off) c += o; }
+    if (lid < 16) lcs[lid] = c + e;
+    }
+    LOCAL float lrun[256];
+    {
+    const int i = lid % 4, run = lid / 4;
+    float v[1];
     #pragma unroll
-    for (int u = 0; u < 1; u++) {
-    const int it = it0 + u * 256;
-    if (it >= 64) break;
-    const int j = it, a = j / 4, i = j - a * 4;
-    ab[u] = a < L ? ang[(rb + a) * 304L + i] : 0.0f;
-    }
-    #pragma unroll
-    for (int u = 0; u < 1; u++) {
-    const int it = it0 + u * 256;
-    if (it >= 64) break;
-    const int j = it, a = j / 4;
-    float v = 0.0f;
-    if (a < L) {
-    v = ldt[a] * (3.14159265f * TANHF(ab[u]));
-    { const float kq = (float)(long)(v * 0.159154943f); v = (v - kq * 6.28318548f) + kq * 1.74845553e-7f; }
-    if (v < 0.0f) v = (v + 6.28318548f) - 1.74845553e-7f;
-    }
-    LPH[j] = v;
-    }
-    }
-    for (int off = 1; off < 16; off <<= 1) {
-    float nv[1];
-    BARRIER();
     for (int r = 0; r < 1; r++) {
-    const int j = lid + r * 256;
-    float v = 0.0f;
-    if (j < 64) {
-    v = LPH[j];
-    if (j >= off * 4) { v += LPH[j - off * 4];
-    { const float kq = (float)(long)(v * 0.159154943f); v = (v - kq * 6.28318548f) + kq * 1.74845553e-7f; }
-    if (v < 0.0f) v = (v + 6.28318548f) - 1.74845553e-7f;
+    const int a = run * 1 + r;
+    v[r] = a < L ? ang[(rb + a) * 304L + i] : 0.0f;
     }
+    #pragma unroll
+    for (int r = 0; r < 1; r++) {
+    const int a = run * 1 + r;
+    float x = 0.0f;
+    if (a < L) {
+    x = ldt[a] * (3.14159265f * TANHF(v[r]));
+    { const float kq = (float)(long)(x * 0.159154943f); x = (x - kq * 6.28318548f) + kq * 1.74845553e-7f; }
+    if (x < 0.0f) x = (x + 6.28318548f) - 1.74845553e-7f;
     }
-    nv[r] = v;
+    if (r > 0) { x += v[r - 1];
+    { const float kq = (float)(long)(x * 0.159154943f); x = (x - kq * 6.28318548f) + kq * 1.74845553e-7f; }
+    if (x < 0.0f) x = (x + 6.28318548f) - 1.74845553e-7f;
     }
+    v[r] = x;
+    }
+    lrun[lid] = v[0];
     BARRIER();
-    for (int r = 0; r < 1; r++) { const int j = lid + r * 256; if (j < 64) LPH[j] = nv[r]; }
+    float pre = 0.0f;
+    for (int q = 0; q < run; q++) { pre += lrun[q * 4 + i];
+    { const float kq = (float)(long)(pre * 0.159154943f); pre = (pre - kq * 6.28318548f) + kq * 1.74845553e-7f; }
+    if (pre < 0.0f) pre = (pre + 6.28318548f) - 1.74845553e-7f;
+    }
+    #pragma unroll
+    for (int r = 0; r < 1; r++) {
+    const int a = run * 1 + r;
+    float x = v[r];
+    if (run > 0) { x += pre;
+    { const float kq = (float)(long)(x * 0.159154943f); x = (x - kq * 6.28318548f) + kq * 1.74845553e-7f; }
+    if (x < 0.0f) x = (x + 6.28318548f) - 1.74845553e-7f;
+    }
+    if (a < 16) LPH[a * 4 + i] = x;
+    }
     }
     BARRIER();
     for (int j = lid; j < L * 16; j += 256) {
@@ -407,48 +414,55 @@ KERNEL k6_mamba3_scan_out(GLOBAL float *A, long B, long S, long o_x, long o_Bn, 
     } else { ldt[a] = 0.0f; ladt[a] = 0.0f; lgm[a] = 0.0f; lsc[a] = 0.0f; }
     }
     BARRIER();
-    for (int a = lid; a < 16; a += 256) { float cs = 0.0f; for (int j = 0; j <= a && j < L; j++) cs += ladt[j]; lcs[a] = cs; }
-    #pragma unroll 1
-    for (int it0 = lid; it0 < 64; it0 += 256) {
-    float ab[1];
+    if (lid < 32) {
+    const int ln = lid & 31, wq = lid >> 5;
+    float c = lid < 16 ? ladt[lid] : 0.0f, e = 0.0f;
+    for (int q = 0; q < wq; q++) e += ladt[q * 32 + ln];
+    for (int off = 16; off > 0; off >>= 1) e += __shfl_xor_sync(0xffffffffu, e, off);
+    for (int off = 1; off < 32; off <<= 1) { const float o = __shfl_up_sync(0xffffffffu, c, off); if (ln >= off) c += o; }
+    if (lid < 16) lcs[lid] = c + e;
+    }
+    LOCAL float lrun[256];
+    {
+    const int i = lid % 4, run = lid / 4;
+    float v[1];
     #pragma unroll
-    for (int u = 0; u < 1; u++) {
-    const int it = it0 + u * 256;
-    if (it >= 64) break;
-    const int j = it, a = j / 4, i = j - a * 4;
-    ab[u] = a < L ? ang[(rb + a) * 304L + i] : 0.0f;
-    }
-    #pragma unroll
-    for (int u = 0; u < 1; u++) {
-    const int it = it0 + u * 256;
-    if (it >= 64) break;
-    const int j = it, a = j / 4;
-    float v = 0.0f;
-    if (a < L) {
-    v = ldt[a] * (3.14159265f * TANHF(ab[u]));
-    { const float kq = (float)(long)(v * 0.159154943f); v = (v - kq * 6.28318548f) + kq * 1.74845553e-7f; }
-    if (v < 0.0f) v = (v + 6.28318548f) - 1.74845553e-7f;
-    }
-    LPH[j] = v;
-    }
-    }
-    for (int off = 1; off < 16; off <<= 1) {
-    float nv[1];
-    BARRIER();
     for (int r = 0; r < 1; r++) {
-    const int j = lid + r * 256;
-    float v = 0.0f;
-    if (j < 64) {
-    v = LPH[j];
-    if (j >= off * 4) { v += LPH[j - off * 4];
-    { const float kq = (float)(long)(v * 0.159154943f); v = (v - kq * 6.28318548f) + kq * 1.74845553e-7f; }
-    if (v < 0.0f) v = (v + 6.28318548f) - 1.74845553e-7f;
+    const int a = run * 1 + r;
+    v[r] = a < L ? ang[(rb + a) * 304L + i] : 0.0f;
     }
+    #pragma unroll
+    for (int r = 0; r < 1; r++) {
+    const int a = run * 1 + r;
+    float x = 0.0f;
+    if (a < L) {
+    x = ldt[a] * (3.14159265f * TANHF(v[r]));
+    { const float kq = (float)(long)(x * 0.159154943f); x = (x - kq * 6.28318548f) + kq * 1.74845553e-7f; }
+    if (x < 0.0f) x = (x + 6.28318548f) - 1.74845553e-7f;
     }
-    nv[r] = v;
+    if (r > 0) { x += v[r - 1];
+    { const float kq = (float)(long)(x * 0.159154943f); x = (x - kq * 6.28318548f) + kq * 1.74845553e-7f; }
+    if (x < 0.0f) x = (x + 6.28318548f) - 1.74845553e-7f;
     }
+    v[r] = x;
+    }
+    lrun[lid] = v[0];
     BARRIER();
-    for (int r = 0; r < 1; r++) { const int j = lid + r * 256; if (j < 64) LPH[j] = nv[r]; }
+    float pre = 0.0f;
+    for (int q = 0; q < run; q++) { pre += lrun[q * 4 + i];
+    { const float kq = (float)(long)(pre * 0.159154943f); pre = (pre - kq * 6.28318548f) + kq * 1.74845553e-7f; }
+    if (pre < 0.0f) pre = (pre + 6.28318548f) - 1.74845553e-7f;
+    }
+    #pragma unroll
+    for (int r = 0; r < 1; r++) {
+    const int a = run * 1 + r;
+    float x = v[r];
+    if (run > 0) { x += pre;
+    { const float kq = (float)(long)(x * 0.159154943f); x = (x - kq * 6.28318548f) + kq * 1.74845553e-7f; }
+    if (x < 0.0f) x = (x + 6.28318548f) - 1.74845553e-7f;
+    }
+    if (a < 16) LPH[a * 4 + i] = x;
+    }
     }
     BARRIER();
     for (int j = lid; j < L * 16; j += 256) {
