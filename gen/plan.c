@@ -113,11 +113,11 @@ void plan_epi_values(kgen *k, const plan_epilogue *e, int u, const char *tok, co
     emit_chain(k, e->p, e->n0, e->n1, e->ext, e->next, e->src, val, "e", vp, tok, f, NULL, 2);
 }
 
+/* elements a thread of a fused elementwise kernel (render_fused) */
+#define FUSED_U 4
+
 /* Renders nodes [n0, n1) (all elementwise, one iteration space) as one kernel; values that
  * never leave the group stay in registers. */
-#ifndef FUSED_U
-#define FUSED_U 4
-#endif
 static int render_fused(plan *p, int n0, int n1) {
     const ir_graph *g = p->g;
     kgen *k = &p->kg;

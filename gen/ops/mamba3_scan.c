@@ -1134,7 +1134,6 @@ static void m3_rows_item(kgen *k, int RS, int U) {
  * Expects ldt (the tokens' DT, zero past L) in local memory and a barrier passed since; every
  * work-item must reach this call. `angle` names ang[token a, angle i] with a, i in scope. */
 static void emit_chunk_angles(kgen *k, int NT, int CH, int NA, const char *angle) {
-    const int R = (CH * NA + NT - 1) / NT;
     if (NT % NA == 0 && (CH + NT / NA - 1) / (NT / NA) <= 16) {
         /* NT / NA work-items per angle, each a run of RPT consecutive tokens: the run's own
          * prefix in registers, then the totals of the runs before it from shared memory. One
@@ -1184,6 +1183,7 @@ static void emit_chunk_angles(kgen *k, int NT, int CH, int NA, const char *angle
         KL("}");
         return;
     }
+    const int R = (CH * NA + NT - 1) / NT;
     {
         /* the angle inputs in batches ahead of their use (see m3_batch) */
         const long total = (long)CH * NA;
@@ -1503,16 +1503,24 @@ static long fwd_chunk_local(m3_kdims d, int *NT3) {
  * fixed order (mma's internal order is fixed). */
 
 static long m3_up16(long n) { return (n + 15) / 16 * 16; }
-
-/* Whether every row of tensor t starts at an even element, so a thread's pair of values
- * (2w, 2w + 1) is one 8-byte load (the arena offsets are known when the kernel is rendered).
- * H100, realm-9m 8 x 8192: the four tensor-core scan kernels 22.53 -> 22.33 ms a step. */
-static int m3_pairs(const kgen *k, int t) { return k->g->t[t].offset % 2 == 0 && kg_ld(k, t) % 2 == 0; }
 static long m3_up8(long n) { return (n + 7) / 8 * 8; }
+
+/* Whether a head's `width` values of tensor t can be read as pairs (2w, 2w + 1), each one
+ * 8-byte load: width even and every row starting at an even element (the arena offsets are
+ * known when the kernel is rendered). H100, realm-9m 8 x 8192: the four tensor-core scan
+ * kernels 22.53 -> 22.33 ms a step. */
+static int m3_pairs(const kgen *k, int t, int width) {
+    return width % 2 == 0 && k->g->t[t].offset % 2 == 0 && kg_ld(k, t) % 2 == 0;
+}
+
+/* the same for the keys and queries of emit_tc_kq_rows */
+static int m3_kq_pairs(const kgen *k, const ir_node *n, int N) {
+    return m3_pairs(k, n->in[IN_BN], N) && m3_pairs(k, n->in[IN_CN], N);
+}
 
 /* Row tiles of the chunk's keys and queries in its local frame, one word per rotated pair:
  * dk[a * ws + w] = bf16 pair (Kl[a][2w], Kl[a][2w+1]), dq likewise for Ql; zeros past L tokens
- * and past N; with `pair` (m3_pairs of both sources, N even) a pair is one 8-byte load.
+ * and past N; with `pair` (m3_kq_pairs) a pair is one 8-byte load.
  * Expects rb, L, h, lid and LPH in scope. */
 static void emit_tc_kq_rows(kgen *k, int NT, int CHP, int N, int NA, const char *dk, const char *dq, long ldb,
                             long ldc, int pair) {
@@ -1671,8 +1679,8 @@ static void emit_tc_state_cols(kgen *k, int NT, int P, int PK, int N, int NK, in
 }
 
 /* A row tile of a per-token [CH, P] input of head h: dst[a * ws + w] = bf16 pair (v[a][2w],
- * v[a][2w+1]), CHP rows, PK/2 words, zeros past L and P; with `pair` (m3_pairs, P even) a
- * pair is one 8-byte load. Expects rb, L, h, lid. */
+ * v[a][2w+1]), CHP rows, PK/2 words, zeros past L and P; with `pair` (m3_pairs) a pair is one
+ * 8-byte load. Expects rb, L, h, lid. */
 static void emit_tc_tok_rows(kgen *k, int NT, int CHP, int P, int PK, const char *dst, const char *src, long ld, int pair) {
     int RS, U;
     m3_rows_open(k, CHP, PK / 2, NT, &RS, &U);
@@ -1816,7 +1824,7 @@ static int emit_out_tc(kgen *k, const ir_node *n, int node, m3_kdims d) {
     emit_entering_angle(k, NT, NA, W2, ldth, 0);
     emit_chunk_scalars(k, NT, CH, NA, lddt, ldda, ldtr, ldang);
     KL("BARRIER();");
-    emit_tc_kq_rows(k, NT, CHP, N, NA, "Ks", "Qs", ldb, ldc, m3_pairs(k, n->in[IN_BN]) && m3_pairs(k, n->in[IN_CN]) && N % 2 == 0);
+    emit_tc_kq_rows(k, NT, CHP, N, NA, "Ks", "Qs", ldb, ldc, m3_kq_pairs(k, n, N));
     emit_tc_tok_cols(k, NT, CHP, P, PP, "Xt", "x", ldx, NULL);
     emit_tc_state_rows(k, NT, P, PP, N, NA, "Ss", "st", W, ldst, "sb", "c0 > 0");
     KL("BARRIER();");
@@ -1912,7 +1920,7 @@ static int emit_chunk_tc(kgen *k, const ir_node *n, int node, m3_kdims d, int bw
     if (bwd) emit_entering_angle(k, NT, NA, W2, kg_ld(k, n->in[BIN_TH]), 0);
     KL("BARRIER();");
     emit_tc_kq_rows(k, NT, CHP, N, NA, bwd ? NULL : "Zs", bwd ? "Zs" : NULL, ldb, ldc,
-                    m3_pairs(k, n->in[IN_BN]) && m3_pairs(k, n->in[IN_CN]) && N % 2 == 0);
+                    m3_kq_pairs(k, n, N));
     if (bwd) emit_tc_tok_cols(k, NT, CHP, P, PK, "At", "dy", kg_ld(k, n->in[BIN_DY]), "EXPF(FMINF(lcs[a], 0.0f))");
     else emit_tc_tok_cols(k, NT, CHP, P, PK, "At", "x", kg_ld(k, n->in[IN_X]),
                           "EXPF(FMINF(lcs[L - 1] - lcs[a], 0.0f)) * lsc[a]");
@@ -2696,9 +2704,9 @@ static int emit_bwd_main_tc(kgen *k, const ir_node *n, int node, m3_kdims d) {
     emit_chunk_scalars(k, NT, CH, NA, lddt, ldda, ldtr, ldang);
     emit_entering_angle(k, NT, NA, W2, ldth, 0);
     KL("BARRIER();");
-    emit_tc_kq_rows(k, NT, CHP, N, NA, "Ks", "Qs", ldb, ldc, m3_pairs(k, n->in[IN_BN]) && m3_pairs(k, n->in[IN_CN]) && N % 2 == 0);
-    emit_tc_tok_rows(k, NT, CHP, P, PK, "Ys", "dy", lddy, m3_pairs(k, n->in[BIN_DY]) && P % 2 == 0);
-    emit_tc_tok_rows(k, NT, CHP, P, PK, "Vs", "x", ldx, m3_pairs(k, n->in[IN_X]) && P % 2 == 0);
+    emit_tc_kq_rows(k, NT, CHP, N, NA, "Ks", "Qs", ldb, ldc, m3_kq_pairs(k, n, N));
+    emit_tc_tok_rows(k, NT, CHP, P, PK, "Ys", "dy", lddy, m3_pairs(k, n->in[BIN_DY], P));
+    emit_tc_tok_rows(k, NT, CHP, P, PK, "Vs", "x", ldx, m3_pairs(k, n->in[IN_X], P));
     emit_tc_state_cols(k, NT, P, PK, N, NK, NA, "R0", "st", W, ldst, "sb", "c0 > 0");
     /* <dS_out, S_in>: both absolute, no rotation */
     kl_spread(a0, sizeof a0, "sb", "e", W, ldst);
