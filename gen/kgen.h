@@ -115,7 +115,7 @@ int kg_end(kgen *k);
  * Conventions shared by the kernels that use them (gen/ops/attention.c, mamba3_scan.c): a warp
  * owns 16 rows of its tiles; lane = 4 gq + tq. Shared tiles hold bf16 pairs as 32-bit words,
  * the contraction contiguous, rows padded by 4 words (kg_tc_ws) so that a fragment read (8 rows
- * x 4 words) hits 32 distinct banks. Accumulator e of n-tile j sits at row gq (+8 for e >= 2),
+ * x 4 words, or the 8 row addresses of an ldmatrix phase) hits 32 distinct banks. Accumulator e of n-tile j sits at row gq (+8 for e >= 2),
  * column 8j + 2tq + (e & 1); so the accumulators of n-tiles 2t and 2t+1 are exactly the A
  * fragment of k-step t of a following product (kg_tc_repack). */
 /* Words per padded row of a tile with `cols` bf16 columns. */
@@ -125,20 +125,21 @@ void kg_tc_prologue(kgen *k);
 /* unsigned frag[DP/16][4]: the A fragments of the warp's 16 rows (warp * 16 + gq, + 8) of a
  * row tile of DP columns, every k-step, kept in registers. */
 void kg_tc_afrag(kgen *k, long DP, const char *frag, const char *tile);
-/* acc[j] (j < nt n-tiles of 8 columns) += A B over ks k-steps, B from a tile whose row 8j + gq
- * is column j's and whose words run along the contraction (ws words a row). `afrag` is a C
- * expression for the unsigned[4] A fragment of k-step kk. */
-void kg_tc_mma(kgen *k, const char *acc, const char *afrag, const char *tile, long ws, long nt, long ks);
-/* The same, only over the k-steps and n-tiles for which the C conditions kcond (on kk) and
- * jcond (on j) hold (NULL: all): a warp skips the blocks a causal mask zeroes. The conditions
+/* The same fragments (ks k-steps) from a tile stored the other way round, its rows along the
+ * contraction and its words along the warp's rows (ws words a row): ldmatrix.trans. */
+void kg_tc_afrag_trans(kgen *k, const char *frag, const char *tile, long ws, long ks);
+/* acc[j] (j < nt n-tiles of 8 columns, nt even) += A B over ks k-steps, every fragment read by
+ * ldmatrix (one x4 load feeds two n-tiles). B comes from `tile` (ws words a row) stored either
+ * with its row 8j + .. for column j's and the words along the contraction (trans = 0), or the
+ * other way round (trans = 1: row 16kk + .. for k-step kk, words along the columns), which is
+ * how a product reads the transpose of a row tile without a transposed copy. The A fragment is
+ * `afrag` (a C expression in kk for unsigned[4]), or with `atile` (aws words a row) the warp's
+ * 16 rows of that tile loaded at each k-step. Only the k-steps and n-tiles for which the C
+ * conditions kcond (on kk) and jcond (on j, tested at even j, must then hold for j + 1 too)
+ * hold are computed (NULL: all): a warp skips the blocks a causal mask zeroes. The conditions
  * must be warp-uniform (mma.sync needs the whole warp). */
-void kg_tc_mma_if(kgen *k, const char *acc, const char *afrag, const char *tile, long ws, long nt, long ks,
-                  const char *kcond, const char *jcond);
-/* kg_tc_mma_if with the A fragments read from the warp's rows of the row tile `atile` (DP
- * columns, DP/16 k-steps) at each k-step instead of held in registers: for kernels whose
- * register count limits how many work-groups a multiprocessor holds. */
-void kg_tc_mma_rows(kgen *k, const char *acc, const char *atile, long DP, const char *tile, long ws, long nt,
-                    const char *kcond, const char *jcond);
+void kg_tc_mma(kgen *k, const char *acc, const char *afrag, const char *atile, long aws, const char *tile, long ws,
+               int trans, long nt, long ks, const char *kcond, const char *jcond);
 /* unsigned frag[ks][4]: A fragments of k-steps 0..ks-1 from the accumulators acc[2 ks][4] of a
  * 16 x 16ks result, rounded to bf16. */
 void kg_tc_repack(kgen *k, const char *frag, const char *acc, long ks);
