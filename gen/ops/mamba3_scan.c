@@ -1574,14 +1574,22 @@ static void emit_tc_kq_rows(kgen *k, int NT, int CHP, int N, int NA, const char 
 /* A P x N state of head h stored in the rows from `base` (`saved` layout; zero where the C
  * condition `cond` fails) as a row tile of PP rows in the chunk's local frame, each row's pairs
  * rotated by -Theta_in: dst[p * ws + w] = bf16 pair (X[p][2w], X[p][2w+1]), X = S R(Theta_in).
- * With `pair` (m3_pairs of the state's width, N even) a pair is one 8-byte load. With `dot`,
- * the fp32 product of each loaded element with the same element of the state `dot` (from
- * `dbase`, stride dld, where `dcond` holds) is added to `sd`: a dot product that costs its
- * second tensor's loads and nothing else. Expects h, lid, tc, ts (and sd). */
+ * With `pair` (m3_pairs of the state's width, N even) a pair is one 8-byte load; with base
+ * NULL the state is a contiguous copy in shared memory (m3_state_at). With `dot`, the fp32
+ * product of each loaded element with the same element of the state `dot` (where its `cond`
+ * holds) is added to `sd`: a dot product that costs its second tensor's loads and nothing
+ * else. Expects h, lid, tc, ts (and sd). */
 typedef struct {
     const char *src, *base, *cond;
     long ld;
 } m3_dot;
+
+/* the address of state element `e` of head h: spread over the rows from `base` (kl_spread), or
+ * with base NULL a contiguous [P][N] copy (a staged state in shared memory) */
+static void m3_state_at(char *buf, size_t len, const char *base, const char *e, long W, long ld) {
+    if (base) kl_spread(buf, len, base, e, W, ld);
+    else snprintf(buf, len, "%s", e);
+}
 
 static void emit_tc_state_rows(kgen *k, int NT, int P, int PP, int N, int NA, const char *dst, const char *src, long W,
                                long ld, const char *base, const char *cond, int pair, const m3_dot *dot) {
@@ -1589,11 +1597,11 @@ static void emit_tc_state_rows(kgen *k, int NT, int P, int PP, int N, int NA, co
     const long ws = kg_tc_ws(m3_up16(N)), total = (long)PP * NW;
     const int U = m3_batch(total, NT);
     char a0[200], a1[200], d0[200], d1[200];
-    kl_spread(a0, sizeof a0, base, "e0", W, ld);
-    kl_spread(a1, sizeof a1, base, "e0 + 1", W, ld);
+    m3_state_at(a0, sizeof a0, base, "e0", W, ld);
+    m3_state_at(a1, sizeof a1, base, "e0 + 1", W, ld);
     if (dot) {
-        kl_spread(d0, sizeof d0, dot->base, "e0", W, dot->ld);
-        kl_spread(d1, sizeof d1, dot->base, "e0 + 1", W, dot->ld);
+        m3_state_at(d0, sizeof d0, dot->base, "e0", W, dot->ld);
+        m3_state_at(d1, sizeof d1, dot->base, "e0 + 1", W, dot->ld);
     }
     m3_batch_open(k, total, NT, U);
     KL("float sv[%d][2];", U);
@@ -2534,6 +2542,16 @@ static long bwd_tc_shared(m3_kdims d) {
     return dyn + stat;
 }
 
+/* Whether the bwd main kernel stages dS_out (P x N fp32) in shared memory with cp.async at its
+ * start: 16-byte pieces of the state (its width, row stride and arena offset multiples of 4
+ * floats), the copy within the device next to the kernel's other shared memory. */
+static int bwd_stage_dsl(const kgen *k, const ir_node *n, m3_kdims d) {
+    const int t = n->out[BOUT_DSL];
+    const long max = k->shared_max > 0 ? k->shared_max : 160L * 1024;
+    return d.W % 4 == 0 && ((long)d.P * d.N) % 4 == 0 && kg_ld(k, t) % 4 == 0 && k->g->t[t].offset % 4 == 0 &&
+           bwd_tc_shared(d) + 4L * d.P * d.N <= max;
+}
+
 static int bwd_tc(const kgen *k, m3_kdims d) {
     const long max = k->shared_max > 0 ? k->shared_max : 160L * 1024;
     return k->bf16 && m3_up16(d.CH) <= 128 && m3_up16(d.N) <= 128 && m3_up16(d.P) <= 128 && bwd_tc_shared(d) <= max;
@@ -2640,17 +2658,31 @@ static int emit_bwd_main_tc(kgen *k, const ir_node *n, int node, m3_kdims d) {
     kg_shared(k, "LPH", (long)CH * NA);
     KL("unsigned *Qs = (unsigned *)shQ, *Ks = (unsigned *)shK, *Ys = (unsigned *)shY, *Vs = (unsigned *)shV;");
     KL("unsigned *R0 = (unsigned *)sh0;");
+    /* dS_out is needed only after the tile loads (the dot product, then phase 3): copied into
+     * shared memory by cp.async from the start, its global latency hides behind everything
+     * before, and neither use waits on global loads of its own */
+    const int stage = bwd_stage_dsl(k, n, d);
+    if (stage) {
+        char ad[200];
+        kg_shared(k, "shD", (long)P * N);
+        kl_spread(ad, sizeof ad, "rb", "e", W, lddsl);
+        KL("if (!last)");
+        KL("    for (int c = lid; c < %ld; c += %d) { const long e = 4L * c; cp_async16(shD + e, dsl + %s, 16); }",
+           (long)P * N / 4, NT, ad);
+        KL("cp_async_commit();");
+    }
     KL("const float dtbh = dtb[h], Dh = Dp[h];");
     emit_chunk_scalars(k, NT, CH, NA, lddt, ldda, ldtr, ldang);
     emit_entering_angle(k, NT, NA, W2, ldth, 0);
+    if (stage) KL("cp_async_wait(0);");
     KL("BARRIER();");
     emit_tc_kq_rows(k, NT, CHP, N, NA, "Ks", "Qs", ldb, ldc, m3_kq_pairs(k, n, N));
     emit_tc_tok_rows(k, NT, CHP, P, PK, "Ys", "dy", lddy, m3_pairs(k, n->in[BIN_DY], P), NULL);
     emit_tc_tok_rows(k, NT, CHP, P, PK, "Vs", "x", ldx, m3_pairs(k, n->in[IN_X], P), NULL);
     /* R0 = S_in R (rows p), and on the way <dS_out, S_in> (both absolute, no rotation) */
     {
-        const m3_dot dot = {"dsl", "rb", "!last", lddsl};
-        const int pair = N % 2 == 0 && m3_pairs(k, n->in[BIN_ST], (int)W) && m3_pairs(k, n->out[BOUT_DSL], (int)W);
+        const m3_dot dot = {stage ? "shD" : "dsl", stage ? NULL : "rb", "!last", lddsl};
+        const int pair = N % 2 == 0 && m3_pairs(k, n->in[BIN_ST], (int)W) && (stage || m3_pairs(k, n->out[BOUT_DSL], (int)W));
         KL("float sd = 0.0f;");
         emit_tc_state_rows(k, NT, P, PK, N, NA, "R0", "st", W, ldst, "sb", "c0 > 0", pair, &dot);
         KL("red[lid] = sd;");
@@ -2717,8 +2749,10 @@ static int emit_bwd_main_tc(kgen *k, const ir_node *n, int node, m3_kdims d) {
     emit_unrotate_half(k, "dq", e1, N, "Qs", 0, wsN, NO, N, NA, JQ, ldh);
     KL("}");
     /* (3) the state update: dV = wl dS Kl, dKl = wl dS^T V */
-    emit_tc_state_rows(k, NT, P, PK, N, NA, "R0", "dsl", W, lddsl, "rb", "!last",
-                       N % 2 == 0 && m3_pairs(k, n->out[BOUT_DSL], (int)W), NULL);
+    if (stage) emit_tc_state_rows(k, NT, P, PK, N, NA, "R0", "shD", W, 0, NULL, "!last", N % 2 == 0, NULL);
+    else
+        emit_tc_state_rows(k, NT, P, PK, N, NA, "R0", "dsl", W, lddsl, "rb", "!last",
+                           N % 2 == 0 && m3_pairs(k, n->out[BOUT_DSL], (int)W), NULL);
     KL("BARRIER();");
     kg_tc_zero(k, "dv", PO);
     kg_tc_mma(k, "dv", NULL, "Ks", wsN, "R0", wsN, 0, PO, NK / 16, NULL, NULL);
