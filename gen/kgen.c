@@ -152,7 +152,13 @@ static const char cuda_bf16_prelude[] =
     "/* cos and sin of an angle in [0, 2pi] (the scan's wrapped in-chunk angles) on the\n"
     " * special-function unit, moved to [-pi, pi] where __sincosf's absolute error is at most\n"
     " * 2^-21.4: far under the bf16 rounding of the operands these rotate */\n"
-    "INLINE void sincos_wrapped(float x, float *s, float *c) { __sincosf(x > 3.14159265f ? x - 6.28318531f : x, s, c); }\n";
+    "INLINE void sincos_wrapped(float x, float *s, float *c) { __sincosf(x > 3.14159265f ? x - 6.28318531f : x, s, c); }\n"
+    "/* 2^x and e^x on the special-function unit alone (exp2f and expf add a range reduction or\n"
+    " * denormal handling around it): results under 2^-126 flush to zero, the relative error is\n"
+    " * about 2^-22 (e^x: plus the rounding of x log2(e), under 2^-17 at |x| = 80). For softmax\n"
+    " * weights and decay factors that multiply operands rounded to bf16. */\n"
+    "INLINE float exp2_sfu(float x) { float r; asm(\"ex2.approx.ftz.f32 %0, %1;\" : \"=f\"(r) : \"f\"(x)); return r; }\n"
+    "INLINE float exp_sfu(float x) { return exp2_sfu(x * 1.44269504f); }\n";
 
 /* sinf and cosf as calls: inlined, each use carries the reduction for huge arguments (a few
  * hundred instructions and a local array), which made the scan's kernels long enough to miss

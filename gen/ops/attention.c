@@ -685,31 +685,32 @@ static int attention_emit_tc(kgen *k, const ir_node *n, const attn_consts *c) {
     kg_line(k, "const int full = k0 + %d <= qw && qw + 15 - k0 < %ld && qw + 15 < S;", TC_T - 1, c->window);
     emit_tc_zero(k, "sacc", 8);
     emit_tc_mma_rows(k, DP, "sacc", "qf[kk]", NULL, "Kb", "0", 8);
-    kg_line(k, "float mx[2] = {m[0], m[1]};");
+    /* The score scale (positive: attention_emit) commutes with the row maximum, so the maxima
+     * are taken on the raw scores and the scale is folded into the exponent's fused
+     * multiply-add: one multiplication fewer per score (the kernel issues more than it waits). */
+    kg_line(k, "float mr[2] = {NEG_INF, NEG_INF};");
     kg_line(k, "if (full) {");
     kg_line(k, "    #pragma unroll");
     kg_line(k, "    for (int j = 0; j < 8; j++)");
-    kg_line(k, "        for (int e = 0; e < 4; e++) {");
-    kg_line(k, "            sacc[j][e] *= %s;", sc2);
-    kg_line(k, "            mx[e >> 1] = FMAXF(mx[e >> 1], sacc[j][e]);");
-    kg_line(k, "        }");
+    kg_line(k, "        for (int e = 0; e < 4; e++) mr[e >> 1] = FMAXF(mr[e >> 1], sacc[j][e]);");
     kg_line(k, "} else {");
     kg_line(k, "    #pragma unroll");
     kg_line(k, "    for (int j = 0; j < 8; j++)");
     kg_line(k, "        for (int e = 0; e < 4; e++) {");
     kg_line(k, "            const long qs = qr + 8 * (e >> 1), ks = k0 + 8 * j + 2 * tq + (e & 1);");
     kg_line(k, "            const int vis = qs < S && ks <= qs && qs - ks < %ld;", c->window);
-    kg_line(k, "            sacc[j][e] = vis ? %s * sacc[j][e] : NEG_INF;", sc2);
-    kg_line(k, "            mx[e >> 1] = FMAXF(mx[e >> 1], sacc[j][e]);");
+    kg_line(k, "            sacc[j][e] = vis ? sacc[j][e] : NEG_INF;");
+    kg_line(k, "            mr[e >> 1] = FMAXF(mr[e >> 1], sacc[j][e]);");
     kg_line(k, "        }");
     kg_line(k, "}");
     kg_line(k, "float corr[2];");
     kg_line(k, "#pragma unroll");
     kg_line(k, "for (int r = 0; r < 2; r++) {");
-    kg_line(k, "    mx[r] = FMAXF(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));");
-    kg_line(k, "    mx[r] = FMAXF(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));");
-    kg_line(k, "    corr[r] = exp2f(m[r] - mx[r]);");
-    kg_line(k, "    m[r] = mx[r];");
+    kg_line(k, "    mr[r] = FMAXF(mr[r], __shfl_xor_sync(0xffffffffu, mr[r], 1));");
+    kg_line(k, "    mr[r] = FMAXF(mr[r], __shfl_xor_sync(0xffffffffu, mr[r], 2));");
+    kg_line(k, "    const float mx = FMAXF(m[r], %s * mr[r]);", sc2);
+    kg_line(k, "    corr[r] = exp2_sfu(m[r] - mx);");
+    kg_line(k, "    m[r] = mx;");
     kg_line(k, "    l[r] *= corr[r];");
     kg_line(k, "}");
     kg_line(k, "#pragma unroll");
@@ -718,7 +719,7 @@ static int attention_emit_tc(kgen *k, const ir_node *n, const attn_consts *c) {
     kg_line(k, "#pragma unroll");
     kg_line(k, "for (int j = 0; j < 8; j++)");
     kg_line(k, "    for (int e = 0; e < 4; e++) {");
-    kg_line(k, "        const float p = exp2f(sacc[j][e] - m[e >> 1]);");
+    kg_line(k, "        const float p = exp2_sfu(%s * sacc[j][e] - m[e >> 1]);", sc2);
     kg_line(k, "        l[e >> 1] += p;");
     kg_line(k, "        sacc[j][e] = p;");
     kg_line(k, "    }");
@@ -759,7 +760,9 @@ static int attention_emit(struct kgen *k, const ir_node *n) {
     const int node = (int)(n - k->g->n);
     const int q = n->in[0], kk = n->in[1], v = n->in[2], o = n->out[0], lse = n->out[1];
     const long D = c.Dh;
-    if (k->bf16 && tc_dp(D) <= TC_FWD_MAXD) return attention_emit_tc(k, n, &c);
+    /* the tensor-core kernel takes row maxima before scaling (a negative scale would turn them
+     * into minima) */
+    if (k->bf16 && tc_dp(D) <= TC_FWD_MAXD && n->fa[FA_SCALE] >= 0.0) return attention_emit_tc(k, n, &c);
     /* two tiles of bk x Dh floats within the 48 KiB of static LOCAL memory CUDA allows */
     long bk = 6144 / D;
     if (bk > 64) bk = 64;
@@ -1207,7 +1210,7 @@ static int emit_bwd_dq(kgen *k, const ir_node *n, const attn_consts *c, const at
  * the columns there, go through shared memory. Both kernels take the streamed tile in two
  * halves of 32 columns, which halves the live score registers (the products are the same). */
 static void emit_tc_ds(kgen *k, const attn_consts *c, const char *sc2) {
-    kg_line(k, "        const float p = vis ? exp2f(%s * sacc[j][e] - L) : 0.0f;", sc2);
+    kg_line(k, "        const float p = vis ? exp2_sfu(%s * sacc[j][e] - L) : 0.0f;", sc2);
     /* window 1: one term per softmax, dS exactly zero (as in the fp32 kernels) */
     if (c->window == 1) kg_line(k, "        const float ds = 0.0f; (void)Dd;");
     else kg_line(k, "        const float ds = p * (dpacc[j][e] - Dd) * %s;", c->scale);

@@ -1785,7 +1785,7 @@ static int emit_out_tc(kgen *k, const ir_node *n, int node, m3_kdims d) {
     kg_tc_zero(k, "yacc", NO);
     kg_tc_mma(k, "yacc", "qf[kk]", NULL, 0, "Ss", wsN, 0, NO, NP / 16, NULL, NULL);
     KL("float et[2];");
-    KL("for (int r = 0; r < 2; r++) et[r] = tr + 8 * r < L ? EXPF(FMINF(lcs[tr + 8 * r], 0.0f)) : 0.0f;");
+    KL("for (int r = 0; r < 2; r++) et[r] = tr + 8 * r < L ? exp_sfu(FMINF(lcs[tr + 8 * r], 0.0f)) : 0.0f;");
     KL("#pragma unroll");
     KL("for (int j = 0; j < %ld; j++)", NO);
     KL("    for (int e = 0; e < 4; e++) yacc[j][e] *= et[e >> 1];");
@@ -1798,7 +1798,7 @@ static int emit_out_tc(kgen *k, const ir_node *n, int node, m3_kdims d) {
     KL("        const int t = tr + 8 * (e >> 1), s2 = 8 * j + 2 * tq + (e & 1);");
     KL("        float m = 0.0f;");
     KL("        if (t < L) {");
-    KL("            if (s2 < t) m = macc[j][e] * EXPF(FMINF(lcs[t] - lcs[s2], 0.0f)) * lsc[s2];");
+    KL("            if (s2 < t) m = macc[j][e] * exp_sfu(FMINF(lcs[t] - lcs[s2], 0.0f)) * lsc[s2];");
     KL("            else if (s2 == t) m = lgm[t] * macc[j][e];");
     KL("        }");
     KL("        macc[j][e] = m;");
@@ -1872,10 +1872,10 @@ static int emit_chunk_tc(kgen *k, const ir_node *n, int node, m3_kdims d, int bw
                     m3_kq_pairs(k, n, N));
     if (bwd)
         emit_tc_tok_rows(k, NT, CHP, P, PK, "As", "dy", kg_ld(k, n->in[BIN_DY]), m3_pairs(k, n->in[BIN_DY], P),
-                         "EXPF(FMINF(lcs[a], 0.0f))");
+                         "exp_sfu(FMINF(lcs[a], 0.0f))");
     else
         emit_tc_tok_rows(k, NT, CHP, P, PK, "As", "x", kg_ld(k, n->in[IN_X]), m3_pairs(k, n->in[IN_X], P),
-                         "EXPF(FMINF(lcs[L - 1] - lcs[a], 0.0f)) * lsc[a]");
+                         "exp_sfu(FMINF(lcs[L - 1] - lcs[a], 0.0f)) * lsc[a]");
     KL("BARRIER();");
     kg_tc_prologue(k);
     KL("const int tr = warp * 16 + gq;   /* this thread's state rows: tr, tr + 8 */");
@@ -1907,7 +1907,7 @@ static int emit_chunk_tc(kgen *k, const ir_node *n, int node, m3_kdims d, int bw
     KL("}");
     kl_spread(a0, sizeof a0, base, "e", W, ldo);
     if (bwd) {
-        KL("for (long e = %ldL + lid; e < %ldL; e += %d) du[%s] = e == %ldL ? EXPF(FMINF(lcs[L - 1], 0.0f)) : 0.0f;", PN,
+        KL("for (long e = %ldL + lid; e < %ldL; e += %d) du[%s] = e == %ldL ? exp_sfu(FMINF(lcs[L - 1], 0.0f)) : 0.0f;", PN,
            (long)CH * W, NT, a0, PN);
         KL("} else {");
         /* chunk 0's work-group clears the last chunk's rows instead (nothing leaves it) */
@@ -1920,7 +1920,7 @@ static int emit_chunk_tc(kgen *k, const ir_node *n, int node, m3_kdims d, int bw
         /* then the chunk's decay and the cos/sin of its in-chunk angles (m3_dstate_width) */
         KL("for (long e = %ldL + lid; e < %ldL; e += %d) {", PN, (long)CH * W, NT);
         KL("    float v = 0.0f;");
-        KL("    if (e == %ldL) v = EXPF(FMINF(lcs[%d], 0.0f));", PN, CH - 1);
+        KL("    if (e == %ldL) v = exp_sfu(FMINF(lcs[%d], 0.0f));", PN, CH - 1);
         KL("    else if (e <= %ldL) { const int q = (int)(e - %ldL); v = (q & 1) ? SINF(LPH[%d + (q >> 1)]) : COSF(LPH[%d + (q >> 1)]); }",
            PN + 2L * NA, PN + 1, (CH - 1) * NA, (CH - 1) * NA);
         KL("    ds[%s] = v;", a0);
@@ -2494,7 +2494,7 @@ static int bwd_chunked_fits(m3_kdims d, long shared_max, int tc) {
  * angle) in LPH, and ldcs, ldsc, lG, lQK per token in local memory behind a barrier: the
  * in-chunk suffix of dTheta, dADT (the in-chunk suffix of dcs), the partial dDT/dlam. */
 static void emit_bwd_main_tail(kgen *k, int NT, int CH, int NA, long lddt, long ldda, long ldtr, long ldga, long ldtk,
-                               long Wt) {
+                               long Wt, int shfl) {
     {
         /* a reverse inclusive scan over the chunk's rows (rows past L count as zero), all
          * work-items at once rather than one per angle walking the chunk */
@@ -2514,12 +2514,23 @@ static void emit_bwd_main_tail(kgen *k, int NT, int CH, int NA, long lddt, long 
         KL("for (int j = lid; j < L * %d; j += %d) { const int a = j / %d, i = j - a * %d; tkw[(rb + a) * %ldL + h * %ld + i] = LPH[j]; }",
            NA, NT, NA, NA, ldtk, Wt);
     }
+    /* dADT, the in-chunk suffix of dcs: with `shfl` (CUDA, CH <= 64, NT >= 64) by shuffles in
+     * the first two warps, else a loop per work-item (the first walks the whole chunk) */
+    KL("float dADT = 0.0f;");
+    if (shfl) {
+        KL("if (lid < 64) {");
+        KL("float c = lid < L ? ldcs[lid] : 0.0f;");
+        KL("for (int off = 1; off < 32; off <<= 1) { const float o = __shfl_down_sync(0xffffffffu, c, off); if ((lid & 31) + off < 32) c += o; }");
+        KL("float t2 = lid < 32 && lid + 32 < L ? ldcs[lid + 32] : 0.0f;");
+        KL("for (int off = 16; off > 0; off >>= 1) t2 += __shfl_xor_sync(0xffffffffu, t2, off);");
+        KL("dADT = c + t2;");
+        KL("}");
+    }
     KL("if (lid < L) {");
     KL("const int a = lid;");
     KL("const long tk = rb + a;");
     emit_acts(k, "", "tk", lddt, ldda, ldtr);
-    KL("float dADT = 0.0f;");
-    KL("for (int a2 = a; a2 < L; a2++) dADT += ldcs[a2];");
+    if (!shfl) KL("for (int a2 = a; a2 < L; a2++) dADT += ldcs[a2];");
     KL("const float ow = lQK[a] * lG[a] + ldsc[a];");
     KL("float pdt = ow * lam + Av * dADT, plam = ow * DT;");
     KL("if (a > 0) { pdt += ldsc[a - 1] * (1.0f - lam); plam -= ldsc[a - 1] * DT; }");
@@ -2706,7 +2717,7 @@ static int emit_bwd_main_tc(kgen *k, const ir_node *n, int node, m3_kdims d) {
     KL("float et[2];");
     KL("for (int r = 0; r < 2; r++) {");
     KL("    const int t = tr + 8 * r;");
-    KL("    et[r] = t < L ? EXPF(FMINF(lcs[t], 0.0f)) : 0.0f;");
+    KL("    et[r] = t < L ? exp_sfu(FMINF(lcs[t], 0.0f)) : 0.0f;");
     KL("    if (tq == 0 && t < L) ldcs[t] = et[r] * zr[r];");
     KL("}");
     KL("#pragma unroll");
@@ -2726,7 +2737,7 @@ static int emit_bwd_main_tc(kgen *k, const ir_node *n, int node, m3_kdims d) {
     KL("        const int t = tr + 8 * (e >> 1), s2 = 8 * j + 2 * tq + (e & 1);");
     KL("        float ma = 0.0f;");
     KL("        if (t < L) {");
-    KL("            if (s2 < t) { ma = EXPF(FMINF(lcs[t] - lcs[s2], 0.0f)) * lsc[s2] * ga[j][e]; zr[e >> 1] += ma * qa[j][e]; }");
+    KL("            if (s2 < t) { ma = exp_sfu(FMINF(lcs[t] - lcs[s2], 0.0f)) * lsc[s2] * ga[j][e]; zr[e >> 1] += ma * qa[j][e]; }");
     KL("            else if (s2 == t) { lG[t] = ga[j][e]; lQK[t] = qa[j][e]; }");
     KL("        }");
     KL("        ga[j][e] = ma;");
@@ -2768,7 +2779,7 @@ static int emit_bwd_main_tc(kgen *k, const ir_node *n, int node, m3_kdims d) {
     KL("float wl[2];");
     KL("for (int r = 0; r < 2; r++) {");
     KL("    const int t = tr + 8 * r;");
-    KL("    wl[r] = t < L ? EXPF(FMINF(lcs[L - 1] - lcs[t], 0.0f)) * lsc[t] : 0.0f;");
+    KL("    wl[r] = t < L ? exp_sfu(FMINF(lcs[L - 1] - lcs[t], 0.0f)) * lsc[t] : 0.0f;");
     KL("    if (tq == 0 && t < L) lvdu[t] = zr[r];");
     KL("}");
     KL("#pragma unroll");
@@ -2791,7 +2802,7 @@ static int emit_bwd_main_tc(kgen *k, const ir_node *n, int node, m3_kdims d) {
     KL("        const int s2 = tr + 8 * (e >> 1), t = 8 * j + 2 * tq + (e & 1);");
     KL("        float a = 0.0f, m = 0.0f;");
     KL("        if (t < L && s2 < t) {");
-    KL("            const float wd = EXPF(FMINF(lcs[t] - lcs[s2], 0.0f));");
+    KL("            const float wd = exp_sfu(FMINF(lcs[t] - lcs[s2], 0.0f));");
     KL("            zr[e >> 1] += wd * ga[j][e] * qa[j][e];");
     KL("            a = wd * lsc[s2] * ga[j][e];");
     KL("            m = wd * lsc[s2] * qa[j][e];");
@@ -2815,14 +2826,18 @@ static int emit_bwd_main_tc(kgen *k, const ir_node *n, int node, m3_kdims d) {
     KL("BARRIER();   /* lG, lQK, lrd, lsv, lvdu, ldcs complete */");
     emit_tc_token_loads(k, "dyv", "dy", lddy, P, PO);
     /* per token: dcs and dscale (read after the next barrier) */
+    /* the last token's sum over the chunk by the warp that holds it (one work-item walking the
+     * chunk held the whole work-group at the next barrier) */
+    KL("float lsum = 0.0f;");
+    KL("if ((lid >> 5) == ((L - 1) >> 5)) {");
+    KL("for (int s2 = lid & 31; s2 < L; s2 += 32) lsum += exp_sfu(FMINF(lcs[L - 1] - lcs[s2], 0.0f)) * lsc[s2] * lvdu[s2];");
+    KL("for (int off = 16; off > 0; off >>= 1) lsum += __shfl_xor_sync(0xffffffffu, lsum, off);");
+    KL("}");
     KL("if (lid < L) {");
     KL("const int a = lid;");
-    KL("const float dl = EXPF(FMINF(lcs[L - 1] - lcs[a], 0.0f));");
+    KL("const float dl = exp_sfu(FMINF(lcs[L - 1] - lcs[a], 0.0f));");
     KL("float dc = ldcs[a] + lrd[a] - lsc[a] * lsv[a] - dl * lsc[a] * lvdu[a];");
-    KL("if (a == L - 1) {");
-    KL("dc += EXPF(FMINF(lcs[L - 1], 0.0f)) * lsd[0];");
-    KL("for (int s2 = 0; s2 < L; s2++) dc += EXPF(FMINF(lcs[L - 1] - lcs[s2], 0.0f)) * lsc[s2] * lvdu[s2];");
-    KL("}");
+    KL("if (a == L - 1) dc += exp_sfu(FMINF(lcs[L - 1], 0.0f)) * lsd[0] + lsum;");
     KL("ldcs[a] = dc;");
     KL("ldsc[a] = lsv[a] + dl * lvdu[a];");
     KL("}");
@@ -2838,7 +2853,7 @@ static int emit_bwd_main_tc(kgen *k, const ir_node *n, int node, m3_kdims d) {
     emit_unrotate_half(k, "dk", e2, 0, "Ks", 1, wsN, NO, N, NA, JQ, ldh);
     KL("}");
     KL("BARRIER();");
-    emit_bwd_main_tail(k, NT, CH, NA, lddt, ldda, ldtr, ldga, ldtk, Wt);
+    emit_bwd_main_tail(k, NT, CH, NA, lddt, ldda, ldtr, ldga, ldtk, Wt, CH <= 64 && NT >= 64);
     kg_grid(k, 0, 0, 0, 1, 0, CH);
     kg_grid(k, 1, 0, H, 0, 0, 1);
     kg_block(k, NT, 1, 1);
@@ -3201,7 +3216,7 @@ static int emit_bwd_chunked(kgen *k, const ir_node *n, int node, m3_kdims d) {
         KL("}");
         KL("}");
         KL("BARRIER();");
-        emit_bwd_main_tail(k, NT, CH, NA, lddt, ldda, ldtr, ldga, ldtk, Wt);
+        emit_bwd_main_tail(k, NT, CH, NA, lddt, ldda, ldtr, ldga, ldtk, Wt, 0);
         kg_grid(k, 0, 0, 0, 1, 0, CH);
         kg_grid(k, 1, 0, H, 0, 0, 1);
         kg_block(k, NT, 1, 1);

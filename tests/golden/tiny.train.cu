@@ -2529,6 +2529,7 @@ KERNEL k41_mamba3_scan_bwd_main(GLOBAL float *A, long B, long S, long o_x, long 
     BARRIER();
     }
     for (int j = lid; j < L * 4; j += 64) { const int a = j / 4, i = j - a * 4; tkw[(rb + a) * 32L + h * 8 + i] = LPH[j]; }
+    float dADT = 0.0f;
     if (lid < L) {
     const int a = lid;
     const long tk = rb + a;
@@ -2543,7 +2544,6 @@ KERNEL k41_mamba3_scan_bwd_main(GLOBAL float *A, long B, long S, long o_x, long 
     const float tr = trap[(tk) * 304L + h];
     const float lam = tr >= 0.0f ? 1.0f / (1.0f + EXPF(-tr)) : EXPF(tr) / (1.0f + EXPF(tr));
     (void)sg; (void)dA; (void)Av;
-    float dADT = 0.0f;
     for (int a2 = a; a2 < L; a2++) dADT += ldcs[a2];
     const float ow = lQK[a] * lG[a] + ldsc[a];
     float pdt = ow * lam + Av * dADT, plam = ow * DT;
