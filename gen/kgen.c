@@ -358,6 +358,10 @@ void kg_tc_afrag_trans(kgen *k, const char *frag, const char *tile, long ws, lon
 
 void kg_tc_mma(kgen *k, const char *acc, const char *afrag, const char *atile, long aws, const char *tile, long ws,
                int trans, long nt, long ks, const char *kcond, const char *jcond) {
+    if (nt % 2) {   /* a template's error, reported by kg_end rather than rendered wrong */
+        snprintf(k->err, sizeof k->err, "kg_tc_mma: %ld n-tiles into %s, an odd number", nt, acc);
+        return;
+    }
     kg_line(k, "#pragma unroll");
     kg_line(k, "for (int kk = 0; kk < %ld; kk++) {", ks);
     if (kcond) kg_line(k, "    if (!(%s)) continue;", kcond);

@@ -114,10 +114,10 @@ int kg_end(kgen *k);
  * accumulation; the prelude's mma_bf16_16816 and pack_bf16x2) ----
  * Conventions shared by the kernels that use them (gen/ops/attention.c, mamba3_scan.c): a warp
  * owns 16 rows of its tiles; lane = 4 gq + tq. Shared tiles hold bf16 pairs as 32-bit words,
- * the contraction contiguous, rows padded by 4 words (kg_tc_ws) so that a fragment read (8 rows
- * x 4 words, or the 8 row addresses of an ldmatrix phase) hits 32 distinct banks. Accumulator e of n-tile j sits at row gq (+8 for e >= 2),
- * column 8j + 2tq + (e & 1); so the accumulators of n-tiles 2t and 2t+1 are exactly the A
- * fragment of k-step t of a following product (kg_tc_repack). */
+ * rows padded by 4 words (kg_tc_ws) so that a fragment read (8 rows x 4 words, or the 8 row
+ * addresses of an ldmatrix phase) hits 32 distinct banks. Accumulator e of n-tile j sits at row
+ * gq (+8 for e >= 2), column 8j + 2tq + (e & 1); so the accumulators of n-tiles 2t and 2t+1 are
+ * exactly the A fragment of k-step t of a following product (kg_tc_repack). */
 /* Words per padded row of a tile with `cols` bf16 columns. */
 long kg_tc_ws(long cols);
 /* tid, lane, warp, gq, tq */
