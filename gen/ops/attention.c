@@ -419,9 +419,6 @@ static void emit_row_prologue(kgen *k, long nh, const char *hname) {
 
 static long tc_dp(long Dh) { return (Dh + 15) / 16 * 16; }
 
-/* Words per padded row of a bf16 tile with `cols` columns. */
-static long tc_ws(long cols) { return cols / 2 + 4; }
-
 /* Floats per row of an fp32 stage (16-byte rows for cp.async). */
 static long tc_sw(long DP) { return DP + 4; }
 
@@ -456,7 +453,7 @@ static void emit_tc_rows(kgen *k, const attn_consts *c, long DP, long rows, long
         kg_line(k, "        if (e + 1 < %ld) hi = p[1];", c->Dh);
     }
     kg_line(k, "    }");
-    kg_line(k, "    %s[r * %ld + w] = pack_bf16x2(lo, hi);", dst, tc_ws(DP));
+    kg_line(k, "    %s[r * %ld + w] = pack_bf16x2(lo, hi);", dst, kg_tc_ws(DP));
     kg_line(k, "}");
 }
 
@@ -525,7 +522,7 @@ static void emit_tc_convert(kgen *k, const attn_consts *c, long nt, const char *
         kg_line(k, "{");
         kg_line(k, "    const int r0 = (int)((unsigned)LID_X / %ldu), w2 = (int)((unsigned)LID_X %% %ldu);", W2, W2);
         kg_line(k, "    const float *p = %s + r0 * %ld + 4 * w2;", src, tc_sw(DP));
-        kg_line(k, "    unsigned *q = %s + r0 * %ld + 2 * w2;", dst, tc_ws(DP));
+        kg_line(k, "    unsigned *q = %s + r0 * %ld + 2 * w2;", dst, kg_tc_ws(DP));
         const long U = IT < 4 ? IT : 4;   /* loads in flight; 8 made the dq kernel spill */
         kg_line(k, "    #pragma unroll");
         kg_line(k, "    for (int i0 = 0; i0 < %ld; i0 += %ld) {", IT, U);
@@ -535,7 +532,7 @@ static void emit_tc_convert(kgen *k, const attn_consts *c, long nt, const char *
         kg_line(k, "        #pragma unroll");
         kg_line(k, "        for (int u = 0; u < %ld; u++)", U);
         kg_line(k, "            *(uint2 *)(q + %ld * (i0 + u)) = make_uint2(pack_bf16x2(cv[u].x, cv[u].y), pack_bf16x2(cv[u].z, cv[u].w));",
-                RC2 * tc_ws(DP));
+                RC2 * kg_tc_ws(DP));
         kg_line(k, "    }");
         kg_line(k, "}");
         return;
@@ -544,25 +541,10 @@ static void emit_tc_convert(kgen *k, const attn_consts *c, long nt, const char *
     kg_line(k, "    const int r = x / %ld, w = x %% %ld;", W, W);
     kg_line(k, "    const float *p = %s + r * %ld + 2 * w;", src, tc_sw(DP));
     if (DP == c->Dh)
-        kg_line(k, "    %s[r * %ld + w] = pack_bf16x2(p[0], p[1]);", dst, tc_ws(DP));
+        kg_line(k, "    %s[r * %ld + w] = pack_bf16x2(p[0], p[1]);", dst, kg_tc_ws(DP));
     else
         kg_line(k, "    %s[r * %ld + w] = pack_bf16x2(2 * w < %ld ? p[0] : 0.0f, 2 * w + 1 < %ld ? p[1] : 0.0f);", dst,
-                tc_ws(DP), c->Dh, c->Dh);
-    kg_line(k, "}");
-}
-
-/* The warp's A fragments of its 16 rows of a staged row tile, all DP/16 k-steps, kept in
- * registers for the whole kernel. */
-static void emit_tc_afrag(kgen *k, long DP, const char *frag, const char *tile) {
-    const long ws = tc_ws(DP);
-    kg_line(k, "unsigned %s[%ld][4];", frag, DP / 16);
-    kg_line(k, "#pragma unroll");
-    kg_line(k, "for (int kk = 0; kk < %ld; kk++) {", DP / 16);
-    kg_line(k, "    const int r = warp * 16 + gq;");
-    kg_line(k, "    %s[kk][0] = %s[r * %ld + 8 * kk + tq]; %s[kk][1] = %s[(r + 8) * %ld + 8 * kk + tq];", frag, tile, ws,
-            frag, tile, ws);
-    kg_line(k, "    %s[kk][2] = %s[r * %ld + 8 * kk + tq + 4]; %s[kk][3] = %s[(r + 8) * %ld + 8 * kk + tq + 4];", frag,
-            tile, ws, frag, tile, ws);
+                kg_tc_ws(DP), c->Dh, c->Dh);
     kg_line(k, "}");
 }
 
@@ -573,7 +555,7 @@ static void emit_tc_afrag(kgen *k, long DP, const char *frag, const char *tile) 
  * rows of that tile, so K or V need not stay in registers. */
 static void emit_tc_mma_rows(kgen *k, long DP, const char *acc, const char *afrag, const char *aload, const char *tile,
                              const char *rowb, long nt) {
-    const long ws = tc_ws(DP);
+    const long ws = kg_tc_ws(DP);
     kg_line(k, "#pragma unroll");
     kg_line(k, "for (int kk = 0; kk < %ld; kk++) {", DP / 16);
     if (aload) {
@@ -597,7 +579,7 @@ static void emit_tc_mma_rows(kgen *k, long DP, const char *acc, const char *afra
  * 2kt + 1), rounded to bf16 here. */
 static void emit_tc_mma_cols(kgen *k, long DP, const char *acc, const char *sacc, const char *tile, const char *rowb,
                              long ks) {
-    const long ws = tc_ws(DP);
+    const long ws = kg_tc_ws(DP);
     kg_line(k, "#pragma unroll");
     kg_line(k, "for (int kt = 0; kt < %ld; kt++) {", ks);
     kg_line(k, "    const unsigned pa[4] = {pack_bf16x2(%s[2 * kt][0], %s[2 * kt][1]), pack_bf16x2(%s[2 * kt][2], %s[2 * kt][3]),",
@@ -614,18 +596,6 @@ static void emit_tc_mma_cols(kgen *k, long DP, const char *acc, const char *sacc
     kg_line(k, "}");
 }
 
-static void emit_tc_zero(kgen *k, const char *acc, long nt) {
-    kg_line(k, "float %s[%ld][4];", acc, nt);
-    kg_line(k, "#pragma unroll");
-    kg_line(k, "for (int j = 0; j < %ld; j++)", nt);
-    kg_line(k, "    for (int e = 0; e < 4; e++) %s[j][e] = 0.0f;", acc);
-}
-
-static void emit_tc_prologue(kgen *k) {
-    kg_line(k, "const int tid = LID_X, lane = tid & 31, warp = tid >> 5, gq = lane >> 2, tq = lane & 3;");
-    kg_line(k, "(void)tid;");
-}
-
 /* Forward: block = 128 queries (8 warps) of one (sequence, head); Q's fragments live in
  * registers, K and V tiles of 64 keys stream through the stage over the band the block's
  * queries see. Per key tile and warp: S = Q K^T (scaled by scale log2(e); masked to -inf on
@@ -636,7 +606,7 @@ static int attention_emit_tc(kgen *k, const ir_node *n, const attn_consts *c) {
     const int node = (int)(n - k->g->n);
     const int q = n->in[0], kk = n->in[1], v = n->in[2], o = n->out[0], lse = n->out[1];
     const long D = c->Dh, DP = tc_dp(D), NO = DP / 8, NT = 32 * TC_FWD_WARPS, QB = 16 * TC_FWD_WARPS;
-    const long ws = tc_ws(DP), SW = tc_sw(DP);
+    const long ws = kg_tc_ws(DP), SW = tc_sw(DP);
     char sc2[64];
     tc_scale2(k, n, D, sc2, sizeof sc2);
     kg_begin(k, "attention_tc", node, node + 1);
@@ -650,7 +620,7 @@ static int attention_emit_tc(kgen *k, const ir_node *n, const attn_consts *c) {
     kg_shared(k, "Kbf", 2 * TC_T * ws);
     kg_line(k, "float *Vst = Kst + %ld;", TC_T * SW);
     kg_line(k, "unsigned *Kb = (unsigned *)Kbf, *Vb = Kb + %ld, *Qb = (unsigned *)Kst;", TC_T * ws);
-    emit_tc_prologue(k);
+    kg_tc_prologue(k);
     kg_line(k, "const long bh = GID_Y, b = bh / %ld, h = bh %% %ld;", c->H, c->H);
     kg_line(k, "const long t0 = b * S, q0 = GID_X * %ld, qo = h * %ld, kvo = (h / %ld) * %ld;", QB, D, c->group, D);
     kg_line(k, "const long q1 = (q0 + %ld < S ? q0 + %ld : S) - 1;", QB, QB);
@@ -660,12 +630,12 @@ static int attention_emit_tc(kgen *k, const ir_node *n, const attn_consts *c) {
     kg_line(k, "const float NEG_INF = __int_as_float(0xff800000);");
     emit_tc_rows(k, c, DP, QB, NT, "Qb", "q", kg_ld(k, q), "q0", "qo");
     kg_line(k, "BARRIER();");
-    emit_tc_afrag(k, DP, "qf", "Qb");
+    kg_tc_afrag(k, DP, "qf", "Qb");
     kg_line(k, "BARRIER();");
     emit_tc_issue(k, c, NT, "Kst", "k", kg_ld(k, kk), "klo", "kvo");
     emit_tc_issue(k, c, NT, "Vst", "v", kg_ld(k, v), "klo", "kvo");
     kg_line(k, "cp_async_commit();");
-    emit_tc_zero(k, "oacc", NO);
+    kg_tc_zero(k, "oacc", NO);
     /* -1e30, not -inf: a row that has seen only masked keys keeps corr = exp2(0) and p = 0 */
     kg_line(k, "float m[2] = {-1.0e30f, -1.0e30f}, l[2] = {0.0f, 0.0f};");
     kg_line(k, "for (long k0 = klo; k0 <= q1; k0 += %d) {", TC_T);
@@ -683,7 +653,7 @@ static int attention_emit_tc(kgen *k, const ir_node *n, const attn_consts *c) {
     /* keys after every row of the warp, or out of every row's window, or no row left */
     kg_line(k, "if (qw >= S || k0 > qw + 15 || qw - (k0 + %d) >= %ld) continue;", TC_T - 1, c->window);
     kg_line(k, "const int full = k0 + %d <= qw && qw + 15 - k0 < %ld && qw + 15 < S;", TC_T - 1, c->window);
-    emit_tc_zero(k, "sacc", 8);
+    kg_tc_zero(k, "sacc", 8);
     emit_tc_mma_rows(k, DP, "sacc", "qf[kk]", NULL, "Kb", "0", 8);
     /* The score scale (positive: attention_emit) commutes with the row maximum, so the maxima
      * are taken on the raw scores and the scale is folded into the exponent's fused
@@ -1243,7 +1213,7 @@ static void emit_tc_scores(kgen *k, const attn_consts *c, const char *sc2, const
 static int emit_bwd_dq_tc(kgen *k, const ir_node *n, const attn_consts *c) {
     const int node = (int)(n - k->g->n);
     const long D = c->Dh, DP = tc_dp(D), NO = DP / 8, NT = 32 * TC_BWD_WARPS, QB = 16 * TC_BWD_WARPS;
-    const long ws = tc_ws(DP), SW = tc_sw(DP);
+    const long ws = kg_tc_ws(DP), SW = tc_sw(DP);
     char sc2[64];
     tc_scale2(k, n, D, sc2, sizeof sc2);
     kg_begin(k, "attention_bwd_dq_tc", node, node + 1);
@@ -1262,7 +1232,7 @@ static int emit_bwd_dq_tc(kgen *k, const ir_node *n, const attn_consts *c) {
     kg_line(k, "float *Vst = Kst + %ld;", TC_T * SW);
     kg_line(k, "unsigned *Kb = (unsigned *)Kbf, *Vb = Kb + %ld, *Qb = (unsigned *)Kst, *dOb = Qb + %ld;", TC_T * ws,
             QB * ws);
-    emit_tc_prologue(k);
+    kg_tc_prologue(k);
     kg_line(k, "const long bh = GID_Y, b = bh / %ld, h = bh %% %ld;", c->H, c->H);
     kg_line(k, "const long t0 = b * S, q0 = GID_X * %ld, qo = h * %ld, kvo = (h / %ld) * %ld;", QB, D, c->group, D);
     kg_line(k, "const long q1 = (q0 + %ld < S ? q0 + %ld : S) - 1;", QB, QB);
@@ -1287,8 +1257,8 @@ static int emit_bwd_dq_tc(kgen *k, const ir_node *n, const attn_consts *c) {
     emit_tc_rows(k, c, DP, QB, NT, "Qb", "q", kg_ld(k, n->in[0]), "q0", "qo");
     emit_tc_rows(k, c, DP, QB, NT, "dOb", "dO", kg_ld(k, n->in[5]), "q0", "qo");
     kg_line(k, "BARRIER();");
-    emit_tc_afrag(k, DP, "qf", "Qb");
-    emit_tc_afrag(k, DP, "df", "dOb");
+    kg_tc_afrag(k, DP, "qf", "Qb");
+    kg_tc_afrag(k, DP, "df", "dOb");
     kg_line(k, "float Lr[2], Dr[2];");
     kg_line(k, "#pragma unroll");
     kg_line(k, "for (int r = 0; r < 2; r++) {");
@@ -1300,7 +1270,7 @@ static int emit_bwd_dq_tc(kgen *k, const ir_node *n, const attn_consts *c) {
     emit_tc_issue(k, c, NT, "Kst", "k", kg_ld(k, n->in[1]), "klo", "kvo");
     emit_tc_issue(k, c, NT, "Vst", "v", kg_ld(k, n->in[2]), "klo", "kvo");
     kg_line(k, "cp_async_commit();");
-    emit_tc_zero(k, "dqa", NO);
+    kg_tc_zero(k, "dqa", NO);
     kg_line(k, "for (long k0 = klo; k0 <= q1; k0 += %d) {", TC_T);
     kg_line(k, "cp_async_wait(0);");
     kg_line(k, "BARRIER();");
@@ -1318,8 +1288,8 @@ static int emit_bwd_dq_tc(kgen *k, const ir_node *n, const attn_consts *c) {
     kg_line(k, "const long ka = k0 + 32 * half;");
     kg_line(k, "if (qw >= S || ka > qw + 15 || qw - (ka + 31) >= %ld) continue;", c->window);
     kg_line(k, "const int full = ka + 31 <= qw && qw + 15 - ka < %ld && qw + 15 < S;", c->window);
-    emit_tc_zero(k, "sacc", 4);
-    emit_tc_zero(k, "dpacc", 4);
+    kg_tc_zero(k, "sacc", 4);
+    kg_tc_zero(k, "dpacc", 4);
     emit_tc_mma_rows(k, DP, "sacc", "qf[kk]", NULL, "Kb", "32 * half", 4);
     emit_tc_mma_rows(k, DP, "dpacc", "df[kk]", NULL, "Vb", "32 * half", 4);
     emit_tc_scores(k, c, sc2, "const long qs = qr + 8 * (e >> 1), ks = ka + 8 * j + 2 * tq + (e & 1);",
@@ -1350,7 +1320,7 @@ static int emit_bwd_dq_tc(kgen *k, const ir_node *n, const attn_consts *c) {
 static int emit_bwd_dkv_tc(kgen *k, const ir_node *n, const attn_consts *c) {
     const int node = (int)(n - k->g->n);
     const long D = c->Dh, DP = tc_dp(D), NO = DP / 8, NT = 32 * TC_BWD_WARPS, KB = 16 * TC_BWD_WARPS;
-    const long ws = tc_ws(DP), SW = tc_sw(DP);
+    const long ws = kg_tc_ws(DP), SW = tc_sw(DP);
     char sc2[64];
     tc_scale2(k, n, D, sc2, sizeof sc2);
     kg_begin(k, "attention_bwd_dkv_tc", node, node + 1);
@@ -1365,7 +1335,7 @@ static int emit_bwd_dkv_tc(kgen *k, const ir_node *n, const attn_consts *c) {
             TC_T, TC_T);
     kg_line(k, "unsigned *Qb = (unsigned *)Qbf, *dOb = Qb + %ld, *Kb = dOb + %ld, *Vb = Kb + %ld;", TC_T * ws, TC_T * ws,
             KB * ws);
-    emit_tc_prologue(k);
+    kg_tc_prologue(k);
     kg_line(k, "const long bg = GID_Y, b = bg / %ld, g = bg %% %ld;", c->Hkv, c->Hkv);
     kg_line(k, "const long t0 = b * S, k0 = GID_X * %ld, kvo = g * %ld;", KB, D);
     kg_line(k, "const long kw = k0 + warp * 16, kr = kw + gq;   /* this thread's keys: kr, kr + 8 */");
@@ -1404,8 +1374,8 @@ static int emit_bwd_dkv_tc(kgen *k, const ir_node *n, const attn_consts *c) {
         kg_line(k, "}");
         kg_line(k, "cp_async_commit();");
         if (first) {
-            emit_tc_zero(k, "dka", NO);
-            emit_tc_zero(k, "dva", NO);
+            kg_tc_zero(k, "dka", NO);
+            kg_tc_zero(k, "dva", NO);
         }
     }
     kg_line(k, "(void)h;");
@@ -1415,8 +1385,8 @@ static int emit_bwd_dkv_tc(kgen *k, const ir_node *n, const attn_consts *c) {
     /* every query of the half before every key of the warp, or past every key's window */
     kg_line(k, "if (qa >= S || qa + 31 < kw || qa - (kw + 15) >= %ld) continue;", c->window);
     kg_line(k, "const int full = kw + 15 <= qa && qa + 31 - kw < %ld && qa + 31 < S;", c->window);
-    emit_tc_zero(k, "sacc", 4);
-    emit_tc_zero(k, "dpacc", 4);
+    kg_tc_zero(k, "sacc", 4);
+    kg_tc_zero(k, "dpacc", 4);
     emit_tc_mma_rows(k, DP, "sacc", "af", "Kb", "Qb", "32 * half", 4);
     emit_tc_mma_rows(k, DP, "dpacc", "af", "Vb", "dOb", "32 * half", 4);
     emit_tc_scores(k, c, sc2, "const long ks = kr + 8 * (e >> 1), qs = q0 + col;",
