@@ -18,7 +18,7 @@ LIB_OBJ  := $(LIB_SRC:%.c=$(BUILD)/obj/%.o) $(BUILD)/obj/lualib.o
 TEST_OBJ := $(TEST_SRC:%.c=$(BUILD)/obj/%.o)
 DEPS     := $(LIB_OBJ:.o=.d) $(TEST_OBJ:.o=.d) $(BUILD)/obj/runtime/main.d
 
-.PHONY: all test asan demo bench test-gpu clean
+.PHONY: all test asan demo bench test-gpu clean FORCE
 all: $(BUILD)/realm $(BUILD)/realm_tests
 
 $(BUILD)/realm: $(BUILD)/obj/runtime/main.o $(LIB_OBJ)
@@ -46,11 +46,15 @@ $(BUILD)/gen/lualib.c: $(LUA_SRC) Makefile
 $(BUILD)/obj/lualib.o: $(BUILD)/gen/lualib.c
 	$(CC) $(CPPFLAGS) $(CFLAGS) -c -o $@ $<
 
-# Test names are collected from the TEST(name) definitions.
-$(BUILD)/gen/tests_list.h: $(TEST_SRC)
+# Test names are collected from the TEST(name) and TEST_SLOW(name) definitions, on every make
+# (a removed test file must leave the list too); the header changes only when the list does.
+$(BUILD)/gen/tests_list.h: $(TEST_SRC) FORCE
 	@mkdir -p $(dir $@)
-	@grep -ho '^TEST([A-Za-z0-9_]*)' $(TEST_SRC) | sed 's/^TEST(\(.*\))/X(\1)/' > $@.tmp
+	@grep -ho '^TEST\(_SLOW\)\?([A-Za-z0-9_]*)' $(TEST_SRC) | \
+	  sed 's/^TEST(\(.*\))/X(\1, 0)/; s/^TEST_SLOW(\(.*\))/X(\1, 1)/' > $@.tmp
 	@cmp -s $@.tmp $@ || mv $@.tmp $@; rm -f $@.tmp
+
+FORCE:
 
 $(BUILD)/obj/tests/runner.o: $(BUILD)/gen/tests_list.h
 $(BUILD)/obj/tests/runner.o: CPPFLAGS += -I $(BUILD)/gen

@@ -1,5 +1,7 @@
 #include "test.h"
 
+#include <errno.h>
+#include <fcntl.h>
 #include <math.h>
 #include <stdarg.h>
 #include <stdlib.h>
@@ -9,13 +11,13 @@
 #include <time.h>
 #include <unistd.h>
 
-#define X(name) void test_##name(tctx *t);
+#define X(name, slow) void test_##name(tctx *t);
 #include "tests_list.h"
 #undef X
 
-typedef struct { const char *name; void (*fn)(tctx *); } test_entry;
+typedef struct { const char *name; void (*fn)(tctx *); int slow; } test_entry;
 static const test_entry all_tests[] = {
-#define X(name) {#name, test_##name},
+#define X(name, slow) {#name, test_##name, slow},
 #include "tests_list.h"
 #undef X
 };
@@ -158,34 +160,161 @@ int t_spawn(const char *cmd) {
     return (int)pid;
 }
 
+/* Each test runs in a child process of its own: a crash, a sanitizer report or a leak fails
+ * that test (its output shown) instead of ending the run, and independent tests can run side
+ * by side. REALM_TEST_JOBS sets how many at once (default: the CPUs online, but 1 with
+ * REALM_GPU=1 so GPU tests never share the card); results print in the tests' order. */
+typedef struct {
+    int started, done, failed;
+    pid_t pid;
+    int msg_fd;
+    FILE *log;
+    struct timespec t0;
+    double dt;
+    char msg[sizeof ((tctx *)0)->msg];
+} test_run;
+
+typedef struct { int failed; char msg[sizeof ((tctx *)0)->msg]; } test_report;
+
+static double seconds_since(const struct timespec *t0) {
+    struct timespec t1;
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    return (double)(t1.tv_sec - t0->tv_sec) + 1e-9 * (double)(t1.tv_nsec - t0->tv_nsec);
+}
+
+static int start_test(test_run *r, size_t i, uint64_t seed0) {
+    int fds[2];
+    r->log = tmpfile();
+    if (!r->log || pipe2(fds, O_CLOEXEC) != 0) return -1;
+    clock_gettime(CLOCK_MONOTONIC, &r->t0);
+    fflush(NULL);   /* else the child's exit writes our buffered output a second time */
+    pid_t pid = fork();
+    if (pid < 0) return -1;
+    if (pid == 0) {
+        close(fds[0]);
+        int lfd = fileno(r->log);
+        if (dup2(lfd, STDOUT_FILENO) < 0 || dup2(lfd, STDERR_FILENO) < 0) _exit(126);
+        tctx t = {.name = all_tests[i].name, .rng = seed0 ^ (0x9E3779B97F4A7C15ull * (i + 1))};
+        all_tests[i].fn(&t);
+        test_report rep = {.failed = t.failed};
+        memcpy(rep.msg, t.msg, sizeof rep.msg);
+        fflush(NULL);
+        ssize_t w = write(fds[1], &rep, sizeof rep);
+        /* exit(), not _exit(): LeakSanitizer checks at exit and fails the test's status */
+        exit(w == (ssize_t)sizeof rep ? 0 : 125);
+    }
+    close(fds[1]);
+    /* a report missing because the child died must not leave us waiting on a grandchild
+     * that still holds the pipe */
+    fcntl(fds[0], F_SETFL, O_NONBLOCK);
+    r->pid = pid;
+    r->msg_fd = fds[0];
+    r->started = 1;
+    return 0;
+}
+
+/* The child's report is one small write (under PIPE_BUF) made before it exits. */
+static void finish_test(test_run *r, int status) {
+    r->dt = seconds_since(&r->t0);
+    test_report rep;
+    ssize_t n = read(r->msg_fd, &rep, sizeof rep);
+    close(r->msg_fd);
+    r->done = 1;
+    if (n == (ssize_t)sizeof rep && WIFEXITED(status) && WEXITSTATUS(status) == 0) {
+        r->failed = rep.failed;
+        memcpy(r->msg, rep.msg, sizeof r->msg);
+    } else if (n == (ssize_t)sizeof rep && rep.failed) {
+        r->failed = 1;
+        memcpy(r->msg, rep.msg, sizeof r->msg);
+    } else {
+        r->failed = 1;
+        if (WIFSIGNALED(status))
+            snprintf(r->msg, sizeof r->msg, "the test process died of signal %d (output above)", WTERMSIG(status));
+        else
+            snprintf(r->msg, sizeof r->msg, "the test process exited with status %d after %s (output above)",
+                     WIFEXITED(status) ? WEXITSTATUS(status) : -1,
+                     n == (ssize_t)sizeof rep ? "passing" : "no report");
+    }
+}
+
+static void print_test(const test_run *r, size_t i) {
+    char buf[4096];
+    size_t k;
+    rewind(r->log);
+    while ((k = fread(buf, 1, sizeof buf, r->log)) > 0) fwrite(buf, 1, k, stdout);
+    fclose(r->log);
+    if (r->failed) printf("FAIL %s (%.2fs): %s\n", all_tests[i].name, r->dt, r->msg);
+    else printf("ok   %s (%.2fs)\n", all_tests[i].name, r->dt);
+    fflush(stdout);
+}
+
 int main(int argc, char **argv) {
     int npass = 0, nfail = 0;
     const char *seed_env = getenv("REALM_TEST_SEED");
     uint64_t seed0 = seed_env ? strtoull(seed_env, NULL, 0) : (uint64_t)time(NULL) * 2654435761u;
     printf("test seed %llu (set REALM_TEST_SEED to repeat)\n", (unsigned long long)seed0);
     size_t ntests = sizeof all_tests / sizeof all_tests[0];
-    for (size_t i = 0; i < ntests; i++) {
-        if (argc > 1) {
-            int match = 0;
-            for (int a = 1; a < argc; a++)
-                if (strstr(all_tests[i].name, argv[a])) match = 1;
-            if (!match) continue;
-        }
-        tctx t = {.name = all_tests[i].name, .rng = seed0 ^ (0x9E3779B97F4A7C15ull * (i + 1))};
-        struct timespec t0, t1;
-        clock_gettime(CLOCK_MONOTONIC, &t0);
-        all_tests[i].fn(&t);
-        clock_gettime(CLOCK_MONOTONIC, &t1);
-        double dt = (double)(t1.tv_sec - t0.tv_sec) + 1e-9 * (double)(t1.tv_nsec - t0.tv_nsec);
-        if (t.failed) {
-            nfail++;
-            printf("FAIL %s (%.2fs): %s\n", t.name, dt, t.msg);
-        } else {
-            npass++;
-            printf("ok   %s (%.2fs)\n", t.name, dt);
-        }
-        fflush(stdout);
+    const char *jobs_env = getenv("REALM_TEST_JOBS"), *gpu = getenv("REALM_GPU");
+    long jobs = jobs_env && *jobs_env ? strtol(jobs_env, NULL, 10)
+                : gpu && *gpu && strcmp(gpu, "0") != 0 ? 1 : sysconf(_SC_NPROCESSORS_ONLN);
+    if (jobs < 1) jobs = 1;
+    if (jobs > 64) jobs = 64;
+    test_run *runs = calloc(ntests, sizeof *runs);
+    int *selected = calloc(ntests, sizeof *selected);
+    if (!runs || !selected) {
+        fprintf(stderr, "realm_tests: out of memory\n");
+        return 2;
     }
+    for (size_t i = 0; i < ntests; i++) {
+        selected[i] = argc <= 1;
+        for (int a = 1; a < argc; a++)
+            if (strstr(all_tests[i].name, argv[a])) selected[i] = 1;
+    }
+    /* TEST_SLOW tests start first, so the run does not end waiting on one of them alone */
+    size_t *order = calloc(ntests, sizeof *order), norder = 0, next = 0, shown = 0;
+    if (!order) {
+        fprintf(stderr, "realm_tests: out of memory\n");
+        return 2;
+    }
+    for (int slow = 1; slow >= 0; slow--)
+        for (size_t i = 0; i < ntests; i++)
+            if (selected[i] && all_tests[i].slow == slow) order[norder++] = i;
+    long running = 0;
+    for (;;) {
+        if (next < norder && running < jobs) {
+            size_t i = order[next++];
+            if (start_test(&runs[i], i, seed0) != 0) {
+                fprintf(stderr, "realm_tests: cannot start %s: %s\n", all_tests[i].name, strerror(errno));
+                return 2;
+            }
+            running++;
+            continue;
+        }
+        while (shown < ntests && (!selected[shown] || runs[shown].done)) {
+            if (selected[shown]) {
+                print_test(&runs[shown], shown);
+                runs[shown].failed ? nfail++ : npass++;
+            }
+            shown++;
+        }
+        if (running == 0) break;
+        int status;
+        pid_t pid = waitpid(-1, &status, 0);
+        if (pid < 0) {
+            if (errno == EINTR) continue;
+            fprintf(stderr, "realm_tests: waitpid: %s\n", strerror(errno));
+            return 2;
+        }
+        for (size_t i = 0; i < ntests; i++)
+            if (runs[i].started && !runs[i].done && runs[i].pid == pid) {
+                finish_test(&runs[i], status);
+                running--;
+                break;
+            }
+    }
+    free(order);
+    free(runs);
+    free(selected);
     printf("%d passed, %d failed\n", npass, nfail);
     return nfail ? 1 : 0;
 }

@@ -14,6 +14,8 @@ typedef struct tctx {
 } tctx;
 
 #define TEST(name) void test_##name(tctx *t)
+/* A test of a minute or more: the runner starts these first. */
+#define TEST_SLOW(name) void test_##name(tctx *t)
 
 void t_fail(tctx *t, const char *file, int line, const char *fmt, ...)
     __attribute__((format(printf, 4, 5)));

@@ -13,18 +13,6 @@
 #include <string.h>
 #include <unistd.h>
 
-static const char *corpus_file(char *buf, size_t len) {
-    const char *sh = t_shared_dir();
-    if (sh) {
-        snprintf(buf, len, "%s/data/tinyshakespeare.txt", sh);
-        return buf;
-    }
-    snprintf(buf, len, "/tmp/realm-autotune-corpus.txt");
-    char out[256];
-    t_run("cat README.md docs/*.md docs/*.md docs/*.md > /tmp/realm-autotune-corpus.txt", out, sizeof out);
-    return buf;
-}
-
 /* The tuner's model of a `realm train` run on OpenCL: training plan (every layer recomputed
  * or not), validation plan when the model validates, the budget and fraction given. */
 typedef struct {
@@ -63,7 +51,7 @@ static long number_after(const char *s, const char *key) {
  * names the largest batch that fits, and that batch is the memory model's answer. */
 TEST(autotune_small_budget_exits_2_with_largest_fit) {
     char data[512], dir[512], cmd[2048], out[8192];
-    corpus_file(data, sizeof data);
+    t_text_corpus(data, sizeof data);
     snprintf(dir, sizeof dir, "/tmp/realm-autotune-%d-%llu", (int)getpid(), (unsigned long long)(t_next(t) % 100000));
     snprintf(cmd, sizeof cmd, "%s train models/tiny.lua --data %s --out %s --backend opencl --batch 64 --seq 128 "
              "--steps 2 --memory-budget 8M", t_realm_bin(), data, dir);
@@ -90,7 +78,7 @@ TEST(autotune_small_budget_exits_2_with_largest_fit) {
  * and the estimate equals what the backend measured (PoCL counts exactly our buffers). */
 TEST(autotune_batch_auto_fills_budget) {
     char data[512], dir[512], cmd[2048], out[16384];
-    corpus_file(data, sizeof data);
+    t_text_corpus(data, sizeof data);
     snprintf(dir, sizeof dir, "/tmp/realm-autotune-%d-%llu", (int)getpid(), (unsigned long long)(t_next(t) % 100000));
     snprintf(cmd, sizeof cmd, "%s train models/tiny.lua --data %s --out %s --backend opencl --batch auto --seq 64 "
              "--steps 1 --eval-every 0 --memory-budget 6M", t_realm_bin(), data, dir);

@@ -637,11 +637,12 @@ static void sh(const char *cmd) {
 static int trained_run(tctx *t, char *dir, size_t len) {
     snprintf(dir, len, "/tmp/realm-%s-%d", t->name, (int)getpid());
     char cmd[2048], out[8192];
-    sh("cat README.md docs/*.md docs/*.md > /tmp/realm-decode-corpus.txt");
+    /* per process: tests run side by side */
     snprintf(cmd, sizeof cmd,
-             "rm -rf %s && %s train models/tiny.lua --data /tmp/realm-decode-corpus.txt --out %s --steps 4 --save-every 4 "
-             "--batch 2 --seq 32 --warmup 2 --eval-every 0 --backend opencl",
-             dir, t_realm_bin(), dir);
+             "cat README.md docs/*.md docs/*.md > %s.txt && rm -rf %s && %s train models/tiny.lua --data %s.txt --out %s "
+             "--steps 4 --save-every 4 --batch 2 --seq 32 --warmup 2 --eval-every 0 --backend opencl; "
+             "rc=$?; rm -f %s.txt; exit $rc",
+             dir, dir, t_realm_bin(), dir, dir, dir);
     if (t_run(cmd, out, sizeof out) != 0) {
         t_fail(t, __FILE__, __LINE__, "training failed: %s", out);
         return -1;

@@ -12,7 +12,7 @@
 #include <unistd.h>
 
 /* Two compiles at a time (CI has two cores; NVRTC is single-threaded), each into its own log. */
-TEST(generated_cuda_kernels_compile_for_every_arch) {
+TEST_SLOW(generated_cuda_kernels_compile_for_every_arch) {
     const char *models[] = {"models/tiny.lua", "models/realm-9m.lua", NULL};
     const char *archs[] = {"sm_80", "sm_90", "sm_120", NULL};
     char dir[256], cmd[2048], out[8192];
@@ -36,13 +36,17 @@ TEST(generated_cuda_kernels_compile_for_every_arch) {
             CHECK(strstr(out, "forward") && strstr(out, "train") && strstr(out, "prefill") && strstr(out, "step") &&
                       strstr(out, "CUBIN"),
                   "%s", out);
+            /* sm_80 and later train with bf16 matmuls by default (the decode plans stay fp32) */
+            const char *train = strstr(out, "\ntrain "), *eol = train ? strchr(train + 1, '\n') : NULL,
+                       *bf16 = train ? strstr(train, "bf16 matmuls") : NULL;
+            CHECK(bf16 && (!eol || bf16 < eol), "%s for %s: the training plan is not bf16: %s", models[m], archs[a], out);
         }
     snprintf(cmd, sizeof cmd, "rm -rf %s", dir);
     t_run(cmd, out, sizeof out);
 }
 
 /* The README's command: CUDA kernels for sm_90 written to a directory, no GPU needed. */
-TEST(generated_cuda_kernels_written) {
+TEST_SLOW(generated_cuda_kernels_written) {
     char dir[256], cmd[1024], out[8192];
     snprintf(dir, sizeof dir, "/tmp/realm-cuda-kernels-%d", (int)getpid());
     snprintf(cmd, sizeof cmd, "rm -rf %s && %s kernels models/tiny.lua --backend cuda --arch sm_90 --out %s", dir,
@@ -64,7 +68,7 @@ TEST(generated_cuda_kernels_written) {
 /* --resources: ptxas's report for every kernel of every plan, with the launches of each; the
  * rows of a plan add up to its launch count, and each kernel has its threads, registers and
  * the work-groups that fit on a multiprocessor (at least one: every kernel must launch). */
-TEST(generated_cuda_resource_report) {
+TEST_SLOW(generated_cuda_resource_report) {
     char dir[256], cmd[1024];
     static char buf[1 << 17];
     char *out = buf + 1;   /* buf[0] = '\n': every plan's line then follows a newline */
