@@ -94,6 +94,11 @@ const char *t_realm_bin(void) {
     return b && *b ? b : "build/realm";
 }
 
+int t_gpu_requested(void) {
+    const char *e = getenv("REALM_GPU");
+    return e && strcmp(e, "1") == 0;
+}
+
 const char *t_shared_dir(void) {
     struct stat st;
     const char *e = getenv("REALM_SHARED");
@@ -165,8 +170,8 @@ int t_spawn(const char *cmd) {
  * by side. REALM_TEST_JOBS sets how many at once (default: the CPUs online, but 1 with
  * REALM_GPU=1 so GPU tests never share the card); results print in the tests' order. */
 typedef struct {
-    int started, done, failed;
-    pid_t pid;
+    int done, failed;
+    pid_t pid;   /* 0 until started */
     int msg_fd;
     FILE *log;
     struct timespec t0;
@@ -209,7 +214,6 @@ static int start_test(test_run *r, size_t i, uint64_t seed0) {
     fcntl(fds[0], F_SETFL, O_NONBLOCK);
     r->pid = pid;
     r->msg_fd = fds[0];
-    r->started = 1;
     return 0;
 }
 
@@ -220,11 +224,10 @@ static void finish_test(test_run *r, int status) {
     ssize_t n = read(r->msg_fd, &rep, sizeof rep);
     close(r->msg_fd);
     r->done = 1;
-    if (n == (ssize_t)sizeof rep && WIFEXITED(status) && WEXITSTATUS(status) == 0) {
+    int reported = n == (ssize_t)sizeof rep, exited_ok = WIFEXITED(status) && WEXITSTATUS(status) == 0;
+    /* a test's own failure message wins over how its process ended afterwards */
+    if (reported && (exited_ok || rep.failed)) {
         r->failed = rep.failed;
-        memcpy(r->msg, rep.msg, sizeof r->msg);
-    } else if (n == (ssize_t)sizeof rep && rep.failed) {
-        r->failed = 1;
         memcpy(r->msg, rep.msg, sizeof r->msg);
     } else {
         r->failed = 1;
@@ -233,7 +236,7 @@ static void finish_test(test_run *r, int status) {
         else
             snprintf(r->msg, sizeof r->msg, "the test process exited with status %d after %s (output above)",
                      WIFEXITED(status) ? WEXITSTATUS(status) : -1,
-                     n == (ssize_t)sizeof rep ? "passing" : "no report");
+                     reported ? "passing" : "no report");
     }
 }
 
@@ -254,9 +257,8 @@ int main(int argc, char **argv) {
     uint64_t seed0 = seed_env ? strtoull(seed_env, NULL, 0) : (uint64_t)time(NULL) * 2654435761u;
     printf("test seed %llu (set REALM_TEST_SEED to repeat)\n", (unsigned long long)seed0);
     size_t ntests = sizeof all_tests / sizeof all_tests[0];
-    const char *jobs_env = getenv("REALM_TEST_JOBS"), *gpu = getenv("REALM_GPU");
-    long jobs = jobs_env && *jobs_env ? strtol(jobs_env, NULL, 10)
-                : gpu && *gpu && strcmp(gpu, "0") != 0 ? 1 : sysconf(_SC_NPROCESSORS_ONLN);
+    const char *jobs_env = getenv("REALM_TEST_JOBS");
+    long jobs = jobs_env && *jobs_env ? strtol(jobs_env, NULL, 10) : t_gpu_requested() ? 1 : sysconf(_SC_NPROCESSORS_ONLN);
     if (jobs < 1) jobs = 1;
     if (jobs > 64) jobs = 64;
     test_run *runs = calloc(ntests, sizeof *runs);
@@ -306,7 +308,7 @@ int main(int argc, char **argv) {
             return 2;
         }
         for (size_t i = 0; i < ntests; i++)
-            if (runs[i].started && !runs[i].done && runs[i].pid == pid) {
+            if (!runs[i].done && runs[i].pid == pid) {
                 finish_test(&runs[i], status);
                 running--;
                 break;

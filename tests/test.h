@@ -45,6 +45,9 @@ int t_count_lines(const char *path);
 /* Run `cmd` through /bin/sh in the background, its stdout discarded; returns the pid. */
 int t_spawn(const char *cmd);
 
+/* REALM_GPU=1: the CUDA device tests run (make test-gpu). */
+int t_gpu_requested(void);
+
 /* Root of ../shared if present (tests that need it skip gracefully otherwise), or NULL. */
 const char *t_shared_dir(void);
 

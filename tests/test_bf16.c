@@ -32,8 +32,7 @@
 static const plan_options bf16_on = {.bf16 = 1};
 
 static int gpu_on(void) {
-    const char *e = getenv("REALM_GPU");
-    if (e && strcmp(e, "1") == 0) return 1;
+    if (t_gpu_requested()) return 1;
     printf("  (no GPU: skipped)\n");
     return 0;
 }

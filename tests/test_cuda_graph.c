@@ -16,8 +16,7 @@
 #include <unistd.h>
 
 static backend *graph_gpu(tctx *t) {
-    const char *e = getenv("REALM_GPU");
-    if (!e || strcmp(e, "1") != 0) {
+    if (!t_gpu_requested()) {
         printf("  (no GPU: skipped)\n");
         return NULL;
     }

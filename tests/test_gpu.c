@@ -25,8 +25,7 @@
 #define SH(...) ir_shape_make(sizeof((int[]){__VA_ARGS__}) / sizeof(int), (int[]){__VA_ARGS__})
 
 static int gpu_on(void) {
-    const char *e = getenv("REALM_GPU");
-    if (e && strcmp(e, "1") == 0) return 1;
+    if (t_gpu_requested()) return 1;
     printf("  (no GPU: skipped)\n");
     return 0;
 }
