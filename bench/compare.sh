@@ -26,7 +26,7 @@ paste -d'\n' <(grep '^RESULT ' "$OUTDIR/compare_0.log" | tail -1) <(grep '^RESUL
   awk '{ for (f = 2; f <= NF; f++) { split($f, kv, "="); if (NR == 1) { key[f] = kv[1]; old[f] = kv[2] } else new[f] = kv[2] } n = NF }
        END { printf "%-16s %14s %14s %9s\n", "", "old", "new", "new/old"
              for (f = 2; f <= n; f++) {
-               k = key[f]; if (k == "backend" || k == "B" || k == "S" || k == "flops_tok") continue
+               k = key[f]; if (k == "backend" || k == "B" || k == "S" || k == "flops_tok" || k == "peak_tflops") continue
                r = old[f] + 0 > 0 ? sprintf("%.3f", new[f] / old[f]) : "-"
                printf "%-16s %14s %14s %9s\n", k, old[f], new[f], r } }'
 for i in 0 1; do

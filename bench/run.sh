@@ -22,7 +22,7 @@ mkdir -p "$OUTDIR"
 # field NAME LINE: the value of NAME=... in a RESULT line ("" if absent)
 field() { printf '%s\n' "$2" | tr ' ' '\n' | sed -n "s|^$1=||p" | head -1; }
 
-declare -A TOK MS CLS
+declare -A TOK MS CLS FLOPS PEAKTF MEM
 rows=()
 for shape in $SHAPES; do
   B=${shape%x*} S=${shape#*x}
@@ -36,6 +36,9 @@ for shape in $SHAPES; do
   TOK[realm,$B,$S]=$(field tok_s "$r")
   MS[realm,$B,$S]=$(field ms_step "$r")
   CLS[$B,$S]=$r
+  FLOPS[$B,$S]=$(field flops_tok "$r")
+  PEAKTF[$B,$S]=$(field peak_tflops "$r")
+  MEM[realm,$B,$S]=$(field peak_mib "$r")
   for mode in $MODES; do
     log="$OUTDIR/torch_${mode}_B${B}_S${S}.log"
     echo "== torch $mode B=$B S=$S" >&2
@@ -45,18 +48,22 @@ for shape in $SHAPES; do
     r=$(grep '^RESULT ' "$log" | tail -1)
     TOK[$mode,$B,$S]=$(field tok_s "$r")
     MS[$mode,$B,$S]=$(field ms_step "$r")
+    MEM[$mode,$B,$S]=$(field peak_mib "$r")
   done
 done
 
 ratio() { if [ -n "$1" ] && [ -n "$2" ]; then awk -v a="$1" -v b="$2" 'BEGIN { printf "%.3f", a / b }'; else echo "-"; fi; }
 num() { if [ -n "$1" ]; then printf "%.0f" "$1"; else echo "-"; fi; }
 msf() { if [ -n "$1" ]; then printf "%.1f" "$1"; else echo "-"; fi; }
+mflops() { if [ -n "$1" ]; then awk -v f="$1" 'BEGIN { printf "%.2fM", f / 1e6 }'; else echo "-"; fi; }
+# mfu TOK_S FLOPS_PER_TOKEN PEAK_TFLOPS: a percentage, "-" where any is unknown (no datasheet peak)
+mfu() { if [ -n "$1" ] && [ -n "$2" ] && [ -n "$3" ]; then awk -v t="$1" -v f="$2" -v p="$3" 'BEGIN { printf "%.2f%%", 100 * t * f / (p * 1e12) }'; else echo "-"; fi; }
 
 dev=$(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null | head -1)
 torchv=$(python3 -c 'import torch; print(torch.__version__)' 2>/dev/null)
 {
   echo
-  echo "realm-9m training step (fwd+bwd+clip+AdamW), tokens/s (ms/step), on ${dev:-unknown GPU}; torch ${torchv:-?}"
+  echo "$(basename "${BENCH_MODEL:-models/realm-9m.lua}" .lua) training step (fwd+bwd+clip+AdamW), tokens/s (ms/step), on ${dev:-unknown GPU}; torch ${torchv:-?}"
   printf '| %-6s | %-6s | %-20s | %-20s | %-20s | %-13s | %-15s |\n' B S realm "torch eager" "torch compile" "realm/eager" "realm/compile"
   printf '|%s|%s|%s|%s|%s|%s|%s|\n' -------- -------- ---------------------- ---------------------- ---------------------- --------------- -----------------
   for row in "${rows[@]}"; do
@@ -68,6 +75,20 @@ torchv=$(python3 -c 'import torch; print(torch.__version__)' 2>/dev/null)
       "$(num "${TOK[compile,$B,$S]:-}") ($(msf "${MS[compile,$B,$S]:-}"))" \
       "$(ratio "${TOK[realm,$B,$S]:-}" "${TOK[eager,$B,$S]:-}")" \
       "$(ratio "${TOK[realm,$B,$S]:-}" "${TOK[compile,$B,$S]:-}")"
+  done
+  echo
+  echo "MFU: FLOPs/token from realm's graph (the same model for all three) x tokens/s, against the card's bf16 dense peak; peak device memory, MiB"
+  printf '| %-6s | %-6s | %-10s | %-12s | %-12s | %-13s | %-11s | %-11s | %-13s |\n' B S "FLOPs/tok" "realm MFU" "eager MFU" "compile MFU" "realm MiB" "eager MiB" "compile MiB"
+  printf '|%s|%s|%s|%s|%s|%s|%s|%s|%s|\n' -------- -------- ------------ -------------- -------------- --------------- ------------- ------------- ---------------
+  for row in "${rows[@]}"; do
+    set -- $row
+    B=$1 S=$2
+    printf '| %-6s | %-6s | %-10s | %-12s | %-12s | %-13s | %-11s | %-11s | %-13s |\n' "$B" "$S" \
+      "$(mflops "${FLOPS[$B,$S]:-}")" \
+      "$(mfu "${TOK[realm,$B,$S]:-}" "${FLOPS[$B,$S]:-}" "${PEAKTF[$B,$S]:-}")" \
+      "$(mfu "${TOK[eager,$B,$S]:-}" "${FLOPS[$B,$S]:-}" "${PEAKTF[$B,$S]:-}")" \
+      "$(mfu "${TOK[compile,$B,$S]:-}" "${FLOPS[$B,$S]:-}" "${PEAKTF[$B,$S]:-}")" \
+      "$(num "${MEM[realm,$B,$S]:-}")" "$(num "${MEM[eager,$B,$S]:-}")" "$(num "${MEM[compile,$B,$S]:-}")"
   done
   echo
   echo "realm device time per kernel class, ms/step (per-launch events; see the realm logs for per-primitive)"

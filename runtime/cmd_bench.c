@@ -315,6 +315,9 @@ int cmd_bench(int argc, char **argv) {
     /* One greppable line for scripts (bench/run.sh). */
     printf("\nRESULT backend=%s B=%ld S=%ld tok_s=%.1f ms_step=%.4f flops_tok=%.6g", bk_name(bk), B, S, tps, median,
            flops / tok);
+    printf(" tflops=%.2f", achieved / 1e12);
+    if (pk_bf16 > 0) printf(" mfu=%.4f peak_tflops=%.1f", achieved / pk_bf16, pk_bf16 / 1e12);
+    if (have_mem) printf(" peak_mib=%.0f", (double)(free0 - free_min) / 1048576.0);
     for (int c = 0; c < NCLASS; c++) printf(" %s=%.4f", class_names[c], cls_ms[c]);
     printf("\n");
     status = 0;

@@ -127,6 +127,27 @@ TEST(bench_side_stream_flag) {
     CHECK(rc == 2 && strstr(out, "--side-stream") && strstr(out, "sometimes"), "status %d: %s", rc, out);
 }
 
+/* bench/run.sh (what `make bench` runs) on PoCL without PyTorch: the throughput, MFU/memory and
+ * kernel-class tables and the decode lines, each with realm's numbers in it. */
+TEST(bench_run_script) {
+    char cmd[1024], out[16384];
+    snprintf(cmd, sizeof cmd,
+             "REALM_BIN=%s BENCH_BACKEND=opencl BENCH_MODEL=models/tiny.lua BENCH_MODES= BENCH_STEPS=1 BENCH_WARMUP=0 "
+             "BENCH_SHAPES=2x32 BENCH_POSITIONS=100 BENCH_OUT=/tmp/realm-bench-%d bash bench/run.sh 2>/dev/null; rc=$?; "
+             "cat /tmp/realm-bench-%d/table.md >/dev/null || rc=9; rm -rf /tmp/realm-bench-%d; exit $rc",
+             t_realm_bin(), (int)getpid(), (int)getpid(), (int)getpid());
+    int rc = t_run(cmd, out, sizeof out);
+    CHECK(rc == 0, "status %d: %s", rc, out);
+    CHECK(strstr(out, "tiny training step"), "no throughput table: %s", out);
+    /* the rows: tokens/s with ms/step; FLOPs/token and realm's peak memory; ms per class */
+    const char *row = strstr(out, "| 2      | 32     | ");
+    CHECK(row && row[20] >= '1' && row[20] <= '9', "no realm tokens/s in the row: %s", out);
+    const char *mfu = strstr(out, "realm MFU");
+    CHECK(mfu && strstr(mfu, "| 2      | 32     | ") && strstr(mfu, "M      | "), "no MFU/memory row: %s", out);
+    CHECK(strstr(out, "| matmul ") && strstr(out, "| optimizer "), "no kernel-class table: %s", out);
+    CHECK(strstr(out, "realm batch 1: position 100:") && strstr(out, "realm batch 64: position 100:"), "no decode lines: %s", out);
+}
+
 /* bench/compare.sh (two builds side by side; on the GPU machine with CUDA) runs through on
  * PoCL with one build twice: a row per RESULT field with its ratio, both builds' kernels. */
 TEST(bench_compare_script) {
