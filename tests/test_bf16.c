@@ -390,10 +390,15 @@ static void rm_rf(const char *d) {
     t_run(cmd, out, sizeof out);
 }
 
-/* realm-9m, 30 steps of batch 4 x 256 bytes of tinyshakespeare, bf16 against fp32 from the
- * same initialisation and batches: the two runs compute the same function up to bf16 rounding
- * of the matmul operands, so their losses stay within a few percent (they are not bitwise
- * equal). Then a resume that asks for fp32 keeps the run's bf16. */
+/* realm-9m, 200 steps of batch 4 x 256 bytes of tinyshakespeare, bf16 against fp32 (the plan
+ * the OpenCL backend runs, here on CUDA: an OpenCL run of realm-9m on a machine whose only
+ * OpenCL device is PoCL on the CPU took over 6 minutes) from the same initialisation and
+ * batches. The runs compute the same function up to bf16 rounding of the matmul operands, so
+ * they are not bitwise equal and their trajectories drift apart slowly; the curves are
+ * compared as means over windows of 20 steps (on an H100 the two curves fell 3.31 -> 1.86 and
+ * 3.31 -> 1.84, 0.98% apart at most; a bf16 bug shows as a curve that does not fall or falls
+ * apart from fp32's). Then a resume that asks for fp32 keeps the run's bf16. */
+enum { TRACK_STEPS = 200, TRACK_WINDOW = 20 };
 TEST(bf16_train_realm9m_tracks_fp32) {
     if (!gpu_on()) return;
     const char *sh = t_shared_dir();
@@ -401,18 +406,18 @@ TEST(bf16_train_realm9m_tracks_fp32) {
         printf("  (no ../shared/data/tinyshakespeare.txt: skipped)\n");
         return;
     }
-    char data[512], dir[512], cmd[2048], out[16384], run[2][600];
+    char data[512], dir[512], cmd[4096], out[16384], run[2][600];
     snprintf(data, sizeof data, "%s/data/tinyshakespeare.txt", sh);
     snprintf(dir, sizeof dir, "/tmp/realm-bf16-%d-%llu", (int)getpid(), (unsigned long long)(t_next(t) % 100000));
     const char *prec[2] = {"fp32", "bf16"};
-    double l[2][40];
-    int n[2];
+    static double l[2][TRACK_STEPS + 8];
+    int n[2] = {0, 0};
     for (int i = 0; i < 2; i++) {
         snprintf(run[i], sizeof run[i], "%s/%s", dir, prec[i]);
         snprintf(cmd, sizeof cmd,
-                 "%s train models/realm-9m.lua --data %s --out %s --backend cuda --precision %s --steps 30 --batch 4 "
-                 "--seq 256 --warmup 5 --eval-every 0 --save-every 1000 --log-every 10",
-                 t_realm_bin(), data, run[i], prec[i]);
+                 "%s train models/realm-9m.lua --data %s --out %s --backend cuda --precision %s --steps %d --batch 4 "
+                 "--seq 256 --warmup 20 --eval-every 0 --save-every 1000 --log-every 50",
+                 t_realm_bin(), data, run[i], prec[i], TRACK_STEPS);
         int rc = t_run(cmd, out, sizeof out);
         if (rc != 0) {
             rm_rf(dir);
@@ -422,33 +427,41 @@ TEST(bf16_train_realm9m_tracks_fp32) {
         snprintf(want, sizeof want, "%s matmuls", prec[i]);
         if (!strstr(out, want)) rm_rf(dir);
         CHECK(strstr(out, want), "the run does not say '%s': %s", want, out);
-        n[i] = read_losses(run[i], l[i], 40);
+        n[i] = read_losses(run[i], l[i], TRACK_STEPS + 8);
     }
-    double tail[2] = {0, 0}, maxrel = 0;
+    /* window means; the largest difference of bf16's from fp32's */
+    enum { NW = TRACK_STEPS / TRACK_WINDOW };
+    double w[2][NW], maxrel = 0;
     for (int i = 0; i < 2; i++)
-        for (int k = 25; k < 30 && k < n[i]; k++) tail[i] += l[i][k] / 5;
-    for (int k = 0; k < 30 && k < n[0] && k < n[1]; k++) {
-        double r = fabs(l[1][k] - l[0][k]) / l[0][k];
-        if (r > maxrel) maxrel = r;
+        for (int k = 0; k < NW; k++) {
+            w[i][k] = 0;
+            for (int j = k * TRACK_WINDOW; j < (k + 1) * TRACK_WINDOW && j < n[i]; j++) w[i][k] += l[i][j] / TRACK_WINDOW;
+        }
+    for (int k = 0; k < NW; k++) {
+        double r = fabs(w[1][k] - w[0][k]) / w[0][k];
+        if (!(r <= maxrel)) maxrel = r;
     }
-    printf("  realm-9m 30 steps: fp32 loss %.4f -> %.4f, bf16 %.4f -> %.4f (mean of the last 5); largest per-step "
-           "difference %.2f%%\n", l[0][0], tail[0], l[1][0], tail[1], 100 * maxrel);
+    for (int i = 0; i < 2; i++) {
+        printf("  realm-9m %d steps, %s loss by %d-step window:", TRACK_STEPS, prec[i], TRACK_WINDOW);
+        for (int k = 0; k < NW; k++) printf(" %.3f", w[i][k]);
+        printf("\n");
+    }
+    printf("  largest difference %.2f%%\n", 100 * maxrel);
     /* the saved state says bf16, and a resume keeps it whatever --precision says */
     char rout[16384];
     snprintf(cmd, sizeof cmd, "grep -rh '\"precision\"' %s/ | sort -u", run[1]);
     t_run(cmd, out, sizeof out);
     int saved_bf16 = strstr(out, "\"bf16\"") != NULL;
     snprintf(cmd, sizeof cmd,
-             "%s train models/realm-9m.lua --data %s --out %s --backend cuda --precision fp32 --steps 32 --batch 4 "
-             "--seq 256 --warmup 5 --eval-every 0 --save-every 1000 --log-every 10",
-             t_realm_bin(), data, run[1]);
+             "%s train models/realm-9m.lua --data %s --out %s --backend cuda --precision fp32 --steps %d --batch 4 "
+             "--seq 256 --warmup 20 --eval-every 0 --save-every 1000 --log-every 10",
+             t_realm_bin(), data, run[1], TRACK_STEPS + 2);
     int rc = t_run(cmd, rout, sizeof rout);
     rm_rf(dir);
-    CHECK(n[0] == 30 && n[1] == 30, "losses logged: fp32 %d, bf16 %d", n[0], n[1]);
-    CHECK(isfinite(tail[0]) && isfinite(tail[1]) && tail[1] < l[1][0] - 1.0, "bf16 loss did not fall: %.4f -> %.4f",
-          l[1][0], tail[1]);
-    CHECK(fabs(tail[1] - tail[0]) / tail[0] < 0.03, "bf16 loss %.4f vs fp32 %.4f over the last 5 steps", tail[1],
-          tail[0]);
+    CHECK(n[0] == TRACK_STEPS && n[1] == TRACK_STEPS, "losses logged: fp32 %d, bf16 %d of %d", n[0], n[1], TRACK_STEPS);
+    CHECK(isfinite(w[1][NW - 1]) && w[1][NW - 1] < l[1][0] - 2.0, "bf16 loss did not fall: %.4f -> %.4f", l[1][0],
+          w[1][NW - 1]);
+    CHECK(maxrel < 0.03, "bf16 loss curve %.2f%% from fp32's in a %d-step window", 100 * maxrel, TRACK_WINDOW);
     CHECK(saved_bf16, "state.json does not record bf16");
     CHECK(rc == 0 && strstr(rout, "resuming from") && strstr(rout, "bf16 matmuls") && strstr(rout, "ignored"),
           "resume with --precision fp32 (status %d): %s", rc, rout);
