@@ -138,6 +138,8 @@ typedef struct {
     char schedule[16];
     char model_sha[65];
     char precision[8];       /* "bf16" or "fp32": the matmuls' operand precision (kept on resume) */
+    long best_step;          /* the step of the lowest validation loss so far (0: none yet) */
+    double best_bpb;         /* that validation loss, bits/byte: RUN/best holds its checkpoint */
 } train_state;
 
 static void state_json(const train_state *st, json_buf *b) {
@@ -147,6 +149,9 @@ static void state_json(const train_state *st, json_buf *b) {
                     (unsigned long long)st->rng.s[0], (unsigned long long)st->rng.s[1],
                     (unsigned long long)st->rng.s[2], (unsigned long long)st->rng.s[3]);
     json_buf_printf(b, "  \"recompute\": %d,\n  \"precision\": \"%s\",\n", st->recompute, st->precision);
+    if (st->best_step > 0)
+        json_buf_printf(b, "  \"best_validation\": {\"step\": %ld, \"bits_per_byte\": %.17g},\n", st->best_step,
+                        st->best_bpb);
     json_buf_printf(b, "  \"batch\": %ld,\n  \"seq\": %ld,\n  \"steps\": %ld,\n  \"warmup\": %ld,\n", st->batch, st->seq,
                     st->steps, st->warmup);
     json_buf_printf(b, "  \"eval_every\": %ld,\n  \"save_every\": %ld,\n  \"lr\": %.17g,\n  \"schedule\": \"%s\"\n}\n",
@@ -197,6 +202,14 @@ static int read_state(const char *dir, train_state *st, char *err, size_t errlen
         else snprintf(st->precision, sizeof st->precision, "%s", s);
     } else {
         snprintf(st->precision, sizeof st->precision, "fp32");
+    }
+    /* optional: no evaluation yet, or a checkpoint from before RUN/best */
+    const json_value *bv = json_get(r, "best_validation");
+    st->best_step = 0;
+    if (bv) {
+        const json_value *bb = json_get(bv, "bits_per_byte");
+        ok &= json_as_int(json_get(bv, "step"), &i64) == 1 && i64 > 0 && bb && bb->type == JSON_NUMBER && isfinite(bb->num);
+        if (ok) st->best_step = (long)i64, st->best_bpb = bb->num;
     }
     const json_value *lr = json_get(r, "lr");
     ok &= lr && lr->type == JSON_NUMBER;
@@ -328,7 +341,8 @@ int cmd_train(int argc, char **argv) {
         {"--lr", "X", "peak learning rate (default: train.lr)", &lr_s, NULL},
         {"--warmup", "N", "warmup steps (default: train.warmup)", &warmup_s, NULL},
         {"--seed", "N", "initialisation and sampling seed (default 1)", &seed_s, NULL},
-        {"--eval-every", "N", "validation every N steps (0: never)", &eval_s, NULL},
+        {"--eval-every", "N", "validation every N steps (0: never); the checkpoint with the lowest validation loss is kept "
+         "in RUN/best", &eval_s, NULL},
         {"--eval-tokens", "N", "bytes of validation text per evaluation (default 16384)", &evtok_s, NULL},
         {"--save-every", "N", "checkpoint every N steps (default: train.save_every)", &save_s, NULL},
         {"--log-every", "N", "progress line every N steps (default 10)", &log_s, NULL},
@@ -397,6 +411,9 @@ int cmd_train(int argc, char **argv) {
         return 2;
     }
     st.seed = (uint64_t)seed_l;
+
+    char bestdir[1300];   /* the checkpoint of the lowest validation loss */
+    snprintf(bestdir, sizeof bestdir, "%.1200s/best", out);
 
     /* Resume? The checkpoint's own settings win, except --steps which may extend the run. */
     char ckdir[1200];
@@ -647,7 +664,15 @@ int cmd_train(int argc, char **argv) {
             double bpb;
             if (session_copy_params(&ev, &tr, err, sizeof err) < 0 || evaluate(&ev, c, evtok, &bpb, err, sizeof err) < 0)
                 goto fail;
-            printf("step %6ld  validation bits/byte %.4f (loss %.4f nats)\n", step, bpb, bpb * M_LN2);
+            /* the lowest so far: a whole checkpoint (resumable too) into RUN/best, written the
+             * same atomic way; a tie keeps the earlier one */
+            int best = st.best_step == 0 || bpb < st.best_bpb;
+            if (best) {
+                st.best_step = step, st.best_bpb = bpb;
+                if (save_checkpoint(&tr, bestdir, &st, src, srclen, err, sizeof err) < 0) goto fail;
+            }
+            printf("step %6ld  validation bits/byte %.4f (loss %.4f nats)%s%s\n", step, bpb, bpb * M_LN2,
+                   best ? "  lowest so far: saved to " : "", best ? bestdir : "");
             fflush(stdout);
         }
         sigpending(&pending);
@@ -663,6 +688,8 @@ int cmd_train(int argc, char **argv) {
         }
     }
     if (!stop_signal) printf("done: %ld steps, checkpoint in %s\n", st.step, out);
+    if (!stop_signal && st.best_step > 0)
+        printf("lowest validation: %.4f bits/byte at step %ld, checkpoint in %s\n", st.best_bpb, st.best_step, bestdir);
     status = stop_signal ? 128 + stop_signal : 0;
     goto cleanup;
 fail:

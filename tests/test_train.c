@@ -2,6 +2,7 @@
  * damaged checkpoints, sampling, eval, chat. */
 #include "test.h"
 
+#include <math.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -154,6 +155,111 @@ TEST(train_generate_eval_chat) {
     for (char *p = out; (p = strstr(p, "> ")); p++) prompts++;
     CHECK(prompts == 3, "chat should prompt three times (two turns, then EOF), got %d: %s", prompts, out);
     t_rmtree(dir);
+}
+
+/* The validation lines of a `realm train` output: steps, bits/byte, and whether the line says
+ * it saved RUN/best. */
+static int read_validations(const char *out, long *step, double *bpb, int *saved, int max) {
+    int n = 0;
+    for (const char *p = out; (p = strstr(p, "step ")) && n < max; p++) {
+        long st;
+        double v;
+        if (sscanf(p, "step %ld validation bits/byte %lf", &st, &v) != 2) continue;
+        const char *eol = strchr(p, '\n');
+        const char *mark = strstr(p, "lowest so far: saved to ");
+        step[n] = st, bpb[n] = v, saved[n] = mark && (!eol || mark < eol);
+        n++;
+    }
+    return n;
+}
+
+/* RUN/best holds the checkpoint of the lowest validation loss: saved at exactly the
+ * evaluations lower than every one before (a high learning rate makes some higher), named by
+ * RUN/best/latest, recorded in state.json, the same weights as the run's own checkpoint of that
+ * step, usable by generate, and carried across a resume. */
+TEST(train_keeps_lowest_validation_checkpoint) {
+    char data[512], dir[512], cmd[2048], out[16384], out2[16384], path[700];
+    t_text_corpus(data, sizeof data);
+    t_tmpdir(t, dir, sizeof dir);
+    /* lr 1 on tinyshakespeare: the validation loss at steps 4-8 was above step 2's */
+    const char *args = "--backend opencl --batch 2 --seq 32 --warmup 1 --lr 1 --eval-every 2 --eval-tokens 512 "
+                       "--save-every 2 --log-every 100";
+    snprintf(cmd, sizeof cmd, "%s train models/tiny.lua --data %s --out %s --steps 8 %s", t_realm_bin(), data, dir, args);
+    int rc1 = t_run(cmd, out, sizeof out);
+    long step[16];
+    double bpb[16];
+    int saved[16];
+    int n = read_validations(out, step, bpb, saved, 8), best1 = -1;
+    for (int i = 0; i < n; i++)
+        if (best1 < 0 || bpb[i] < bpb[best1]) best1 = i;
+    char latest1[700], want1[64], *txt1;
+    snprintf(latest1, sizeof latest1, "%s/best/latest", dir);
+    txt1 = t_slurp(latest1);
+    snprintf(want1, sizeof want1, "ckpt-%08ld\n", best1 >= 0 ? step[best1] : -1L);
+    int mid_ok = txt1 && strcmp(txt1, want1) == 0;
+    free(txt1);
+    snprintf(cmd, sizeof cmd, "%s train models/tiny.lua --data %s --out %s --steps 16 %s", t_realm_bin(), data, dir, args);
+    int rc2 = rc1 == 0 ? t_run(cmd, out2, sizeof out2) : -1;
+    n += read_validations(out2, step + n, bpb + n, saved + n, 8);
+    int best = -1, flags_ok = 1, higher = 0;
+    for (int i = 0; i < n; i++) {
+        int lower = best < 0 || bpb[i] < bpb[best];
+        flags_ok &= saved[i] == lower;
+        higher += !lower;
+        if (lower) best = i;
+    }
+    long best_step = best >= 0 ? step[best] : -1;
+    char latest[700], *txt, *state, want[64];
+    snprintf(latest, sizeof latest, "%s/best/latest", dir);
+    txt = t_slurp(latest);
+    snprintf(want, sizeof want, "ckpt-%08ld\n", best_step);
+    snprintf(path, sizeof path, "%s/best/ckpt-%08ld/state.json", dir, best_step);
+    state = t_slurp(path);
+    char bv[128];
+    snprintf(bv, sizeof bv, "\"best_validation\": {\"step\": %ld, \"bits_per_byte\": %.4f", best_step, best >= 0 ? bpb[best] : 0);
+    /* state.json writes 17 digits; the output line 4 */
+    int state_ok = state && strstr(state, "\"best_validation\": {\"step\"");
+    if (state_ok) {
+        const char *b = strstr(state, "\"bits_per_byte\": ");
+        state_ok = b && fabs(atof(b + 17) - bpb[best]) < 6e-5;
+        char sstep[64];
+        snprintf(sstep, sizeof sstep, "\"best_validation\": {\"step\": %ld,", best_step);
+        state_ok &= strstr(state, sstep) != NULL;
+    }
+    /* the final checkpoint's state carries the same best */
+    snprintf(path, sizeof path, "%s/ckpt-%08d/state.json", dir, 16);
+    char *final_state = t_slurp(path);
+    char fstep[64];
+    snprintf(fstep, sizeof fstep, "\"best_validation\": {\"step\": %ld,", best_step);
+    int final_ok = final_state && strstr(final_state, fstep);
+    /* the weights are the run's own at that step (its checkpoints are kept for the last two saves) */
+    int same = -1;
+    if (best_step >= 14) {
+        snprintf(cmd, sizeof cmd, "cmp %s/best/ckpt-%08ld/model.safetensors %s/ckpt-%08ld/model.safetensors", dir,
+                 best_step, dir, best_step);
+        char o[512];
+        same = t_run(cmd, o, sizeof o) == 0;
+    }
+    snprintf(cmd, sizeof cmd, "%s generate %s/best --prompt ROMEO: -n 8 --seed 3 --backend opencl", t_realm_bin(), dir);
+    char gen[2048];
+    int grc = t_run(cmd, gen, sizeof gen);
+    printf("  %d evaluations, %d above the lowest before them; lowest %.4f bits/byte at step %ld\n", n, higher,
+           best >= 0 ? bpb[best] : 0, best_step);
+    free(final_state);
+    t_rmtree(dir);
+    CHECK(rc1 == 0 && rc2 == 0, "training failed (%d, %d): %s\n%s", rc1, rc2, out, out2);
+    CHECK(n == 8, "%d validation lines, want 8 (steps 2..16): %s\n%s", n, out, out2);
+    CHECK(mid_ok, "after 8 steps %s/best/latest does not name step %ld: %s", dir, best1 >= 0 ? step[best1] : -1L, out);
+    CHECK(flags_ok, "'lowest so far' is not on exactly the lines lower than all before:\n%s\n%s", out, out2);
+    int latest_ok = txt && strcmp(txt, want) == 0;
+    free(txt);
+    CHECK(latest_ok, "%s/best/latest does not name step %ld", dir, best_step);
+    free(state);
+    CHECK(state_ok, "best/ckpt-%08ld/state.json lacks %s", best_step, bv);
+    CHECK(final_ok, "the final checkpoint's state.json does not carry %s", fstep);
+    CHECK(same != 0, "best/ckpt-%08ld holds other weights than the run's checkpoint of that step", best_step);
+    CHECK(grc == 0 && strncmp(gen, "ROMEO:", 6) == 0, "generate from RUN/best: %s", gen);
+    CHECK(strstr(out2, "lowest validation: "), "no closing line for the lowest validation: %s", out2);
 }
 
 /* The issue's bar: tiny on tinyshakespeare (first 90%) reaches validation loss < 2.5 nats/byte
