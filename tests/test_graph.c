@@ -60,6 +60,7 @@ TEST(model_tiny_gradients_match_finite_differences) {
     char worst[128] = "";
     double e = gc_model_check(t, &m, 2, 70, 3, worst, sizeof worst);
     model_free(&m);
+    printf("  normwise relative error %.3g (worst parameter %s)\n", e, worst);
     CHECK(e <= 1e-6, "normwise relative error %.3g (worst parameter %s)", e, worst);
 }
 
