@@ -14,6 +14,9 @@ RUN=${DEMO_RUN:-runs/demo}
 mkdir -p "$(dirname "$RUN")"
 "$REALM" train models/tiny.lua --data data/corpus.bin --out "$RUN" --steps "$STEPS" --batch 16 --seq 128 \
   --eval-every 100 --save-every 100 --log-every 20
+# the checkpoint of the lowest validation loss (the trainer keeps it in RUN/best)
+FROM=$RUN
+[ -f "$RUN/best/latest" ] && FROM=$RUN/best
 echo
-echo "--- sample (realm generate $RUN --prompt 'The ' -n 300 --seed 1) ---"
-"$REALM" generate "$RUN" --prompt "The " -n 300 --temperature 0.8 --seed 1
+echo "--- sample (realm generate $FROM --prompt 'The ' -n 300 --seed 1) ---"
+"$REALM" generate "$FROM" --prompt "The " -n 300 --temperature 0.8 --seed 1
