@@ -99,6 +99,12 @@ int t_gpu_requested(void) {
     return e && strcmp(e, "1") == 0;
 }
 
+int t_gpu_on(void) {
+    if (t_gpu_requested()) return 1;
+    printf("  (no GPU: skipped)\n");
+    return 0;
+}
+
 const char *t_shared_dir(void) {
     struct stat st;
     const char *e = getenv("REALM_SHARED");

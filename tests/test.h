@@ -47,6 +47,8 @@ int t_spawn(const char *cmd);
 
 /* REALM_GPU=1: the CUDA device tests run (make test-gpu). */
 int t_gpu_requested(void);
+/* t_gpu_requested(), or else says "(no GPU: skipped)" and returns 0. */
+int t_gpu_on(void);
 
 /* Root of ../shared if present (tests that need it skip gracefully otherwise), or NULL. */
 const char *t_shared_dir(void);

@@ -31,12 +31,6 @@
 
 static const plan_options bf16_on = {.bf16 = 1};
 
-static int gpu_on(void) {
-    if (t_gpu_requested()) return 1;
-    printf("  (no GPU: skipped)\n");
-    return 0;
-}
-
 static backend *cuda_dev(tctx *t) {
     char err[2048];
     backend *bk = bk_create(BK_CUDA, 0, NULL, err, sizeof err);
@@ -101,7 +95,7 @@ static void check_matmul_cases(tctx *t, const mcase *c, size_t n, ir_dtype dt, c
 }
 
 TEST(bf16_kernels_matmul) {
-    if (!gpu_on()) return;
+    if (!t_gpu_on()) return;
     const mcase c[] = {
         {SH(DIM_B, DIM_S, 7), SH(5, 7), 0, 13},
         {SH(DIM_B, DIM_S, 67), SH(129, 67), 0, 13},
@@ -134,7 +128,7 @@ TEST(bf16_kernels_matmul) {
  * K-major dy and MN-major W (ldmatrix.trans), the weight gradient MN-major dy and x. Rows and
  * columns past whole tiles, a contraction past whole slices, both transpositions. */
 TEST(bf16_kernels_matmul_bf16_operands) {
-    if (!gpu_on()) return;
+    if (!t_gpu_on()) return;
     const mcase c[] = {
         {SH(DIM_B, DIM_S, 384), SH(1712, 384), 0, 300},      /* about realm-9m's in_proj (N a multiple of 8) */
         {SH(DIM_B, DIM_S, 768), SH(384, 768), 0, 257},       /* out_proj */
@@ -151,7 +145,7 @@ TEST(bf16_kernels_matmul_bf16_operands) {
 
 /* Strided views: inputs and outputs that are slices of wider tensors (token stride != feat). */
 TEST(bf16_kernels_matmul_views) {
-    if (!gpu_on()) return;
+    if (!t_gpu_on()) return;
     ir_graph g;
     ir_init_graph(&g);
     int xa = ir_tensor_new(&g, "xa", SH(DIM_B, DIM_S, 40), DT_F32, ROLE_PARAM);
@@ -239,7 +233,7 @@ static void bf16_table(tctx *t, backend *bk, const kcase *c, int n, const char *
 }
 
 TEST(bf16_kernels_attention) {
-    if (!gpu_on()) return;
+    if (!t_gpu_on()) return;
     backend *bk = cuda_dev(t);
     if (!bk) return;
     bf16_table(t, bk, kcases_attention.c, kcases_attention.n, "attention", "table", 2, 0);
@@ -256,7 +250,7 @@ TEST(bf16_kernels_attention) {
  * reached 0.0101 normwise on 2 sequences once, while four more runs of the whole table stayed
  * under 0.0065 everywhere. */
 TEST(bf16_kernels_mamba3) {
-    if (!gpu_on()) return;
+    if (!t_gpu_on()) return;
     backend *bk = cuda_dev(t);
     if (!bk) return;
     bf16_table(t, bk, kcases_mamba3.c, kcases_mamba3.n, "mamba3_scan", "table", 4, 256);
@@ -332,19 +326,19 @@ out:
 
 /* attention: o, lse; dq, dk, dv and the workspace D */
 TEST(bf16_attention_deterministic) {
-    if (!gpu_on()) return;
+    if (!t_gpu_on()) return;
     const kcase c = ATT(6, 2, 64, 96, 300);
     check_deterministic(t, &c, 6);
 }
 
 /* the scan: y and its 3 workspaces; 11 input gradients and 5 workspaces */
 TEST(bf16_mamba3_deterministic) {
-    if (!gpu_on()) return;
+    if (!t_gpu_on()) return;
     check_deterministic(t, &kcases_mamba3_tc.c[0], 20);
 }
 
 static void check_model(tctx *t, const char *path, long B, long S) {
-    if (!gpu_on()) return;
+    if (!t_gpu_on()) return;
     realm_model m;
     char err[1024];
     CHECK(model_load(path, &m, err, sizeof err) == 0, "%s", err);
@@ -400,7 +394,7 @@ static void rm_rf(const char *d) {
  * apart from fp32's). Then a resume that asks for fp32 keeps the run's bf16. */
 enum { TRACK_STEPS = 200, TRACK_WINDOW = 20 };
 TEST(bf16_train_realm9m_tracks_fp32) {
-    if (!gpu_on()) return;
+    if (!t_gpu_on()) return;
     const char *sh = t_shared_dir();
     if (!sh) {
         printf("  (no ../shared/data/tinyshakespeare.txt: skipped)\n");
@@ -539,7 +533,7 @@ out:
 }
 
 TEST(bf16_timing_realm9m) {
-    if (!gpu_on()) return;
+    if (!t_gpu_on()) return;
     char err[1024], *src = t_slurp("models/realm-9m.lua");
     CHECK(src, "models/realm-9m.lua");
     backend *bk = cuda_dev(t);

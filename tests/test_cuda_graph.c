@@ -16,10 +16,7 @@
 #include <unistd.h>
 
 static backend *graph_gpu(tctx *t) {
-    if (!t_gpu_requested()) {
-        printf("  (no GPU: skipped)\n");
-        return NULL;
-    }
+    if (!t_gpu_on()) return NULL;
     char err[2048];
     backend *bk = bk_create(BK_CUDA, 0, NULL, err, sizeof err);
     if (!bk) t_fail(t, __FILE__, __LINE__, "REALM_GPU=1 but CUDA failed: %s", err);

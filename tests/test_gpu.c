@@ -24,12 +24,6 @@
 
 #define SH(...) ir_shape_make(sizeof((int[]){__VA_ARGS__}) / sizeof(int), (int[]){__VA_ARGS__})
 
-static int gpu_on(void) {
-    if (t_gpu_requested()) return 1;
-    printf("  (no GPU: skipped)\n");
-    return 0;
-}
-
 /* "cuda" unless REALM_GPU_BACKEND says otherwise (see the top of the file). */
 static const char *gpu_backend_name(void) {
     const char *e = getenv("REALM_GPU_BACKEND");
@@ -53,7 +47,7 @@ static backend *kc_cuda(tctx *t) {
 /* ---- kernel cases: the tables shared with tests/test_kernels.c (tests/kcases.c) ---- */
 
 static void run_table_tol(tctx *t, kcase_table tab, double tol) {
-    if (!gpu_on()) return;
+    if (!t_gpu_on()) return;
     backend *bk = kc_cuda(t);
     if (!bk) return;
     kc_run_table(t, bk, gpu_backend_name(), tab, tol);
@@ -77,7 +71,7 @@ TEST(gpu_kernels_dense_edges) { run_table(t, kcases_dense_edges); }
 
 /* The dense templates on strided views (as kernels_dense_views). */
 TEST(gpu_kernels_dense_views) {
-    if (!gpu_on()) return;
+    if (!t_gpu_on()) return;
     ir_graph g;
     if (kc_build_dense_views(&g) < 0) {
         t_fail(t, __FILE__, __LINE__, "building the graph: %s", g.err);
@@ -93,7 +87,7 @@ TEST(gpu_kernels_dense_views) {
 
 /* A whole model's training graph (forward, loss, backward), every launch. */
 static void check_model(tctx *t, const char *path, long B, long S) {
-    if (!gpu_on()) return;
+    if (!t_gpu_on()) return;
     realm_model m;
     char err[1024];
     CHECK(model_load(path, &m, err, sizeof err) == 0, "%s", err);
@@ -116,7 +110,7 @@ TEST(gpu_kernels_realm9m_every_launch) { check_model(t, "models/realm-9m.lua", 1
 
 /* sumsq over many gradients and AdamW (as kernels_optimizer). */
 TEST(gpu_kernels_optimizer) {
-    if (!gpu_on()) return;
+    if (!t_gpu_on()) return;
     ir_graph g;
     ir_init_graph(&g);
     int shapes[15][2] = {{3, 5}, {7, 1}, {300, 2}, {1, 1}, {4, 4}, {2, 9}, {5, 5}, {6, 1}, {1, 13},
@@ -153,7 +147,7 @@ static void train_cmd(char *cmd, size_t len, const char *data, const char *run, 
 }
 
 TEST(gpu_train_kill9_resume_is_bitwise) {
-    if (!gpu_on()) return;
+    if (!t_gpu_on()) return;
     char data[512], dir[512], a[600], b[600], cmd[2048], ecmd[2100], out[8192], log[700];
     t_text_corpus(data, sizeof data);
     t_tmpdir(t, dir, sizeof dir);
@@ -192,7 +186,7 @@ TEST(gpu_train_kill9_resume_is_bitwise) {
  * 5.55 nats; byte unigram statistics alone are worth ~3.3, so a working step gets well below
  * the first loss within 30 steps. */
 TEST(gpu_train_realm9m_loss_falls) {
-    if (!gpu_on()) return;
+    if (!t_gpu_on()) return;
     char data[512], dir[512], cmd[2048], out[16384], log[700];
     t_text_corpus(data, sizeof data);
     t_tmpdir(t, dir, sizeof dir);
@@ -233,7 +227,7 @@ TEST(gpu_train_realm9m_loss_falls) {
 
 /* `realm bench` on the GPU: a table and a parseable RESULT line. */
 TEST(gpu_bench_cli) {
-    if (!gpu_on()) return;
+    if (!t_gpu_on()) return;
     char cmd[1024], out[16384];
     snprintf(cmd, sizeof cmd, "%s bench models/realm-9m.lua --backend %s --batch 2 --seq 256 --steps 3 --warmup 1",
              t_realm_bin(), gpu_backend_name());

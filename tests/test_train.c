@@ -173,6 +173,36 @@ static int read_validations(const char *out, long *step, double *bpb, int *saved
     return n;
 }
 
+/* The index of the lowest of v[0..n) (the first of equals), -1 if n == 0. */
+static int lowest(const double *v, int n) {
+    int b = -1;
+    for (int i = 0; i < n; i++)
+        if (b < 0 || v[i] < v[b]) b = i;
+    return b;
+}
+
+/* RUN/best/latest names ckpt-<step>. */
+static int best_latest_is(const char *dir, long step) {
+    char path[700], want[64];
+    snprintf(path, sizeof path, "%s/best/latest", dir);
+    snprintf(want, sizeof want, "ckpt-%08ld\n", step);
+    char *txt = t_slurp(path);
+    int ok = txt && strcmp(txt, want) == 0;
+    free(txt);
+    return ok;
+}
+
+/* The state.json at `path` records best_validation at `step`, and (unless bpb is NaN) its
+ * bits/byte within the 4 decimals of the output line. */
+static int state_has_best(const char *path, long step, double bpb) {
+    char *state = t_slurp(path), key[64];
+    snprintf(key, sizeof key, "\"best_validation\": {\"step\": %ld,", step);
+    const char *at = state ? strstr(state, key) : NULL, *b = at ? strstr(at, "\"bits_per_byte\": ") : NULL;
+    int ok = at && (isnan(bpb) || (b && fabs(atof(b + 17) - bpb) < 6e-5));
+    free(state);
+    return ok;
+}
+
 /* RUN/best holds the checkpoint of the lowest validation loss: saved at exactly the
  * evaluations lower than every one before (a high learning rate makes some higher), named by
  * RUN/best/latest, recorded in state.json, the same weights as the run's own checkpoint of that
@@ -189,49 +219,26 @@ TEST(train_keeps_lowest_validation_checkpoint) {
     long step[16];
     double bpb[16];
     int saved[16];
-    int n = read_validations(out, step, bpb, saved, 8), best1 = -1;
-    for (int i = 0; i < n; i++)
-        if (best1 < 0 || bpb[i] < bpb[best1]) best1 = i;
-    char latest1[700], want1[64], *txt1;
-    snprintf(latest1, sizeof latest1, "%s/best/latest", dir);
-    txt1 = t_slurp(latest1);
-    snprintf(want1, sizeof want1, "ckpt-%08ld\n", best1 >= 0 ? step[best1] : -1L);
-    int mid_ok = txt1 && strcmp(txt1, want1) == 0;
-    free(txt1);
+    int n = read_validations(out, step, bpb, saved, 8), best1 = lowest(bpb, n);
+    long best1_step = best1 >= 0 ? step[best1] : -1;
+    int mid_ok = best_latest_is(dir, best1_step);
     snprintf(cmd, sizeof cmd, "%s train models/tiny.lua --data %s --out %s --steps 16 %s", t_realm_bin(), data, dir, args);
     int rc2 = rc1 == 0 ? t_run(cmd, out2, sizeof out2) : -1;
     n += read_validations(out2, step + n, bpb + n, saved + n, 8);
-    int best = -1, flags_ok = 1, higher = 0;
+    int flags_ok = 1, higher = 0;
     for (int i = 0; i < n; i++) {
-        int lower = best < 0 || bpb[i] < bpb[best];
+        int lower = i == 0 || bpb[i] < bpb[lowest(bpb, i)];   /* lower than every one before */
         flags_ok &= saved[i] == lower;
         higher += !lower;
-        if (lower) best = i;
     }
+    int best = lowest(bpb, n);
     long best_step = best >= 0 ? step[best] : -1;
-    char latest[700], *txt, *state, want[64];
-    snprintf(latest, sizeof latest, "%s/best/latest", dir);
-    txt = t_slurp(latest);
-    snprintf(want, sizeof want, "ckpt-%08ld\n", best_step);
+    int latest_ok = best_latest_is(dir, best_step);
     snprintf(path, sizeof path, "%s/best/ckpt-%08ld/state.json", dir, best_step);
-    state = t_slurp(path);
-    char bv[128];
-    snprintf(bv, sizeof bv, "\"best_validation\": {\"step\": %ld, \"bits_per_byte\": %.4f", best_step, best >= 0 ? bpb[best] : 0);
-    /* state.json writes 17 digits; the output line 4 */
-    int state_ok = state && strstr(state, "\"best_validation\": {\"step\"");
-    if (state_ok) {
-        const char *b = strstr(state, "\"bits_per_byte\": ");
-        state_ok = b && fabs(atof(b + 17) - bpb[best]) < 6e-5;
-        char sstep[64];
-        snprintf(sstep, sizeof sstep, "\"best_validation\": {\"step\": %ld,", best_step);
-        state_ok &= strstr(state, sstep) != NULL;
-    }
+    int state_ok = state_has_best(path, best_step, best >= 0 ? bpb[best] : 0);
     /* the final checkpoint's state carries the same best */
     snprintf(path, sizeof path, "%s/ckpt-%08d/state.json", dir, 16);
-    char *final_state = t_slurp(path);
-    char fstep[64];
-    snprintf(fstep, sizeof fstep, "\"best_validation\": {\"step\": %ld,", best_step);
-    int final_ok = final_state && strstr(final_state, fstep);
+    int final_ok = state_has_best(path, best_step, NAN);
     /* the weights are the run's own at that step (its checkpoints are kept for the last two saves) */
     int same = -1;
     if (best_step >= 14) {
@@ -245,18 +252,15 @@ TEST(train_keeps_lowest_validation_checkpoint) {
     int grc = t_run(cmd, gen, sizeof gen);
     printf("  %d evaluations, %d above the lowest before them; lowest %.4f bits/byte at step %ld\n", n, higher,
            best >= 0 ? bpb[best] : 0, best_step);
-    free(final_state);
     t_rmtree(dir);
     CHECK(rc1 == 0 && rc2 == 0, "training failed (%d, %d): %s\n%s", rc1, rc2, out, out2);
     CHECK(n == 8, "%d validation lines, want 8 (steps 2..16): %s\n%s", n, out, out2);
-    CHECK(mid_ok, "after 8 steps %s/best/latest does not name step %ld: %s", dir, best1 >= 0 ? step[best1] : -1L, out);
+    CHECK(mid_ok, "after 8 steps %s/best/latest does not name step %ld: %s", dir, best1_step, out);
     CHECK(flags_ok, "'lowest so far' is not on exactly the lines lower than all before:\n%s\n%s", out, out2);
-    int latest_ok = txt && strcmp(txt, want) == 0;
-    free(txt);
     CHECK(latest_ok, "%s/best/latest does not name step %ld", dir, best_step);
-    free(state);
-    CHECK(state_ok, "best/ckpt-%08ld/state.json lacks %s", best_step, bv);
-    CHECK(final_ok, "the final checkpoint's state.json does not carry %s", fstep);
+    CHECK(state_ok, "best/ckpt-%08ld/state.json lacks best_validation step %ld, %.4f bits/byte", best_step, best_step,
+          best >= 0 ? bpb[best] : 0);
+    CHECK(final_ok, "the final checkpoint's state.json does not carry best_validation step %ld", best_step);
     CHECK(same != 0, "best/ckpt-%08ld holds other weights than the run's checkpoint of that step", best_step);
     CHECK(grc == 0 && strncmp(gen, "ROMEO:", 6) == 0, "generate from RUN/best: %s", gen);
     CHECK(strstr(out2, "lowest validation: "), "no closing line for the lowest validation: %s", out2);
